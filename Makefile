@@ -1,0 +1,36 @@
+# csm-stream: `make demo` and `make test` do all set-up on a fresh machine.
+# CPU machines get the pinned CPU build of torch; GPU users: make install TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean help
+
+help:
+	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
+	@echo "make test    - set up and run the whole test suite (CPU only)"
+	@echo "make bench   - set up and run the pytest-benchmark suites in bench/"
+	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m csmstream demo --device cpu --seed 7
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .benchmarks build *.egg-info

@@ -1,0 +1,40 @@
+"""csm-stream: real-time streaming text-to-speech for Sesame's CSM-1B.
+
+    import csmstream
+    eng = csmstream.load("tiny")          # or a checkpoint directory, or "sesame/csm-1b"
+    for codes in eng.frames("Hello there."):  # np.int64 (32,), one per 80 ms frame
+        ...
+
+Heavy modules (torch, transformers) load on first use, not at import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["load", "Engine", "Segment", "CheckpointError", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine.engine import Engine
+    from .engine.loader import load
+    from .engine.prompt import Segment
+    from .engine.weights import CheckpointError
+
+_LAZY = {
+    "load": ("csmstream.engine.loader", "load"),
+    "Engine": ("csmstream.engine.engine", "Engine"),
+    "Segment": ("csmstream.engine.prompt", "Segment"),
+    "CheckpointError": ("csmstream.engine.weights", "CheckpointError"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'csmstream' has no attribute {name!r}")

@@ -1,0 +1,114 @@
+"""The csm-stream command line: `csm-stream say|demo ...` (also `python -m csmstream`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from . import __version__
+
+DEMO_TEXT = "Hello! This is csm-stream, streaming speech one frame at a time."
+TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
+             "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (embedded, no download), a transformers-format CSM checkpoint directory, "
+                        "or a hub id such as sesame/csm-1b (default: tiny)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto = "
+                                                   "bfloat16 on GPU, float32 on CPU)")
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speaker", type=int, default=0, help="speaker id (default: 0)")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature > 0 (default: 0.9)")
+    p.add_argument("--topk", type=int, default=50, help="top-k sampling; 1 is greedy (default: 50)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="cap on 80 ms frames (default: scales with the text length)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csm-stream",
+        description="Real-time streaming text-to-speech for Sesame's CSM-1B.",
+        epilog="Run 'csm-stream COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"csm-stream {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    say = sub.add_parser("say", help="speak a text into a WAV file, frame by frame, with progress",
+                         description="Generate speech for TEXT frame by frame and write a 16-bit 24 kHz WAV.")
+    say.add_argument("text", help="what to say")
+    say.add_argument("-o", "--out", default="out/say.wav", help="output WAV path (default: out/say.wav)")
+    _model_args(say)
+    _gen_args(say)
+
+    demo = sub.add_parser("demo", help="stream a sentence through the embedded tiny model into a WAV",
+                          description="The quick end-to-end check: load the model, stream a sentence, "
+                                      "write a WAV, report first-audio time and real-time factor.")
+    demo.add_argument("-o", "--out", default="out/demo.wav", help="output WAV path (default: out/demo.wav)")
+    demo.add_argument("--text", default=DEMO_TEXT, help="sentence to speak")
+    _model_args(demo)
+    _gen_args(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _speak(args)
+    except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
+        print(f"csm-stream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _speak(args) -> int:
+    import numpy as np
+
+    from . import load
+    from .wav import write_wav
+
+    if args.model == "tiny":
+        print(TINY_NOTE, file=sys.stderr)
+    t0 = time.perf_counter()
+    engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1)
+    print(f"loaded {engine} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    start = time.perf_counter()
+    state = {"frames": 0, "ttfa": None}
+
+    def chunks():
+        for pcm in engine.stream(args.text, args.speaker, temperature=args.temperature, topk=args.topk,
+                                 seed=args.seed, max_frames=args.max_frames):
+            if state["ttfa"] is None:
+                state["ttfa"] = time.perf_counter() - start
+            state["frames"] += len(pcm) // engine.samples_per_frame
+            audio_s = state["frames"] * engine.samples_per_frame / engine.sample_rate
+            print(f"\r  {state['frames']:4d} frames  {audio_s:6.2f} s audio  "
+                  f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
+            yield pcm
+
+    n = write_wav(args.out, chunks(), engine.sample_rate)
+    wall = time.perf_counter() - start
+    print(file=sys.stderr)
+    if n == 0:
+        print("csm-stream: the model ended speech before the first frame; nothing written but an empty WAV",
+              file=sys.stderr)
+        return 1
+    audio_s = n / engine.sample_rate
+    print(f"wrote {args.out}: {audio_s:.2f} s of audio in {wall:.2f} s "
+          f"(first audio after {1000 * state['ttfa']:.0f} ms, real-time factor {wall / audio_s:.2f})")
+    del np
+    return 0

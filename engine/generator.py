@@ -1,0 +1,99 @@
+"""The frame step: per-row static state, prefill, and one batched step that yields codes [B, N].
+
+Rows are slots. A step runs a contiguous range of rows [lo, hi) together: one backbone step per
+frame, codebook-0 sampling, then N-1 depth-decoder steps with sampling, all on device with no host
+sync. The caller copies the returned codes to the host once per tick (the only device->host copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import CSM, Attend, KVCache
+from .rope import rope_table
+from .depth import DepthLoop
+from .sampling import gumbel_noise, sample
+
+
+class FrameGenerator:
+    def __init__(self, model: CSM, rows: int, max_seq_len: int | None = None) -> None:
+        cfg = model.cfg
+        p = next(model.parameters())
+        dev, dt = p.device, p.dtype
+        self.model, self.rows, self.device, self.dtype = model, rows, dev, dt
+        self.n, self.V, cs = cfg.num_codebooks, cfg.audio_vocab, cfg.codebook_size
+        bb, dd = cfg.backbone, cfg.depth
+        self.max_seq_len = min(max_seq_len or bb.max_seq_len, bb.max_seq_len)
+        kw = dict(device=dev, dtype=dt)
+        self.bb_caches = [KVCache(rows, bb.n_kv_heads, self.max_seq_len, bb.head_dim, **kw) for _ in range(bb.n_layers)]
+        self.dd_caches = [KVCache(rows, dd.n_kv_heads, self.n, dd.head_dim, **kw) for _ in range(dd.n_layers)]
+        self.bb_rot = rope_table(bb.rope, bb.head_dim, self.max_seq_len).to(dev)  # [S, hd/2]
+        self.dd_rot = rope_table(dd.rope, dd.head_dim, self.n).to(dev)[:, None, :]  # [N, 1, hd/2]
+        with torch.inference_mode():
+            # reserved ids (>= codebook_size) are never sampled: the heads simply omit them
+            self.c0_w = model.c0_head.weight[:cs]  # [cs, Db], a view
+            self.heads = model.depth_heads[:, :, :cs].contiguous()  # [N-1, Dd, cs]
+            # depth input for code c of codebook j: depth_proj(depth_embed(j * V + c)), one lookup
+            self.depth_in = model.depth_proj(model.depth_embed.weight)  # [N * V, Dd]
+        self.depth_loop = DepthLoop(model, self.dd_caches, self.dd_rot, self.depth_in, self.heads, self.n, self.V)
+        # per-row state, all on device
+        self.h = torch.zeros(rows, bb.dim, **kw)  # last backbone hidden state
+        self.pos = torch.zeros(rows, dtype=torch.int64, device=dev)  # next cache position
+        self.frame = torch.zeros(rows, dtype=torch.int64, device=dev)  # frames generated
+        self.seed = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.topk = torch.ones(rows, dtype=torch.int64, device=dev)
+        self.positions = torch.arange(max(self.max_seq_len, rows), device=dev)
+        self.host_pos = [0] * rows  # host mirror of pos, for attention lengths without a sync
+
+    @torch.inference_mode()
+    def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,
+                temperature: float, topk: int) -> None:
+        """Run the prompt rows [T, N+1] through the backbone into `row`'s cache."""
+        T = tokens.shape[0]
+        if T > self.max_seq_len - 1:
+            raise ValueError(f"prompt is {T} positions; the model's window is {self.max_seq_len}")
+        x = self.model.embed_prompt(tokens.to(self.device), mask.to(self.device))[None].to(self.dtype)
+        rot = self.bb_rot[:T][None, :, None, :]
+        h = self.model.backbone(x, rot, self.bb_caches, Attend(slice(row, row + 1), length=T))
+        self.h[row] = h[0, -1]
+        self.pos[row] = T
+        self.frame[row] = 0
+        self.seed[row] = seed & 0x7FFFFFFFFFFFFFFF
+        self.temperature[row] = temperature
+        self.topk[row] = topk
+        self.host_pos[row] = T
+
+    def release(self, row: int) -> None:
+        self.pos[row] = 0
+        self.host_pos[row] = 0
+
+    @torch.inference_mode()
+    def step(self, lo: int, hi: int, kmax: int) -> torch.Tensor:
+        """One frame for rows [lo, hi). kmax: the largest top-k among them (host int).
+        Returns codes [hi - lo, N] int64 on device."""
+        m, n, V = self.model, self.n, self.V
+        rows = slice(lo, hi)
+        noise = gumbel_noise(self.seed[rows], self.frame[rows], n, kmax) if kmax > 1 else None
+        temp, topk = self.temperature[rows], self.topk[rows]
+
+        def draw(logits: torch.Tensor, j: int) -> torch.Tensor:
+            return sample(logits.float(), temp, topk, kmax, None if noise is None else noise[:, j])
+
+        h = self.h[rows]  # [B, Db]
+        c = draw(h @ self.c0_w.t(), 0)
+        codes = [c, *self.depth_loop.run(lo, hi, h, c, draw)]
+        frame = torch.stack(codes, dim=1)  # [B, N]
+
+        # backbone: feed the frame back, each row at its own position
+        pos = self.pos[rows]
+        length = min(self.max_seq_len, max(self.host_pos[lo:hi]) + 1)
+        keep = self.positions[:length] <= pos[:, None]  # [B, L]
+        at = Attend(rows, pos=pos, idx=self.positions[: hi - lo], length=length, mask=keep[:, None, None, :])
+        x = m.embed_frames(frame)[:, None]  # [B, 1, Db]
+        self.h[rows] = m.backbone(x, self.bb_rot[pos][:, None, None, :], self.bb_caches, at)[:, 0]
+        self.pos[rows] += 1
+        self.frame[rows] += 1
+        for r in range(lo, hi):
+            self.host_pos[r] += 1
+        return frame

@@ -1,0 +1,125 @@
+"""csmstream.load(): resolve a model name to an Engine on a device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .config import CsmModelConfig
+from .engine import Engine
+from .model import CSM
+from .tokenizer import TextTokenizer
+from .weights import CheckpointError, build_state_dict, read_config, read_tensors, resolve
+
+log = logging.getLogger("csmstream.engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string: 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: 'auto', {', '.join(map(repr, DTYPES))}")
+    return DTYPES[dtype]
+
+
+def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
+         max_streams: int | None = None) -> Engine:
+    """Load a CSM model and return an Engine.
+
+    Args:
+        model: "tiny" (embedded, random weights, no download), a transformers-format checkpoint
+            directory, or a hub id such as "sesame/csm-1b" (needs a network and an accepted licence).
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+        max_streams: concurrent streams (KV-cache slots); default 4 on CPU, 64 on GPU.
+
+    Raises:
+        ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint.
+    """
+    if not isinstance(model, (str, Path)) or not str(model):
+        raise ValueError(f"model must be 'tiny', a checkpoint directory or a hub id, got {model!r}")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if max_streams is None:
+        max_streams = 64 if dev.type == "cuda" else 4
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= 1024:
+        raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
+    t0 = time.perf_counter()
+    if str(model) == "tiny":
+        engine = _load_tiny(dev, dt, max_streams)
+    else:
+        engine = _load_checkpoint(resolve(str(model)), dev, dt, max_streams)
+    log.info("loaded %s on %s/%s in %.2fs", engine.name, dev, str(dt).removeprefix("torch."),
+             time.perf_counter() - t0)
+    return engine
+
+
+def _load_tiny(dev, dt, max_streams) -> Engine:
+    from .tiny import init_random, tiny_config
+
+    tok = TextTokenizer.tiny()
+    cfg = tiny_config(tok.vocab_size)
+    with torch.device("cpu"):
+        model = CSM(cfg)
+    init_random(model)
+    model = model.to(device=dev, dtype=dt).eval()
+    codec = _tiny_codec(dev)
+    return Engine(model, tok, name="tiny", max_streams=max_streams, codec=codec)
+
+
+def _load_checkpoint(path: Path, dev, dt, max_streams) -> Engine:
+    hf = read_config(path)
+    try:
+        cfg = CsmModelConfig.from_hf(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    tok = TextTokenizer.from_dir(path)
+    if tok.vocab_size > cfg.text_vocab:
+        raise CheckpointError(f"{path / 'tokenizer.json'}: {tok.vocab_size} tokens, but the model's "
+                              f"text vocabulary is {cfg.text_vocab}")
+    with torch.device("meta"):
+        model = CSM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors, codec_state = read_tensors(path)
+    state = build_state_dict(cfg, expected, tensors)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.audio_offsets = torch.arange(cfg.num_codebooks) * cfg.audio_vocab
+    if cfg.tie_codebook_embeddings:
+        model.depth_embed = model.audio_embed
+    model = model.to(device=dev, dtype=dt).eval()
+    codec = _checkpoint_codec(hf, codec_state, path, dev)
+    return Engine(model, tok, name=path.name, max_streams=max_streams, codec=codec)
+
+
+def _tiny_codec(dev):
+    from .codec import Codec
+
+    return Codec.tiny(dev)
+
+
+def _checkpoint_codec(hf, state, path, dev):
+    from .codec import Codec
+
+    return Codec.from_state(hf.codec_config, state, dev, hf.num_codebooks, str(path))

@@ -1,0 +1,1 @@
+"""csmstream.integrations: Telnyx media-stream bridge and call routing."""

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+import csmstream
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(text=""), "text must be a non-empty string"),
+    (dict(text="   "), "text must be a non-empty string"),
+    (dict(text=None), "text must be a non-empty string"),
+    (dict(text="x" * 5000), "at most 4096"),
+    (dict(speaker_id=1.5), "speaker_id must be an integer >= 0"),
+    (dict(speaker_id=-1), "speaker_id must be an integer >= 0"),
+    (dict(speaker_id=True), "speaker_id must be an integer"),
+    (dict(topk=0), r"topk must be an integer in 1\.\.2048"),
+    (dict(topk=5000), r"topk must be an integer in 1\.\.2048"),
+    (dict(temperature=0), "temperature must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(seed="abc"), "seed must be an integer or None"),
+    (dict(max_frames=0), "max_frames must be an integer >= 1"),
+    (dict(context=["not a segment"]), r"context\[0\] must be a csmstream.Segment"),
+])
+def test_bad_arguments_raise_clear_errors(tiny_engine, kwargs, match):
+    args = dict(text="Hello.", speaker_id=0)
+    args.update(kwargs)
+    text, spk = args.pop("text"), args.pop("speaker_id")
+    with pytest.raises(ValueError, match=match):
+        tiny_engine.frames(text, spk, **args)  # raised at the call, before iteration
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(device="tpu"), "device 'tpu' is not supported"),
+    (dict(device="cuda:0"), "no CUDA GPU is available"),
+    (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    (dict(max_streams=0), "max_streams must be an integer"),
+])
+def test_bad_load_arguments(kwargs, match):
+    pytest.importorskip("torch")
+    import torch
+
+    if "cuda" in str(kwargs.get("device", "")) and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=match):
+        csmstream.load("tiny", **kwargs)
+
+
+def test_frames_are_int64_32_codes_and_capped(tiny_engine):
+    frames = list(tiny_engine.frames("A short test.", max_frames=7, seed=1))
+    assert 1 <= len(frames) <= 7
+    for f in frames:
+        assert f.dtype == np.int64 and f.shape == (32,) and 0 <= f.min() and f.max() < 2048
+
+
+def test_default_cap_scales_with_text(tiny_engine):
+    cfg = tiny_engine.config
+    assert cfg.default_max_frames(10) < cfg.default_max_frames(200)
+    n = len(list(tiny_engine.frames("Hi.", seed=2)))
+    assert n <= cfg.default_max_frames(3)
+
+
+def test_slots_are_released_when_iterators_close(tiny_engine):
+    its = [tiny_engine.frames("Hello.", seed=i, max_frames=50) for i in range(tiny_engine.max_streams)]
+    for it in its:
+        next(it)
+    extra = tiny_engine.frames("Hello.", seed=9)
+    with pytest.raises(RuntimeError, match="busy"):
+        next(extra)
+    for it in its:
+        it.close()
+    assert len(list(tiny_engine.frames("Hello.", seed=9, max_frames=3))) <= 3
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, csmstream; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

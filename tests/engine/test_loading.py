@@ -1,0 +1,107 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import csmstream
+from csmstream import CheckpointError
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_and_matches(checkpoint, checkpoint_engine, tmp_path):
+    path, ref, tok = checkpoint
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="2MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(path / f, sharded / f)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    eng = csmstream.load(str(sharded), device="cpu", max_streams=1)
+    a = np.stack(list(eng.frames("Hello there.", topk=1, max_frames=8)))
+    b = np.stack(list(checkpoint_engine.frames("Hello there.", topk=1, max_frames=8)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_missing_shard_named(checkpoint, tmp_path):
+    path, ref, _ = checkpoint
+    d = tmp_path / "s"
+    ref.save_pretrained(d, max_shard_size="2MB")
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    shutil.copy(path / "tokenizer.json", d / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=shard.name):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_missing_config(checkpoint, tmp_path):
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_bad_json_config(checkpoint, tmp_path):
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_wrong_shape_names_file_and_key(checkpoint, tmp_path):
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 160  # weights were saved with 128
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'backbone_model\.layers\.0\.mlp\.gate_proj\.weight'"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_unknown_and_missing_tensors(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    f = d / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["backbone_model.mystery.weight"] = torch.zeros(2)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unknown tensor 'backbone_model.mystery.weight'"):
+        csmstream.load(str(d), device="cpu")
+    del tensors["backbone_model.mystery.weight"]
+    del tensors["backbone_model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing.*backbone_model\.layers\.1\.self_attn\.k_proj"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_corrupt_safetensors(checkpoint, tmp_path):
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    (d / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_missing_tokenizer(checkpoint, tmp_path):
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: missing"):
+        csmstream.load(str(d), device="cpu")
+
+
+def test_offline_hub_id_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError) as e:
+        csmstream.load("sesame/csm-1b", device="cpu")
+    msg = str(e.value)
+    assert "offline" in msg and "pass the directory" in msg
+
+
+def test_not_a_dir_nor_hub_id():
+    with pytest.raises(CheckpointError, match="no such directory, and not a hub id"):
+        csmstream.load("./no/such/dir/here", device="cpu")
