@@ -88,7 +88,7 @@ def _module_key(key: str) -> str:
 
 
 @torch.no_grad()
-def randomize_codebooks(mimi, std: float = 1.0) -> None:
+def randomize_codebooks(mimi, std: float = 0.05) -> None:
     """Fresh Mimi codebooks are all zero (every code decodes alike); give them random centroids
     so that random-weight audio depends on the codes, as a trained codec's does."""
     for module in mimi.modules():

@@ -37,6 +37,7 @@ class Engine:
         self.gen = FrameGenerator(model, rows=max_streams)
         self._lock = threading.Lock()
         self._free = list(range(max_streams - 1, -1, -1))
+        self._decoder = None
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, device={self.device}, dtype={self.dtype}, streams={self.max_streams})"
@@ -66,23 +67,16 @@ class Engine:
         req = self._validate(text, speaker_id, context, temperature, topk, seed, max_frames)
         return self._run(*req)
 
-    def stream(self, text: str, speaker_id: int = 0, **options) -> Iterator[np.ndarray]:
-        """Generate speech as int16 PCM (24 kHz mono): one array of 1920 samples per frame, each
-        yielded as soon as its frame exists. Options and errors are those of `frames()`."""
+    def stream(self, text: str, speaker_id: int = 0, *, context: Iterable[Segment] = (),
+               temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+               max_frames: int | None = None) -> Iterator[np.ndarray]:
+        """Generate speech as int16 PCM, 24 kHz mono: 1920 samples per 80 ms frame, each yielded as
+        soon as its frame exists (the first after the first frame). Arguments and errors are those
+        of `frames()`. Samples beyond [-1, 1] are clipped, never wrapped."""
         if self.codec is None:
             raise ValueError("this engine has no codec; stream() needs one to turn codes into audio")
-        frames = self.frames(text, speaker_id, **options)
-        return self._decode_stream(frames)
-
-    def _decode_stream(self, frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        # Mimi decoding is causal, so the newest 1920 samples of a prefix decode are final.
-        # (Interim: re-decodes the prefix; the stateful streaming decoder replaces this.)
-        codes: list[np.ndarray] = []
-        spf = self.samples_per_frame
-        for c in frames:
-            codes.append(c)
-            audio = self.codec.decode(np.stack(codes))
-            yield float_to_int16(audio[-spf:])
+        req = self._validate(text, speaker_id, context, temperature, topk, seed, max_frames)
+        return self._run(*req, audio=True)
 
     # -- internals ----------------------------------------------------------------------------
     def _validate(self, text, speaker_id, context, temperature, topk, seed, max_frames):
@@ -149,17 +143,31 @@ class Engine:
             self.gen.release(row)
             self._free.append(row)
 
-    def _run(self, tokens, mask, seed, temperature, topk, cap) -> Iterator[np.ndarray]:
+    @property
+    def decoder(self):
+        """The streaming Mimi decoder, one state slot per stream (built on first use)."""
+        if self._decoder is None:
+            from .mimi_stream import StreamingMimiDecoder
+
+            self._decoder = StreamingMimiDecoder(self.codec.mimi, rows=self.max_streams)
+        return self._decoder
+
+    def _run(self, tokens, mask, seed, temperature, topk, cap, audio: bool = False) -> Iterator[np.ndarray]:
         row = self._acquire()
         try:
             with self._lock:
                 self.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask),
                                  seed=seed, temperature=temperature, topk=topk)
+                if audio:
+                    self.decoder.reset(row)
             for _ in range(cap):
                 with self._lock:
-                    codes = self.gen.step(row, row + 1, topk).cpu().numpy()[0]  # one D->H copy a tick
-                if not codes.any():
-                    return  # end of speech: all-zero frame
-                yield codes
+                    dev_codes = self.gen.step(row, row + 1, topk)
+                    codes = dev_codes.cpu().numpy()[0]  # one D->H copy a tick
+                    if not codes.any():
+                        return  # end of speech: all-zero frame (never decoded)
+                    if audio:
+                        pcm = self.decoder.decode(dev_codes, row, row + 1)[0].float().cpu().numpy()
+                yield float_to_int16(pcm) if audio else codes
         finally:
             self._release(row)

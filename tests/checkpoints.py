@@ -72,7 +72,7 @@ def write_checkpoint(path: Path, *, seed: int = 0, max_shard_size=None, **cfg_kw
     with torch.no_grad():  # fresh Mimi codebooks are all zero: give them centroids
         for module in model.codec_model.modules():
             if hasattr(module, "embed_sum"):
-                module.embed_sum.normal_()
+                module.embed_sum.normal_(0.0, 0.05)
                 module._embed = None
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
