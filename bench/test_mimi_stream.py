@@ -3,7 +3,6 @@
     .venv/bin/python -m pytest bench/test_mimi_stream.py --benchmark-only
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _speak(args) -> int:
-    import numpy as np
-
     from . import load
     from .wav import write_wav
 
@@ -110,5 +108,4 @@ def _speak(args) -> int:
     audio_s = n / engine.sample_rate
     print(f"wrote {args.out}: {audio_s:.2f} s of audio in {wall:.2f} s "
           f"(first audio after {1000 * state['ttfa']:.0f} ms, real-time factor {wall / audio_s:.2f})")
-    del np
     return 0

@@ -6,8 +6,6 @@ model; see engine/mimi_stream.py.
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 import torch
 
@@ -121,8 +119,6 @@ def check_audio(audio, what: str = "audio") -> np.ndarray:
     if audio.dtype == np.int16:
         return audio.astype(np.float32) / 32768.0
     if not np.issubdtype(audio.dtype, np.floating):
-        if np.issubdtype(audio.dtype, np.integer) and isinstance(audio.dtype.type(0), Integral):
-            raise ValueError(f"{what} must be float in [-1, 1] or int16; got {audio.dtype}")
         raise ValueError(f"{what} must be float in [-1, 1] or int16; got {audio.dtype}")
     x = audio.astype(np.float32)
     if not np.isfinite(x).all():

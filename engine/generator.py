@@ -72,7 +72,7 @@ class FrameGenerator:
     def step(self, lo: int, hi: int, kmax: int) -> torch.Tensor:
         """One frame for rows [lo, hi). kmax: the largest top-k among them (host int).
         Returns codes [hi - lo, N] int64 on device."""
-        m, n, V = self.model, self.n, self.V
+        m, n = self.model, self.n
         rows = slice(lo, hi)
         noise = gumbel_noise(self.seed[rows], self.frame[rows], n, kmax) if kmax > 1 else None
         temp, topk = self.temperature[rows], self.topk[rows]
