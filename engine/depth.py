@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import CSM, KVCache
+from .rope import apply_rope_
 
 
 class DepthLoop:
@@ -63,7 +64,7 @@ class DepthLoop:
         rot = self.rot[p]  # [1, hd/2]
         for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views):
             qkv = (F.rms_norm(x, (D,), an, eps) @ wqkv).view(B, h + 2 * kv, hd)
-            _rope_(qkv[:, : h + kv], rot)
+            apply_rope_(qkv[:, : h + kv], rot)
             slot, keys, vals = lv[p]
             slot.copy_(qkv[:, h:])
             o = F.scaled_dot_product_attention(qkv[:, :h].view(B, kv, h // kv, hd), keys, vals)
@@ -78,7 +79,7 @@ class DepthLoop:
         rot = self.rot[:2]  # [2, 1, hd/2]
         for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views):
             qkv = (F.rms_norm(x, (D,), an, eps) @ wqkv).view(B, 2, h + 2 * kv, hd)
-            _rope_(qkv[:, :, : h + kv], rot)
+            apply_rope_(qkv[:, :, : h + kv], rot)
             lv[0][0].copy_(qkv[:, 0, h:])
             lv[1][0].copy_(qkv[:, 1, h:])
             _, keys, vals = lv[1]
@@ -88,16 +89,3 @@ class DepthLoop:
             gate, up = (F.rms_norm(x, (D,), fn, eps) @ w13).split(ffn, dim=-1)
             x = x + (F.silu(gate) * up) @ w2
         return F.rms_norm(x[:, -1], (D,), self.norm_w, eps)
-
-
-def _rope_(x: torch.Tensor, rot: torch.Tensor) -> None:
-    """In-place rotation of interleaved pairs; x [..., hd] (a view of qkv), rot broadcastable complex."""
-    if x.dtype == torch.float32:
-        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot)
-    else:
-        _rope_half(x, rot)
-
-
-def _rope_half(x: torch.Tensor, rot: torch.Tensor) -> None:
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    x.copy_(torch.view_as_real(xc * rot).flatten(-2))
