@@ -11,7 +11,7 @@ import torch
 
 from .model import CSM, Attend, KVCache
 from .rope import rope_table
-from .depth import DepthLoop
+from .depth import CpuDepthKernel, DepthLoop, cpu_kernel_usable
 from .sampling import gumbel_noise, sample
 
 
@@ -36,6 +36,9 @@ class FrameGenerator:
             # depth input for code c of codebook j: depth_proj(depth_embed(j * V + c)), one lookup
             self.depth_in = model.depth_proj(model.depth_embed.weight)  # [N * V, Dd]
         self.depth_loop = DepthLoop(model, self.dd_caches, self.dd_rot, self.depth_in, self.heads, self.n, self.V)
+        # CPU float32: the depth loop runs as one compiled call per frame (kernels/depth_cpu.py)
+        self.depth_kernel = (CpuDepthKernel(self.depth_loop, model, self.depth_in, self.V)
+                             if cpu_kernel_usable(dev, dt) else None)
         # per-row state, all on device
         self.h = torch.zeros(rows, bb.dim, **kw)  # last backbone hidden state
         self.pos = torch.zeros(rows, dtype=torch.int64, device=dev)  # next cache position
@@ -82,8 +85,10 @@ class FrameGenerator:
 
         h = self.h[rows]  # [B, Db]
         c = draw(h @ self.c0_w.t(), 0)
-        codes = [c, *self.depth_loop.run(lo, hi, h, c, draw)]
-        frame = torch.stack(codes, dim=1)  # [B, N]
+        if self.depth_kernel is not None:
+            frame = torch.cat([c[:, None], self.depth_kernel.run(h, c, temp, topk, noise)], dim=1)
+        else:
+            frame = torch.stack([c, *self.depth_loop.run(lo, hi, h, c, draw)], dim=1)  # [B, N]
 
         # backbone: feed the frame back, each row at its own position
         pos = self.pos[rows]

@@ -1,2 +1,2 @@
-"""csmstream.kernels: Triton kernels (GPU hot path) and numba kernels (CPU audio), each beside a
-plain reference implementation it is tested against."""
+"""csmstream.kernels: Triton kernels (GPU hot path) and numba kernels (the CPU depth-decoder loop,
+CPU audio), each beside a plain reference implementation it is tested against."""

@@ -19,7 +19,19 @@ def reference_frames(ref, *, input_ids=None, inputs_embeds=None, n=20):
     return out[0, -n:].numpy() if inputs_embeds is None else out[0].numpy()[-n:]
 
 
-def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine):
+@pytest.fixture(params=["kernel", "eager"])
+def depth_path(request, checkpoint_engine):
+    """Run a test through the CPU depth kernel (the default on CPU float32) and the eager loop."""
+    g = checkpoint_engine.gen
+    kernel = g.depth_kernel
+    assert kernel is not None, "CPU float32 engines use the depth kernel"
+    if request.param == "eager":
+        g.depth_kernel = None
+    yield request.param
+    g.depth_kernel = kernel
+
+
+def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine, depth_path):
     path, ref, tok = checkpoint
     eng = checkpoint_engine
     ids = torch.tensor([reference_ids(tok, 1, "The quick brown fox.")])
@@ -49,8 +61,15 @@ def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine):
         return frame[j : j + 1]
 
     with torch.inference_mode():
-        g.depth_loop.run(0, 1, g.h[0:1], frame[0:1], draw)
-    ours = torch.stack(seen)  # [31, codebook_size]
+        if depth_path == "eager":
+            g.depth_loop.run(0, 1, g.h[0:1], frame[0:1], draw)
+            ours = torch.stack(seen)  # [31, codebook_size]
+        else:
+            rec = np.zeros((1, 31, 2048), np.float32)
+            forced = g.depth_kernel.run(g.h[0:1], frame[0:1], g.temperature[0:1], g.topk[0:1], None,
+                                        force=frame[None, 1:].numpy().copy(), record=rec)
+            assert forced[0].tolist() == frame[1:].tolist()
+            ours = torch.from_numpy(rec[0])
     torch.testing.assert_close(ours, ref_logits[:, :2048], rtol=1e-4, atol=1e-5)
     g.release(0)
 
@@ -60,7 +79,7 @@ def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine):
     (1, "Thanks for calling."),
     (3, "The quick brown fox jumps over the lazy dog."),
 ])
-def test_greedy_frames_equal_reference(checkpoint, checkpoint_engine, speaker, text):
+def test_greedy_frames_equal_reference(checkpoint, checkpoint_engine, depth_path, speaker, text):
     _, ref, tok = checkpoint
     n = 20
     ours = np.stack(list(checkpoint_engine.frames(text, speaker, topk=1, max_frames=n)))
