@@ -61,17 +61,17 @@ def test_reference_generate(benchmark, pair):
 
 
 def test_side_by_side_ratio(benchmark, pair):
-    """Engine (CPU depth kernel), engine (eager depth loop) and reference, alternately in one run;
+    """Engine (CPU frame kernel), engine (eager PyTorch step) and reference, alternately in one run;
     per-frame medians and ratios in extra_info."""
     name, eng, ref, ids = pair
-    kernel = eng.gen.depth_kernel
+    kernel = eng.gen.cpu
 
     def eager_frames():
-        eng.gen.depth_kernel = None
+        eng.gen.cpu = None
         try:
             return engine_frames(eng)
         finally:
-            eng.gen.depth_kernel = kernel
+            eng.gen.cpu = kernel
 
     paths = {"engine": lambda: engine_frames(eng), "eager": eager_frames,
              "reference": lambda: reference_frames(ref, ids)}
@@ -85,7 +85,7 @@ def test_side_by_side_ratio(benchmark, pair):
     benchmark.group = f"ratio-{name}"
     benchmark.extra_info.update(engine_ms_per_frame=1000 * o, eager_ms_per_frame=1000 * e,
                                 reference_ms_per_frame=1000 * r, speedup=r / o, eager_speedup=r / e)
-    print(f"\n[{name}] engine {1000 * o:.2f} ms/frame (eager depth loop {1000 * e:.2f}), "
+    print(f"\n[{name}] engine {1000 * o:.2f} ms/frame (eager step {1000 * e:.2f}), "
           f"transformers generate {1000 * r:.2f} ms/frame: {r / o:.1f}x (eager {r / e:.1f}x)")
     benchmark.pedantic(lambda: None, rounds=1)
 

@@ -1,4 +1,4 @@
-"""The csm-stream command line: `csm-stream say|demo ...` (also `python -m csmstream`)."""
+"""The csm-stream command line: `csm-stream serve|say|demo ...` (also `python -m csmstream`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import sys
 import time
 
 from . import __version__
+from .commands import TINY_NOTE
 
 DEMO_TEXT = "Hello! This is csm-stream, streaming speech one frame at a time."
-TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
-             "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
-
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
@@ -35,24 +33,50 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csm-stream",
-        description="Real-time streaming text-to-speech for Sesame's CSM-1B.",
-        epilog="Run 'csm-stream COMMAND --help' for a command's options.")
+        description="Real-time streaming text-to-speech for Sesame's CSM-1B: a WebSocket server that "
+                    "streams audio frame by frame, a client, and a demo.",
+        epilog="Run 'csm-stream COMMAND --help' for a command's options. Quick start: "
+               "'csm-stream serve' in one terminal, 'csm-stream say \"Hello\"' in another.")
     parser.add_argument("--version", action="version", version=f"csm-stream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    say = sub.add_parser("say", help="speak a text into a WAV file, frame by frame, with progress",
-                         description="Generate speech for TEXT frame by frame and write a 16-bit 24 kHz WAV.")
+    serve = sub.add_parser("serve", help="run the streaming server (/ws/generate, /healthz, /metrics)",
+                           description="Load the model, warm it up, and serve WebSocket clients on "
+                                       "/ws/generate. /healthz answers 503 until the model is ready, then "
+                                       "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
+                                                          "0.0.0.0 for all interfaces)")
+    serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
+    serve.add_argument("--max-streams", type=int, default=None,
+                       help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
+    serve.add_argument("--max-text-chars", type=int, default=5000,
+                       help="longest text accepted per request (default: 5000)")
+
+    say = sub.add_parser("say", help="stream TEXT from a running server into a WAV, with latency figures",
+                         description="Send one request to a csm-stream server, write the audio to a WAV "
+                                     "as it arrives, and print time to first audio, total time, "
+                                     "real-time factor and the largest gap between chunks. With --local, "
+                                     "generate in this process instead (no server).")
     say.add_argument("text", help="what to say")
+    say.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
+                     help="server endpoint (default: ws://127.0.0.1:8765/ws/generate)")
     say.add_argument("-o", "--out", default="out/say.wav", help="output WAV path (default: out/say.wav)")
+    say.add_argument("--format", default="pcm_24000", choices=["pcm_24000", "pcm_16000", "pcm_8000"],
+                     help="audio format to request (default: pcm_24000)")
+    say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
+    say.add_argument("--local", action="store_true", help="generate in-process with --model (no server)")
     _model_args(say)
     _gen_args(say)
 
-    demo = sub.add_parser("demo", help="stream a sentence through the embedded tiny model into a WAV",
-                          description="The quick end-to-end check: load the model, stream a sentence, "
-                                      "write a WAV, report first-audio time and real-time factor.")
+    demo = sub.add_parser("demo", help="start a server on the tiny model, stream a sentence, stop",
+                          description="The end-to-end check: start 'csm-stream serve' in the background, "
+                                      "wait for /healthz, stream a sentence with 'say', write the WAV, "
+                                      "print the figures, and stop the server cleanly.")
     demo.add_argument("-o", "--out", default="out/demo.wav", help="output WAV path (default: out/demo.wav)")
     demo.add_argument("--text", default=DEMO_TEXT, help="sentence to speak")
+    demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     _model_args(demo)
     _gen_args(demo)
     return parser
@@ -63,11 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # per-connection handshake lines only with -v
+        logging.getLogger("csmstream.websockets").setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2
+    from . import commands
+
     try:
-        return _speak(args)
+        if args.command == "serve":
+            return commands.serve(args)
+        if args.command == "demo":
+            return commands.demo(args)
+        return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         print(f"csm-stream: error: {e}", file=sys.stderr)
         return 2

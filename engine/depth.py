@@ -8,17 +8,11 @@ views per position are built once per row range and reused every frame.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .model import CSM, KVCache
 from .rope import apply_rope_
-
-
-def cpu_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """The numba kernel serves CPU float32; everything else takes the eager loop."""
-    return device.type == "cpu" and dtype == torch.float32
 
 
 class DepthLoop:
@@ -96,44 +90,3 @@ class DepthLoop:
             x = x + (F.silu(gate) * up) @ w2
         return F.rms_norm(x[:, -1], (D,), self.norm_w, eps)
 
-
-class CpuDepthKernel:
-    """Glue for kernels/depth_cpu.py: the same weights as DepthLoop, stacked per layer as NumPy
-    views/copies once, then one compiled call per frame for all rows (see that module)."""
-
-    def __init__(self, loop: DepthLoop, model: CSM, depth_in: torch.Tensor, vocab: int) -> None:
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
-
-        def stack(i: int) -> np.ndarray:
-            return arr(torch.stack([layer[i] for layer in loop.layers]))
-
-        self.n, self.vocab = loop.n, vocab
-        self.n_heads, self.n_kv, self.eps = loop.h, loop.kv, np.float32(loop.eps)
-        self.proj_t = arr(model.depth_proj.weight.t())
-        self.table = arr(depth_in)
-        self.attn_norm, self.wqkv_t, self.wo_t, self.ffn_norm, self.w13_t, self.w2_t = (stack(i) for i in range(6))
-        self.norm_w = arr(loop.norm_w)
-        self.heads = arr(loop.heads)
-        rot = loop.rot[:, 0]  # [N, hd/2] complex
-        self.cos, self.sin = arr(rot.real), arr(rot.imag)
-        self._no_force = np.zeros((0, 0), np.int64)
-        self._no_record = np.zeros((0, 0, 0), np.float32)
-
-    def run(self, h: torch.Tensor, c0: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
-            noise: torch.Tensor | None, force: np.ndarray | None = None,
-            record: np.ndarray | None = None) -> torch.Tensor:
-        """h [B, Db]; c0 [B]; temperature [B]; topk [B]; noise [B, N, kmax] or None (all greedy).
-        Returns codes of codebooks 1..N-1, [B, N-1] int64."""
-        from ..kernels.depth_cpu import depth_frame
-
-        B = h.shape[0]
-        codes = np.empty((B, self.n - 1), np.int64)
-        nz = np.zeros((B, self.n, 1), np.float32) if noise is None else noise.numpy()
-        depth_frame(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(c0.numpy()), self.proj_t, self.table,
-                    self.vocab, self.attn_norm, self.wqkv_t, self.wo_t, self.ffn_norm, self.w13_t, self.w2_t,
-                    self.norm_w, self.heads, self.cos, self.sin, self.n_heads, self.n_kv, self.eps,
-                    np.ascontiguousarray(temperature.numpy()), np.ascontiguousarray(topk.numpy()),
-                    np.ascontiguousarray(nz), self._no_force if force is None else force,
-                    self._no_record if record is None else record, codes)
-        return torch.from_numpy(codes)

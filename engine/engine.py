@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
@@ -17,7 +18,7 @@ from .model import CSM
 from .prompt import Segment, build_prompt
 from .tokenizer import TextTokenizer
 
-MAX_TEXT_CHARS = 4096
+MAX_TEXT_CHARS = 5000
 
 
 class Engine:
@@ -36,7 +37,7 @@ class Engine:
         self.max_streams = max_streams
         self.gen = FrameGenerator(model, rows=max_streams)
         self._lock = threading.Lock()
-        self._free = list(range(max_streams - 1, -1, -1))
+        self._free = list(range(max_streams))  # a heap: the lowest free row first keeps batches dense
         self._decoder = None
 
     def __repr__(self) -> str:
@@ -49,7 +50,7 @@ class Engine:
         """Generate audio codes frame by frame.
 
         Args:
-            text: what to say (non-empty, at most 4096 characters).
+            text: what to say (non-empty, at most 5000 characters).
             speaker_id: integer speaker label >= 0, as in the prompt `[speaker]text`.
             context: earlier turns (`Segment`s) the voice and prosody follow.
             temperature: > 0; sampling temperature.
@@ -136,12 +137,12 @@ class Engine:
             if not self._free:
                 raise RuntimeError(f"all {self.max_streams} streams of this engine are busy; "
                                    "finish or close an iterator first, or load with a larger max_streams")
-            return self._free.pop()
+            return heapq.heappop(self._free)
 
     def _release(self, row: int) -> None:
         with self._lock:
             self.gen.release(row)
-            self._free.append(row)
+            heapq.heappush(self._free, row)
 
     @property
     def decoder(self):

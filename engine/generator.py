@@ -1,8 +1,10 @@
 """The frame step: per-row static state, prefill, and one batched step that yields codes [B, N].
 
-Rows are slots. A step runs a contiguous range of rows [lo, hi) together: one backbone step per
-frame, codebook-0 sampling, then N-1 depth-decoder steps with sampling, all on device with no host
-sync. The caller copies the returned codes to the host once per tick (the only device->host copy).
+Rows are slots. A step runs a contiguous range of rows [lo, hi) together: codebook-0 sampling
+from the last backbone state, N-1 depth-decoder steps with sampling, then one backbone step that
+feeds the frame back, all on device with no host sync. The caller copies the returned codes to the
+host once per tick (the only device->host copy). On CPU float32 the same step is one compiled call
+(engine/cpu_step.py), batch-invariant per row.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch
 
 from .model import CSM, Attend, KVCache
 from .rope import rope_table
-from .depth import CpuDepthKernel, DepthLoop, cpu_kernel_usable
+from .cpu_step import CpuFrameStep, cpu_kernel_usable
+from .depth import DepthLoop
 from .sampling import gumbel_noise, sample
 
 
@@ -25,7 +28,10 @@ class FrameGenerator:
         bb, dd = cfg.backbone, cfg.depth
         self.max_seq_len = min(max_seq_len or bb.max_seq_len, bb.max_seq_len)
         kw = dict(device=dev, dtype=dt)
-        self.bb_caches = [KVCache(rows, bb.n_kv_heads, self.max_seq_len, bb.head_dim, **kw) for _ in range(bb.n_layers)]
+        # backbone caches: one stacked buffer [L, rows, S, 2kv, hd], a KVCache view per layer
+        self.bb_cache = torch.zeros(bb.n_layers, rows, self.max_seq_len, 2 * bb.n_kv_heads, bb.head_dim, **kw)
+        self.bb_caches = [KVCache(rows, bb.n_kv_heads, self.max_seq_len, bb.head_dim, kv=self.bb_cache[i], **kw)
+                          for i in range(bb.n_layers)]
         self.dd_caches = [KVCache(rows, dd.n_kv_heads, self.n, dd.head_dim, **kw) for _ in range(dd.n_layers)]
         self.bb_rot = rope_table(bb.rope, bb.head_dim, self.max_seq_len).to(dev)  # [S, hd/2]
         self.dd_rot = rope_table(dd.rope, dd.head_dim, self.n).to(dev)[:, None, :]  # [N, 1, hd/2]
@@ -36,9 +42,6 @@ class FrameGenerator:
             # depth input for code c of codebook j: depth_proj(depth_embed(j * V + c)), one lookup
             self.depth_in = model.depth_proj(model.depth_embed.weight)  # [N * V, Dd]
         self.depth_loop = DepthLoop(model, self.dd_caches, self.dd_rot, self.depth_in, self.heads, self.n, self.V)
-        # CPU float32: the depth loop runs as one compiled call per frame (kernels/depth_cpu.py)
-        self.depth_kernel = (CpuDepthKernel(self.depth_loop, model, self.depth_in, self.V)
-                             if cpu_kernel_usable(dev, dt) else None)
         # per-row state, all on device
         self.h = torch.zeros(rows, bb.dim, **kw)  # last backbone hidden state
         self.pos = torch.zeros(rows, dtype=torch.int64, device=dev)  # next cache position
@@ -48,6 +51,9 @@ class FrameGenerator:
         self.topk = torch.ones(rows, dtype=torch.int64, device=dev)
         self.positions = torch.arange(max(self.max_seq_len, rows), device=dev)
         self.host_pos = [0] * rows  # host mirror of pos, for attention lengths without a sync
+        # CPU float32: the whole step is one compiled call per tick (kernels/frame_cpu.py); set to
+        # None to use the eager PyTorch path (the tests compare the two)
+        self.cpu = CpuFrameStep(self) if cpu_kernel_usable(dev, dt) else None
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,
@@ -72,10 +78,15 @@ class FrameGenerator:
         self.host_pos[row] = 0
 
     @torch.inference_mode()
-    def step(self, lo: int, hi: int, kmax: int) -> torch.Tensor:
+    def step(self, lo: int, hi: int, kmax: int, active: list[bool] | None = None) -> torch.Tensor:
         """One frame for rows [lo, hi). kmax: the largest top-k among them (host int).
-        Returns codes [hi - lo, N] int64 on device."""
+        active: per row of the range, whether it advances (None: all). Inactive rows inside the
+        range are computed but keep their state (hidden state, position, frame counter); their
+        cache write lands on their own next position, which they overwrite before reading.
+        Returns codes [hi - lo, N] int64 on device (rows that are inactive hold junk)."""
         m, n = self.model, self.n
+        if self.cpu is not None:
+            return self._cpu_step(lo, hi, kmax, active)
         rows = slice(lo, hi)
         noise = gumbel_noise(self.seed[rows], self.frame[rows], n, kmax) if kmax > 1 else None
         temp, topk = self.temperature[rows], self.topk[rows]
@@ -85,10 +96,7 @@ class FrameGenerator:
 
         h = self.h[rows]  # [B, Db]
         c = draw(h @ self.c0_w.t(), 0)
-        if self.depth_kernel is not None:
-            frame = torch.cat([c[:, None], self.depth_kernel.run(h, c, temp, topk, noise)], dim=1)
-        else:
-            frame = torch.stack([c, *self.depth_loop.run(lo, hi, h, c, draw)], dim=1)  # [B, N]
+        frame = torch.stack([c, *self.depth_loop.run(lo, hi, h, c, draw)], dim=1)  # [B, N]
 
         # backbone: feed the frame back, each row at its own position
         pos = self.pos[rows]
@@ -96,9 +104,36 @@ class FrameGenerator:
         keep = self.positions[:length] <= pos[:, None]  # [B, L]
         at = Attend(rows, pos=pos, idx=self.positions[: hi - lo], length=length, mask=keep[:, None, None, :])
         x = m.embed_frames(frame)[:, None]  # [B, 1, Db]
-        self.h[rows] = m.backbone(x, self.bb_rot[pos][:, None, None, :], self.bb_caches, at)[:, 0]
-        self.pos[rows] += 1
-        self.frame[rows] += 1
-        for r in range(lo, hi):
-            self.host_pos[r] += 1
+        new_h = m.backbone(x, self.bb_rot[pos][:, None, None, :], self.bb_caches, at)[:, 0]
+        if active is None or all(active):
+            self.h[rows] = new_h
+            self.pos[rows] += 1
+            self.frame[rows] += 1
+            for r in range(lo, hi):
+                self.host_pos[r] += 1
+        else:
+            live = torch.tensor(active, device=self.device)
+            self.h[rows] = torch.where(live[:, None], new_h, h)
+            self.pos[rows] += live
+            self.frame[rows] += live
+            for r, a in zip(range(lo, hi), active):
+                self.host_pos[r] += bool(a)
         return frame
+
+    def _cpu_step(self, lo: int, hi: int, kmax: int, active: list[bool] | None) -> torch.Tensor:
+        live = [r for r in range(lo, hi) if active is None or active[r - lo]]
+        if not live:
+            return torch.zeros(hi - lo, self.n, dtype=torch.int64)
+        idx = torch.tensor(live, dtype=torch.int64)
+        noise = gumbel_noise(self.seed[idx], self.frame[idx], self.n, kmax) if kmax > 1 else None
+        if max(self.host_pos[r] for r in live) >= self.max_seq_len:
+            raise ValueError("a row is past the model's window")
+        frames = self.cpu.step(idx.numpy(), noise)
+        for r in live:
+            self.host_pos[r] += 1
+        if len(live) == hi - lo:
+            return frames
+        out = torch.zeros(hi - lo, self.n, dtype=torch.int64)
+        out[idx - lo] = frames
+        return out
+

@@ -18,8 +18,9 @@ class KVCache:
     """Static per-row cache [rows, S, 2 * n_kv, hd] (keys then values per position), allocated
     once and written in place: one copy stores a step's keys and values together."""
 
-    def __init__(self, rows: int, n_kv: int, seq: int, hd: int, *, device, dtype) -> None:
-        self.kv = torch.zeros(rows, seq, 2 * n_kv, hd, device=device, dtype=dtype)
+    def __init__(self, rows: int, n_kv: int, seq: int, hd: int, *, device, dtype, kv=None) -> None:
+        # kv: an existing [rows, seq, 2 * n_kv, hd] buffer to use (e.g. one layer of a stacked cache)
+        self.kv = torch.zeros(rows, seq, 2 * n_kv, hd, device=device, dtype=dtype) if kv is None else kv
 
 
 class Attend:

@@ -8,7 +8,7 @@ import csmstream
     (dict(text=""), "text must be a non-empty string"),
     (dict(text="   "), "text must be a non-empty string"),
     (dict(text=None), "text must be a non-empty string"),
-    (dict(text="x" * 5000), "at most 4096"),
+    (dict(text="x" * 5001), "at most 5000"),
     (dict(speaker_id=1.5), "speaker_id must be an integer >= 0"),
     (dict(speaker_id=-1), "speaker_id must be an integer >= 0"),
     (dict(speaker_id=True), "speaker_id must be an integer"),

@@ -21,14 +21,14 @@ def reference_frames(ref, *, input_ids=None, inputs_embeds=None, n=20):
 
 @pytest.fixture(params=["kernel", "eager"])
 def depth_path(request, checkpoint_engine):
-    """Run a test through the CPU depth kernel (the default on CPU float32) and the eager loop."""
+    """Run a test through the CPU frame kernel (the default on CPU float32) and the eager path."""
     g = checkpoint_engine.gen
-    kernel = g.depth_kernel
-    assert kernel is not None, "CPU float32 engines use the depth kernel"
+    kernel = g.cpu
+    assert kernel is not None, "CPU float32 engines use the frame kernel"
     if request.param == "eager":
-        g.depth_kernel = None
+        g.cpu = None
     yield request.param
-    g.depth_kernel = kernel
+    g.cpu = kernel
 
 
 def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine, depth_path):
@@ -66,8 +66,8 @@ def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine, depth_pa
             ours = torch.stack(seen)  # [31, codebook_size]
         else:
             rec = np.zeros((1, 31, 2048), np.float32)
-            forced = g.depth_kernel.run(g.h[0:1], frame[0:1], g.temperature[0:1], g.topk[0:1], None,
-                                        force=frame[None, 1:].numpy().copy(), record=rec)
+            forced = g.cpu.depth_only(g.h[0:1], frame[0:1], g.temperature[0:1], g.topk[0:1], None,
+                                      force=frame[None, 1:].numpy().copy(), record=rec)
             assert forced[0].tolist() == frame[1:].tolist()
             ours = torch.from_numpy(rec[0])
     torch.testing.assert_close(ours, ref_logits[:, :2048], rtol=1e-4, atol=1e-5)
@@ -88,7 +88,7 @@ def test_greedy_frames_equal_reference(checkpoint, checkpoint_engine, depth_path
     np.testing.assert_array_equal(ours, want)
 
 
-def test_greedy_frames_with_context_equal_reference(checkpoint, checkpoint_engine):
+def test_greedy_frames_with_context_equal_reference(checkpoint, checkpoint_engine, depth_path):
     """Context codes enter as summed audio embeddings plus a zero end-of-audio frame; the
     reference gets the same prompt built from its own embedding modules."""
     import csmstream

@@ -1,4 +1,4 @@
-"""The numba depth kernel against the eager PyTorch depth loop and the sampling rule it copies."""
+"""The numba frame kernel against the eager PyTorch step and the sampling rule it copies."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from csmstream.engine.prompt import build_prompt
 from csmstream.engine.sampling import gumbel_noise, sample
-from csmstream.kernels.depth_cpu import _draw
+from csmstream.kernels.frame_cpu import _draw
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 50, 300])
@@ -27,7 +27,7 @@ def test_draw_matches_torch_sample(k):
 
 def test_kernel_frames_equal_eager_loop_batched(tiny_engine):
     """Three rows with different top-k, temperature and seeds, several frames: the kernel and the
-    eager loop produce the same codes (same weights, same counter-based noise)."""
+    eager path produce the same codes (same weights, same counter-based noise)."""
     g = tiny_engine.gen
     assert g.rows >= 3
     settings = [(11, 0.9, 50), (12, 0.5, 1), (13, 1.3, 7)]
@@ -35,15 +35,15 @@ def test_kernel_frames_equal_eager_loop_batched(tiny_engine):
                for i, t in enumerate(["First row.", "Second, longer row of text.", "Third!"])]
 
     def run(use_kernel):
-        kernel = g.depth_kernel
+        kernel = g.cpu
         if not use_kernel:
-            g.depth_kernel = None
+            g.cpu = None
         try:
             for row, ((tok, mask), (seed, temp, k)) in enumerate(zip(prompts, settings)):
                 g.prefill(row, torch.from_numpy(tok), torch.from_numpy(mask), seed=seed, temperature=temp, topk=k)
             out = torch.stack([g.step(0, 3, 50) for _ in range(6)])
         finally:
-            g.depth_kernel = kernel
+            g.cpu = kernel
             for row in range(3):
                 g.release(row)
         return out.numpy()

@@ -1,0 +1,163 @@
+"""The serve / say / demo commands behind csmstream/cli.py."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
+             "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
+
+
+def _run_loop(coro) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # uvloop is a dependency, but keep the plain loop as a fallback
+        asyncio.run(coro)
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def serve(args) -> int:
+    from . import load
+    from .transport.server import StreamServer
+
+    if args.model == "tiny":
+        print(TINY_NOTE, file=sys.stderr)
+    if args.max_text_chars < 1:
+        raise ValueError(f"--max-text-chars must be >= 1, got {args.max_text_chars}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+
+    def make_engine():
+        return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams)
+
+    async def main() -> None:
+        srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await srv.start()
+        print(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)", file=sys.stderr,
+              flush=True)
+        await stop.wait()
+        print("csm-stream: shutting down", file=sys.stderr, flush=True)
+        await srv.stop()
+
+    _run_loop(main())
+    return 0
+
+
+# -- say -------------------------------------------------------------------------------------------
+def say(args) -> int:
+    from .transport.client import SesameConnectionError, SesameTTSError
+    from .wav import write_wav
+
+    try:
+        stats, chunks = asyncio.run(_say(args))
+    except SesameConnectionError as e:
+        print(f"csm-stream: error: {e.message}\n  is a server running? start one with: csm-stream serve",
+              file=sys.stderr)
+        return 1
+    except SesameTTSError as e:
+        print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    rate = int(args.format.rsplit("_", 1)[1])
+    n = write_wav(args.out, [np.frombuffer(c, "<i2") for c in chunks], rate)
+    if n == 0:
+        print("csm-stream: the server sent no audio (the model ended speech at once)", file=sys.stderr)
+        return 1
+    audio_s = n / rate
+    total = stats["total"]
+    print(f"wrote {args.out}: {audio_s:.2f} s of audio in {total:.2f} s; first audio after "
+          f"{1000 * stats['ttfa']:.0f} ms; real-time factor {total / audio_s:.2f}; largest gap between chunks "
+          f"{1000 * stats['max_gap']:.0f} ms ({stats['chunks']} chunks)")
+    return 0
+
+
+async def _say(args):
+    from .transport.client import SesameWebSocketService
+
+    opts = dict(format=args.format, chunk_ms=args.chunk_ms, temperature=args.temperature, topk=args.topk)
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    if args.max_frames is not None:
+        opts["max_audio_ms"] = 80 * args.max_frames
+    svc = SesameWebSocketService(args.url)
+    chunks: list[bytes] = []
+    t0 = time.perf_counter()
+    first = last = None
+    max_gap = 0.0
+    async for chunk in svc.stream_tts(args.text, args.speaker, **opts):
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        elif now - last > max_gap:
+            max_gap = now - last
+        last = now
+        chunks.append(chunk)
+        print(f"\r  {len(chunks):4d} chunks  {now - t0:6.2f} s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    total = time.perf_counter() - t0
+    return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=len(chunks)), chunks
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
+    """Poll /healthz until 200; raise if the server process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not ready within {timeout:.0f} s ({url})")
+
+
+def demo(args) -> int:
+    port = args.port or free_port()
+    cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
+           "--device", args.device, "--dtype", args.dtype]
+    print(f"demo: starting the server: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        t0 = time.perf_counter()
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
+        print(f"demo: server ready after {time.perf_counter() - t0:.1f} s; streaming a sentence", file=sys.stderr,
+              flush=True)
+        args.url = f"ws://127.0.0.1:{port}/ws/generate"
+        args.format, args.chunk_ms = "pcm_24000", 100
+        return say(args)
+    except RuntimeError as e:
+        print(f"csm-stream: demo failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        print("demo: server stopped", file=sys.stderr)

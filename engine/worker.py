@@ -1,0 +1,281 @@
+"""The engine thread: the only code that runs the model while a server is up.
+
+Requests arrive through `submit()` (any thread; validation and prompt building happen there, so a
+bad request fails at once). The thread admits them into the engine's slots, and every tick runs
+ONE batched frame step over the span of active rows, one streaming Mimi decode per contiguous run
+of active rows, and writes each request's PCM into its sink (an SPSC ring owned by the consumer).
+At most one prefill happens per tick, so a newcomer delays the others by at most one prefill.
+After each tick the `notify` callback gets the requests that changed (new audio, finished), once
+per tick; a server passes one that hops onto its event loop with `call_soon_threadsafe`.
+
+Cancel is a flag (`request.cancel()`) read at the next tick boundary: generation stops within one
+frame and the slot is free for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger("csmstream.engine")
+
+
+class PcmSink(Protocol):
+    def write(self, samples: np.ndarray) -> int: ...
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One utterance to generate. Fields below `sink` are written by the engine thread only."""
+
+    text: str
+    speaker_id: int = 0
+    context: Iterable = ()
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+    max_frames: int | None = None
+    sink: PcmSink | None = None  # where PCM goes; None: frames are counted, audio dropped
+    tag: Any = None  # the submitter's handle (e.g. its connection job)
+    # engine-side state
+    frames: int = 0
+    finished: bool = False
+    reason: str = ""  # "eos" | "max_frames" | "cancelled" | "error"
+    error: str | None = None
+    t_submit: float = 0.0
+    t_start: float = 0.0  # prefill done
+    t_first_audio: float = 0.0  # first PCM written to the sink
+    t_end: float = 0.0
+    frames_at_cancel: int = -1  # frames generated when cancel() was called
+    _cancel: bool = False
+    _prepared: tuple | None = field(default=None, repr=False)
+    _row: int = -1
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at the next tick (thread-safe: a flag)."""
+        if not self._cancel:
+            self.frames_at_cancel = self.frames
+        self._cancel = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel
+
+
+@dataclass
+class WorkerStats:
+    ticks: int = 0
+    frames: int = 0
+    requests: int = 0
+    active: int = 0
+    waiting: int = 0
+    step_seconds: float = 0.0
+
+
+class EngineWorker:
+    """Owns the engine while running; start() / stop(); submit() from any thread."""
+
+    def __init__(self, engine, notify: Callable[[list[GenRequest]], None] | None = None, *,
+                 idle_wait: float = 0.05) -> None:
+        self.engine = engine
+        self.notify = notify or (lambda reqs: None)
+        self.idle_wait = idle_wait
+        self.stats = WorkerStats()
+        self._inbox: queue.SimpleQueue[GenRequest] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting: deque[GenRequest] = deque()
+        self._active: dict[int, GenRequest] = {}  # row -> request
+
+    # -- control -------------------------------------------------------------------------------
+    def start(self) -> EngineWorker:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def prepare(self, req: GenRequest) -> GenRequest:
+        """Validate and build the prompt (any thread); sets req.max_frames to the effective cap, so
+        the caller can size its sink before submitting. Raises ValueError on a bad request."""
+        e = self.engine
+        req._prepared = e._validate(req.text, req.speaker_id, req.context, req.temperature, req.topk,
+                                    req.seed, req.max_frames)
+        req.max_frames = req._prepared[5]
+        return req
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Validate (unless prepared) and queue. Raises ValueError (the engine's message) on a bad
+        request, RuntimeError when the engine thread is not running."""
+        if not self.alive:
+            raise RuntimeError("the engine thread is not running")
+        if req._prepared is None:
+            self.prepare(req)
+        req.t_submit = time.perf_counter()
+        self._inbox.put(req)
+        self._wake.set()
+        return req
+
+    def warmup(self, frames: int = 3) -> None:
+        """Compile and touch every path once (prefill, step, decode) before serving."""
+        e = self.engine
+        for _ in (e.stream if e.codec is not None else e.frames)("Warm up.", 0, seed=0, max_frames=frames):
+            pass
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                busy = self._tick()
+            except Exception:  # never let one bad tick kill the server: fail the active requests
+                log.exception("engine tick failed; failing the active requests")
+                self._fail_all("internal error in the engine thread (see the server log)")
+                busy = False
+            if not busy:
+                self._wake.wait(self.idle_wait)
+                self._wake.clear()
+        self._fail_all("server shutting down", reason="cancelled")
+
+    def _tick(self) -> bool:
+        changed: list[GenRequest] = []
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        # cancellations first, so their slots are reused this tick
+        for row, req in list(self._active.items()):
+            if req._cancel:
+                self._finish(req, "cancelled", changed)
+        for req in [r for r in self._waiting if r._cancel]:
+            self._waiting.remove(req)
+            self._finish(req, "cancelled", changed)
+        # admit at most one newcomer per tick: its prefill delays the others by one prefill only
+        if self._waiting and len(self._active) < self.engine.max_streams:
+            self._admit(self._waiting.popleft(), changed)
+        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+        if self._active:
+            self._step(changed)
+        if changed:
+            self.notify(changed)
+        return bool(self._active or self._waiting)
+
+    def _admit(self, req: GenRequest, changed: list) -> None:
+        import torch
+
+        e = self.engine
+        tokens, mask, seed, temperature, topk, _ = req._prepared
+        try:
+            row = e._acquire()
+        except RuntimeError:  # slots held by direct Engine.frames users: try again next tick
+            self._waiting.appendleft(req)
+            return
+        req._row = row
+        try:
+            with e._lock:
+                e.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask),
+                              seed=seed, temperature=temperature, topk=topk)
+                if e.codec is not None and req.sink is not None:
+                    e.decoder.reset(row)
+        except Exception as exc:
+            log.exception("prefill failed")
+            e._release(row)
+            req._row = -1
+            self._finish(req, "error", changed, error=f"prefill failed: {exc}")
+            return
+        req.t_start = time.perf_counter()
+        self._active[row] = req
+        self.stats.requests += 1
+
+    def _step(self, changed: list) -> None:
+        e = self.engine
+        rows = sorted(self._active)
+        lo, hi = rows[0], rows[-1] + 1
+        active = [r in self._active for r in range(lo, hi)]
+        kmax = max(self._active[r].topk for r in rows)
+        t0 = time.perf_counter()
+        with e._lock:
+            dev_codes = e.gen.step(lo, hi, kmax, None if all(active) else active)
+            codes = dev_codes.cpu().numpy()  # the one device->host copy of the tick
+            audio_rows = [r for r in rows if codes[r - lo].any() and self._active[r].sink is not None]
+            pcm = self._decode(dev_codes, lo, audio_rows) if e.codec is not None and audio_rows else {}
+        self.stats.ticks += 1
+        self.stats.frames += len(rows)
+        self.stats.step_seconds += time.perf_counter() - t0
+        now = time.perf_counter()
+        for r in rows:
+            req = self._active[r]
+            if not codes[r - lo].any():
+                self._finish(req, "eos", changed)
+                continue
+            req.frames += 1
+            if r in pcm:
+                if req.sink.write(pcm[r]) < len(pcm[r]):
+                    log.warning("request sink full; audio dropped")
+                if not req.t_first_audio:
+                    req.t_first_audio = now
+            changed.append(req)
+            if req.frames >= req.max_frames:
+                self._finish(req, "max_frames", changed)
+
+    def _decode(self, dev_codes, lo: int, rows: list[int]) -> dict[int, np.ndarray]:
+        """One streaming decode per contiguous run of rows (decoder state must not advance for
+        rows outside the run). Returns row -> int16 PCM."""
+        from ..kernels.audio import float_to_int16
+
+        out: dict[int, np.ndarray] = {}
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                a, b = rows[start], rows[i - 1] + 1
+                wav = self.engine.decoder.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
+                for r in range(a, b):
+                    out[r] = float_to_int16(wav[r - a])
+                start = i
+        return out
+
+    def _finish(self, req: GenRequest, reason: str, changed: list, error: str | None = None) -> None:
+        if req._row >= 0:
+            self._active.pop(req._row, None)
+            self.engine._release(req._row)
+            req._row = -1
+        req.reason, req.error = reason, error
+        req.t_end = time.perf_counter()
+        req.finished = True
+        changed.append(req)
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        changed: list[GenRequest] = []
+        for req in list(self._active.values()):
+            self._finish(req, reason, changed, error=message if reason == "error" else None)
+        while self._waiting:
+            self._finish(self._waiting.popleft(), reason, changed, error=message if reason == "error" else None)
+        while True:
+            try:
+                self._finish(self._inbox.get_nowait(), reason, changed, error=message if reason == "error" else None)
+            except queue.Empty:
+                break
+        if changed:
+            self.notify(changed)

@@ -1,0 +1,246 @@
+"""The whole CSM frame step as one numba call, for CPU float32.
+
+On a CPU the small models are bound by per-op dispatch: the eager step issues ~1,000 small ops a
+frame (31 sequential codebooks x layers x ~15 ops, plus the backbone). This kernel runs, per
+active row: codebook 0 (head + draw), the 31-position depth decoder (head + draw each), then the
+backbone step that feeds the frame back (summed audio embeddings, every layer over the row's own
+KV cache, final norm) -- in one compiled call that releases the GIL.
+
+Matvecs are unit-stride axpy loops over weights stored [in, out]; RMSNorm, interleaved-pair RoPE,
+grouped-query attention and SwiGLU are plain loops. Each row is computed on its own with the same
+arithmetic whatever else is in the batch, so a seeded stream is bit-identical alone or batched.
+
+The draw is engine/sampling.sample's rule: greedy when k == 1, else Gumbel-max over the k best
+logits (sorted descending, noise indexed by rank). The eager PyTorch path (engine/depth.py,
+engine/model.py) is the reference this kernel is tested against.
+
+Weights arrive in tuples (see engine/cpu_step.py):
+  layers = (attn_norm [L, D], wqkv_t [L, D, (H + 2KV) hd], wo_t [L, H hd, D], ffn_norm [L, D],
+            w13_t [L, D, 2F], w2_t [L, F, D])
+  dims   = (n_heads, n_kv, eps)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# reassociation lets the reductions vectorise; no nnan/ninf so comparisons stay IEEE
+_FM = {"reassoc", "contract", "nsz"}
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _axpy_matvec(x, wt, out, accumulate):
+    """out (+)= x @ wt, wt [in, out] row-major."""
+    if not accumulate:
+        out[:] = 0.0
+    for i in range(wt.shape[0]):
+        xi = x[i]
+        row = wt[i]
+        for o in range(wt.shape[1]):
+            out[o] += xi * row[o]
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _rms_norm(x, w, eps, out):
+    ss = np.float32(0.0)
+    for i in range(x.shape[0]):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + eps)
+    for i in range(x.shape[0]):
+        out[i] = w[i] * (x[i] * inv)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _rope(v, cos, sin):
+    """Rotate interleaved pairs (v[2i], v[2i+1]) of one head in place."""
+    for i in range(cos.shape[0]):
+        a = v[2 * i]
+        b = v[2 * i + 1]
+        v[2 * i] = a * cos[i] - b * sin[i]
+        v[2 * i + 1] = a * sin[i] + b * cos[i]
+
+
+@njit(nogil=True, cache=True)
+def _draw(logits, k, temp, noise, vals, idx):
+    """Greedy (k == 1) or Gumbel-max over the k best logits; noise[r] is rank r's Gumbel draw."""
+    n = logits.shape[0]
+    if k == 1:
+        best = 0
+        for i in range(1, n):
+            if logits[i] > logits[best]:
+                best = i
+        return best
+    filled = 0
+    for i in range(n):
+        v = logits[i]
+        if filled < k or v > vals[filled - 1]:
+            pos = filled if filled < k else k - 1
+            while pos > 0 and vals[pos - 1] < v:
+                vals[pos] = vals[pos - 1]
+                idx[pos] = idx[pos - 1]
+                pos -= 1
+            vals[pos] = v
+            idx[pos] = i
+            if filled < k:
+                filled += 1
+    choice = 0
+    best = vals[0] / temp + noise[0]
+    for r in range(1, filled):
+        s = vals[r] / temp + noise[r]
+        if s > best:
+            best = s
+            choice = r
+    return idx[choice]
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _block(x, layer, layers, dims, cache, p, cos, sin, xn, qkv, att, g13, act, w):
+    """One decoder layer for one token at position p, in place on x. cache [T, 2KV, hd] (this row,
+    this layer): writes position p, attends to 0..p."""
+    attn_norm, wqkv_t, wo_t, ffn_norm, w13_t, w2_t = layers
+    n_heads, n_kv, eps = dims
+    hd = 2 * cos.shape[0]
+    F = w2_t.shape[1]
+    group = n_heads // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    _rms_norm(x, attn_norm[layer], eps, xn)
+    _axpy_matvec(xn, wqkv_t[layer], qkv, False)
+    for hh in range(n_heads + n_kv):  # q heads then k heads
+        _rope(qkv[hh * hd:(hh + 1) * hd], cos, sin)
+    for j in range(2 * n_kv):
+        cache[p, j] = qkv[(n_heads + j) * hd:(n_heads + j + 1) * hd]
+    for hh in range(n_heads):
+        g = hh // group
+        q = qkv[hh * hd:(hh + 1) * hd]
+        top = np.float32(-np.inf)
+        for t in range(p + 1):
+            s = np.float32(0.0)
+            kt = cache[t, g]
+            for i in range(hd):
+                s += q[i] * kt[i]
+            w[t] = s * scale
+            top = max(top, w[t])
+        total = np.float32(0.0)
+        for t in range(p + 1):
+            w[t] = np.exp(w[t] - top)
+            total += w[t]
+        o = att[hh * hd:(hh + 1) * hd]
+        o[:] = 0.0
+        for t in range(p + 1):
+            wt = w[t] / total
+            vt = cache[t, n_kv + g]
+            for i in range(hd):
+                o[i] += wt * vt[i]
+    _axpy_matvec(att, wo_t[layer], x, True)
+    _rms_norm(x, ffn_norm[layer], eps, xn)
+    _axpy_matvec(xn, w13_t[layer], g13, False)
+    for i in range(F):
+        gate = g13[i]
+        act[i] = gate / (np.float32(1.0) + np.exp(-gate)) * g13[F + i]
+    _axpy_matvec(act, w2_t[layer], x, True)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _scratch(dim, layers, dims, positions):
+    """Per-call work buffers for a transformer of width dim."""
+    n_heads, n_kv, _ = dims
+    hd = layers[1].shape[2] // (n_heads + 2 * n_kv)
+    F = layers[5].shape[1]
+    return (np.empty(dim, np.float32), np.empty(dim, np.float32),
+            np.empty((n_heads + 2 * n_kv) * hd, np.float32), np.empty(n_heads * hd, np.float32),
+            np.empty(2 * F, np.float32), np.empty(F, np.float32), np.empty(positions, np.float32))
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def _depth_row(h, c0, depth, dlayers, ddims, k, temp, noise, force, record, codes, vals, idx, cache, buf):
+    """Codebooks 1..N-1 for one row: codes[j - 1] for j = 1..N-1. h [Db] backbone state."""
+    proj_t, table, vocab, norm_w, heads, cos, sin = depth
+    x, xn, qkv, att, g13, act, w = buf
+    n_cb = codes.shape[0] + 1
+    L = dlayers[0].shape[0]
+    logits = np.empty(heads.shape[2], np.float32)
+    for p in range(n_cb):
+        if p == 0:
+            _axpy_matvec(h, proj_t, x, False)
+        else:
+            code = c0 if p == 1 else codes[p - 2]
+            x[:] = table[(p - 1) * vocab + code]
+        for layer in range(L):
+            _block(x, layer, dlayers, ddims, cache[layer], p, cos[p], sin[p], xn, qkv, att, g13, act, w)
+        if p == 0:
+            continue
+        _rms_norm(x, norm_w, ddims[2], xn)
+        _axpy_matvec(xn, heads[p - 1], logits, False)
+        if record.shape[0] > 0:
+            record[p - 1] = logits
+        if force.shape[0] > 0:
+            codes[p - 1] = force[p - 1]
+        else:
+            codes[p - 1] = _draw(logits, k, temp, noise[p], vals, idx)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def depth_frame(h, c0, depth, dlayers, ddims, temp, topk, noise, force, record, codes):
+    """Codebooks 1..N-1 for each row (the depth decoder alone; tests use force/record).
+    h [B, Db]; c0 [B]; noise [B, N, K]; force [B, N-1] or [0, 0]; record [B, N-1, C] or [0, 0, 0];
+    codes [B, N-1] out. A row's k is min(topk[b], K)."""
+    K = noise.shape[2]
+    n_cb = codes.shape[1] + 1
+    buf = _scratch(depth[0].shape[1], dlayers, ddims, n_cb)
+    hd = 2 * depth[5].shape[1]
+    cache = np.empty((dlayers[0].shape[0], n_cb, 2 * ddims[1], hd), np.float32)
+    vals, idx = np.empty(K, np.float32), np.empty(K, np.int64)
+    for b in range(h.shape[0]):
+        if force.shape[0] > 0:
+            fb = force[b]
+        else:
+            fb = np.empty(0, np.int64)
+        if record.shape[0] > 0:
+            rb = record[b]
+        else:
+            rb = np.empty((0, 0), np.float32)
+        _depth_row(h[b], c0[b], depth, dlayers, ddims, min(topk[b], K), temp[b], noise[b], fb, rb,
+                   codes[b], vals, idx, cache, buf)
+
+
+@njit(fastmath=_FM, nogil=True, cache=True)
+def frame_step(rows, h, pos, counter, temp, topk, noise, c0_t, audio_embed, vocab,
+               blayers, bdims, bnorm, bcos, bsin, bcache, depth, dlayers, ddims, frames):
+    """One frame for each row index in `rows` (others untouched).
+
+    h [R, Db] backbone state (updated); pos [R] next cache position (advanced); counter [R] frames
+    generated (advanced); temp/topk [R]; noise [len(rows), N, K]; c0_t [Db, C]; audio_embed
+    [N * vocab, Db]; bcache [L, R, S, 2KV, hd]; bcos/bsin [S, hd/2]; frames [len(rows), N] out.
+    """
+    K = noise.shape[2]
+    n_cb = frames.shape[1]
+    Db = h.shape[1]
+    S = bcache.shape[2]
+    bbuf = _scratch(Db, blayers, bdims, S)
+    dbuf = _scratch(depth[0].shape[1], dlayers, ddims, n_cb)
+    dcache = np.empty((dlayers[0].shape[0], n_cb, 2 * ddims[1], 2 * depth[5].shape[1]), np.float32)
+    vals, idx = np.empty(K, np.float32), np.empty(K, np.int64)
+    logits = np.empty(c0_t.shape[1], np.float32)
+    x, xn, qkv, att, g13, act, w = bbuf
+    no_force = np.empty(0, np.int64)
+    no_record = np.empty((0, 0), np.float32)
+    L = blayers[0].shape[0]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        k = min(topk[r], K)
+        # codebook 0 from the backbone state, then the depth decoder
+        _axpy_matvec(h[r], c0_t, logits, False)
+        frames[i, 0] = _draw(logits, k, temp[r], noise[i, 0], vals, idx)
+        _depth_row(h[r], frames[i, 0], depth, dlayers, ddims, k, temp[r], noise[i], no_force, no_record,
+                   frames[i, 1:], vals, idx, dcache, dbuf)
+        # feed the frame back through the backbone at this row's position
+        x[:] = 0.0
+        for j in range(n_cb):
+            x += audio_embed[j * vocab + frames[i, j]]
+        p = pos[r]
+        for layer in range(L):
+            _block(x, layer, blayers, bdims, bcache[layer, r], p, bcos[p], bsin[p], xn, qkv, att, g13, act, w)
+        _rms_norm(x, bnorm, bdims[2], h[r])
+        pos[r] = p + 1
+        counter[r] += 1

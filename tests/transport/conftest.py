@@ -1,0 +1,75 @@
+"""A real server on a free loopback port, in its own thread and event loop (like production:
+tests talk to it over TCP with the websockets client and the project's client)."""
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+
+class RunningServer:
+    def __init__(self, engine_or_factory, **kw):
+        from csmstream.transport.server import StreamServer
+
+        self.srv = StreamServer(engine_or_factory, port=0, **kw)
+        self._ready = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.srv.start()
+            except BaseException as e:  # surface start failures to the test
+                self._error = e
+                self._ready.set()
+                return
+            self._ready.set()
+            await self._stop.wait()
+            await self.srv.stop()
+
+        asyncio.run(main())
+
+    def start(self, timeout=120):
+        self._thread.start()
+        assert self._ready.wait(timeout), "server did not start"
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def url(self):
+        return self.srv.url
+
+
+@pytest.fixture(scope="module")
+def server():
+    import csmstream
+
+    engine = csmstream.load("tiny", device="cpu", max_streams=8)
+    rs = RunningServer(engine).start()
+    yield rs
+    rs.stop()
+
+
+async def collect(ws, *, until_done=1):
+    """Read messages until `until_done` done/error messages; returns a list of events:
+    ("audio", bytes) | ("done", dict) | ("error", dict)."""
+    events, ends = [], 0
+    while ends < until_done:
+        m = await asyncio.wait_for(ws.recv(), 60)
+        if isinstance(m, bytes):
+            events.append(("audio", m))
+            continue
+        msg = json.loads(m)
+        kind = "done" if msg.get("done") else "error"
+        events.append((kind, msg))
+        ends += 1
+    return events

@@ -1,0 +1,273 @@
+"""The real server over TCP: the protocol, ordering, exact chunking, parity with Engine.stream,
+concurrency, cancel and disconnect."""
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.transport.conftest import collect
+
+SEED_MSG = {"text": "Hello from the seed.", "speaker_id": 0}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def audio_of(events):
+    return b"".join(b for kind, b in events if kind == "audio")
+
+
+def reference_pcm(text, speaker=0, **kw):
+    import csmstream
+
+    eng = _ref_engine()
+    return np.concatenate(list(eng.stream(text, speaker, **kw))).astype("<i2").tobytes()
+
+
+_REF = {}
+
+
+def _ref_engine():
+    if "e" not in _REF:
+        import csmstream
+
+        _REF["e"] = csmstream.load("tiny", device="cpu", max_streams=1)
+    return _REF["e"]
+
+
+def test_seed_message_streams_chunks_then_done(server):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps(SEED_MSG))
+            return await collect(ws)
+
+    events = run(go())
+    chunks = [b for k, b in events if k == "audio"]
+    kind, done = events[-1]
+    assert kind == "done" and done["done"] is True and done["cancelled"] is False
+    assert isinstance(done["request_id"], str) and done["request_id"]
+    assert len(chunks) >= 2 and all(len(c) == 4800 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 4800
+    assert done["audio_ms"] == pytest.approx(sum(map(len, chunks)) / 2 / 24, abs=0.1)
+    assert done["ttfa_ms"] > 0
+
+
+def test_socket_audio_equals_engine_stream(server):
+    msg = {"text": "Parity over the socket.", "speaker_id": 2, "seed": 1234, "topk": 20, "temperature": 0.8}
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps(msg))
+            return audio_of(await collect(ws))
+
+    got = run(go())
+    want = reference_pcm(msg["text"], 2, seed=1234, topk=20, temperature=0.8)
+    assert len(got) == len(want) and got == want
+
+
+def test_back_to_back_requests_in_order_without_gaps(server):
+    texts = ["First sentence here.", "Then the second one.", "And a third."]
+    before = server.srv.metrics.underruns
+
+    async def go():
+        async with connect(server.url) as ws:
+            for i, t in enumerate(texts):
+                await ws.send(json.dumps({"text": t, "request_id": f"r{i}", "seed": i}))
+            return await collect(ws, until_done=3)
+
+    events = run(go())
+    dones = [m for k, m in events if k == "done"]
+    assert [d["request_id"] for d in dones] == ["r0", "r1", "r2"]
+    assert all(not d["cancelled"] for d in dones)
+    # each request's audio sits between the previous done and its own done, and is that text's audio
+    segments, cur = [], b""
+    for kind, v in events:
+        if kind == "audio":
+            cur += v
+        else:
+            segments.append(cur)
+            cur = b""
+    for i, t in enumerate(texts):
+        assert segments[i] == reference_pcm(t, 0, seed=i)
+    # the client's playback never ran dry between sentences (next one generated while this drained)
+    assert server.srv.metrics.underruns == before
+
+
+FORMATS = {"pcm_24000": 48, "pcm_16000": 32, "pcm_8000": 16, "ulaw_8000": 8, "alaw_8000": 8}  # bytes/ms
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_chunk_sizes_exact_for_every_format_and_chunk_ms(server, fmt):
+    async def go():
+        out = {}
+        async with connect(server.url) as ws:
+            for ms in (20, 100, 1000):
+                await ws.send(json.dumps({"text": "Chunk sizes.", "format": fmt, "chunk_ms": ms,
+                                          "max_audio_ms": 2500, "seed": 3}))
+                out[ms] = await collect(ws)
+        return out
+
+    for ms, events in run(go()).items():
+        chunks = [b for k, b in events if k == "audio"]
+        size = FORMATS[fmt] * ms
+        assert all(len(c) == size for c in chunks[:-1]), (fmt, ms, {len(c) for c in chunks[:-1]})
+        assert 0 < len(chunks[-1]) <= size
+        done = events[-1][1]
+        total = sum(map(len, chunks))
+        assert done["audio_ms"] == pytest.approx(total / FORMATS[fmt], abs=0.1)
+        assert 2500 <= done["audio_ms"] <= 2510  # capped; resampled formats add the filter's few-ms tail
+
+
+def test_eight_concurrent_clients_get_complete_correct_audio(server):
+    texts = [f"Client number {i} speaking now." for i in range(8)]
+
+    async def one(i):
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": texts[i], "seed": 100 + i, "speaker_id": i % 3}))
+            return await collect(ws)
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    results = run(go())
+    for i, events in enumerate(results):
+        assert events[-1][0] == "done" and not events[-1][1]["cancelled"]
+        got = np.frombuffer(audio_of(events), "<i2").astype(np.int32)
+        want = np.frombuffer(reference_pcm(texts[i], i % 3, seed=100 + i), "<i2").astype(np.int32)
+        assert len(got) == len(want)
+        # batched vs single-row float rounding may move a sample by an LSB, never more
+        assert np.abs(got - want).max() <= 2
+
+
+def _wait_finished(req, timeout=10):
+    t = time.monotonic()
+    while not req.finished and time.monotonic() - t < timeout:
+        time.sleep(0.005)
+    return req.finished
+
+
+def test_cancel_stops_within_one_frame_and_frees_the_slot(server):
+    text = "This is a long request that we will interrupt. " * 8
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": text, "request_id": "long"}))
+            first = await ws.recv()
+            assert isinstance(first, bytes)
+            await ws.send(json.dumps({"cancel": True}))
+            events = await collect(ws)
+            # the connection still works afterwards
+            await ws.send(json.dumps({"text": "After cancel.", "max_audio_ms": 400}))
+            return events, await collect(ws)
+
+    events, after = run(go())
+    assert events[-1] == ("done", events[-1][1]) and events[-1][1]["cancelled"] is True
+    assert events[-1][1]["request_id"] == "long"
+    assert after[-1][0] == "done" and audio_of(after)
+    req = next(r for r in server.srv.recent if r.tag.rid == "long")
+    assert _wait_finished(req) and req.reason == "cancelled"
+    assert req.frames - req.frames_at_cancel <= 1
+    assert req.frames < req.max_frames
+
+
+def test_disconnect_frees_the_slot_within_one_frame(server):
+    text = "A request whose client goes away. " * 8
+
+    async def go():
+        ws = await connect(server.url)
+        await ws.send(json.dumps({"text": text, "request_id": "gone"}))
+        assert isinstance(await ws.recv(), bytes)
+        await ws.close()
+
+    run(go())
+    req = next(r for r in reversed(server.srv.recent) if r.tag.rid == "gone")
+    assert _wait_finished(req) and req.reason == "cancelled"
+    assert req.frames - req.frames_at_cancel <= 1
+    deadline = time.monotonic() + 5
+    while server.srv.worker.stats.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.srv.worker.stats.active == 0
+
+
+def test_cancel_one_request_id_keeps_the_others(server):
+    async def go():
+        async with connect(server.url) as ws:
+            for rid in ("a", "b", "c"):
+                await ws.send(json.dumps({"text": f"Request {rid}.", "request_id": rid, "max_audio_ms": 800}))
+            await ws.send(json.dumps({"cancel": True, "request_id": "b"}))
+            return await collect(ws, until_done=3)
+
+    dones = [m for k, m in run(go()) if k == "done"]
+    assert [(d["request_id"], d["cancelled"]) for d in dones] == [("a", False), ("b", True), ("c", False)]
+
+
+def test_queue_full_after_eight_waiting(server):
+    async def go():
+        async with connect(server.url) as ws:
+            for i in range(10):
+                await ws.send(json.dumps({"text": "Queued request number %d. " % i * 4, "request_id": f"q{i}"}))
+            errors, dones = [], []
+            while len(errors) + len(dones) < 10:
+                m = await asyncio.wait_for(ws.recv(), 60)
+                if isinstance(m, str):
+                    msg = json.loads(m)
+                    (errors if "error" in msg else dones).append(msg)
+                    if len(errors) == 1 and not dones:
+                        await ws.send(json.dumps({"cancel": True}))
+            return errors, dones
+
+    errors, dones = run(go())
+    assert [(e["error"]["code"], e["request_id"]) for e in errors] == [("queue_full", "q9")]
+    assert [d["request_id"] for d in dones] == [f"q{i}" for i in range(9)]
+
+
+def test_health_metrics_and_unknown_path(server):
+    base = server.url.replace("ws://", "http://").replace("/ws/generate", "")
+    with urllib.request.urlopen(base + "/healthz") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(base + "/metrics") as r:
+        text = r.read().decode()
+    for name in ("csm_requests_total", "csm_active_streams", "csm_frames_per_second",
+                 "csm_ttfa_milliseconds_bucket", "csm_real_time_factor_count", "csm_buffer_underruns_total",
+                 "csm_errors_total"):
+        assert name in text
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/nope")
+    assert e.value.code == 404
+
+
+def test_healthz_is_503_until_the_model_is_ready():
+    import threading
+
+    import csmstream
+    from tests.transport.conftest import RunningServer
+
+    gate = threading.Event()
+
+    def slow_engine():
+        gate.wait(30)
+        return csmstream.load("tiny", device="cpu", max_streams=1)
+
+    rs = RunningServer(slow_engine, warmup=True)
+    rs._thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        srv = rs.srv
+        if srv._ws is not None and srv._ws.sockets:
+            break
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{rs.srv.port}"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/healthz")
+    assert e.value.code == 503
+    gate.set()
+    assert rs._ready.wait(60)
+    with urllib.request.urlopen(base + "/healthz") as r:
+        assert r.status == 200
+    rs.stop()

@@ -1,0 +1,99 @@
+"""Python client for /ws/generate, with the names the seed's backend uses.
+
+    svc = SesameWebSocketService("ws://127.0.0.1:8765/ws/generate")
+    async for chunk in svc.stream_tts("Hello!", speaker_id=0):   # bytes, in the chosen format
+        play(chunk)
+
+A server error raises SesameTTSError (with .code and .message); a dropped connection raises
+SesameConnectionError: a stream never ends silently short.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+DEFAULT_URL = "ws://127.0.0.1:8765/ws/generate"
+
+
+class SesameTTSError(Exception):
+    """The server refused or failed a request."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+class SesameConnectionError(SesameTTSError):
+    """Could not connect, or the connection dropped before the request's done message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connection", message)
+
+
+class SesameWebSocketService:
+    """Streams TTS from a csm-stream server. One connection per stream_tts() call unless used as
+    an async context manager (`async with svc: ...`), which keeps one connection open."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0) -> None:
+        self.url, self.open_timeout = url, open_timeout
+        self._ws = None
+        self.last_done: dict | None = None  # the most recent request's done message
+
+    async def __aenter__(self) -> SesameWebSocketService:
+        self._ws = await self._connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+
+    async def _connect(self):
+        try:
+            return await connect(self.url, open_timeout=self.open_timeout, max_size=None)
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+            raise SesameConnectionError(f"cannot connect to {self.url}: {e}") from e
+
+    async def stream_tts(self, text: str, speaker_id: int = 0, **options) -> AsyncIterator[bytes]:
+        """Yield audio chunks (bytes) for one request as they arrive. options: request_id, format,
+        chunk_ms, temperature, topk, seed, max_audio_ms, voice (see the protocol)."""
+        ws = self._ws or await self._connect()
+        own = self._ws is None
+        try:
+            await ws.send(json.dumps({"text": text, "speaker_id": speaker_id, **options}))
+            async for message in ws:
+                if isinstance(message, bytes):
+                    yield message
+                    continue
+                msg = json.loads(message)
+                if "error" in msg:
+                    err = msg["error"]
+                    raise SesameTTSError(err.get("code", "error"), err.get("message", ""), msg.get("request_id"))
+                if msg.get("done"):
+                    self.last_done = msg
+                    return
+            raise SesameConnectionError(f"connection to {self.url} closed before the request finished")
+        except ConnectionClosed as e:
+            raise SesameConnectionError(f"connection to {self.url} dropped: {e}") from e
+        finally:
+            if own:
+                await ws.close()
+
+    async def cancel(self, request_id: str | None = None) -> None:
+        """Cancel on the open connection (context-manager use only)."""
+        if self._ws is None:
+            raise RuntimeError("cancel() needs an open connection: use `async with service:`")
+        msg = {"cancel": True}
+        if request_id is not None:
+            msg["request_id"] = request_id
+        await self._ws.send(json.dumps(msg))
+
+
+async def stream_sesame_tts(text: str, speaker_id: int = 0, url: str = DEFAULT_URL, **options) -> AsyncIterator[bytes]:
+    """One-shot helper: stream a text's audio chunks from the server at `url`."""
+    async for chunk in SesameWebSocketService(url).stream_tts(text, speaker_id, **options):
+        yield chunk

@@ -1,0 +1,99 @@
+"""Server metrics in the Prometheus text exposition format (no client library needed).
+
+Counters and histograms are updated on the event loop; gauges that belong to the engine thread
+(active streams, frames) are read from its stats when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+TTFA_BUCKETS_MS = (10, 25, 50, 100, 200, 350, 500, 1000, 2000, 5000)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+class Histogram:
+    def __init__(self, buckets) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        self.n += 1
+        self.total += v
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, acc = [], 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
+        out.append(f"{name}_sum {self.total:.6g}")
+        out.append(f"{name}_count {self.n}")
+        return out
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.connections = 0
+        self.open_connections = 0
+        self.underruns = 0
+        self.audio_seconds = 0.0
+        self.errors: Counter[str] = Counter()
+        self.ttfa_ms = Histogram(TTFA_BUCKETS_MS)
+        self.rtf = Histogram(RTF_BUCKETS)
+        self._last_frames = (time.monotonic(), 0)
+        self._fps = 0.0
+
+    def error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def render(self, worker_stats=None, ready: bool = True) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value) -> None:
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"])
+
+        metric("csm_ready", "gauge", "1 once the model is loaded and warmed up", int(ready))
+        metric("csm_uptime_seconds", "gauge", "seconds since the server started",
+               f"{time.monotonic() - self.started:.1f}")
+        metric("csm_requests_total", "counter", "generation requests accepted", self.requests)
+        metric("csm_requests_completed_total", "counter", "requests that ended with done", self.completed)
+        metric("csm_requests_cancelled_total", "counter", "requests cancelled (client cancel or disconnect)",
+               self.cancelled)
+        metric("csm_connections_total", "counter", "WebSocket connections accepted", self.connections)
+        metric("csm_connections_open", "gauge", "WebSocket connections open now", self.open_connections)
+        metric("csm_audio_seconds_total", "counter", "seconds of audio sent", f"{self.audio_seconds:.3f}")
+        metric("csm_buffer_underruns_total", "counter",
+               "times a stream had to wait for audio after its client's playback would have run dry",
+               self.underruns)
+        if worker_stats is not None:
+            now = time.monotonic()
+            t0, f0 = self._last_frames
+            if now - t0 >= 1.0:
+                self._fps = (worker_stats.frames - f0) / (now - t0)
+                self._last_frames = (now, worker_stats.frames)
+            metric("csm_active_streams", "gauge", "requests generating now", worker_stats.active)
+            metric("csm_waiting_requests", "gauge", "requests waiting for a slot", worker_stats.waiting)
+            metric("csm_frames_total", "counter", "80 ms frames generated", worker_stats.frames)
+            metric("csm_frames_per_second", "gauge", "frames generated per second (since the last scrape)",
+                   f"{self._fps:.2f}")
+            metric("csm_engine_ticks_total", "counter", "batched frame steps run", worker_stats.ticks)
+        lines += ["# HELP csm_errors_total errors sent to clients, by code", "# TYPE csm_errors_total counter"]
+        lines += [f'csm_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
+        lines += ["# HELP csm_ttfa_milliseconds time from request to first audio chunk sent",
+                  "# TYPE csm_ttfa_milliseconds histogram", *self.ttfa_ms.lines("csm_ttfa_milliseconds")]
+        lines += ["# HELP csm_real_time_factor generation time / audio duration per request (< 1 is faster "
+                  "than real time)", "# TYPE csm_real_time_factor histogram", *self.rtf.lines("csm_real_time_factor")]
+        return "\n".join(lines) + "\n"

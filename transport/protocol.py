@@ -1,0 +1,166 @@
+"""The /ws/generate message protocol, sans I/O: parse client messages, build server messages.
+
+Client -> server (JSON text frames):
+  {"text": str, "speaker_id": int = 0, ...optional fields}   a request (the seed's message)
+  {"cancel": true [, "request_id": str]}                     stop all, or just that one
+Server -> client:
+  binary frames of audio; {"done": true, ...}; {"error": {"code", "message"}, "request_id"}.
+
+Every problem is a ProtocolError with a stable `code` and a message that says what was wrong and
+what is allowed. Unknown fields are ignored (forward compatibility), never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+# format name -> (sample rate, encoding)
+FORMATS: dict[str, tuple[int, str]] = {
+    "pcm_24000": (24000, "pcm"),
+    "pcm_16000": (16000, "pcm"),
+    "pcm_8000": (8000, "pcm"),
+    "ulaw_8000": (8000, "ulaw"),
+    "alaw_8000": (8000, "alaw"),
+}
+DEFAULT_FORMAT = "pcm_24000"
+CHUNK_MS_RANGE = (20, 1000)
+DEFAULT_CHUNK_MS = 100
+DEFAULT_MAX_TEXT_CHARS = 5000
+MAX_REQUEST_ID_CHARS = 128
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+@dataclass
+class Generate:
+    text: str
+    speaker_id: int = 0
+    request_id: str | None = None
+    format: str = DEFAULT_FORMAT
+    chunk_ms: int = DEFAULT_CHUNK_MS
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+    max_audio_ms: int | None = None
+    voice: str | None = None
+    final: bool = True
+
+    @property
+    def sample_rate(self) -> int:
+        return FORMATS[self.format][0]
+
+    @property
+    def encoding(self) -> str:
+        return FORMATS[self.format][1]
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return 2 if self.encoding == "pcm" else 1
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.sample_rate * self.chunk_ms // 1000 * self.bytes_per_sample
+
+
+@dataclass
+class Cancel:
+    request_id: str | None = None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048) -> Generate | Cancel:
+    """One client message -> Generate | Cancel, or ProtocolError."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("binary_not_allowed", "binary frames are not accepted from clients; send JSON text "
+                            'messages such as {"text": "Hello", "speaker_id": 0}')
+    try:
+        msg = json.loads(data)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError("invalid_json", f"message is not valid JSON ({e}); send a JSON object such as "
+                            '{"text": "Hello", "speaker_id": 0}') from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("invalid_message", f"message must be a JSON object, got {type(msg).__name__}; "
+                            'send {"text": ..., "speaker_id": ...} or {"cancel": true}')
+    rid = msg.get("request_id")
+    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS):
+        raise ProtocolError("invalid_request_id", f"request_id must be a non-empty string of at most "
+                            f"{MAX_REQUEST_ID_CHARS} characters, got {rid!r:.60}")
+    if "cancel" in msg:
+        if msg["cancel"] is not True:
+            raise ProtocolError("invalid_cancel", f'cancel must be true, got {msg["cancel"]!r:.40}', rid)
+        return Cancel(rid)
+    if "text" not in msg:
+        raise ProtocolError("missing_text", 'a request needs "text" (a non-empty string); to stop audio send '
+                            '{"cancel": true}', rid)
+    return _generate(msg, rid, max_text_chars, topk_max)
+
+
+def _generate(msg: dict, rid, max_text_chars: int, topk_max: int) -> Generate:
+    def bad(code: str, message: str):
+        return ProtocolError(code, message, rid)
+
+    text = msg["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise bad("invalid_text", f"text must be a non-empty string, got {text!r:.40}")
+    if len(text) > max_text_chars:
+        raise bad("text_too_long", f"text is {len(text)} characters; at most {max_text_chars} are allowed "
+                  "per request (split it into sentences and send them one after another)")
+    g = Generate(text=text, request_id=rid)
+    sid = msg.get("speaker_id", 0)
+    if not _is_int(sid) or sid < 0:
+        raise bad("invalid_speaker_id", f"speaker_id must be an integer >= 0, got {sid!r:.40}")
+    g.speaker_id = sid
+    fmt = msg.get("format", DEFAULT_FORMAT)
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise bad("invalid_format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r:.40}")
+    g.format = fmt
+    ms = msg.get("chunk_ms", DEFAULT_CHUNK_MS)
+    lo, hi = CHUNK_MS_RANGE
+    if not _is_int(ms) or not lo <= ms <= hi:
+        raise bad("invalid_chunk_ms", f"chunk_ms must be an integer in {lo}..{hi}, got {ms!r:.40}")
+    g.chunk_ms = ms
+    t = msg.get("temperature", 0.9)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise bad("invalid_temperature", f"temperature must be a finite number > 0, got {t!r:.40}")
+    g.temperature = float(t)
+    k = msg.get("topk", 50)
+    if not _is_int(k) or not 1 <= k <= topk_max:
+        raise bad("invalid_topk", f"topk must be an integer in 1..{topk_max} (1 is greedy), got {k!r:.40}")
+    g.topk = k
+    seed = msg.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad("invalid_seed", f"seed must be an integer or null, got {seed!r:.40}")
+    g.seed = seed
+    mx = msg.get("max_audio_ms")
+    if mx is not None and (not _is_int(mx) or mx < 1):
+        raise bad("invalid_max_audio_ms", f"max_audio_ms must be an integer >= 1 or null, got {mx!r:.40}")
+    g.max_audio_ms = mx
+    voice = msg.get("voice")
+    if voice is not None and (not isinstance(voice, str) or not voice):
+        raise bad("invalid_voice", f"voice must be a non-empty string naming a voice prompt, got {voice!r:.40}")
+    g.voice = voice
+    final = msg.get("final", True)
+    if not isinstance(final, bool):
+        raise bad("invalid_final", f"final must be true or false, got {final!r:.40}")
+    g.final = final
+    return g
+
+
+def done(request_id: str, audio_ms: float, ttfa_ms: float | None, cancelled: bool, **extra) -> str:
+    msg = {"done": True, "request_id": request_id, "audio_ms": round(audio_ms, 1),
+           "ttfa_ms": None if ttfa_ms is None else round(ttfa_ms, 2), "cancelled": cancelled}
+    msg.update(extra)
+    return json.dumps(msg)
+
+
+def error(code: str, message: str, request_id: str | None = None) -> str:
+    return json.dumps({"error": {"code": code, "message": message}, "request_id": request_id})
