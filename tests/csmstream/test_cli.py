@@ -1,20 +1,29 @@
+import signal
 import subprocess
 import sys
 import wave
 
+from csmstream.commands import free_port, wait_healthy
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "csmstream", *args], capture_output=True, text=True, timeout=300)
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "csmstream", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_commands():
     out = run("--help")
-    assert out.returncode == 0 and "say" in out.stdout and "demo" in out.stdout
+    assert out.returncode == 0
+    for cmd in ("serve", "say", "demo"):
+        assert cmd in out.stdout
+    serve = run("serve", "--help")
+    for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams"):
+        assert opt in serve.stdout
 
 
-def test_say_writes_a_playable_wav(tmp_path):
+def test_say_local_writes_a_playable_wav(tmp_path):
     path = tmp_path / "hello.wav"
-    out = run("say", "Hello there.", "--out", str(path), "--device", "cpu", "--seed", "3", "--max-frames", "6")
+    out = run("say", "Hello there.", "--local", "--out", str(path), "--device", "cpu", "--seed", "3",
+              "--max-frames", "6")
     assert out.returncode == 0, out.stderr
     assert "noise-like" in out.stderr  # the tiny model says what it is
     with wave.open(str(path)) as w:
@@ -23,6 +32,42 @@ def test_say_writes_a_playable_wav(tmp_path):
 
 
 def test_bad_argument_is_one_clear_line():
-    out = run("say", "hi", "--topk", "0", "--device", "cpu")
+    out = run("say", "hi", "--local", "--topk", "0", "--device", "cpu")
     assert out.returncode == 2
     assert "error: topk must be an integer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_say_without_a_server_explains(tmp_path):
+    out = run("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate", "--out", str(tmp_path / "x.wav"))
+    assert out.returncode == 1
+    assert "cannot connect" in out.stderr and "csm-stream serve" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=120)
+        path = tmp_path / "say.wav"
+        out = run("say", "Over the socket.", "--url", f"ws://127.0.0.1:{port}/ws/generate", "--out", str(path),
+                  "--seed", "1", "--max-frames", "10", "--format", "pcm_16000")
+        assert out.returncode == 0, out.stderr
+        for figure in ("first audio after", "real-time factor", "largest gap"):
+            assert figure in out.stdout
+        with wave.open(str(path)) as w:
+            assert w.getframerate() == 16000 and w.getnframes() >= 800 * 16000 // 1000
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "shutting down" in err and "stopped" in err
+
+
+def test_demo_runs_server_and_client_end_to_end(tmp_path):
+    path = tmp_path / "demo.wav"
+    out = run("demo", "--out", str(path), "--device", "cpu", "--seed", "7", "--max-frames", "8")
+    assert out.returncode == 0, out.stderr
+    assert "first audio after" in out.stdout and "demo: server stopped" in out.stderr
+    with wave.open(str(path)) as w:
+        assert w.getnframes() == 8 * 1920

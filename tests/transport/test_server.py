@@ -25,8 +25,6 @@ def audio_of(events):
 
 
 def reference_pcm(text, speaker=0, **kw):
-    import csmstream
-
     eng = _ref_engine()
     return np.concatenate(list(eng.stream(text, speaker, **kw))).astype("<i2").tobytes()
 

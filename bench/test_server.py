@@ -1,0 +1,112 @@
+"""Server latency and throughput on tiny, CPU, measured side by side with the engine in one run.
+
+    .venv/bin/python -m pytest bench/test_server.py --benchmark-only -s
+
+- time to first audio over the socket vs the engine's own (same text, same seed, alternately);
+- 8 concurrent streams: each stream's real-time factor (wall time / audio time);
+- the SPSC ring: one write + one read of a 2,400-sample chunk.
+Figures go to extra_info and stdout; nothing here asserts a time.
+"""
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+TEXT = "Hello, this is a latency check for the streaming server."
+
+
+@pytest.fixture(scope="module")
+def running():
+    import csmstream
+    from tests.transport.conftest import RunningServer
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=8)
+    rs = RunningServer(eng).start()
+    ref = csmstream.load("tiny", device="cpu", max_streams=1)
+    yield rs, ref
+    rs.stop()
+
+
+async def socket_ttfa(url, chunk_ms, seed):
+    async with connect(url) as ws:
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"text": TEXT, "seed": seed, "chunk_ms": chunk_ms, "max_audio_ms": 800}))
+        first = None
+        while True:
+            m = await ws.recv()
+            if isinstance(m, bytes) and first is None:
+                first = time.perf_counter() - t0
+            elif isinstance(m, str):
+                return first
+
+
+def engine_ttfa(eng, frames_needed, seed):
+    t0 = time.perf_counter()
+    it = eng.stream(TEXT, 0, seed=seed, max_frames=10)
+    for _ in range(frames_needed):
+        next(it)
+    t = time.perf_counter() - t0
+    it.close()
+    return t
+
+
+def test_ttfa_socket_vs_engine(benchmark, running):
+    rs, ref = running
+    rows = {}
+    for chunk_ms, frames in ((80, 1), (100, 2)):
+        s, e = [], []
+        for i in range(12):
+            s.append(asyncio.run(socket_ttfa(rs.url, chunk_ms, i)))
+            e.append(engine_ttfa(ref, frames, i))
+        s_ms, e_ms = 1000 * float(np.median(s[2:])), 1000 * float(np.median(e[2:]))
+        rows[chunk_ms] = (s_ms, e_ms)
+        benchmark.extra_info[f"socket_ttfa_ms_chunk{chunk_ms}"] = s_ms
+        benchmark.extra_info[f"engine_ttfa_ms_{frames}frames"] = e_ms
+        print(f"\nchunk_ms={chunk_ms}: socket TTFA {s_ms:.1f} ms, engine time to {frames} frame(s) {e_ms:.1f} ms, "
+              f"overhead {s_ms - e_ms:+.1f} ms")
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+def test_eight_concurrent_streams_rtf(benchmark, running):
+    rs, _ = running
+
+    async def one(i):
+        async with connect(rs.url) as ws:
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"text": TEXT, "seed": i}))
+            n = 0
+            while True:
+                m = await ws.recv()
+                if isinstance(m, bytes):
+                    n += len(m)
+                else:
+                    return (time.perf_counter() - t0) / (n / 2 / 24000)
+
+    async def all8():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    asyncio.run(all8())  # warm
+    rtfs = asyncio.run(all8())
+    benchmark.extra_info.update(max_rtf=max(rtfs), mean_rtf=float(np.mean(rtfs)))
+    print(f"\n8 concurrent streams: real-time factor per stream max {max(rtfs):.3f}, mean {np.mean(rtfs):.3f} "
+          f"(< 1 is faster than real time)")
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+def test_ring_chunk_write_read(benchmark):
+    from csmstream.transport.ring import PcmRing
+
+    ring = PcmRing(24000 * 10)
+    chunk = np.arange(2400, dtype=np.int16)
+    out = np.empty(2400, np.int16)
+
+    def cycle():
+        ring.write(chunk)
+        ring.read(2400, out)
+
+    benchmark.group = "ring"
+    benchmark(cycle)

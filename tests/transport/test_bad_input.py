@@ -1,0 +1,118 @@
+"""Every bad input gets a clear error and the same connection keeps producing audio."""
+
+import asyncio
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.transport.conftest import collect
+
+GOOD = json.dumps({"text": "Still working.", "max_audio_ms": 300})
+
+CASES = [
+    ("not json at all", "invalid_json"),
+    ('{"text": "unterminated', "invalid_json"),
+    ("[1, 2, 3]", "invalid_message"),
+    ('"just a string"', "invalid_message"),
+    ("{}", "missing_text"),
+    ('{"speaker_id": 0}', "missing_text"),
+    ('{"text": ""}', "invalid_text"),
+    ('{"text": "   "}', "invalid_text"),
+    ('{"text": 42}', "invalid_text"),
+    ('{"text": null}', "invalid_text"),
+    (json.dumps({"text": "x" * 5001}), "text_too_long"),
+    ('{"text": "hi", "speaker_id": -1}', "invalid_speaker_id"),
+    ('{"text": "hi", "speaker_id": "0"}', "invalid_speaker_id"),
+    ('{"text": "hi", "speaker_id": true}', "invalid_speaker_id"),
+    ('{"text": "hi", "speaker_id": 1.5}', "invalid_speaker_id"),
+    ('{"text": "hi", "format": "mp3_44100"}', "invalid_format"),
+    ('{"text": "hi", "format": 8000}', "invalid_format"),
+    ('{"text": "hi", "chunk_ms": 10}', "invalid_chunk_ms"),
+    ('{"text": "hi", "chunk_ms": 1001}', "invalid_chunk_ms"),
+    ('{"text": "hi", "chunk_ms": "100"}', "invalid_chunk_ms"),
+    ('{"text": "hi", "temperature": 0}', "invalid_temperature"),
+    ('{"text": "hi", "topk": 0}', "invalid_topk"),
+    ('{"text": "hi", "topk": 5000}', "invalid_topk"),
+    ('{"text": "hi", "seed": "abc"}', "invalid_seed"),
+    ('{"text": "hi", "max_audio_ms": 0}', "invalid_max_audio_ms"),
+    ('{"text": "hi", "request_id": 7}', "invalid_request_id"),
+    ('{"text": "hi", "voice": "nobody"}', "unknown_voice"),
+    ('{"text": "hi", "final": "yes"}', "invalid_final"),
+    ('{"cancel": true}', "nothing_to_cancel"),
+    ('{"cancel": true, "request_id": "nope"}', "nothing_to_cancel"),
+    ('{"cancel": 1}', "invalid_cancel"),
+    (b"\x00\x01binary", "binary_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("message,code", CASES, ids=[c for _, c in CASES])
+def test_bad_message_gets_error_and_connection_keeps_serving(server, message, code):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(message)
+            err = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            await ws.send(GOOD)
+            return err, await collect(ws)
+
+    err, after = asyncio.run(go())
+    assert err["error"]["code"] == code
+    assert len(err["error"]["message"]) > 15  # says what was wrong and what is allowed
+    assert after[-1][0] == "done" and any(k == "audio" for k, _ in after)
+
+
+def test_error_messages_name_what_is_allowed(server):
+    async def go():
+        async with connect(server.url) as ws:
+            out = []
+            for m in ('{"text": "hi", "format": "mp3"}', '{"text": "hi", "chunk_ms": 5}', '{"text": 1}'):
+                await ws.send(m)
+                out.append(json.loads(await ws.recv())["error"]["message"])
+            return out
+
+    fmt, chunk, text = asyncio.run(go())
+    assert "pcm_24000" in fmt and "ulaw_8000" in fmt
+    assert "20..1000" in chunk
+    assert "non-empty string" in text
+
+
+def test_unknown_fields_are_ignored(server):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Extra fields.", "speaker_id": 0, "max_audio_ms": 300,
+                                      "stability": 0.5, "model_id": "whatever", "nested": {"a": 1}}))
+            return await collect(ws)
+
+    events = asyncio.run(go())
+    assert events[-1][0] == "done" and any(k == "audio" for k, _ in events)
+
+
+def test_oversized_message_closes_with_1009(server):
+    async def go():
+        async with connect(server.url, max_size=None) as ws:
+            await ws.send(json.dumps({"text": "x" * (1 << 20)}))
+            with pytest.raises(ConnectionClosed) as e:
+                await asyncio.wait_for(ws.recv(), 30)
+            return e.value.rcvd.code
+
+    assert asyncio.run(go()) == 1009
+
+
+def test_one_bad_client_does_not_disturb_another(server):
+    async def bad():
+        async with connect(server.url) as ws:
+            for _ in range(20):
+                await ws.send("garbage")
+                await ws.recv()
+
+    async def good():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Unbothered.", "max_audio_ms": 800}))
+            return await collect(ws)
+
+    async def go():
+        return await asyncio.gather(bad(), good())
+
+    _, events = asyncio.run(go())
+    assert events[-1][0] == "done" and not events[-1][1]["cancelled"]

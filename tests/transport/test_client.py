@@ -1,0 +1,101 @@
+"""The project's client against the real server, and against a server that misbehaves."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from websockets.asyncio.server import serve
+
+from csmstream.transport.client import (SesameConnectionError, SesameTTSError, SesameWebSocketService,
+                                        stream_sesame_tts)
+
+
+def test_stream_tts_yields_the_audio_bytes(server):
+    async def go():
+        svc = SesameWebSocketService(server.url)
+        chunks = [c async for c in svc.stream_tts("Client test.", speaker_id=1, seed=5, max_audio_ms=1000)]
+        return chunks, svc.last_done
+
+    chunks, done = asyncio.run(go())
+    assert all(isinstance(c, bytes) for c in chunks) and len(chunks) >= 2
+    assert all(len(c) == 4800 for c in chunks[:-1])
+    assert done["done"] and done["audio_ms"] == pytest.approx(sum(map(len, chunks)) / 48, abs=0.1)
+    pcm = np.frombuffer(b"".join(chunks), "<i2")
+    assert pcm.std() > 0
+
+
+def test_stream_sesame_tts_helper_and_formats(server):
+    async def go():
+        return [c async for c in stream_sesame_tts("Helper.", 0, url=server.url, format="ulaw_8000",
+                                                   chunk_ms=20, max_audio_ms=400)]
+
+    chunks = asyncio.run(go())
+    assert all(len(c) == 160 for c in chunks[:-1]) and len(chunks) >= 20
+
+
+def test_server_error_raises_typed_exception(server):
+    async def go():
+        async for _ in SesameWebSocketService(server.url).stream_tts("hi", speaker_id=-3):
+            pass
+
+    with pytest.raises(SesameTTSError) as e:
+        asyncio.run(go())
+    assert e.value.code == "invalid_speaker_id" and "speaker_id" in e.value.message
+
+
+def test_one_connection_many_requests(server):
+    async def go():
+        out = []
+        async with SesameWebSocketService(server.url) as svc:
+            for i in range(3):
+                out.append(sum([len(c) async for c in svc.stream_tts(f"Turn {i}.", max_audio_ms=500)]))
+        return out
+
+    assert all(n == 500 * 48 for n in asyncio.run(go()))
+
+
+def test_dropped_connection_raises_not_silent():
+    async def handler(ws):
+        await ws.recv()
+        await ws.send(b"\x00\x00" * 100)
+        await ws.close()  # goes away mid-request, without done
+
+    async def go():
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            got = []
+            with pytest.raises(SesameConnectionError) as e:
+                async for c in SesameWebSocketService(f"ws://127.0.0.1:{port}/ws/generate").stream_tts("hi"):
+                    got.append(c)
+            return got, e.value
+
+    got, err = asyncio.run(go())
+    assert len(got) == 1 and err.code == "connection"
+
+
+def test_unreachable_server_raises_connection_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+
+    async def go():
+        async for _ in SesameWebSocketService(f"ws://127.0.0.1:{port}/ws/generate").stream_tts("hi"):
+            pass
+
+    with pytest.raises(SesameConnectionError, match="cannot connect"):
+        asyncio.run(go())
+
+
+def test_error_reply_is_json_with_request_id(server):
+    async def go():
+        from websockets.asyncio.client import connect
+
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "", "request_id": "mine"}))
+            return json.loads(await ws.recv())
+
+    msg = asyncio.run(go())
+    assert msg["request_id"] == "mine" and msg["error"]["code"] == "invalid_text"
