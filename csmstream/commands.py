@@ -54,7 +54,11 @@ def serve(args) -> int:
         print("csm-stream: shutting down", file=sys.stderr, flush=True)
         await srv.stop()
 
-    _run_loop(main())
+    try:
+        _run_loop(main())
+    except OSError as e:  # port in use, bad address
+        print(f"csm-stream: error: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 
