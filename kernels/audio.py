@@ -9,7 +9,7 @@ from numba import njit
 def float_to_int16_ref(x: np.ndarray) -> np.ndarray:
     """Float PCM in [-1, 1] to int16, rounding to nearest (ties to even) and clipping (never
     wrapping). NaN becomes 0. Random-weight codecs reach well past ±1, so the clip matters."""
-    y = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0) * 32768.0
+    y = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=2.0, neginf=-2.0) * 32768.0
     return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
 
 
