@@ -49,6 +49,7 @@ setup(
         "triton>=3.0",
         "uvloop>=0.19; sys_platform != 'win32'",
         "websockets>=13",
+        "httpx>=0.27",  # Telnyx Call Control API (integrations/call_control.py)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6"],

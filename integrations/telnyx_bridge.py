@@ -1,0 +1,251 @@
+"""Telnyx media streams over a WebSocket: one TelnyxCall per call, found by call_control_id.
+
+Mount `handle_telnyx_media(ws, registry)` at the URL you give Telnyx as `stream_url` (a
+`websockets` connection, or any object with async `send` and async iteration of text messages,
+or Starlette/FastAPI's `send_text` / `iter_text`). Each call registers itself in the registry when
+Telnyx's `start` arrives; `speak()` plays 24 kHz PCM chunks into it (paced, with a mark at the
+end), `interrupt()` is barge-in: the TTS feed is cancelled, `clear` goes out at once, and nothing
+queued for the utterance follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterable, Callable
+
+import numpy as np
+
+from .pacer import Pacer
+from .telnyx_session import (CallStarted, MarkPlayed, Stopped, TelnyxMediaSession, Utterance)
+
+log = logging.getLogger("csmstream.telnyx")
+AUTH_HEADER = "x-telnyx-streaming-auth-token"
+
+
+class UnknownCall(LookupError):
+    pass
+
+
+def auth_ok(headers, token: str | None) -> bool:
+    """True when no token is configured, or the handshake carried the matching header."""
+    if not token:
+        return True
+    got = headers.get(AUTH_HEADER) if headers is not None else None
+    return isinstance(got, str) and hmac.compare_digest(got.encode(), token.encode())
+
+
+class CallRegistry:
+    """Live calls by call_control_id; `wait_for` covers the race between answering a call and
+    Telnyx connecting its media stream."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, TelnyxCall] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+
+    def add(self, call: TelnyxCall) -> None:
+        self._calls[call.call_control_id] = call
+        for f in self._waiters.pop(call.call_control_id, []):
+            if not f.done():
+                f.set_result(call)
+
+    def remove(self, call: TelnyxCall) -> None:
+        if self._calls.get(call.call_control_id) is call:
+            del self._calls[call.call_control_id]
+
+    def get(self, call_control_id: str) -> TelnyxCall | None:
+        return self._calls.get(call_control_id)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def wait_for(self, call_control_id: str, timeout: float = 5.0) -> TelnyxCall:
+        call = self._calls.get(call_control_id)
+        if call is not None:
+            return call
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(call_control_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise UnknownCall(f"no Telnyx media stream for call {call_control_id!r} connected within {timeout:.0f} s; "
+                              "start streaming on the call (streaming_start) with this server's stream_url") from None
+        finally:
+            ws = self._waiters.get(call_control_id)
+            if ws and fut in ws:
+                ws.remove(fut)
+
+
+class _TextSocket:
+    """websockets (send / async for), Starlette (send_text / iter_text) or recv()-style objects."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.send = getattr(ws, "send_text", None) or ws.send
+
+    def __aiter__(self):
+        ws = self.ws
+        if hasattr(ws, "iter_text"):
+            return ws.iter_text().__aiter__()
+        if hasattr(ws, "__aiter__"):
+            return ws.__aiter__()
+        return self._receive_loop()
+
+    async def _receive_loop(self):
+        recv = getattr(ws := self.ws, "receive_text", None) or getattr(ws, "recv", None) or ws.receive
+        while True:
+            yield await recv()
+
+
+class TelnyxCall:
+    def __init__(self, ws, registry: CallRegistry | None = None, *, codec: str = "PCMU", head_ms: float = 100.0,
+                 speed: float = 2.0, on_event: Callable | None = None) -> None:
+        self.sock = _TextSocket(ws)
+        self.registry = registry
+        self.session = TelnyxMediaSession(codec)
+        self.pacer = Pacer(head_ms, speed)
+        self.on_event = on_event
+        self.call_control_id: str | None = None
+        self.started = asyncio.Event()
+        self.ended = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._feeding: asyncio.Task | None = None
+        self._heard: dict[str, asyncio.Future] = {}
+        self.sent_media = 0
+
+    # -- running the stream ------------------------------------------------------------------------
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        try:
+            async for text in self.sock:
+                for ev in self.session.receive(text):
+                    self._handle(ev)
+                if self.session.stopped:
+                    break
+        except Exception as e:  # the socket dropped
+            log.info("telnyx stream %s ended: %s", self.call_control_id, e)
+        finally:
+            self._end()
+            writer.cancel()
+            try:
+                await writer
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _handle(self, ev) -> None:
+        if isinstance(ev, CallStarted):
+            self.call_control_id = ev.call_control_id
+            if self.registry is not None:
+                self.registry.add(self)
+            self.started.set()
+            log.info("telnyx call %s: media stream %s started (%s %d Hz)", ev.call_control_id, ev.stream_id,
+                     ev.encoding, ev.sample_rate)
+        elif isinstance(ev, MarkPlayed):
+            f = self._heard.get(ev.name)
+            if f is not None and not f.done():
+                f.set_result(ev.heard)
+        elif isinstance(ev, Stopped):
+            log.info("telnyx call %s: stream stopped", self.call_control_id)
+            self._end()
+        if self.on_event is not None:
+            try:
+                self.on_event(self, ev)
+            except Exception:
+                log.exception("on_event callback failed")
+
+    def _end(self) -> None:
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        self.session.stopped = True
+        self.pacer.clear()
+        if self._feeding is not None and not self._feeding.done():
+            self._feeding.cancel()  # a call that drops mid-utterance cancels generation
+        for f in self._heard.values():
+            if not f.done():
+                f.set_result(False)
+        if self.registry is not None and self.call_control_id:
+            self.registry.remove(self)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while not self.ended.is_set():
+            for msg in self.pacer.pop_due(time.monotonic()):
+                await self._send(msg)
+            due = self.pacer.next_due(time.monotonic())
+            self._wake.clear()
+            if due is None:
+                await self._wake.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, due - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _send(self, msg: str) -> None:
+        if self.session.stopped:
+            return  # nothing goes out after stop
+        if msg.startswith('{"event": "media"'):
+            self.sent_media += 1
+        await self.sock.send(msg)
+
+    # -- speaking ----------------------------------------------------------------------------------
+    async def speak(self, chunks: AsyncIterable, name: str | None = None) -> Utterance:
+        """Play 24 kHz int16 PCM chunks (bytes or arrays) as one utterance; returns once it is all
+        queued (or cut off). `await call.heard(utt)` waits for its mark."""
+        if self.ended.is_set():
+            raise UnknownCall(f"call {self.call_control_id!r} has ended")
+        u = self.session.start_utterance(name)
+        self._heard[u.name] = asyncio.get_running_loop().create_future()
+        self._feeding = task = asyncio.create_task(self._feed(u, chunks))
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled() or asyncio.current_task().cancelling():
+                raise  # we were cancelled ourselves, not interrupted
+        return u
+
+    async def _feed(self, u: Utterance, chunks: AsyncIterable) -> None:
+        try:
+            async for chunk in chunks:
+                pcm = np.frombuffer(chunk, "<i2") if isinstance(chunk, (bytes, bytearray)) else np.asarray(chunk)
+                for m in self.session.audio(pcm):
+                    self.pacer.push(m, 20.0)
+                self._wake.set()
+                if u.state != "speaking":
+                    break
+            for m in self.session.end_utterance():
+                self.pacer.push(m, 20.0 if m.startswith('{"event": "media"') else 0.0)
+            self._wake.set()
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def heard(self, u: Utterance, timeout: float | None = None) -> bool:
+        """True once the caller has heard the whole utterance (its mark came back); False when it
+        was cut off or the call ended."""
+        return await asyncio.wait_for(asyncio.shield(self._heard[u.name]), timeout)
+
+    async def interrupt(self) -> None:
+        """Barge-in: stop the TTS feed, send `clear` now, drop what is queued."""
+        if self._feeding is not None and not self._feeding.done():
+            self._feeding.cancel()
+        self.pacer.clear()
+        if self.session.stopped:
+            return
+        msg = self.session.clear()
+        for name, f in self._heard.items():
+            if not f.done() and self.session.utterances[name].state == "cut_off":
+                f.set_result(False)
+        await self._send(msg)
+
+
+async def handle_telnyx_media(ws, registry: CallRegistry, *, codec: str = "PCMU", on_event: Callable | None = None,
+                              **kw) -> TelnyxCall:
+    """Serve one Telnyx media-stream connection until it stops; returns the finished call."""
+    call = TelnyxCall(ws, registry, codec=codec, on_event=on_event, **kw)
+    await call.run()
+    return call

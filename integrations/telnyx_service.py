@@ -1,0 +1,69 @@
+"""The app-backend side (the seed's design): route speech for a call to a TTS provider.
+
+    registry = CallRegistry()                    # mount handle_telnyx_media(ws, registry) at stream_url
+    service = TelnyxService(registry, sesame_url="ws://gpu-host:8765/ws/generate",
+                            providers={"elevenlabs": my_elevenlabs_handler})
+    await service.speak_text(call_control_id, "Hello!", agent_config)
+
+`agent_config["tts_provider"] == "sesame"` with `use_websocket_tts` (default true) streams from a
+csm-stream server into the call's media stream; every other provider goes to the handler
+registered for it: `async handler(call_control_id, text, agent_config)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..transport.client import DEFAULT_URL, SesameWebSocketService
+from .telnyx_bridge import CallRegistry, UnknownCall
+from .telnyx_session import Utterance
+
+log = logging.getLogger("csmstream.telnyx")
+Handler = Callable[[str, str, dict], Awaitable[object]]
+
+
+class TelnyxService:
+    def __init__(self, registry: CallRegistry, *, sesame_url: str = DEFAULT_URL,
+                 providers: dict[str, Handler] | None = None, stream_wait: float = 5.0) -> None:
+        self.registry, self.sesame_url = registry, sesame_url
+        self.providers: dict[str, Handler] = dict(providers or {})
+        self.stream_wait = stream_wait
+
+    def register_provider(self, name: str, handler: Handler) -> None:
+        self.providers[name] = handler
+
+    async def speak_text(self, call_control_id: str, text: str, agent_config: dict):
+        """Speak `text` on the call with the provider the agent is configured for."""
+        if not isinstance(agent_config, dict):
+            raise ValueError(f"agent_config must be a dict, got {type(agent_config).__name__}")
+        provider = agent_config.get("tts_provider")
+        if provider == "sesame" and agent_config.get("use_websocket_tts", True):
+            return await self._speak_text_websocket_sesame(call_control_id, text, agent_config)
+        key = provider if provider != "sesame" else "sesame_rest"
+        handler = self.providers.get(key)
+        if handler is None:
+            known = ", ".join(sorted(["sesame (use_websocket_tts)", *self.providers])) or "none"
+            raise ValueError(f"no TTS handler for tts_provider={provider!r} (use_websocket_tts="
+                             f"{agent_config.get('use_websocket_tts')!r}); available: {known}. Register one with "
+                             "TelnyxService(providers={name: handler})")
+        return await handler(call_control_id, text, agent_config)
+
+    async def _speak_text_websocket_sesame(self, call_control_id: str, text: str, agent_config: dict) -> Utterance:
+        settings = agent_config.get("sesame_settings") or {}
+        speaker = settings.get("speaker_id", 0)
+        call = await self.registry.wait_for(call_control_id, self.stream_wait)
+        options = {k: settings[k] for k in ("temperature", "topk", "seed") if k in settings}
+        svc = SesameWebSocketService(settings.get("url", self.sesame_url))
+        # 24 kHz PCM in 20 ms chunks: each one becomes one 20 ms media message as it arrives
+        chunks = svc.stream_tts(text, speaker, format="pcm_24000", chunk_ms=20, **options)
+        utt = await call.speak(chunks)
+        log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames)
+        return utt
+
+    async def interrupt(self, call_control_id: str) -> None:
+        """Barge-in on the call: cancel its TTS, clear Telnyx's queue."""
+        call = self.registry.get(call_control_id)
+        if call is None:
+            raise UnknownCall(f"no live media stream for call {call_control_id!r}")
+        await call.interrupt()

@@ -1,0 +1,250 @@
+"""Telnyx bidirectional media streaming, sans I/O (../shared/PROTOCOLS.md §1).
+
+Feed `receive()` every text message Telnyx sends; get typed events back. Malformed or unknown
+messages become `BadMessage` events (never exceptions), so one bad frame cannot end a call.
+Give `audio()` 24 kHz int16 PCM of the utterance being spoken; get back outgoing `media` messages
+(base64 of raw PCMU/PCMA at 8 kHz, exactly 20 ms = 160 bytes each). `end_utterance()` flushes the
+resampler, pads the last frame with codec silence and appends the utterance's `mark`.
+`clear()` returns the `clear` message and marks everything not yet heard as cut off.
+
+Utterances: each one ends with a mark named after it; when Telnyx echoes the mark, the caller has
+heard all of it (`heard`). After a clear, Telnyx returns the queued marks too: those count as
+cut off, not heard.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+
+from ..kernels.g711 import ALAW_SILENCE, ULAW_SILENCE, alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from ..kernels.resample import Resampler
+
+log = logging.getLogger("csmstream.telnyx")
+
+FRAME_BYTES = 160  # 20 ms at 8 kHz, one byte per sample
+CODECS = {"PCMU": (ulaw_encode, ulaw_decode, ULAW_SILENCE), "PCMA": (alaw_encode, alaw_decode, ALAW_SILENCE)}
+TELNYX_ERRORS = {100002: "unknown_error", 100003: "malformed_frame", 100004: "invalid_media",
+                 100005: "rate_limit_reached"}
+
+
+# -- events (Telnyx -> us) --------------------------------------------------------------------------
+@dataclass
+class Connected:
+    version: str
+
+
+@dataclass
+class CallStarted:
+    call_control_id: str
+    stream_id: str
+    encoding: str
+    sample_rate: int
+    channels: int
+    custom_parameters: dict = field(default_factory=dict)
+    call_session_id: str | None = None
+    from_: str | None = None
+    to: str | None = None
+    client_state: str | None = None
+
+
+@dataclass
+class CallerAudio:
+    pcm: np.ndarray  # int16 at the call's sample rate
+    track: str
+    chunk: int | None
+    timestamp: int | None
+
+
+@dataclass
+class Dtmf:
+    digit: str
+
+
+@dataclass
+class MarkPlayed:
+    name: str
+    heard: bool  # False for marks Telnyx returns after a clear (the utterance was cut off)
+
+
+@dataclass
+class Stopped:
+    call_control_id: str | None
+
+
+@dataclass
+class TelnyxError:
+    code: int | None
+    title: str
+    detail: str
+
+
+@dataclass
+class BadMessage:
+    reason: str
+    raw: str
+
+
+@dataclass
+class Utterance:
+    name: str
+    state: str = "speaking"  # speaking -> sent -> heard | cut_off
+    frames: int = 0  # 20 ms media messages produced
+
+    @property
+    def heard(self) -> bool:
+        return self.state == "heard"
+
+
+class TelnyxMediaSession:
+    def __init__(self, codec: str = "PCMU") -> None:
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)} (RTP mode), got {codec!r}")
+        self.codec = codec
+        self._encode, _, self._silence = CODECS[codec]
+        self.started: CallStarted | None = None
+        self.stopped = False
+        self._resampler = Resampler(24_000, 8_000)
+        self._pending = bytearray()  # encoded bytes not yet a whole frame
+        self._ids = count(1)
+        self.current: Utterance | None = None
+        self.utterances: dict[str, Utterance] = {}
+
+    # -- incoming ------------------------------------------------------------------------------------
+    def receive(self, text) -> list:
+        if isinstance(text, (bytes, bytearray)):
+            return [self._bad("binary frame; Telnyx sends JSON text", repr(bytes(text[:60])))]
+        try:
+            msg = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            return [self._bad("not JSON", text)]
+        if not isinstance(msg, dict):
+            return [self._bad("not a JSON object", text)]
+        event = msg.get("event")
+        handler = getattr(self, f"_on_{event}", None) if isinstance(event, str) else None
+        if handler is None:
+            return [self._bad(f"unknown event {event!r}", text)]
+        try:
+            return handler(msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            return [self._bad(f"malformed {event} message ({type(e).__name__}: {e})", text)]
+
+    def _bad(self, reason: str, raw) -> BadMessage:
+        raw = raw if isinstance(raw, str) else str(raw)
+        log.warning("telnyx: ignoring bad message: %s: %.200s", reason, raw)
+        return BadMessage(reason, raw[:200])
+
+    def _on_connected(self, msg) -> list:
+        return [Connected(str(msg.get("version", "")))]
+
+    def _on_start(self, msg) -> list:
+        s = msg["start"]
+        fmt = s.get("media_format") or {}
+        ev = CallStarted(call_control_id=str(s["call_control_id"]), stream_id=str(msg.get("stream_id", "")),
+                         encoding=str(fmt.get("encoding", "PCMU")), sample_rate=int(fmt.get("sample_rate", 8000)),
+                         channels=int(fmt.get("channels", 1)), custom_parameters=dict(s.get("custom_parameters") or {}),
+                         call_session_id=s.get("call_session_id"), from_=s.get("from"), to=s.get("to"),
+                         client_state=s.get("client_state"))
+        self.started = ev
+        out: list = [ev]
+        if ev.encoding not in CODECS:
+            out.append(self._bad(f"caller audio codec {ev.encoding!r} is not decoded here (PCMU and PCMA are); "
+                                 "caller audio events will be skipped", json.dumps(fmt)))
+        return out
+
+    def _on_media(self, msg) -> list:
+        if self.started is None:
+            return [self._bad("media before start", json.dumps(msg)[:200])]
+        media = msg["media"]
+        try:
+            raw = base64.b64decode(media["payload"], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            return [self._bad("media payload is not base64", str(media.get("payload"))[:200])]
+        enc = self.started.encoding
+        if enc not in CODECS:
+            return []
+        chunk, ts = media.get("chunk"), media.get("timestamp")
+        return [CallerAudio(CODECS[enc][1](raw), str(media.get("track", "inbound")),
+                            int(chunk) if chunk is not None else None, int(ts) if ts is not None else None)]
+
+    def _on_mark(self, msg) -> list:
+        name = str(msg["mark"]["name"])
+        u = self.utterances.get(name)
+        if u is not None and u.state == "sent":
+            u.state = "heard"
+        return [MarkPlayed(name, heard=u is not None and u.state == "heard")]
+
+    def _on_dtmf(self, msg) -> list:
+        return [Dtmf(str(msg["dtmf"]["digit"]))]
+
+    def _on_stop(self, msg) -> list:
+        self.stopped = True
+        for u in self.utterances.values():
+            if u.state in ("speaking", "sent"):
+                u.state = "cut_off"
+        self._pending.clear()
+        return [Stopped((msg.get("stop") or {}).get("call_control_id"))]
+
+    def _on_error(self, msg) -> list:
+        p = msg.get("payload") or {}
+        code = p.get("code")
+        title = str(p.get("title") or TELNYX_ERRORS.get(code, "error"))
+        log.warning("telnyx error %s %s: %s", code, title, p.get("detail"))
+        return [TelnyxError(code, title, str(p.get("detail", "")))]
+
+    # -- outgoing ------------------------------------------------------------------------------------
+    def start_utterance(self, name: str | None = None) -> Utterance:
+        if self.current is not None and self.current.state == "speaking":
+            raise RuntimeError(f"utterance {self.current.name!r} is still being spoken; end or clear it first")
+        u = Utterance(name or f"utt-{next(self._ids)}")
+        self.utterances[u.name] = u
+        self.current = u
+        self._resampler.reset()
+        self._pending.clear()
+        return u
+
+    def audio(self, pcm24k: np.ndarray) -> list[str]:
+        """24 kHz int16 PCM of the current utterance -> whole 20 ms media messages."""
+        if self.stopped or self.current is None or self.current.state != "speaking":
+            return []
+        self._pending += self._encode(self._resampler.process(np.asarray(pcm24k, np.int16))).tobytes()
+        return self._frames()
+
+    def end_utterance(self) -> list[str]:
+        """The rest of the utterance (the resampler's tail, padded to a whole frame with codec
+        silence) and its mark."""
+        u = self.current
+        if self.stopped or u is None or u.state != "speaking":
+            return []
+        self._pending += self._encode(self._resampler.flush()).tobytes()
+        if len(self._pending) % FRAME_BYTES:
+            self._pending += bytes([self._silence]) * (FRAME_BYTES - len(self._pending) % FRAME_BYTES)
+        out = self._frames()
+        u.state = "sent"
+        out.append(json.dumps({"event": "mark", "mark": {"name": u.name}}))
+        return out
+
+    def clear(self) -> str:
+        """The `clear` message; everything not yet heard is cut off."""
+        for u in self.utterances.values():
+            if u.state in ("speaking", "sent"):
+                u.state = "cut_off"
+        self._pending.clear()
+        self._resampler.reset()
+        return json.dumps({"event": "clear"})
+
+    def _frames(self) -> list[str]:
+        out = []
+        n = len(self._pending) // FRAME_BYTES
+        for i in range(n):
+            payload = base64.b64encode(self._pending[i * FRAME_BYTES : (i + 1) * FRAME_BYTES]).decode("ascii")
+            out.append(json.dumps({"event": "media", "media": {"payload": payload}}))
+        del self._pending[: n * FRAME_BYTES]
+        self.current.frames += n
+        return out
