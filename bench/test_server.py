@@ -22,7 +22,7 @@ TEXT = "Hello, this is a latency check for the streaming server."
 @pytest.fixture(scope="module")
 def running():
     import csmstream
-    from tests.transport.conftest import RunningServer
+    from tests.servers import RunningServer
 
     eng = csmstream.load("tiny", device="cpu", max_streams=8)
     rs = RunningServer(eng).start()

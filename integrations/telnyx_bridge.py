@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, Callable
 import numpy as np
 
 from .pacer import Pacer
-from .telnyx_session import (CallStarted, MarkPlayed, Stopped, TelnyxMediaSession, Utterance)
+from .telnyx_session import MEDIA_PREFIX, CallStarted, MarkPlayed, Stopped, TelnyxMediaSession, Utterance
 
 log = logging.getLogger("csmstream.telnyx")
 AUTH_HEADER = "x-telnyx-streaming-auth-token"
@@ -35,6 +35,19 @@ def auth_ok(headers, token: str | None) -> bool:
         return True
     got = headers.get(AUTH_HEADER) if headers is not None else None
     return isinstance(got, str) and hmac.compare_digest(got.encode(), token.encode())
+
+
+def websockets_auth(token: str | None):
+    """A `process_request` for websockets' serve(): refuse the handshake (401) without the
+    matching x-telnyx-streaming-auth-token header."""
+
+    def process_request(connection, request):
+        if not auth_ok(request.headers, token):
+            log.warning("telnyx: refused a media-stream handshake without the right %s", AUTH_HEADER)
+            return connection.respond(401, f"missing or wrong {AUTH_HEADER}\n")
+        return None
+
+    return process_request
 
 
 class CallRegistry:
@@ -159,7 +172,7 @@ class TelnyxCall:
         if self.ended.is_set():
             return
         self.ended.set()
-        self.session.stopped = True
+        self.session.end()
         self.pacer.clear()
         if self._feeding is not None and not self._feeding.done():
             self._feeding.cancel()  # a call that drops mid-utterance cancels generation
@@ -187,7 +200,7 @@ class TelnyxCall:
     async def _send(self, msg: str) -> None:
         if self.session.stopped:
             return  # nothing goes out after stop
-        if msg.startswith('{"event": "media"'):
+        if msg.startswith(MEDIA_PREFIX):
             self.sent_media += 1
         await self.sock.send(msg)
 
@@ -217,7 +230,7 @@ class TelnyxCall:
                 if u.state != "speaking":
                     break
             for m in self.session.end_utterance():
-                self.pacer.push(m, 20.0 if m.startswith('{"event": "media"') else 0.0)
+                self.pacer.push(m, 20.0 if m.startswith(MEDIA_PREFIX) else 0.0)
             self._wake.set()
         finally:
             aclose = getattr(chunks, "aclose", None)

@@ -29,6 +29,7 @@ from ..kernels.resample import Resampler
 log = logging.getLogger("csmstream.telnyx")
 
 FRAME_BYTES = 160  # 20 ms at 8 kHz, one byte per sample
+MEDIA_PREFIX = '{"event": "media", "media": {"payload": "'  # base64 needs no JSON escaping
 CODECS = {"PCMU": (ulaw_encode, ulaw_decode, ULAW_SILENCE), "PCMA": (alaw_encode, alaw_decode, ALAW_SILENCE)}
 TELNYX_ERRORS = {100002: "unknown_error", 100003: "malformed_frame", 100004: "invalid_media",
                  100005: "rate_limit_reached"}
@@ -184,12 +185,17 @@ class TelnyxMediaSession:
         return [Dtmf(str(msg["dtmf"]["digit"]))]
 
     def _on_stop(self, msg) -> list:
+        self.end()
+        return [Stopped((msg.get("stop") or {}).get("call_control_id"))]
+
+    def end(self) -> None:
+        """The call is over (stop, or the socket dropped): nothing more goes out; whatever was
+        not heard is cut off."""
         self.stopped = True
         for u in self.utterances.values():
             if u.state in ("speaking", "sent"):
                 u.state = "cut_off"
         self._pending.clear()
-        return [Stopped((msg.get("stop") or {}).get("call_control_id"))]
 
     def _on_error(self, msg) -> list:
         p = msg.get("payload") or {}
@@ -244,7 +250,7 @@ class TelnyxMediaSession:
         n = len(self._pending) // FRAME_BYTES
         for i in range(n):
             payload = base64.b64encode(self._pending[i * FRAME_BYTES : (i + 1) * FRAME_BYTES]).decode("ascii")
-            out.append(json.dumps({"event": "media", "media": {"payload": payload}}))
+            out.append(MEDIA_PREFIX + payload + '"}}')  # == json.dumps of the message, without its cost
         del self._pending[: n * FRAME_BYTES]
         self.current.frames += n
         return out

@@ -47,20 +47,39 @@ def resample_ref(x: np.ndarray, fs_in: int, fs_out: int) -> np.ndarray:
 
 
 @njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
-def _polyphase(buf, phases, L, M, t, out):
-    """Outputs from buf (history + new input) starting at upsampled index t; returns (count, t)."""
-    K = phases.shape[1]
+def _polyphase(hist, x, taps, L, M, t, out, out16, to_int16):
+    """Outputs for input x after history `hist` (the last K - 1 inputs), starting at upsampled
+    index t (relative to the start of hist). taps [L, K] are each branch's taps in time order,
+    so output n is a forward dot product with inputs n - K + 1 .. n. Writes float32 `out` or,
+    with to_int16, rounded and clipped `out16`. Updates hist in place; returns (count, next t)."""
+    K = taps.shape[1]
+    H = hist.shape[0]
+    total = H + x.shape[0]
+    buf = np.empty(total, np.float32)  # history then input, contiguous: every dot is unit-stride
+    buf[:H] = hist
+    buf[H:] = x
     n_out = 0
-    while t // L < buf.shape[0]:
+    while t // L < total:
         n = t // L
-        ph = phases[t % L]
+        ph = taps[t % L]
+        seg = buf[n - (K - 1) : n + 1]  # a view: non-negative loop indices let the dot vectorise
         acc = np.float32(0.0)
         for j in range(K):
-            acc += ph[j] * buf[n - j]
-        out[n_out] = acc
+            acc += ph[j] * seg[j]
+        if to_int16:
+            v = np.rint(acc)
+            out16[n_out] = 32767 if v > 32767.0 else (-32768 if v < -32768.0 else np.int16(v))
+        else:
+            out[n_out] = acc
         n_out += 1
         t += M
-    return n_out, t
+    m = x.shape[0]
+    if m >= H:
+        hist[:] = x[m - H:]
+    else:
+        hist[: H - m] = hist[m:].copy()
+        hist[H - m:] = x
+    return n_out, t - m * L
 
 
 class Resampler:
@@ -72,8 +91,9 @@ class Resampler:
         self.fs_in, self.fs_out = fs_in, fs_out
         self.L, self.M, h = design(fs_in, fs_out)
         K = len(h) // self.L
-        # branch p holds taps p, p + L, p + 2L, ...: output at upsampled t uses branch t % L
-        self.phases = np.ascontiguousarray(h.reshape(K, self.L).T, dtype=np.float32)
+        # branch p holds taps p, p + L, p + 2L, ... (output at upsampled t uses branch t % L);
+        # stored reversed so each output is a forward dot product over the input
+        self.phases = np.ascontiguousarray(h.reshape(K, self.L).T[:, ::-1], dtype=np.float32)
         self.K = K
         self.delay_in = int(np.ceil((len(h) - 1) / 2 / self.L))  # input samples of group delay
         self.reset()
@@ -82,19 +102,20 @@ class Resampler:
         self._hist = np.zeros(self.K - 1, np.float32)
         self._t = (self.K - 1) * self.L
 
+    def _run(self, x: np.ndarray, to_int16: bool) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cap = (len(x) * self.L) // self.M + 2
+        out = np.empty(0 if to_int16 else cap, np.float32)
+        out16 = np.empty(cap if to_int16 else 0, np.int16)
+        n, self._t = _polyphase(self._hist, x, self.phases, self.L, self.M, self._t, out, out16, to_int16)
+        return out16[:n] if to_int16 else out[:n]
+
     def process_float(self, x: np.ndarray) -> np.ndarray:
-        buf = np.concatenate([self._hist, np.asarray(x, np.float32)])
-        out = np.empty(len(buf) * self.L // self.M + 2, np.float32)
-        n, t = _polyphase(buf, self.phases, self.L, self.M, self._t, out)
-        keep = self.K - 1
-        self._t = t - (len(buf) - keep) * self.L
-        self._hist = buf[len(buf) - keep :].copy()
-        return out[:n]
+        return self._run(x, False)
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        """int16 in, int16 out (rounded, clipped)."""
-        y = self.process_float(np.asarray(x, np.float32))
-        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+        """int16 in, int16 out (rounded half to even, clipped)."""
+        return self._run(x, True)
 
     def flush(self) -> np.ndarray:
         """The delayed tail (int16), then reset for the next utterance."""

@@ -28,3 +28,15 @@ def checkpoint_engine(checkpoint):
     import csmstream
 
     return csmstream.load(str(checkpoint[0]), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real csm-stream server on tiny (8 slots) on a free loopback port, for one test module."""
+    import csmstream
+    from tests.servers import RunningServer
+
+    engine = csmstream.load("tiny", device="cpu", max_streams=8)
+    rs = RunningServer(engine).start()
+    yield rs
+    rs.stop()

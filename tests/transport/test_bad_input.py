@@ -7,7 +7,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.transport.conftest import collect
+from tests.servers import collect
 
 GOOD = json.dumps({"text": "Still working.", "max_audio_ms": 300})
 

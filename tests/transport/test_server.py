@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.transport.conftest import collect
+from tests.servers import collect
 
 SEED_MSG = {"text": "Hello from the seed.", "speaker_id": 0}
 
@@ -244,7 +244,7 @@ def test_healthz_is_503_until_the_model_is_ready():
     import threading
 
     import csmstream
-    from tests.transport.conftest import RunningServer
+    from tests.servers import RunningServer
 
     gate = threading.Event()
 

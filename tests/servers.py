@@ -5,8 +5,6 @@ import asyncio
 import json
 import threading
 
-import pytest
-
 
 class RunningServer:
     def __init__(self, engine_or_factory, **kw):
@@ -47,16 +45,6 @@ class RunningServer:
     @property
     def url(self):
         return self.srv.url
-
-
-@pytest.fixture(scope="module")
-def server():
-    import csmstream
-
-    engine = csmstream.load("tiny", device="cpu", max_streams=8)
-    rs = RunningServer(engine).start()
-    yield rs
-    rs.stop()
 
 
 async def collect(ws, *, until_done=1):

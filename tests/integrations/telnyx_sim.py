@@ -1,0 +1,131 @@
+"""A Telnyx simulator: plays Telnyx's side of a bidirectional media stream over a real WebSocket.
+
+It connects, sends `connected` and `start`, sends caller `media` every 20 ms, and receives our
+messages, checking each one (valid JSON; media payloads base64 of PCMU, a multiple of 160 bytes).
+Playback is simulated in real time: each 20 ms of media plays after the previous; a `mark` is
+echoed once the audio sent before it has played; `clear` drops what is queued and returns the
+queued marks at once (as Telnyx does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+from websockets.asyncio.client import connect
+
+from csmstream.kernels.g711 import ulaw_decode
+
+
+class TelnyxSimulator:
+    def __init__(self, url: str, call_control_id: str = "v2:call-1", *, headers: dict | None = None,
+                 encoding: str = "PCMU", send_caller_audio: bool = True) -> None:
+        self.url, self.ccid, self.headers = url, call_control_id, headers or {}
+        self.encoding, self.send_caller_audio = encoding, send_caller_audio
+        self.received: list[tuple[float, dict]] = []  # (monotonic time, message)
+        self.problems: list[str] = []
+        self.audio = bytearray()  # every media payload, in order
+        self.marks_echoed: list[str] = []
+        self.cleared_at: list[float] = []
+        self.stopped_at: float | None = None
+        self._play_end = 0.0
+        self._pending_marks: list[tuple[float, str, asyncio.TimerHandle]] = []
+        self._tasks: list[asyncio.Task] = []
+        self._seq = 0
+        self.ws = None
+        self.media_event = asyncio.Event()
+
+    def _next_seq(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    async def __aenter__(self) -> TelnyxSimulator:
+        self.ws = await connect(self.url, additional_headers=self.headers)
+        await self.ws.send(json.dumps({"event": "connected", "version": "1.0.0"}))
+        await self.ws.send(json.dumps({
+            "event": "start", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
+            "start": {"user_id": "u", "call_control_id": self.ccid, "call_session_id": "s", "from": "+15550001",
+                      "to": "+15550002", "client_state": "c3RhdGU=", "custom_parameters": {"agent": "a1"},
+                      "media_format": {"encoding": self.encoding, "sample_rate": 8000, "channels": 1}}}))
+        self._tasks = [asyncio.create_task(self._reader())]
+        if self.send_caller_audio:
+            self._tasks.append(asyncio.create_task(self._caller()))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.ws.close()
+
+    async def _caller(self) -> None:
+        chunk = 0
+        silence = base64.b64encode(b"\xff" * 160).decode()
+        while True:
+            chunk += 1
+            await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
+                                           "media": {"track": "inbound", "chunk": str(chunk),
+                                                     "timestamp": str(20 * chunk), "payload": silence}}))
+            await asyncio.sleep(0.02)
+
+    async def _reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        async for raw in self.ws:
+            now = time.monotonic()
+            try:
+                msg = json.loads(raw)
+            except (TypeError, ValueError):
+                self.problems.append(f"not JSON: {raw!r:.80}")
+                continue
+            self.received.append((now, msg))
+            ev = msg.get("event")
+            if ev == "media":
+                try:
+                    payload = base64.b64decode(msg["media"]["payload"], validate=True)
+                except Exception as e:
+                    self.problems.append(f"bad payload: {e}")
+                    continue
+                if len(payload) == 0 or len(payload) % 160:
+                    self.problems.append(f"payload of {len(payload)} bytes is not a multiple of 160")
+                self.audio += payload
+                self._play_end = max(self._play_end, now) + len(payload) / 8000
+                self.media_event.set()
+            elif ev == "mark":
+                name = msg["mark"]["name"]
+                h = loop.call_at(loop.time() + max(0.0, self._play_end - now), self._echo, name)
+                self._pending_marks.append((self._play_end, name, h))
+            elif ev == "clear":
+                self.cleared_at.append(now)
+                self._play_end = now
+                for _, name, h in self._pending_marks:
+                    h.cancel()
+                    self._echo(name)
+                self._pending_marks.clear()
+            else:
+                self.problems.append(f"unexpected event {ev!r}")
+
+    def _echo(self, name: str) -> None:
+        self._pending_marks = [p for p in self._pending_marks if p[1] != name]
+        self.marks_echoed.append(name)
+        asyncio.ensure_future(self.ws.send(json.dumps({"event": "mark", "sequence_number": self._next_seq(),
+                                                       "stream_id": "STREAM-1", "mark": {"name": name}})))
+
+    async def send_raw(self, text) -> None:
+        await self.ws.send(text)
+
+    async def stop(self) -> None:
+        self.stopped_at = time.monotonic()
+        await self.ws.send(json.dumps({"event": "stop", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
+                                       "stop": {"user_id": "u", "call_control_id": self.ccid}}))
+
+    def media_times(self) -> list[float]:
+        return [t for t, m in self.received if m.get("event") == "media"]
+
+    def pcm(self):
+        return ulaw_decode(bytes(self.audio))

@@ -1,0 +1,238 @@
+"""The Telnyx bridge end to end: a Telnyx simulator on one side, a real csm-stream server (tiny)
+on the other, TelnyxService in between (the seed's embedded deployment)."""
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+from websockets.asyncio.server import serve
+from websockets.exceptions import InvalidStatus
+
+from csmstream.integrations.telnyx_bridge import (AUTH_HEADER, CallRegistry, handle_telnyx_media, websockets_auth)
+from csmstream.integrations.telnyx_service import TelnyxService
+from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
+from csmstream.kernels.resample import Resampler, resample_ref
+from tests.integrations.telnyx_sim import TelnyxSimulator
+
+CONFIG = {"tts_provider": "sesame", "use_websocket_tts": True, "sesame_settings": {"speaker_id": 1, "seed": 9}}
+
+
+@asynccontextmanager
+async def endpoint(token=None):
+    registry = CallRegistry()
+    calls = []
+
+    async def handler(ws):
+        calls.append(await handle_telnyx_media(ws, registry))
+
+    async with serve(handler, "127.0.0.1", 0, process_request=websockets_auth(token)) as srv:
+        yield f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/telnyx", registry, calls
+
+
+def engine_audio(text, speaker, seed):
+    import csmstream
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    return np.concatenate(list(eng.stream(text, speaker, seed=seed)))
+
+
+async def wait_until(cond, timeout=10.0):
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+
+
+def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
+    text = "Thanks for calling, how can I help?"
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                utt = await service.speak_text("v2:call-1", text, CONFIG)
+                call = registry.get("v2:call-1")
+                heard = await call.heard(utt, timeout=30)
+                return sim, utt, heard
+
+    sim, utt, heard = asyncio.run(go())
+    assert not sim.problems, sim.problems[:3]
+    assert heard and utt.state == "heard" and sim.marks_echoed == [utt.name]
+    # the audio: the engine's own audio, resampled to 8 kHz and mu-law encoded, padded with 0xFF
+    pcm = engine_audio(text, 1, 9)
+    r = Resampler(24000, 8000)
+    want = ulaw_encode(np.concatenate([r.process(pcm), r.flush()])).tobytes()
+    got = bytes(sim.audio)
+    assert got[: len(want)] == want and set(got[len(want):]) <= {0xFF} and len(got) - len(want) < 160
+    # and, independently, within G.711 quantisation of the float reference resampler: each decoded
+    # sample is within mu-law's own quantisation error near that level (from all 65,536 inputs)
+    # plus the int16 rounding of the resampled value
+    ref = np.clip(resample_ref(pcm.astype(np.float64), 24000, 8000), -32768, 32767)
+    dec = sim.pcm()[: len(ref)].astype(np.float64)
+    levels = np.arange(-32768, 32768)
+    qerr = np.abs(ulaw_decode(ulaw_encode(levels.astype(np.int16))).astype(np.int64) - levels)
+    near = np.maximum.reduce([np.roll(qerr, s) for s in (-2, -1, 0, 1, 2)])
+    allowed = near[np.clip(np.rint(ref), -32768, 32767).astype(np.int64) + 32768] + 1.5
+    assert np.all(np.abs(dec - ref) <= allowed)
+    # pacing: beyond a 100 ms head start, never faster than 2x real time -- over every stretch of
+    # messages (arrival jitter on a busy machine only delays messages, hence the 30 ms slack)
+    t = np.array(sim.media_times())
+    gap = t[None, :] - t[:, None]  # [i, j]: t[j] - t[i]
+    k = np.arange(len(t))
+    n = k[None, :] - k[:, None] + 1  # messages i..j inclusive
+    earliest = (n * 0.020 - 0.100) / 2.0
+    upper = np.triu(np.ones_like(gap, dtype=bool), 1)
+    assert np.all(gap[upper] >= earliest[upper] - 0.030)
+    # the whole utterance was not dumped at once: it took at least half its duration to send
+    assert t[-1] - t[0] >= 0.5 * len(t) * 0.020 - 0.100
+
+
+def test_interrupt_clears_cancels_generation_and_drops_the_rest(server):
+    text = "This is a long answer that the caller will interrupt halfway through. " * 6
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
+                await wait_until(lambda: len(sim.media_times()) >= 15)
+                await service.interrupt("v2:call-1")
+                utt = await asyncio.wait_for(task, 10)
+                await wait_until(lambda: sim.cleared_at, 5)
+                await asyncio.sleep(0.3)  # anything still coming would arrive now
+                heard = await registry.get("v2:call-1").heard(utt, timeout=5)
+                return sim, utt, heard
+
+    sim, utt, heard = asyncio.run(go())
+    assert len(sim.cleared_at) == 1 and utt.state == "cut_off" and heard is False
+    after = [m for t, m in sim.received if t > sim.cleared_at[0] and m.get("event") == "media"]
+    assert after == []
+    # generation stopped: the server's request was cancelled within one frame, well before its end
+    req = server.srv.recent[-1]
+    deadline = time.monotonic() + 5
+    while not req.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert req.reason == "cancelled" and req.frames - req.frames_at_cancel <= 1 and req.frames < req.max_frames
+
+
+def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server):
+    text = "A caller who hangs up while we are still talking to them. " * 5
+
+    async def go():
+        async with endpoint() as (url, registry, calls):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
+                await wait_until(lambda: len(sim.media_times()) >= 8)
+                await sim.stop()
+                utt = await asyncio.wait_for(task, 10)
+                await asyncio.sleep(0.3)
+                return sim, utt, registry
+
+    sim, utt, registry = asyncio.run(go())
+    late = [m for t, m in sim.received if t > sim.stopped_at + 0.05]
+    assert late == [] and utt.state == "cut_off"
+    assert registry.get("v2:call-1") is None
+    req = server.srv.recent[-1]
+    deadline = time.monotonic() + 5
+    while not req.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert req.reason == "cancelled" and req.frames < req.max_frames
+
+
+def test_call_dropping_mid_utterance_cancels_generation(server):
+    text = "The line drops while this sentence is being generated and sent. " * 5
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            sim = TelnyxSimulator(url)
+            await sim.__aenter__()
+            task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
+            await wait_until(lambda: len(sim.media_times()) >= 5)
+            await sim.__aexit__(None, None, None)  # socket closes, no stop
+            return await asyncio.wait_for(task, 10)
+
+    utt = asyncio.run(go())
+    assert utt.state == "cut_off"
+    req = server.srv.recent[-1]
+    deadline = time.monotonic() + 5
+    while not req.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert req.reason == "cancelled" and req.frames < req.max_frames
+
+
+@pytest.mark.parametrize("bad", [
+    "this is not json",
+    json.dumps({"event": "hologram", "stream_id": "STREAM-1"}),
+    json.dumps({"event": "media", "stream_id": "STREAM-1", "media": {"payload": "!!!not-base64!!!"}}),
+    json.dumps({"event": "mark"}),
+    json.dumps([1, 2]),
+])
+def test_bad_telnyx_messages_are_logged_and_the_call_keeps_playing(server, bad):
+    async def go():
+        async with endpoint() as (url, registry, calls):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                await sim.send_raw(bad)
+                utt = await service.speak_text("v2:call-1", "Still here.", CONFIG)
+                heard = await registry.get("v2:call-1").heard(utt, timeout=30)
+                return sim, heard
+
+    sim, heard = asyncio.run(go())
+    assert heard and len(sim.audio) > 0 and not sim.problems
+
+
+def test_media_before_start_and_wrong_codec_are_reported_not_fatal(server):
+    from csmstream.integrations.telnyx_session import BadMessage
+
+    events = []
+
+    async def go():
+        registry = CallRegistry()
+
+        async def handler(ws):
+            await handle_telnyx_media(ws, registry, on_event=lambda call, ev: events.append(ev))
+
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            url = f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/telnyx"
+            from websockets.asyncio.client import connect
+
+            async with connect(url) as ws:
+                await ws.send(json.dumps({"event": "media", "media": {"payload": "/w=="}}))
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url, encoding="G722", send_caller_audio=False) as sim:
+                utt = await service.speak_text("v2:call-1", "Codec check.", CONFIG)
+                return await registry.get("v2:call-1").heard(utt, timeout=30), sim
+
+    heard, sim = asyncio.run(go())
+    reasons = [e.reason for e in events if isinstance(e, BadMessage)]
+    assert any("media before start" in r for r in reasons)
+    assert any("G722" in r for r in reasons)
+    assert heard and len(sim.audio) > 0
+
+
+def test_auth_token_is_checked_at_the_handshake(server):
+    async def go():
+        async with endpoint(token="s3cret") as (url, registry, _):
+            with pytest.raises(InvalidStatus) as e:
+                async with TelnyxSimulator(url):
+                    pass
+            async with TelnyxSimulator(url, headers={AUTH_HEADER: "wrong"}) as _:
+                pass
+        return e.value.response.status_code
+
+    with pytest.raises(InvalidStatus):
+        asyncio.run(go())
+
+    async def ok():
+        async with endpoint(token="s3cret") as (url, registry, _):
+            async with TelnyxSimulator(url, headers={AUTH_HEADER: "s3cret"}, send_caller_audio=False):
+                await wait_until(lambda: registry.get("v2:call-1") is not None, 5)
+                return True
+
+    assert asyncio.run(ok())

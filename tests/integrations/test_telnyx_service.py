@@ -1,0 +1,164 @@
+"""TelnyxService routing, the Call Control helper (against a local HTTP server), and the bridge
+behind a Starlette/FastAPI-style socket object."""
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from csmstream.integrations.call_control import (TelnyxAPIError, TelnyxAuthError, TelnyxValidationError,
+                                                 start_streaming)
+from csmstream.integrations.telnyx_bridge import CallRegistry, TelnyxCall, UnknownCall
+from csmstream.integrations.telnyx_service import TelnyxService
+
+
+def test_routing_by_provider_and_websocket_flag():
+    calls = []
+
+    async def eleven(ccid, text, cfg):
+        calls.append(("elevenlabs", ccid, text))
+        return "played by the user's own path"
+
+    async def legacy(ccid, text, cfg):
+        calls.append(("sesame_rest", ccid, text))
+
+    svc = TelnyxService(CallRegistry(), providers={"elevenlabs": eleven, "sesame_rest": legacy})
+
+    async def go():
+        r = await svc.speak_text("c1", "hi", {"tts_provider": "elevenlabs", "use_websocket_tts": True})
+        await svc.speak_text("c2", "yo", {"tts_provider": "sesame", "use_websocket_tts": False})
+        with pytest.raises(ValueError, match="no TTS handler for tts_provider='polly'"):
+            await svc.speak_text("c3", "x", {"tts_provider": "polly"})
+        with pytest.raises(ValueError, match="agent_config must be a dict"):
+            await svc.speak_text("c3", "x", None)
+        return r
+
+    assert asyncio.run(go()) == "played by the user's own path"
+    assert calls == [("elevenlabs", "c1", "hi"), ("sesame_rest", "c2", "yo")]
+
+
+def test_sesame_route_needs_a_connected_call():
+    svc = TelnyxService(CallRegistry(), stream_wait=0.05)
+
+    async def go():
+        await svc.speak_text("v2:missing", "hi", {"tts_provider": "sesame", "use_websocket_tts": True})
+
+    with pytest.raises(UnknownCall, match="streaming_start"):
+        asyncio.run(go())
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    replies: list = []
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, dict(self.headers), json.loads(body)))
+        status, payload = self.replies.pop(0)
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture()
+def telnyx_api():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    _Recorder.replies, _Recorder.seen = [], []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v2", _Recorder
+    httpd.shutdown()
+
+
+def test_start_streaming_sends_the_exact_body_and_headers(telnyx_api, monkeypatch):
+    base, rec = telnyx_api
+    rec.replies.append((200, {"data": {"result": "ok"}}))
+    monkeypatch.setenv("TELNYX_API_KEY", "KEY123")
+    out = asyncio.run(start_streaming("v2:abc", "wss://host/telnyx", "PCMU", base_url=base,
+                                      auth_token="tok", client_state="c3RhdGU="))
+    assert out == {"result": "ok"}
+    path, headers, body = rec.seen[0]
+    assert path == "/v2/calls/v2:abc/actions/streaming_start"
+    assert headers["Authorization"] == "Bearer KEY123" and headers["Content-Type"] == "application/json"
+    assert body == {"stream_url": "wss://host/telnyx", "stream_track": "inbound_track",
+                    "stream_bidirectional_mode": "rtp", "stream_bidirectional_codec": "PCMU",
+                    "stream_bidirectional_sampling_rate": 8000, "stream_bidirectional_target_legs": "opposite",
+                    "stream_auth_token": "tok", "client_state": "c3RhdGU="}
+
+
+@pytest.mark.parametrize("status,errors,exc,code", [
+    (401, [{"code": "10009", "title": "Authentication failed", "detail": "bad key"}], TelnyxAuthError, "10009"),
+    (422, [{"code": "90045", "title": "Invalid call state", "detail": "streaming is active"}],
+     TelnyxValidationError, "90045"),
+    (500, [{"code": "10007", "title": "Unexpected error", "detail": "oops"}], TelnyxAPIError, "10007"),
+])
+def test_start_streaming_errors_are_typed_with_telnyx_codes(telnyx_api, status, errors, exc, code):
+    base, rec = telnyx_api
+    rec.replies.append((status, {"errors": errors}))
+    with pytest.raises(exc) as e:
+        asyncio.run(start_streaming("v2:abc", "wss://h/t", api_key="k", base_url=base))
+    assert e.value.status == status and e.value.codes == [code] and errors[0]["detail"] in str(e.value)
+
+
+def test_start_streaming_validates_before_calling(monkeypatch):
+    monkeypatch.delenv("TELNYX_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="TELNYX_API_KEY"):
+        asyncio.run(start_streaming("v2:abc", "wss://h/t"))
+    with pytest.raises(ValueError, match="case-sensitive"):
+        asyncio.run(start_streaming("v2:abc", "wss://h/t", "pcmu", api_key="k"))
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        asyncio.run(start_streaming("v2:abc", "https://h/t", api_key="k"))
+
+
+class StarletteLike:
+    """The surface FastAPI/Starlette WebSockets offer: send_text / iter_text."""
+
+    def __init__(self, incoming):
+        self.incoming, self.sent = incoming, []
+
+    async def send_text(self, text):
+        self.sent.append(json.loads(text))
+
+    async def iter_text(self):
+        while True:
+            msg = await self.incoming.get()
+            if msg is None:
+                return
+            yield msg
+
+
+def test_bridge_runs_over_a_starlette_style_socket():
+    async def go():
+        q = asyncio.Queue()
+        ws = StarletteLike(q)
+        registry = CallRegistry()
+        call = TelnyxCall(ws, registry)
+        runner = asyncio.create_task(call.run())
+        await q.put('{"event": "connected", "version": "1.0.0"}')
+        await q.put('{"event": "start", "stream_id": "S", "start": {"call_control_id": "v2:z", '
+                    '"media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}')
+        found = await registry.wait_for("v2:z", 2)
+
+        async def pcm():
+            yield b"\x00\x10" * 2400  # 100 ms
+
+        utt = await found.speak(pcm(), name="hello")
+        while not any(m["event"] == "mark" for m in ws.sent):
+            await asyncio.sleep(0.01)
+        await q.put('{"event": "mark", "mark": {"name": "hello"}}')
+        heard = await found.heard(utt, timeout=2)
+        await q.put('{"event": "stop", "stop": {}}')
+        await asyncio.wait_for(runner, 2)
+        return ws.sent, heard, registry
+
+    sent, heard, registry = asyncio.run(go())
+    media = [m for m in sent if m["event"] == "media"]
+    assert len(media) == 5 + 1 and sent[-1] == {"event": "mark", "mark": {"name": "hello"}}  # 100 ms + tail
+    assert heard and len(registry) == 0
