@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
+    serve.add_argument("--telnyx", action="store_true",
+                       help="also serve /telnyx for Telnyx media streams; /ws/generate requests with "
+                            "\"call_control_id\" then play into that call (in-process, lowest latency)")
+    serve.add_argument("--telnyx-codec", default="PCMU", choices=["PCMU", "PCMA"],
+                       help="the calls' bidirectional codec, as in streaming_start (default: PCMU)")
+    serve.add_argument("--telnyx-auth-token", default=None,
+                       help="require this x-telnyx-streaming-auth-token on /telnyx handshakes "
+                            "(default: $CSM_TELNYX_AUTH_TOKEN; unset = no check)")
 
     say = sub.add_parser("say", help="stream TEXT from a running server into a WAV, with latency figures",
                          description="Send one request to a csm-stream server, write the audio to a WAV "

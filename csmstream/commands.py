@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -41,8 +42,13 @@ def serve(args) -> int:
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams)
 
+    routes, calls = {}, None
+    if args.telnyx:
+        routes, calls = telnyx_routes(args.telnyx_codec, args.telnyx_auth_token or os.environ.get(TOKEN_ENV))
+
     async def main() -> None:
-        srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars)
+        srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars,
+                           routes=routes, calls=calls)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,6 +56,10 @@ def serve(args) -> int:
         await srv.start()
         print(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)", file=sys.stderr,
               flush=True)
+        if args.telnyx:
+            print(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
+                  f"({args.telnyx_codec}; auth token {'required' if routes['/telnyx'][1] else 'NOT configured'})",
+                  file=sys.stderr, flush=True)
         await stop.wait()
         print("csm-stream: shutting down", file=sys.stderr, flush=True)
         await srv.stop()
@@ -60,6 +70,22 @@ def serve(args) -> int:
         print(f"csm-stream: error: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
+
+
+def telnyx_routes(codec: str, token: str | None):
+    """The /telnyx endpoint and its call registry, for StreamServer(routes=..., calls=...)."""
+    from .integrations.telnyx_bridge import CallRegistry, auth_ok, handle_telnyx_media
+
+    registry = CallRegistry()
+
+    async def handler(ws):
+        await handle_telnyx_media(ws, registry, codec=codec)
+
+    accept = (lambda headers: auth_ok(headers, token)) if token else None
+    return {"/telnyx": (handler, accept)}, registry
 
 
 # -- say -------------------------------------------------------------------------------------------

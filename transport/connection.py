@@ -13,6 +13,8 @@ import math
 import time
 from collections import deque
 
+from websockets.exceptions import ConnectionClosed
+
 from ..engine.worker import GenRequest
 from . import protocol
 from .encoder import SOURCE_RATE, AudioEncoder
@@ -26,7 +28,7 @@ class Job:
     """A request on a connection: its message, engine request, ring and encoder."""
 
     __slots__ = ("msg", "rid", "req", "ring", "encoder", "event", "t_recv", "t_first", "cancelled",
-                 "src_limit", "src_sent")
+                 "src_limit", "src_sent", "call", "speaking")
 
     def __init__(self, msg: protocol.Generate, rid: str) -> None:
         self.msg, self.rid = msg, rid
@@ -39,6 +41,8 @@ class Job:
         self.cancelled = False
         self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
         self.src_sent = 0
+        self.call = None  # a phone call's media stream (serve --telnyx), when the request names one
+        self.speaking: asyncio.Task | None = None  # the call.speak() feeding it
 
     def wake(self) -> None:
         self.event.set()
@@ -54,6 +58,7 @@ class Connection:
     def __init__(self, server, ws) -> None:
         self.server, self.ws = server, ws
         self.jobs: deque[Job] = deque()  # head: the one streaming now
+        self.playing: list[Job] = []  # call requests fully queued at Telnyx, waiting for their mark
         self._work = asyncio.Event()
         self._clock_t0 = 0.0  # client playback clock, for underrun accounting
         self._clock_ms = 0.0
@@ -99,6 +104,15 @@ class Connection:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
             await self._error("unknown_voice", f"unknown voice {msg.voice!r}; available: {known}", rid)
             return
+        call = None
+        if msg.call_control_id is not None:
+            call = srv.calls.get(msg.call_control_id) if srv.calls is not None else None
+            if call is None or call.ended.is_set():
+                why = ("this server has no phone-call endpoint (start it with csm-stream serve --telnyx)"
+                       if srv.calls is None else "no live Telnyx media stream for that call; Telnyx connects "
+                       "to /telnyx after streaming_start")
+                await self._error("unknown_call", f"unknown call {msg.call_control_id!r}: {why}", rid)
+                return
         if any(j.rid == rid for j in self.jobs):
             await self._error("duplicate_request_id", f"request_id {rid!r} is already queued or running on this "
                               "connection; use a new id per request", rid)
@@ -107,18 +121,22 @@ class Connection:
             await self._error("queue_full", f"{srv.max_waiting} requests are already waiting on this connection; "
                               "wait for a done message before sending more", rid)
             return
-        self.jobs.append(Job(msg, rid))
+        job = Job(msg, rid)
+        job.call = call
+        self.jobs.append(job)
         srv.metrics.requests += 1
         self._work.set()
 
     async def _cancel(self, rid: str | None) -> None:
-        targets = [j for j in self.jobs if not j.cancelled and (rid is None or j.rid == rid)]
+        targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
         if not targets:
             what = f"request {rid!r} is not running or queued" if rid else "no request is running or queued"
             await self._error("nothing_to_cancel", f"nothing to cancel: {what}", rid)
             return
         for j in targets:
             j.cancel()
+            if j.speaking is not None:  # its audio is (being) queued at Telnyx
+                await j.call.interrupt()  # barge-in: clear goes to Telnyx now, the rest is dropped
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)
@@ -164,6 +182,11 @@ class Connection:
         return True
 
     async def _stream(self, job: Job) -> None:
+        if job.call is not None:
+            from .call_stream import stream_to_call
+
+            await stream_to_call(self, job)
+            return
         enc = job.encoder
         while True:
             if job.cancelled:
@@ -226,9 +249,9 @@ class Connection:
         self._clock_ms += 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
         await self.ws.send(chunk)
 
-    async def _done(self, job: Job, *, cancelled: bool) -> None:
+    async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         m = self.server.metrics
-        audio_ms = job.encoder.audio_ms
+        audio_ms = job.encoder.audio_ms if audio_ms is None else audio_ms
         ttfa = 1000 * (job.t_first - job.t_recv) if job.t_first else None
         req = job.req
         if cancelled:
@@ -241,4 +264,7 @@ class Connection:
         log.info("request %s: %s, %.0f ms audio, ttfa %s ms, %d frames", job.rid,
                  "cancelled" if cancelled else (req.reason if req else "done"), audio_ms,
                  "-" if ttfa is None else f"{ttfa:.1f}", req.frames if req else 0)
-        await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled))
+        try:
+            await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
+        except ConnectionClosed:
+            pass  # the client left; its requests are cancelled by the handler

@@ -50,6 +50,7 @@ class Generate:
     max_audio_ms: int | None = None
     voice: str | None = None
     final: bool = True
+    call_control_id: str | None = None  # send the audio into this phone call instead (serve --telnyx)
 
     @property
     def sample_rate(self) -> int:
@@ -152,10 +153,15 @@ def _generate(msg: dict, rid, max_text_chars: int, topk_max: int) -> Generate:
     if not isinstance(final, bool):
         raise bad("invalid_final", f"final must be true or false, got {final!r:.40}")
     g.final = final
+    ccid = msg.get("call_control_id")
+    if ccid is not None and (not isinstance(ccid, str) or not ccid):
+        raise bad("invalid_call_control_id", f"call_control_id must be a non-empty string, got {ccid!r:.60}")
+    g.call_control_id = ccid
     return g
 
 
 def done(request_id: str, audio_ms: float, ttfa_ms: float | None, cancelled: bool, **extra) -> str:
+    """The end of a request. extra: e.g. heard (phone-call requests)."""
     msg = {"done": True, "request_id": request_id, "audio_ms": round(audio_ms, 1),
            "ttfa_ms": None if ttfa_ms is None else round(ttfa_ms, 2), "cancelled": cancelled}
     msg.update(extra)

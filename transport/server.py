@@ -38,11 +38,15 @@ class StreamServer:
 
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8765, max_waiting: int = MAX_WAITING,
                  max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, warmup: bool = True,
-                 voices: dict | None = None) -> None:
+                 voices: dict | None = None, routes: dict | None = None, calls=None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
         self.voices = dict(voices or {})
+        # extra WebSocket endpoints: path -> (async handler(ws), accept(headers) -> bool), e.g. /telnyx
+        self.routes = dict(routes or {})
+        # live phone calls by call_control_id (an object with .get(id) -> call sink), or None
+        self.calls = calls
         self.metrics = Metrics()
         self.recent: deque[GenRequest] = deque(maxlen=256)  # latest requests handed to the engine
         self.ready = False
@@ -124,14 +128,25 @@ class StreamServer:
                                                                self.ready))
             resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return resp
+        if path in self.routes:
+            _, accept = self.routes[path]
+            if accept is not None and not accept(request.headers):
+                log.warning("refused a %s handshake: authentication failed", path)
+                return connection.respond(401, "authentication failed\n")
+            return None
         if path != "/ws/generate":
-            return connection.respond(404, f"no route {path}; WebSocket endpoint is /ws/generate, "
+            extra = "".join(f", {p}" for p in self.routes)
+            return connection.respond(404, f"no route {path}; WebSocket endpoints are /ws/generate{extra}, "
                                            "HTTP endpoints /healthz and /metrics\n")
         if not self.ready:
             return connection.respond(503, "warming up; retry when /healthz says 200\n")
         return None  # go on with the WebSocket handshake
 
     async def _handle(self, ws: ServerConnection) -> None:
+        path = ws.request.path.split("?", 1)[0] if ws.request is not None else "/ws/generate"
+        if path in self.routes:
+            await self.routes[path][0](ws)
+            return
         m = self.metrics
         m.connections += 1
         m.open_connections += 1

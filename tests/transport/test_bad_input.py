@@ -40,6 +40,8 @@ CASES = [
     ('{"text": "hi", "request_id": 7}', "invalid_request_id"),
     ('{"text": "hi", "voice": "nobody"}', "unknown_voice"),
     ('{"text": "hi", "final": "yes"}', "invalid_final"),
+    ('{"text": "hi", "call_control_id": "v2:x"}', "unknown_call"),
+    ('{"text": "hi", "call_control_id": 5}', "invalid_call_control_id"),
     ('{"cancel": true}', "nothing_to_cancel"),
     ('{"cancel": true, "request_id": "nope"}', "nothing_to_cancel"),
     ('{"cancel": 1}', "invalid_cancel"),

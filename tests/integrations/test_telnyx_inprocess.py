@@ -1,0 +1,122 @@
+"""serve --telnyx: Telnyx connects to the csm-stream process itself; /ws/generate requests that
+name a call play into it (no extra hop)."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from csmstream.commands import telnyx_routes
+from csmstream.integrations.telnyx_bridge import AUTH_HEADER
+from tests.integrations.telnyx_sim import TelnyxSimulator
+from tests.servers import RunningServer
+
+
+@pytest.fixture(scope="module")
+def phone_server():
+    import csmstream
+
+    routes, calls = telnyx_routes("PCMU", "tok")
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=4), routes=routes, calls=calls).start()
+    rs.telnyx_url = rs.url.replace("/ws/generate", "/telnyx")
+    rs.calls = calls
+    yield rs
+    rs.stop()
+
+
+async def next_json(ws, timeout=30):
+    while True:
+        m = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(m, str):
+            return json.loads(m)
+
+
+async def wait_until(cond, timeout=10.0):
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def sim(rs, ccid="v2:call-1"):
+    return TelnyxSimulator(rs.telnyx_url, ccid, headers={AUTH_HEADER: "tok"})
+
+
+def test_request_with_call_control_id_plays_into_the_call_and_reports_heard(phone_server):
+    rs = phone_server
+
+    async def go():
+        async with sim(rs) as s:
+            await wait_until(lambda: rs.calls.get("v2:call-1") is not None)
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "Straight into the call.", "call_control_id": "v2:call-1",
+                                          "request_id": "p1", "seed": 2}))
+                done = await next_json(ws)
+            return s, done
+
+    s, done = asyncio.run(go())
+    assert done["done"] and done["request_id"] == "p1" and done["heard"] is True and not done["cancelled"]
+    assert not s.problems and s.marks_echoed == ["p1"]
+    assert done["audio_ms"] == pytest.approx(len(s.audio) / 8, abs=0.1) and len(s.audio) > 0
+
+
+def test_cancel_is_barge_in(phone_server):
+    rs = phone_server
+
+    async def go():
+        async with sim(rs) as s:
+            await wait_until(lambda: rs.calls.get("v2:call-1") is not None)
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "A long reply the caller talks over. " * 6,
+                                          "call_control_id": "v2:call-1", "request_id": "long"}))
+                await wait_until(lambda: len(s.media_times()) >= 10)
+                await ws.send(json.dumps({"cancel": True}))
+                done = await next_json(ws)
+                await asyncio.sleep(0.3)
+            return s, done
+
+    s, done = asyncio.run(go())
+    assert done["cancelled"] is True and done["heard"] is False
+    assert len(s.cleared_at) == 1
+    assert [m for t, m in s.received if t > s.cleared_at[0] and m.get("event") == "media"] == []
+    req = next(r for r in reversed(rs.srv.recent) if r.tag.rid == "long")
+    deadline = time.monotonic() + 5
+    while not req.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert req.reason == "cancelled" and req.frames < req.max_frames
+
+
+def test_unknown_call_is_an_error_and_hangup_cancels(phone_server):
+    rs = phone_server
+
+    async def go():
+        async with connect(rs.url) as ws:
+            await ws.send(json.dumps({"text": "Hello?", "call_control_id": "v2:nobody"}))
+            err = await next_json(ws)
+            s = sim(rs, "v2:call-2")
+            await s.__aenter__()
+            await wait_until(lambda: rs.calls.get("v2:call-2") is not None)
+            await ws.send(json.dumps({"text": "The caller hangs up during this. " * 6,
+                                      "call_control_id": "v2:call-2", "request_id": "h"}))
+            await wait_until(lambda: len(s.media_times()) >= 5)
+            await s.stop()
+            done = await next_json(ws)
+            await s.__aexit__(None, None, None)
+            return err, done
+
+    err, done = asyncio.run(go())
+    assert err["error"]["code"] == "unknown_call" and "v2:nobody" in err["error"]["message"]
+    assert done["request_id"] == "h" and done["cancelled"] is True and done["heard"] is False
+
+
+def test_telnyx_endpoint_requires_the_auth_token(phone_server):
+    async def go():
+        async with TelnyxSimulator(phone_server.telnyx_url, headers={AUTH_HEADER: "nope"}):
+            pass
+
+    with pytest.raises(InvalidStatus) as e:
+        asyncio.run(go())
+    assert e.value.response.status_code == 401

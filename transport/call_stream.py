@@ -1,0 +1,70 @@
+"""A /ws/generate request that names a phone call (serve --telnyx): its audio goes into the call's
+media stream instead of back over the socket.
+
+The call object is duck-typed (integrations/telnyx_bridge.TelnyxCall): `await speak(chunks)`
+plays an async iterable of 24 kHz int16 PCM and returns an utterance (`.state`, `.frames` of
+20 ms), `await heard(utterance)` is True once the caller heard all of it, `await interrupt()` is
+barge-in, and `.ended` is set when the call is gone. The request's `done` comes once the final
+mark returns (`heard: true`), or at once when it is cut off (`cancelled: true`, `heard: false`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+CALL_CHUNK = 480  # 20 ms at 24 kHz: one media message each
+
+
+async def stream_to_call(conn, job) -> None:
+    req, call = job.req, job.call
+
+    async def pcm():
+        while not job.cancelled:
+            chunk = job.ring.read(CALL_CHUNK)
+            if chunk is not None:
+                if not job.t_first:
+                    job.t_first = time.perf_counter()
+                    conn.server.metrics.ttfa_ms.observe(1000 * (job.t_first - job.t_recv))
+                yield chunk
+                continue
+            if req.finished:
+                if len(conn.jobs) > 1 and conn.jobs[1].req is None and not conn.jobs[1].cancelled:
+                    await conn._submit_next()  # the next sentence generates while this one plays
+                rest = job.ring.read_all()
+                if len(rest):
+                    yield rest
+                return
+            job.event.clear()
+            if req.finished or job.ring.available() >= CALL_CHUNK or job.cancelled:
+                continue
+            await job.event.wait()
+
+    job.speaking = asyncio.create_task(call.speak(pcm(), name=job.rid))
+    try:
+        utt = await job.speaking
+    except asyncio.CancelledError:
+        if not job.speaking.cancelled():
+            raise
+        utt = None
+    sent_ms = 20.0 * (utt.frames if utt is not None else 0)
+    if job.cancelled or utt is None or utt.state == "cut_off" or req.reason == "error":
+        req.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame
+        if req.reason == "error":
+            await conn._error("generation_failed", req.error or "generation failed", job.rid)
+            return
+        await conn._done(job, cancelled=True, audio_ms=sent_ms, heard=False)
+        return
+    # the utterance is queued at Telnyx: report done when the caller has heard it (or not); a
+    # cancel until then is still a barge-in (connection._cancel looks in conn.playing)
+    conn.playing.append(job)
+    asyncio.create_task(_done_when_heard(conn, job, call, utt, sent_ms))
+
+
+async def _done_when_heard(conn, job, call, utt, sent_ms: float) -> None:
+    try:
+        heard = await call.heard(utt)
+    finally:
+        if job in conn.playing:
+            conn.playing.remove(job)
+    await conn._done(job, cancelled=not heard, audio_ms=sent_ms, heard=heard)
