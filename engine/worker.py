@@ -45,16 +45,20 @@ class GenRequest:
     max_frames: int | None = None
     sink: PcmSink | None = None  # where PCM goes; None: frames are counted, audio dropped
     tag: Any = None  # the submitter's handle (e.g. its connection job)
+    keep_codes: bool = False  # keep every frame's codes in `codes` (context for the next sentence)
+    max_repeats: int = 0  # > 0: stop ("guard") when the same frame repeats this many times in a row
     # engine-side state
     frames: int = 0
     finished: bool = False
-    reason: str = ""  # "eos" | "max_frames" | "cancelled" | "error"
+    reason: str = ""  # "eos" | "max_frames" | "guard" | "cancelled" | "error"
     error: str | None = None
     t_submit: float = 0.0
     t_start: float = 0.0  # prefill done
     t_first_audio: float = 0.0  # first PCM written to the sink
     t_end: float = 0.0
     frames_at_cancel: int = -1  # frames generated when cancel() was called
+    codes: list = field(default_factory=list)
+    _repeats: int = 0
     _cancel: bool = False
     _prepared: tuple | None = field(default=None, repr=False)
     _row: int = -1
@@ -231,13 +235,22 @@ class EngineWorker:
                 self._finish(req, "eos", changed)
                 continue
             req.frames += 1
+            frame = codes[r - lo]
+            if req.keep_codes or req.max_repeats:
+                if req.max_repeats and req.codes and np.array_equal(req.codes[-1], frame):
+                    req._repeats += 1
+                else:
+                    req._repeats = 0
+                req.codes.append(frame.copy())
             if r in pcm:
                 if req.sink.write(pcm[r]) < len(pcm[r]):
                     log.warning("request sink full; audio dropped")
                 if not req.t_first_audio:
                     req.t_first_audio = now
             changed.append(req)
-            if req.frames >= req.max_frames:
+            if req.max_repeats and req._repeats >= req.max_repeats:
+                self._finish(req, "guard", changed)  # a stuck, run-on sentence: stop it
+            elif req.frames >= req.max_frames:
                 self._finish(req, "max_frames", changed)
 
     def _decode(self, dev_codes, lo: int, rows: list[int]) -> dict[int, np.ndarray]:

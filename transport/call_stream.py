@@ -17,28 +17,14 @@ CALL_CHUNK = 480  # 20 ms at 24 kHz: one media message each
 
 
 async def stream_to_call(conn, job) -> None:
-    req, call = job.req, job.call
+    call = job.call
 
     async def pcm():
-        while not job.cancelled:
-            chunk = job.ring.read(CALL_CHUNK)
-            if chunk is not None:
-                if not job.t_first:
-                    job.t_first = time.perf_counter()
-                    conn.server.metrics.ttfa_ms.observe(1000 * (job.t_first - job.t_recv))
-                yield chunk
-                continue
-            if req.finished:
-                if len(conn.jobs) > 1 and conn.jobs[1].req is None and not conn.jobs[1].cancelled:
-                    await conn._submit_next()  # the next sentence generates while this one plays
-                rest = job.ring.read_all()
-                if len(rest):
-                    yield rest
-                return
-            job.event.clear()
-            if req.finished or job.ring.available() >= CALL_CHUNK or job.cancelled:
-                continue
-            await job.event.wait()
+        async for chunk in conn.source(job, CALL_CHUNK):
+            if not job.t_first:
+                job.t_first = time.perf_counter()
+                conn.server.metrics.ttfa_ms.observe(1000 * (job.t_first - job.t_recv))
+            yield chunk
 
     job.speaking = asyncio.create_task(call.speak(pcm(), name=job.rid))
     try:
@@ -48,11 +34,12 @@ async def stream_to_call(conn, job) -> None:
             raise
         utt = None
     sent_ms = 20.0 * (utt.frames if utt is not None else 0)
-    if job.cancelled or utt is None or utt.state == "cut_off" or req.reason == "error":
-        req.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame
-        if req.reason == "error":
-            await conn._error("generation_failed", req.error or "generation failed", job.rid)
-            return
+    if job.error and not job.cancelled:
+        job.cancel()
+        await conn._error("generation_failed", job.error, job.rid)
+        return
+    if job.cancelled or utt is None or utt.state == "cut_off":
+        job.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame
         await conn._done(job, cancelled=True, audio_ms=sent_ms, heard=False)
         return
     # the utterance is queued at Telnyx: report done when the caller has heard it (or not); a

@@ -13,45 +13,17 @@ import math
 import time
 from collections import deque
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed
 
-from ..engine.worker import GenRequest
+from ..engine.prompt import Segment
 from . import protocol
-from .encoder import SOURCE_RATE, AudioEncoder
+from .job import Job
 from .ring import PcmRing
 
 log = logging.getLogger("csmstream.server")
 SAMPLES_PER_FRAME = 1920
-
-
-class Job:
-    """A request on a connection: its message, engine request, ring and encoder."""
-
-    __slots__ = ("msg", "rid", "req", "ring", "encoder", "event", "t_recv", "t_first", "cancelled",
-                 "src_limit", "src_sent", "call", "speaking")
-
-    def __init__(self, msg: protocol.Generate, rid: str) -> None:
-        self.msg, self.rid = msg, rid
-        self.req: GenRequest | None = None
-        self.ring: PcmRing | None = None
-        self.encoder = AudioEncoder(msg.format, msg.chunk_ms)
-        self.event = asyncio.Event()
-        self.t_recv = time.perf_counter()  # reset to when its turn comes, if it queued
-        self.t_first = 0.0
-        self.cancelled = False
-        self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
-        self.src_sent = 0
-        self.call = None  # a phone call's media stream (serve --telnyx), when the request names one
-        self.speaking: asyncio.Task | None = None  # the call.speak() feeding it
-
-    def wake(self) -> None:
-        self.event.set()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.req is not None:
-            self.req.cancel()
-        self.event.set()
+FRAME_MS = 80
 
 
 class Connection:
@@ -59,6 +31,7 @@ class Connection:
         self.server, self.ws = server, ws
         self.jobs: deque[Job] = deque()  # head: the one streaming now
         self.playing: list[Job] = []  # call requests fully queued at Telnyx, waiting for their mark
+        self.open_job: Job | None = None  # the text stream taking text now (final=false)
         self._work = asyncio.Event()
         self._clock_t0 = 0.0  # client playback clock, for underrun accounting
         self._clock_ms = 0.0
@@ -88,18 +61,17 @@ class Connection:
         srv = self.server
         try:
             msg = protocol.parse(message, max_text_chars=srv.max_text_chars,
-                                 topk_max=srv.engine.config.codebook_size)
+                                 topk_max=srv.engine.config.codebook_size, streaming=self.open_job is not None)
         except protocol.ProtocolError as e:
             await self._error(e.code, e.message, e.request_id)
             return
         if isinstance(msg, protocol.Cancel):
             await self._cancel(msg.request_id)
             return
-        rid = msg.request_id or srv.next_request_id()
-        if not msg.final:
-            await self._error("not_supported", "final=false (incremental text) is not supported by this "
-                              "server version; send each sentence as its own request with final=true", rid)
+        if isinstance(msg, (protocol.Append, protocol.Flush)):
+            await self._stream_text(msg)
             return
+        rid = msg.request_id or srv.next_request_id()
         if msg.voice is not None and msg.voice not in srv.voices:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
             await self._error("unknown_voice", f"unknown voice {msg.voice!r}; available: {known}", rid)
@@ -123,9 +95,32 @@ class Connection:
             return
         job = Job(msg, rid)
         job.call = call
+        job.add_text(msg.text)
+        if msg.final:
+            job.close()
+        else:
+            job.open = True
+            self.open_job = job
         self.jobs.append(job)
         srv.metrics.requests += 1
         self._work.set()
+
+    async def _stream_text(self, msg) -> None:
+        job = self.open_job
+        if msg.request_id is not None and msg.request_id != job.rid:
+            await self._error("invalid_request_id", f"text stream {job.rid!r} is open; its text must go to it "
+                              "(omit request_id, or close it with {\"flush\": true} first)", msg.request_id)
+            return
+        if isinstance(msg, protocol.Append):
+            if job.chars + len(msg.text) > self.server.max_text_chars:
+                await self._error("text_too_long", f"this text stream would exceed {self.server.max_text_chars} "
+                                  "characters; close it and open a new one", job.rid)
+                return
+            job.add_text(msg.text)
+            if not msg.final:
+                return
+        job.close()
+        self.open_job = None
 
     async def _cancel(self, rid: str | None) -> None:
         targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
@@ -135,6 +130,8 @@ class Connection:
             return
         for j in targets:
             j.cancel()
+            if j is self.open_job:
+                self.open_job = None
             if j.speaking is not None:  # its audio is (being) queued at Telnyx
                 await j.call.interrupt()  # barge-in: clear goes to Telnyx now, the rest is dropped
 
@@ -151,9 +148,6 @@ class Connection:
                 await self._work.wait()
             job = self.jobs[0]
             job.t_recv = max(job.t_recv, time.perf_counter())  # its turn starts now (ttfa from here)
-            if not job.cancelled and job.req is None and not await self._submit(job):
-                self._pop(job)
-                continue
             await self._stream(job)
             self._pop(job)
 
@@ -163,23 +157,97 @@ class Connection:
         if not self.jobs:
             self._clock_t0 = 0.0  # idle: the next audio starts a new playback
 
-    async def _submit(self, job: Job) -> bool:
-        srv, msg = self.server, job.msg
-        req = GenRequest(text=msg.text, speaker_id=msg.speaker_id, context=srv.voices.get(msg.voice, ()),
-                         temperature=msg.temperature, topk=msg.topk, seed=msg.seed, tag=job,
-                         max_frames=None if msg.max_audio_ms is None else max(1, math.ceil(msg.max_audio_ms / 80)))
+    async def _submit_part(self, job: Job) -> bool:
+        """Hand the job's next sentence to the engine, with the reply so far as context (trimmed
+        from the oldest sentence until the prompt fits the window with room for this sentence)."""
+        srv = self.server
+        text = job.parts[0]
+        frames_left = None
+        if job.src_limit is not None:
+            frames_left = max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME))
+        voice = list(srv.voices.get(job.msg.voice, ()))
+        history = job.context_for_next()
+        cap = srv.engine.config.default_max_frames(len(text))
+        window = srv.engine.gen.max_seq_len
         try:
-            srv.worker.prepare(req)
-            job.ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
-            req.sink = job.ring
-            job.req = req
+            while True:
+                ctx = voice + [Segment(job.msg.speaker_id, t, codes=c) for t, c in history]
+                req = job.new_request(text, ctx, frames_left)
+                srv.worker.prepare(req)
+                if not history or len(req._prepared[0]) + min(cap, frames_left or cap) <= window:
+                    break
+                history = history[1:]
+            ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
+            req.sink = ring
             srv.worker.submit(req)
-            srv.recent.append(req)
         except (ValueError, RuntimeError) as e:
-            job.req = None
+            job.error = str(e)
             await self._error("invalid_request" if isinstance(e, ValueError) else "unavailable", str(e), job.rid)
+            job.cancel()
             return False
+        job.parts.popleft()
+        job.active.append((req, ring))
+        srv.recent.append(req)
         return True
+
+    async def _pump(self, job: Job) -> None:
+        """Keep the engine one sentence ahead: the first sentence as soon as it is complete, the
+        next one when the current one has finished generating, and the next request's first
+        sentence when this one is all generated."""
+        if job.cancelled or job.error:
+            return
+        if job.parts and (not job.active or (len(job.active) == 1 and job.active[0][0].finished)):
+            await self._submit_part(job)
+        if job.generated and len(self.jobs) > 1:
+            nxt = self.jobs[1]
+            if nxt.parts and not nxt.active and not nxt.cancelled and not nxt.error:
+                await self._submit_part(nxt)
+
+    async def source(self, job: Job, unit: int):
+        """The job's 24 kHz PCM as it is generated, in pieces of `unit` samples (shorter at the end
+        of a sentence), sentence after sentence; ends when all is generated and read, on cancel, on
+        error, or at max_audio_ms."""
+        while not job.cancelled and not job.error:
+            await self._pump(job)
+            if job.active:
+                req, ring = job.active[0]
+                n = unit
+                if job.src_limit is not None:
+                    n = min(n, job.src_limit - job.src_sent)
+                    if n <= 0:
+                        for r, _ in job.active:
+                            r.cancel()  # reached max_audio_ms: stop generating, end normally
+                        return
+                pcm = ring.read(n)
+                if pcm is not None:
+                    job.src_sent += n
+                    yield pcm
+                    continue
+                if req.finished:
+                    if req.reason == "error":
+                        job.error = req.error or "generation failed"
+                        return
+                    if req.reason == "cancelled":  # by the server (shutting down)
+                        job.cancelled = True
+                        return
+                    rest = ring.read_all()
+                    if job.src_limit is not None:
+                        rest = rest[: max(0, job.src_limit - job.src_sent)]
+                    job.active.popleft()
+                    if req.codes:
+                        job.history.append((req.text, np.stack(req.codes)))
+                    job.done_reqs.append(req)
+                    if len(rest):
+                        job.src_sent += len(rest)
+                        yield rest
+                    continue
+            elif not job.open and not job.parts:
+                return
+            job.event.clear()
+            if job.cancelled or (job.active and (job.active[0][1].available() >= unit or job.active[0][0].finished)) \
+                    or (not job.active and (job.parts or not job.open)):
+                continue
+            await job.event.wait()
 
     async def _stream(self, job: Job) -> None:
         if job.call is not None:
@@ -188,52 +256,19 @@ class Connection:
             await stream_to_call(self, job)
             return
         enc = job.encoder
-        while True:
-            if job.cancelled:
-                await self._done(job, cancelled=True)
-                return
-            req = job.req
-            if req.finished and len(self.jobs) > 1 and not self.jobs[1].cancelled and self.jobs[1].req is None:
-                await self._submit_next()  # generate the next sentence while this one drains
-            while not job.cancelled:
-                n = enc.chunk_in
-                if job.src_limit is not None:
-                    n = min(n, job.src_limit - job.src_sent)
-                    if n <= 0:
-                        req.cancel()  # reached max_audio_ms: stop generating, end normally
-                        break
-                pcm = job.ring.read(n)
-                if pcm is None:
-                    break
-                job.src_sent += n
-                for chunk in enc.feed(pcm):
-                    await self._send_audio(job, chunk)
-            limit_hit = job.src_limit is not None and job.src_sent >= job.src_limit
-            if job.cancelled:
-                continue
-            if req.finished or limit_hit:
-                if req.reason == "error":
-                    await self._error("generation_failed", req.error or "generation failed", job.rid)
-                    return
-                rest = job.ring.read_all()
-                if job.src_limit is not None:
-                    rest = rest[: max(0, job.src_limit - job.src_sent)]
-                job.src_sent += len(rest)
-                for chunk in enc.feed(rest) + enc.finish():
-                    await self._send_audio(job, chunk)
-                await self._done(job, cancelled=req.reason == "cancelled" and not limit_hit)
-                return
-            if job.ring.available() >= enc.chunk_in:
-                continue
-            job.event.clear()
-            if req.finished or job.ring.available() >= enc.chunk_in or job.cancelled:
-                continue
-            await job.event.wait()
-
-    async def _submit_next(self) -> None:
-        nxt = self.jobs[1]
-        if not await self._submit(nxt):
-            self.jobs.remove(nxt)
+        async for pcm in self.source(job, enc.chunk_in):
+            for chunk in enc.feed(pcm):
+                await self._send_audio(job, chunk)
+        if job.error:
+            if not job.cancelled:  # submit errors were reported when they happened
+                await self._error("generation_failed", job.error, job.rid)
+            return
+        if job.cancelled:
+            await self._done(job, cancelled=True)
+            return
+        for chunk in enc.finish():
+            await self._send_audio(job, chunk)
+        await self._done(job, cancelled=False)
 
     async def _send_audio(self, job: Job, chunk: bytes) -> None:
         now = time.perf_counter()
@@ -253,17 +288,17 @@ class Connection:
         m = self.server.metrics
         audio_ms = job.encoder.audio_ms if audio_ms is None else audio_ms
         ttfa = 1000 * (job.t_first - job.t_recv) if job.t_first else None
-        req = job.req
+        reqs = job.done_reqs
         if cancelled:
             m.cancelled += 1
         else:
             m.completed += 1
         m.audio_seconds += audio_ms / 1000
-        if req is not None and req.t_end and audio_ms > 0:
-            m.rtf.observe((req.t_end - req.t_start) / (audio_ms / 1000))
-        log.info("request %s: %s, %.0f ms audio, ttfa %s ms, %d frames", job.rid,
-                 "cancelled" if cancelled else (req.reason if req else "done"), audio_ms,
-                 "-" if ttfa is None else f"{ttfa:.1f}", req.frames if req else 0)
+        if reqs and reqs[-1].t_end and reqs[0].t_start and audio_ms > 0:
+            m.rtf.observe((reqs[-1].t_end - reqs[0].t_start) / (audio_ms / 1000))
+        log.info("request %s: %s, %.0f ms audio in %d sentence(s), ttfa %s ms, %d frames", job.rid,
+                 "cancelled" if cancelled else "done", audio_ms, len(reqs),
+                 "-" if ttfa is None else f"{ttfa:.1f}", sum(r.frames for r in reqs))
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

@@ -74,12 +74,30 @@ class Cancel:
     request_id: str | None = None
 
 
+@dataclass
+class Append:
+    """More text for the open text stream (a request sent with final=false)."""
+
+    text: str
+    final: bool = False
+    request_id: str | None = None
+
+
+@dataclass
+class Flush:
+    """Close the open text stream: generate what is buffered, then done."""
+
+    request_id: str | None = None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048) -> Generate | Cancel:
-    """One client message -> Generate | Cancel, or ProtocolError."""
+def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048,
+          streaming: bool = False) -> Generate | Cancel | Append | Flush:
+    """One client message -> Generate | Cancel (| Append | Flush while a text stream is open, i.e.
+    streaming=True), or ProtocolError."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("binary_not_allowed", "binary frames are not accepted from clients; send JSON text "
                             'messages such as {"text": "Hello", "speaker_id": 0}')
@@ -99,10 +117,29 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
         if msg["cancel"] is not True:
             raise ProtocolError("invalid_cancel", f'cancel must be true, got {msg["cancel"]!r:.40}', rid)
         return Cancel(rid)
+    if streaming:
+        return _stream_message(msg, rid)
+    if msg.get("flush") is True:
+        raise ProtocolError("nothing_to_flush", "flush closes a text stream, and none is open; open one with "
+                            '{"text": "...", "final": false}', rid)
     if "text" not in msg:
         raise ProtocolError("missing_text", 'a request needs "text" (a non-empty string); to stop audio send '
                             '{"cancel": true}', rid)
     return _generate(msg, rid, max_text_chars, topk_max)
+
+
+def _stream_message(msg: dict, rid) -> Append | Flush:
+    if msg.get("flush") is True:
+        return Flush(rid)
+    if "text" not in msg:
+        raise ProtocolError("missing_text", 'a text stream is open: send {"text": "more text"}, '
+                            '{"text": "...", "final": true} or {"flush": true} to close it, or {"cancel": true}', rid)
+    text, final = msg["text"], msg.get("final", False)
+    if not isinstance(text, str):
+        raise ProtocolError("invalid_text", f"text must be a string, got {text!r:.40}", rid)
+    if not isinstance(final, bool):
+        raise ProtocolError("invalid_final", f"final must be true or false, got {final!r:.40}", rid)
+    return Append(text, final, rid)
 
 
 def _generate(msg: dict, rid, max_text_chars: int, topk_max: int) -> Generate:
@@ -110,7 +147,8 @@ def _generate(msg: dict, rid, max_text_chars: int, topk_max: int) -> Generate:
         return ProtocolError(code, message, rid)
 
     text = msg["text"]
-    if not isinstance(text, str) or not text.strip():
+    opening = msg.get("final") is False  # a text stream may open with nothing but a space
+    if not isinstance(text, str) or (not text.strip() and not opening):
         raise bad("invalid_text", f"text must be a non-empty string, got {text!r:.40}")
     if len(text) > max_text_chars:
         raise bad("text_too_long", f"text is {len(text)} characters; at most {max_text_chars} are allowed "

@@ -1,0 +1,90 @@
+"""A request on a connection: its text (all at once, or streamed with final=false), split into
+sentences; each sentence is one engine request, generated with the earlier sentences of the same
+reply (their text and generated codes) as context, so the voice stays the same; the audio of all
+sentences flows through one encoder, so chunks stay exact and there is no seam between them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import numpy as np
+
+from ..engine.worker import GenRequest
+from . import protocol
+from .encoder import SOURCE_RATE, AudioEncoder
+from .ring import PcmRing
+from .sentences import SentenceSplitter
+
+CONTEXT_SENTENCES = 4  # at most this many earlier sentences as context (prefill cost stays bounded)
+REPEAT_GUARD = 12  # the same frame ~1 s in a row: a stuck, run-on sentence is stopped
+
+
+class Job:
+    def __init__(self, msg: protocol.Generate, rid: str) -> None:
+        self.msg, self.rid = msg, rid
+        self.encoder = AudioEncoder(msg.format, msg.chunk_ms)
+        self.event = asyncio.Event()
+        self.t_recv = time.perf_counter()  # reset to when its turn comes, if it queued
+        self.t_first = 0.0
+        self.cancelled = False
+        self.error: str | None = None
+        self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
+        self.src_sent = 0
+        self.call = None  # a phone call's media stream (serve --telnyx), when the request names one
+        self.speaking: asyncio.Task | None = None  # the call.speak() feeding it
+        self.splitter = SentenceSplitter()
+        self.open = False  # a text stream still taking text
+        self.chars = 0
+        self.parts: deque[str] = deque()  # sentences ready to generate
+        self.active: deque[tuple[GenRequest, PcmRing]] = deque()  # submitted, in order; head streams
+        self.history: list[tuple[str, np.ndarray]] = []  # (sentence, codes) generated so far
+        self.done_reqs: list[GenRequest] = []
+        self.n_parts = 0
+
+    # -- text --------------------------------------------------------------------------------------
+    def add_text(self, text: str) -> None:
+        self.chars += len(text)
+        self.parts.extend(self.splitter.push(text))
+        self.event.set()
+
+    def close(self) -> None:
+        self.parts.extend(self.splitter.flush())
+        self.open = False
+        self.event.set()
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def req(self) -> GenRequest | None:
+        """The engine request streaming now (or the last one)."""
+        if self.active:
+            return self.active[0][0]
+        return self.done_reqs[-1] if self.done_reqs else None
+
+    @property
+    def generated(self) -> bool:
+        """All text is in and every sentence has finished generating."""
+        return not self.open and not self.parts and all(r.finished for r, _ in self.active)
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for req, _ in self.active:
+            req.cancel()
+        self.event.set()
+
+    def context_for_next(self) -> list[tuple[str, np.ndarray]]:
+        """Earlier sentences whose codes are complete: finished history plus finished active ones."""
+        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.finished and r.codes]
+        return done[-CONTEXT_SENTENCES:]
+
+    def new_request(self, text: str, context: list, frames_left: int | None) -> GenRequest:
+        m = self.msg
+        seed = None if m.seed is None else m.seed + self.n_parts
+        self.n_parts += 1
+        return GenRequest(text=text, speaker_id=m.speaker_id, context=context, temperature=m.temperature,
+                          topk=m.topk, seed=seed, tag=self, keep_codes=True, max_repeats=REPEAT_GUARD,
+                          max_frames=frames_left)
