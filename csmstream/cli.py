@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
+    serve.add_argument("--voices", default=None, metavar="DIR",
+                       help="named voices: NAME.wav + NAME.txt pairs, encoded at start-up; requests pick one "
+                            "with \"voice\": \"NAME\"; GET /voices lists them")
     serve.add_argument("--telnyx", action="store_true",
                        help="also serve /telnyx for Telnyx media streams; /ws/generate requests with "
                             "\"call_control_id\" then play into that call (in-process, lowest latency)")

@@ -48,7 +48,7 @@ def serve(args) -> int:
 
     async def main() -> None:
         srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars,
-                           routes=routes, calls=calls)
+                           routes=routes, calls=calls, voices_dir=args.voices)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

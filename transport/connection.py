@@ -162,19 +162,26 @@ class Connection:
         from the oldest sentence until the prompt fits the window with room for this sentence)."""
         srv = self.server
         text = job.parts[0]
-        frames_left = None
-        if job.src_limit is not None:
-            frames_left = max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME))
-        voice = list(srv.voices.get(job.msg.voice, ()))
-        history = job.context_for_next()
+        # the per-sentence cap scales with the sentence; max_audio_ms bounds the whole request
         cap = srv.engine.config.default_max_frames(len(text))
+        if job.src_limit is not None:
+            cap = min(cap, max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME)))
+        v = srv.voices.get(job.msg.voice)
+        voice = [Segment(job.msg.speaker_id, v.text, codes=v.codes)] if v is not None else []
+        history = job.context_for_next()
         window = srv.engine.gen.max_seq_len
         try:
             while True:
                 ctx = voice + [Segment(job.msg.speaker_id, t, codes=c) for t, c in history]
-                req = job.new_request(text, ctx, frames_left)
-                srv.worker.prepare(req)
-                if not history or len(req._prepared[0]) + min(cap, frames_left or cap) <= window:
+                req = job.new_request(text, ctx, cap)
+                try:
+                    srv.worker.prepare(req)
+                except ValueError:
+                    if not history:
+                        raise
+                    history = history[1:]  # the prompt does not fit at all: drop the oldest sentence
+                    continue
+                if not history or len(req._prepared[0]) + cap <= window:
                     break
                 history = history[1:]
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)

@@ -49,6 +49,11 @@ class Job:
         self.parts.extend(self.splitter.push(text))
         self.event.set()
 
+    def flush_now(self) -> None:
+        """Generate what is buffered now, even mid-sentence; the stream stays open."""
+        self.parts.extend(self.splitter.flush())
+        self.event.set()
+
     def close(self) -> None:
         self.parts.extend(self.splitter.flush())
         self.open = False
@@ -81,10 +86,10 @@ class Job:
         done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.finished and r.codes]
         return done[-CONTEXT_SENTENCES:]
 
-    def new_request(self, text: str, context: list, frames_left: int | None) -> GenRequest:
+    def new_request(self, text: str, context: list, max_frames: int) -> GenRequest:
         m = self.msg
         seed = None if m.seed is None else m.seed + self.n_parts
         self.n_parts += 1
         return GenRequest(text=text, speaker_id=m.speaker_id, context=context, temperature=m.temperature,
                           topk=m.topk, seed=seed, tag=self, keep_codes=True, max_repeats=REPEAT_GUARD,
-                          max_frames=frames_left)
+                          max_frames=max_frames)

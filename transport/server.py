@@ -11,6 +11,7 @@ the sender takes exactly one chunk at a time from the ring, converts it and send
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from ..engine.worker import EngineWorker, GenRequest
-from . import protocol
+from . import elevenlabs, protocol
 from .connection import Connection
 from .metrics import Metrics
 
@@ -38,11 +39,13 @@ class StreamServer:
 
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8765, max_waiting: int = MAX_WAITING,
                  max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, warmup: bool = True,
-                 voices: dict | None = None, routes: dict | None = None, calls=None) -> None:
+                 voices: dict | None = None, voices_dir: str | None = None, routes: dict | None = None,
+                 calls=None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
-        self.voices = dict(voices or {})
+        self.voices = dict(voices or {})  # name -> engine.voices.Voice (text, codes)
+        self.voices_dir = voices_dir  # NAME.wav + NAME.txt pairs, encoded at start-up
         # extra WebSocket endpoints: path -> (async handler(ws), accept(headers) -> bool), e.g. /telnyx
         self.routes = dict(routes or {})
         # live phone calls by call_control_id (an object with .get(id) -> call sink), or None
@@ -71,6 +74,11 @@ class StreamServer:
                 log.info("model loaded in %.2fs", time.perf_counter() - t0)
             else:
                 self.engine = self._engine_src
+            if self.voices_dir is not None:
+                from ..engine.voices import load_voices
+
+                self.voices.update(await self._loop.run_in_executor(None, load_voices, self.voices_dir, self.engine))
+                log.info("voices: %s", ", ".join(sorted(self.voices)) or "none")
         except BaseException:
             self._ws.close()
             raise
@@ -123,11 +131,19 @@ class StreamServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return connection.respond(200, "ok\n") if self.ready else connection.respond(503, "warming up\n")
+        if path == "/voices":
+            body = json.dumps({"voices": [{"name": v.name, "text": v.text, "seconds": round(v.seconds, 2)}
+                                          for v in self.voices.values()]})
+            resp = connection.respond(200, body + "\n")
+            resp.headers["Content-Type"] = "application/json"
+            return resp
         if path == "/metrics":
             resp = connection.respond(200, self.metrics.render(self.worker.stats if self.worker else None,
                                                                self.ready))
             resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return resp
+        if elevenlabs.match(path):
+            return None if self.ready else connection.respond(503, "warming up\n")
         if path in self.routes:
             _, accept = self.routes[path]
             if accept is not None and not accept(request.headers):
@@ -148,6 +164,18 @@ class StreamServer:
             await self.routes[path][0](ws)
             return
         m = self.metrics
+        if elevenlabs.match(path):
+            m.connections += 1
+            m.open_connections += 1
+            conn = elevenlabs.ElevenLabsConnection(self, ws)
+            try:
+                await conn.run()
+            except ConnectionClosed:
+                pass
+            finally:
+                m.open_connections -= 1
+                conn.abort()
+            return
         m.connections += 1
         m.open_connections += 1
         conn = Connection(self, ws)

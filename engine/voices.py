@@ -1,0 +1,76 @@
+"""Named voices: a directory of NAME.wav + NAME.txt pairs, encoded once into context codes.
+
+Each WAV (16-bit PCM, any sample rate, mono or stereo) is mixed to mono, resampled to 24 kHz and
+encoded with the model's codec; its transcript is NAME.txt. A request with "voice": NAME then
+starts from that (text, codes) turn as context, so the model continues in that voice.
+"""
+
+from __future__ import annotations
+
+import logging
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..kernels.resample import Resampler
+
+log = logging.getLogger("csmstream.engine")
+SAMPLE_RATE = 24_000
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    text: str
+    codes: np.ndarray  # [frames, num_codebooks]
+
+    @property
+    def seconds(self) -> float:
+        return len(self.codes) * 0.08
+
+
+def read_wav_24k_mono(path: Path) -> np.ndarray:
+    """16-bit PCM WAV at any rate -> int16 mono 24 kHz. ValueError naming the file otherwise."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, ch, rate, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable WAV file ({e})") from None
+    if width != 2:
+        raise ValueError(f"{path}: {8 * width}-bit samples; voices must be 16-bit PCM WAV")
+    x = np.frombuffer(raw, "<i2").astype(np.float32)
+    if ch > 1:
+        x = x[: len(x) // ch * ch].reshape(-1, ch).mean(axis=1)
+    if x.size == 0:
+        raise ValueError(f"{path}: no audio")
+    if rate != SAMPLE_RATE:
+        r = Resampler(rate, SAMPLE_RATE)
+        x = np.concatenate([r.process_float(x), r.process_float(np.zeros(r.delay_in, np.float32))])
+    return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+
+
+def load_voices(directory: str | Path, engine) -> dict[str, Voice]:
+    """Every NAME.wav in `directory` with its NAME.txt, encoded with the engine's codec."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"voices directory {str(d)!r} does not exist")
+    if engine.codec is None:
+        raise ValueError("this model has no codec to encode voice prompts")
+    wavs = sorted(d.glob("*.wav"))
+    if not wavs:
+        raise ValueError(f"voices directory {str(d)!r} has no NAME.wav files (each needs a NAME.txt transcript)")
+    voices = {}
+    for wav in wavs:
+        txt = wav.with_suffix(".txt")
+        if not txt.is_file():
+            raise ValueError(f"{wav}: missing transcript {txt.name} (the words spoken in the WAV)")
+        text = txt.read_text(encoding="utf-8").strip()
+        if not text:
+            raise ValueError(f"{txt}: empty transcript")
+        codes = engine.codec.encode_context(read_wav_24k_mono(wav), what=str(wav))
+        voices[wav.stem] = Voice(wav.stem, text, codes)
+        log.info("voice %r: %.1f s, %d frames", wav.stem, len(codes) * 0.08, len(codes))
+    return voices

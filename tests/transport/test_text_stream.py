@@ -1,0 +1,249 @@
+"""Text as it arrives: streamed pieces, sentence pipelining with context, long text, voices, and
+the ElevenLabs-compatible endpoint -- all over real sockets."""
+
+import asyncio
+import base64
+import json
+import time
+import urllib.request
+import wave
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.servers import RunningServer, collect
+
+REPLY = ("Sure, I can help with that. Your order shipped on Monday. "
+         "It should arrive by Friday afternoon. Anything else?")
+
+
+def pieces(text, seed=0):
+    rng = np.random.default_rng(seed)
+    i = 0
+    while i < len(text):
+        n = int(rng.integers(3, 9))
+        yield text[i : i + n]
+        i += n
+
+
+def test_streamed_text_starts_audio_after_the_first_sentence_and_plays_without_gaps(server):
+    async def go():
+        async with connect(server.url) as ws:
+            sent_at, audio_at = [], []
+            first_sentence_end = REPLY.index(".") + 1
+            await ws.send(json.dumps({"text": "", "final": False, "request_id": "llm", "seed": 4}))
+
+            async def feed():
+                pos = 0
+                for p in pieces(REPLY):
+                    await ws.send(json.dumps({"text": p}))
+                    pos += len(p)
+                    sent_at.append((time.monotonic(), pos))
+                    await asyncio.sleep(0.02)  # an LLM writing ~250 characters a second
+                await ws.send(json.dumps({"flush": True}))
+
+            feeder = asyncio.create_task(feed())
+            done = None
+            while done is None:
+                m = await asyncio.wait_for(ws.recv(), 60)
+                if isinstance(m, bytes):
+                    audio_at.append((time.monotonic(), len(m)))
+                else:
+                    done = json.loads(m)
+            await feeder
+            return sent_at, audio_at, done, first_sentence_end
+
+    sent_at, audio_at, done, first_end = asyncio.run(go())
+    assert done["done"] and not done["cancelled"] and done["request_id"] == "llm"
+    t_first_audio = audio_at[0][0]
+    t_first_sentence = next(t for t, pos in sent_at if pos > first_end)  # the piece after its period
+    t_last_piece = sent_at[-1][0]
+    assert t_first_sentence <= t_first_audio < t_last_piece  # started on sentence 1, not at the end
+    # no gap: every chunk arrives before the client (playing from the first chunk) would need it,
+    # allowing one chunk of slack
+    t0 = t_first_audio
+    played = 0.0
+    for t, n in audio_at:
+        assert t <= t0 + played + 0.100 + 0.05, "audio arrived later than real-time playback needs it"
+        played += n / 2 / 24000
+    assert done["audio_ms"] == pytest.approx(1000 * played, abs=0.1)
+    parts = [r for r in server.srv.recent if r.tag.rid == "llm"]
+    assert [r.text for r in parts] == ["Sure, I can help with that.", "Your order shipped on Monday.",
+                                       "It should arrive by Friday afternoon.", "Anything else?"]
+
+
+def test_next_sentence_uses_the_previous_one_as_exact_context(server):
+    """Greedy: sentence 2 generated inside the reply equals what the engine gives for the same
+    prompt built by hand (sentence 1's text and generated codes as a context segment)."""
+    import csmstream
+
+    text = "The weather is lovely today. Shall we walk to the park?"
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": text, "topk": 1, "request_id": "ctx", "speaker_id": 2}))
+            return await collect(ws)
+
+    events = asyncio.run(go())
+    assert events[-1][0] == "done"
+    s1, s2 = [r for r in server.srv.recent if r.tag.rid == "ctx"]
+    assert s1.text == "The weather is lovely today." and s2.text == "Shall we walk to the park?"
+    c1, c2 = np.stack(s1.codes), np.stack(s2.codes)
+    assert len(c1) > 0 and len(c2) > 0
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    want1 = np.stack(list(eng.frames(s1.text, 2, topk=1)))[: len(c1)]
+    np.testing.assert_array_equal(c1, want1)
+    ctx = [csmstream.Segment(2, s1.text, codes=c1)]
+    want2 = np.stack(list(eng.frames(s2.text, 2, context=ctx, topk=1)))[: len(c2)]
+    np.testing.assert_array_equal(c2, want2)
+    # and the context matters
+    alone = np.stack(list(eng.frames(s2.text, 2, topk=1)))
+    assert not np.array_equal(alone[: len(c2)], c2)
+
+
+def test_long_text_streams_to_the_end_within_the_window():
+    """24 sentences on an engine whose window (200 positions) cannot hold them all: every sentence
+    is generated, with the context trimmed from the oldest sentence so each prompt fits."""
+    import csmstream
+    from csmstream.engine.generator import FrameGenerator
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=2)
+    eng.gen = FrameGenerator(eng.model, rows=2, max_seq_len=200)
+    rs = RunningServer(eng).start()
+    text = " ".join(f"Item {i} is ready." for i in range(24))
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": text, "request_id": "long24"}))
+                return await collect(ws)
+
+        events = asyncio.run(go())
+        parts = [r for r in rs.srv.recent if r.tag.rid == "long24"]
+    finally:
+        rs.stop()
+    assert events[-1][0] == "done" and not events[-1][1]["cancelled"], events[-1]
+    assert [r.text for r in parts] == [f"Item {i} is ready." for i in range(24)]
+    assert all(r.finished and r.reason in ("eos", "max_frames", "guard") for r in parts)
+    assert all(len(r._prepared[0]) + r.max_frames <= 200 for r in parts)
+    assert max(len(r.context) for r in parts) >= 2  # context was used...
+    assert min(len(r.context) for r in parts[5:]) < 4  # ...and trimmed to fit
+    total = sum(r.frames for r in parts) * 1920 / 24
+    assert events[-1][1]["audio_ms"] == pytest.approx(total, abs=0.1)
+
+
+def test_text_stream_protocol_errors(server):
+    async def go():
+        async with connect(server.url) as ws:
+            out = []
+            await ws.send(json.dumps({"flush": True}))
+            out.append(json.loads(await ws.recv())["error"]["code"])
+            await ws.send(json.dumps({"text": "Part one", "final": False, "request_id": "s"}))
+            await ws.send(json.dumps({"text": " more", "request_id": "other"}))
+            out.append(json.loads(await ws.recv())["error"]["code"])
+            await ws.send(json.dumps({"text": 5}))
+            out.append(json.loads(await ws.recv())["error"]["code"])
+            await ws.send(json.dumps({"text": "x" * 5000}))
+            out.append(json.loads(await ws.recv())["error"]["code"])
+            await ws.send(json.dumps({"text": " and the end.", "final": True}))
+            events = await collect(ws)
+            return out, events
+
+    codes, events = asyncio.run(go())
+    assert codes == ["nothing_to_flush", "invalid_request_id", "invalid_text", "text_too_long"]
+    assert events[-1][0] == "done" and events[-1][1]["request_id"] == "s" and any(k == "audio" for k, _ in events)
+
+
+def _write_voice(d, name, text, rate=16000, channels=2, seconds=1.2):
+    t = np.arange(int(rate * seconds)) / rate
+    x = (np.sin(2 * np.pi * 220 * t) * 6000).astype(np.int16)
+    with wave.open(str(d / f"{name}.wav"), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(x, channels).astype("<i2").tobytes())
+    if text is not None:
+        (d / f"{name}.txt").write_text(text)
+
+
+def test_named_voices(tmp_path):
+    import csmstream
+    from csmstream.engine.voices import load_voices
+
+    _write_voice(tmp_path, "anna", "Hello, my name is Anna.", rate=16000, channels=2)
+    _write_voice(tmp_path, "ben", "I am Ben.", rate=44100, channels=1)
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), voices_dir=str(tmp_path)).start()
+    try:
+        base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")
+        listing = json.loads(urllib.request.urlopen(base + "/voices").read())
+        assert sorted(v["name"] for v in listing["voices"]) == ["anna", "ben"]
+        assert all(v["seconds"] > 1.0 for v in listing["voices"])
+
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "Nice to meet you.", "voice": "anna", "request_id": "v"}))
+                ok = await collect(ws)
+                await ws.send(json.dumps({"text": "Hi.", "voice": "carl"}))
+                return ok, json.loads(await ws.recv())
+
+        ok, err = asyncio.run(go())
+        assert ok[-1][0] == "done" and any(k == "audio" for k, _ in ok)
+        assert err["error"]["code"] == "unknown_voice" and "anna" in err["error"]["message"]
+        req = next(r for r in rs.srv.recent if r.tag.rid == "v")
+        assert req.context[0].text == "Hello, my name is Anna." and len(req.context[0].codes) >= 15
+    finally:
+        rs.stop()
+    # start-up errors name the problem
+    _write_voice(tmp_path, "nolines", None)
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    with pytest.raises(ValueError, match="missing transcript nolines.txt"):
+        load_voices(tmp_path, eng)
+    (tmp_path / "broken.wav").write_bytes(b"not a wav")
+    (tmp_path / "broken.txt").write_text("x")
+    (tmp_path / "nolines.wav").unlink()
+    with pytest.raises(ValueError, match="broken.wav: not a readable WAV"):
+        load_voices(tmp_path, eng)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_voices(tmp_path / "nope", eng)
+
+
+def test_elevenlabs_stream_input_flow(server):
+    """A client written from ElevenLabs' documented message flow (PROTOCOLS.md §3)."""
+    url = server.url.replace("/ws/generate", "/v1/text-to-speech/1/stream-input?model_id=x&output_format=pcm_16000")
+
+    async def go():
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"text": " ", "voice_settings": {"stability": 0.5, "similarity_boost": 0.8},
+                                      "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}))
+            for piece in ["Hello there. ", "How are ", "you doing ", "today? "]:
+                await ws.send(json.dumps({"text": piece}))
+            await ws.send(json.dumps({"text": "I hope well. ", "flush": True}))
+            await ws.send(json.dumps({"text": ""}))
+            audio, final = b"", None
+            async for m in ws:
+                msg = json.loads(m)
+                if msg.get("isFinal"):
+                    final = msg
+                    break
+                assert set(msg) >= {"audio", "normalizedAlignment", "alignment"}
+                audio += base64.b64decode(msg["audio"])
+            return audio, final
+
+    audio, final = asyncio.run(go())
+    assert final == {"audio": None, "isFinal": True, "normalizedAlignment": None, "alignment": None}
+    assert len(audio) > 16000 and len(audio) % 2 == 0  # over half a second of 16 kHz int16
+    parts = [r.text for r in list(server.srv.recent)[-3:]]
+    assert parts == ["Hello there.", "How are you doing today?", "I hope well."]
+
+
+def test_elevenlabs_bad_voice_and_format_are_refused(server):
+    async def go(path):
+        async with connect(server.url.replace("/ws/generate", path)) as ws:
+            msg = json.loads(await ws.recv())
+            await ws.wait_closed()
+            return msg, ws.close_code
+
+    msg, code = asyncio.run(go("/v1/text-to-speech/nobody/stream-input"))
+    assert msg["error"] == "invalid_request" and "nobody" in msg["message"] and code == 1008
+    msg, code = asyncio.run(go("/v1/text-to-speech/0/stream-input?output_format=mp3_44100_128"))
+    assert "mp3_44100_128" in msg["message"] and code == 1008
