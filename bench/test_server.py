@@ -110,3 +110,39 @@ def test_ring_chunk_write_read(benchmark):
 
     benchmark.group = "ring"
     benchmark(cycle)
+
+
+def test_text_stream_first_sentence_to_first_audio(benchmark, running):
+    """Streamed text: time from the piece that completes the first sentence to the first audio,
+    against the engine's own time to first audio for that sentence (100 ms chunk = 2 frames)."""
+    rs, ref = running
+    first, rest = "Sure, I can help with that.", " Your order shipped on Monday. It arrives Friday."
+
+    async def one(seed):
+        async with connect(rs.url) as ws:
+            await ws.send(json.dumps({"text": first, "final": False, "seed": seed}))
+            await asyncio.sleep(0.05)  # the LLM is still thinking
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"text": rest[:3]}))  # the character that confirms the sentence end
+            t_first = None
+            await ws.send(json.dumps({"text": rest[3:], "final": True}))
+            while True:
+                m = await ws.recv()
+                if isinstance(m, bytes) and t_first is None:
+                    t_first = time.perf_counter() - t0
+                elif isinstance(m, str):
+                    return t_first
+
+    s, e = [], []
+    for i in range(10):
+        s.append(asyncio.run(one(i)))
+        t = time.perf_counter()
+        it = ref.stream(first, 0, seed=i, max_frames=10)
+        next(it), next(it)
+        e.append(time.perf_counter() - t)
+        it.close()
+    s_ms, e_ms = 1000 * float(np.median(s[2:])), 1000 * float(np.median(e[2:]))
+    benchmark.extra_info.update(stream_first_audio_ms=s_ms, engine_two_frames_ms=e_ms)
+    print(f"\ntext stream: first sentence complete -> first audio {s_ms:.1f} ms; engine time to 2 frames "
+          f"{e_ms:.1f} ms ({s_ms - e_ms:+.1f} ms)")
+    benchmark.pedantic(lambda: None, rounds=1)
