@@ -124,6 +124,7 @@ async def _say(args):
     if args.max_frames is not None:
         opts["max_audio_ms"] = 80 * args.max_frames
     svc = SesameWebSocketService(args.url)
+    tty = sys.stderr.isatty()  # a live progress line only on a terminal
     chunks: list[bytes] = []
     t0 = time.perf_counter()
     first = last = None
@@ -136,8 +137,10 @@ async def _say(args):
             max_gap = now - last
         last = now
         chunks.append(chunk)
-        print(f"\r  {len(chunks):4d} chunks  {now - t0:6.2f} s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        if tty:
+            print(f"\r  {len(chunks):4d} chunks  {now - t0:6.2f} s", end="", file=sys.stderr, flush=True)
+    if tty:
+        print(file=sys.stderr)
     total = time.perf_counter() - t0
     return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=len(chunks)), chunks
 

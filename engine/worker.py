@@ -140,9 +140,15 @@ class EngineWorker:
         return req
 
     def warmup(self, frames: int = 3) -> None:
-        """Compile and touch every path once (prefill, step, decode) before serving."""
+        """Compile and touch every path once (prefill with and without context, step, decode)
+        before serving, so the first real request does not pay for first-use setup."""
+        from .prompt import Segment
+
         e = self.engine
-        for _ in (e.stream if e.codec is not None else e.frames)("Warm up.", 0, seed=0, max_frames=frames):
+        codes = np.stack(list(e.frames("Warm up.", 0, seed=0, max_frames=frames, topk=1)) or [np.zeros(32, np.int64)])
+        ctx = [Segment(0, "Warm up.", codes=np.repeat(codes, 12, axis=0))]  # a context of a few dozen frames
+        for _ in (e.stream if e.codec is not None else e.frames)("And again.", 0, context=ctx, seed=0,
+                                                                  max_frames=frames):
             pass
 
     # -- the thread ------------------------------------------------------------------------------
