@@ -52,7 +52,8 @@ setup(
         "httpx>=0.27",  # Telnyx Call Control API (integrations/call_control.py)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6", "matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },
     entry_points={"console_scripts": ["csm-stream=csmstream.cli:main"]},
 )

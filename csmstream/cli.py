@@ -81,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(say)
     _gen_args(say)
 
+    bench = sub.add_parser("bench", help="measure a running server like callers would (TTFA, gaps, underruns)",
+                           description="Drive a running server with N concurrent simulated callers, each playing "
+                                       "its audio in real time. Prints p50/p95/p99/max tables, writes results.json, "
+                                       "results.csv and PNG plots to --out, and reports the REST-style baseline "
+                                       "(play only after the whole utterance arrived) from the same run.")
+    bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate", help="server endpoint")
+    bench.add_argument("--concurrency", type=int, default=4, help="concurrent callers (default: 4)")
+    bench.add_argument("--sweep", default=None, metavar="N,N,...",
+                       help="run these concurrency levels in turn (e.g. 1,2,4,8,16) and report the highest with "
+                            "no underruns and p95 TTFA under --ttfa-threshold-ms")
+    bench.add_argument("--requests", type=int, default=16, help="requests per level (default: 16)")
+    bench.add_argument("--text-file", default=None, help="one text per line (default: built-in call-centre lines)")
+    bench.add_argument("--format", default="pcm_24000", choices=["pcm_24000", "pcm_16000", "pcm_8000", "ulaw_8000",
+                                                                "alaw_8000"], help="audio format (default: pcm_24000)")
+    bench.add_argument("--chunk-ms", type=int, default=100, help="chunk length in ms (default: 100)")
+    bench.add_argument("--ttfa-threshold-ms", type=float, default=500.0, help="p95 TTFA bound for --sweep (500)")
+    bench.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
+
     demo = sub.add_parser("demo", help="start a server on the tiny model, stream a sentence, stop",
                           description="The end-to-end check: start 'csm-stream serve' in the background, "
                                       "wait for /healthz, stream a sentence with 'say', write the WAV, "
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.serve(args)
         if args.command == "demo":
             return commands.demo(args)
+        if args.command == "bench":
+            return commands.bench(args)
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         print(f"csm-stream: error: {e}", file=sys.stderr)

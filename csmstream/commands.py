@@ -194,3 +194,43 @@ def demo(args) -> int:
                 proc.kill()
                 proc.wait()
         print("demo: server stopped", file=sys.stderr)
+
+
+# -- bench -----------------------------------------------------------------------------------------
+def bench(args) -> int:
+    from pathlib import Path
+
+    from .benchtool import run_bench, table
+
+    if args.sweep:
+        try:
+            levels = [int(x) for x in args.sweep.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--sweep must be comma-separated integers, got {args.sweep!r}") from None
+    else:
+        levels = [args.concurrency]
+    if not levels or min(levels) < 1 or args.requests < 1:
+        raise ValueError("concurrency levels and --requests must be >= 1")
+    texts = None
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise ValueError(f"--text-file {str(path)!r} does not exist")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"--text-file {str(path)!r} has no non-empty lines")
+    print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}", file=sys.stderr)
+    out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
+                    chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms)
+    print(table(out["summary"]))
+    errors = sum(s["errors"] for s in out["summary"].values())
+    if args.sweep:
+        best = out["best_concurrency"]
+        print(f"highest concurrency with no underruns and p95 TTFA <= {args.ttfa_threshold_ms:.0f} ms: "
+              f"{best if best is not None else 'none of the levels tried'}")
+    print("wrote " + ", ".join(out["files"]))
+    if errors:
+        first = next(r.error for r in out["results"] if r.error)
+        print(f"csm-stream bench: {errors} request(s) failed; first: {first}", file=sys.stderr)
+        return 1
+    return 0

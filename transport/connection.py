@@ -278,6 +278,8 @@ class Connection:
         await self._done(job, cancelled=False)
 
     async def _send_audio(self, job: Job, chunk: bytes) -> None:
+        if self.server.test_chunk_delay:
+            await asyncio.sleep(self.server.test_chunk_delay)
         now = time.perf_counter()
         if not job.t_first:
             job.t_first = now

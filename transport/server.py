@@ -40,7 +40,7 @@ class StreamServer:
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8765, max_waiting: int = MAX_WAITING,
                  max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, warmup: bool = True,
                  voices: dict | None = None, voices_dir: str | None = None, routes: dict | None = None,
-                 calls=None) -> None:
+                 calls=None, test_chunk_delay: float = 0.0) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -50,6 +50,7 @@ class StreamServer:
         self.routes = dict(routes or {})
         # live phone calls by call_control_id (an object with .get(id) -> call sink), or None
         self.calls = calls
+        self.test_chunk_delay = test_chunk_delay  # test hook: sleep this long before each audio chunk
         self.metrics = Metrics()
         self.recent: deque[GenRequest] = deque(maxlen=256)  # latest requests handed to the engine
         self.ready = False

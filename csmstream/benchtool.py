@@ -1,0 +1,206 @@
+"""`csm-stream bench`: drive a running server like callers would, and measure what they feel.
+
+N concurrent simulated callers each send requests and play the audio in real time into a simulated
+playback buffer from the moment the first chunk arrives. Per request: time to first audio, total
+time, real-time factor, every inter-chunk gap, underruns (the buffer ran dry after playback started)
+and their total duration, and the REST-style baseline the seed replaces -- the same request played
+only once its last byte has arrived (generate everything, then send), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .transport.protocol import FORMATS
+
+DEFAULT_TEXTS = [
+    "Thanks for calling. How can I help you today?",
+    "Your order shipped on Monday and should arrive by Friday afternoon.",
+    "I'm sorry, I didn't catch that. Could you say it again?",
+    "Sure. Let me check that for you. One moment please.",
+]
+
+
+@dataclass
+class CallResult:
+    index: int
+    concurrency: int
+    chars: int
+    ttfa_ms: float | None = None
+    total_ms: float | None = None
+    audio_ms: float = 0.0
+    rtf: float | None = None
+    chunks: int = 0
+    chunk_bytes: int = 0
+    max_gap_ms: float = 0.0
+    underruns: int = 0
+    underrun_ms: float = 0.0
+    rest_ttfa_ms: float | None = None  # REST-style: first audio only when everything has arrived
+    error: str | None = None
+    arrivals_ms: list = field(default_factory=list)  # each chunk's arrival, from the request
+    gaps_ms: list = field(default_factory=list)
+
+
+def playback(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, float]:
+    """Real-time playback from the first arrival: (underruns, total dry time in s)."""
+    if not arrivals_s:
+        return 0, 0.0
+    end = arrivals_s[0]
+    n, dry = 0, 0.0
+    for t, d in zip(arrivals_s, durations_s):
+        if t > end + 1e-4:
+            n += 1
+            dry += t - end
+            end = t
+        end += d
+    return n, dry
+
+
+async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int) -> CallResult:
+    from websockets.asyncio.client import connect
+
+    rate, enc = FORMATS[fmt]
+    bps = 2 if enc == "pcm" else 1
+    r = CallResult(index, concurrency, len(text))
+    durations = []
+    try:
+        async with connect(url, max_size=None, open_timeout=30) as ws:
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index}))
+            arrivals = []
+            async for m in ws:
+                now = time.perf_counter() - t0
+                if isinstance(m, bytes):
+                    arrivals.append(now)
+                    durations.append(len(m) / bps / rate)
+                    r.chunk_bytes += len(m)
+                    continue
+                msg = json.loads(m)
+                if "error" in msg:
+                    r.error = f"{msg['error'].get('code')}: {msg['error'].get('message')}"
+                else:
+                    r.total_ms = 1000 * now
+                break
+    except Exception as e:  # a bench records failures, it does not stop on them
+        r.error = f"{type(e).__name__}: {e}"
+        return r
+    r.chunks = len(arrivals)
+    r.audio_ms = 1000 * sum(durations)
+    r.arrivals_ms = [round(1000 * t, 3) for t in arrivals]
+    if arrivals:
+        r.ttfa_ms = 1000 * arrivals[0]
+        r.gaps_ms = [round(1000 * (b - a), 3) for a, b in zip(arrivals, arrivals[1:])]
+        r.max_gap_ms = max(r.gaps_ms, default=0.0)
+        n, dry = playback(arrivals, durations)
+        r.underruns, r.underrun_ms = n, 1000 * dry
+        r.rest_ttfa_ms = r.total_ms
+    if r.total_ms and r.audio_ms:
+        r.rtf = r.total_ms / r.audio_ms
+    return r
+
+
+async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
+                    progress: bool = True) -> list[CallResult]:
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    results: list[CallResult] = []
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        async with sem:
+            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms)
+        results.append(res)
+        done += 1
+        if progress:
+            bar = "#" * (30 * done // requests)
+            print(f"\r  concurrency {concurrency:3d} [{bar:<30}] {done}/{requests}", end="", file=sys.stderr,
+                  flush=True)
+
+    await asyncio.gather(*(worker(i) for i in range(requests)))
+    if progress:
+        print(file=sys.stderr)
+    return sorted(results, key=lambda r: r.index)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
+
+
+def summarize(results: list[CallResult]) -> dict:
+    ok = [r for r in results if r.error is None and r.ttfa_ms is not None]
+    out: dict = {"requests": len(results), "errors": len(results) - len(ok),
+                 "underruns": sum(r.underruns for r in ok), "underrun_ms": round(sum(r.underrun_ms for r in ok), 1)}
+    for name in ("ttfa_ms", "total_ms", "rtf", "max_gap_ms", "rest_ttfa_ms"):
+        vals = [getattr(r, name) for r in ok if getattr(r, name) is not None]
+        out[name] = {p: (None if _pct(vals, q) is None else round(_pct(vals, q), 3))
+                     for p, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))}
+    t, rest = out["ttfa_ms"]["p50"], out["rest_ttfa_ms"]["p50"]
+    out["streaming_gain"] = round(rest / t, 2) if t and rest else None
+    return out
+
+
+def table(summary_by_level: dict[int, dict]) -> str:
+    rows = ["concurrency  requests errors underruns  ttfa p50/p95/p99/max ms        rtf p95  max gap p95  "
+            "REST-style first audio p50  gain"]
+    for c, s in summary_by_level.items():
+        f = s["ttfa_ms"]
+
+        def fmt(v):
+            return "-" if v is None else f"{v:.0f}"
+
+        rows.append(f"{c:11d}  {s['requests']:8d} {s['errors']:6d} {s['underruns']:9d}  "
+                    f"{fmt(f['p50']):>5}/{fmt(f['p95']):>5}/{fmt(f['p99']):>5}/{fmt(f['max']):>5}"
+                    f"{'':13}{s['rtf']['p95'] or 0:6.3f}  {s['max_gap_ms']['p95'] or 0:9.0f}  "
+                    f"{s['rest_ttfa_ms']['p50'] or 0:24.0f} ms  {s['streaming_gain'] or 0:4.1f}x")
+    return "\n".join(rows)
+
+
+def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: dict[int, dict],
+                  best: int | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.json", out_dir / "results.csv"]
+    payload = {"summary": {str(k): v for k, v in summary_by_level.items()}, "best_concurrency": best,
+               "results": [asdict(r) for r in results]}
+    paths[0].write_text(json.dumps(payload, indent=1))
+    cols = [k for k in asdict(results[0]) if k not in ("arrivals_ms", "gaps_ms")] if results else []
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow(asdict(r))
+    try:
+        from .plots import draw_all
+    except ImportError:  # matplotlib missing: data still written
+        print("csm-stream bench: matplotlib not installed; skipping plots (pip install matplotlib)", file=sys.stderr)
+        return paths
+    return paths + draw_all(out_dir, results, summary_by_level)
+
+
+def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> int | None:
+    good = [c for c, s in summary_by_level.items()
+            if s["errors"] == 0 and s["underruns"] == 0 and (s["ttfa_ms"]["p95"] or 1e18) <= ttfa_threshold_ms]
+    return max(good) if good else None
+
+
+def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
+              fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
+              ttfa_threshold_ms: float = 500.0, progress: bool = True) -> dict:
+    texts = texts or DEFAULT_TEXTS
+    results: list[CallResult] = []
+    summaries: dict[int, dict] = {}
+    for c in concurrency:
+        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress))
+        results += level
+        summaries[c] = summarize(level)
+    best = best_level(summaries, ttfa_threshold_ms)
+    files = write_outputs(Path(out_dir), results, summaries, best)
+    return {"summary": summaries, "best_concurrency": best, "files": [str(p) for p in files], "results": results}

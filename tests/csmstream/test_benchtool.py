@@ -1,0 +1,64 @@
+"""`csm-stream bench` against a real server on tiny: fields, consistency, plots, underruns."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from csmstream.benchtool import playback, run_bench
+from tests.servers import RunningServer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_playback_simulation_counts_dry_time():
+    # chunks of 100 ms arriving at 0, 50, 300 ms: played 0-100, 100-200, dry 200-300, 300-400
+    assert playback([0.0, 0.05, 0.3], [0.1, 0.1, 0.1]) == (1, pytest.approx(0.1))
+    assert playback([0.0, 0.05, 0.1], [0.1, 0.1, 0.1]) == (0, 0.0)
+
+
+def test_bench_tool_against_a_real_server(tmp_path, server):
+    out = run_bench(server.url, concurrency=[1, 2], requests=3, out_dir=tmp_path, progress=False,
+                    texts=["Hello there, this is a test.", "Short one."])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["summary"]) == {"1", "2"} and len(data["results"]) == 6
+    for r in data["results"]:
+        assert r["error"] is None
+        for key in ("ttfa_ms", "total_ms", "audio_ms", "rtf", "max_gap_ms", "underruns", "underrun_ms",
+                    "rest_ttfa_ms", "arrivals_ms", "gaps_ms", "chunks"):
+            assert key in r
+        assert r["total_ms"] >= r["ttfa_ms"] > 0
+        assert r["audio_ms"] == pytest.approx(r["chunk_bytes"] / 48, abs=0.01)  # pcm_24000: 48 bytes/ms
+        assert len(r["arrivals_ms"]) == r["chunks"] and len(r["gaps_ms"]) == r["chunks"] - 1
+        assert r["rest_ttfa_ms"] >= r["ttfa_ms"]
+    s = data["summary"]["1"]
+    assert s["ttfa_ms"]["p50"] <= s["ttfa_ms"]["p95"] <= s["ttfa_ms"]["max"]
+    assert s["streaming_gain"] > 1
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("index,")
+    for name in ("ttfa.png", "timeline.png", "underruns.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert out["best_concurrency"] == 2  # tiny on CPU keeps up with 2 callers
+
+
+def test_a_slowed_server_produces_underruns_the_tool_reports(tmp_path):
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), test_chunk_delay=0.15).start()
+    try:
+        out = run_bench(rs.url, concurrency=[1], requests=1, out_dir=tmp_path, progress=False,
+                        texts=["A sentence long enough for several chunks of audio."])
+    finally:
+        rs.stop()
+    s = out["summary"][1]
+    assert s["underruns"] > 0 and s["underrun_ms"] > 100
+    assert out["best_concurrency"] is None
+
+
+def test_cli_bench_prints_tables_and_writes_files(tmp_path, server):
+    out = subprocess.run([sys.executable, "-m", "csmstream", "bench", "--url", server.url, "--sweep", "1,2",
+                          "--requests", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "p50/p95/p99/max" in out.stdout and "highest concurrency" in out.stdout
+    assert (tmp_path / "results.json").exists() and (tmp_path / "ttfa.png").exists()
