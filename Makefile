@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean help
+.PHONY: install demo test bench bench-check clean help
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
 	@echo "make test    - set up and run the whole test suite (CPU only)"
-	@echo "make bench   - set up and run the pytest-benchmark suites in bench/"
+	@echo "make bench   - set up and run the pytest-benchmark suites in bench/ (saved under .benchmarks/)"
+	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
 	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
 
 $(STAMP): setup.py
@@ -31,6 +32,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave
+
+BENCH_FAIL ?= median:30%
+bench-check: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave --benchmark-compare \
+		--benchmark-compare-fail=$(BENCH_FAIL)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks build *.egg-info
