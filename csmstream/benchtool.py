@@ -62,7 +62,8 @@ def playback(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, fl
     return n, dry
 
 
-async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int) -> CallResult:
+async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int,
+                   token: str | None = None) -> CallResult:
     from websockets.asyncio.client import connect
 
     rate, enc = FORMATS[fmt]
@@ -70,7 +71,8 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
     r = CallResult(index, concurrency, len(text))
     durations = []
     try:
-        async with connect(url, max_size=None, open_timeout=30) as ws:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
             t0 = time.perf_counter()
             await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index}))
             arrivals = []
@@ -106,7 +108,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
 
 
 async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
-                    progress: bool = True) -> list[CallResult]:
+                    progress: bool = True, token: str | None = None) -> list[CallResult]:
     sem = asyncio.Semaphore(concurrency)
     done = 0
     results: list[CallResult] = []
@@ -114,7 +116,7 @@ async def run_level(url: str, texts: list[str], concurrency: int, requests: int,
     async def worker(i: int) -> None:
         nonlocal done
         async with sem:
-            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms)
+            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token)
         results.append(res)
         done += 1
         if progress:
@@ -193,12 +195,12 @@ def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> i
 
 def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
               fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
-              ttfa_threshold_ms: float = 500.0, progress: bool = True) -> dict:
+              ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None) -> dict:
     texts = texts or DEFAULT_TEXTS
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
-        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress))
+        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token))
         results += level
         summaries[c] = summarize(level)
     best = best_level(summaries, ttfa_threshold_ms)

@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
+    serve.add_argument("--auth-token", default=None,
+                       help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz "
+                            "(default: $CSM_AUTH_TOKEN; unset = open)")
+    serve.add_argument("--allowed-origins", default=None, metavar="URL,URL",
+                       help="browser Origins allowed to connect (default: any)")
+    serve.add_argument("--max-connections-per-ip", type=int, default=64,
+                       help="open WebSockets per client address (default: 64)")
+    serve.add_argument("--max-requests-per-minute", type=int, default=600,
+                       help="requests per connection per minute (default: 600)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="on SIGTERM/SIGINT, seconds to let running requests finish (default: 10)")
     serve.add_argument("--voices", default=None, metavar="DIR",
                        help="named voices: NAME.wav + NAME.txt pairs, encoded at start-up; requests pick one "
                             "with \"voice\": \"NAME\"; GET /voices lists them")
@@ -78,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="audio format to request (default: pcm_24000)")
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
     say.add_argument("--local", action="store_true", help="generate in-process with --model (no server)")
+    say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
     _model_args(say)
     _gen_args(say)
 
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk-ms", type=int, default=100, help="chunk length in ms (default: 100)")
     bench.add_argument("--ttfa-threshold-ms", type=float, default=500.0, help="p95 TTFA bound for --sweep (500)")
     bench.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
+    bench.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
 
     demo = sub.add_parser("demo", help="start a server on the tiny model, stream a sentence, stop",
                           description="The end-to-end check: start 'csm-stream serve' in the background, "

@@ -48,7 +48,12 @@ def serve(args) -> int:
 
     async def main() -> None:
         srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars,
-                           routes=routes, calls=calls, voices_dir=args.voices)
+                           routes=routes, calls=calls, voices_dir=args.voices,
+                           auth_token=args.auth_token or os.environ.get(AUTH_ENV),
+                           allowed_origins=[o.strip() for o in args.allowed_origins.split(",")]
+                           if args.allowed_origins else None,
+                           max_connections_per_ip=args.max_connections_per_ip,
+                           max_requests_per_minute=args.max_requests_per_minute)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,8 +66,9 @@ def serve(args) -> int:
                   f"({args.telnyx_codec}; auth token {'required' if routes['/telnyx'][1] else 'NOT configured'})",
                   file=sys.stderr, flush=True)
         await stop.wait()
-        print("csm-stream: shutting down", file=sys.stderr, flush=True)
-        await srv.stop()
+        print(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)",
+              file=sys.stderr, flush=True)
+        await srv.stop(args.shutdown_timeout)
 
     try:
         _run_loop(main())
@@ -73,6 +79,7 @@ def serve(args) -> int:
 
 
 TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
+AUTH_ENV = "CSM_AUTH_TOKEN"
 
 
 def telnyx_routes(codec: str, token: str | None):
@@ -123,7 +130,7 @@ async def _say(args):
         opts["seed"] = args.seed
     if args.max_frames is not None:
         opts["max_audio_ms"] = 80 * args.max_frames
-    svc = SesameWebSocketService(args.url)
+    svc = SesameWebSocketService(args.url, token=args.token or os.environ.get(AUTH_ENV))
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
     chunks: list[bytes] = []
     t0 = time.perf_counter()
@@ -180,7 +187,7 @@ def demo(args) -> int:
         print(f"demo: server ready after {time.perf_counter() - t0:.1f} s; streaming a sentence", file=sys.stderr,
               flush=True)
         args.url = f"ws://127.0.0.1:{port}/ws/generate"
-        args.format, args.chunk_ms = "pcm_24000", 100
+        args.format, args.chunk_ms, args.token = "pcm_24000", 100, None
         return say(args)
     except RuntimeError as e:
         print(f"csm-stream: demo failed: {e}", file=sys.stderr)
@@ -221,7 +228,8 @@ def bench(args) -> int:
             raise ValueError(f"--text-file {str(path)!r} has no non-empty lines")
     print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}", file=sys.stderr)
     out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
-                    chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms)
+                    chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms,
+                    token=args.token or os.environ.get(AUTH_ENV))
     print(table(out["summary"]))
     errors = sum(s["errors"] for s in out["summary"].values())
     if args.sweep:

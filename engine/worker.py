@@ -84,14 +84,22 @@ class WorkerStats:
     step_seconds: float = 0.0
 
 
+class Busy(RuntimeError):
+    """Every slot is taken and the waiting queue is full: try again shortly."""
+
+
 class EngineWorker:
     """Owns the engine while running; start() / stop(); submit() from any thread."""
 
     def __init__(self, engine, notify: Callable[[list[GenRequest]], None] | None = None, *,
-                 idle_wait: float = 0.05) -> None:
+                 idle_wait: float = 0.05, max_waiting: int | None = None) -> None:
         self.engine = engine
         self.notify = notify or (lambda reqs: None)
         self.idle_wait = idle_wait
+        # requests waiting for a slot, at most (beyond it submit() raises Busy at once)
+        self.max_waiting = max_waiting if max_waiting is not None else 4 * engine.max_streams
+        self.fault_hook: Callable[[GenRequest], None] | None = None  # test hook, called per row per tick
+        self.died: BaseException | None = None
         self.stats = WorkerStats()
         self._inbox: queue.SimpleQueue[GenRequest] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -134,10 +142,18 @@ class EngineWorker:
             raise RuntimeError("the engine thread is not running")
         if req._prepared is None:
             self.prepare(req)
+        free = max(0, self.engine.max_streams - len(self._active))
+        if self.queued() >= self.max_waiting + free:
+            raise Busy(f"all {self.engine.max_streams} streams are busy and {self.max_waiting} requests are "
+                       "already waiting; retry shortly")
         req.t_submit = time.perf_counter()
         self._inbox.put(req)
         self._wake.set()
         return req
+
+    def queued(self) -> int:
+        """Requests submitted and not yet admitted (approximate, read from any thread)."""
+        return self._inbox.qsize() + len(self._waiting)
 
     def warmup(self, frames: int = 3) -> None:
         """Compile and touch every path once (prefill with and without context, step, decode)
@@ -156,16 +172,23 @@ class EngineWorker:
         import torch
 
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            try:
-                busy = self._tick()
-            except Exception:  # never let one bad tick kill the server: fail the active requests
-                log.exception("engine tick failed; failing the active requests")
-                self._fail_all("internal error in the engine thread (see the server log)")
-                busy = False
-            if not busy:
-                self._wake.wait(self.idle_wait)
-                self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = self._tick()
+                except Exception:  # never let one bad tick kill the server: fail the active requests
+                    log.exception("engine tick failed; failing the active requests")
+                    self._fail_all("internal error in the engine thread (see the server log)")
+                    busy = False
+                if not busy:
+                    self._wake.clear()  # clear, then look: a submit in between is never missed
+                    if self._inbox.empty():
+                        self._wake.wait(self.idle_wait)
+        except BaseException as e:  # the thread is dying: say so loudly, fail everyone, never hang
+            self.died = e
+            log.critical("the engine thread died (%s: %s); /healthz now answers 503", type(e).__name__, e)
+            self._fail_all("the engine thread died; the server cannot generate until it is restarted")
+            return
         self._fail_all("server shutting down", reason="cancelled")
 
     def _tick(self) -> bool:
@@ -237,27 +260,36 @@ class EngineWorker:
         now = time.perf_counter()
         for r in rows:
             req = self._active[r]
-            if not codes[r - lo].any():
-                self._finish(req, "eos", changed)
-                continue
-            req.frames += 1
-            frame = codes[r - lo]
-            if req.keep_codes or req.max_repeats:
-                if req.max_repeats and req.codes and np.array_equal(req.codes[-1], frame):
-                    req._repeats += 1
-                else:
-                    req._repeats = 0
-                req.codes.append(frame.copy())
-            if r in pcm:
-                if req.sink.write(pcm[r]) < len(pcm[r]):
-                    log.warning("request sink full; audio dropped")
-                if not req.t_first_audio:
-                    req.t_first_audio = now
-            changed.append(req)
-            if req.max_repeats and req._repeats >= req.max_repeats:
-                self._finish(req, "guard", changed)  # a stuck, run-on sentence: stop it
-            elif req.frames >= req.max_frames:
-                self._finish(req, "max_frames", changed)
+            try:
+                self._after_step(req, r, codes[r - lo], pcm, now, changed)
+            except Exception as e:  # one request's failure ends that request only
+                log.exception("request failed in the engine thread")
+                self._finish(req, "error", changed, error=f"generation failed: {type(e).__name__}: {e}")
+
+    def _after_step(self, req: GenRequest, r: int, frame: np.ndarray, pcm: dict, now: float, changed: list) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(req)
+        if not frame.any():
+            self._finish(req, "eos", changed)
+            return
+        req.frames += 1
+        if req.keep_codes or req.max_repeats:
+            if req.max_repeats and req.codes and np.array_equal(req.codes[-1], frame):
+                req._repeats += 1
+            else:
+                req._repeats = 0
+            req.codes.append(frame.copy())
+        sink = req.sink
+        if r in pcm and sink is not None:
+            if sink.write(pcm[r]) < len(pcm[r]):
+                log.warning("request sink full; audio dropped")
+            if not req.t_first_audio:
+                req.t_first_audio = now
+        changed.append(req)
+        if req.max_repeats and req._repeats >= req.max_repeats:
+            self._finish(req, "guard", changed)  # a stuck, run-on sentence: stop it
+        elif req.frames >= req.max_frames:
+            self._finish(req, "max_frames", changed)
 
     def _decode(self, dev_codes, lo: int, rows: list[int]) -> dict[int, np.ndarray]:
         """One streaming decode per contiguous run of rows (decoder state must not advance for

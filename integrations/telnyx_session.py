@@ -138,7 +138,8 @@ class TelnyxMediaSession:
 
     def _bad(self, reason: str, raw) -> BadMessage:
         raw = raw if isinstance(raw, str) else str(raw)
-        log.warning("telnyx: ignoring bad message: %s: %.200s", reason, raw)
+        log.warning("telnyx: ignoring bad message: %s", reason)
+        log.debug("telnyx: the bad message was: %.200s", raw)  # may carry caller audio: debug only
         return BadMessage(reason, raw[:200])
 
     def _on_connected(self, msg) -> list:

@@ -38,8 +38,9 @@ class SesameWebSocketService:
     """Streams TTS from a csm-stream server. One connection per stream_tts() call unless used as
     an async context manager (`async with svc: ...`), which keeps one connection open."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0, token: str | None = None) -> None:
         self.url, self.open_timeout = url, open_timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ws = None
         self.last_done: dict | None = None  # the most recent request's done message
 
@@ -54,7 +55,8 @@ class SesameWebSocketService:
 
     async def _connect(self):
         try:
-            return await connect(self.url, open_timeout=self.open_timeout, max_size=None)
+            return await connect(self.url, open_timeout=self.open_timeout, max_size=None,
+                                 additional_headers=self.headers)
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
             raise SesameConnectionError(f"cannot connect to {self.url}: {e}") from e
 

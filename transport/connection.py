@@ -17,6 +17,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from ..engine.prompt import Segment
+from ..engine.worker import Busy
 from . import protocol
 from .job import Job
 from .ring import PcmRing
@@ -32,6 +33,7 @@ class Connection:
         self.jobs: deque[Job] = deque()  # head: the one streaming now
         self.playing: list[Job] = []  # call requests fully queued at Telnyx, waiting for their mark
         self.open_job: Job | None = None  # the text stream taking text now (final=false)
+        self._recent_requests: deque[float] = deque()  # request times, for the per-minute limit
         self._work = asyncio.Event()
         self._clock_t0 = 0.0  # client playback clock, for underrun accounting
         self._clock_ms = 0.0
@@ -49,12 +51,21 @@ class Connection:
             except (asyncio.CancelledError, Exception):
                 pass
 
+    @property
+    def busy(self) -> bool:
+        """Requests queued, streaming, or playing into a call."""
+        return bool(self.jobs or self.playing)
+
+    async def cancel_all(self) -> None:
+        await self._cancel(None, quiet=True)
+
     def abort(self) -> None:
         """The client is gone: cancel everything it asked for (the engine frees slots next tick)."""
         for job in self.jobs:
             if not job.cancelled:
                 job.cancel()
                 self.server.metrics.cancelled += 1
+            job.release()
         self.jobs.clear()
 
     async def _on_message(self, message) -> None:
@@ -72,6 +83,14 @@ class Connection:
             await self._stream_text(msg)
             return
         rid = msg.request_id or srv.next_request_id()
+        now = time.monotonic()
+        while self._recent_requests and now - self._recent_requests[0] > 60:
+            self._recent_requests.popleft()
+        if len(self._recent_requests) >= srv.max_requests_per_minute:
+            await self._error("rate_limited", f"at most {srv.max_requests_per_minute} requests per minute per "
+                              "connection; wait and retry", rid)
+            return
+        self._recent_requests.append(now)
         if msg.voice is not None and msg.voice not in srv.voices:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
             await self._error("unknown_voice", f"unknown voice {msg.voice!r}; available: {known}", rid)
@@ -122,9 +141,11 @@ class Connection:
         job.close()
         self.open_job = None
 
-    async def _cancel(self, rid: str | None) -> None:
+    async def _cancel(self, rid: str | None, quiet: bool = False) -> None:
         targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
         if not targets:
+            if quiet:
+                return
             what = f"request {rid!r} is not running or queued" if rid else "no request is running or queued"
             await self._error("nothing_to_cancel", f"nothing to cancel: {what}", rid)
             return
@@ -152,6 +173,7 @@ class Connection:
             self._pop(job)
 
     def _pop(self, job: Job) -> None:
+        job.release()
         if self.jobs and self.jobs[0] is job:
             self.jobs.popleft()
         if not self.jobs:
@@ -189,7 +211,8 @@ class Connection:
             srv.worker.submit(req)
         except (ValueError, RuntimeError) as e:
             job.error = str(e)
-            await self._error("invalid_request" if isinstance(e, ValueError) else "unavailable", str(e), job.rid)
+            code = "invalid_request" if isinstance(e, ValueError) else "busy" if isinstance(e, Busy) else "unavailable"
+            await self._error(code, str(e), job.rid)
             job.cancel()
             return False
         job.parts.popleft()
@@ -241,6 +264,7 @@ class Connection:
                     if job.src_limit is not None:
                         rest = rest[: max(0, job.src_limit - job.src_sent)]
                     job.active.popleft()
+                    req.sink = None
                     if req.codes:
                         job.history.append((req.text, np.stack(req.codes)))
                     job.done_reqs.append(req)

@@ -81,6 +81,16 @@ class Job:
             req.cancel()
         self.event.set()
 
+    def release(self) -> None:
+        """Drop the audio buffers (rings) once the job is over; the engine requests may live on in
+        the server's `recent` list for inspection without holding audio."""
+        for r, _ in self.active:
+            r.sink = None
+            self.done_reqs.append(r)
+        self.active.clear()
+        for r in self.done_reqs:
+            r.sink = None
+
     def context_for_next(self) -> list[tuple[str, np.ndarray]]:
         """Earlier sentences whose codes are complete: finished history plus finished active ones."""
         done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.finished and r.codes]

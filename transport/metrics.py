@@ -13,6 +13,16 @@ TTFA_BUCKETS_MS = (10, 25, 50, 100, 200, 350, 500, 1000, 2000, 5000)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Histogram:
     def __init__(self, buckets) -> None:
         self.buckets = tuple(buckets)
@@ -59,7 +69,7 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors[code] += 1
 
-    def render(self, worker_stats=None, ready: bool = True) -> str:
+    def render(self, worker_stats=None, ready: bool = True, health: dict | None = None) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, value) -> None:
@@ -78,6 +88,12 @@ class Metrics:
         metric("csm_buffer_underruns_total", "counter",
                "times a stream had to wait for audio after its client's playback would have run dry",
                self.underruns)
+        if health is not None:
+            metric("csm_free_slots", "gauge", "generation slots free now (for load balancers)", health["free_slots"])
+            metric("csm_max_streams", "gauge", "generation slots in all", health["max_streams"])
+        rss = _rss_bytes()
+        if rss is not None:
+            metric("csm_process_resident_bytes", "gauge", "resident memory of the server process", rss)
         if worker_stats is not None:
             now = time.monotonic()
             t0, f0 = self._last_frames

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from ..engine.worker import EngineWorker, GenRequest
 from . import elevenlabs, protocol
 from .connection import Connection
+from .gate import Gate
 from .metrics import Metrics
 
 log = logging.getLogger("csmstream.server")
@@ -40,7 +41,9 @@ class StreamServer:
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8765, max_waiting: int = MAX_WAITING,
                  max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, warmup: bool = True,
                  voices: dict | None = None, voices_dir: str | None = None, routes: dict | None = None,
-                 calls=None, test_chunk_delay: float = 0.0) -> None:
+                 calls=None, test_chunk_delay: float = 0.0, auth_token: str | None = None,
+                 allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
+                 max_requests_per_minute: int = 600, max_engine_waiting: int | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -51,6 +54,11 @@ class StreamServer:
         # live phone calls by call_control_id (an object with .get(id) -> call sink), or None
         self.calls = calls
         self.test_chunk_delay = test_chunk_delay  # test hook: sleep this long before each audio chunk
+        self.gate = Gate(auth_token, allowed_origins, max_connections_per_ip, own_auth_paths=tuple(self.routes))
+        self.max_requests_per_minute = max_requests_per_minute
+        self.max_engine_waiting = max_engine_waiting
+        self.connections: set = set()  # open /ws/generate and ElevenLabs connections
+        self.stopping = False
         self.metrics = Metrics()
         self.recent: deque[GenRequest] = deque(maxlen=256)  # latest requests handed to the engine
         self.ready = False
@@ -83,7 +91,8 @@ class StreamServer:
         except BaseException:
             self._ws.close()
             raise
-        self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe).start()
+        self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe,
+                                   max_waiting=self.max_engine_waiting).start()
         if self.do_warmup:
             t0 = time.perf_counter()
             await self._loop.run_in_executor(None, self.worker.warmup)
@@ -92,10 +101,26 @@ class StreamServer:
         log.info("ready: %r", self.engine)
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Graceful: stop accepting, let running requests finish for up to `timeout` seconds, then
+        cancel what is left (each gets its done with cancelled: true), close sockets with 1001."""
         self.ready = False
+        self.stopping = True
         if self._ws is not None:
-            self._ws.close()
+            self._ws.close(close_connections=False)  # no new connections from here on
+            deadline = time.monotonic() + timeout
+            while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            left = [c for c in self.connections if c.busy]
+            if left:
+                log.warning("shutdown deadline reached: cancelling %d connection(s)' requests", len(left))
+                for c in left:
+                    await c.cancel_all()
+                t = time.monotonic() + 2.0
+                while any(c.busy for c in self.connections) and time.monotonic() < t:
+                    await asyncio.sleep(0.02)
+            for c in list(self.connections):
+                await c.ws.close(1001, "server shutting down")
             await self._ws.wait_closed()
         if self.worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
@@ -128,10 +153,30 @@ class StreamServer:
                 r.tag.wake()
 
     # -- HTTP ------------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self.worker is not None and self.worker.alive
+
+    def health(self) -> dict:
+        e, w = self.engine, self.worker
+        slots = e.max_streams if e is not None else 0
+        active = w.stats.active if w is not None else 0
+        status = "ok" if self.healthy else ("stopping" if self.stopping else
+                                            "engine thread died" if w is not None and w.died else "warming up")
+        return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
+                "waiting": w.queued() if w is not None else 0}
+
     def _http(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
+        ip = connection.remote_address[0] if connection.remote_address else None
+        denied = self.gate.check(path, request.headers, ip, websocket="Upgrade" in request.headers)
+        if denied is not None:
+            log.warning("refused %s from %s: %s", path, ip, denied[1].strip())
+            return connection.respond(*denied)
         if path == "/healthz":
-            return connection.respond(200, "ok\n") if self.ready else connection.respond(503, "warming up\n")
+            resp = connection.respond(200 if self.healthy else 503, json.dumps(self.health()) + "\n")
+            resp.headers["Content-Type"] = "application/json"
+            return resp
         if path == "/voices":
             body = json.dumps({"voices": [{"name": v.name, "text": v.text, "seconds": round(v.seconds, 2)}
                                           for v in self.voices.values()]})
@@ -140,11 +185,11 @@ class StreamServer:
             return resp
         if path == "/metrics":
             resp = connection.respond(200, self.metrics.render(self.worker.stats if self.worker else None,
-                                                               self.ready))
+                                                               self.healthy, self.health()))
             resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return resp
         if elevenlabs.match(path):
-            return None if self.ready else connection.respond(503, "warming up\n")
+            return None if self.healthy else connection.respond(503, f"{self.health()['status']}\n")
         if path in self.routes:
             _, accept = self.routes[path]
             if accept is not None and not accept(request.headers):
@@ -155,8 +200,8 @@ class StreamServer:
             extra = "".join(f", {p}" for p in self.routes)
             return connection.respond(404, f"no route {path}; WebSocket endpoints are /ws/generate{extra}, "
                                            "HTTP endpoints /healthz and /metrics\n")
-        if not self.ready:
-            return connection.respond(503, "warming up; retry when /healthz says 200\n")
+        if not self.healthy:
+            return connection.respond(503, f"{self.health()['status']}; retry when /healthz says 200\n")
         return None  # go on with the WebSocket handshake
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -165,25 +210,18 @@ class StreamServer:
             await self.routes[path][0](ws)
             return
         m = self.metrics
-        if elevenlabs.match(path):
-            m.connections += 1
-            m.open_connections += 1
-            conn = elevenlabs.ElevenLabsConnection(self, ws)
-            try:
-                await conn.run()
-            except ConnectionClosed:
-                pass
-            finally:
-                m.open_connections -= 1
-                conn.abort()
-            return
+        ip = ws.remote_address[0] if ws.remote_address else None
+        conn = (elevenlabs.ElevenLabsConnection if elevenlabs.match(path) else Connection)(self, ws)
         m.connections += 1
         m.open_connections += 1
-        conn = Connection(self, ws)
+        self.gate.opened(ip)
+        self.connections.add(conn)
         try:
             await conn.run()
         except ConnectionClosed:
             pass
         finally:
+            self.connections.discard(conn)
+            self.gate.closed(ip)
             m.open_connections -= 1
             conn.abort()

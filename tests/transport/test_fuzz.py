@@ -1,0 +1,68 @@
+"""Property-based fuzzing of the message protocol and the Telnyx session: whatever arrives, no
+exception escapes except the documented ProtocolError, and every reply is valid."""
+
+import json
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csmstream.integrations import telnyx_session as ts
+from csmstream.transport import protocol
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=12)
+KEYS = ["text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed", "max_audio_ms",
+        "voice", "final", "cancel", "flush", "call_control_id"]
+messages = st.one_of(
+    st.text(max_size=200),
+    json_values.map(lambda v: json.dumps(v, allow_nan=True)),
+    st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6).map(lambda d: json.dumps(d, allow_nan=True)),
+    st.binary(max_size=50),
+)
+RESULTS = (protocol.Generate, protocol.Cancel, protocol.Append, protocol.Flush)
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages, st.booleans())
+def test_protocol_parse_returns_a_message_or_a_protocol_error(raw, streaming):
+    try:
+        msg = protocol.parse(raw, streaming=streaming)
+    except protocol.ProtocolError as e:
+        reply = json.loads(protocol.error(e.code, e.message, e.request_id))
+        assert reply["error"]["code"] and reply["error"]["message"]
+        return
+    assert isinstance(msg, RESULTS)
+    if isinstance(msg, protocol.Generate):
+        assert isinstance(msg.text, str) and msg.format in protocol.FORMATS
+        assert 20 <= msg.chunk_ms <= 1000 and msg.speaker_id >= 0 and msg.topk >= 1 and msg.temperature > 0
+
+
+EVENTS = ["connected", "start", "media", "mark", "dtmf", "stop", "error", "clear", "bogus"]
+telnyx_messages = st.one_of(
+    st.text(max_size=120),
+    st.binary(max_size=40),
+    st.builds(lambda e, body: json.dumps({"event": e, **body}, allow_nan=True), st.sampled_from(EVENTS),
+              st.dictionaries(st.sampled_from(["start", "media", "mark", "dtmf", "stop", "payload", "stream_id"]),
+                              json_values, max_size=3)),
+)
+KNOWN = (ts.Connected, ts.CallStarted, ts.CallerAudio, ts.Dtmf, ts.MarkPlayed, ts.Stopped, ts.TelnyxError,
+         ts.BadMessage)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(telnyx_messages, max_size=8))
+def test_telnyx_session_never_raises_and_returns_known_events(stream):
+    s = ts.TelnyxMediaSession()
+    s.receive(json.dumps({"event": "start", "start": {"call_control_id": "c"}}))
+    for raw in stream:
+        events = s.receive(raw)
+        assert isinstance(events, list) and all(isinstance(e, KNOWN) for e in events)
+    # outgoing still well-formed afterwards (unless the fuzz stopped the call)
+    if not s.stopped:
+        s.current = None
+        s.start_utterance()
+        for m in s.audio(np.zeros(2400, np.int16)) + s.end_utterance():
+            assert json.loads(m)["event"] in ("media", "mark")

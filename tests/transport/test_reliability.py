@@ -1,0 +1,277 @@
+"""Load, faults, shutdown and security: nothing hangs, one failure stays one failure, no one is let
+in without credentials."""
+
+import asyncio
+import gc
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.servers import RunningServer, collect
+
+
+def reference_pcm(text, seed):
+    import csmstream
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    return np.concatenate(list(eng.stream(text, 0, seed=seed))).astype("<i2").tobytes()
+
+
+def same_audio(got: bytes, want: bytes) -> bool:
+    """Equal length and within 2 LSB: the codes are batch-invariant, a batched Mimi decode may move a
+    sample by one LSB of float rounding."""
+    a, b = np.frombuffer(got, "<i2").astype(int), np.frombuffer(want, "<i2").astype(int)
+    return len(a) == len(b) and (len(a) == 0 or np.abs(a - b).max() <= 2)
+
+
+def tiny(max_streams=2):
+    import csmstream
+
+    return csmstream.load("tiny", device="cpu", max_streams=max_streams)
+
+
+def live_rings():
+    from csmstream.transport.ring import PcmRing
+
+    gc.collect()
+    return sum(type(o) is PcmRing for o in gc.get_objects())
+
+
+def test_more_clients_than_slots_wait_or_get_busy_never_hang():
+    rs = RunningServer(tiny(2), max_engine_waiting=2).start()
+    baseline = live_rings()
+    texts = [f"Caller {i} is on the line." for i in range(6)]
+    try:
+        async def one(i):
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": texts[i], "seed": i, "max_audio_ms": 2000}))
+                return await asyncio.wait_for(collect(ws), 60)
+
+        async def go():
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+        results = asyncio.run(go())
+        busy = [i for i, ev in enumerate(results) if ev[-1][0] == "error"]
+        done = [i for i, ev in enumerate(results) if ev[-1][0] == "done"]
+        assert all(results[i][-1][1]["error"]["code"] == "busy" for i in busy)
+        assert len(done) >= 4 and len(busy) + len(done) == 6  # 2 running + 2 waiting at least
+        for i in done:
+            got = b"".join(b for k, b in results[i] if k == "audio")
+            assert same_audio(got, reference_pcm(texts[i], i)[: 2000 * 48])
+        time.sleep(0.3)
+        assert rs.srv.worker.stats.active == 0 and rs.srv.worker.queued() == 0
+        assert live_rings() <= baseline  # every request's audio buffer was freed
+    finally:
+        rs.stop()
+
+
+def test_one_request_failing_in_the_engine_leaves_others_intact():
+    rs = RunningServer(tiny(2)).start()
+
+    def hook(req):
+        if "FAULT" in req.text and req.frames == 3:
+            raise ValueError("injected fault")
+
+    rs.srv.worker.fault_hook = hook
+    try:
+        async def go():
+            async with connect(rs.url) as a, connect(rs.url) as b:
+                await a.send(json.dumps({"text": "This one will FAULT midway.", "seed": 1}))
+                await b.send(json.dumps({"text": "This one is fine.", "seed": 2}))
+                return await asyncio.gather(collect(a), collect(b))
+
+        bad, good = asyncio.run(go())
+        assert bad[-1][0] == "error" and bad[-1][1]["error"]["code"] == "generation_failed"
+        assert "injected fault" in bad[-1][1]["error"]["message"]
+        assert good[-1][0] == "done"
+        assert same_audio(b"".join(v for k, v in good if k == "audio"), reference_pcm("This one is fine.", 2))
+        assert rs.srv.worker.alive
+    finally:
+        rs.stop()
+
+
+def test_engine_thread_death_turns_health_red_and_requests_get_a_clear_error():
+    rs = RunningServer(tiny(1)).start()
+    base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")
+
+    def hook(req):
+        raise SystemExit("injected: the engine thread dies")
+
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                rs.srv.worker.fault_hook = hook
+                await ws.send(json.dumps({"text": "Goodbye, engine.", "seed": 1}))
+                first = await collect(ws)
+                await ws.send(json.dumps({"text": "Anyone there?"}))
+                second = await collect(ws)
+                return first, second
+
+        first, second = asyncio.run(go())
+        assert first[-1][0] == "error" and "engine thread died" in first[-1][1]["error"]["message"]
+        assert second[-1][0] == "error" and second[-1][1]["error"]["code"] == "unavailable"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/healthz")
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "engine thread died"
+        with pytest.raises(InvalidStatus):
+            asyncio.run(connect(rs.url).__aenter__())
+    finally:
+        rs.stop()
+
+
+def test_cancel_storm_does_not_disturb_another_client(server):
+    async def storm():
+        async with connect(server.url) as ws:
+            for i in range(40):
+                await ws.send(json.dumps({"text": f"Storm {i}.", "request_id": f"s{i % 5}-{i}"}))
+                await ws.send(json.dumps({"cancel": True}))
+            await asyncio.sleep(0.5)
+
+    async def calm():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Calm and steady.", "seed": 8}))
+            return await collect(ws)
+
+    async def go():
+        return await asyncio.gather(storm(), calm())
+
+    _, events = asyncio.run(go())
+    assert events[-1][0] == "done"
+    assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("Calm and steady.", 8))
+
+
+def test_graceful_stop_lets_running_requests_finish_then_closes_1001():
+    rs = RunningServer(tiny(1)).start()
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "Finishing during shutdown.", "seed": 4, "max_audio_ms": 3000}))
+                first = await ws.recv()
+                assert isinstance(first, bytes)
+                rs.loop.call_soon_threadsafe(lambda: rs.loop.create_task(rs.srv.stop(timeout=30)))
+                events = [("audio", first)] + await collect(ws)
+                with pytest.raises(ConnectionClosed) as e:
+                    await asyncio.wait_for(ws.recv(), 10)
+                return events, e.value.rcvd.code
+
+        events, code = asyncio.run(go())
+        assert events[-1][0] == "done" and not events[-1][1]["cancelled"]
+        assert sum(len(b) for k, b in events if k == "audio") == 3000 * 48
+        assert code == 1001
+    finally:
+        rs.stop()
+
+
+def test_stop_deadline_cancels_what_is_left_with_a_done():
+    rs = RunningServer(tiny(1)).start()
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "A long answer that cannot finish in time. " * 10}))
+                await ws.recv()
+                rs.loop.call_soon_threadsafe(lambda: rs.loop.create_task(rs.srv.stop(timeout=0.1)))
+                return await asyncio.wait_for(collect(ws), 30)
+
+        events = asyncio.run(go())
+        assert events[-1][0] == "done" and events[-1][1]["cancelled"] is True
+    finally:
+        rs.stop()
+
+
+@pytest.fixture(scope="module")
+def secured():
+    rs = RunningServer(tiny(2), auth_token="t0ken", allowed_origins=["https://app.example"],
+                       max_connections_per_ip=3, max_requests_per_minute=3).start()
+    yield rs
+    rs.stop()
+
+
+def http(url, headers=None):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_auth_token_required_everywhere_but_healthz(secured):
+    base = secured.url.replace("ws://", "http://").replace("/ws/generate", "")
+    assert http(base + "/healthz") == 200
+    assert http(base + "/metrics") == 401
+    assert http(base + "/metrics", {"Authorization": "Bearer t0ken"}) == 200
+    assert http(base + "/voices", {"Authorization": "Bearer nope"}) == 401
+
+    async def attempt(headers):
+        try:
+            async with connect(secured.url, additional_headers=headers) as ws:
+                await ws.send(json.dumps({"text": "Authorised.", "max_audio_ms": 300}))
+                return (await collect(ws))[-1][0]
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    assert asyncio.run(attempt({})) == 401
+    assert asyncio.run(attempt({"Authorization": "Bearer wrong"})) == 401
+    assert asyncio.run(attempt({"Authorization": "Bearer t0ken"})) == "done"
+    el = secured.url.replace("/ws/generate", "/v1/text-to-speech/0/stream-input")
+
+    async def eleven():
+        async with connect(el, additional_headers={"xi-api-key": "t0ken"}) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": "Hi there. "}))
+            await ws.send(json.dumps({"text": ""}))
+            async for m in ws:
+                if json.loads(m).get("isFinal"):
+                    return True
+
+    assert asyncio.run(eleven())
+
+    from csmstream.transport.client import SesameWebSocketService
+
+    async def client():
+        return [c async for c in SesameWebSocketService(secured.url, token="t0ken").stream_tts("Hi.", max_audio_ms=200)]
+
+    assert sum(map(len, asyncio.run(client()))) == 200 * 48
+
+
+def test_origins_connection_and_rate_limits(secured):
+    auth = {"Authorization": "Bearer t0ken"}
+
+    async def origin(o):
+        try:
+            async with connect(secured.url, additional_headers={**auth, "Origin": o}):
+                return 101
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    assert asyncio.run(origin("https://evil.example")) == 403
+    assert asyncio.run(origin("https://app.example")) == 101
+
+    async def many():
+        conns = [await connect(secured.url, additional_headers=auth) for _ in range(3)]
+        try:
+            with pytest.raises(InvalidStatus) as e:
+                await connect(secured.url, additional_headers=auth)
+            return e.value.response.status_code
+        finally:
+            for c in conns:
+                await c.close()
+
+    assert asyncio.run(many()) == 429
+
+    async def rate():
+        async with connect(secured.url, additional_headers=auth) as ws:
+            codes = []
+            for i in range(4):
+                await ws.send(json.dumps({"text": f"Req {i}.", "max_audio_ms": 100}))
+                codes.append((await collect(ws))[-1])
+            return codes
+
+    codes = asyncio.run(rate())
+    assert [c[0] for c in codes[:3]] == ["done"] * 3
+    assert codes[3][0] == "error" and codes[3][1]["error"]["code"] == "rate_limited"

@@ -1,0 +1,59 @@
+"""Who may connect: bearer-token auth, browser Origin checks and per-address connection limits,
+decided at the HTTP handshake (before any WebSocket work).
+
+- With a token configured, every endpoint but /healthz needs `Authorization: Bearer TOKEN`
+  (the ElevenLabs-compatible path also takes ElevenLabs' `xi-api-key: TOKEN` header); Telnyx
+  endpoints keep their own x-telnyx-streaming-auth-token check. Compared in constant time.
+- With allowed origins configured, a request carrying an Origin header (browsers always send one)
+  must match one of them.
+- At most `max_connections_per_ip` open WebSockets per client address.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+
+OPEN_PATHS = ("/healthz",)
+
+
+class Gate:
+    def __init__(self, token: str | None = None, allowed_origins: list[str] | None = None,
+                 max_connections_per_ip: int = 64, own_auth_paths: tuple[str, ...] = ()) -> None:
+        self.token = token or None
+        self.allowed_origins = {o.rstrip("/") for o in allowed_origins} if allowed_origins else None
+        self.max_per_ip = max_connections_per_ip
+        self.own_auth_paths = tuple(own_auth_paths)
+        self.open: Counter[str] = Counter()
+
+    def _token_ok(self, headers) -> bool:
+        got = None
+        auth = headers.get("Authorization")
+        if isinstance(auth, str) and auth.startswith("Bearer "):
+            got = auth[7:].strip()
+        elif headers.get("xi-api-key"):
+            got = headers.get("xi-api-key")
+        return got is not None and hmac.compare_digest(got.encode(), self.token.encode())
+
+    def check(self, path: str, headers, ip: str | None, websocket: bool) -> tuple[int, str] | None:
+        """None to let the request through, else (HTTP status, message)."""
+        if path in OPEN_PATHS:
+            return None
+        if self.token and path not in self.own_auth_paths and not self._token_ok(headers):
+            return 401, "missing or wrong credentials: send 'Authorization: Bearer <token>'\n"
+        origin = headers.get("Origin")
+        if self.allowed_origins is not None and origin is not None and origin.rstrip("/") not in self.allowed_origins:
+            return 403, f"origin {origin!r} is not allowed\n"
+        if websocket and ip is not None and self.open[ip] >= self.max_per_ip:
+            return 429, f"too many connections from {ip}: at most {self.max_per_ip} at once\n"
+        return None
+
+    def opened(self, ip: str | None) -> None:
+        if ip is not None:
+            self.open[ip] += 1
+
+    def closed(self, ip: str | None) -> None:
+        if ip is not None:
+            self.open[ip] -= 1
+            if self.open[ip] <= 0:
+                del self.open[ip]
