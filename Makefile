@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-check clean help
+.PHONY: install demo test bench bench-check clean help nginx
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
@@ -27,7 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m csmstream demo --device cpu --seed 7
 
-test: $(STAMP)
+# the load-balancer test (tests/deploy) runs nginx; install it when we can (root + apt), else say so
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -qq nginx-light >/dev/null 2>&1 || apt-get install -y -qq nginx >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx >/dev/null 2>&1)); } || \
+	  echo "note: nginx is not installed and could not be; tests/deploy will fail (apt-get install nginx)"
+
+test: $(STAMP) nginx
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

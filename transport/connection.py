@@ -315,7 +315,16 @@ class Connection:
             self.server.metrics.underruns += 1
             self._clock_t0, self._clock_ms = now, 0.0
         self._clock_ms += 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
-        await self.ws.send(chunk)
+        try:
+            await asyncio.wait_for(self.ws.send(chunk), self.server.send_timeout)
+        except asyncio.TimeoutError:
+            # the client stopped reading: do not buffer for it without bound; free its slot and drop it
+            self.server.metrics.error("slow_reader")
+            log.warning("request %s: client not reading for %.0f s; cancelling and closing", job.rid,
+                        self.server.send_timeout)
+            job.cancel()
+            self.ws.transport.abort()
+            raise ConnectionClosed(None, None) from None
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         m = self.server.metrics

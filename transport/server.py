@@ -43,7 +43,8 @@ class StreamServer:
                  voices: dict | None = None, voices_dir: str | None = None, routes: dict | None = None,
                  calls=None, test_chunk_delay: float = 0.0, auth_token: str | None = None,
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
-                 max_requests_per_minute: int = 600, max_engine_waiting: int | None = None) -> None:
+                 max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
+                 send_timeout: float = 10.0, socket_send_buffer: int | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -58,6 +59,9 @@ class StreamServer:
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections
+        # a client that does not take a chunk within send_timeout is cut off (slow_reader); the
+        # per-connection kernel send buffer can be capped so that happens after little buffering
+        self.send_timeout, self.socket_send_buffer = send_timeout, socket_send_buffer
         self.stopping = False
         self.metrics = Metrics()
         self.recent: deque[GenRequest] = deque(maxlen=256)  # latest requests handed to the engine
@@ -168,6 +172,12 @@ class StreamServer:
 
     def _http(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
+        if self.socket_send_buffer:
+            sock = connection.transport.get_extra_info("socket")
+            if sock is not None:
+                import socket
+
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_send_buffer)
         ip = connection.remote_address[0] if connection.remote_address else None
         denied = self.gate.check(path, request.headers, ip, websocket="Upgrade" in request.headers)
         if denied is not None:

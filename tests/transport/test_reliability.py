@@ -275,3 +275,39 @@ def test_origins_connection_and_rate_limits(secured):
     codes = asyncio.run(rate())
     assert [c[0] for c in codes[:3]] == ["done"] * 3
     assert codes[3][0] == "error" and codes[3][1]["error"]["code"] == "rate_limited"
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_others_are_unaffected():
+    import socket
+
+    rs = RunningServer(tiny(2), send_timeout=0.5, socket_send_buffer=8192).start()
+    try:
+        async def slow():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", rs.srv.port))
+            ws = await connect(rs.url, sock=sock, max_queue=1)
+            await ws.send(json.dumps({"text": "A very long answer nobody reads. " * 8, "request_id": "slow"}))
+            await asyncio.sleep(3.0)  # never reads
+            return ws
+
+        async def normal():
+            await asyncio.sleep(0.2)
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "I read everything.", "seed": 3}))
+                return await collect(ws)
+
+        async def go():
+            return await asyncio.gather(slow(), normal())
+
+        ws, events = asyncio.run(go())
+        assert events[-1][0] == "done"
+        assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("I read everything.", 3))
+        req = next(r for r in rs.srv.recent if r.tag.rid == "slow")
+        deadline = time.monotonic() + 5
+        while not req.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert req.reason == "cancelled" and req.frames < req.max_frames
+        assert rs.srv.metrics.errors["slow_reader"] >= 1
+    finally:
+        rs.stop()

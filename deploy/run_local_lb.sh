@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Two csm-stream servers on `tiny` behind nginx on loopback, then the bench tool through nginx.
+#   deploy/run_local_lb.sh [PYTHON] [OUT_DIR]      (needs nginx on PATH or in /usr/sbin)
+set -euo pipefail
+PY=${1:-python3}
+OUT=${2:-out/lb}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT"
+prefix=$(cd "$OUT" && pwd)/nginx
+mkdir -p "$prefix"
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "nginx not found: apt-get install nginx" >&2; exit 2; }
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+p1=$(free_port); p2=$(free_port); plb=$(free_port)
+pids=()
+cleanup() {
+  [ -f "$prefix/nginx.pid" ] && kill "$(cat "$prefix/nginx.pid")" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+for p in "$p1" "$p2"; do
+  "$PY" -m csmstream serve --port "$p" --device cpu > "$OUT/server-$p.log" 2>&1 &
+  pids+=($!)
+done
+for p in "$p1" "$p2"; do
+  "$PY" -c "from csmstream.commands import wait_healthy; wait_healthy('http://127.0.0.1:$p/healthz', timeout=180)"
+done
+sed -e "s#@LISTEN@#127.0.0.1:$plb#" -e "s#@PREFIX@#$prefix#g" \
+    -e "s#@UPSTREAMS@#        server 127.0.0.1:$p1 max_fails=1 fail_timeout=5s;\n        server 127.0.0.1:$p2 max_fails=1 fail_timeout=5s;#" \
+    "$here/nginx.conf" > "$prefix/nginx.conf"
+"$NGINX" -t -c "$prefix/nginx.conf" -p "$prefix" 2>> "$OUT/nginx-test.log"
+"$NGINX" -c "$prefix/nginx.conf" -p "$prefix"
+"$PY" -c "from csmstream.commands import wait_healthy; wait_healthy('http://127.0.0.1:$plb/healthz', timeout=30)"
+"$PY" -m csmstream bench --url "ws://127.0.0.1:$plb/ws/generate" --concurrency 4 --requests 8 --out "$OUT"
+for p in "$p1" "$p2"; do
+  "$PY" -c "import urllib.request as u; m=u.urlopen('http://127.0.0.1:$p/metrics').read().decode(); print('server :$p served', [l.split()[1] for l in m.splitlines() if l.startswith('csm_requests_total')][0], 'requests')"
+done
