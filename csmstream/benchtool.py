@@ -187,6 +187,33 @@ def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: di
     return paths + draw_all(out_dir, results, summary_by_level)
 
 
+def server_rss(url: str, token: str | None = None) -> int | None:
+    """The server's resident memory from its /metrics (None when unavailable)."""
+    import urllib.request
+
+    http = url.replace("ws://", "http://").replace("wss://", "https://").split("/ws/")[0] + "/metrics"
+    try:
+        req = urllib.request.Request(http, headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("csm_process_resident_bytes "):
+                    return int(float(line.split()[1]))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def drift(results: list[CallResult], rss_before: int | None, rss_after: int | None) -> dict:
+    """Soak view: TTFA of the first vs last tenth of requests, and server memory before vs after."""
+    ok = [r.ttfa_ms for r in sorted(results, key=lambda r: r.index) if r.ttfa_ms is not None]
+    k = max(1, len(ok) // 10)
+    first, last = _pct(ok[:k], 50), _pct(ok[-k:], 50)
+    mb = (lambda b: None if b is None else round(b / 2**20, 1))
+    return {"ttfa_first_tenth_p50": first, "ttfa_last_tenth_p50": last,
+            "rss_before_mb": mb(rss_before), "rss_after_mb": mb(rss_after),
+            "rss_growth_mb": None if rss_before is None or rss_after is None else mb(rss_after - rss_before)}
+
+
 def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> int | None:
     good = [c for c, s in summary_by_level.items()
             if s["errors"] == 0 and s["underruns"] == 0 and (s["ttfa_ms"]["p95"] or 1e18) <= ttfa_threshold_ms]
@@ -200,9 +227,11 @@ def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[st
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
+        before = server_rss(url, token)
         level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token))
         results += level
         summaries[c] = summarize(level)
+        summaries[c]["drift"] = drift(level, before, server_rss(url, token))
     best = best_level(summaries, ttfa_threshold_ms)
     files = write_outputs(Path(out_dir), results, summaries, best)
     return {"summary": summaries, "best_concurrency": best, "files": [str(p) for p in files], "results": results}

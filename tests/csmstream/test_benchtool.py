@@ -40,6 +40,8 @@ def test_bench_tool_against_a_real_server(tmp_path, server):
     for name in ("ttfa.png", "timeline.png", "underruns.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     assert out["best_concurrency"] == 2  # tiny on CPU keeps up with 2 callers
+    d = data["summary"]["2"]["drift"]
+    assert d["rss_before_mb"] > 0 and d["rss_after_mb"] > 0 and d["ttfa_first_tenth_p50"] > 0
 
 
 def test_a_slowed_server_produces_underruns_the_tool_reports(tmp_path):
