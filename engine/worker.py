@@ -57,6 +57,7 @@ class GenRequest:
     t_first_audio: float = 0.0  # first PCM written to the sink
     t_end: float = 0.0
     frames_at_cancel: int = -1  # frames generated when cancel() was called
+    prompt_len: int = 0  # positions of the prompt (text + context), set by prepare()
     codes: list = field(default_factory=list)
     _repeats: int = 0
     _cancel: bool = False
@@ -133,6 +134,7 @@ class EngineWorker:
         req._prepared = e._validate(req.text, req.speaker_id, req.context, req.temperature, req.topk,
                                     req.seed, req.max_frames)
         req.max_frames = req._prepared[5]
+        req.prompt_len = len(req._prepared[0])
         return req
 
     def submit(self, req: GenRequest) -> GenRequest:
@@ -239,6 +241,7 @@ class EngineWorker:
             self._finish(req, "error", changed, error=f"prefill failed: {exc}")
             return
         req.t_start = time.perf_counter()
+        req._prepared = None  # the prompt is in the KV cache now; do not keep its arrays
         self._active[row] = req
         self.stats.requests += 1
 
@@ -313,6 +316,7 @@ class EngineWorker:
             self.engine._release(req._row)
             req._row = -1
         req.reason, req.error = reason, error
+        req._prepared = None
         req.t_end = time.perf_counter()
         req.finished = True
         changed.append(req)

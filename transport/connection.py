@@ -203,7 +203,7 @@ class Connection:
                         raise
                     history = history[1:]  # the prompt does not fit at all: drop the oldest sentence
                     continue
-                if not history or len(req._prepared[0]) + cap <= window:
+                if not history or req.prompt_len + cap <= window:
                     break
                 history = history[1:]
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)

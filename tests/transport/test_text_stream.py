@@ -125,7 +125,7 @@ def test_long_text_streams_to_the_end_within_the_window():
     assert events[-1][0] == "done" and not events[-1][1]["cancelled"], events[-1]
     assert [r.text for r in parts] == [f"Item {i} is ready." for i in range(24)]
     assert all(r.finished and r.reason in ("eos", "max_frames", "guard") for r in parts)
-    assert all(len(r._prepared[0]) + r.max_frames <= 200 for r in parts)
+    assert all(r.prompt_len + r.max_frames <= 200 for r in parts)
     assert max(len(r.context) for r in parts) >= 2  # context was used...
     assert min(len(r.context) for r in parts[5:]) < 4  # ...and trimmed to fit
     total = sum(r.frames for r in parts) * 1920 / 24
