@@ -64,7 +64,7 @@ class StreamServer:
         self.send_timeout, self.socket_send_buffer = send_timeout, socket_send_buffer
         self.stopping = False
         self.metrics = Metrics()
-        self.recent: deque[GenRequest] = deque(maxlen=256)  # latest requests handed to the engine
+        self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
         self.ready = False
         self.worker: EngineWorker | None = None
         self._ws = None
