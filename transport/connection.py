@@ -341,6 +341,7 @@ class Connection:
         log.info("request %s: %s, %.0f ms audio in %d sentence(s), ttfa %s ms, %d frames", job.rid,
                  "cancelled" if cancelled else "done", audio_ms, len(reqs),
                  "-" if ttfa is None else f"{ttfa:.1f}", sum(r.frames for r in reqs))
+        job.t_done = time.perf_counter()
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

@@ -28,6 +28,7 @@ class Job:
         self.event = asyncio.Event()
         self.t_recv = time.perf_counter()  # reset to when its turn comes, if it queued
         self.t_first = 0.0
+        self.t_done = 0.0  # when its done message went out
         self.cancelled = False
         self.error: str | None = None
         self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
