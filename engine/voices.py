@@ -48,7 +48,7 @@ def read_wav_24k_mono(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: no audio")
     if rate != SAMPLE_RATE:
         r = Resampler(rate, SAMPLE_RATE)
-        x = np.concatenate([r.process_float(x), r.process_float(np.zeros(r.delay_in, np.float32))])
+        x = np.concatenate([r.process_float(x), r.flush_float()])
     return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
 
 

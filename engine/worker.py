@@ -323,14 +323,15 @@ class EngineWorker:
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         changed: list[GenRequest] = []
-        for req in list(self._active.values()):
-            self._finish(req, reason, changed, error=message if reason == "error" else None)
-        while self._waiting:
-            self._finish(self._waiting.popleft(), reason, changed, error=message if reason == "error" else None)
+        error = message if reason == "error" else None
+        pending = list(self._active.values()) + list(self._waiting)
+        self._waiting.clear()
         while True:
             try:
-                self._finish(self._inbox.get_nowait(), reason, changed, error=message if reason == "error" else None)
+                pending.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        for req in pending:
+            self._finish(req, reason, changed, error=error)
         if changed:
             self.notify(changed)

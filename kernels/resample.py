@@ -119,6 +119,12 @@ class Resampler:
 
     def flush(self) -> np.ndarray:
         """The delayed tail (int16), then reset for the next utterance."""
-        tail = self.process(np.zeros(self.delay_in, np.float32))
+        return self._flush(True)
+
+    def flush_float(self) -> np.ndarray:
+        return self._flush(False)
+
+    def _flush(self, to_int16: bool) -> np.ndarray:
+        tail = self._run(np.zeros(self.delay_in, np.float32), to_int16)
         self.reset()
         return tail

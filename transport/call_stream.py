@@ -11,7 +11,6 @@ mark returns (`heard: true`), or at once when it is cut off (`cancelled: true`, 
 from __future__ import annotations
 
 import asyncio
-import time
 
 CALL_CHUNK = 480  # 20 ms at 24 kHz: one media message each
 
@@ -21,9 +20,7 @@ async def stream_to_call(conn, job) -> None:
 
     async def pcm():
         async for chunk in conn.source(job, CALL_CHUNK):
-            if not job.t_first:
-                job.t_first = time.perf_counter()
-                conn.server.metrics.ttfa_ms.observe(1000 * (job.t_first - job.t_recv))
+            job.first_audio(conn.server.metrics)
             yield chunk
 
     job.speaking = asyncio.create_task(call.speak(pcm(), name=job.rid))

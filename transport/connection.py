@@ -304,10 +304,8 @@ class Connection:
     async def _send_audio(self, job: Job, chunk: bytes) -> None:
         if self.server.test_chunk_delay:
             await asyncio.sleep(self.server.test_chunk_delay)
+        job.first_audio(self.server.metrics)
         now = time.perf_counter()
-        if not job.t_first:
-            job.t_first = now
-            self.server.metrics.ttfa_ms.observe(1000 * (now - job.t_recv))
         if not self._clock_t0:
             self._clock_t0, self._clock_ms = now, 0.0  # playback starts now
         elif now > self._clock_t0 + self._clock_ms / 1000:

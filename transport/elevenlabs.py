@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 from urllib.parse import parse_qs, urlsplit
 
 from . import protocol
@@ -93,9 +92,7 @@ class ElevenLabsConnection(Connection):
             job.flush_now()
 
     async def _send_audio(self, job, chunk: bytes) -> None:
-        if not job.t_first:
-            job.t_first = time.perf_counter()
-            self.server.metrics.ttfa_ms.observe(1000 * (job.t_first - job.t_recv))
+        job.first_audio(self.server.metrics)
         await self.ws.send(json.dumps({"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False,
                                        "normalizedAlignment": None, "alignment": None}))
 

@@ -73,6 +73,12 @@ class Job:
         """All text is in and every sentence has finished generating."""
         return not self.open and not self.parts and all(r.finished for r, _ in self.active)
 
+    def first_audio(self, metrics) -> None:
+        """Record the moment the request's first audio leaves (once) in its TTFA histogram."""
+        if not self.t_first:
+            self.t_first = time.perf_counter()
+            metrics.ttfa_ms.observe(1000 * (self.t_first - self.t_recv))
+
     def wake(self) -> None:
         self.event.set()
 

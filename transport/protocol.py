@@ -55,22 +55,6 @@ class Generate:
     final: bool = True
     call_control_id: str | None = None  # send the audio into this phone call instead (serve --telnyx)
 
-    @property
-    def sample_rate(self) -> int:
-        return FORMATS[self.format][0]
-
-    @property
-    def encoding(self) -> str:
-        return FORMATS[self.format][1]
-
-    @property
-    def bytes_per_sample(self) -> int:
-        return 2 if self.encoding == "pcm" else 1
-
-    @property
-    def chunk_bytes(self) -> int:
-        return self.sample_rate * self.chunk_ms // 1000 * self.bytes_per_sample
-
 
 @dataclass
 class Cancel:
