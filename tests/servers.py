@@ -4,6 +4,7 @@ tests talk to it over TCP with the websockets client and the project's client)."
 import asyncio
 import json
 import threading
+import time
 
 
 class RunningServer:
@@ -61,3 +62,19 @@ async def collect(ws, *, until_done=1):
         events.append((kind, msg))
         ends += 1
     return events
+
+
+def wait_finished(req, timeout: float = 10.0) -> bool:
+    """Poll (from a test thread) until the engine has finished `req`; returns whether it did."""
+    t = time.monotonic()
+    while not req.finished and time.monotonic() - t < timeout:
+        time.sleep(0.005)
+    return req.finished
+
+
+async def wait_until(cond, timeout: float = 10.0) -> None:
+    """Poll (inside an event loop) until cond() holds; fails the test after `timeout` seconds."""
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, "condition not met in time"
+        await asyncio.sleep(0.005)

@@ -3,7 +3,6 @@ on the other, TelnyxService in between (the seed's embedded deployment)."""
 
 import asyncio
 import json
-import time
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -16,6 +15,7 @@ from csmstream.integrations.telnyx_service import TelnyxService
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler, resample_ref
 from tests.integrations.telnyx_sim import TelnyxSimulator
+from tests.servers import wait_finished, wait_until
 
 CONFIG = {"tts_provider": "sesame", "use_websocket_tts": True, "sesame_settings": {"speaker_id": 1, "seed": 9}}
 
@@ -37,14 +37,6 @@ def engine_audio(text, speaker, seed):
 
     eng = csmstream.load("tiny", device="cpu", max_streams=1)
     return np.concatenate(list(eng.stream(text, speaker, seed=seed)))
-
-
-async def wait_until(cond, timeout=10.0):
-    t = time.monotonic()
-    while not cond():
-        if time.monotonic() - t > timeout:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
@@ -113,9 +105,7 @@ def test_interrupt_clears_cancels_generation_and_drops_the_rest(server):
     assert after == []
     # generation stopped: the server's request was cancelled within one frame, well before its end
     req = server.srv.recent[-1]
-    deadline = time.monotonic() + 5
-    while not req.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_finished(req)
     assert req.reason == "cancelled" and req.frames - req.frames_at_cancel <= 1 and req.frames < req.max_frames
 
 
@@ -138,9 +128,7 @@ def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server):
     assert late == [] and utt.state == "cut_off"
     assert registry.get("v2:call-1") is None
     req = server.srv.recent[-1]
-    deadline = time.monotonic() + 5
-    while not req.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_finished(req)
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 
@@ -160,9 +148,7 @@ def test_call_dropping_mid_utterance_cancels_generation(server):
     utt = asyncio.run(go())
     assert utt.state == "cut_off"
     req = server.srv.recent[-1]
-    deadline = time.monotonic() + 5
-    while not req.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_finished(req)
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 

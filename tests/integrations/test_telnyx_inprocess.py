@@ -3,7 +3,6 @@ name a call play into it (no extra hop)."""
 
 import asyncio
 import json
-import time
 
 import pytest
 from websockets.asyncio.client import connect
@@ -12,7 +11,7 @@ from websockets.exceptions import InvalidStatus
 from csmstream.commands import telnyx_routes
 from csmstream.integrations.telnyx_bridge import AUTH_HEADER
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import RunningServer
+from tests.servers import RunningServer, wait_finished, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,6 @@ async def next_json(ws, timeout=30):
         m = await asyncio.wait_for(ws.recv(), timeout)
         if isinstance(m, str):
             return json.loads(m)
-
-
-async def wait_until(cond, timeout=10.0):
-    t = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t < timeout, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def sim(rs, ccid="v2:call-1"):
@@ -83,9 +75,7 @@ def test_cancel_is_barge_in(phone_server):
     assert len(s.cleared_at) == 1
     assert [m for t, m in s.received if t > s.cleared_at[0] and m.get("event") == "media"] == []
     req = next(r for r in reversed(rs.srv.recent) if r.tag.rid == "long")
-    deadline = time.monotonic() + 5
-    while not req.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_finished(req)
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import collect
+from tests.servers import collect, wait_finished
 
 SEED_MSG = {"text": "Hello from the seed.", "speaker_id": 0}
 
@@ -144,13 +144,6 @@ def test_eight_concurrent_clients_get_complete_correct_audio(server):
         assert np.abs(got - want).max() <= 2
 
 
-def _wait_finished(req, timeout=10):
-    t = time.monotonic()
-    while not req.finished and time.monotonic() - t < timeout:
-        time.sleep(0.005)
-    return req.finished
-
-
 def test_cancel_stops_within_one_frame_and_frees_the_slot(server):
     text = "This is a long request that we will interrupt. " * 8
 
@@ -170,7 +163,7 @@ def test_cancel_stops_within_one_frame_and_frees_the_slot(server):
     assert events[-1][1]["request_id"] == "long"
     assert after[-1][0] == "done" and audio_of(after)
     req = next(r for r in server.srv.recent if r.tag.rid == "long")
-    assert _wait_finished(req) and req.reason == "cancelled"
+    assert wait_finished(req) and req.reason == "cancelled"
     assert req.frames - req.frames_at_cancel <= 1
     assert req.frames < req.max_frames
 
@@ -186,7 +179,7 @@ def test_disconnect_frees_the_slot_within_one_frame(server):
 
     run(go())
     req = next(r for r in reversed(server.srv.recent) if r.tag.rid == "gone")
-    assert _wait_finished(req) and req.reason == "cancelled"
+    assert wait_finished(req) and req.reason == "cancelled"
     assert req.frames - req.frames_at_cancel <= 1
     deadline = time.monotonic() + 5
     while server.srv.worker.stats.active and time.monotonic() < deadline:
