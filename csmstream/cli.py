@@ -19,6 +19,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto = "
                                                    "bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="on CUDA, run the frame step eagerly instead of replaying one CUDA graph per batch "
+                        "bucket (same audio, slower; for debugging; env CSM_CUDA_GRAPHS=0 does the same)")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -158,7 +161,7 @@ def _speak(args) -> int:
     if args.model == "tiny":
         print(TINY_NOTE, file=sys.stderr)
     t0 = time.perf_counter()
-    engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1)
+    engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1, cuda_graphs=args.cuda_graphs)
     print(f"loaded {engine} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     start = time.perf_counter()
     state = {"frames": 0, "ttfa": None}

@@ -40,7 +40,8 @@ def serve(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
 
     def make_engine():
-        return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams)
+        return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,
+                    cuda_graphs=args.cuda_graphs)
 
     routes, calls = {}, None
     if args.telnyx:
@@ -178,7 +179,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 def demo(args) -> int:
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype] + ([] if args.cuda_graphs is None else ["--no-cuda-graphs"])
     print(f"demo: starting the server: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd)
     try:

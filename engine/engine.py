@@ -15,7 +15,8 @@ from ..kernels.audio import float_to_int16
 from .config import CsmModelConfig
 from .generator import FrameGenerator
 from .model import CSM
-from .prompt import Segment, build_prompt
+from .prefix import PrefixCache
+from .prompt import Segment, build_prompt, text_rows
 from .tokenizer import TextTokenizer
 
 MAX_TEXT_CHARS = 5000
@@ -28,17 +29,19 @@ class Engine:
     samples_per_frame = 1920
 
     def __init__(self, model: CSM, tokenizer: TextTokenizer, *, name: str, max_streams: int,
-                 codec=None) -> None:
+                 codec=None, cuda_graphs: bool | None = None) -> None:
         self.model, self.tokenizer, self.name, self.codec = model, tokenizer, name, codec
         model.requires_grad_(False)  # inference only: keeps autograd bookkeeping off every op
         self.config: CsmModelConfig = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_streams = max_streams
-        self.gen = FrameGenerator(model, rows=max_streams)
+        self.gen = FrameGenerator(model, rows=max_streams, graphs=cuda_graphs)
         self._lock = threading.Lock()
         self._free = list(range(max_streams))  # a heap: the lowest free row first keeps batches dense
         self._decoder = None
+        self._decode_graphs = None
+        self.prefixes = PrefixCache()  # KV of pinned voice turns (engine.pin_voice)
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, device={self.device}, dtype={self.dtype}, streams={self.max_streams})"
@@ -79,7 +82,28 @@ class Engine:
         req = self._validate(text, speaker_id, context, temperature, topk, seed, max_frames)
         return self._run(*req, audio=True)
 
+    def pin_voice(self, text: str, codes) -> None:
+        """Cache the backbone KV of the context turn (text, codes) whenever it opens a request's
+        context: the first such request stores it, later ones copy it into their slot instead of
+        prefilling it (a named voice's prompt then adds no prefill time per request)."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.config.num_codebooks:
+            raise ValueError(f"codes must be [frames, {self.config.num_codebooks}], got {list(codes.shape)}")
+        self.prefixes.pin(text, codes.astype(np.int64))
+
     # -- internals ----------------------------------------------------------------------------
+    def _prefill(self, row: int, prepared, audio: bool) -> None:
+        """Prefill `row` with a prepared prompt (call with the lock held); uses or fills the
+        prefix cache, and resets the row's streaming decoder when audio is wanted."""
+        tokens, mask, seed, temperature, topk, _, prefix = prepared
+        self.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask), seed=seed,
+                         temperature=temperature, topk=topk,
+                         prefix=None if prefix is None or prefix.kv is None else (prefix.length, prefix.kv))
+        if prefix is not None and prefix.kv is None:
+            self.prefixes.store(prefix.key, self.gen.cached_kv(row, prefix.length))
+        if audio:
+            self.decoder.reset(row)
+
     def _validate(self, text, speaker_id, context, temperature, topk, seed, max_frames):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text must be a non-empty string, got {text!r:.40}")
@@ -99,7 +123,13 @@ class Engine:
                                        or max_frames < 1):
             raise ValueError(f"max_frames must be an integer >= 1 or None, got {max_frames!r}")
         ctx = [self._context_codes(s, i) for i, s in enumerate(context)]
-        tokens, mask = build_prompt(self.tokenizer, text, int(speaker_id), ctx, self.config.num_codebooks)
+        n = self.config.num_codebooks
+        tokens, mask = build_prompt(self.tokenizer, text, int(speaker_id), ctx, n)
+        prefix = None
+        if ctx and ctx[0][2] is not None:  # a pinned voice turn first: its KV may be cached
+            spk, first_text, first_codes = ctx[0]
+            prefix = self.prefixes.lookup(spk, first_text, first_codes,
+                                          len(text_rows(self.tokenizer, spk, first_text, n)[0]) + len(first_codes) + 1)
         room = self.gen.max_seq_len - len(tokens)
         if room < 1:
             raise ValueError(
@@ -108,7 +138,9 @@ class Engine:
             )
         cap = max_frames if max_frames is not None else self.config.default_max_frames(len(text))
         seed = secrets.randbits(63) if seed is None else int(seed)
-        return tokens, mask, seed, float(temperature), int(topk), min(int(cap), room)
+        if prefix is not None and prefix.kv is not None:
+            tokens, mask = tokens[prefix.length :], mask[prefix.length :]  # the rest is copied in
+        return tokens, mask, seed, float(temperature), int(topk), min(int(cap), room), prefix
 
     def _context_codes(self, seg, i: int):
         if not isinstance(seg, Segment):
@@ -146,21 +178,36 @@ class Engine:
 
     @property
     def decoder(self):
-        """The streaming Mimi decoder, one state slot per stream (built on first use)."""
+        """The streaming Mimi decoder, one state slot per stream (built on first use; on CUDA with
+        graphs on, its per-bucket graphs are captured then too)."""
         if self._decoder is None:
-            from .mimi_stream import StreamingMimiDecoder
+            from .mimi_stream import DecodeGraphs, StreamingMimiDecoder
 
             self._decoder = StreamingMimiDecoder(self.codec.mimi, rows=self.max_streams)
+            fast = self.gen.fast
+            if fast is not None and fast.use_graphs and self.codec.device.type == "cuda":
+                self._decode_graphs = DecodeGraphs(self._decoder, fast.buckets, self.config.num_codebooks)
         return self._decoder
 
-    def _run(self, tokens, mask, seed, temperature, topk, cap, audio: bool = False) -> Iterator[np.ndarray]:
+    @property
+    def decode_graphs(self):
+        """Per-bucket CUDA graphs of the streaming decode, or None (CPU, graphs off, no codec)."""
+        if self._decoder is None and self.codec is not None:
+            self.decoder  # noqa: B018 - builds them
+        return self._decode_graphs
+
+    def rows_unshared(self, bucket: int, mine) -> bool:
+        """Whether every row in [0, bucket) is free or in `mine` (so a whole-bucket decode replay,
+        which advances every row's decoder state, harms nobody)."""
+        free = set(self._free)
+        return all(r in free or r in mine for r in range(bucket))
+
+    def _run(self, *prepared, audio: bool = False) -> Iterator[np.ndarray]:
+        topk, cap = prepared[4], prepared[5]
         row = self._acquire()
         try:
             with self._lock:
-                self.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask),
-                                 seed=seed, temperature=temperature, topk=topk)
-                if audio:
-                    self.decoder.reset(row)
+                self._prefill(row, prepared, audio)
             for _ in range(cap):
                 with self._lock:
                     dev_codes = self.gen.step(row, row + 1, topk)
@@ -168,7 +215,9 @@ class Engine:
                     if not codes.any():
                         return  # end of speech: all-zero frame (never decoded)
                     if audio:
-                        pcm = self.decoder.decode(dev_codes, row, row + 1)[0].float().cpu().numpy()
+                        dg = self.decode_graphs
+                        dec = dg if dg is not None and self.rows_unshared(dg.bucket(row + 1), (row,)) else self.decoder
+                        pcm = dec.decode(dev_codes, row, row + 1)[0].float().cpu().numpy()
                 yield float_to_int16(pcm) if audio else codes
         finally:
             self._release(row)

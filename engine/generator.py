@@ -9,17 +9,21 @@ host once per tick (the only device->host copy). On CPU float32 the same step is
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .cpu_step import CpuFrameStep, cpu_kernel_usable
+from .cuda_step import KMAX as FAST_KMAX
+from .depth import DepthLoop
 from .model import CSM, Attend, KVCache
 from .rope import rope_table
-from .cpu_step import CpuFrameStep, cpu_kernel_usable
-from .depth import DepthLoop
 from .sampling import gumbel_noise, sample
 
 
 class FrameGenerator:
-    def __init__(self, model: CSM, rows: int, max_seq_len: int | None = None) -> None:
+    def __init__(self, model: CSM, rows: int, max_seq_len: int | None = None, *, fast: bool | None = None,
+                 graphs: bool | None = None) -> None:
         cfg = model.cfg
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
@@ -53,18 +57,39 @@ class FrameGenerator:
         self.host_pos = [0] * rows  # host mirror of pos, for attention lengths without a sync
         # CPU float32: the whole step is one compiled call per tick (kernels/frame_cpu.py); set to
         # None to use the eager PyTorch path (the tests compare the two)
-        self.cpu = CpuFrameStep(self) if cpu_kernel_usable(dev, dt) else None
+        self.cpu = CpuFrameStep(self) if cpu_kernel_usable(dev, dt) and not fast else None
+        # CUDA: static-shape step with Triton kernels, one CUDA graph per batch bucket
+        # (engine/cuda_step.py). fast=None: on for CUDA (env CSM_FAST_STEP=0 turns it off);
+        # fast=True on CPU runs the same code eagerly (tests, under TRITON_INTERPRET=1).
+        self.fast = None
+        if fast is None:
+            fast = dev.type == "cuda" and os.environ.get("CSM_FAST_STEP", "1").strip().lower() not in ("0", "false", "off")
+        if fast:
+            from .cuda_step import FastFrameStep, graphs_enabled
+
+            self.fast = FastFrameStep(self, graphs=graphs_enabled(graphs))
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,
-                temperature: float, topk: int) -> None:
-        """Run the prompt rows [T, N+1] through the backbone into `row`'s cache."""
+                temperature: float, topk: int, prefix: tuple[int, torch.Tensor] | None = None) -> None:
+        """Run the prompt rows [T, N+1] through the backbone into `row`'s cache. prefix: (P, kv)
+        puts cached KV [layers, P, 2kv, hd] at positions [0, P) first; the tokens then follow it."""
+        P = 0 if prefix is None else prefix[0]
         T = tokens.shape[0]
-        if T > self.max_seq_len - 1:
-            raise ValueError(f"prompt is {T} positions; the model's window is {self.max_seq_len}")
+        if P + T > self.max_seq_len - 1:
+            raise ValueError(f"prompt is {P + T} positions; the model's window is {self.max_seq_len}")
+        if T < 1:
+            raise ValueError("prefill needs at least one token after the cached prefix")
         x = self.model.embed_prompt(tokens.to(self.device), mask.to(self.device))[None].to(self.dtype)
-        rot = self.bb_rot[:T][None, :, None, :]
-        h = self.model.backbone(x, rot, self.bb_caches, Attend(slice(row, row + 1), length=T))
+        rot = self.bb_rot[P : P + T][None, :, None, :]
+        if P:
+            self.bb_cache[:, row, :P].copy_(prefix[1])
+            causal = self.positions[: P + T][None, :] <= self.positions[P : P + T][:, None]  # [T, P+T]
+            at = Attend(slice(row, row + 1), start=P, length=P + T, mask=causal[None, None])
+        else:
+            at = Attend(slice(row, row + 1), length=T)
+        h = self.model.backbone(x, rot, self.bb_caches, at)
+        T += P
         self.h[row] = h[0, -1]
         self.pos[row] = T
         self.frame[row] = 0
@@ -72,6 +97,10 @@ class FrameGenerator:
         self.temperature[row] = temperature
         self.topk[row] = topk
         self.host_pos[row] = T
+
+    def cached_kv(self, row: int, length: int) -> torch.Tensor:
+        """A copy of `row`'s backbone KV at positions [0, length): [layers, length, 2kv, hd]."""
+        return self.bb_cache[:, row, :length].clone()
 
     def release(self, row: int) -> None:
         self.pos[row] = 0
@@ -87,6 +116,8 @@ class FrameGenerator:
         m, n = self.model, self.n
         if self.cpu is not None:
             return self._cpu_step(lo, hi, kmax, active)
+        if self.fast is not None and kmax <= FAST_KMAX:  # a larger top-k runs this tick eagerly
+            return self.fast.step(lo, hi, active)
         rows = slice(lo, hi)
         noise = gumbel_noise(self.seed[rows], self.frame[rows], n, kmax) if kmax > 1 else None
         temp, topk = self.temperature[rows], self.topk[rows]

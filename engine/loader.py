@@ -12,7 +12,13 @@ from .config import CsmModelConfig
 from .engine import Engine
 from .model import CSM
 from .tokenizer import TextTokenizer
-from .weights import CheckpointError, build_state_dict, read_config, read_tensors, resolve
+from .weights import (
+    CheckpointError,
+    build_state_dict,
+    read_config,
+    read_tensors,
+    resolve,
+)
 
 log = logging.getLogger("csmstream.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +51,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
-         max_streams: int | None = None) -> Engine:
+         max_streams: int | None = None, cuda_graphs: bool | None = None) -> Engine:
     """Load a CSM model and return an Engine.
 
     Args:
@@ -54,6 +60,9 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
         max_streams: concurrent streams (KV-cache slots); default 4 on CPU, 64 on GPU.
+        cuda_graphs: on CUDA, capture the frame step and the streaming decode as one CUDA graph per
+            batch bucket at load time (None: on unless env CSM_CUDA_GRAPHS=0). False runs the same
+            step eagerly (identical results, more launch overhead). Ignored on CPU.
 
     Raises:
         ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint.
@@ -68,15 +77,15 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
     t0 = time.perf_counter()
     if str(model) == "tiny":
-        engine = _load_tiny(dev, dt, max_streams)
+        engine = _load_tiny(dev, dt, max_streams, cuda_graphs)
     else:
-        engine = _load_checkpoint(resolve(str(model)), dev, dt, max_streams)
+        engine = _load_checkpoint(resolve(str(model)), dev, dt, max_streams, cuda_graphs)
     log.info("loaded %s on %s/%s in %.2fs", engine.name, dev, str(dt).removeprefix("torch."),
              time.perf_counter() - t0)
     return engine
 
 
-def _load_tiny(dev, dt, max_streams) -> Engine:
+def _load_tiny(dev, dt, max_streams, cuda_graphs=None) -> Engine:
     from .tiny import init_random, tiny_config
 
     tok = TextTokenizer.tiny()
@@ -86,10 +95,10 @@ def _load_tiny(dev, dt, max_streams) -> Engine:
     init_random(model)
     model = model.to(device=dev, dtype=dt).eval()
     codec = _tiny_codec(dev)
-    return Engine(model, tok, name="tiny", max_streams=max_streams, codec=codec)
+    return Engine(model, tok, name="tiny", max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
 
 
-def _load_checkpoint(path: Path, dev, dt, max_streams) -> Engine:
+def _load_checkpoint(path: Path, dev, dt, max_streams, cuda_graphs=None) -> Engine:
     hf = read_config(path)
     try:
         cfg = CsmModelConfig.from_hf(hf)
@@ -110,7 +119,7 @@ def _load_checkpoint(path: Path, dev, dt, max_streams) -> Engine:
         model.depth_embed = model.audio_embed
     model = model.to(device=dev, dtype=dt).eval()
     codec = _checkpoint_codec(hf, codec_state, path, dev)
-    return Engine(model, tok, name=path.name, max_streams=max_streams, codec=codec)
+    return Engine(model, tok, name=path.name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
 
 
 def _tiny_codec(dev):

@@ -156,12 +156,16 @@ class StreamingMimiDecoder:
     def __init__(self, mimi, rows: int) -> None:
         p = next(mimi.parameters())
         dev, dt = p.device, p.dtype
-        dec = mimi.decoder
+        # transformers >= 5.2x nests the decoder half in mimi.decoder; earlier releases keep
+        # upsample / decoder_transformer on the model and the SEANet decoder as mimi.decoder
+        dec = mimi.decoder if hasattr(mimi.decoder, "decoder_seanet") else mimi
         self.mimi, self.rows = mimi, rows
-        self.upsample = _ConvT(dec.upsample, rows, dev, dt) if dec.upsample is not None else None
-        steps = dec.upsample.conv.stride[0] if dec.upsample is not None else 1
+        up = getattr(dec, "upsample", None)
+        self.upsample = _ConvT(up, rows, dev, dt) if up is not None else None
+        steps = up.conv.stride[0] if up is not None else 1
         self.transformer = _Transformer(dec.decoder_transformer, rows, dev, dt, steps)
-        self.seanet = _build(dec.decoder_seanet.layers, rows, dev, dt)
+        seanet = mimi.decoder.decoder_seanet if dec is not mimi else mimi.decoder
+        self.seanet = _build(seanet.layers, rows, dev, dt)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -178,3 +182,51 @@ class StreamingMimiDecoder:
         for op in [self.upsample, self.transformer, *self.seanet]:
             if op is not None and hasattr(op, "reset"):
                 op.reset(row)
+
+
+class DecodeGraphs:
+    """One CUDA graph per batch bucket around `StreamingMimiDecoder.decode` for rows [0, B).
+
+    A replay advances the decoder state of every row in [0, B): the caller uses it only when every
+    row there either wants this frame decoded or does not care (a free slot, reset on admission;
+    a row that just ended). Codes for rows outside [lo, hi) keep whatever the buffer held.
+    """
+
+    def __init__(self, decoder: StreamingMimiDecoder, buckets: list[int], n_codebooks: int) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        dev = next(decoder.mimi.parameters()).device
+        self.decoder, self.buckets = decoder, buckets
+        self.codes = torch.zeros(decoder.rows, n_codebooks, dtype=torch.int64, device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for B in buckets:
+                decoder.decode(self.codes[:B], 0, B)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        with torch.inference_mode():
+            for B in reversed(buckets):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = decoder.decode(self.codes[:B], 0, B)
+                self.graphs[B] = (g, out)
+        for r in range(decoder.rows):  # warm-up and capture moved every slot's state
+            decoder.reset(r)
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - t0
+
+    def bucket(self, hi: int) -> int:
+        return next(b for b in self.buckets if b >= hi)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """codes [hi - lo, N] for rows [lo, hi); returns audio [hi - lo, samples] (a graph buffer:
+        copy or consume it before the next call)."""
+        B = self.bucket(hi)
+        self.codes[lo:hi].copy_(codes)
+        g, out = self.graphs[B]
+        g.replay()
+        return out[lo:hi]

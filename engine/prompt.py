@@ -47,12 +47,20 @@ def audio_rows(codes: np.ndarray, n_codebooks: int):
     return tokens, mask
 
 
-def build_prompt(tok: TextTokenizer, text: str, speaker_id: int, context, n_codebooks: int):
-    """context: iterable of (speaker_id, text, codes [F, N] or None). Returns tokens, mask [T, N+1]."""
+def context_rows(tok: TextTokenizer, context, n_codebooks: int):
+    """Rows of the context turns alone. context: iterable of (speaker_id, text, codes [F, N] or None)."""
     parts = []
     for spk, ctx_text, codes in context:
         parts.append(text_rows(tok, spk, ctx_text, n_codebooks))
         if codes is not None and len(codes):
             parts.append(audio_rows(codes, n_codebooks))
-    parts.append(text_rows(tok, speaker_id, text, n_codebooks))
+    if not parts:
+        return np.zeros((0, n_codebooks + 1), np.int64), np.zeros((0, n_codebooks + 1), bool)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def build_prompt(tok: TextTokenizer, text: str, speaker_id: int, context, n_codebooks: int):
+    """context: iterable of (speaker_id, text, codes [F, N] or None). Returns tokens, mask [T, N+1]."""
+    ctx_tokens, ctx_mask = context_rows(tok, context, n_codebooks)
+    tokens, mask = text_rows(tok, speaker_id, text, n_codebooks)
+    return np.concatenate([ctx_tokens, tokens]), np.concatenate([ctx_mask, mask])

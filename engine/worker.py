@@ -134,7 +134,8 @@ class EngineWorker:
         req._prepared = e._validate(req.text, req.speaker_id, req.context, req.temperature, req.topk,
                                     req.seed, req.max_frames)
         req.max_frames = req._prepared[5]
-        req.prompt_len = len(req._prepared[0])
+        prefix = req._prepared[6]
+        req.prompt_len = len(req._prepared[0]) + (prefix.length if prefix is not None and prefix.kv is not None else 0)
         return req
 
     def submit(self, req: GenRequest) -> GenRequest:
@@ -218,10 +219,7 @@ class EngineWorker:
         return bool(self._active or self._waiting)
 
     def _admit(self, req: GenRequest, changed: list) -> None:
-        import torch
-
         e = self.engine
-        tokens, mask, seed, temperature, topk, _ = req._prepared
         try:
             row = e._acquire()
         except RuntimeError:  # slots held by direct Engine.frames users: try again next tick
@@ -230,10 +228,7 @@ class EngineWorker:
         req._row = row
         try:
             with e._lock:
-                e.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask),
-                              seed=seed, temperature=temperature, topk=topk)
-                if e.codec is not None and req.sink is not None:
-                    e.decoder.reset(row)
+                e._prefill(row, req._prepared, audio=e.codec is not None and req.sink is not None)
         except Exception as exc:
             log.exception("prefill failed")
             e._release(row)
@@ -295,16 +290,24 @@ class EngineWorker:
             self._finish(req, "max_frames", changed)
 
     def _decode(self, dev_codes, lo: int, rows: list[int]) -> dict[int, np.ndarray]:
-        """One streaming decode per contiguous run of rows (decoder state must not advance for
-        rows outside the run). Returns row -> int16 PCM."""
+        """Streaming decode of `rows` (sorted; dev_codes holds rows [lo, ...)). On CUDA with graphs:
+        one replay over the bucket when no row there belongs to someone else (a direct
+        Engine.frames() user), since a replay advances every row's decoder state; else one eager
+        decode per contiguous run (state must not advance for rows outside the run).
+        Returns row -> int16 PCM."""
         from ..kernels.audio import float_to_int16
 
+        e = self.engine
         out: dict[int, np.ndarray] = {}
+        a, b = rows[0], rows[-1] + 1
+        if e.decode_graphs is not None and e.rows_unshared(e.decode_graphs.bucket(b), self._active):
+            wav = e.decode_graphs.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
+            return {r: float_to_int16(wav[r - a]) for r in rows}
         start = 0
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i] != rows[i - 1] + 1:
                 a, b = rows[start], rows[i - 1] + 1
-                wav = self.engine.decoder.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
+                wav = e.decoder.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
                 for r in range(a, b):
                     out[r] = float_to_int16(wav[r - a])
                 start = i

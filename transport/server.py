@@ -92,6 +92,8 @@ class StreamServer:
 
                 self.voices.update(await self._loop.run_in_executor(None, load_voices, self.voices_dir, self.engine))
                 log.info("voices: %s", ", ".join(sorted(self.voices)) or "none")
+            for v in self.voices.values():  # their prompts' KV is computed once, then copied per request
+                self.engine.pin_voice(v.text, v.codes)
         except BaseException:
             self._ws.close()
             raise

@@ -1,0 +1,180 @@
+"""The GPU frame step: static shapes over rows [0, B), Triton kernels, one CUDA graph per bucket.
+
+A bucket B runs rows [0, B) of the slot arrays (the slot heap hands out the lowest free row, so
+live rows sit at the bottom). Everything a step needs lives in persistent device tensors the graph
+reads in place: the generator's per-row state (hidden state, position, frame counter, seed,
+temperature, top-k), the KV caches and an `active` mask. Positions, attention lengths and the
+noise are computed on device; rows that are not active are computed but keep their state (their
+cache write lands on their own next position, which they overwrite before reading it).
+
+Per frame: codebook-0 head + draw, 32 single-position depth-decoder passes (position 0 = the
+projected backbone state; the output at position p draws codebook p), then the backbone step that
+feeds the frame back. Per layer: fused residual+RMSNorm, qkv matmul, one kernel for RoPE and the
+cache write, decode attention over each row's own length, out-projection, residual+RMSNorm,
+gate/up matmul, fused SiLU·up, down matmul.
+
+With graphs off (env CSM_CUDA_GRAPHS=0, `graphs=False`, or on CPU under TRITON_INTERPRET=1 in the
+tests) the same `forward` runs eagerly: the results are identical, only launch overhead differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sampling import gumbel_noise
+
+log = logging.getLogger("csmstream.engine")
+KMAX = 64  # the graphs draw from the top 64; a request with a larger top-k runs that tick eagerly
+
+
+def graphs_enabled(flag: bool | None) -> bool:
+    """The constructor flag wins; else env CSM_CUDA_GRAPHS (default on; 0/false/off turn it off)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("CSM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def buckets_for(rows: int) -> list[int]:
+    """Batch buckets 1, 2, 4, ... up to rows (rows itself last when it is not a power of two)."""
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return out + [rows]
+
+
+class FastFrameStep:
+    def __init__(self, gen, *, graphs: bool) -> None:
+        from ..kernels import (
+            triton_ops,  # imported here: nothing imports triton at package import
+        )
+
+        self.ops = triton_ops
+        m, cfg = gen.model, gen.model.cfg
+        self.gen, self.n, self.V, self.cs = gen, gen.n, cfg.audio_vocab, cfg.codebook_size
+        self.bb, self.dd = cfg.backbone, cfg.depth
+        dev = gen.device
+
+        def layers(stack):
+            return [(L.attn_norm.weight, L.attn.wqkv.weight, L.attn.wo.weight, L.ffn_norm.weight,
+                     L.ffn.w13.weight, L.ffn.w2.weight) for L in stack.layers]
+
+        self.bb_layers, self.dd_layers = layers(m.backbone), layers(m.depth)
+        self.bb_norm, self.dd_norm = m.backbone.norm.weight, m.depth.norm.weight
+        self.bb_kv = [c.kv for c in gen.bb_caches]
+        self.dd_kv = [c.kv for c in gen.dd_caches]
+        self.bb_cos, self.bb_sin = gen.bb_rot.real.float().contiguous(), gen.bb_rot.imag.float().contiguous()
+        rot = gen.dd_rot[:, 0]
+        self.dd_cos, self.dd_sin = rot.real.float().contiguous(), rot.imag.float().contiguous()
+        self.dd_pos = torch.arange(self.n, device=dev)
+        self.dd_len = self.dd_pos + 1
+        self.proj = m.depth_proj.weight
+        self.inputs = [gen.depth_in[j * self.V : (j + 1) * self.V] for j in range(self.n)]
+        self.active = torch.zeros(gen.rows, dtype=torch.bool, device=dev)
+        self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
+        if dev.type == "cuda":
+            self._active_host = self._active_host.pin_memory()
+        self.codes = torch.zeros(gen.rows, self.n, dtype=torch.int64, device=dev)
+        self.buckets = buckets_for(gen.rows)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.use_graphs = graphs and dev.type == "cuda"
+        if self.use_graphs:
+            self.capture()
+
+    # -- the step as plain code -------------------------------------------------------------------
+    def _stack(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B):
+        """One position per row through a decoder stack; x [B, D] (consumed as the residual)."""
+        ops = self.ops
+        d = None
+        for i, (an, wqkv, wo, fn, w13, w2) in enumerate(layers):
+            xn = ops.add_rms_norm(x, x if d is None else d, an, eps, add=d is not None)
+            qkv = F.linear(xn, wqkv).view(B, -1, kv[i].shape[-1])
+            cache = kv[i][:B]
+            ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
+            o = ops.decode_attention(qkv[:, :n_heads], cache, lengths)
+            xn = ops.add_rms_norm(x, F.linear(o, wo), fn, eps)
+            d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
+        return ops.add_rms_norm(x, d, final_norm, eps)
+
+    def forward(self, B: int) -> torch.Tensor:
+        """One frame for rows [0, B); returns codes [B, N] (a persistent buffer)."""
+        g, n = self.gen, self.n
+        h, temp, topk = g.h[:B], g.temperature[:B], g.topk[:B]
+        noise = gumbel_noise(g.seed[:B], g.frame[:B], n, KMAX)  # [B, N, KMAX]
+        codes = self.codes[:B]
+        self.ops.sample_topk(F.linear(h, g.c0_w), temp, topk, KMAX, noise[:, 0], self.cs, out=codes[:, 0])
+        dd = self.dd
+        for p in range(n):  # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1
+            x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])
+            pos, lengths = self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B)
+            out = self._stack(x, self.dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
+                              self.dd_cos, self.dd_sin, pos, lengths, B)
+            if p >= 1:
+                self.ops.sample_topk(out @ g.heads[p - 1], temp, topk, KMAX, noise[:, p], self.cs,
+                                out=codes[:, p])
+        # backbone: feed the frame back at each row's own position
+        pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
+        bb = self.bb
+        new_h = self._stack(g.model.embed_frames(codes), self.bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
+                            bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B)
+        live = self.active[:B]
+        h.copy_(torch.where(live[:, None], new_h, h))
+        g.pos[:B] += live
+        g.frame[:B] += live
+        return codes
+
+    # -- graphs -----------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Capture one graph per bucket (largest first, one shared memory pool). Rows are idle while
+        capturing (active all false), so no request state moves; caches get junk they never read."""
+        t0 = time.perf_counter()
+        self.active.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for B in self.buckets:  # compile the kernels and create library handles off-graph
+                self.forward(B)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for B in reversed(self.buckets):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.forward(B)
+                self.graphs[B] = (graph, out)
+        torch.cuda.synchronize()
+        log.info("captured %d CUDA graphs (buckets %s) in %.1fs", len(self.graphs), self.buckets,
+                 time.perf_counter() - t0)
+
+    def bucket(self, hi: int) -> int:
+        for b in self.buckets:
+            if b >= hi:
+                return b
+        raise ValueError(f"rows up to {hi} exceed the engine's {self.gen.rows} slots")
+
+    @torch.inference_mode()
+    def step(self, lo: int, hi: int, active: list[bool] | None) -> torch.Tensor:
+        """One frame for rows [lo, hi) (run as bucket >= hi). Returns codes [hi - lo, N] on device."""
+        g = self.gen
+        B = self.bucket(hi)
+        mask = np.zeros(B, dtype=bool)
+        mask[lo:hi] = True if active is None else active
+        live = np.flatnonzero(mask)
+        if any(g.host_pos[r] >= g.max_seq_len for r in live):
+            raise ValueError("a row is past the model's window")
+        self._active_host[:B] = torch.from_numpy(mask)
+        self.active[:B].copy_(self._active_host[:B], non_blocking=True)
+        if B in self.graphs:
+            graph, out = self.graphs[B]
+            graph.replay()
+        else:
+            out = self.forward(B)
+        for r in live:
+            g.host_pos[r] += 1
+        return out[lo:hi]

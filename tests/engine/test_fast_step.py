@@ -1,0 +1,72 @@
+"""The GPU frame step (engine/cuda_step.py) run eagerly on CPU, Triton interpreted: it must give the
+eager PyTorch step's frames, row for row, and keep idle rows' state where it was."""
+
+import pytest
+import torch
+
+from csmstream.engine.cuda_step import FastFrameStep, buckets_for, graphs_enabled
+from csmstream.engine.generator import FrameGenerator
+from csmstream.engine.prompt import build_prompt
+
+
+def _prefilled(engine, fast, rows, topk):
+    g = FrameGenerator(engine.model, rows=4, fast=fast)
+    g.cpu = None  # the reference: the eager PyTorch step
+    for i, r in enumerate(rows):
+        tok, mask = build_prompt(engine.tokenizer, ["Hello there.", "A longer line of text."][i % 2], 0, [], 32)
+        g.prefill(r, torch.from_numpy(tok), torch.from_numpy(mask), seed=5 + i, temperature=0.9, topk=topk)
+    return g
+
+
+@pytest.mark.parametrize("topk", [1, 50])
+def test_fast_step_gives_the_eager_steps_frames(tiny_engine, topk):
+    ref, fast = _prefilled(tiny_engine, False, [0, 1], topk), _prefilled(tiny_engine, True, [0, 1], topk)
+    assert isinstance(fast.fast, FastFrameStep) and fast.fast.graphs == {}  # CPU: no graphs
+    pattern = [None, [True, False], None]  # frame 2: row 1 idles
+    for active in pattern:
+        a, b = ref.step(0, 2, topk, active), fast.step(0, 2, topk, active)
+        live = [0, 1] if active is None else [0]
+        assert torch.equal(a[live], b[live])
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    assert fast.pos.tolist() == ref.pos.tolist() and fast.frame.tolist() == ref.frame.tolist()
+    assert fast.host_pos == ref.host_pos
+
+
+def test_rows_outside_the_range_keep_their_state(tiny_engine):
+    fast = _prefilled(tiny_engine, True, [0, 1, 2], 1)
+    h, pos = fast.h.clone(), fast.pos.clone()
+    fast.step(1, 2, 1)  # bucket 2 computes rows 0 and 1; only row 1 advances
+    assert torch.equal(fast.h[0], h[0]) and torch.equal(fast.h[2], h[2]) and not torch.equal(fast.h[1], h[1])
+    assert (fast.pos - pos).tolist() == [0, 1, 0, 0]
+
+
+def test_a_topk_beyond_the_graphs_runs_the_eager_step(tiny_engine):
+    ref, fast = _prefilled(tiny_engine, False, [0], 100), _prefilled(tiny_engine, True, [0], 100)
+    assert torch.equal(ref.step(0, 1, 100), fast.step(0, 1, 100))
+    assert fast.fast.active.sum() == 0  # the fast step was not used
+
+
+def test_the_window_end_is_a_clear_error(tiny_engine):
+    fast = _prefilled(tiny_engine, True, [0], 1)
+    fast.host_pos[0] = fast.max_seq_len
+    with pytest.raises(ValueError, match="past the model's window"):
+        fast.step(0, 1, 1)
+
+
+def test_buckets_and_the_graphs_switch(monkeypatch):
+    assert buckets_for(1) == [1]
+    assert buckets_for(8) == [1, 2, 4, 8]
+    assert buckets_for(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert graphs_enabled(False) is False and graphs_enabled(True) is True
+    for off in ("0", "false", "OFF"):
+        monkeypatch.setenv("CSM_CUDA_GRAPHS", off)
+        assert graphs_enabled(None) is False and graphs_enabled(True) is True
+    monkeypatch.delenv("CSM_CUDA_GRAPHS")
+    assert graphs_enabled(None) is True
+
+
+def test_cpu_float32_keeps_the_numba_step_unless_asked(tiny_engine):
+    g = FrameGenerator(tiny_engine.model, rows=2)
+    assert g.cpu is not None and g.fast is None
+    with pytest.raises(ValueError, match="exceed"):
+        FrameGenerator(tiny_engine.model, rows=2, fast=True).fast.bucket(3)
