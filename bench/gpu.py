@@ -4,13 +4,17 @@
 
 1. checks: GPU float32 frames of a small config equal the CPU float32 reference (the numba step);
    on the full config, graph replay equals the same step run eagerly (bit for bit);
-2. time per frame at batch 1: eager PyTorch, the static Triton step without graphs, with graphs;
+2. time per frame at batch 1: eager PyTorch, the static Triton step without graphs, with graphs
+   (the variant CSM_FUSED_GEMV picked);
 3. time to first audio: engine thread (submit -> first 100 ms of PCM in the request's sink) and,
    when websockets is installed, the real server (request sent -> first 100 ms chunk received),
    with and without a 10 s named-voice prompt (prefix cache);
 4. per batch bucket: frame step and step + streaming decode per tick, and the real-time streams
    that sustains (a tick must take < 80 ms);
-5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured.
+5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured,
+   with the chunked-prefill budget and with one prefill chunk a tick, side by side;
+6. for small buckets, the fused-GEMV step against the cuBLAS one (both captured, replays timed;
+   CSM_FUSED_GEMV=auto keeps the faster).
 Prints a table and writes everything as JSON.
 """
 
@@ -85,24 +89,35 @@ def time_steps(fn, n: int) -> float:
 
 # -- 1. checks ---------------------------------------------------------------------------------
 def check_small_vs_cpu(frames: int = 12) -> dict:
+    """The GPU step (graphs; the cuBLAS and the fused-GEMV variants) against the CPU reference."""
+    import os
+
     from csmstream.engine.generator import FrameGenerator
 
     import csmstream
 
     cpu = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=2)
     gpu_model = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=1).model.to("cuda")
-    gen_gpu = FrameGenerator(gpu_model, rows=2)  # fast step + graphs
     prompt_cache["tiny"] = prompt(cpu)
     out = {}
-    for topk in (1, 50):
-        tok, mask = prompt_cache["tiny"]
-        for g in (cpu.gen, gen_gpu):
-            for r in range(2):
-                g.prefill(r, tok, mask, seed=11 + r, temperature=0.9, topk=topk)
-        a = np.stack([cpu.gen.step(0, 2, topk).numpy() for _ in range(frames)])
-        b = np.stack([gen_gpu.step(0, 2, topk).cpu().numpy() for _ in range(frames)])
-        hd = (cpu.gen.h - gen_gpu.h.cpu()).norm() / cpu.gen.h.norm()
-        out[f"topk{topk}"] = {"codes_equal": float((a == b).mean()), "hidden_rel_err": float(hd)}
+    saved = os.environ.get("CSM_FUSED_GEMV")
+    for variant in ("off", "on"):
+        os.environ["CSM_FUSED_GEMV"] = variant
+        gen_gpu = FrameGenerator(gpu_model, rows=2)  # fast step + graphs
+        for topk in (1, 50):
+            tok, mask = prompt_cache["tiny"]
+            for g in (cpu.gen, gen_gpu):
+                for r in range(2):
+                    g.prefill(r, tok, mask, seed=11 + r, temperature=0.9, topk=topk)
+            a = np.stack([cpu.gen.step(0, 2, topk).numpy() for _ in range(frames)])
+            b = np.stack([gen_gpu.step(0, 2, topk).cpu().numpy() for _ in range(frames)])
+            hd = (cpu.gen.h - gen_gpu.h.cpu()).norm() / cpu.gen.h.norm()
+            key = f"topk{topk}" + ("_fused_gemv" if variant == "on" else "")
+            out[key] = {"codes_equal": float((a == b).mean()), "hidden_rel_err": float(hd)}
+    if saved is None:
+        os.environ.pop("CSM_FUSED_GEMV")
+    else:
+        os.environ["CSM_FUSED_GEMV"] = saved
     return out
 
 
@@ -128,6 +143,9 @@ def batch1(eng, n: int) -> dict:
     fill_rows(gen, 1)
     res = {}
     res["graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), n)
+    res["fused_gemv"] = 1 in fast.fused_buckets  # which variant the engine kept for bucket 1
+    if 1 in fast.fused_timing:  # CSM_FUSED_GEMV=auto: both variants' replays, timed at capture
+        res["capture_fused_ms"], res["capture_cublas_ms"] = fast.fused_timing[1]
     saved = fast.graphs
     fast.graphs = {}
     res["static_no_graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), max(5, n // 5))
@@ -235,13 +253,15 @@ def server_ttfa(eng, n: int, voices=None) -> float | None:
     return statistics.median(result)
 
 
-def live(eng, streams: int, seconds: float) -> dict:
+def live(eng, streams: int, seconds: float, max_prefill_s: float | None = None) -> dict:
     """`streams` concurrent requests, all sent at once (the worst burst); playback of a stream
     starts when its first 100 ms are there, and a write is late if its first sample should
-    already be playing."""
+    already be playing. max_prefill_s: the worker's prefill allowance a tick (None: its default;
+    0: one prefill chunk a tick, the scheduler before chunked prefill)."""
     from csmstream.engine.worker import EngineWorker, GenRequest
 
-    w = EngineWorker(eng, idle_wait=0.001, max_waiting=streams).start()
+    kw = {} if max_prefill_s is None else {"max_prefill_s": max_prefill_s}
+    w = EngineWorker(eng, idle_wait=0.001, max_waiting=streams, **kw).start()
     frames = int(seconds * 12.5)
     sinks = [_Sink() for _ in range(streams)]
     t0 = time.perf_counter()
@@ -261,7 +281,7 @@ def live(eng, streams: int, seconds: float) -> dict:
             worst = max(worst, over)
             late += over > 0
     st = w.stats
-    return {"streams": streams, "frames_each": frames, "wall_s": wall, "late_writes": int(late),
+    return {"streams": streams, "max_prefill_s": w.budget.max_tick_s, "frames_each": frames, "wall_s": wall, "late_writes": int(late),
             "worst_lateness_ms": worst, "ttfa_median_ms": statistics.median(ttfa), "ttfa_max_ms": max(ttfa),
             "mean_tick_ms": st.step_seconds / max(1, st.ticks) * 1e3,
             "all_finished_ok": all(r.reason == "max_frames" for r in reqs)}
@@ -339,9 +359,13 @@ def main(argv=None) -> int:
                                                                   voice)})
     log("TTFA:", {k: v for k, v in res.items() if k.startswith("ttfa")})
     res["buckets"] = per_bucket(eng, buckets, max(10, a.iters // 3))
-    if a.streams:
+    if a.streams:  # the burst with the prefill budget, and with one prefill chunk a tick, side by side
         res["live"] = live(eng, a.streams, a.seconds)
         log("live:", res["live"])
+        res["live_one_chunk_a_tick"] = live(eng, a.streams, a.seconds, max_prefill_s=0.0)
+        log("live, one prefill chunk a tick:", res["live_one_chunk_a_tick"])
+    res["fused_timing_ms"] = {str(b): v for b, v in sorted(eng.gen.fast.fused_timing.items())}  # (fused, cuBLAS)
+    log("fused GEMV vs cuBLAS step per small bucket, ms a replay:", res["fused_timing_ms"])
     Path(a.json).write_text(json.dumps(res, indent=1))
     b1 = res["batch1"]
     log(f"\n## {dev}, {res['date']}, csm-1b config, random weights, {a.dtype}")
@@ -349,6 +373,9 @@ def main(argv=None) -> int:
     log(f"| frame, batch 1, eager PyTorch | {b1['eager_ms']:.2f} ms |")
     log(f"| frame, batch 1, static Triton step, no graphs | {b1['static_no_graphs_ms']:.2f} ms |")
     log(f"| frame, batch 1, CUDA graph | {b1['graphs_ms']:.2f} ms (RTF {b1['graphs_ms'] / FRAME_MS:.3f}) |")
+    if "capture_fused_ms" in b1:
+        log(f"| frame, batch 1, replay timed at capture: fused GEMV / cuBLAS | {b1['capture_fused_ms']:.2f} / "
+            f"{b1['capture_cublas_ms']:.2f} ms (kept: {'fused' if b1['fused_gemv'] else 'cuBLAS'}) |")
     for k in ("ttfa_worker_ms", "ttfa_worker_voice_nocache_ms", "ttfa_worker_voice_cached_ms", "ttfa_server_ms",
               "ttfa_server_voice_ms"):
         v = res[k]
@@ -356,10 +383,12 @@ def main(argv=None) -> int:
     for row in res["buckets"]:
         log(f"| bucket {row['batch']} | step {row['step_ms']:.2f} ms, tick {row['tick_ms']:.2f} ms, "
             f"{row['realtime_streams']} real-time streams |")
-    if "live" in res:
-        lv = res["live"]
-        log(f"| live {lv['streams']} streams | {lv['late_writes']} late writes, worst {lv['worst_lateness_ms']:.1f} ms, "
-            f"TTFA median {lv['ttfa_median_ms']:.0f} ms |")
+    for key in ("live", "live_one_chunk_a_tick"):
+        if key in res:
+            lv = res[key]
+            log(f"| {key} {lv['streams']} streams | {lv['late_writes']} late writes, worst "
+                f"{lv['worst_lateness_ms']:.1f} ms, TTFA median {lv['ttfa_median_ms']:.0f} ms, max "
+                f"{lv['ttfa_max_ms']:.0f} ms |")
     return 0
 
 

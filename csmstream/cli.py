@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
     serve.add_argument("--max-streams", type=int, default=None,
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
+    serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                       help="prompt positions prefilled at a time between two frame steps, so a long "
+                            "prompt (voice, context) never holds up the calls already playing (default: 512)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
     serve.add_argument("--auth-token", default=None,

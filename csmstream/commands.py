@@ -38,6 +38,8 @@ def serve(args) -> int:
         raise ValueError(f"--max-text-chars must be >= 1, got {args.max_text_chars}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1 (prompt tokens), got {args.prefill_chunk}")
 
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,
@@ -54,7 +56,8 @@ def serve(args) -> int:
                            allowed_origins=[o.strip() for o in args.allowed_origins.split(",")]
                            if args.allowed_origins else None,
                            max_connections_per_ip=args.max_connections_per_ip,
-                           max_requests_per_minute=args.max_requests_per_minute)
+                           max_requests_per_minute=args.max_requests_per_minute,
+                           prefill_chunk=args.prefill_chunk)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

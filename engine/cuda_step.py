@@ -15,6 +15,11 @@ gate/up matmul, fused SiLU·up, down matmul.
 
 With graphs off (env CSM_CUDA_GRAPHS=0, `graphs=False`, or on CPU under TRITON_INTERPRET=1 in the
 tests) the same `forward` runs eagerly: the results are identical, only launch overhead differs.
+
+Small buckets (B <= 16) can run each layer as six kernels instead (kernels/triton_gemv.py: the
+norms folded into the projections' prologue, SiLU·up and the residual adds into their epilogue).
+Env CSM_FUSED_GEMV: `auto` (default) captures both variants of each such bucket, times their
+replays and keeps the faster (so a device where cuBLAS wins keeps cuBLAS); `on` / `off` force it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ def graphs_enabled(flag: bool | None) -> bool:
     return os.environ.get("CSM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def fused_setting(flag: str | None = None) -> str:
+    """'auto' | 'on' | 'off': the argument wins, else env CSM_FUSED_GEMV (default auto)."""
+    v = (flag if flag is not None else os.environ.get("CSM_FUSED_GEMV", "auto")).strip().lower()
+    v = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(v, v)
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"CSM_FUSED_GEMV must be auto, on or off, got {v!r}")
+    return v
+
+
 def buckets_for(rows: int) -> list[int]:
     """Batch buckets 1, 2, 4, ... up to rows (rows itself last when it is not a power of two)."""
     out, b = [], 1
@@ -50,12 +64,13 @@ def buckets_for(rows: int) -> list[int]:
 
 
 class FastFrameStep:
-    def __init__(self, gen, *, graphs: bool) -> None:
-        from ..kernels import (
-            triton_ops,  # imported here: nothing imports triton at package import
+    def __init__(self, gen, *, graphs: bool, fused: str | None = None) -> None:
+        from ..kernels import (  # imported here: nothing imports triton at package import
+            triton_gemv,
+            triton_ops,
         )
 
-        self.ops = triton_ops
+        self.ops, self.gemv = triton_ops, triton_gemv
         m, cfg = gen.model, gen.model.cfg
         self.gen, self.n, self.V, self.cs = gen, gen.n, cfg.audio_vocab, cfg.codebook_size
         self.bb, self.dd = cfg.backbone, cfg.depth
@@ -84,6 +99,10 @@ class FastFrameStep:
         self.buckets = buckets_for(gen.rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = graphs and dev.type == "cuda"
+        self.fused_mode = fused_setting(fused)
+        small = {b for b in self.buckets if b <= triton_gemv.MAX_ROWS}
+        self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as six kernels a layer
+        self.fused_timing: dict[int, tuple[float, float]] = {}  # auto: bucket -> (fused ms, plain ms)
         if self.use_graphs:
             self.capture()
 
@@ -102,6 +121,17 @@ class FastFrameStep:
             d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
         return ops.add_rms_norm(x, d, final_norm, eps)
 
+    def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B):
+        """The same stack in six kernels a layer (B <= 16); x [B, D] is updated in place."""
+        ops, gemv = self.ops, self.gemv
+        for i, (an, wqkv, wo, fn, w13, w2) in enumerate(layers):
+            qkv = gemv.norm_matvec(x, an, wqkv, eps).view(B, -1, kv[i].shape[-1])
+            cache = kv[i][:B]
+            ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
+            gemv.matvec_add_(x, wo, ops.decode_attention(qkv[:, :n_heads], cache, lengths))
+            gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True))
+        return ops.add_rms_norm(x, x, final_norm, eps, add=False)
+
     def forward(self, B: int) -> torch.Tensor:
         """One frame for rows [0, B); returns codes [B, N] (a persistent buffer)."""
         g, n = self.gen, self.n
@@ -110,10 +140,11 @@ class FastFrameStep:
         codes = self.codes[:B]
         self.ops.sample_topk(F.linear(h, g.c0_w), temp, topk, KMAX, noise[:, 0], self.cs, out=codes[:, 0])
         dd = self.dd
+        stack = self._stack_fused if B in self.fused_buckets else self._stack
         for p in range(n):  # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1
             x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])
             pos, lengths = self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B)
-            out = self._stack(x, self.dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
+            out = stack(x, self.dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
                               self.dd_cos, self.dd_sin, pos, lengths, B)
             if p >= 1:
                 self.ops.sample_topk(out @ g.heads[p - 1], temp, topk, KMAX, noise[:, p], self.cs,
@@ -121,7 +152,7 @@ class FastFrameStep:
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb
-        new_h = self._stack(g.model.embed_frames(codes), self.bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
+        new_h = stack(g.model.embed_frames(codes), self.bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
                             bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B)
         live = self.active[:B]
         h.copy_(torch.where(live[:, None], new_h, h))
@@ -132,25 +163,67 @@ class FastFrameStep:
     # -- graphs -----------------------------------------------------------------------------------
     def capture(self) -> None:
         """Capture one graph per bucket (largest first, one shared memory pool). Rows are idle while
-        capturing (active all false), so no request state moves; caches get junk they never read."""
+        capturing (active all false), so no request state moves; caches get junk they never read.
+        With CSM_FUSED_GEMV=auto a small bucket is captured both ways and the faster replay kept."""
         t0 = time.perf_counter()
         self.active.zero_()
+        auto = {b for b in self.buckets if b <= self.gemv.MAX_ROWS} if self.fused_mode == "auto" else set()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for B in self.buckets:  # compile the kernels and create library handles off-graph
                 self.forward(B)
+            if auto:  # the fused kernels too; if they cannot compile on this device, do without them
+                self.fused_buckets |= auto
+                try:
+                    for B in auto:
+                        self.forward(B)
+                except Exception as e:  # noqa: BLE001 - any compile/launch failure: keep the cuBLAS step
+                    log.warning("fused GEMV kernels unavailable here (%s: %s); using the cuBLAS step",
+                                type(e).__name__, e)
+                    auto = set()
+                self.fused_buckets.clear()
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for B in reversed(self.buckets):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.forward(B)
-                self.graphs[B] = (graph, out)
+        for B in reversed(self.buckets):
+            self.graphs[B] = self._capture_one(B, pool)
+            if B in auto:
+                self.fused_buckets.add(B)
+                try:
+                    fused = self._capture_one(B, pool)
+                except Exception as e:  # noqa: BLE001 - keep the cuBLAS graph
+                    log.warning("fused GEMV graph for bucket %d failed (%s); using the cuBLAS step", B, e)
+                    self.fused_buckets.discard(B)
+                    continue
+                t_fused, t_plain = self._replay_ms(fused[0]), self._replay_ms(self.graphs[B][0])
+                self.fused_timing[B] = (t_fused, t_plain)
+                if t_fused < t_plain:
+                    self.graphs[B] = fused
+                else:
+                    self.fused_buckets.discard(B)
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs (buckets %s) in %.1fs", len(self.graphs), self.buckets,
                  time.perf_counter() - t0)
+        if self.fused_timing:
+            log.info("fused GEMV step vs cuBLAS step, ms a replay: %s; fused kept for buckets %s",
+                     {b: tuple(round(t, 3) for t in v) for b, v in sorted(self.fused_timing.items())},
+                     sorted(self.fused_buckets))
+
+    def _capture_one(self, B: int, pool) -> tuple:
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            out = self.forward(B)
+        return graph, out
+
+    @staticmethod
+    def _replay_ms(graph, n: int = 20) -> float:
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3 / n
 
     def bucket(self, hi: int) -> int:
         for b in self.buckets:

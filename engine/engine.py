@@ -9,12 +9,12 @@ from collections.abc import Iterable, Iterator
 from numbers import Integral, Real
 
 import numpy as np
-import torch
 
 from ..kernels.audio import float_to_int16
 from .config import CsmModelConfig
 from .generator import FrameGenerator
 from .model import CSM
+from .prefill import PrefillJob
 from .prefix import PrefixCache
 from .prompt import Segment, build_prompt, text_rows
 from .tokenizer import TextTokenizer
@@ -93,16 +93,9 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
     def _prefill(self, row: int, prepared, audio: bool) -> None:
-        """Prefill `row` with a prepared prompt (call with the lock held); uses or fills the
-        prefix cache, and resets the row's streaming decoder when audio is wanted."""
-        tokens, mask, seed, temperature, topk, _, prefix = prepared
-        self.gen.prefill(row, torch.from_numpy(tokens), torch.from_numpy(mask), seed=seed,
-                         temperature=temperature, topk=topk,
-                         prefix=None if prefix is None or prefix.kv is None else (prefix.length, prefix.kv))
-        if prefix is not None and prefix.kv is None:
-            self.prefixes.store(prefix.key, self.gen.cached_kv(row, prefix.length))
-        if audio:
-            self.decoder.reset(row)
+        """Prefill `row` with a prepared prompt in one go (call with the lock held); uses or fills
+        the prefix cache, and resets the row's streaming decoder when audio is wanted."""
+        PrefillJob(self, row, prepared, audio).run()
 
     def _validate(self, text, speaker_id, context, temperature, topk, seed, max_frames):
         if not isinstance(text, str) or not text.strip():
@@ -202,6 +195,26 @@ class Engine:
         free = set(self._free)
         return all(r in free or r in mine for r in range(bucket))
 
+    def _decode_rows(self, dev_codes, lo: int, rows: list[int], mine) -> dict[int, np.ndarray]:
+        """Streaming decode of `rows` (sorted; row r's frame is dev_codes[r - lo]) -> row -> float32
+        audio. One graph replay over the bucket when every row there is free or in `mine` (a replay
+        advances every row's decoder state); else one eager decode per contiguous run of rows, so
+        no state moves for a row outside them (e.g. a direct frames() user's)."""
+        dg = self.decode_graphs
+        a, b = rows[0], rows[-1] + 1
+        if dg is not None and self.rows_unshared(dg.bucket(b), mine):
+            wav = dg.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
+            return {r: wav[r - a] for r in rows}
+        out: dict[int, np.ndarray] = {}
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                a, b = rows[start], rows[i - 1] + 1
+                wav = self.decoder.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
+                out.update((r, wav[r - a]) for r in range(a, b))
+                start = i
+        return out
+
     def _run(self, *prepared, audio: bool = False) -> Iterator[np.ndarray]:
         topk, cap = prepared[4], prepared[5]
         row = self._acquire()
@@ -215,9 +228,7 @@ class Engine:
                     if not codes.any():
                         return  # end of speech: all-zero frame (never decoded)
                     if audio:
-                        dg = self.decode_graphs
-                        dec = dg if dg is not None and self.rows_unshared(dg.bucket(row + 1), (row,)) else self.decoder
-                        pcm = dec.decode(dev_codes, row, row + 1)[0].float().cpu().numpy()
+                        pcm = self._decode_rows(dev_codes, row, [row], (row,))[row]
                 yield float_to_int16(pcm) if audio else codes
         finally:
             self._release(row)

@@ -71,32 +71,45 @@ class FrameGenerator:
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,
-                temperature: float, topk: int, prefix: tuple[int, torch.Tensor] | None = None) -> None:
-        """Run the prompt rows [T, N+1] through the backbone into `row`'s cache. prefix: (P, kv)
-        puts cached KV [layers, P, 2kv, hd] at positions [0, P) first; the tokens then follow it."""
+                temperature: float, topk: int, prefix: tuple[int, torch.Tensor] | None = None,
+                start: int | None = None, last: bool = True) -> None:
+        """Run the prompt rows [T, N+1] through the backbone into `row`'s cache.
+
+        prefix: (P, kv) puts cached KV [layers, P, 2kv, hd] at positions [0, P) first.
+        start: the position of tokens[0] (default: right after the prefix, or 0); positions
+        [0, start) must already hold this row's KV (the prefix, or earlier chunks of the prompt).
+        last: False for a chunk of a longer prompt: only the cache is written, and the row's next
+        position moves past the chunk, so a frame step that carries this row as idle writes its junk
+        where the next chunk will overwrite it. The last chunk sets the row up to generate."""
         P = 0 if prefix is None else prefix[0]
+        start = P if start is None else start
         T = tokens.shape[0]
-        if P + T > self.max_seq_len - 1:
-            raise ValueError(f"prompt is {P + T} positions; the model's window is {self.max_seq_len}")
+        if start < P:
+            raise ValueError(f"start {start} lies inside the {P}-position prefix")
+        if start + T > self.max_seq_len - 1:
+            raise ValueError(f"prompt is {start + T} positions; the model's window is {self.max_seq_len}")
         if T < 1:
             raise ValueError("prefill needs at least one token after the cached prefix")
         x = self.model.embed_prompt(tokens.to(self.device), mask.to(self.device))[None].to(self.dtype)
-        rot = self.bb_rot[P : P + T][None, :, None, :]
+        rot = self.bb_rot[start : start + T][None, :, None, :]
         if P:
             self.bb_cache[:, row, :P].copy_(prefix[1])
-            causal = self.positions[: P + T][None, :] <= self.positions[P : P + T][:, None]  # [T, P+T]
-            at = Attend(slice(row, row + 1), start=P, length=P + T, mask=causal[None, None])
+        if start:
+            causal = self.positions[: start + T][None, :] <= self.positions[start : start + T][:, None]  # [T, start+T]
+            at = Attend(slice(row, row + 1), start=start, length=start + T, mask=causal[None, None])
         else:
             at = Attend(slice(row, row + 1), length=T)
         h = self.model.backbone(x, rot, self.bb_caches, at)
-        T += P
-        self.h[row] = h[0, -1]
+        T += start
         self.pos[row] = T
+        self.host_pos[row] = T
+        if not last:
+            return
+        self.h[row] = h[0, -1]
         self.frame[row] = 0
         self.seed[row] = seed & 0x7FFFFFFFFFFFFFFF
         self.temperature[row] = temperature
         self.topk[row] = topk
-        self.host_pos[row] = T
 
     def cached_kv(self, row: int, length: int) -> torch.Tensor:
         """A copy of `row`'s backbone KV at positions [0, length): [layers, length, 2kv, hd]."""

@@ -190,15 +190,25 @@ class DecodeGraphs:
     A replay advances the decoder state of every row in [0, B): the caller uses it only when every
     row there either wants this frame decoded or does not care (a free slot, reset on admission;
     a row that just ended). Codes for rows outside [lo, hi) keep whatever the buffer held.
+    capture=False runs the same whole-bucket decode eagerly (any device): the tests use it on CPU
+    to check the callers' rule for when a whole-bucket decode is safe.
     """
 
-    def __init__(self, decoder: StreamingMimiDecoder, buckets: list[int], n_codebooks: int) -> None:
+    def __init__(self, decoder: StreamingMimiDecoder, buckets: list[int], n_codebooks: int, *,
+                 capture: bool = True) -> None:
         import time
 
         t0 = time.perf_counter()
         dev = next(decoder.mimi.parameters()).device
         self.decoder, self.buckets = decoder, buckets
         self.codes = torch.zeros(decoder.rows, n_codebooks, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if capture:
+            self._capture()
+        self.seconds = time.perf_counter() - t0
+
+    def _capture(self) -> None:
+        decoder, buckets = self.decoder, self.buckets
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -206,7 +216,6 @@ class DecodeGraphs:
                 decoder.decode(self.codes[:B], 0, B)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         with torch.inference_mode():
             for B in reversed(buckets):
                 g = torch.cuda.CUDAGraph()
@@ -216,7 +225,6 @@ class DecodeGraphs:
         for r in range(decoder.rows):  # warm-up and capture moved every slot's state
             decoder.reset(r)
         torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - t0
 
     def bucket(self, hi: int) -> int:
         return next(b for b in self.buckets if b >= hi)
@@ -227,6 +235,8 @@ class DecodeGraphs:
         copy or consume it before the next call)."""
         B = self.bucket(hi)
         self.codes[lo:hi].copy_(codes)
+        if B not in self.graphs:
+            return self.decoder.decode(self.codes[:B], 0, B)[lo:hi]
         g, out = self.graphs[B]
         g.replay()
         return out[lo:hi]

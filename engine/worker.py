@@ -2,9 +2,12 @@
 
 Requests arrive through `submit()` (any thread; validation and prompt building happen there, so a
 bad request fails at once). The thread admits them into the engine's slots, and every tick runs
-ONE batched frame step over the span of active rows, one streaming Mimi decode per contiguous run
-of active rows, and writes each request's PCM into its sink (an SPSC ring owned by the consumer).
-At most one prefill happens per tick, so a newcomer delays the others by at most one prefill.
+ONE batched frame step over the span of active rows, the streaming Mimi decode of their frames, and
+writes each request's PCM into its sink (an SPSC ring owned by the consumer).
+Prefills are chunked (engine/prefill.py): each tick does one chunk of prompt for sure, and more
+(the rest of that prompt, the next newcomers) only while the running calls have audio to spare, so
+a newcomer never makes a playing call wait more than one chunk, and a burst of callers is admitted
+as fast as the others' buffers allow.
 After each tick the `notify` callback gets the requests that changed (new audio, finished), once
 per tick; a server passes one that hops onto its event loop with `call_soon_threadsafe`.
 
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from .prefill import FRAME_S, PrefillBudget, PrefillJob, lead
 
 log = logging.getLogger("csmstream.engine")
 
@@ -47,6 +52,7 @@ class GenRequest:
     tag: Any = None  # the submitter's handle (e.g. its connection job)
     keep_codes: bool = False  # keep every frame's codes in `codes` (context for the next sentence)
     max_repeats: int = 0  # > 0: stop ("guard") when the same frame repeats this many times in a row
+    chunk_s: float = 0.0  # the consumer sends audio in chunks of this many seconds (for its lead)
     # engine-side state
     frames: int = 0
     finished: bool = False
@@ -82,7 +88,11 @@ class WorkerStats:
     requests: int = 0
     active: int = 0
     waiting: int = 0
+    prefilling: int = 0
     step_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    prefill_chunks: int = 0
 
 
 class Busy(RuntimeError):
@@ -93,8 +103,12 @@ class EngineWorker:
     """Owns the engine while running; start() / stop(); submit() from any thread."""
 
     def __init__(self, engine, notify: Callable[[list[GenRequest]], None] | None = None, *,
-                 idle_wait: float = 0.05, max_waiting: int | None = None) -> None:
+                 idle_wait: float = 0.05, max_waiting: int | None = None, prefill_chunk: int = 512,
+                 max_prefill_s: float = FRAME_S) -> None:
+        """prefill_chunk: prompt tokens per prefill chunk; max_prefill_s: at most this many seconds
+        of prefill a tick beyond its one chunk (engine/prefill.py)."""
         self.engine = engine
+        self.budget = PrefillBudget(prefill_chunk, max_tick_s=max_prefill_s)
         self.notify = notify or (lambda reqs: None)
         self.idle_wait = idle_wait
         # requests waiting for a slot, at most (beyond it submit() raises Busy at once)
@@ -108,6 +122,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._waiting: deque[GenRequest] = deque()
         self._active: dict[int, GenRequest] = {}  # row -> request
+        self._prefilling: deque[tuple[GenRequest, PrefillJob]] = deque()  # admitted, prompt going in
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> EngineWorker:
@@ -145,7 +160,7 @@ class EngineWorker:
             raise RuntimeError("the engine thread is not running")
         if req._prepared is None:
             self.prepare(req)
-        free = max(0, self.engine.max_streams - len(self._active))
+        free = max(0, self.engine.max_streams - len(self._active) - len(self._prefilling))
         if self.queued() >= self.max_waiting + free:
             raise Busy(f"all {self.engine.max_streams} streams are busy and {self.max_waiting} requests are "
                        "already waiting; retry shortly")
@@ -202,43 +217,75 @@ class EngineWorker:
             except queue.Empty:
                 break
         # cancellations first, so their slots are reused this tick
-        for row, req in list(self._active.items()):
+        for req in list(self._active.values()):
             if req._cancel:
                 self._finish(req, "cancelled", changed)
+        for item in [it for it in self._prefilling if it[0]._cancel]:
+            self._prefilling.remove(item)
+            self._finish(item[0], "cancelled", changed)
         for req in [r for r in self._waiting if r._cancel]:
             self._waiting.remove(req)
             self._finish(req, "cancelled", changed)
-        # admit at most one newcomer per tick: its prefill delays the others by one prefill only
-        if self._waiting and len(self._active) < self.engine.max_streams:
-            self._admit(self._waiting.popleft(), changed)
-        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+        self._prefill_work(changed)
+        st = self.stats
+        st.active, st.waiting, st.prefilling = len(self._active), len(self._waiting), len(self._prefilling)
         if self._active:
             self._step(changed)
         if changed:
             self.notify(changed)
-        return bool(self._active or self._waiting)
+        return bool(self._active or self._waiting or self._prefilling)
 
-    def _admit(self, req: GenRequest, changed: list) -> None:
-        e = self.engine
-        try:
-            row = e._acquire()
-        except RuntimeError:  # slots held by direct Engine.frames users: try again next tick
-            self._waiting.appendleft(req)
-            return
-        req._row = row
-        try:
-            with e._lock:
-                e._prefill(row, req._prepared, audio=e.codec is not None and req.sink is not None)
-        except Exception as exc:
-            log.exception("prefill failed")
-            e._release(row)
-            req._row = -1
-            self._finish(req, "error", changed, error=f"prefill failed: {exc}")
-            return
-        req.t_start = time.perf_counter()
-        req._prepared = None  # the prompt is in the KV cache now; do not keep its arrays
-        self._active[row] = req
-        self.stats.requests += 1
+    def _prefill_work(self, changed: list) -> None:
+        """Prompts go in chunk by chunk, oldest first: one chunk for sure, then more while their
+        estimated cost fits what the playing calls can spare (PrefillBudget.allowance)."""
+        e, budget = self.engine, self.budget
+        now = time.perf_counter()
+        allowance = budget.allowance([lead(r.frames, now - r.t_first_audio, r.chunk_s)
+                                      for r in self._active.values() if r.sink is not None and r.t_first_audio])
+        spent, first = 0.0, True
+        while True:
+            if self._prefilling:
+                req, job = self._prefilling[0]
+                n = min(job.remaining, budget.chunk_tokens)
+            elif self._waiting and len(self._active) + len(self._prefilling) < e.max_streams:
+                req, job = self._waiting[0], None
+                n = min(len(req._prepared[0]), budget.chunk_tokens)
+                if not first and not budget.can_grow(len(self._active) + len(self._prefilling) + 1):
+                    return
+            else:
+                return
+            if not first and spent + budget.estimate(n) > allowance:
+                return
+            if job is None:
+                try:
+                    row = e._acquire()
+                except RuntimeError:  # slots held by direct Engine.frames users: try again next tick
+                    return
+                self._waiting.popleft()
+                req._row = row
+                job = PrefillJob(e, row, req._prepared, audio=e.codec is not None and req.sink is not None)
+                self._prefilling.append((req, job))
+            t0 = time.perf_counter()
+            try:
+                with e._lock:
+                    n = job.run(n)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._prefilling.remove((req, job))
+                self._finish(req, "error", changed, error=f"prefill failed: {exc}")
+                continue
+            dt = time.perf_counter() - t0
+            budget.record_prefill(n, dt)
+            spent, first = spent + dt, False
+            st = self.stats
+            st.prefill_seconds, st.prefill_tokens, st.prefill_chunks = st.prefill_seconds + dt, st.prefill_tokens + n, \
+                st.prefill_chunks + 1
+            if job.remaining == 0:
+                self._prefilling.popleft()
+                req.t_start = time.perf_counter()
+                req._prepared = None  # the prompt is in the KV cache now; do not keep its arrays
+                self._active[req._row] = req
+                st.requests += 1
 
     def _step(self, changed: list) -> None:
         e = self.engine
@@ -252,9 +299,11 @@ class EngineWorker:
             codes = dev_codes.cpu().numpy()  # the one device->host copy of the tick
             audio_rows = [r for r in rows if codes[r - lo].any() and self._active[r].sink is not None]
             pcm = self._decode(dev_codes, lo, audio_rows) if e.codec is not None and audio_rows else {}
+        dt = time.perf_counter() - t0
+        self.budget.record_step(dt, len(rows))
         self.stats.ticks += 1
         self.stats.frames += len(rows)
-        self.stats.step_seconds += time.perf_counter() - t0
+        self.stats.step_seconds += dt
         now = time.perf_counter()
         for r in rows:
             req = self._active[r]
@@ -290,28 +339,12 @@ class EngineWorker:
             self._finish(req, "max_frames", changed)
 
     def _decode(self, dev_codes, lo: int, rows: list[int]) -> dict[int, np.ndarray]:
-        """Streaming decode of `rows` (sorted; dev_codes holds rows [lo, ...)). On CUDA with graphs:
-        one replay over the bucket when no row there belongs to someone else (a direct
-        Engine.frames() user), since a replay advances every row's decoder state; else one eager
-        decode per contiguous run (state must not advance for rows outside the run).
-        Returns row -> int16 PCM."""
+        """Streaming decode of `rows` (sorted; dev_codes holds rows [lo, ...)) -> row -> int16 PCM.
+        Rows still prefilling are ours too: their decoder state is reset when their prompt is in."""
         from ..kernels.audio import float_to_int16
 
-        e = self.engine
-        out: dict[int, np.ndarray] = {}
-        a, b = rows[0], rows[-1] + 1
-        if e.decode_graphs is not None and e.rows_unshared(e.decode_graphs.bucket(b), self._active):
-            wav = e.decode_graphs.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
-            return {r: float_to_int16(wav[r - a]) for r in rows}
-        start = 0
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i] != rows[i - 1] + 1:
-                a, b = rows[start], rows[i - 1] + 1
-                wav = e.decoder.decode(dev_codes[a - lo : b - lo], a, b).float().cpu().numpy()
-                for r in range(a, b):
-                    out[r] = float_to_int16(wav[r - a])
-                start = i
-        return out
+        mine = set(self._active).union(req._row for req, _ in self._prefilling)
+        return {r: float_to_int16(w) for r, w in self.engine._decode_rows(dev_codes, lo, rows, mine).items()}
 
     def _finish(self, req: GenRequest, reason: str, changed: list, error: str | None = None) -> None:
         if req._row >= 0:
@@ -327,8 +360,9 @@ class EngineWorker:
     def _fail_all(self, message: str, reason: str = "error") -> None:
         changed: list[GenRequest] = []
         error = message if reason == "error" else None
-        pending = list(self._active.values()) + list(self._waiting)
+        pending = list(self._active.values()) + [req for req, _ in self._prefilling] + list(self._waiting)
         self._waiting.clear()
+        self._prefilling.clear()
         while True:
             try:
                 pending.append(self._inbox.get_nowait())

@@ -109,4 +109,4 @@ class Job:
         self.n_parts += 1
         return GenRequest(text=text, speaker_id=m.speaker_id, context=context, temperature=m.temperature,
                           topk=m.topk, seed=seed, tag=self, keep_codes=True, max_repeats=REPEAT_GUARD,
-                          max_frames=max_frames)
+                          max_frames=max_frames, chunk_s=m.chunk_ms / 1000)

@@ -102,6 +102,11 @@ class Metrics:
                 self._last_frames = (now, worker_stats.frames)
             metric("csm_active_streams", "gauge", "requests generating now", worker_stats.active)
             metric("csm_waiting_requests", "gauge", "requests waiting for a slot", worker_stats.waiting)
+            metric("csm_prefilling_requests", "gauge", "requests whose prompt is going in (chunked prefill)",
+                   worker_stats.prefilling)
+            metric("csm_prefill_tokens_total", "counter", "prompt positions prefilled", worker_stats.prefill_tokens)
+            metric("csm_prefill_seconds_total", "counter", "engine-thread seconds spent prefilling",
+                   f"{worker_stats.prefill_seconds:.6f}")
             metric("csm_frames_total", "counter", "80 ms frames generated", worker_stats.frames)
             metric("csm_frames_per_second", "gauge", "frames generated per second (since the last scrape)",
                    f"{self._fps:.2f}")

@@ -44,7 +44,8 @@ class StreamServer:
                  calls=None, test_chunk_delay: float = 0.0, auth_token: str | None = None,
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
-                 send_timeout: float = 10.0, socket_send_buffer: int | None = None) -> None:
+                 send_timeout: float = 10.0, socket_send_buffer: int | None = None,
+                 prefill_chunk: int = 512) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -58,6 +59,7 @@ class StreamServer:
         self.gate = Gate(auth_token, allowed_origins, max_connections_per_ip, own_auth_paths=tuple(self.routes))
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections
         # a client that does not take a chunk within send_timeout is cut off (slow_reader); the
         # per-connection kernel send buffer can be capped so that happens after little buffering
@@ -98,7 +100,7 @@ class StreamServer:
             self._ws.close()
             raise
         self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe,
-                                   max_waiting=self.max_engine_waiting).start()
+                                   max_waiting=self.max_engine_waiting, prefill_chunk=self.prefill_chunk).start()
         if self.do_warmup:
             t0 = time.perf_counter()
             await self._loop.run_in_executor(None, self.worker.warmup)

@@ -16,7 +16,7 @@ def test_help_lists_commands():
     for cmd in ("serve", "say", "demo"):
         assert cmd in out.stdout
     serve = run("serve", "--help")
-    for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams"):
+    for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk"):
         assert opt in serve.stdout
 
 
@@ -35,6 +35,12 @@ def test_bad_argument_is_one_clear_line():
     out = run("say", "hi", "--local", "--topk", "0", "--device", "cpu")
     assert out.returncode == 2
     assert "error: topk must be an integer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_prefill_chunk_is_refused_before_loading():
+    out = run("serve", "--prefill-chunk", "0", "--device", "cpu", "--port", "0")
+    assert out.returncode == 2
+    assert "--prefill-chunk must be >= 1" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_say_without_a_server_explains(tmp_path):

@@ -4,7 +4,7 @@ eager PyTorch step's frames, row for row, and keep idle rows' state where it was
 import pytest
 import torch
 
-from csmstream.engine.cuda_step import FastFrameStep, buckets_for, graphs_enabled
+from csmstream.engine.cuda_step import FastFrameStep, buckets_for, fused_setting, graphs_enabled
 from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.prompt import build_prompt
 
@@ -30,6 +30,28 @@ def test_fast_step_gives_the_eager_steps_frames(tiny_engine, topk):
     torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert fast.pos.tolist() == ref.pos.tolist() and fast.frame.tolist() == ref.frame.tolist()
     assert fast.host_pos == ref.host_pos
+
+
+def test_the_fused_six_kernel_layers_give_the_eager_steps_frames(tiny_engine, monkeypatch):
+    monkeypatch.setenv("CSM_FUSED_GEMV", "on")
+    ref, fast = _prefilled(tiny_engine, False, [0, 1], 50), _prefilled(tiny_engine, True, [0, 1], 50)
+    assert fast.fast.fused_buckets == {1, 2, 4}  # every bucket of 4 slots is small enough
+    for active in (None, [True, False]):
+        a, b = ref.step(0, 2, 50, active), fast.step(0, 2, 50, active)
+        live = [0, 1] if active is None else [0]
+        assert torch.equal(a[live], b[live])
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    assert fast.pos.tolist() == ref.pos.tolist()
+
+
+def test_fused_setting(monkeypatch):
+    monkeypatch.delenv("CSM_FUSED_GEMV", raising=False)
+    assert fused_setting() == "auto" and fused_setting("1") == "on" and fused_setting("OFF") == "off"
+    monkeypatch.setenv("CSM_FUSED_GEMV", "no")
+    assert fused_setting() == "off" and fused_setting("auto") == "auto"
+    monkeypatch.setenv("CSM_FUSED_GEMV", "sometimes")
+    with pytest.raises(ValueError, match="CSM_FUSED_GEMV must be auto, on or off, got 'sometimes'"):
+        fused_setting()
 
 
 def test_rows_outside_the_range_keep_their_state(tiny_engine):

@@ -227,7 +227,7 @@ def test_health_metrics_and_unknown_path(server):
         text = r.read().decode()
     for name in ("csm_requests_total", "csm_active_streams", "csm_frames_per_second",
                  "csm_ttfa_milliseconds_bucket", "csm_real_time_factor_count", "csm_buffer_underruns_total",
-                 "csm_errors_total"):
+                 "csm_errors_total", "csm_prefilling_requests", "csm_prefill_tokens_total"):
         assert name in text
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(base + "/nope")
