@@ -168,7 +168,7 @@ class StreamServer:
     def health(self) -> dict:
         e, w = self.engine, self.worker
         slots = e.max_streams if e is not None else 0
-        active = w.stats.active if w is not None else 0
+        active = w.stats.active + w.stats.prefilling if w is not None else 0  # requests holding a slot
         status = "ok" if self.healthy else ("stopping" if self.stopping else
                                             "engine thread died" if w is not None and w.died else "warming up")
         return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
