@@ -247,10 +247,10 @@ class EngineWorker:
             if self._prefilling:
                 req, job = self._prefilling[0]
                 n = min(job.remaining, budget.chunk_tokens)
-            elif self._waiting and len(self._active) + len(self._prefilling) < e.max_streams:
+            elif self._waiting and (held := len(self._active) + len(self._prefilling)) < e.max_streams:
                 req, job = self._waiting[0], None
                 n = min(len(req._prepared[0]), budget.chunk_tokens)
-                if not first and not budget.can_grow(len(self._active) + len(self._prefilling) + 1):
+                if not first and not budget.can_grow(held + 1):
                     return
             else:
                 return
@@ -278,8 +278,9 @@ class EngineWorker:
             budget.record_prefill(n, dt)
             spent, first = spent + dt, False
             st = self.stats
-            st.prefill_seconds, st.prefill_tokens, st.prefill_chunks = st.prefill_seconds + dt, st.prefill_tokens + n, \
-                st.prefill_chunks + 1
+            st.prefill_seconds += dt
+            st.prefill_tokens += n
+            st.prefill_chunks += 1
             if job.remaining == 0:
                 self._prefilling.popleft()
                 req.t_start = time.perf_counter()
