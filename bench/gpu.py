@@ -14,7 +14,8 @@
 5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured,
    with the chunked-prefill budget and with one prefill chunk a tick, side by side;
 6. for small buckets, the fused-GEMV step against the cuBLAS one (both captured, replays timed;
-   CSM_FUSED_GEMV=auto keeps the faster).
+   CSM_FUSED_GEMV=auto keeps the faster), and batch 1 again with an int8 depth decoder.
+bench/gemv_sweep.py times the GEMV kernels' tiles one projection at a time.
 Prints a table and writes everything as JSON.
 """
 
@@ -37,8 +38,9 @@ def log(*a):
     print(*a, flush=True)
 
 
-def full_engine(max_streams: int, dtype: torch.dtype, graphs: bool = True):
-    """csm-1b shapes (transformers' CsmConfig defaults) and the real Mimi config, random weights."""
+def full_engine(max_streams: int, dtype: torch.dtype, graphs: bool = True, int8_depth: bool = False):
+    """csm-1b shapes (transformers' CsmConfig defaults) and the real Mimi config, random weights
+    (int8_depth: the depth decoder quantized as load(quantize="int8-depth") does)."""
     from csmstream.engine.codec import Codec, randomize_codebooks
     from csmstream.engine.config import CsmModelConfig
     from csmstream.engine.engine import Engine
@@ -54,6 +56,10 @@ def full_engine(max_streams: int, dtype: torch.dtype, graphs: bool = True):
             p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0.0, 0.02)
         mimi = MimiModel(MimiConfig())
     randomize_codebooks(mimi)
+    if int8_depth:
+        from csmstream.engine.quant import quantize_depth_
+
+        quantize_depth_(model)
     eng = Engine(model.eval(), TextTokenizer.tiny(), name="csm-1b-random", max_streams=max_streams,
                  codec=Codec(mimi.eval(), cfg.num_codebooks), cuda_graphs=graphs)
     return eng
@@ -89,19 +95,24 @@ def time_steps(fn, n: int) -> float:
 
 # -- 1. checks ---------------------------------------------------------------------------------
 def check_small_vs_cpu(frames: int = 12) -> dict:
-    """The GPU step (graphs; the cuBLAS and the fused-GEMV variants) against the CPU reference."""
+    """The GPU step (graphs; the cuBLAS and the fused-GEMV variants, and the fused int8 depth
+    decoder) against the CPU reference (for int8: the CPU model with the same rounded weights)."""
     import os
 
     from csmstream.engine.generator import FrameGenerator
+    from csmstream.engine.quant import quantize_depth_
 
     import csmstream
 
-    cpu = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=2)
-    gpu_model = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=1).model.to("cuda")
-    prompt_cache["tiny"] = prompt(cpu)
     out = {}
     saved = os.environ.get("CSM_FUSED_GEMV")
-    for variant in ("off", "on"):
+    for variant, int8, suffix in (("off", False, ""), ("on", False, "_fused_gemv"), ("on", True, "_int8_depth")):
+        q = "int8-depth" if int8 else None
+        cpu = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=2, quantize=q)
+        gpu_model = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=1).model.to("cuda")
+        if int8:
+            quantize_depth_(gpu_model)
+        prompt_cache["tiny"] = prompt(cpu)
         os.environ["CSM_FUSED_GEMV"] = variant
         gen_gpu = FrameGenerator(gpu_model, rows=2)  # fast step + graphs
         for topk in (1, 50):
@@ -112,7 +123,7 @@ def check_small_vs_cpu(frames: int = 12) -> dict:
             a = np.stack([cpu.gen.step(0, 2, topk).numpy() for _ in range(frames)])
             b = np.stack([gen_gpu.step(0, 2, topk).cpu().numpy() for _ in range(frames)])
             hd = (cpu.gen.h - gen_gpu.h.cpu()).norm() / cpu.gen.h.norm()
-            key = f"topk{topk}" + ("_fused_gemv" if variant == "on" else "")
+            key = f"topk{topk}{suffix}"
             out[key] = {"codes_equal": float((a == b).mean()), "hidden_rel_err": float(hd)}
     if saved is None:
         os.environ.pop("CSM_FUSED_GEMV")
@@ -154,6 +165,17 @@ def batch1(eng, n: int) -> dict:
     res["eager_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), max(5, n // 5))
     gen.fast = fast
     gen.release(0)
+    return res
+
+
+def batch1_int8(dtype, n: int) -> dict:
+    """Batch-1 graph replay with the depth decoder in int8 (a second engine, one slot)."""
+    eng = full_engine(1, dtype, int8_depth=True)
+    gen, fast = eng.gen, eng.gen.fast
+    fill_rows(gen, 1)
+    res = {"graphs_ms": time_steps(lambda: gen.step(0, 1, 50).cpu(), n), "fused_gemv": 1 in fast.fused_buckets}
+    if 1 in fast.fused_timing:
+        res["capture_fused_ms"], res["capture_cublas_ms"] = fast.fused_timing[1]
     return res
 
 
@@ -347,6 +369,8 @@ def main(argv=None) -> int:
     log("graph replay == eager static step:", res["graphs_equal_eager"])
     res["batch1"] = batch1(eng, a.iters)
     log("batch 1:", {k: round(v, 2) for k, v in res["batch1"].items()})
+    res["batch1_int8_depth"] = batch1_int8(dt, a.iters)
+    log("batch 1, int8 depth decoder:", res["batch1_int8_depth"])
     voice = np.random.default_rng(0).integers(0, 2048, (125, 32))
     res["ttfa_worker_ms"] = worker_ttfa(eng, 10)
     res["ttfa_worker_voice_nocache_ms"] = worker_ttfa(eng, 10, voice)
@@ -376,6 +400,11 @@ def main(argv=None) -> int:
     if "capture_fused_ms" in b1:
         log(f"| frame, batch 1, replay timed at capture: fused GEMV / cuBLAS | {b1['capture_fused_ms']:.2f} / "
             f"{b1['capture_cublas_ms']:.2f} ms (kept: {'fused' if b1['fused_gemv'] else 'cuBLAS'}) |")
+    b8 = res["batch1_int8_depth"]
+    log(f"| frame, batch 1, CUDA graph, int8 depth decoder | {b8['graphs_ms']:.2f} ms (kept: "
+        f"{'fused int8' if b8['fused_gemv'] else 'cuBLAS'}"
+        + (f"; at capture fused / cuBLAS {b8['capture_fused_ms']:.2f} / {b8['capture_cublas_ms']:.2f} ms" if
+           "capture_fused_ms" in b8 else "") + ") |")
     for k in ("ttfa_worker_ms", "ttfa_worker_voice_nocache_ms", "ttfa_worker_voice_cached_ms", "ttfa_server_ms",
               "ttfa_server_voice_ms"):
         v = res[k]

@@ -43,7 +43,7 @@ def serve(args) -> int:
 
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, quantize=args.quantize)
 
     routes, calls = {}, None
     if args.telnyx:
@@ -182,7 +182,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 def demo(args) -> int:
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype] + ([] if args.cuda_graphs is None else ["--no-cuda-graphs"])
+           "--device", args.device, "--dtype", args.dtype, "--quantize", args.quantize] \
+        + ([] if args.cuda_graphs is None else ["--no-cuda-graphs"])
     print(f"demo: starting the server: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd)
     try:

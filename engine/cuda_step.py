@@ -20,6 +20,8 @@ Small buckets (B <= 16) can run each layer as six kernels instead (kernels/trito
 norms folded into the projections' prologue, SiLU·up and the residual adds into their epilogue).
 Env CSM_FUSED_GEMV: `auto` (default) captures both variants of each such bucket, times their
 replays and keeps the faster (so a device where cuBLAS wins keeps cuBLAS); `on` / `off` force it.
+With an int8 depth decoder (engine/quant.py) the six-kernel layers read its int8 weights (half the
+bytes); the cuBLAS step reads the dequantized copy, so both compute the same function.
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ def buckets_for(rows: int) -> list[int]:
     return out + [rows]
 
 
+def replay_ms(graph, n: int = 20) -> float:
+    """Wall ms a replay of a captured CUDA graph, after one warm replay (the device's time: the
+    host only enqueues)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def _pairs(layer: tuple, q: dict | None = None) -> tuple:
+    """A layer's (norm, wqkv, wo, norm, w13, w2) with each matrix as a (weight, scale) pair: the
+    layer's own (scale None), or its int8 form from engine/quant.py."""
+    an, wqkv, wo, fn, w13, w2 = layer
+    if q is None:
+        return an, (wqkv, None), (wo, None), fn, (w13, None), (w2, None)
+    return an, tuple(q["wqkv"]), tuple(q["wo"]), fn, tuple(q["w13"]), tuple(q["w2"])
+
+
 class FastFrameStep:
     def __init__(self, gen, *, graphs: bool, fused: str | None = None) -> None:
         from ..kernels import (  # imported here: nothing imports triton at package import
@@ -81,6 +104,11 @@ class FastFrameStep:
                      L.ffn.w13.weight, L.ffn.w2.weight) for L in stack.layers]
 
         self.bb_layers, self.dd_layers = layers(m.backbone), layers(m.depth)
+        # the fused kernels' view: (weight, scale) pairs; int8 + scale for a quantized depth decoder
+        q = getattr(m, "depth_int8", None) or [None] * len(self.dd_layers)
+        self.bb_fused = [_pairs(L) for L in self.bb_layers]
+        self.dd_fused = [_pairs(L, Q) for L, Q in zip(self.dd_layers, q, strict=True)]
+        self.int8 = q[0] is not None
         self.bb_norm, self.dd_norm = m.backbone.norm.weight, m.depth.norm.weight
         self.bb_kv = [c.kv for c in gen.bb_caches]
         self.dd_kv = [c.kv for c in gen.dd_caches]
@@ -102,9 +130,15 @@ class FastFrameStep:
         self.fused_mode = fused_setting(fused)
         small = {b for b in self.buckets if b <= triton_gemv.MAX_ROWS}
         self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as six kernels a layer
+        # the fused step's depth heads [N-1, cs, Dd]: the final norm runs in the head's prologue
+        self.heads_t = gen.heads.transpose(1, 2).contiguous() if self.fused_mode != "off" else None
         self.fused_timing: dict[int, tuple[float, float]] = {}  # auto: bucket -> (fused ms, plain ms)
         if self.use_graphs:
             self.capture()
+        if self.int8 and dev.type == "cuda" and not self.fused_buckets:
+            log.warning("the depth decoder is int8 but no batch bucket runs the int8 kernels (CSM_FUSED_GEMV=%s%s): "
+                        "every step reads the dequantized weights, so int8 costs precision and saves nothing",
+                        self.fused_mode, "" if self.use_graphs else ", graphs off")
 
     # -- the step as plain code -------------------------------------------------------------------
     def _stack(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B):
@@ -121,16 +155,18 @@ class FastFrameStep:
             d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
         return ops.add_rms_norm(x, d, final_norm, eps)
 
-    def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B):
-        """The same stack in six kernels a layer (B <= 16); x [B, D] is updated in place."""
+    def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B, final=True):
+        """The same stack in six kernels a layer (B <= 16); x [B, D] is updated in place. `layers`
+        holds (weight, scale) pairs (self.bb_fused / self.dd_fused). final=False returns the residual
+        stream x itself, for a caller that folds the final norm into its next matmul."""
         ops, gemv = self.ops, self.gemv
-        for i, (an, wqkv, wo, fn, w13, w2) in enumerate(layers):
-            qkv = gemv.norm_matvec(x, an, wqkv, eps).view(B, -1, kv[i].shape[-1])
+        for i, (an, (wqkv, sqkv), (wo, so), fn, (w13, s13), (w2, s2)) in enumerate(layers):
+            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv).view(B, -1, kv[i].shape[-1])
             cache = kv[i][:B]
             ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
-            gemv.matvec_add_(x, wo, ops.decode_attention(qkv[:, :n_heads], cache, lengths))
-            gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True))
-        return ops.add_rms_norm(x, x, final_norm, eps, add=False)
+            gemv.matvec_add_(x, wo, ops.decode_attention(qkv[:, :n_heads], cache, lengths), scale=so)
+            gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13), scale=s2)
+        return ops.add_rms_norm(x, x, final_norm, eps, add=False) if final else x
 
     def forward(self, B: int) -> torch.Tensor:
         """One frame for rows [0, B); returns codes [B, N] (a persistent buffer)."""
@@ -140,20 +176,24 @@ class FastFrameStep:
         codes = self.codes[:B]
         self.ops.sample_topk(F.linear(h, g.c0_w), temp, topk, KMAX, noise[:, 0], self.cs, out=codes[:, 0])
         dd = self.dd
-        stack = self._stack_fused if B in self.fused_buckets else self._stack
+        fused = B in self.fused_buckets
+        stack = self._stack_fused if fused else self._stack
+        dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
+        kw = {"final": False} if fused else {}  # fused: the final norm runs inside the head's matvec
         for p in range(n):  # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1
             x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])
             pos, lengths = self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B)
-            out = stack(x, self.dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
-                              self.dd_cos, self.dd_sin, pos, lengths, B)
+            out = stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
+                        self.dd_cos, self.dd_sin, pos, lengths, B, **kw)
             if p >= 1:
-                self.ops.sample_topk(out @ g.heads[p - 1], temp, topk, KMAX, noise[:, p], self.cs,
-                                out=codes[:, p])
+                logits = self.gemv.norm_matvec(out, self.dd_norm, self.heads_t[p - 1], dd.norm_eps) if fused \
+                    else out @ g.heads[p - 1]
+                self.ops.sample_topk(logits, temp, topk, KMAX, noise[:, p], self.cs, out=codes[:, p])
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb
-        new_h = stack(g.model.embed_frames(codes), self.bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
-                            bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B)
+        new_h = stack(g.model.embed_frames(codes), bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
+                      bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B)
         live = self.active[:B]
         h.copy_(torch.where(live[:, None], new_h, h))
         g.pos[:B] += live
@@ -195,7 +235,7 @@ class FastFrameStep:
                     log.warning("fused GEMV graph for bucket %d failed (%s); using the cuBLAS step", B, e)
                     self.fused_buckets.discard(B)
                     continue
-                t_fused, t_plain = self._replay_ms(fused[0]), self._replay_ms(self.graphs[B][0])
+                t_fused, t_plain = replay_ms(fused[0]), replay_ms(self.graphs[B][0])
                 self.fused_timing[B] = (t_fused, t_plain)
                 if t_fused < t_plain:
                     self.graphs[B] = fused
@@ -214,16 +254,6 @@ class FastFrameStep:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
             out = self.forward(B)
         return graph, out
-
-    @staticmethod
-    def _replay_ms(graph, n: int = 20) -> float:
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3 / n
 
     def bucket(self, hi: int) -> int:
         for b in self.buckets:

@@ -44,7 +44,8 @@ class Engine:
         self.prefixes = PrefixCache()  # KV of pinned voice turns (engine.pin_voice)
 
     def __repr__(self) -> str:
-        return f"Engine({self.name!r}, device={self.device}, dtype={self.dtype}, streams={self.max_streams})"
+        q = ", quantize=int8-depth" if getattr(self.model, "depth_int8", None) is not None else ""
+        return f"Engine({self.name!r}, device={self.device}, dtype={self.dtype}{q}, streams={self.max_streams})"
 
     # -- public API ---------------------------------------------------------------------------
     def frames(self, text: str, speaker_id: int = 0, *, context: Iterable[Segment] = (),

@@ -11,6 +11,7 @@ import torch
 from .config import CsmModelConfig
 from .engine import Engine
 from .model import CSM
+from .quant import check_mode, quantize_depth_
 from .tokenizer import TextTokenizer
 from .weights import (
     CheckpointError,
@@ -51,7 +52,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
-         max_streams: int | None = None, cuda_graphs: bool | None = None) -> Engine:
+         max_streams: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None) -> Engine:
     """Load a CSM model and return an Engine.
 
     Args:
@@ -63,12 +64,17 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         cuda_graphs: on CUDA, capture the frame step and the streaming decode as one CUDA graph per
             batch bucket at load time (None: on unless env CSM_CUDA_GRAPHS=0). False runs the same
             step eagerly (identical results, more launch overhead). Ignored on CPU.
+        quantize: None (default) or "int8-depth": weight-only int8 for the depth decoder (one
+            scale per output row), which halves the bytes a small-batch GPU frame reads; the model
+            then computes with the rounded weights on every path. Speeds up only the fused
+            small-batch GPU kernels; no speed-up on CPU.
 
     Raises:
         ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint.
     """
     if not isinstance(model, (str, Path)) or not str(model):
         raise ValueError(f"model must be 'tiny', a checkpoint directory or a hub id, got {model!r}")
+    quantize = check_mode(quantize)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if max_streams is None:
@@ -77,15 +83,18 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
     t0 = time.perf_counter()
     if str(model) == "tiny":
-        engine = _load_tiny(dev, dt, max_streams, cuda_graphs)
+        net, tok, name, codec = _load_tiny(dev, dt)
     else:
-        engine = _load_checkpoint(resolve(str(model)), dev, dt, max_streams, cuda_graphs)
-    log.info("loaded %s on %s/%s in %.2fs", engine.name, dev, str(dt).removeprefix("torch."),
-             time.perf_counter() - t0)
+        net, tok, name, codec = _load_checkpoint(resolve(str(model)), dev, dt)
+    if quantize == "int8-depth":
+        quantize_depth_(net)
+    engine = Engine(net, tok, name=name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
+    log.info("loaded %s on %s/%s%s in %.2fs", engine.name, dev, str(dt).removeprefix("torch."),
+             f" ({quantize})" if quantize else "", time.perf_counter() - t0)
     return engine
 
 
-def _load_tiny(dev, dt, max_streams, cuda_graphs=None) -> Engine:
+def _load_tiny(dev, dt):
     from .tiny import init_random, tiny_config
 
     tok = TextTokenizer.tiny()
@@ -94,11 +103,10 @@ def _load_tiny(dev, dt, max_streams, cuda_graphs=None) -> Engine:
         model = CSM(cfg)
     init_random(model)
     model = model.to(device=dev, dtype=dt).eval()
-    codec = _tiny_codec(dev)
-    return Engine(model, tok, name="tiny", max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
+    return model, tok, "tiny", _tiny_codec(dev)
 
 
-def _load_checkpoint(path: Path, dev, dt, max_streams, cuda_graphs=None) -> Engine:
+def _load_checkpoint(path: Path, dev, dt):
     hf = read_config(path)
     try:
         cfg = CsmModelConfig.from_hf(hf)
@@ -118,8 +126,7 @@ def _load_checkpoint(path: Path, dev, dt, max_streams, cuda_graphs=None) -> Engi
     if cfg.tie_codebook_embeddings:
         model.depth_embed = model.audio_embed
     model = model.to(device=dev, dtype=dt).eval()
-    codec = _checkpoint_codec(hf, codec_state, path, dev)
-    return Engine(model, tok, name=path.name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
+    return model, tok, path.name, _checkpoint_codec(hf, codec_state, path, dev)
 
 
 def _tiny_codec(dev):

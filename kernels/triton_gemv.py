@@ -13,6 +13,18 @@ A decoder layer then runs as: norm_matvec(qkv) -> RoPE + cache write -> attentio
 -> norm_matvec(w13, swiglu) -> matvec_add_(w2): six kernels instead of nine, and no separate
 pass over the activations for the norms and SiLU. One program covers a BLOCK_N slice of the
 outputs for all rows, so each weight is read once per step whatever B is (up to MAX_ROWS).
+
+Weights may be int8 with a float scale per output row (engine/quant.py: weight-only int8 for the
+depth decoder; format in kernels/int8.py): pass `scale`. The kernels then read one byte a weight,
+accumulate in fp32 and scale the sums: the matmul with the dequantized weights (q * scale) up to
+summation order.
+
+The loop over K only multiplies and adds into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator; the
+reduction across K (shuffles between threads) happens once, after it, so the loop is loads and FMAs.
+Tiles: `pick_tiles()` picks them from the shape. At B = 1 the step is bound by reading weights, so
+the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
+accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
+(bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
 """
 
 from __future__ import annotations
@@ -22,18 +34,40 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .int8 import dequantize
+
 MAX_ROWS = 16
-BLOCK_N = 32
+TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU reading weights
+PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
 
 
-def _block_k(rows: int) -> int:
-    """Reduction tile: BLOCK_B * BLOCK_N * BLOCK_K partial products live in registers."""
-    return max(16, min(128, 8192 // (rows * BLOCK_N)))
+def pick_tiles(rows: int, K: int, N: int, mats: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) on a GPU for B = rows (<= MAX_ROWS) against a [N, K] weight
+    (mats = 2: the gate and up halves at once)."""
+    bb = triton.next_power_of_2(rows)
+    bn = max(4, min(32, triton.next_power_of_2(max(1, N // TARGET_PROGRAMS))))
+    bk = max(16, min(512, PRODUCTS // (bb * bn * mats), triton.next_power_of_2(K)))
+    return bn, bk, 4
+
+
+def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1) -> tuple[int, int, int]:
+    if x.is_cuda:
+        return pick_tiles(x.shape[0], K, N, mats)
+    # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
+    return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
+
+
+def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None:
+    if (w.dtype == torch.int8) != (scale is not None):
+        raise ValueError("int8 weights need their per-row scale, and only int8 weights take one")
+    if scale is not None and (scale.shape != (rows,) or not scale.is_contiguous()):
+        raise ValueError(f"scale must be contiguous [{rows}], got {list(scale.shape)}")
 
 
 @triton.jit
-def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, y_ptr, B, K, N, eps, SWIGLU: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, SWIGLU: tl.constexpr,
+                        SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,44 +80,54 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, y_ptr, B, K, N, eps, SWIGLU: tl.co
         xs = xs.to(tl.float32)
         ss += tl.sum(xs * xs, axis=1)
     inv = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    acc2 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         km = k0 + kk < K
         xs = tl.load(x_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
         g = tl.load(nw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
         # the normed activations in the model's dtype, as the unfused path feeds its matmul
-        xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+        xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
         wm = nm[:, None] & km[None, :]
         w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
-        acc += tl.sum(xn[:, None, :] * w[None, :, :], axis=2)
+        acc += xn[:, None, :] * w[None, :, :]
         if SWIGLU:
             u = tl.load(w_ptr + (N + n[:, None]) * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
-            acc2 += tl.sum(xn[:, None, :] * u[None, :, :], axis=2)
+            acc2 += xn[:, None, :] * u[None, :, :]
+    y = tl.sum(acc, axis=2)
+    if SCALED:
+        y *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
-        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        up = acc2.to(y_ptr.dtype.element_ty).to(tl.float32)
-        acc = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(y_ptr + b[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=bm[:, None] & nm[None, :])
+        up = tl.sum(acc2, axis=2)
+        if SCALED:
+            up *= tl.load(s_ptr + N + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + b[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=bm[:, None] & nm[None, :])
 
 
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
-                swiglu: bool = False) -> torch.Tensor:
-    """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu).
+                swiglu: bool = False, scale: torch.Tensor | None = None,
+                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
+    int8 with its per-row `scale` [N], or the activations' dtype).
     Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
+    _check_scale(w, scale, w.shape[0])
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
-    bb = triton.next_power_of_2(B)
-    _norm_matvec_kernel[(triton.cdiv(N, BLOCK_N),)](x, norm_w, w, y, B, K, N, eps, SWIGLU=swiglu, BLOCK_B=bb,
-                                                     BLOCK_N=BLOCK_N, BLOCK_K=_block_k(bb))
+    bn, bk, warps = tiles or _tiles(x, K, N, 2 if swiglu else 1)
+    _norm_matvec_kernel[(triton.cdiv(N, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, N, eps,
+                                               SWIGLU=swiglu, SCALED=scale is not None,
+                                               BLOCK_B=triton.next_power_of_2(B), BLOCK_N=bn, BLOCK_K=bk,
+                                               num_warps=warps)
     return y
 
 
-def norm_matvec_ref(x, norm_w, w, eps, *, swiglu=False):
+def norm_matvec_ref(x, norm_w, w, eps, *, swiglu=False, scale=None):
     xn = (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * norm_w.float()).to(x.dtype)
-    y = F.linear(xn, w)
+    y = F.linear(xn, dequantize(w, scale, x.dtype))
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
         y = (F.silu(gate.float()) * up.float()).to(x.dtype)
@@ -91,19 +135,22 @@ def norm_matvec_ref(x, norm_w, w, eps, *, swiglu=False):
 
 
 @triton.jit
-def _matvec_add_kernel(x_ptr, w_ptr, a_ptr, B, K, N, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     for k0 in range(0, K, BLOCK_K):
         km = k0 + kk < K
         a = tl.load(a_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    acc = tl.sum(acc3, axis=2)
+    if SCALED:
+        acc *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     m = bm[:, None] & nm[None, :]
     xp = x_ptr + b[:, None] * N + n[None, :]
     dt = x_ptr.dtype.element_ty
@@ -111,17 +158,21 @@ def _matvec_add_kernel(x_ptr, w_ptr, a_ptr, B, K, N, BLOCK_B: tl.constexpr, BLOC
     tl.store(xp, (x + acc.to(dt).to(tl.float32)).to(dt), mask=m)  # rounded as linear-then-add rounds
 
 
-def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x [B, N] += F.linear(a, w) in place; a [B, K], w [N, K], all contiguous, B <= MAX_ROWS."""
+def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: torch.Tensor | None = None,
+                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [B, N] += F.linear(a, w) in place; a [B, K], w [N, K] (int8 with `scale` [N], or a's dtype),
+    all contiguous, B <= MAX_ROWS."""
     B, N = x.shape
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
-    bb = triton.next_power_of_2(B)
-    _matvec_add_kernel[(triton.cdiv(N, BLOCK_N),)](x, w, a, B, K, N, BLOCK_B=bb, BLOCK_N=BLOCK_N,
-                                                    BLOCK_K=_block_k(bb))
+    _check_scale(w, scale, N)
+    bn, bk, warps = tiles or _tiles(x, K, N)
+    _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
+                                              SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
+                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return x
 
 
-def matvec_add_ref(x, w, a):
-    x += F.linear(a, w)
+def matvec_add_ref(x, w, a, *, scale=None):
+    x += F.linear(a, dequantize(w, scale, a.dtype))
     return x

@@ -16,7 +16,8 @@ def test_help_lists_commands():
     for cmd in ("serve", "say", "demo"):
         assert cmd in out.stdout
     serve = run("serve", "--help")
-    for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk"):
+    for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk",
+                "--quantize"):
         assert opt in serve.stdout
 
 
@@ -29,6 +30,16 @@ def test_say_local_writes_a_playable_wav(tmp_path):
     with wave.open(str(path)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 24000)
         assert w.getnframes() > 0 and w.getnframes() % 1920 == 0
+
+
+def test_say_local_with_an_int8_depth_decoder(tmp_path):
+    path = tmp_path / "q.wav"
+    out = run("say", "Hi.", "--local", "--out", str(path), "--device", "cpu", "--max-frames", "3",
+              "--quantize", "int8-depth")
+    assert out.returncode == 0, out.stderr
+    assert "quantize=int8-depth" in out.stderr and path.stat().st_size > 44
+    bad = run("say", "Hi.", "--local", "--quantize", "int4")
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr and "int8-depth" in bad.stderr
 
 
 def test_bad_argument_is_one_clear_line():

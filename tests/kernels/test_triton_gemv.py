@@ -3,8 +3,18 @@ interpreted on CPU (TRITON_INTERPRET=1 in tests/conftest.py); the GPU runs the s
 
 import pytest
 import torch
+import triton
 
-from csmstream.kernels.triton_gemv import MAX_ROWS, matvec_add_, matvec_add_ref, norm_matvec, norm_matvec_ref
+from csmstream.kernels.int8 import dequantize, quantize_int8
+from csmstream.kernels.triton_gemv import (
+    MAX_ROWS,
+    PRODUCTS,
+    matvec_add_,
+    matvec_add_ref,
+    norm_matvec,
+    norm_matvec_ref,
+    pick_tiles,
+)
 
 SHAPES = [(1, 128, 96), (3, 200, 72), (16, 96, 40)]  # (rows, K, N): ragged tiles on both axes
 
@@ -47,3 +57,62 @@ def test_half_precision_is_close_to_the_reference():
 def test_more_rows_than_the_kernels_take_are_refused():
     with pytest.raises(AssertionError):
         norm_matvec(torch.zeros(MAX_ROWS + 1, 16), torch.ones(16), torch.zeros(8, 16), 1e-5)
+
+
+# -- int8 weights and tiles ----------------------------------------------------------------------
+@pytest.mark.parametrize("B, K, N", SHAPES)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_int8_norm_matvec_equals_the_dequantized_matmul(B, K, N, swiglu):
+    g = torch.Generator().manual_seed(7 * B + K)
+    x, nw = torch.randn(B, K, generator=g), torch.randn(K, generator=g)
+    qw = quantize_int8(torch.randn(2 * N if swiglu else N, K, generator=g) / K ** 0.5)
+    got = norm_matvec(x, nw, qw.q, 1e-5, swiglu=swiglu, scale=qw.scale)
+    want = norm_matvec_ref(x, nw, dequantize(qw.q, qw.scale, torch.float32), 1e-5, swiglu=swiglu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm_matvec_ref(x, nw, qw.q, 1e-5, swiglu=swiglu, scale=qw.scale), want)
+
+
+@pytest.mark.parametrize("B, K, N", SHAPES)
+def test_int8_matvec_add_equals_the_dequantized_matmul(B, K, N):
+    g = torch.Generator().manual_seed(B * N + 3)
+    qw, a = quantize_int8(torch.randn(N, K, generator=g)), torch.randn(B, K, generator=g)
+    x = torch.randn(B, N, generator=g)
+    want = x + a @ dequantize(qw.q, qw.scale, torch.float32).T
+    torch.testing.assert_close(matvec_add_(x.clone(), qw.q, a, scale=qw.scale), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4)])
+def test_any_tiles_give_the_same_result(tiles):
+    """The GPU picks small output tiles (many programs); CPU picks few large ones: all must agree,
+    ragged edges included (N = 37 and K = 200 fit no tile exactly)."""
+    g = torch.Generator().manual_seed(11)
+    x, nw, w = torch.randn(3, 200, generator=g), torch.randn(200, generator=g), torch.randn(74, 200, generator=g) / 15
+    torch.testing.assert_close(norm_matvec(x, nw, w, 1e-5, swiglu=True, tiles=tiles),
+                               norm_matvec_ref(x, nw, w, 1e-5, swiglu=True), rtol=1e-5, atol=1e-5)
+    y, a = torch.randn(3, 74, generator=g), torch.randn(3, 200, generator=g)
+    torch.testing.assert_close(matvec_add_(y.clone(), w, a, tiles=tiles), matvec_add_ref(y.clone(), w, a),
+                               rtol=1e-5, atol=1e-5)
+
+
+# csm-1b's projections (N, K): backbone qkv / wo / w13 (gate half) / w2, then the depth decoder's
+CSM1B = [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (1536, 1024), (1024, 1024), (8192, 1024),
+         (1024, 8192)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+def test_gpu_tiles_cover_the_gpu_and_fit_registers(rows):
+    for N, K in CSM1B:
+        bn, bk, warps = pick_tiles(rows, K, N)
+        assert triton.cdiv(N, bn) >= 128, (N, K, bn)  # a 132-SM H100 gets work on every SM
+        assert triton.next_power_of_2(rows) * bn * bk <= PRODUCTS and bk <= K and warps in (1, 2, 4, 8)
+
+
+def test_a_scale_must_come_with_int8_weights_and_fit_them():
+    x, nw = torch.randn(1, 16), torch.ones(16)
+    qw = quantize_int8(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="int8 weights need their per-row scale"):
+        norm_matvec(x, nw, qw.q, 1e-5)
+    with pytest.raises(ValueError, match="int8 weights need their per-row scale"):
+        matvec_add_(torch.zeros(1, 8), qw.q.float(), x, scale=qw.scale)
+    with pytest.raises(ValueError, match=r"scale must be contiguous \[8\], got \[4\]"):
+        norm_matvec(x, nw, qw.q, 1e-5, scale=qw.scale[:4])

@@ -1,0 +1,204 @@
+"""Tile sweep for the fused small-batch GEMV kernels (kernels/triton_gemv.py) on csm-1b's shapes.
+
+    python bench/gemv_sweep.py [--rows 1,8] [--dtype bfloat16] [--json gemv_sweep.json]
+
+For every projection of a decoder layer (backbone and depth decoder), every batch size and both
+weight formats (the model dtype, and int8 with a scale per row), it times: cuBLAS (F.linear plus the
+ops the fused kernel folds in), the tiles `pick_tiles()` chooses, and each tile in a grid; each
+candidate's output is first checked against the PyTorch reference. Times are device time per call
+from CUDA-graph replays over enough weight copies to overflow the L2 cache, so the weights come from
+HBM as they do in a frame. It then adds the calls up into the GEMV time of one frame (backbone
+layers once, depth layers once per codebook) for cuBLAS, the picked tiles and the best tiles: the
+number to hold against the batch-1 frame target. On CPU (tests) it runs interpreted and times with
+the wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GRID = [(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
+L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit in it
+
+
+def shapes(cfg) -> list[dict]:
+    """The eight projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a frame."""
+    out = []
+    for tag, t, calls in (("backbone", cfg.backbone, cfg.backbone.n_layers),
+                          ("depth", cfg.depth, cfg.depth.n_layers * cfg.num_codebooks)):
+        q = (t.n_heads + 2 * t.n_kv_heads) * t.head_dim
+        out += [dict(name=f"{tag}.wqkv", kind="norm", N=q, K=t.dim, calls=calls),
+                dict(name=f"{tag}.wo", kind="add", N=t.dim, K=t.n_heads * t.head_dim, calls=calls),
+                dict(name=f"{tag}.w13", kind="swiglu", N=t.ffn_dim, K=t.dim, calls=calls),
+                dict(name=f"{tag}.w2", kind="add", N=t.dim, K=t.ffn_dim, calls=calls)]
+    return out
+
+
+class Case:
+    """One (shape, rows, format): inputs, weight copies, the fused call, cuBLAS's call, the reference."""
+
+    def __init__(self, shape: dict, rows: int, int8: bool, dtype, device, copies: int | None = None) -> None:
+        from csmstream.kernels.int8 import quantize_int8
+
+        self.shape, self.rows, self.int8 = shape, rows, int8
+        kind, N, K = shape["kind"], shape["N"], shape["K"]
+        rows_w = 2 * N if kind == "swiglu" else N
+        nbytes = rows_w * K * (1 if int8 else torch.finfo(dtype).bits // 8)
+        self.nbytes = nbytes
+        self.copies = copies or max(2, math.ceil(L2_BYTES / nbytes))
+        g = torch.Generator(device="cpu").manual_seed(rows * 7 + N + K)
+        w = (torch.randn(rows_w, K, generator=g) / K ** 0.5).to(device)
+        self.x = torch.randn(rows, K if kind != "add" else N, generator=g).to(device, dtype)
+        self.a = torch.randn(rows, K, generator=g).to(device, dtype)
+        self.nw = (1 + 0.1 * torch.randn(K, generator=g)).to(device, dtype)
+        if int8:
+            qw = quantize_int8(w)
+            self.ws = [(qw.q.clone(), qw.scale.clone()) for _ in range(self.copies)]
+        else:
+            self.ws = [(w.to(dtype).clone(), None) for _ in range(self.copies)]
+        self.dense = self.ws[0][0] if not int8 else None  # cuBLAS runs the model dtype only
+
+    def fused(self, tiles, i: int = 0):
+        from csmstream.kernels import triton_gemv as gv
+
+        w, s = self.ws[i]
+        kind = self.shape["kind"]
+        if kind == "add":
+            return gv.matvec_add_(self.x, w, self.a, scale=s, tiles=tiles)
+        return gv.norm_matvec(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s, tiles=tiles)
+
+    def cublas(self, i: int = 0):
+        from csmstream.kernels import triton_ops as ops
+
+        w = self.ws[i][0]
+        kind = self.shape["kind"]
+        if kind == "add":
+            return self.x.add_(F.linear(self.a, w))
+        xn = ops.add_rms_norm(self.x, self.x, self.nw, 1e-5, add=False)
+        y = F.linear(xn, w)
+        return ops.silu_mul(y) if kind == "swiglu" else y
+
+    def reference(self):
+        from csmstream.kernels import triton_gemv as gv
+
+        w, s = self.ws[0]
+        kind = self.shape["kind"]
+        if kind == "add":
+            return gv.matvec_add_ref(self.x.clone(), w, self.a, scale=s)
+        return gv.norm_matvec_ref(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s)
+
+    def check(self, tiles) -> float:
+        """Largest |fused - reference| relative to the reference's largest value (x is restored)."""
+        keep = self.x.clone()
+        want = self.reference()
+        got = self.fused(tiles).clone()  # (the add kind returns x itself)
+        self.x.copy_(keep)
+        return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
+
+    def time_us(self, fn, reps: int = 5) -> float:
+        """Device time a call, cycling through the weight copies (x restored after)."""
+        keep = self.x.clone()
+        try:
+            if self.x.is_cuda:
+                from csmstream.engine.cuda_step import replay_ms
+
+                fn(0)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for i in range(self.copies):
+                        fn(i)
+                return replay_ms(graph, reps) * 1e3 / self.copies
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for i in range(self.copies):
+                    fn(i)
+            return (time.perf_counter() - t0) * 1e6 / (reps * self.copies)
+        finally:
+            self.x.copy_(keep)
+
+
+def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print) -> dict:
+    from csmstream.kernels.triton_gemv import PRODUCTS, pick_tiles
+
+    results = []
+    for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True)):
+        case = Case(shape, rows, int8, dtype, device, copies)
+        mats = 2 if shape["kind"] == "swiglu" else 1
+        bb = 1 << (rows - 1).bit_length()
+        picked = pick_tiles(rows, shape["K"], shape["N"], mats=mats)
+        cands = [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
+        row = dict(name=shape["name"], rows=rows, int8=int8, calls=shape["calls"], mbytes=case.nbytes / 1e6,
+                   cublas_us=None if int8 else case.time_us(case.cublas), tiles={})
+        for t in cands:
+            err = case.check(t)
+            if not err < 2e-2:
+                raise AssertionError(f"{shape['name']} rows={rows} int8={int8} tiles={t}: off by {err:.3g}")
+            row["tiles"][str(t)] = case.time_us(lambda i, t=t, c=case: c.fused(t, i))
+        row["picked"], row["picked_us"] = list(picked), row["tiles"][str(picked)]
+        best = min(row["tiles"], key=row["tiles"].get)
+        row["best"], row["best_us"] = best, row["tiles"][best]
+        row["best_gbps"] = case.nbytes / row["best_us"] / 1e3
+        cublas = "      -" if int8 else f"{row['cublas_us']:7.1f}"
+        log(f"  {shape['name']:15s} B={rows:2d} {'int8' if int8 else str(dtype)[6:]:8s} "
+            f"cuBLAS {cublas} us  picked {row['picked_us']:7.1f} us  "
+            f"best {row['best_us']:7.1f} us {best} ({row['best_gbps']:.0f} GB/s)")
+        results.append(row)
+    return {"cases": results, "frame_gemv_ms": frame_totals(results)}
+
+
+def frame_totals(results) -> dict:
+    """GEMV ms of one frame per rows: cuBLAS, fused (picked / best tiles), fused with an int8 depth decoder."""
+    out = {}
+    for rows in sorted({r["rows"] for r in results}):
+        mine = [r for r in results if r["rows"] == rows]
+        dense = [r for r in mine if not r["int8"]]
+        depth8 = [r for r in mine if r["int8"] and r["name"].startswith("depth.")]
+        bb = [r for r in dense if r["name"].startswith("backbone.")]
+        tot = {k: sum(r[k] * r["calls"] for r in dense) / 1e3 for k in ("cublas_us", "picked_us", "best_us")}
+        for k in ("picked_us", "best_us"):
+            tot["int8_depth_" + k] = sum(r[k] * r["calls"] for r in bb + depth8) / 1e3
+        out[str(rows)] = {k.replace("_us", "_ms"): round(v, 3) for k, v in tot.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1,8", help="batch sizes (<= 16), comma-separated (default: 1,8)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--json", default="gemv_sweep.json", help="where to write the results")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/gemv_sweep.py needs a CUDA GPU; none is available here", file=sys.stderr)
+        return 2
+    rows = [int(r) for r in a.rows.split(",")]
+    if not all(1 <= r <= 16 for r in rows):
+        print(f"--rows must be batch sizes in 1..16, got {a.rows}", file=sys.stderr)
+        return 2
+    from csmstream.engine.config import CsmModelConfig
+    from transformers import CsmConfig
+
+    dev = torch.cuda.get_device_name()
+    print(f"# {dev}, torch {torch.__version__}, {a.dtype}, {time.strftime('%Y-%m-%d')}", flush=True)
+    res = sweep(shapes(CsmModelConfig.from_hf(CsmConfig())), rows, getattr(torch, a.dtype), "cuda",
+                log=lambda *x: print(*x, flush=True))
+    res.update(device=dev, date=time.strftime("%Y-%m-%d"), dtype=a.dtype)
+    Path(a.json).write_text(json.dumps(res, indent=1))
+    print("GEMV ms a frame (cuBLAS / fused picked / fused best / int8 depth picked / int8 depth best):")
+    for rows, t in res["frame_gemv_ms"].items():
+        print(f"  B={rows}: {t['cublas_ms']} / {t['picked_ms']} / {t['best_ms']} / {t['int8_depth_picked_ms']} / "
+              f"{t['int8_depth_best_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""bench/gemv_sweep.py on CPU (interpreted kernels, wall-clock times): every tile it would time on
+a GPU gives the reference's result, and the per-frame totals add up its own cases."""
+
+import torch
+
+from bench.gemv_sweep import frame_totals, shapes, sweep
+from csmstream.engine.config import CsmModelConfig
+from csmstream.engine.tiny import tiny_config
+
+
+def test_shapes_are_a_frames_projections():
+    cfg = tiny_config(100)
+    got = {s["name"]: s for s in shapes(cfg)}
+    assert set(got) == {f"{t}.{m}" for t in ("backbone", "depth") for m in ("wqkv", "wo", "w13", "w2")}
+    d = cfg.depth
+    assert got["depth.wqkv"]["N"] == (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
+    assert got["depth.w2"]["K"] == d.ffn_dim and got["backbone.w13"]["N"] == cfg.backbone.ffn_dim
+    assert got["depth.wo"]["calls"] == d.n_layers * 32 and got["backbone.wo"]["calls"] == cfg.backbone.n_layers
+    assert isinstance(cfg, CsmModelConfig)
+
+
+def test_every_tile_is_checked_and_the_totals_add_up():
+    small = [dict(name="depth.w13", kind="swiglu", N=24, K=40, calls=3),
+             dict(name="depth.w2", kind="add", N=40, K=24, calls=3),
+             dict(name="backbone.wqkv", kind="norm", N=20, K=40, calls=2)]
+    grid = [(4, 16, 1), (8, 32, 2)]
+    res = sweep(small, [1, 3], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None)
+    assert len(res["cases"]) == 2 * 3 * 2  # rows x shapes x formats
+    for case in res["cases"]:
+        assert set(case["tiles"]) >= {str(t) for t in grid} and case["best_us"] == min(case["tiles"].values())
+        assert (case["cublas_us"] is None) == case["int8"]
+    one = [c for c in res["cases"] if c["rows"] == 1]
+    want = sum(c["cublas_us"] * c["calls"] for c in one if not c["int8"]) / 1e3
+    assert abs(frame_totals(res["cases"])["1"]["cublas_ms"] - round(want, 3)) < 1e-9
