@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import csmstream
-from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.model import Attend, KVCache
-from csmstream.engine.prompt import build_prompt
 from csmstream.engine.quant import check_mode, quantize_depth_
 from csmstream.engine.rope import rope_table
+
+from .test_fast_step import _prefilled
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +40,8 @@ def test_only_the_depth_projections_are_rounded(tiny_engine, int8_engine):
 
 def test_the_int8_kernels_give_the_eager_steps_frames(int8_engine, monkeypatch):
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
-    gens = []
-    for fast in (False, True):
-        g = FrameGenerator(int8_engine.model, rows=4, fast=fast)
-        g.cpu = None  # the reference: the eager PyTorch step over the dequantized weights
-        for r, text in enumerate(["Hello there.", "A longer line of text."]):
-            tok, mask = build_prompt(int8_engine.tokenizer, text, 0, [], 32)
-            g.prefill(r, torch.from_numpy(tok), torch.from_numpy(mask), seed=5 + r, temperature=0.9, topk=50)
-        gens.append(g)
-    ref, fast = gens
+    # the reference: the eager PyTorch step over the dequantized weights
+    ref, fast = _prefilled(int8_engine, False, [0, 1], 50), _prefilled(int8_engine, True, [0, 1], 50)
     assert fast.fast.int8 and fast.fast.fused_buckets == {1, 2, 4}
     assert fast.fast.dd_fused[0][1][0].dtype == torch.int8  # the kernels really read int8
     for _ in range(2):
