@@ -65,6 +65,14 @@ def buckets_for(rows: int) -> list[int]:
     return out + [rows]
 
 
+def bucket_of(buckets: list[int], hi: int) -> int:
+    """The smallest bucket that holds rows [0, hi)."""
+    for b in buckets:
+        if b >= hi:
+            return b
+    raise ValueError(f"rows up to {hi} exceed the engine's {buckets[-1]} slots")
+
+
 def replay_ms(graph, n: int = 20) -> float:
     """Wall ms a replay of a captured CUDA graph, after one warm replay (the device's time: the
     host only enqueues)."""
@@ -256,10 +264,7 @@ class FastFrameStep:
         return graph, out
 
     def bucket(self, hi: int) -> int:
-        for b in self.buckets:
-            if b >= hi:
-                return b
-        raise ValueError(f"rows up to {hi} exceed the engine's {self.gen.rows} slots")
+        return bucket_of(self.buckets, hi)
 
     @torch.inference_mode()
     def step(self, lo: int, hi: int, active: list[bool] | None) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cuda_step import bucket_of
+
 
 class _Conv:
     def __init__(self, m, rows: int, dev, dt) -> None:
@@ -227,7 +229,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def bucket(self, hi: int) -> int:
-        return next(b for b in self.buckets if b >= hi)
+        return bucket_of(self.buckets, hi)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
