@@ -177,12 +177,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--json", default="gemv_sweep.json", help="where to write the results")
     a = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in a.rows.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or not all(1 <= r <= 16 for r in rows):
+        print(f"--rows must be comma-separated batch sizes in 1..16, got {a.rows!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench/gemv_sweep.py needs a CUDA GPU; none is available here", file=sys.stderr)
-        return 2
-    rows = [int(r) for r in a.rows.split(",")]
-    if not all(1 <= r <= 16 for r in rows):
-        print(f"--rows must be batch sizes in 1..16, got {a.rows}", file=sys.stderr)
         return 2
     from csmstream.engine.config import CsmModelConfig
     from transformers import CsmConfig

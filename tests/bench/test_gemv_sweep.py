@@ -32,3 +32,11 @@ def test_every_tile_is_checked_and_the_totals_add_up():
     one = [c for c in res["cases"] if c["rows"] == 1]
     want = sum(c["cublas_us"] * c["calls"] for c in one if not c["int8"]) / 1e3
     assert abs(frame_totals(res["cases"])["1"]["cublas_ms"] - round(want, 3)) < 1e-9
+
+
+def test_bad_rows_are_one_clear_line(capsys):
+    from bench.gemv_sweep import main
+
+    for bad in ("a", "0,4", "17", ""):
+        assert main(["--rows", bad]) == 2
+        assert "--rows must be comma-separated batch sizes in 1..16" in capsys.readouterr().err
