@@ -14,7 +14,8 @@
 5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured,
    with the chunked-prefill budget and with one prefill chunk a tick, side by side;
 6. for small buckets, the fused-GEMV step against the cuBLAS one (both captured, replays timed;
-   CSM_FUSED_GEMV=auto keeps the faster), and batch 1 again with an int8 depth decoder.
+   CSM_FUSED_GEMV=auto keeps the faster), and batch 1 again with an int8 depth decoder;
+7. a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch (sample_us).
 bench/gemv_sweep.py times the GEMV kernels' tiles one projection at a time.
 Prints a table and writes everything as JSON.
 """
@@ -115,7 +116,7 @@ def check_small_vs_cpu(frames: int = 12) -> dict:
         prompt_cache["tiny"] = prompt(cpu)
         os.environ["CSM_FUSED_GEMV"] = variant
         gen_gpu = FrameGenerator(gpu_model, rows=2)  # fast step + graphs
-        for topk in (1, 50):
+        for topk in (1, 50, 2048):  # any top-k runs in the graphs
             tok, mask = prompt_cache["tiny"]
             for g in (cpu.gen, gen_gpu):
                 for r in range(2):
@@ -149,6 +150,55 @@ def check_graphs_vs_eager(eng, frames: int = 8) -> bool:
 
 
 # -- 2-4. timings ------------------------------------------------------------------------------
+def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, n: int = 20) -> list[dict]:
+    """A frame's 32 draws (top-k 50 over 2,048 codes of 2,051 logits): the one-kernel draw against
+    torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw. On CUDA each variant
+    is captured as one graph of 32 draws and replayed; elsewhere (the CPU test) plain wall time.
+    Every batch first checks that the kernel draws what engine/sampling.sample draws."""
+    return [_draws_timed(B, device, dtype, n) for B in batches]
+
+
+def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
+    from csmstream.engine.cuda_step import replay_ms
+    from csmstream.engine.sampling import gumbel, gumbel_table, sample
+    from csmstream.kernels import triton_ops
+
+    g = torch.Generator().manual_seed(B)
+    logits = [torch.randn(B, 2051, generator=g).to(device, dtype) for _ in range(32)]
+    temp = torch.full((B,), 0.9, device=device)
+    topk = torch.full((B,), 50, device=device)
+    seed, counter = torch.arange(B, device=device) + 1, torch.zeros(B, dtype=torch.long, device=device)
+    table, codes = gumbel_table(device), torch.zeros(B, 32, dtype=torch.long, device=device)
+    want = sample(logits[5][:, :2048].float(), temp, topk, 50, seed, counter, 5)
+    if not torch.equal(triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048), want):
+        raise AssertionError(f"batch {B}: the one-kernel draw differs from engine/sampling.sample")
+
+    def one_kernel():
+        for p in range(32):
+            triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p])
+
+    def topk_path():
+        for p in range(32):
+            vals, idx = logits[p][:, :2048].float().topk(50, dim=-1)
+            s = vals / temp[:, None] + gumbel(seed[:, None], counter[:, None], p, idx)
+            codes[:, p] = idx.gather(-1, s.argmax(-1, keepdim=True))[:, 0]
+
+    row = {"batch": B}
+    for name, fn in (("one_kernel_us", one_kernel), ("topk_path_us", topk_path)):
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            row[name] = replay_ms(graph, n) * 1e3 / 32
+        else:
+            t0 = time.perf_counter()
+            fn()
+            row[name] = (time.perf_counter() - t0) * 1e6 / 32
+    return row
+
+
 def batch1(eng, n: int) -> dict:
     gen, fast = eng.gen, eng.gen.fast
     fill_rows(gen, 1)
@@ -371,6 +421,8 @@ def main(argv=None) -> int:
     log("batch 1:", {k: round(v, 2) for k, v in res["batch1"].items()})
     res["batch1_int8_depth"] = batch1_int8(dt, a.iters)
     log("batch 1, int8 depth decoder:", res["batch1_int8_depth"])
+    res["sample_us"] = sample_us(dtype=dt)
+    log("a draw, one kernel vs torch.topk path, µs:", res["sample_us"])
     voice = np.random.default_rng(0).integers(0, 2048, (125, 32))
     res["ttfa_worker_ms"] = worker_ttfa(eng, 10)
     res["ttfa_worker_voice_nocache_ms"] = worker_ttfa(eng, 10, voice)
@@ -405,6 +457,9 @@ def main(argv=None) -> int:
         f"{'fused int8' if b8['fused_gemv'] else 'cuBLAS'}"
         + (f"; at capture fused / cuBLAS {b8['capture_fused_ms']:.2f} / {b8['capture_cublas_ms']:.2f} ms" if
            "capture_fused_ms" in b8 else "") + ") |")
+    for row in res["sample_us"]:
+        log(f"| a draw at batch {row['batch']}: one kernel / torch.topk path | {row['one_kernel_us']:.1f} / "
+            f"{row['topk_path_us']:.1f} µs |")
     for k in ("ttfa_worker_ms", "ttfa_worker_voice_nocache_ms", "ttfa_worker_voice_cached_ms", "ttfa_server_ms",
               "ttfa_server_voice_ms"):
         v = res[k]

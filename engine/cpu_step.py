@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .model import CSM
+from .sampling import gumbel_table
 
 
 def cpu_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -54,32 +55,35 @@ class CpuFrameStep:
         self.dlayers = _layers(m.depth.layers)
         self.ddims = (dd.n_heads, dd.n_kv_heads, np.float32(dd.norm_eps))
         self.h, self.pos, self.counter = gen.h.numpy(), gen.pos.numpy(), gen.frame.numpy()
-        self.temp, self.topk = gen.temperature.numpy(), gen.topk.numpy()
+        self.temp, self.topk, self.seed = gen.temperature.numpy(), gen.topk.numpy(), gen.seed.numpy()
+        self.gtable = gumbel_table().numpy()
 
-    def step(self, rows: np.ndarray, noise: torch.Tensor | None) -> torch.Tensor:
-        """One frame for each row in `rows` (int64). noise [len(rows), N, K] or None (all greedy).
-        Returns frames [len(rows), N] int64."""
+    def step(self, rows: np.ndarray) -> torch.Tensor:
+        """One frame for each row in `rows` (int64), each drawn with its own seed, frame counter,
+        temperature and top-k. Returns frames [len(rows), N] int64."""
         from ..kernels.frame_cpu import frame_step
 
         frames = np.empty((len(rows), self.n), np.int64)
-        nz = np.zeros((len(rows), self.n, 1), np.float32) if noise is None else np.ascontiguousarray(noise.numpy())
-        frame_step(rows, self.h, self.pos, self.counter, self.temp, self.topk, nz, self.c0_t, self.audio_embed,
-                   self.vocab, self.blayers, self.bdims, self.bnorm, self.bcos, self.bsin, self.bcache,
+        frame_step(rows, self.h, self.pos, self.counter, self.seed, self.temp, self.topk, self.gtable, self.c0_t,
+                   self.audio_embed, self.vocab, self.blayers, self.bdims, self.bnorm, self.bcos, self.bsin, self.bcache,
                    self.depth, self.dlayers, self.ddims, frames)
         return torch.from_numpy(frames)
 
     def depth_only(self, h: torch.Tensor, c0: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
-                   noise: torch.Tensor | None, force: np.ndarray | None = None,
+                   seed: torch.Tensor, counter: torch.Tensor, force: np.ndarray | None = None,
                    record: np.ndarray | None = None) -> torch.Tensor:
-        """The depth decoder alone (codebooks 1..N-1) for given backbone states; force/record
-        teacher-force codes and capture logits [B, N-1, C] (the parity tests use them)."""
+        """The depth decoder alone (codebooks 1..N-1) for given backbone states, drawing with the
+        given seeds and counters; force/record teacher-force codes and capture logits [B, N-1, C]
+        (the parity tests use them)."""
         from ..kernels.frame_cpu import depth_frame
 
         B = h.shape[0]
         codes = np.empty((B, self.n - 1), np.int64)
-        nz = np.zeros((B, self.n, 1), np.float32) if noise is None else np.ascontiguousarray(noise.numpy())
-        depth_frame(np.ascontiguousarray(h.numpy()), np.ascontiguousarray(c0.numpy()), self.depth, self.dlayers,
-                    self.ddims, np.ascontiguousarray(temperature.numpy()), np.ascontiguousarray(topk.numpy()), nz,
-                    np.zeros((0, 0), np.int64) if force is None else force,
+
+        def arr(t):
+            return np.ascontiguousarray(t.numpy())
+
+        depth_frame(arr(h), arr(c0), self.depth, self.dlayers, self.ddims, arr(temperature), arr(topk), arr(seed),
+                    arr(counter), self.gtable, np.zeros((0, 0), np.int64) if force is None else force,
                     np.zeros((0, 0, 0), np.float32) if record is None else record, codes)
         return torch.from_numpy(codes)

@@ -3,8 +3,8 @@
 A bucket B runs rows [0, B) of the slot arrays (the slot heap hands out the lowest free row, so
 live rows sit at the bottom). Everything a step needs lives in persistent device tensors the graph
 reads in place: the generator's per-row state (hidden state, position, frame counter, seed,
-temperature, top-k), the KV caches and an `active` mask. Positions, attention lengths and the
-noise are computed on device; rows that are not active are computed but keep their state (their
+temperature, top-k), the KV caches and an `active` mask. Positions and attention lengths are
+computed on device, and each draw is one kernel that hashes its own noise (any top-k); rows that are not active are computed but keep their state (their
 cache write lands on their own next position, which they overwrite before reading it).
 
 Per frame: codebook-0 head + draw, 32 single-position depth-decoder passes (position 0 = the
@@ -34,10 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import gumbel_noise
+from .sampling import gumbel_table
 
 log = logging.getLogger("csmstream.engine")
-KMAX = 64  # the graphs draw from the top 64; a request with a larger top-k runs that tick eagerly
 
 
 def graphs_enabled(flag: bool | None) -> bool:
@@ -132,6 +131,7 @@ class FastFrameStep:
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
         self.codes = torch.zeros(gen.rows, self.n, dtype=torch.int64, device=dev)
+        self.gtable = gumbel_table(str(dev))  # the draws' shared Gumbel noise table
         self.buckets = buckets_for(gen.rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = graphs and dev.type == "cuda"
@@ -180,9 +180,9 @@ class FastFrameStep:
         """One frame for rows [0, B); returns codes [B, N] (a persistent buffer)."""
         g, n = self.gen, self.n
         h, temp, topk = g.h[:B], g.temperature[:B], g.topk[:B]
-        noise = gumbel_noise(g.seed[:B], g.frame[:B], n, KMAX)  # [B, N, KMAX]
+        seed, counter, table = g.seed[:B], g.frame[:B], self.gtable
         codes = self.codes[:B]
-        self.ops.sample_topk(F.linear(h, g.c0_w), temp, topk, KMAX, noise[:, 0], self.cs, out=codes[:, 0])
+        self.ops.sample(F.linear(h, g.c0_w), temp, topk, seed, counter, 0, table, self.cs, out=codes[:, 0])
         dd = self.dd
         fused = B in self.fused_buckets
         stack = self._stack_fused if fused else self._stack
@@ -196,7 +196,7 @@ class FastFrameStep:
             if p >= 1:
                 logits = self.gemv.norm_matvec(out, self.dd_norm, self.heads_t[p - 1], dd.norm_eps) if fused \
                     else out @ g.heads[p - 1]
-                self.ops.sample_topk(logits, temp, topk, KMAX, noise[:, p], self.cs, out=codes[:, p])
+                self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p])
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb

@@ -14,11 +14,10 @@ import os
 import torch
 
 from .cpu_step import CpuFrameStep, cpu_kernel_usable
-from .cuda_step import KMAX as FAST_KMAX
 from .depth import DepthLoop
 from .model import CSM, Attend, KVCache
 from .rope import rope_table
-from .sampling import gumbel_noise, sample
+from .sampling import sample
 
 
 class FrameGenerator:
@@ -121,22 +120,22 @@ class FrameGenerator:
 
     @torch.inference_mode()
     def step(self, lo: int, hi: int, kmax: int, active: list[bool] | None = None) -> torch.Tensor:
-        """One frame for rows [lo, hi). kmax: the largest top-k among them (host int).
+        """One frame for rows [lo, hi). kmax: the largest top-k among them (host int; the eager step
+        draws from that many candidates, the compiled CPU and GPU steps need no bound).
         active: per row of the range, whether it advances (None: all). Inactive rows inside the
         range are computed but keep their state (hidden state, position, frame counter); their
         cache write lands on their own next position, which they overwrite before reading.
         Returns codes [hi - lo, N] int64 on device (rows that are inactive hold junk)."""
-        m, n = self.model, self.n
+        m = self.model
         if self.cpu is not None:
-            return self._cpu_step(lo, hi, kmax, active)
-        if self.fast is not None and kmax <= FAST_KMAX:  # a larger top-k runs this tick eagerly
+            return self._cpu_step(lo, hi, active)
+        if self.fast is not None:
             return self.fast.step(lo, hi, active)
         rows = slice(lo, hi)
-        noise = gumbel_noise(self.seed[rows], self.frame[rows], n, kmax) if kmax > 1 else None
-        temp, topk = self.temperature[rows], self.topk[rows]
+        temp, topk, seed, counter = self.temperature[rows], self.topk[rows], self.seed[rows], self.frame[rows]
 
         def draw(logits: torch.Tensor, j: int) -> torch.Tensor:
-            return sample(logits.float(), temp, topk, kmax, None if noise is None else noise[:, j])
+            return sample(logits.float(), temp, topk, kmax, seed, counter, j)
 
         h = self.h[rows]  # [B, Db]
         c = draw(h @ self.c0_w.t(), 0)
@@ -164,15 +163,14 @@ class FrameGenerator:
                 self.host_pos[r] += bool(a)
         return frame
 
-    def _cpu_step(self, lo: int, hi: int, kmax: int, active: list[bool] | None) -> torch.Tensor:
+    def _cpu_step(self, lo: int, hi: int, active: list[bool] | None) -> torch.Tensor:
         live = [r for r in range(lo, hi) if active is None or active[r - lo]]
         if not live:
             return torch.zeros(hi - lo, self.n, dtype=torch.int64)
         idx = torch.tensor(live, dtype=torch.int64)
-        noise = gumbel_noise(self.seed[idx], self.frame[idx], self.n, kmax) if kmax > 1 else None
         if max(self.host_pos[r] for r in live) >= self.max_seq_len:
             raise ValueError("a row is past the model's window")
-        frames = self.cpu.step(idx.numpy(), noise)
+        frames = self.cpu.step(idx.numpy())
         for r in live:
             self.host_pos[r] += 1
         if len(live) == hi - lo:

@@ -1,16 +1,30 @@
-"""Top-k + temperature sampling on device, with no host sync.
+"""Top-k + temperature sampling, the rule every step implements (this file is its reference).
 
-Randomness is counter-based: the noise for (slot seed, frame index, codebook, candidate rank) is a
-hash, not generator state. So a seeded request gives the same frames whatever else shares its batch,
-and the step needs no per-slot generator objects (and stays CUDA-graph friendly).
-Sampling uses the Gumbel-max trick over the top-k candidates: argmax(logits / T + G) with G ~ Gumbel
-is an exact draw from softmax(logits / T) restricted to the top k.
+The draw for one row and one codebook:
+1. the candidates are the row's k best codes in the order (logit descending, code id ascending), so
+   ties at the k-th place go to the lower code id;
+2. each candidate gets Gumbel noise keyed by (request seed, frame counter, codebook, code id);
+3. the code is argmax(logit / temperature + noise) over the candidates, ties to the lower code id.
+With continuous noise this is an exact draw from softmax(logits / T) restricted to the top k
+(the Gumbel-max trick); k == 1 is greedy (argmax, first index on ties).
+
+Noise is counter-based (a hash, not generator state): a seeded request gives the same frames
+whatever else shares its batch, and the step needs no per-slot generator objects (CUDA-graph
+friendly). Keying by code id rather than by rank lets a kernel draw without sorting: it only needs
+the k-th largest logit as a threshold (kernels/triton_ops.sample). The hash picks one of 2**16
+Gumbel quantiles from a table that every implementation shares (torch here, the numba CPU step,
+the Triton kernel), so all of them draw bit-identical noise: no transcendental function whose last
+bit differs between libraries can flip a draw between the eager, CPU and GPU paths. Quantising the
+uniform to 16 bits caps the noise at about 11.8 (a true Gumbel exceeds it with probability 8e-6).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+NOISE_BITS = 16
 _M32 = 0xFFFFFFFF
 
 
@@ -23,38 +37,46 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def gumbel_noise(seed: torch.Tensor, counter: torch.Tensor, n_codebooks: int, k: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, n_codebooks, k] from per-row seed [B] and counter [B] (int64)."""
-    dev = seed.device
-    s_lo = (seed & _M32)[:, None, None]
-    s_hi = ((seed >> 32) & _M32)[:, None, None]
-    c = (counter & _M32)[:, None, None]
-    cb = torch.arange(n_codebooks, device=dev)[None, :, None]
-    r = torch.arange(k, device=dev)[None, None, :]
+def noise_index(seed: torch.Tensor, counter: torch.Tensor, codebook, code: torch.Tensor) -> torch.Tensor:
+    """The table index (0 .. 2**NOISE_BITS - 1) for each (seed, counter, codebook, code); int64
+    tensors (codebook may be an int), broadcast together."""
+    s_lo, s_hi, c = seed & _M32, (seed >> 32) & _M32, counter & _M32
     h = _fmix32((s_lo * 0x9E3779B1 + c) & _M32)
-    h = _fmix32((h ^ s_hi) * 0x27D4EB2F + cb * 0x165667B1 + r & _M32)
+    h = _fmix32(((h ^ s_hi) * 0x27D4EB2F + codebook * 0x165667B1 + code) & _M32)
     h = _fmix32(h ^ (c * 0x61C88647 & _M32))
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
+    return h >> (32 - NOISE_BITS)
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    topk: torch.Tensor,
-    kmax: int,
-    noise: torch.Tensor | None,
-) -> torch.Tensor:
-    """Draw one code per row.
+@functools.lru_cache(maxsize=8)
+def gumbel_table(device: str = "cpu") -> torch.Tensor:
+    """float32 [2**NOISE_BITS]: the Gumbel(0, 1) quantile at the middle of each of 2**NOISE_BITS equal
+    slices of (0, 1), computed in float64 and rounded once (identical wherever it is used)."""
+    n = 1 << NOISE_BITS
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (-torch.log(-torch.log(u))).float().to(device)
 
-    logits [B, V] with reserved ids already at -inf; temperature [B] float; topk [B] int64 (each
-    <= kmax); kmax: host int, the largest k in the batch; noise [B, >= kmax] Gumbel or None when
-    kmax == 1 (greedy). Returns [B] int64.
+
+def gumbel(seed: torch.Tensor, counter: torch.Tensor, codebook, code: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise (float32) for each (seed, counter, codebook, code), broadcast together."""
+    return gumbel_table(str(code.device))[noise_index(seed, counter, codebook, code)]
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, kmax: int,
+           seed: torch.Tensor | None = None, counter: torch.Tensor | None = None, codebook: int = 0) -> torch.Tensor:
+    """Draw one code per row by the rule above.
+
+    logits [B, V] float32 (reserved ids left out or at -inf); temperature [B] float; topk [B] int64,
+    each in 1..kmax; kmax: host int, the largest k in the batch (1: all greedy, seed and counter
+    unused); seed/counter [B] int64: each row's request seed and frame counter; codebook: which of
+    the frame's codebooks this is. Returns [B] int64.
     """
     if kmax == 1:
         return logits.argmax(dim=-1)
-    vals, idx = logits.topk(kmax, dim=-1)  # [B, kmax], sorted descending
-    ranks = torch.arange(kmax, device=logits.device)
-    scores = (vals / temperature[:, None]).masked_fill(ranks[None, :] >= topk[:, None], float("-inf"))
-    choice = (scores + noise[:, :kmax]).argmax(dim=-1, keepdim=True)
-    return idx.gather(-1, choice)[:, 0]
+    B, V = logits.shape
+    cand = logits.sort(dim=-1, descending=True, stable=True).indices[:, :kmax]  # ties: lower id first
+    ranks = torch.arange(cand.shape[1], device=logits.device)
+    noise = gumbel(seed[:, None], counter[:, None], codebook, cand)
+    scores = logits.gather(-1, cand) / temperature[:, None] + noise
+    scores = scores.masked_fill(ranks[None, :] >= topk[:, None], float("-inf"))
+    best = scores.max(dim=-1, keepdim=True).values
+    return torch.where(scores == best, cand, V).min(dim=-1).values  # equal scores: the lower code id

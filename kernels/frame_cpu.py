@@ -11,8 +11,9 @@ grouped-query attention and SwiGLU are plain loops. Each row is computed on its 
 arithmetic whatever else is in the batch, so a seeded stream is bit-identical alone or batched.
 
 The draw is engine/sampling.sample's rule: greedy when k == 1, else Gumbel-max over the k best
-logits (sorted descending, noise indexed by rank). The eager PyTorch path (engine/depth.py,
-engine/model.py) is the reference this kernel is tested against.
+logits, the noise hashed from (seed, frame counter, codebook, code id) into the shared Gumbel
+table. The eager PyTorch path (engine/depth.py, engine/model.py) is the reference this kernel is
+tested against.
 
 Weights arrive in tuples (see engine/cpu_step.py):
   layers = (attn_norm [L, D], wqkv_t [L, D, (H + 2KV) hd], wo_t [L, H hd, D], ffn_norm [L, D],
@@ -27,6 +28,7 @@ from numba import njit
 
 # reassociation lets the reductions vectorise; no nnan/ninf so comparisons stay IEEE
 _FM = {"reassoc", "contract", "nsz"}
+_M32 = 0xFFFFFFFF
 
 
 @njit(fastmath=_FM, nogil=True, cache=True)
@@ -62,8 +64,36 @@ def _rope(v, cos, sin):
 
 
 @njit(nogil=True, cache=True)
-def _draw(logits, k, temp, noise, vals, idx):
-    """Greedy (k == 1) or Gumbel-max over the k best logits; noise[r] is rank r's Gumbel draw."""
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+@njit(nogil=True, cache=True)
+def _log2(n):
+    bits = 0
+    while (1 << (bits + 1)) <= n:
+        bits += 1
+    return bits
+
+
+@njit(nogil=True, cache=True)
+def _noise(seed, counter, codebook, code, table, bits):
+    """engine/sampling.gumbel for one code: int64 arithmetic masked to 32 bits, as torch does it."""
+    c = counter & _M32
+    h = _fmix32(((seed & _M32) * 0x9E3779B1 + c) & _M32)
+    h = _fmix32(((h ^ ((seed >> 32) & _M32)) * 0x27D4EB2F + codebook * 0x165667B1 + code) & _M32)
+    h = _fmix32(h ^ ((c * 0x61C88647) & _M32))
+    return table[h >> (32 - bits)]
+
+
+@njit(nogil=True, cache=True)
+def _draw(logits, k, temp, key, codebook, table, vals, idx):
+    """engine/sampling.sample's draw: greedy (k == 1) or Gumbel-max over the k best logits (ties at
+    the k-th place to the lower code id), noise keyed by code id. key = (seed, counter, bits)."""
     n = logits.shape[0]
     if k == 1:
         best = 0
@@ -72,7 +102,7 @@ def _draw(logits, k, temp, noise, vals, idx):
                 best = i
         return best
     filled = 0
-    for i in range(n):
+    for i in range(n):  # insertion into the sorted top k; equal values keep the earlier code first
         v = logits[i]
         if filled < k or v > vals[filled - 1]:
             pos = filled if filled < k else k - 1
@@ -84,11 +114,12 @@ def _draw(logits, k, temp, noise, vals, idx):
             idx[pos] = i
             if filled < k:
                 filled += 1
+    seed, counter, bits = key
     choice = 0
-    best = vals[0] / temp + noise[0]
-    for r in range(1, filled):
-        s = vals[r] / temp + noise[r]
-        if s > best:
+    best = np.float32(-np.inf)
+    for r in range(filled):
+        s = vals[r] / temp + _noise(seed, counter, codebook, idx[r], table, bits)
+        if s > best or (s == best and idx[r] < idx[choice]):
             best = s
             choice = r
     return idx[choice]
@@ -153,8 +184,9 @@ def _scratch(dim, layers, dims, positions):
 
 
 @njit(fastmath=_FM, nogil=True, cache=True)
-def _depth_row(h, c0, depth, dlayers, ddims, k, temp, noise, force, record, codes, vals, idx, cache, buf):
-    """Codebooks 1..N-1 for one row: codes[j - 1] for j = 1..N-1. h [Db] backbone state."""
+def _depth_row(h, c0, depth, dlayers, ddims, k, temp, key, gtable, force, record, codes, vals, idx, cache, buf):
+    """Codebooks 1..N-1 for one row: codes[j - 1] for j = 1..N-1. h [Db] backbone state; key and
+    gtable: the row's noise key (seed, counter, bits) and the Gumbel table (see _draw)."""
     proj_t, table, vocab, norm_w, heads, cos, sin = depth
     x, xn, qkv, att, g13, act, w = buf
     n_cb = codes.shape[0] + 1
@@ -177,15 +209,16 @@ def _depth_row(h, c0, depth, dlayers, ddims, k, temp, noise, force, record, code
         if force.shape[0] > 0:
             codes[p - 1] = force[p - 1]
         else:
-            codes[p - 1] = _draw(logits, k, temp, noise[p], vals, idx)
+            codes[p - 1] = _draw(logits, k, temp, key, p, gtable, vals, idx)
 
 
 @njit(fastmath=_FM, nogil=True, cache=True)
-def depth_frame(h, c0, depth, dlayers, ddims, temp, topk, noise, force, record, codes):
+def depth_frame(h, c0, depth, dlayers, ddims, temp, topk, seed, counter, gtable, force, record, codes):
     """Codebooks 1..N-1 for each row (the depth decoder alone; tests use force/record).
-    h [B, Db]; c0 [B]; noise [B, N, K]; force [B, N-1] or [0, 0]; record [B, N-1, C] or [0, 0, 0];
-    codes [B, N-1] out. A row's k is min(topk[b], K)."""
-    K = noise.shape[2]
+    h [B, Db]; c0 [B]; seed/counter [B] noise keys; gtable the Gumbel table; force [B, N-1] or
+    [0, 0]; record [B, N-1, C] or [0, 0, 0]; codes [B, N-1] out."""
+    K = max(1, topk.max())
+    bits = _log2(gtable.shape[0])
     n_cb = codes.shape[1] + 1
     buf = _scratch(depth[0].shape[1], dlayers, ddims, n_cb)
     hd = 2 * depth[5].shape[1]
@@ -200,20 +233,24 @@ def depth_frame(h, c0, depth, dlayers, ddims, temp, topk, noise, force, record, 
             rb = record[b]
         else:
             rb = np.empty((0, 0), np.float32)
-        _depth_row(h[b], c0[b], depth, dlayers, ddims, min(topk[b], K), temp[b], noise[b], fb, rb,
-                   codes[b], vals, idx, cache, buf)
+        _depth_row(h[b], c0[b], depth, dlayers, ddims, topk[b], temp[b], (seed[b], counter[b], bits), gtable,
+                   fb, rb, codes[b], vals, idx, cache, buf)
 
 
 @njit(fastmath=_FM, nogil=True, cache=True)
-def frame_step(rows, h, pos, counter, temp, topk, noise, c0_t, audio_embed, vocab,
+def frame_step(rows, h, pos, counter, seed, temp, topk, gtable, c0_t, audio_embed, vocab,
                blayers, bdims, bnorm, bcos, bsin, bcache, depth, dlayers, ddims, frames):
     """One frame for each row index in `rows` (others untouched).
 
     h [R, Db] backbone state (updated); pos [R] next cache position (advanced); counter [R] frames
-    generated (advanced); temp/topk [R]; noise [len(rows), N, K]; c0_t [Db, C]; audio_embed
+    generated (advanced, the noise counter); seed [R]; temp/topk [R]; gtable the Gumbel table
+    (engine/sampling.gumbel_table); c0_t [Db, C]; audio_embed
     [N * vocab, Db]; bcache [L, R, S, 2KV, hd]; bcos/bsin [S, hd/2]; frames [len(rows), N] out.
     """
-    K = noise.shape[2]
+    K = 1
+    for i in range(rows.shape[0]):
+        K = max(K, topk[rows[i]])
+    bits = _log2(gtable.shape[0])
     n_cb = frames.shape[1]
     Db = h.shape[1]
     S = bcache.shape[2]
@@ -228,11 +265,12 @@ def frame_step(rows, h, pos, counter, temp, topk, noise, c0_t, audio_embed, voca
     L = blayers[0].shape[0]
     for i in range(rows.shape[0]):
         r = rows[i]
-        k = min(topk[r], K)
+        k = topk[r]
+        key = (seed[r], counter[r], bits)
         # codebook 0 from the backbone state, then the depth decoder
         _axpy_matvec(h[r], c0_t, logits, False)
-        frames[i, 0] = _draw(logits, k, temp[r], noise[i, 0], vals, idx)
-        _depth_row(h[r], frames[i, 0], depth, dlayers, ddims, k, temp[r], noise[i], no_force, no_record,
+        frames[i, 0] = _draw(logits, k, temp[r], key, 0, gtable, vals, idx)
+        _depth_row(h[r], frames[i, 0], depth, dlayers, ddims, k, temp[r], key, gtable, no_force, no_record,
                    frames[i, 1:], vals, idx, dcache, dbuf)
         # feed the frame back through the backbone at this row's position
         x[:] = 0.0

@@ -1,11 +1,12 @@
 """Triton kernels for the GPU hot path, each beside the plain PyTorch reference it must equal.
 
-- `sample_topk` / `pick_`: top-k + temperature sampling over the audio logits, reserved ids
-  (>= codebook size) masked. `torch.topk` finds the sorted candidates (a radix select, no sort of
-  the row); one kernel then applies temperature, each row's own k, the Gumbel-max draw over ranks
-  (engine/sampling.sample's rule, its reference) and writes the code into its column of the frame.
-  (An in-register sort of the whole row in one kernel was tried: 39 us a row on an H100, against
-  ~17 us for topk + pick; see the README's notes.)
+- `sample`: top-k + temperature sampling over the audio logits in ONE kernel, reserved ids
+  (>= codebook size) never drawn, any k. No sort: a 32-step bisection over the logits' bit patterns
+  finds the k-th largest as a threshold (ties to the lower code ids), the noise is hashed in the
+  kernel from (seed, counter, codebook, code) and looked up in the shared Gumbel table, and the
+  code is written straight into its column of the frame (reference: engine/sampling.sample, which
+  sorts). It replaces torch.topk + a pick kernel + the per-frame noise tensor's ~15 launches.
+  (An in-register sort of the whole row was tried earlier: 39 us a row on an H100.)
 - `add_rms_norm`: the residual add fused with the next RMSNorm: h += delta (in place), returns
   rms_norm(h) * weight (reference: `add_rms_norm_ref`); `add=False` starts the residual stream.
 - `rope_`: rotary embedding on interleaved pairs, in place (reference: engine/rope.apply_rope_).
@@ -29,48 +30,68 @@ import triton.language as tl
 
 # -- sampling ----------------------------------------------------------------------------------
 @triton.jit
-def _pick_kernel(vals_ptr, idx_ptr, vk_stride, temp_ptr, topk_ptr, noise_ptr, noise_stride, out_ptr, out_stride,
-                 K: tl.constexpr, GREEDY: tl.constexpr):
+def _fmix32(h):
+    # murmur3 finaliser on int64 values holding 32 bits (engine/sampling._fmix32)
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@triton.jit(do_not_specialize=["codebook"])
+def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codebook, table_ptr, out_ptr,
+                   out_stride, V, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    r = tl.arange(0, K)
-    v = tl.load(vals_ptr + row * vk_stride + r).to(tl.float32)
-    i = tl.load(idx_ptr + row * vk_stride + r)
-    if GREEDY:
-        s = tl.where(r == 0, 0.0, -float("inf"))
-    else:
-        k = tl.load(topk_ptr + row)
-        t = tl.load(temp_ptr + row).to(tl.float32)
-        g = tl.load(noise_ptr + row * noise_stride + r).to(tl.float32)
-        s = tl.where(r < k, v / t + g, -float("inf"))
-    best = tl.argmax(s, axis=0)
-    tl.store(out_ptr + row * out_stride, tl.sum(tl.where(r == best, i, 0), axis=0).to(tl.int64))
+    code = tl.arange(0, BLOCK)
+    ok = code < V
+    v = tl.load(l_ptr + row * l_stride + code, mask=ok, other=0.0).to(tl.float32)
+    # an integer key with the floats' order: flip the magnitude bits of negatives (-0.0 is 0.0)
+    bits = tl.where(v == 0.0, 0, v.to(tl.int32, bitcast=True))
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    k = tl.minimum(tl.maximum(tl.load(topk_ptr + row), 1), V)
+    # the k-th largest key: the largest t with #(key >= t) >= k, by bisection over the key range
+    lo = tl.min(tl.where(ok, key, 1 << 40), axis=0)  # #(key >= lo) = V >= k
+    hi = tl.max(tl.where(ok, key, -(1 << 40)), axis=0) + 1  # #(key >= hi) = 0 < k
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((ok & (key >= mid)).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = ok & (key > lo)
+    tied = ok & (key == lo)  # the k-th place's ties go to the lowest code ids
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= k - tl.sum(above.to(tl.int32), axis=0)))
+    # noise keyed by (seed, counter, codebook, code): engine/sampling.noise_index
+    seed = tl.load(seed_ptr + row)
+    c = tl.load(ctr_ptr + row) & 0xFFFFFFFF
+    h = _fmix32(((seed & 0xFFFFFFFF) * 0x9E3779B1 + c) & 0xFFFFFFFF)
+    mix = codebook.to(tl.int64) * 0x165667B1 + code
+    h = _fmix32(((h ^ ((seed >> 32) & 0xFFFFFFFF)) * 0x27D4EB2F + mix) & 0xFFFFFFFF)
+    h = _fmix32(h ^ ((c * 0x61C88647) & 0xFFFFFFFF))
+    g = tl.load(table_ptr + (h >> (32 - NOISE_BITS)), mask=take, other=0.0)
+    t = tl.load(temp_ptr + row).to(tl.float32)
+    s = tl.where(take, tl.math.div_rn(v, tl.zeros_like(v) + t) + g, -float("inf"))
+    best = tl.argmax(s, axis=0, tie_break_left=True)  # equal scores: the lower code id
+    tl.store(out_ptr + row * out_stride, best.to(tl.int64))
 
 
-def pick_(out: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, temperature: torch.Tensor,
-          topk: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Draw from sorted candidates vals/idx [B, K] (descending, as torch.topk gives them) into
-    out [B] (any row stride, e.g. one column of a frame). noise [B, >= K] (None: greedy)."""
-    B, K = vals.shape
-    assert vals.stride() == idx.stride() and vals.stride(1) == 1 and triton.next_power_of_2(K) == K
-    greedy = noise is None
-    nz = vals if greedy else noise
-    _pick_kernel[(B,)](vals, idx, vals.stride(0), temperature, topk, nz, nz.stride(0), out, out.stride(0),
-                       K=K, GREEDY=greedy)
-    return out
+def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
+           counter: torch.Tensor, codebook: int, table: torch.Tensor, codebook_size: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """One kernel: engine/sampling.sample's draw, with no sort and no noise tensor.
 
-
-def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, kmax: int,
-                noise: torch.Tensor | None, codebook_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] (V may include reserved ids >= codebook_size); temperature [B]; topk [B] <= kmax;
-    noise [B, >= kmax] Gumbel (None: greedy). Returns [B] int64 (written into `out` if given).
-    kmax is rounded up to a power of two; ranks beyond a row's own k never win."""
+    logits [B, V] (row stride free; ids >= codebook_size are reserved and never drawn); temperature
+    [B] float; topk [B] int64 in 1..codebook_size (any k: no upper bound); seed/counter [B] int64;
+    codebook: host int; table: engine/sampling.gumbel_table on this device. Returns [B] int64,
+    written into `out` if given (any row stride, e.g. one column of a frame)."""
     B = logits.shape[0]
+    assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
-    k = 1 if noise is None else triton.next_power_of_2(kmax)
-    if noise is not None and noise.shape[-1] < k:
-        noise = F.pad(noise, (0, k - noise.shape[-1]))  # ranks >= kmax are masked by topk <= kmax
-    vals, idx = logits[:, :codebook_size].topk(k, dim=-1)
-    return pick_(out, vals, idx, temperature, topk, noise)
+    block = triton.next_power_of_2(codebook_size)
+    _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
+                         out.stride(0), codebook_size, NOISE_BITS=table.numel().bit_length() - 1, BLOCK=block,
+                         num_warps=4 if block <= 2048 else 8)
+    return out
 
 
 # -- residual + norm ---------------------------------------------------------------------------

@@ -62,10 +62,17 @@ def test_rows_outside_the_range_keep_their_state(tiny_engine):
     assert (fast.pos - pos).tolist() == [0, 1, 0, 0]
 
 
-def test_a_topk_beyond_the_graphs_runs_the_eager_step(tiny_engine):
-    ref, fast = _prefilled(tiny_engine, False, [0], 100), _prefilled(tiny_engine, True, [0], 100)
-    assert torch.equal(ref.step(0, 1, 100), fast.step(0, 1, 100))
-    assert fast.fast.active.sum() == 0  # the fast step was not used
+def test_any_topk_runs_in_the_fast_step(tiny_engine):
+    """The one-kernel draw has no top-k bound (the old graphs drew from the top 64 and sent a larger
+    k to the eager step): rows with k = 300 and k = 2048 step together and give the eager frames."""
+    ref, fast = _prefilled(tiny_engine, False, [0, 1], 300), _prefilled(tiny_engine, True, [0, 1], 300)
+    for g in (ref, fast):
+        g.topk[1] = 2048
+    for _ in range(2):
+        a, b = ref.step(0, 2, 2048), fast.step(0, 2, 2048)
+        assert torch.equal(a, b)
+        assert fast.fast.active[:2].all()  # the fast step ran them
+    assert fast.frame.tolist()[:2] == [2, 2]
 
 
 def test_the_window_end_is_a_clear_error(tiny_engine):

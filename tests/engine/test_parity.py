@@ -66,7 +66,7 @@ def test_backbone_and_depth_logits_match(checkpoint, checkpoint_engine, depth_pa
             ours = torch.stack(seen)  # [31, codebook_size]
         else:
             rec = np.zeros((1, 31, 2048), np.float32)
-            forced = g.cpu.depth_only(g.h[0:1], frame[0:1], g.temperature[0:1], g.topk[0:1], None,
+            forced = g.cpu.depth_only(g.h[0:1], frame[0:1], g.temperature[0:1], g.topk[0:1], g.seed[0:1], g.frame[0:1],
                                       force=frame[None, 1:].numpy().copy(), record=rec)
             assert forced[0].tolist() == frame[1:].tolist()
             ours = torch.from_numpy(rec[0])

@@ -1,14 +1,14 @@
 import numpy as np
 import torch
 
-from csmstream.engine.sampling import gumbel_noise, sample
+from csmstream.engine.sampling import NOISE_BITS, gumbel, gumbel_table, noise_index, sample
 
 
 def draws(logits, temperature, k, n=4000, seed=0):
     """n independent draws for one logits row, via n rows with distinct seeds."""
     L = logits[None].expand(n, -1).contiguous()
-    noise = gumbel_noise(torch.arange(n) + seed * n, torch.zeros(n, dtype=torch.long), 1, k)[:, 0]
-    return sample(L, torch.full((n,), temperature), torch.full((n,), k), k, noise).numpy()
+    seeds, counters = torch.arange(n) + seed * n, torch.zeros(n, dtype=torch.long)
+    return sample(L, torch.full((n,), temperature), torch.full((n,), k), k, seeds, counters, 0).numpy()
 
 
 def test_topk_is_respected_and_frequencies_follow_softmax():
@@ -35,16 +35,41 @@ def test_temperature_changes_the_spread():
 
 def test_greedy_is_argmax():
     logits = torch.randn(16, 2048, generator=torch.Generator().manual_seed(2))
-    out = sample(logits, torch.ones(16), torch.ones(16, dtype=torch.long), 1, None)
+    out = sample(logits, torch.ones(16), torch.ones(16, dtype=torch.long), 1)
     assert torch.equal(out, logits.argmax(-1))
+    # a row with k = 1 in a sampled batch is greedy too
+    keys = torch.arange(16), torch.zeros(16, dtype=torch.long)
+    out = sample(logits, torch.ones(16), torch.tensor([1, 50] * 8), 50, *keys, 3)
+    assert torch.equal(out[::2], logits[::2].argmax(-1))
 
 
-def test_noise_is_deterministic_and_distinct():
-    s = torch.tensor([1, 2, 1]); c = torch.tensor([0, 0, 1])
-    a, b = gumbel_noise(s, c, 32, 50), gumbel_noise(s, c, 32, 50)
-    assert torch.equal(a, b)
-    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])  # seed and counter both matter
-    assert torch.isfinite(a).all()
+def test_noise_is_deterministic_and_keyed_by_every_part():
+    codes = torch.arange(2048)
+    base = gumbel(torch.tensor(1), torch.tensor(0), 0, codes)
+    assert torch.equal(base, gumbel(torch.tensor(1), torch.tensor(0), 0, codes))
+    for other in (gumbel(torch.tensor(2), torch.tensor(0), 0, codes), gumbel(torch.tensor(1 << 40), torch.tensor(0), 0, codes),
+                  gumbel(torch.tensor(1), torch.tensor(1), 0, codes), gumbel(torch.tensor(1), torch.tensor(0), 1, codes)):
+        assert (other != base).float().mean() > 0.99  # seed (low and high half), counter, codebook
+    assert (base[1:] != base[:-1]).float().mean() > 0.99  # and the code id
+    # the table holds Gumbel quantiles: its mean and spread are the distribution's
+    t = gumbel_table().double()
+    assert t.numel() == 1 << NOISE_BITS and torch.all(t[1:] > t[:-1])
+    assert abs(t.mean() - 0.5772157) < 1e-3 and abs(t.var() - np.pi ** 2 / 6) < 0.01
+    # and the hash spreads keys evenly over it
+    idx = noise_index(torch.arange(200_000), torch.zeros(1, dtype=torch.long), 5, torch.tensor(17))
+    counts = torch.bincount(idx >> (NOISE_BITS - 6), minlength=64).float()
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+
+
+def test_ties_at_the_kth_place_go_to_the_lower_code_ids():
+    logits = torch.zeros(1, 64)
+    logits[0, 40] = 5.0  # one clear best, then 63 tied at 0
+    logits[0, 50] = -1.0
+    seen = set()
+    for seed in range(300):
+        s = torch.tensor([seed]); c = torch.zeros(1, dtype=torch.long)
+        seen.add(int(sample(logits, torch.tensor([50.0]), torch.tensor([4]), 4, s, c, 0)))
+    assert seen == {40, 0, 1, 2}  # the best, then the three lowest of the tied ids
 
 
 def test_reserved_codes_never_sampled(tmp_path):

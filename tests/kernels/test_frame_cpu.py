@@ -5,24 +5,27 @@ import pytest
 import torch
 
 from csmstream.engine.prompt import build_prompt
-from csmstream.engine.sampling import gumbel_noise, sample
+from csmstream.engine.sampling import NOISE_BITS, gumbel_table, sample
 from csmstream.kernels.frame_cpu import _draw
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 50, 300])
 def test_draw_matches_torch_sample(k):
     rng = np.random.default_rng(k)
+    table = gumbel_table().numpy()
     for trial in range(20):
         logits = rng.normal(size=2048).astype(np.float32) * 3
+        if trial % 2:  # ties, also at the k-th place
+            logits = logits.round()
         temp = np.float32(rng.uniform(0.3, 1.5))
-        noise = gumbel_noise(torch.tensor([trial]), torch.tensor([k]), 1, k)[0, 0]
+        seed, counter = int(rng.integers(0, 1 << 62)), int(rng.integers(0, 1 << 40))
         want = sample(torch.from_numpy(logits)[None], torch.tensor([temp]), torch.tensor([k]), k,
-                      noise[None] if k > 1 else None).item()
+                      torch.tensor([seed]), torch.tensor([counter]), trial).item()
         vals, idx = np.empty(k, np.float32), np.empty(k, np.int64)
-        got = _draw(logits, k, temp, noise.numpy(), vals, idx)
+        got = _draw(logits, k, temp, (seed, counter, NOISE_BITS), trial, table, vals, idx)
         assert got == want
         # independent check: the pick is one of the k largest logits
-        assert got in np.argsort(-logits)[:k]
+        assert logits[got] >= np.sort(logits)[-k]
 
 
 def test_kernel_frames_equal_eager_loop_batched(tiny_engine):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csmstream.engine.rope import apply_rope_
-from csmstream.engine.sampling import gumbel_noise, sample
+from csmstream.engine.sampling import gumbel_table, sample
 from csmstream.kernels import triton_ops
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(), "tests/conftest.py sets it"
@@ -16,23 +16,42 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize(("kmax", "B", "V", "C"), [(1, 8, 2051, 2048), (5, 4, 259, 256), (50, 4, 131, 128),
-                                                 (50, 1, 2051, 2048)])
-def test_sample_topk_equals_the_reference(kmax, B, V, C):
-    # small vocabularies keep the interpreted in-register sort fast; one row at the real 2,051
+@pytest.mark.parametrize(("kmax", "B", "V", "C", "dtype"), [
+    (1, 8, 2051, 2048, torch.float32), (5, 4, 259, 256, torch.float32), (64, 8, 2051, 2048, torch.bfloat16),
+    (2048, 3, 2051, 2048, torch.bfloat16), (50, 6, 131, 128, torch.float32)])
+def test_one_kernel_sample_equals_the_reference(kmax, B, V, C, dtype):
+    """The kernel (threshold select, hashed noise) against engine/sampling.sample (a stable sort):
+    same codes, any k up to the codebook size; bf16 logits tie often, also at the k-th place."""
     g = torch.Generator().manual_seed(kmax + V)
-    logits = (torch.randn(B, V, generator=g) * 3).to(device())
-    logits[:, C:] = 100.0  # reserved ids would win if they were not masked
-    temp = (torch.rand(B, generator=g) + 0.3).to(device())
-    topk = torch.randint(1, kmax + 1, (B,), generator=g).to(device())
-    noise = gumbel_noise(torch.arange(B) + 7, torch.full((B,), 3), 2, 64)[:, 1].to(device()) if kmax > 1 else None
+    logits = torch.randn(B, V, generator=g).to(dtype)
+    logits[:, C:] = 100.0  # reserved ids would win if they were not left out
+    logits[0, : C // 2] = logits[0, : C // 2].round()  # row 0: long runs of equal values
+    temp = torch.rand(B, generator=g) + 0.3
+    topk = torch.randint(1, kmax + 1, (B,), generator=g)
+    seed, counter = torch.randint(0, 1 << 62, (B,), generator=g), torch.randint(0, 1 << 40, (B,), generator=g)
     frame = torch.full((B, 3), -1, dtype=torch.int64, device=device())  # write into a strided column
-    got = triton_ops.sample_topk(logits, temp, topk, 64 if kmax > 1 else 1, noise, C, out=frame[:, 1])
-    want = sample(logits[:, :C].float(), temp, topk, kmax, noise)
-    assert torch.equal(got, want) and torch.equal(frame[:, 1], want) and int(got.max()) < C
+    args = [t.to(device()) for t in (logits, temp, topk, seed, counter)]
+    got = triton_ops.sample(*args, 7, gumbel_table(device()), C, out=frame[:, 1]).cpu()
+    want = sample(logits[:, :C].float(), temp, topk, kmax, seed, counter, 7)
+    assert torch.equal(got, want) and torch.equal(frame[:, 1].cpu(), want) and int(got.max()) < C
     assert (frame[:, [0, 2]] == -1).all()  # nothing else written
-    if kmax > 1:  # the draw really samples: with k = kmax some rows leave the argmax
-        assert topk.max() == 1 or not torch.equal(want, logits[:, :C].argmax(-1)) or B == 1
+    for b in range(B):  # independent check: each code is among its row's k largest logits
+        kth = logits[b, :C].float().topk(int(topk[b])).values[-1]
+        assert logits[b, int(got[b])] >= kth
+    if kmax > 1:  # the draw really samples: some rows leave the argmax
+        assert not torch.equal(want, logits[:, :C].float().argmax(-1))
+
+
+def test_one_kernel_sample_breaks_ties_at_the_kth_place_by_code_id():
+    C = 256
+    logits = torch.zeros(64, C)
+    logits[:, 200] = 1.0  # one best, then 255 ties at 0: k = 3 keeps codes 200, 0 and 1
+    args = [t.to(device()) for t in (logits, torch.full((64,), 100.0), torch.full((64,), 3),
+                                     torch.arange(64), torch.zeros(64, dtype=torch.long))]
+    got = triton_ops.sample(*args, 0, gumbel_table(device()), C).cpu()
+    assert set(got.tolist()) == {200, 0, 1}
+    temp, topk, seed, counter = (a.cpu() for a in args[1:])
+    assert torch.equal(got, sample(logits, temp, topk, 3, seed, counter, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
