@@ -4,7 +4,7 @@
 
 For every projection of a decoder layer (backbone and depth decoder), every batch size and both
 weight formats (the model dtype, and int8 with a scale per row), it times: cuBLAS (F.linear plus the
-ops the fused kernel folds in), the tiles `pick_tiles()` chooses, and each tile in a grid; each
+ops the fused kernel folds in: norm, SiLU·up, residual add, RoPE + cache write), the tiles `pick_tiles()` chooses, and each tile in a grid; each
 candidate's output is first checked against the PyTorch reference. Times are device time per call
 from CUDA-graph replays over enough weight copies to overflow the L2 cache, so the weights come from
 HBM as they do in a frame. It then adds the calls up into the GEMV time of one frame (backbone
@@ -31,12 +31,14 @@ L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit
 
 
 def shapes(cfg) -> list[dict]:
-    """The eight projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a frame."""
+    """The eight projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a
+    frame (and for the qkv projections, whose kernel also does RoPE and the cache write, the heads)."""
     out = []
     for tag, t, calls in (("backbone", cfg.backbone, cfg.backbone.n_layers),
                           ("depth", cfg.depth, cfg.depth.n_layers * cfg.num_codebooks)):
         q = (t.n_heads + 2 * t.n_kv_heads) * t.head_dim
-        out += [dict(name=f"{tag}.wqkv", kind="norm", N=q, K=t.dim, calls=calls),
+        out += [dict(name=f"{tag}.wqkv", kind="rope", N=q, K=t.dim, calls=calls,
+                     heads=(t.n_heads, t.n_kv_heads, t.head_dim)),
                 dict(name=f"{tag}.wo", kind="add", N=t.dim, K=t.n_heads * t.head_dim, calls=calls),
                 dict(name=f"{tag}.w13", kind="swiglu", N=t.ffn_dim, K=t.dim, calls=calls),
                 dict(name=f"{tag}.w2", kind="add", N=t.dim, K=t.ffn_dim, calls=calls)]
@@ -66,6 +68,16 @@ class Case:
         else:
             self.ws = [(w.to(dtype).clone(), None) for _ in range(self.copies)]
         self.dense = self.ws[0][0] if not int8 else None  # cuBLAS runs the model dtype only
+        if kind == "rope":  # each row at its own position of a short cache
+            H, KV, hd = shape["heads"]
+            angles = torch.rand(16, hd // 2, generator=g) * 6
+            self.cos, self.sin = torch.cos(angles).to(device), torch.sin(angles).to(device)
+            self.pos = (torch.arange(rows) % 16).to(device)
+            self.cache = torch.zeros(rows, 16, 2 * KV, hd, device=device, dtype=dtype)
+
+    def _rope(self):
+        return (self.shape["heads"][0], self.cos, self.sin, self.pos, self.cache) if self.shape["kind"] == "rope" \
+            else None
 
     def fused(self, tiles, i: int = 0):
         from csmstream.kernels import triton_gemv as gv
@@ -74,7 +86,8 @@ class Case:
         kind = self.shape["kind"]
         if kind == "add":
             return gv.matvec_add_(self.x, w, self.a, scale=s, tiles=tiles)
-        return gv.norm_matvec(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s, tiles=tiles)
+        return gv.norm_matvec(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s, tiles=tiles,
+                              rope=self._rope())
 
     def cublas(self, i: int = 0):
         from csmstream.kernels import triton_ops as ops
@@ -85,6 +98,8 @@ class Case:
             return self.x.add_(F.linear(self.a, w))
         xn = ops.add_rms_norm(self.x, self.x, self.nw, 1e-5, add=False)
         y = F.linear(xn, w)
+        if kind == "rope":  # the unfused step's RoPE + cache-write kernel
+            ops.rope_store_(y.view(self.rows, -1, self.cos.shape[1] * 2), *self._rope())
         return ops.silu_mul(y) if kind == "swiglu" else y
 
     def reference(self):
@@ -94,7 +109,15 @@ class Case:
         kind = self.shape["kind"]
         if kind == "add":
             return gv.matvec_add_ref(self.x.clone(), w, self.a, scale=s)
-        return gv.norm_matvec_ref(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s)
+        y = gv.norm_matvec_ref(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s)
+        if kind == "rope":  # q and k rotated (k as the cache holds it), v as is
+            from csmstream.kernels.triton_ops import rope_store_ref
+
+            H, KV, hd = self.shape["heads"]
+            qkv, cache = y.view(self.rows, -1, hd), self.cache.clone()
+            rope_store_ref(qkv, H, self.cos, self.sin, self.pos, cache)
+            qkv[:, H:H + KV] = cache[torch.arange(self.rows, device=cache.device), self.pos, :KV]
+        return y
 
     def check(self, tiles) -> float:
         """Largest |fused - reference| relative to the reference's largest value (x is restored)."""
@@ -133,9 +156,9 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
     results = []
     for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True)):
         case = Case(shape, rows, int8, dtype, device, copies)
-        mats = 2 if shape["kind"] == "swiglu" else 1
+        mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
         bb = 1 << (rows - 1).bit_length()
-        picked = pick_tiles(rows, shape["K"], shape["N"], mats=mats)
+        picked = pick_tiles(rows, shape["K"], shape["N"] // 2 if shape["kind"] == "rope" else shape["N"], mats=mats)
         cands = [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
         row = dict(name=shape["name"], rows=rows, int8=int8, calls=shape["calls"], mbytes=case.nbytes / 1e6,
                    cublas_us=None if int8 else case.time_us(case.cublas), tiles={})

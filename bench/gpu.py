@@ -63,6 +63,8 @@ def full_engine(max_streams: int, dtype: torch.dtype, graphs: bool = True, int8_
         quantize_depth_(model)
     eng = Engine(model.eval(), TextTokenizer.tiny(), name="csm-1b-random", max_streams=max_streams,
                  codec=Codec(mimi.eval(), cfg.num_codebooks), cuda_graphs=graphs)
+    if eng.gen.fast is None:  # the engine fell back to the eager step (its warning says why)
+        raise SystemExit("bench/gpu.py: the fast GPU step could not be built here; see the warning above")
     return eng
 
 
@@ -115,7 +117,7 @@ def check_small_vs_cpu(frames: int = 12) -> dict:
             quantize_depth_(gpu_model)
         prompt_cache["tiny"] = prompt(cpu)
         os.environ["CSM_FUSED_GEMV"] = variant
-        gen_gpu = FrameGenerator(gpu_model, rows=2)  # fast step + graphs
+        gen_gpu = FrameGenerator(gpu_model, rows=2, fast=True)  # fast step + graphs (an error if it cannot build)
         for topk in (1, 50, 2048):  # any top-k runs in the graphs
             tok, mask = prompt_cache["tiny"]
             for g in (cpu.gen, gen_gpu):

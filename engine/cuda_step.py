@@ -16,11 +16,12 @@ gate/up matmul, fused SiLU·up, down matmul.
 With graphs off (env CSM_CUDA_GRAPHS=0, `graphs=False`, or on CPU under TRITON_INTERPRET=1 in the
 tests) the same `forward` runs eagerly: the results are identical, only launch overhead differs.
 
-Small buckets (B <= 16) can run each layer as six kernels instead (kernels/triton_gemv.py: the
-norms folded into the projections' prologue, SiLU·up and the residual adds into their epilogue).
+Small buckets (B <= 16) can run each layer as five kernels instead (kernels/triton_gemv.py: the
+norms folded into the projections' prologue; RoPE + the cache write, SiLU·up and the residual adds
+into their epilogue).
 Env CSM_FUSED_GEMV: `auto` (default) captures both variants of each such bucket, times their
 replays and keeps the faster (so a device where cuBLAS wins keeps cuBLAS); `on` / `off` force it.
-With an int8 depth decoder (engine/quant.py) the six-kernel layers read its int8 weights (half the
+With an int8 depth decoder (engine/quant.py) the five-kernel layers read its int8 weights (half the
 bytes); the cuBLAS step reads the dequantized copy, so both compute the same function.
 """
 
@@ -137,7 +138,7 @@ class FastFrameStep:
         self.use_graphs = graphs and dev.type == "cuda"
         self.fused_mode = fused_setting(fused)
         small = {b for b in self.buckets if b <= triton_gemv.MAX_ROWS}
-        self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as six kernels a layer
+        self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as five kernels a layer
         # the fused step's depth heads [N-1, cs, Dd]: the final norm runs in the head's prologue
         self.heads_t = gen.heads.transpose(1, 2).contiguous() if self.fused_mode != "off" else None
         self.fused_timing: dict[int, tuple[float, float]] = {}  # auto: bucket -> (fused ms, plain ms)
@@ -164,15 +165,15 @@ class FastFrameStep:
         return ops.add_rms_norm(x, d, final_norm, eps)
 
     def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B, final=True):
-        """The same stack in six kernels a layer (B <= 16); x [B, D] is updated in place. `layers`
+        """The same stack in five kernels a layer (B <= 16); x [B, D] is updated in place. `layers`
         holds (weight, scale) pairs (self.bb_fused / self.dd_fused). final=False returns the residual
         stream x itself, for a caller that folds the final norm into its next matmul."""
         ops, gemv = self.ops, self.gemv
         for i, (an, (wqkv, sqkv), (wo, so), fn, (w13, s13), (w2, s2)) in enumerate(layers):
-            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv).view(B, -1, kv[i].shape[-1])
             cache = kv[i][:B]
-            ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
-            gemv.matvec_add_(x, wo, ops.decode_attention(qkv[:, :n_heads], cache, lengths), scale=so)
+            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache))
+            q = qkv.view(B, -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
+            gemv.matvec_add_(x, wo, ops.decode_attention(q, cache, lengths), scale=so)
             gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13), scale=s2)
         return ops.add_rms_norm(x, x, final_norm, eps, add=False) if final else x
 

@@ -9,6 +9,7 @@ host once per tick (the only device->host copy). On CPU float32 the same step is
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -18,6 +19,26 @@ from .depth import DepthLoop
 from .model import CSM, Attend, KVCache
 from .rope import rope_table
 from .sampling import sample
+
+
+log = logging.getLogger("csmstream.engine")
+
+
+def build_fast_step(gen, graphs: bool | None, *, required: bool):
+    """The Triton/CUDA-graph step for `gen`. If it cannot be built here (a kernel that does not
+    compile for this GPU or Triton version, a failed capture) and nobody asked for it by name
+    (required=False: the default on CUDA), say why and return None: the generator then runs the
+    eager PyTorch step, the same draws at a lower speed, instead of the server not starting."""
+    from .cuda_step import FastFrameStep, graphs_enabled
+
+    try:
+        return FastFrameStep(gen, graphs=graphs_enabled(graphs))
+    except Exception as e:  # noqa: BLE001 - any build failure: fall back unless the caller insisted
+        if required:
+            raise
+        log.warning("the fast GPU step could not be built (%s: %s); running the eager PyTorch step, which is "
+                    "several times slower. Set CSM_FAST_STEP=0 to skip the attempt.", type(e).__name__, e)
+        return None
 
 
 class FrameGenerator:
@@ -61,12 +82,11 @@ class FrameGenerator:
         # (engine/cuda_step.py). fast=None: on for CUDA (env CSM_FAST_STEP=0 turns it off);
         # fast=True on CPU runs the same code eagerly (tests, under TRITON_INTERPRET=1).
         self.fast = None
+        required = fast is not None
         if fast is None:
             fast = dev.type == "cuda" and os.environ.get("CSM_FAST_STEP", "1").strip().lower() not in ("0", "false", "off")
         if fast:
-            from .cuda_step import FastFrameStep, graphs_enabled
-
-            self.fast = FastFrameStep(self, graphs=graphs_enabled(graphs))
+            self.fast = build_fast_step(self, graphs, required=required)
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,

@@ -9,9 +9,13 @@ its weight bytes plus one launch per op. These fold the ops around the projectio
 - `matvec_add_`: x += W · a in place, the residual add done in the epilogue (each program owns a
   slice of x's columns, so reading and writing it in place is race-free).
 
-A decoder layer then runs as: norm_matvec(qkv) -> RoPE + cache write -> attention -> matvec_add_(wo)
--> norm_matvec(w13, swiglu) -> matvec_add_(w2): six kernels instead of nine, and no separate
-pass over the activations for the norms and SiLU. One program covers a BLOCK_N slice of the
+  With `rope=...` W is the fused qkv projection and the epilogue rotates q and k by each row's
+  position and writes k and v into the KV cache (the work of triton_ops.rope_store_): a program
+  then covers pairs of output columns, one accumulator for the even and one for the odd member.
+
+A decoder layer then runs as: norm_matvec(qkv, rope) -> attention -> matvec_add_(wo)
+-> norm_matvec(w13, swiglu) -> matvec_add_(w2): five kernels instead of nine, and no separate
+pass over the activations for the norms, RoPE and SiLU. One program covers a BLOCK_N slice of the
 outputs for all rows, so each weight is read once per step whatever B is (up to MAX_ROWS).
 
 Weights may be int8 with a float scale per output row (engine/quant.py: weight-only int8 for the
@@ -65,14 +69,22 @@ def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None
 
 
 @triton.jit
-def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, SWIGLU: tl.constexpr,
+def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_ptr, sin_ptr, pos_ptr, pos_stride,
+                        c_ptr, c_row_stride, c_pos_stride, QN, KN, HALF, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
                         SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns; with ROPE, pairs of columns
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
+    # the weight rows behind acc (and acc2): n (and N + n, the up half) or 2n and 2n + 1 (a pair)
+    if ROPE:
+        r1 = 2 * n
+        r2 = r1 + 1
+    else:
+        r1 = n
+        r2 = N + n
     ss = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # prologue: each row's mean square
         km = k0 + kk < K
@@ -89,39 +101,76 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, SWIGLU
         # the normed activations in the model's dtype, as the unfused path feeds its matmul
         xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
         wm = nm[:, None] & km[None, :]
-        w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
         acc += xn[:, None, :] * w[None, :, :]
-        if SWIGLU:
-            u = tl.load(w_ptr + (N + n[:, None]) * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
+        if SWIGLU or ROPE:
+            u = tl.load(w_ptr + r2[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
             acc2 += xn[:, None, :] * u[None, :, :]
     y = tl.sum(acc, axis=2)
     if SCALED:
-        y *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        up = tl.sum(acc2, axis=2)
+        y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
+    m = bm[:, None] & nm[None, :]
+    dt = y_ptr.dtype.element_ty
+    if SWIGLU or ROPE:
+        y2 = tl.sum(acc2, axis=2)
         if SCALED:
-            up *= tl.load(s_ptr + N + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-        gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up.to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + b[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=bm[:, None] & nm[None, :])
+            y2 *= tl.load(s_ptr + r2, mask=nm, other=0.0).to(tl.float32)[None, :]
+        y, y2 = y.to(dt).to(tl.float32), y2.to(dt).to(tl.float32)  # rounded as the unfused matmul rounds
+    if SWIGLU:
+        y = y / (1.0 + tl.exp(-y)) * y2
+    if ROPE:
+        # q and k pairs rotate by each row's position (v passes through); k and v also go to the
+        # row's cache at that position (kernels/triton_ops.rope_store_ is the unfused form)
+        p = tl.load(pos_ptr + b * pos_stride, mask=bm, other=0)
+        rot = (r1 < KN)[None, :] & m
+        at = p[:, None] * HALF + (n % HALF)[None, :]
+        c = tl.load(cos_ptr + at, mask=rot, other=1.0)
+        s = tl.load(sin_ptr + at, mask=rot, other=0.0)
+        ya, yb = y * c - y2 * s, y * s + y2 * c
+        yp = y_ptr + b[:, None] * (2 * N) + r1[None, :]
+        tl.store(yp, ya.to(dt), mask=m)
+        tl.store(yp + 1, yb.to(dt), mask=m)
+        kv = m & (r1 >= QN)[None, :]
+        cp = c_ptr + b[:, None] * c_row_stride + p[:, None] * c_pos_stride + (r1 - QN)[None, :]
+        tl.store(cp, ya.to(c_ptr.dtype.element_ty), mask=kv)
+        tl.store(cp + 1, yb.to(c_ptr.dtype.element_ty), mask=kv)
+    else:
+        tl.store(y_ptr + b[:, None] * N + n[None, :], y.to(dt), mask=m)
 
 
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
                 swiglu: bool = False, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None) -> torch.Tensor:
     """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
     int8 with its per-row `scale` [N], or the activations' dtype).
-    Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu."""
+    Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu.
+
+    rope = (n_heads, cos, sin, pos, cache): w is a fused qkv projection (q heads, k heads, v heads,
+    interleaved pairs) and the epilogue does rope_store_'s work: q and k rotated by each row's
+    position (cos/sin [S, hd/2] float32, pos [B] int64, stride 0 allowed), then k and v written to
+    cache[b, pos[b]] (cache [B, S, 2KV, hd], each position's heads contiguous). The returned
+    [B, N] holds rotated q and k and raw v."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
     _check_scale(w, scale, w.shape[0])
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
-    bn, bk, warps = tiles or _tiles(x, K, N, 2 if swiglu else 1)
-    _norm_matvec_kernel[(triton.cdiv(N, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, N, eps,
-                                               SWIGLU=swiglu, SCALED=scale is not None,
-                                               BLOCK_B=triton.next_power_of_2(B), BLOCK_N=bn, BLOCK_K=bk,
-                                               num_warps=warps)
+    cols = N // 2 if rope else N  # programs cover pairs of columns with rope
+    bn, bk, warps = tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1)
+    if rope:
+        n_heads, cos, sin, pos, cache = rope
+        hd = cos.shape[1] * 2
+        kv = (N // hd - n_heads) // 2
+        assert not swiglu and N == (n_heads + 2 * kv) * hd and cache.shape[2:] == (2 * kv, hd)
+        assert cache.stride(3) == 1 and cache.stride(2) == hd and cos.is_contiguous() and sin.is_contiguous()
+        r = (cos, sin, pos, pos.stride(0), cache, cache.stride(0), cache.stride(1), n_heads * hd,
+             (n_heads + kv) * hd, hd // 2)
+    else:
+        r = (y, y, y, 0, y, 0, 0, 0, 0, 1)  # unused
+    _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
+                                                  *r, SWIGLU=swiglu, ROPE=rope is not None,
+                                                  SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
+                                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
 
 

@@ -22,10 +22,11 @@ def test_shapes_are_a_frames_projections():
 def test_every_tile_is_checked_and_the_totals_add_up():
     small = [dict(name="depth.w13", kind="swiglu", N=24, K=40, calls=3),
              dict(name="depth.w2", kind="add", N=40, K=24, calls=3),
-             dict(name="backbone.wqkv", kind="norm", N=20, K=40, calls=2)]
+             dict(name="backbone.wqkv", kind="rope", N=32, K=40, calls=2, heads=(2, 1, 8)),
+             dict(name="heads", kind="norm", N=20, K=40, calls=2)]
     grid = [(4, 16, 1), (8, 32, 2)]
     res = sweep(small, [1, 3], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None)
-    assert len(res["cases"]) == 2 * 3 * 2  # rows x shapes x formats
+    assert len(res["cases"]) == 2 * 4 * 2  # rows x shapes x formats
     for case in res["cases"]:
         assert set(case["tiles"]) >= {str(t) for t in grid} and case["best_us"] == min(case["tiles"].values())
         assert (case["cublas_us"] is None) == case["int8"]

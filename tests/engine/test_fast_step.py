@@ -32,7 +32,7 @@ def test_fast_step_gives_the_eager_steps_frames(tiny_engine, topk):
     assert fast.host_pos == ref.host_pos
 
 
-def test_the_fused_six_kernel_layers_give_the_eager_steps_frames(tiny_engine, monkeypatch):
+def test_the_fused_five_kernel_layers_give_the_eager_steps_frames(tiny_engine, monkeypatch):
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
     ref, fast = _prefilled(tiny_engine, False, [0, 1], 50), _prefilled(tiny_engine, True, [0, 1], 50)
     assert fast.fast.fused_buckets == {1, 2, 4}  # every bucket of 4 slots is small enough
@@ -99,3 +99,24 @@ def test_cpu_float32_keeps_the_numba_step_unless_asked(tiny_engine):
     assert g.cpu is not None and g.fast is None
     with pytest.raises(ValueError, match="exceed"):
         FrameGenerator(tiny_engine.model, rows=2, fast=True).fast.bucket(3)
+
+
+def test_a_fast_step_that_cannot_build_falls_back_unless_required(tiny_engine, monkeypatch, caplog):
+    """On CUDA the fast step is the default; if it cannot be built (say a kernel does not compile
+    for that GPU), the generator says why and runs the eager step, unless fast=True asked for it."""
+    from csmstream.engine import cuda_step
+    from csmstream.engine.generator import build_fast_step
+
+    def broken(self, gen, *, graphs, fused=None):
+        raise RuntimeError("PTX for sm_00 failed")
+
+    monkeypatch.setattr(cuda_step.FastFrameStep, "__init__", broken)
+    g = _prefilled(tiny_engine, False, [0], 1)
+    with caplog.at_level("WARNING", logger="csmstream.engine"):
+        assert build_fast_step(g, None, required=False) is None
+    assert "fast GPU step could not be built (RuntimeError: PTX for sm_00 failed)" in caplog.text
+    assert "CSM_FAST_STEP=0" in caplog.text
+    with pytest.raises(RuntimeError, match="sm_00"):
+        build_fast_step(g, None, required=True)
+    with pytest.raises(RuntimeError, match="sm_00"):
+        FrameGenerator(tiny_engine.model, rows=2, fast=True)

@@ -116,3 +116,44 @@ def test_a_scale_must_come_with_int8_weights_and_fit_them():
         matvec_add_(torch.zeros(1, 8), qw.q.float(), x, scale=qw.scale)
     with pytest.raises(ValueError, match=r"scale must be contiguous \[8\], got \[4\]"):
         norm_matvec(x, nw, qw.q, 1e-5, scale=qw.scale[:4])
+
+
+@pytest.mark.parametrize(("B", "dtype", "int8", "tiles"), [(1, torch.float32, False, None), (3, torch.float32, True, None),
+                                                          (2, torch.bfloat16, False, None), (5, torch.float32, False, (4, 16, 1))])
+def test_qkv_with_rope_and_cache_write_equals_the_unfused_pair(B, dtype, int8, tiles):
+    """norm_matvec(rope=...) against the unfused pair it replaces (norm_matvec, then
+    triton_ops.rope_store_) bit for bit, and against the PyTorch references (rope_store_ref): same
+    rotated q, same cache (k rotated and v at each row's position, nothing else), v passed through;
+    rows at different positions and at one shared position (stride 0)."""
+    from csmstream.kernels.triton_ops import rope_store_, rope_store_ref
+
+    g = torch.Generator().manual_seed(B)
+    H, KV, hd, S, K = 4, 2, 16, 12, 48
+    N = (H + 2 * KV) * hd
+    x = torch.randn(B, K, generator=g).to(dtype)
+    nw = (torch.rand(K, generator=g) + 0.5).to(dtype)
+    w = (torch.randn(N, K, generator=g) * 0.2).to(dtype)
+    scale = None
+    if int8:
+        qw = quantize_int8(w)
+        w, scale = qw.q, qw.scale
+    angles = torch.rand(S, hd // 2, generator=g) * 6
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for pos in (torch.randint(0, S, (B,), generator=g), torch.tensor([7]).expand(B)):
+        cache = torch.randn(B, S, 2 * KV, hd, generator=g).to(dtype)
+        unfused_cache, ref_cache, before = cache.clone(), cache.clone(), cache.clone()
+        got = norm_matvec(x, nw, w, 1e-5, scale=scale, tiles=tiles, rope=(H, cos, sin, pos, cache)).view(B, -1, hd)
+        unfused = norm_matvec(x, nw, w, 1e-5, scale=scale, tiles=tiles).view(B, -1, hd)
+        v = unfused[:, H + KV:].clone()
+        rope_store_(unfused, H, cos, sin, pos, unfused_cache)
+        assert torch.equal(got[:, :H], unfused[:, :H])  # rotated q, what attention reads
+        assert torch.equal(cache, unfused_cache)
+        assert torch.equal(got[:, H + KV:], v)
+        ref = norm_matvec_ref(x, nw, w, 1e-5, scale=scale).view(B, -1, hd)
+        rope_store_ref(ref, H, cos, sin, pos, ref_cache)
+        torch.testing.assert_close(got[:, :H], ref[:, :H], **tol)
+        torch.testing.assert_close(cache, ref_cache, **tol)
+        untouched = torch.ones(B, S, dtype=torch.bool)
+        untouched[torch.arange(B), pos] = False
+        assert torch.equal(cache[untouched], before[untouched])  # only each row's own position written
