@@ -4,8 +4,9 @@ A bucket B runs rows [0, B) of the slot arrays (the slot heap hands out the lowe
 live rows sit at the bottom). Everything a step needs lives in persistent device tensors the graph
 reads in place: the generator's per-row state (hidden state, position, frame counter, seed,
 temperature, top-k), the KV caches and an `active` mask. Positions and attention lengths are
-computed on device, and each draw is one kernel that hashes its own noise (any top-k); rows that are not active are computed but keep their state (their
-cache write lands on their own next position, which they overwrite before reading it).
+computed on device, and each draw is one kernel that hashes its own noise (any top-k). Rows that
+are not active are computed but keep their state (their cache write lands on their own next
+position, which they overwrite before reading it).
 
 Per frame: codebook-0 head + draw, 32 single-position depth-decoder passes (position 0 = the
 projected backbone state; the output at position p draws codebook p), then the backbone step that
