@@ -91,18 +91,11 @@ def _noise(seed, counter, codebook, code, table, bits):
 
 
 @njit(nogil=True, cache=True)
-def _draw(logits, k, temp, key, codebook, table, vals, idx):
-    """engine/sampling.sample's draw: greedy (k == 1) or Gumbel-max over the k best logits (ties at
-    the k-th place to the lower code id), noise keyed by code id. key = (seed, counter, bits)."""
-    n = logits.shape[0]
-    if k == 1:
-        best = 0
-        for i in range(1, n):
-            if logits[i] > logits[best]:
-                best = i
-        return best
+def _insert_top_k(logits, k, vals, idx):
+    """The k best logits, sorted descending, into vals/idx by insertion (equal values keep the
+    earlier code first); returns how many were filled (min(k, n))."""
     filled = 0
-    for i in range(n):  # insertion into the sorted top k; equal values keep the earlier code first
+    for i in range(logits.shape[0]):
         v = logits[i]
         if filled < k or v > vals[filled - 1]:
             pos = filled if filled < k else k - 1
@@ -114,6 +107,28 @@ def _draw(logits, k, temp, key, codebook, table, vals, idx):
             idx[pos] = i
             if filled < k:
                 filled += 1
+    return filled
+
+
+@njit(nogil=True, cache=True)
+def _draw(logits, k, temp, key, codebook, table, vals, idx):
+    """engine/sampling.sample's draw: greedy (k == 1) or Gumbel-max over the k best logits (ties at
+    the k-th place to the lower code id), noise keyed by code id. key = (seed, counter, bits)."""
+    n = logits.shape[0]
+    if k == 1:
+        best = 0
+        for i in range(1, n):
+            if logits[i] > logits[best]:
+                best = i
+        return best
+    if k > 64:  # a long top k: one stable sort (O(n log n)) beats insertion (O(n k))
+        order = np.argsort(-logits, kind="mergesort")  # equal values keep the earlier code first
+        filled = min(k, n)
+        for r in range(filled):
+            idx[r] = order[r]
+            vals[r] = logits[order[r]]
+    else:
+        filled = _insert_top_k(logits, k, vals, idx)
     seed, counter, bits = key
     choice = 0
     best = np.float32(-np.inf)

@@ -9,7 +9,7 @@ from csmstream.engine.sampling import NOISE_BITS, gumbel_table, sample
 from csmstream.kernels.frame_cpu import _draw
 
 
-@pytest.mark.parametrize("k", [1, 2, 7, 50, 300])
+@pytest.mark.parametrize("k", [1, 2, 7, 50, 64, 65, 300, 2048])  # insertion up to 64, then a sort
 def test_draw_matches_torch_sample(k):
     rng = np.random.default_rng(k)
     table = gumbel_table().numpy()
