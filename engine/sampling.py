@@ -72,7 +72,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     """
     if kmax == 1:
         return logits.argmax(dim=-1)
-    B, V = logits.shape
+    V = logits.shape[-1]
     cand = logits.sort(dim=-1, descending=True, stable=True).indices[:, :kmax]  # ties: lower id first
     ranks = torch.arange(cand.shape[1], device=logits.device)
     noise = gumbel(seed[:, None], counter[:, None], codebook, cand)

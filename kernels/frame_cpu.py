@@ -81,11 +81,19 @@ def _log2(n):
 
 
 @njit(nogil=True, cache=True)
-def _noise(seed, counter, codebook, code, table, bits):
-    """engine/sampling.gumbel for one code: int64 arithmetic masked to 32 bits, as torch does it."""
+def row_key(seed, counter, bits):
+    """A row's noise key for a frame: the hash's seed/counter stage (engine/sampling.noise_index),
+    done once per row and frame rather than once per candidate, with the counter and table bits."""
     c = counter & _M32
-    h = _fmix32(((seed & _M32) * 0x9E3779B1 + c) & _M32)
-    h = _fmix32(((h ^ ((seed >> 32) & _M32)) * 0x27D4EB2F + codebook * 0x165667B1 + code) & _M32)
+    pre = _fmix32(((seed & _M32) * 0x9E3779B1 + c) & _M32) ^ ((seed >> 32) & _M32)
+    return pre, c, bits
+
+
+@njit(nogil=True, cache=True)
+def _noise(key, codebook, code, table):
+    """engine/sampling.gumbel for one code: int64 arithmetic masked to 32 bits, as torch does it."""
+    pre, c, bits = key
+    h = _fmix32((pre * 0x27D4EB2F + codebook * 0x165667B1 + code) & _M32)
     h = _fmix32(h ^ ((c * 0x61C88647) & _M32))
     return table[h >> (32 - bits)]
 
@@ -113,7 +121,7 @@ def _insert_top_k(logits, k, vals, idx):
 @njit(nogil=True, cache=True)
 def _draw(logits, k, temp, key, codebook, table, vals, idx):
     """engine/sampling.sample's draw: greedy (k == 1) or Gumbel-max over the k best logits (ties at
-    the k-th place to the lower code id), noise keyed by code id. key = (seed, counter, bits)."""
+    the k-th place to the lower code id), noise keyed by code id. key: row_key(seed, counter, bits)."""
     n = logits.shape[0]
     if k == 1:
         best = 0
@@ -129,11 +137,10 @@ def _draw(logits, k, temp, key, codebook, table, vals, idx):
             vals[r] = logits[order[r]]
     else:
         filled = _insert_top_k(logits, k, vals, idx)
-    seed, counter, bits = key
     choice = 0
     best = np.float32(-np.inf)
     for r in range(filled):
-        s = vals[r] / temp + _noise(seed, counter, codebook, idx[r], table, bits)
+        s = vals[r] / temp + _noise(key, codebook, idx[r], table)
         if s > best or (s == best and idx[r] < idx[choice]):
             best = s
             choice = r
@@ -201,7 +208,7 @@ def _scratch(dim, layers, dims, positions):
 @njit(fastmath=_FM, nogil=True, cache=True)
 def _depth_row(h, c0, depth, dlayers, ddims, k, temp, key, gtable, force, record, codes, vals, idx, cache, buf):
     """Codebooks 1..N-1 for one row: codes[j - 1] for j = 1..N-1. h [Db] backbone state; key and
-    gtable: the row's noise key (seed, counter, bits) and the Gumbel table (see _draw)."""
+    gtable: the row's noise key (row_key) and the Gumbel table (see _draw)."""
     proj_t, table, vocab, norm_w, heads, cos, sin = depth
     x, xn, qkv, att, g13, act, w = buf
     n_cb = codes.shape[0] + 1
@@ -248,7 +255,7 @@ def depth_frame(h, c0, depth, dlayers, ddims, temp, topk, seed, counter, gtable,
             rb = record[b]
         else:
             rb = np.empty((0, 0), np.float32)
-        _depth_row(h[b], c0[b], depth, dlayers, ddims, topk[b], temp[b], (seed[b], counter[b], bits), gtable,
+        _depth_row(h[b], c0[b], depth, dlayers, ddims, topk[b], temp[b], row_key(seed[b], counter[b], bits), gtable,
                    fb, rb, codes[b], vals, idx, cache, buf)
 
 
@@ -281,7 +288,7 @@ def frame_step(rows, h, pos, counter, seed, temp, topk, gtable, c0_t, audio_embe
     for i in range(rows.shape[0]):
         r = rows[i]
         k = topk[r]
-        key = (seed[r], counter[r], bits)
+        key = row_key(seed[r], counter[r], bits)
         # codebook 0 from the backbone state, then the depth decoder
         _axpy_matvec(h[r], c0_t, logits, False)
         frames[i, 0] = _draw(logits, k, temp[r], key, 0, gtable, vals, idx)

@@ -9,7 +9,6 @@
   (An in-register sort of the whole row was tried earlier: 39 us a row on an H100.)
 - `add_rms_norm`: the residual add fused with the next RMSNorm: h += delta (in place), returns
   rms_norm(h) * weight (reference: `add_rms_norm_ref`); `add=False` starts the residual stream.
-- `rope_`: rotary embedding on interleaved pairs, in place (reference: engine/rope.apply_rope_).
 - `rope_store_`: one decode step's q/k rotation AND the cache write: q rotated in place, rotated
   k and v stored at each row's own position of its KV cache (reference: `rope_store_ref`).
 - `decode_attention`: one query position per row against that row's cache up to its own length
@@ -128,29 +127,6 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 
 # -- rotary embedding --------------------------------------------------------------------------
-@triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_heads, row_stride, HALF: tl.constexpr):
-    pid = tl.program_id(0)  # one (row, head)
-    row = pid // n_heads
-    head = pid % n_heads
-    i = tl.arange(0, HALF)
-    base = x_ptr + row * row_stride + head * 2 * HALF
-    a = tl.load(base + 2 * i).to(tl.float32)
-    b = tl.load(base + 2 * i + 1).to(tl.float32)
-    c = tl.load(cos_ptr + row * HALF + i)
-    s = tl.load(sin_ptr + row * HALF + i)
-    tl.store(base + 2 * i, (a * c - b * s).to(x_ptr.dtype.element_ty))
-    tl.store(base + 2 * i + 1, (a * s + b * c).to(x_ptr.dtype.element_ty))
-
-
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate in place. x [R, H, hd] (interleaved pairs; row stride may skip other heads, e.g. the
-    v heads of a fused qkv buffer); cos/sin [R, hd/2] float32 for each row's position."""
-    R, H, hd = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == hd, "heads must be contiguous within a row"
-    _rope_kernel[(R * H,)](x, cos.contiguous(), sin.contiguous(), H, x.stride(0), HALF=hd // 2)
-
-
 @triton.jit
 def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_stride, c_ptr, c_row_stride,
                        c_pos_stride, H, KV, HALF: tl.constexpr):

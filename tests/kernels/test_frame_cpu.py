@@ -6,7 +6,7 @@ import torch
 
 from csmstream.engine.prompt import build_prompt
 from csmstream.engine.sampling import NOISE_BITS, gumbel_table, sample
-from csmstream.kernels.frame_cpu import _draw
+from csmstream.kernels.frame_cpu import _draw, row_key
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 50, 64, 65, 300, 2048])  # insertion up to 64, then a sort
@@ -22,7 +22,7 @@ def test_draw_matches_torch_sample(k):
         want = sample(torch.from_numpy(logits)[None], torch.tensor([temp]), torch.tensor([k]), k,
                       torch.tensor([seed]), torch.tensor([counter]), trial).item()
         vals, idx = np.empty(k, np.float32), np.empty(k, np.int64)
-        got = _draw(logits, k, temp, (seed, counter, NOISE_BITS), trial, table, vals, idx)
+        got = _draw(logits, k, temp, row_key(seed, counter, NOISE_BITS), trial, table, vals, idx)
         assert got == want
         # independent check: the pick is one of the k largest logits
         assert logits[got] >= np.sort(logits)[-k]
