@@ -78,3 +78,22 @@ async def wait_until(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() - t < timeout, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def floor_frame_time(monkeypatch, rs: RunningServer, seconds: float = 0.01) -> None:
+    """Make every decode step of `rs`'s engine take at least `seconds` (for this test only), so a
+    test that cancels a request mid-sentence cannot race a fast machine: tiny can generate a
+    whole sentence in 0.2 s, before a barge-in or a stalled socket is even noticed. 10 ms a
+    frame is still 8x faster than real time, so pacing and gap-free playback are unaffected."""
+    gen = rs.srv.engine.gen
+    step = gen.step
+
+    def step_at_least(*args, **kwargs):
+        t = time.perf_counter()
+        out = step(*args, **kwargs)
+        rest = seconds - (time.perf_counter() - t)
+        if rest > 0:
+            time.sleep(rest)
+        return out
+
+    monkeypatch.setattr(gen, "step", step_at_least)

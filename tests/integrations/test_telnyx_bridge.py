@@ -15,7 +15,7 @@ from csmstream.integrations.telnyx_service import TelnyxService
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler, resample_ref
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import wait_finished, wait_until
+from tests.servers import floor_frame_time, wait_finished, wait_until
 
 CONFIG = {"tts_provider": "sesame", "use_websocket_tts": True, "sesame_settings": {"speaker_id": 1, "seed": 9}}
 
@@ -83,7 +83,8 @@ def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
     assert t[-1] - t[0] >= 0.5 * len(t) * 0.020 - 0.100
 
 
-def test_interrupt_clears_cancels_generation_and_drops_the_rest(server):
+def test_interrupt_clears_cancels_generation_and_drops_the_rest(server, monkeypatch):
+    floor_frame_time(monkeypatch, server)
     text = "This is a long answer that the caller will interrupt halfway through. " * 6
 
     async def go():
@@ -109,7 +110,8 @@ def test_interrupt_clears_cancels_generation_and_drops_the_rest(server):
     assert req.reason == "cancelled" and req.frames - req.frames_at_cancel <= 1 and req.frames < req.max_frames
 
 
-def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server):
+def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server, monkeypatch):
+    floor_frame_time(monkeypatch, server)
     text = "A caller who hangs up while we are still talking to them. " * 5
 
     async def go():
@@ -132,7 +134,8 @@ def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server):
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 
-def test_call_dropping_mid_utterance_cancels_generation(server):
+def test_call_dropping_mid_utterance_cancels_generation(server, monkeypatch):
+    floor_frame_time(monkeypatch, server)
     text = "The line drops while this sentence is being generated and sent. " * 5
 
     async def go():

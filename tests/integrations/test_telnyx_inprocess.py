@@ -11,7 +11,7 @@ from websockets.exceptions import InvalidStatus
 from csmstream.commands import telnyx_routes
 from csmstream.integrations.telnyx_bridge import AUTH_HEADER
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import RunningServer, wait_finished, wait_until
+from tests.servers import RunningServer, floor_frame_time, wait_finished, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_request_with_call_control_id_plays_into_the_call_and_reports_heard(phon
     assert done["audio_ms"] == pytest.approx(len(s.audio) / 8, abs=0.1) and len(s.audio) > 0
 
 
-def test_cancel_is_barge_in(phone_server):
+def test_cancel_is_barge_in(phone_server, monkeypatch):
+    floor_frame_time(monkeypatch, phone_server)
     rs = phone_server
 
     async def go():

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.servers import RunningServer, collect, wait_finished
+from tests.servers import RunningServer, collect, floor_frame_time, wait_finished
 
 
 def reference_pcm(text, seed):
@@ -277,10 +277,11 @@ def test_origins_connection_and_rate_limits(secured):
     assert codes[3][0] == "error" and codes[3][1]["error"]["code"] == "rate_limited"
 
 
-def test_a_client_that_stops_reading_is_cut_off_and_others_are_unaffected():
+def test_a_client_that_stops_reading_is_cut_off_and_others_are_unaffected(monkeypatch):
     import socket
 
     rs = RunningServer(tiny(2), send_timeout=0.5, socket_send_buffer=8192).start()
+    floor_frame_time(monkeypatch, rs, 0.02)  # a sentence takes >= 1.2 s: it is mid-way at the cut-off
     try:
         async def slow():
             sock = socket.socket()
@@ -303,9 +304,17 @@ def test_a_client_that_stops_reading_is_cut_off_and_others_are_unaffected():
         ws, events = asyncio.run(go())
         assert events[-1][0] == "done"
         assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("I read everything.", 3))
-        req = next(r for r in rs.srv.recent if r.tag.rid == "slow")
-        wait_finished(req)
-        assert req.reason == "cancelled" and req.frames < req.max_frames
+        # the reply is 8 sentences and the engine runs one sentence ahead of what was sent: once
+        # the sends stall, no further sentence starts, the one generating is cancelled mid-way,
+        # and its slot is free again
+        reqs = [r for r in rs.srv.recent if r.tag.rid == "slow"]
+        assert all(wait_finished(r) for r in reqs)
+        assert 1 <= len(reqs) < 8
+        assert reqs[-1].reason == "cancelled" and reqs[-1].frames < reqs[-1].max_frames
+        assert all(r.reason in ("max_frames", "eos") for r in reqs[:-1])
+        time.sleep(0.3)
+        assert [r for r in rs.srv.recent if r.tag.rid == "slow"] == reqs
+        assert rs.srv.health()["active"] == 0
         assert rs.srv.metrics.errors["slow_reader"] >= 1
     finally:
         rs.stop()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import collect, wait_finished
+from tests.servers import collect, floor_frame_time, wait_finished
 
 SEED_MSG = {"text": "Hello from the seed.", "speaker_id": 0}
 
@@ -144,7 +144,8 @@ def test_eight_concurrent_clients_get_complete_correct_audio(server):
         assert np.abs(got - want).max() <= 2
 
 
-def test_cancel_stops_within_one_frame_and_frees_the_slot(server):
+def test_cancel_stops_within_one_frame_and_frees_the_slot(server, monkeypatch):
+    floor_frame_time(monkeypatch, server)
     text = "This is a long request that we will interrupt. " * 8
 
     async def go():
@@ -168,7 +169,8 @@ def test_cancel_stops_within_one_frame_and_frees_the_slot(server):
     assert req.frames < req.max_frames
 
 
-def test_disconnect_frees_the_slot_within_one_frame(server):
+def test_disconnect_frees_the_slot_within_one_frame(server, monkeypatch):
+    floor_frame_time(monkeypatch, server)
     text = "A request whose client goes away. " * 8
 
     async def go():
