@@ -17,6 +17,7 @@
    CSM_FUSED_GEMV=auto keeps the faster), and batch 1 again with an int8 depth decoder;
 7. a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch (sample_us).
 bench/gemv_sweep.py times the GEMV kernels' tiles one projection at a time.
+bench/kernel_report.py compiles every kernel of the step for a GPU architecture without a GPU (registers, spills).
 Prints a table and writes everything as JSON.
 """
 

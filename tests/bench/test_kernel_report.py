@@ -1,0 +1,100 @@
+"""bench/kernel_report.py: the GPU frame step's Triton kernels compiled for sm_90 / sm_80 on this
+CPU machine (Triton's real compiler and ptxas, nothing launched). The CPU tests run every kernel
+interpreted; this is where compiled mode is checked: every kernel the step launches compiles, with
+no register spills."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.kernel_report import SM_LIMITS, occupancy, parse_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+GEMV_CALLS = {f"{t}.{m}" for t in ("backbone", "depth") for m in ("wqkv", "wo", "w13", "w2")} | {"depth.head"}
+KERNELS = {"sample", "norm_matvec", "matvec_add", "decode_attn", "add_rms_norm", "rope_store", "silu_mul"}
+
+
+def _compiled_env(tmp_path):
+    # compiled mode, and a fresh kernel cache so every kernel is really compiled in this test
+    return dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_resource_line_and_occupancy_by_hand():
+    out = ("Resource usage:\n Common:\n  GLOBAL:28 CONSTANT[4]:16\n Function _norm_matvec_kernel:\n"
+           "  REG:140 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:656 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    assert parse_resources(out) == dict(regs=140, stack=16, shared=1024, local=8)
+    with pytest.raises(ValueError, match="no resource line"):
+        parse_resources("cuobjdump: nothing here")
+    # 140 regs -> 18 x 256 = 4608 a warp -> 14 warps of registers -> 3 blocks of 4 warps
+    assert occupancy(140, 4, 5120, 90) == 12
+    # 32 regs -> 64 warps of registers, capped by the SM's 64 warps
+    assert occupancy(32, 4, 0, 90) == 64 and occupancy(32, 4, 0, 89) == 48
+    # 100 KB of shared memory a block: two blocks on sm_90 (227 KB), one on sm_80 (163 KB)
+    assert occupancy(32, 4, 100 * 1024, 90) == 8 and occupancy(32, 4, 100 * 1024, 80) == 4
+    assert set(SM_LIMITS) >= {80, 90}
+
+
+@pytest.mark.parametrize("arch,int8,buckets", [(90, True, "1,2,4,8,16"), (80, False, "1,16")])
+def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, int8, buckets):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--arch", str(arch), "--buckets", buckets,
+           "--json", str(out)] + (["--int8"] if int8 else [])
+    r = subprocess.run(cmd, cwd=tmp_path, env=_compiled_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["arch"] == f"sm_{arch}" and res["problems"] == []
+    ks = res["kernels"]
+    assert {k["kernel"] for k in ks} == KERNELS
+    assert {c for k in ks if k["fused"] for c in k["calls"]} >= GEMV_CALLS
+    assert {k["bucket"] for k in ks if k["fused"]} == {int(b) for b in buckets.split(",")}
+    assert all(k["spill_bytes"] == 0 and 0 < k["regs"] <= 255 and k["warps_per_sm"] > 0 for k in ks)
+    gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
+    # the depth decoder's int8 weights go through the scaled kernels; the backbone's never do
+    scaled = {c for k in gemvs if k["constexprs"]["SCALED"] for c in k["calls"]}
+    assert scaled == ({c for c in GEMV_CALLS if c.startswith("depth.") and c != "depth.head"} if int8 else set())
+    # the table lists every compiled kernel
+    assert sum(" fused " in line or " plain " in line for line in r.stdout.splitlines()) == len(ks)
+
+
+def test_a_spilling_tile_is_reported(tmp_path):
+    """The check above can fail: a tile far over the register budget spills, and the report says so."""
+    code = """
+import json, sys, torch
+from bench.kernel_report import compile_only, problems, resources, SM_LIMITS
+from csmstream.kernels import triton_gemv as G
+with compile_only(90) as launches:
+    x, a, w = torch.zeros(16, 256), torch.zeros(16, 1024), torch.zeros(256, 1024)
+    G.matvec_add_(x, w, a, tiles=(16, 128, 1))  # 16x16x128 fp32 partial sums for 32 threads
+name, ints, const, warps, k = launches[0]
+r = resources(k.asm["cubin"])
+row = dict(kernel="matvec_add", calls=["test"], bucket=16, constexprs=const, spill_bytes=r["stack"] + r["local"],
+           shared=r["shared"])
+print(json.dumps(problems({"kernels": [row], "limits": SM_LIMITS[90]})))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_compiled_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(found) == 1 and "spills" in found[0] and "BLOCK_K" in found[0]
+
+
+def test_interpreted_mode_is_refused_with_a_clear_line(tmp_path):
+    env = dict(_compiled_env(tmp_path), TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--buckets", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "TRITON_INTERPRET=0" in r.stderr
+
+
+def test_bad_arguments_are_one_clear_line(capsys):
+    from bench.kernel_report import main
+
+    for argv, msg in ((["--buckets", "1,32"], "at most 16 rows"), (["--buckets", "x"], "comma-separated"),
+                      (["--arch", "75"], "invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
