@@ -40,6 +40,7 @@ SM_LIMITS = {
     90: dict(regs=65536, warps=64, blocks=32, smem=227 * 1024),
 }
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_GLOBAL_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global((?:\.[\w:]+)+)", re.M)  # its qualifiers
 
 
 def parse_resources(text: str) -> dict:
@@ -51,6 +52,17 @@ def parse_resources(text: str) -> dict:
         raise ValueError(f"no resource line in cuobjdump output: {text[-300:]!r}")
     regs, stack, shared, local = map(int, m.groups())
     return dict(regs=regs, stack=stack, shared=shared, local=local)
+
+
+def global_loads(ptx: str) -> tuple[int, int]:
+    """(128-bit global load instructions, all global load instructions) in a kernel's PTX: a
+    bandwidth-bound kernel should read its weights 16 bytes at a time."""
+    widths = []
+    for quals in _GLOBAL_LOAD.findall(ptx):
+        q = quals.split(".")[1:]  # e.g. ["nc", "v4", "b32"]: the last is the element type
+        lanes = int(q[-2][1:]) if len(q) > 1 and q[-2] in ("v2", "v4", "v8") else 1
+        widths.append(lanes * int(q[-1][1:]))
+    return sum(w == 128 for w in widths), len(widths)
 
 
 def occupancy(regs: int, warps: int, smem: int, arch: int) -> int:
@@ -202,7 +214,8 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool) -> dict:
                         row = binaries[id(k)] = dict(
                             kernel=_short(name), calls=[], bucket=B, fused=fused,
                             num_warps=warps, constexprs=const, regs=r["regs"], spill_bytes=r["stack"] + r["local"],
-                            shared=smem, warps_per_sm=occupancy(r["regs"], warps, smem, arch))
+                            shared=smem, warps_per_sm=occupancy(r["regs"], warps, smem, arch),
+                            loads_128=global_loads(k.asm["ptx"]))
                     label = _label(name, ints, const, dims)
                     if label not in row["calls"]:
                         row["calls"].append(label)
@@ -230,12 +243,12 @@ def problems(res: dict) -> list[str]:
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
              f"{'B':>3} {'path':<5} {'kernel':<12} {'serves':<24} {'constexprs':<44} {'warps':>5} {'regs':>4} "
-             f"{'spill':>5} {'smem':>6} {'warps/SM':>8}"]
+             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6}"]
     for k in res["kernels"]:
         c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items() if not a.startswith(("ADD", "ROPE", "SWIGLU")))
         lines.append(f"{k['bucket']:>3} {'fused' if k['fused'] else 'plain':<5} {k['kernel']:<12} "
                      f"{'+'.join(k['calls']):<24} {c:<44.44} {k['num_warps']:>5} {k['regs']:>4} "
-                     f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8}")
+                     f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {'%d/%d' % tuple(k['loads_128']):>6}")
     return "\n".join(lines)
 
 

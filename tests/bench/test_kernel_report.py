@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_report import SM_LIMITS, occupancy, parse_resources
+from bench.kernel_report import SM_LIMITS, global_loads, occupancy, parse_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMV_CALLS = {f"{t}.{m}" for t in ("backbone", "depth") for m in ("wqkv", "wo", "w13", "w2")} | {"depth.head"}
@@ -37,6 +37,12 @@ def test_resource_line_and_occupancy_by_hand():
     # 100 KB of shared memory a block: two blocks on sm_90 (227 KB), one on sm_80 (163 KB)
     assert occupancy(32, 4, 100 * 1024, 90) == 8 and occupancy(32, 4, 100 * 1024, 80) == 4
     assert set(SM_LIMITS) >= {80, 90}
+    ptx = ("\t@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n"
+           "\tld.global.nc.L1::evict_last.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd2 + 0 ];\n"
+           "\t@!%p2 ld.global.v2.b32 { %r9, %r10 }, [ %rd3 + 0 ];\n"
+           "\tld.global.b16 %rs1, [ %rd4 + 0 ];\n\tst.global.v4.b32 [ %rd5 + 0 ], { %r1, %r2, %r3, %r4 };\n"
+           "\tld.global.v2.b64 { %rd6, %rd7 }, [ %rd8 + 0 ];\n\tld.shared.v4.b32 { %r1, %r2, %r3, %r4 }, [ %r9 ];\n")
+    assert global_loads(ptx) == (3, 5)  # two v4.b32 and a v2.b64 of 128 bits; stores and shared loads do not count
 
 
 @pytest.mark.parametrize("arch,int8,buckets", [(90, True, "1,2,4,8,16"), (80, False, "1,16")])
@@ -54,6 +60,9 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
     assert {k["bucket"] for k in ks if k["fused"]} == {int(b) for b in buckets.split(",")}
     assert all(k["spill_bytes"] == 0 and 0 < k["regs"] <= 255 and k["warps_per_sm"] > 0 for k in ks)
     gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
+    # at batch 1 (the latency target) every GEMV reads its weights 16 bytes at a time; larger buckets
+    # pick K-tiles as short as 16 (a register budget shared by more rows) and may read narrower
+    assert all(k["loads_128"][0] >= 1 for k in gemvs if k["bucket"] == 1)
     # the depth decoder's int8 weights go through the scaled kernels; the backbone's never do
     scaled = {c for k in gemvs if k["constexprs"]["SCALED"] for c in k["calls"]}
     assert scaled == ({c for c in GEMV_CALLS if c.startswith("depth.") and c != "depth.head"} if int8 else set())
