@@ -263,8 +263,10 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Needs TRITON_INTERPRET=0 (or unset) and Triton's NVIDIA backend (ptxas and cuobjdump ship in the\n"
+               "triton wheel); no GPU. Exit status 1 on a compile error, a spill, or shared memory over the limit.")
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
                     help="compute capability to compile for (90 = H100/H200, 80 = A100, 89 = L4/4090)")
     ap.add_argument("--buckets", type=_ints, default=[1, 2, 4, 8, 16],
