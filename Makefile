@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-check clean help nginx
+.PHONY: install demo test bench bench-check kernel-report clean help nginx
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
 	@echo "make test    - set up and run the whole test suite (CPU only)"
 	@echo "make bench   - set up and run the pytest-benchmark suites in bench/ (saved under .benchmarks/)"
 	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
+	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89) without a GPU: registers, spills, loads"
 	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
 
 $(STAMP): setup.py
@@ -45,6 +46,10 @@ BENCH_FAIL ?= median:30%
 bench-check: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave --benchmark-compare \
 		--benchmark-compare-fail=$(BENCH_FAIL)
+
+ARCH ?= 90
+kernel-report: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) bench/kernel_report.py --arch $(ARCH)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks build *.egg-info
