@@ -127,9 +127,10 @@ def compile_only(arch: int):
 
     def run(self, *args, grid, warmup, **kw):
         kernel = launch(self, *args, grid=grid, warmup=True, **kw)
-        named = dict(zip(self.arg_names, args, strict=False)) | kw  # constexprs come as keywords
+        # the kernel's own arguments (constexprs come as keywords; num_warps & co. are not arguments)
+        named = dict(zip(self.arg_names, args, strict=False)) | {k: v for k, v in kw.items() if k in self.arg_names}
         const = {p.name: named[p.name] for p in self.params if p.is_constexpr and p.name in named}
-        ints = {k: v for k, v in named.items() if isinstance(v, int) and k not in const and k != "num_warps"}
+        ints = {k: v for k, v in named.items() if isinstance(v, int) and k not in const}
         out.append((self.fn.__name__, ints, const, kw.get("num_warps", 4), kernel))
         return kernel
 

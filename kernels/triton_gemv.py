@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .int8 import dequantize
+from .triton_ops import FMA
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU reading weights
@@ -170,7 +171,7 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
                                                   *r, SWIGLU=swiglu, ROPE=rope is not None,
                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=FMA)
     return y
 
 
@@ -218,7 +219,7 @@ def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: tor
     bn, bk, warps = tiles or _tiles(x, K, N)
     _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
                                               SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=FMA)
     return x
 
 

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# Multiply-adds compile to FMAs (Triton's default so far, which 3.10 turns off): pinned here so the
+# kernels compute and perform the same under any Triton version. No draw depends on it: the sampling
+# kernel's only float arithmetic is one division (div_rn) and one add.
+FMA = True
+
 
 # -- sampling ----------------------------------------------------------------------------------
 @triton.jit
@@ -89,7 +94,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     block = triton.next_power_of_2(codebook_size)
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
                          out.stride(0), codebook_size, NOISE_BITS=table.numel().bit_length() - 1, BLOCK=block,
-                         num_warps=4 if block <= 2048 else 8)
+                         num_warps=4 if block <= 2048 else 8, enable_fp_fusion=FMA)
     return out
 
 
@@ -117,7 +122,8 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     D = h.shape[-1]
     rows = h.numel() // D
     out = torch.empty_like(h)
-    _add_rms_norm_kernel[(rows,)](h, delta, weight, out, D, eps, ADD=add, BLOCK=triton.next_power_of_2(D))
+    _add_rms_norm_kernel[(rows,)](h, delta, weight, out, D, eps, ADD=add, BLOCK=triton.next_power_of_2(D),
+                                  enable_fp_fusion=FMA)
     return out
 
 
@@ -160,7 +166,7 @@ def rope_store_(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.T
     KV = (NH - n_heads) // 2
     assert qkv.stride(2) == 1 and qkv.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
     _rope_store_kernel[(B, NH)](qkv, qkv.stride(0), cos, sin, pos, pos.stride(0), cache, cache.stride(0),
-                                cache.stride(1), n_heads, KV, HALF=hd // 2)
+                                cache.stride(1), n_heads, KV, HALF=hd // 2, enable_fp_fusion=FMA)
 
 
 def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
@@ -214,7 +220,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
     assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
     _decode_attn_kernel[(B, H)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
                                 lengths.stride(0), out, out.stride(0), hd ** -0.5, KV, G, HD=hd,
-                                BLOCK_N=max(16, 4096 // hd))
+                                BLOCK_N=max(16, 4096 // hd), enable_fp_fusion=FMA)
     return out
 
 
@@ -245,7 +251,7 @@ def silu_mul(g: torch.Tensor) -> torch.Tensor:
     Fd = F2 // 2
     out = torch.empty(B, Fd, device=g.device, dtype=g.dtype)
     block = min(1024, triton.next_power_of_2(Fd))
-    _silu_mul_kernel[(B, triton.cdiv(Fd, block))](g, out, Fd, BLOCK=block)
+    _silu_mul_kernel[(B, triton.cdiv(Fd, block))](g, out, Fd, BLOCK=block, enable_fp_fusion=FMA)
     return out
 
 
