@@ -32,10 +32,11 @@ L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit
 
 def shapes(cfg) -> list[dict]:
     """The eight projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a
-    frame (and for the qkv projections, whose kernel also does RoPE and the cache write, the heads)."""
+    frame (and for the qkv projections, whose kernel also does RoPE and the cache write, the heads).
+    The depth decoder makes N - 1 passes a frame: positions 0 and 1 share one (engine/cuda_step)."""
     out = []
     for tag, t, calls in (("backbone", cfg.backbone, cfg.backbone.n_layers),
-                          ("depth", cfg.depth, cfg.depth.n_layers * cfg.num_codebooks)):
+                          ("depth", cfg.depth, cfg.depth.n_layers * (cfg.num_codebooks - 1))):
         q = (t.n_heads + 2 * t.n_kv_heads) * t.head_dim
         out += [dict(name=f"{tag}.wqkv", kind="rope", N=q, K=t.dim, calls=calls,
                      heads=(t.n_heads, t.n_kv_heads, t.head_dim)),

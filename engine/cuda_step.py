@@ -8,10 +8,12 @@ computed on device, and each draw is one kernel that hashes its own noise (any t
 are not active are computed but keep their state (their cache write lands on their own next
 position, which they overwrite before reading it).
 
-Per frame: codebook-0 head + draw, 32 single-position depth-decoder passes (position 0 = the
-projected backbone state; the output at position p draws codebook p), then the backbone step that
-feeds the frame back. Per layer: fused residual+RMSNorm, qkv matmul, one kernel for RoPE and the
-cache write, decode attention over each row's own length, out-projection, residual+RMSNorm,
+Per frame: codebook-0 head + draw, 31 depth-decoder passes over its 32 positions (position 0 = the
+projected backbone state; the output at position p draws codebook p; positions 0 and 1 go through
+one pass together, as rows 2b and 2b + 1 sharing cache row b, so each weight is read once for both;
+a fused bucket over 8 rows takes them one at a time, the kernels holding 16 rows), then the backbone
+step that feeds the frame back. Per layer: fused residual+RMSNorm, qkv matmul, one kernel for RoPE
+and the cache write, decode attention over each row's own length, out-projection, residual+RMSNorm,
 gate/up matmul, fused SiLU·up, down matmul.
 
 With graphs off (env CSM_CUDA_GRAPHS=0, `graphs=False`, or on CPU under TRITON_INTERPRET=1 in the
@@ -126,6 +128,8 @@ class FastFrameStep:
         self.dd_cos, self.dd_sin = rot.real.float().contiguous(), rot.imag.float().contiguous()
         self.dd_pos = torch.arange(self.n, device=dev)
         self.dd_len = self.dd_pos + 1
+        self.dd_pos01 = torch.arange(2 * gen.rows, device=dev) % 2  # depth positions 0 and 1 of each row
+        self.dd_len01 = self.dd_pos01 + 1
         self.proj = m.depth_proj.weight
         self.inputs = [gen.depth_in[j * self.V : (j + 1) * self.V] for j in range(self.n)]
         self.active = torch.zeros(gen.rows, dtype=torch.bool, device=dev)
@@ -152,12 +156,13 @@ class FastFrameStep:
 
     # -- the step as plain code -------------------------------------------------------------------
     def _stack(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B):
-        """One position per row through a decoder stack; x [B, D] (consumed as the residual)."""
+        """One position per row through a decoder stack; x [R, D] (consumed as the residual) holds
+        one position of each of the B cache rows (R = B), or r consecutive positions of each (R = rB)."""
         ops = self.ops
         d = None
         for i, (an, wqkv, wo, fn, w13, w2) in enumerate(layers):
             xn = ops.add_rms_norm(x, x if d is None else d, an, eps, add=d is not None)
-            qkv = F.linear(xn, wqkv).view(B, -1, kv[i].shape[-1])
+            qkv = F.linear(xn, wqkv).view(x.shape[0], -1, kv[i].shape[-1])
             cache = kv[i][:B]
             ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
             o = ops.decode_attention(qkv[:, :n_heads], cache, lengths)
@@ -173,7 +178,7 @@ class FastFrameStep:
         for i, (an, (wqkv, sqkv), (wo, so), fn, (w13, s13), (w2, s2)) in enumerate(layers):
             cache = kv[i][:B]
             qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache))
-            q = qkv.view(B, -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
+            q = qkv.view(x.shape[0], -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
             gemv.matvec_add_(x, wo, ops.decode_attention(q, cache, lengths), scale=so)
             gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13), scale=s2)
         return ops.add_rms_norm(x, x, final_norm, eps, add=False) if final else x
@@ -190,15 +195,30 @@ class FastFrameStep:
         stack = self._stack_fused if fused else self._stack
         dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
         kw = {"final": False} if fused else {}  # fused: the final norm runs inside the head's matvec
-        for p in range(n):  # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1
+
+        def depth(x, pos, lengths):
+            return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
+                         self.dd_cos, self.dd_sin, pos, lengths, B, **kw)
+
+        def draw(out, p):  # codebook p from depth position p's output
+            logits = self.gemv.norm_matvec(out, self.dd_norm, self.heads_t[p - 1], dd.norm_eps) if fused \
+                else out @ g.heads[p - 1]
+            self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p])
+
+        # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1. Positions 0 and 1 go
+        # through in one pass (rows 2b, 2b + 1: each weight read once for both) while the rows fit
+        # the fused kernels; position 0's output is only its KV.
+        first = 0
+        if not fused or 2 * B <= self.gemv.MAX_ROWS:
+            x = torch.stack((F.linear(h, self.proj), F.embedding(codes[:, 0], self.inputs[0])), dim=1)
+            out = depth(x.view(2 * B, -1), self.dd_pos01[: 2 * B], self.dd_len01[: 2 * B])
+            draw(out.view(B, 2, -1)[:, 1].contiguous(), 1)
+            first = 2
+        for p in range(first, n):
             x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])
-            pos, lengths = self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B)
-            out = stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
-                        self.dd_cos, self.dd_sin, pos, lengths, B, **kw)
+            out = depth(x, self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B))
             if p >= 1:
-                logits = self.gemv.norm_matvec(out, self.dd_norm, self.heads_t[p - 1], dd.norm_eps) if fused \
-                    else out @ g.heads[p - 1]
-                self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p])
+                draw(out, p)
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb

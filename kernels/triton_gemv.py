@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .int8 import dequantize
-from .triton_ops import FMA
+from .triton_ops import FMA, cache_rows_div
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU reading weights
@@ -73,7 +73,7 @@ def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None
 def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_ptr, sin_ptr, pos_ptr, pos_stride,
                         c_ptr, c_row_stride, c_pos_stride, QN, KN, HALF, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
                         SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns; with ROPE, pairs of columns
@@ -132,7 +132,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         tl.store(yp, ya.to(dt), mask=m)
         tl.store(yp + 1, yb.to(dt), mask=m)
         kv = m & (r1 >= QN)[None, :]
-        cp = c_ptr + b[:, None] * c_row_stride + p[:, None] * c_pos_stride + (r1 - QN)[None, :]
+        cp = c_ptr + (b // ROW_DIV)[:, None] * c_row_stride + p[:, None] * c_pos_stride + (r1 - QN)[None, :]
         tl.store(cp, ya.to(c_ptr.dtype.element_ty), mask=kv)
         tl.store(cp + 1, yb.to(c_ptr.dtype.element_ty), mask=kv)
     else:
@@ -149,8 +149,9 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     rope = (n_heads, cos, sin, pos, cache): w is a fused qkv projection (q heads, k heads, v heads,
     interleaved pairs) and the epilogue does rope_store_'s work: q and k rotated by each row's
     position (cos/sin [S, hd/2] float32, pos [B] int64, stride 0 allowed), then k and v written to
-    cache[b, pos[b]] (cache [B, S, 2KV, hd], each position's heads contiguous). The returned
-    [B, N] holds rotated q and k and raw v."""
+    cache[b // (B / C), pos[b]] (cache [C, S, 2KV, hd], each position's heads contiguous; C = B, or
+    B / r for r positions of each sequence at once). The returned [B, N] holds rotated q and k and
+    raw v."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
     _check_scale(w, scale, w.shape[0])
@@ -166,12 +167,14 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
         assert cache.stride(3) == 1 and cache.stride(2) == hd and cos.is_contiguous() and sin.is_contiguous()
         r = (cos, sin, pos, pos.stride(0), cache, cache.stride(0), cache.stride(1), n_heads * hd,
              (n_heads + kv) * hd, hd // 2)
+        div = cache_rows_div(B, cache)
     else:
-        r = (y, y, y, 0, y, 0, 0, 0, 0, 1)  # unused
+        r, div = (y, y, y, 0, y, 0, 0, 0, 0, 1), 1  # unused
     _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
                                                   *r, SWIGLU=swiglu, ROPE=rope is not None,
                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=FMA)
+                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, num_warps=warps,
+                                                  enable_fp_fusion=FMA)
     return y
 
 

@@ -135,7 +135,7 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 # -- rotary embedding --------------------------------------------------------------------------
 @triton.jit
 def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_stride, c_ptr, c_row_stride,
-                       c_pos_stride, H, KV, HALF: tl.constexpr):
+                       c_pos_stride, H, KV, HALF: tl.constexpr, ROW_DIV: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1 queries, H..H+KV-1 keys, then values
     p = tl.load(pos_ptr + row * pos_stride)
@@ -151,7 +151,7 @@ def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_strid
     if head < H:
         dst = src
     else:
-        dst = c_ptr + row * c_row_stride + p * c_pos_stride + (head - H) * 2 * HALF
+        dst = c_ptr + (row // ROW_DIV) * c_row_stride + p * c_pos_stride + (head - H) * 2 * HALF
     tl.store(dst + 2 * i, ra.to(dst.dtype.element_ty))
     tl.store(dst + 2 * i + 1, rb.to(dst.dtype.element_ty))
 
@@ -159,14 +159,25 @@ def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_strid
 def rope_store_(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                 cache: torch.Tensor) -> None:
     """qkv [B, H + 2KV, hd] (one decode position per row); cos/sin tables [S, hd/2] float32; pos [B]
-    int64 (stride 0 allowed: one position for all rows); cache [B, S, 2KV, hd] (a strided view is
+    int64 (stride 0 allowed: one position for all rows); cache [C, S, 2KV, hd] (a strided view is
     fine if each position's heads are contiguous). q is rotated in place; rotated k and raw v go
-    to cache[b, pos[b]]."""
+    to cache[b // (B / C), pos[b]]: C = B, or C = B / r when r consecutive rows are positions of
+    one sequence (see cache_rows_div)."""
     B, NH, hd = qkv.shape
     KV = (NH - n_heads) // 2
     assert qkv.stride(2) == 1 and qkv.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
     _rope_store_kernel[(B, NH)](qkv, qkv.stride(0), cos, sin, pos, pos.stride(0), cache, cache.stride(0),
-                                cache.stride(1), n_heads, KV, HALF=hd // 2, enable_fp_fusion=FMA)
+                                cache.stride(1), n_heads, KV, HALF=hd // 2, ROW_DIV=cache_rows_div(B, cache),
+                                enable_fp_fusion=FMA)
+
+
+def cache_rows_div(rows: int, cache: torch.Tensor) -> int:
+    """How many consecutive rows share one cache row: 1, or r when the rows are r positions of each
+    sequence at once (cache [rows / r, S, ...])."""
+    div = rows // max(1, cache.shape[0])
+    if div < 1 or div * cache.shape[0] != rows:
+        raise ValueError(f"{rows} rows cannot share a cache of {cache.shape[0]} rows")
+    return div
 
 
 def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
@@ -175,14 +186,15 @@ def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
     x = torch.view_as_complex(qkv[:, : NH - (NH - n_heads) // 2].float().unflatten(-1, (-1, 2)))
     qk = torch.view_as_real(x * rot[:, None, :]).flatten(-2).to(qkv.dtype)
     qkv[:, : n_heads] = qk[:, :n_heads]
-    rows = torch.arange(B, device=qkv.device)
+    rows = torch.arange(B, device=qkv.device) // cache_rows_div(B, cache)
     cache[rows, pos] = torch.cat([qk[:, n_heads:], qkv[:, NH - (NH - n_heads) // 2:]], dim=1)
 
 
 # -- attention ---------------------------------------------------------------------------------
 @triton.jit
 def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
-                        out_stride, scale, KV, G, HD: tl.constexpr, BLOCK_N: tl.constexpr):
+                        out_stride, scale, KV, G, HD: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ROW_DIV: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # one query head; its kv head is head // G
     n_keys = tl.load(len_ptr + row * len_stride)
@@ -191,7 +203,7 @@ def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_
     m = tl.max(tl.full([BLOCK_N], -float("inf"), tl.float32), axis=0)
     den = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
     acc = tl.zeros([HD], tl.float32)
-    base = c_ptr + row * c_row_stride + (head // G) * HD
+    base = c_ptr + (row // ROW_DIV) * c_row_stride + (head // G) * HD
     for start in range(0, n_keys, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         ok = n < n_keys
@@ -210,8 +222,9 @@ def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, H, hd] (row stride free); cache [B, S, 2KV, hd] (keys then values per position);
-    lengths [B] int64 (stride 0 allowed): row b attends to positions [0, lengths[b]).
+    """q [B, H, hd] (row stride free); cache [C, S, 2KV, hd] (keys then values per position; C = B,
+    or B / r when r consecutive rows are positions of one sequence); lengths [B] int64 (stride 0
+    allowed): row b attends to positions [0, lengths[b]) of cache row b // (B / C).
     Returns [B, H * hd] in q's dtype."""
     B, H, hd = q.shape
     KV = cache.shape[2] // 2
@@ -220,13 +233,14 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
     assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
     _decode_attn_kernel[(B, H)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
                                 lengths.stride(0), out, out.stride(0), hd ** -0.5, KV, G, HD=hd,
-                                BLOCK_N=max(16, 4096 // hd), enable_fp_fusion=FMA)
+                                BLOCK_N=max(16, 4096 // hd), ROW_DIV=cache_rows_div(B, cache), enable_fp_fusion=FMA)
     return out
 
 
 def decode_attention_ref(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     B, H, hd = q.shape
     KV, S = cache.shape[2] // 2, cache.shape[1]
+    cache = cache.repeat_interleave(cache_rows_div(B, cache), dim=0)
     keep = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
     k, v = cache[:, :, :KV].transpose(1, 2).float(), cache[:, :, KV:].transpose(1, 2).float()
     o = F.scaled_dot_product_attention(q.float().view(B, KV, H // KV, hd), k, v, attn_mask=keep[:, None, None, :])

@@ -15,7 +15,7 @@ def test_shapes_are_a_frames_projections():
     d = cfg.depth
     assert got["depth.wqkv"]["N"] == (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
     assert got["depth.w2"]["K"] == d.ffn_dim and got["backbone.w13"]["N"] == cfg.backbone.ffn_dim
-    assert got["depth.wo"]["calls"] == d.n_layers * 32 and got["backbone.wo"]["calls"] == cfg.backbone.n_layers
+    assert got["depth.wo"]["calls"] == d.n_layers * 31 and got["backbone.wo"]["calls"] == cfg.backbone.n_layers
     assert isinstance(cfg, CsmModelConfig)
 
 

@@ -120,3 +120,29 @@ def test_a_fast_step_that_cannot_build_falls_back_unless_required(tiny_engine, m
         build_fast_step(g, None, required=True)
     with pytest.raises(RuntimeError, match="sm_00"):
         FrameGenerator(tiny_engine.model, rows=2, fast=True)
+
+
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_depth_positions_0_and_1_run_as_one_pass_and_give_the_same_frames(tiny_engine, monkeypatch, fused):
+    """Positions 0 and 1 of the depth decoder go through together (rows 2b, 2b + 1 sharing cache
+    row b) while the fused kernels take 2B rows; past that (here: MAX_ROWS cut to 2, so bucket 2)
+    one position at a time. Either way the eager step's frames, and one stack pass fewer a frame."""
+    from csmstream.kernels import triton_gemv
+
+    monkeypatch.setenv("CSM_FUSED_GEMV", fused)
+    monkeypatch.setattr(triton_gemv, "MAX_ROWS", 2)
+    ref, fast = _prefilled(tiny_engine, False, [0, 1], 50), _prefilled(tiny_engine, True, [0, 1], 50)
+    step = fast.fast
+    passes = []
+    for name in ("_stack", "_stack_fused"):
+        inner = getattr(step, name)
+        monkeypatch.setattr(step, name, lambda x, *a, _f=inner, **k: passes.append(x.shape[0]) or _f(x, *a, **k))
+    n = tiny_engine.model.cfg.num_codebooks
+    for hi, merged in ((1, True), (2, fused == "off")):  # bucket 1, then bucket 2 (fused: 4 rows > 2)
+        passes.clear()
+        a, b = ref.step(0, hi, 50, None), fast.step(0, hi, 50, None)
+        assert torch.equal(a, b)
+        # depth passes + the backbone's: n + 1 one at a time, n with positions 0 and 1 together
+        assert len(passes) == (n if merged else n + 1)
+        assert passes[0] == (2 * hi if merged else hi) and passes[-1] == hi
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)

@@ -157,3 +157,29 @@ def test_qkv_with_rope_and_cache_write_equals_the_unfused_pair(B, dtype, int8, t
         untouched = torch.ones(B, S, dtype=torch.bool)
         untouched[torch.arange(B), pos] = False
         assert torch.equal(cache[untouched], before[untouched])  # only each row's own position written
+
+
+def test_qkv_with_rope_writes_rows_of_one_sequence_to_its_cache_row():
+    """Rows 2c, 2c + 1 at positions 0 and 1 of sequence c (the depth decoder's first pass) write
+    cache row c: the same as the unfused pair on the same grouped cache, and as each row on its own."""
+    from csmstream.kernels.triton_ops import rope_store_
+
+    g = torch.Generator().manual_seed(21)
+    H, KV, hd, S, K, C = 4, 2, 16, 8, 48, 3
+    B, N = 2 * C, (H + 2 * KV) * hd
+    x = torch.randn(B, K, generator=g)
+    nw = torch.rand(K, generator=g) + 0.5
+    w = torch.randn(N, K, generator=g) * 0.2
+    angles = torch.rand(S, hd // 2, generator=g) * 6
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pos = torch.arange(B) % 2
+    cache = torch.randn(C, S, 2 * KV, hd, generator=g)
+    unfused_cache, alone_cache, before = cache.clone(), cache.clone(), cache.clone()
+    got = norm_matvec(x, nw, w, 1e-5, rope=(H, cos, sin, pos, cache)).view(B, -1, hd)
+    unfused = norm_matvec(x, nw, w, 1e-5).view(B, -1, hd)
+    rope_store_(unfused, H, cos, sin, pos, unfused_cache)
+    assert torch.equal(got[:, :H], unfused[:, :H]) and torch.equal(cache, unfused_cache)
+    for r in range(B):  # one row at a time, each against its own one-row cache view
+        norm_matvec(x[r : r + 1], nw, w, 1e-5, rope=(H, cos, sin, pos[r : r + 1], alone_cache[r // 2 : r // 2 + 1]))
+    torch.testing.assert_close(cache, alone_cache, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache[:, 2:], before[:, 2:])

@@ -89,6 +89,39 @@ def test_rope_store_rotates_q_and_writes_k_v_at_each_rows_position(dtype, shared
     assert torch.equal(cache[~written], before[~written])  # nothing but [b, pos[b]] was touched
 
 
+def test_rows_that_are_positions_of_one_sequence_share_its_cache_row():
+    """rows 2c and 2c + 1 are positions 0 and 1 of sequence c (the depth decoder's first pass):
+    both write cache row c and attention reads it, as if each row had a copy of that cache row."""
+    g = torch.Generator().manual_seed(11)
+    C, H, KV, hd, S = 3, 4, 2, 16, 6
+    B = 2 * C
+    qkv = torch.randn(B, H + 2 * KV, hd, generator=g).to(device())
+    angles = torch.rand(S, hd // 2, generator=g) * 6
+    cos, sin = angles.cos().to(device()), angles.sin().to(device())
+    pos = (torch.arange(B) % 2).to(device())
+    cache = torch.randn(C, S, 2 * KV, hd, generator=g).to(device())
+    want_cache, want_qkv, ref_qkv, before = cache.clone(), qkv.clone(), qkv.clone(), cache.clone()
+    triton_ops.rope_store_(qkv, H, cos, sin, pos, cache)
+    # independent expectation: each row through the one-row-per-cache-row kernel on its own
+    for r in range(B):
+        one = want_cache[r // 2 : r // 2 + 1]
+        triton_ops.rope_store_(want_qkv[r : r + 1], H, cos, sin, pos[r : r + 1], one)
+    torch.testing.assert_close(qkv[:, :H], want_qkv[:, :H], rtol=0, atol=0)
+    torch.testing.assert_close(cache, want_cache, rtol=0, atol=0)
+    assert torch.equal(cache[:, 2:], before[:, 2:])  # positions 0 and 1 only
+    ref_cache = before.clone()
+    triton_ops.rope_store_ref(ref_qkv, H, cos, sin, pos, ref_cache)
+    torch.testing.assert_close(cache, ref_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, :H], ref_qkv[:, :H], rtol=1e-5, atol=1e-5)
+    lengths = pos + 1
+    got = triton_ops.decode_attention(qkv[:, :H], cache, lengths)
+    copies = cache.repeat_interleave(2, dim=0)
+    torch.testing.assert_close(got, triton_ops.decode_attention(qkv[:, :H], copies, lengths), rtol=0, atol=0)
+    torch.testing.assert_close(got, triton_ops.decode_attention_ref(qkv[:, :H], cache, lengths), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="5 rows cannot share a cache of 3 rows"):
+        triton_ops.decode_attention(qkv[:5, :H], cache, lengths[:5])
+
+
 @pytest.mark.parametrize(("H", "KV", "hd"), [(4, 2, 64), (8, 2, 32), (4, 4, 16)])
 def test_decode_attention_reads_each_rows_own_length(H, KV, hd):
     g = torch.Generator().manual_seed(H * hd)
