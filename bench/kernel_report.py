@@ -243,14 +243,14 @@ def problems(res: dict) -> list[str]:
 
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
-             f"{'B':>3} {'path':<5} {'kernel':<12} {'serves':<24} {'constexprs':<44} {'warps':>5} {'regs':>4} "
+             f"{'B':>3} {'path':<5} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
              f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6}"]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
         c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items()
                      if not a.startswith(("ADD", "ROPE", "SWIGLU")) and (a, v) != ("ROW_DIV", 1))
         lines.append(f"{k['bucket']:>3} {'fused' if k['fused'] else 'plain':<5} {k['kernel']:<12} "
-                     f"{'+'.join(k['calls']):<24} {c:<44.44} {k['num_warps']:>5} {k['regs']:>4} "
+                     f"{'+'.join(k['calls']):<24} {c:<52.52} {k['num_warps']:>5} {k['regs']:>4} "
                      f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {ld128:>6}")
     return "\n".join(lines)
 
