@@ -200,9 +200,11 @@ class FastFrameStep:
             return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
                          self.dd_cos, self.dd_sin, pos, lengths, B, **kw)
 
-        def draw(out, p):  # codebook p from depth position p's output
-            logits = self.gemv.norm_matvec(out, self.dd_norm, self.heads_t[p - 1], dd.norm_eps) if fused \
-                else out @ g.heads[p - 1]
+        def draw(out, p):  # codebook p from depth position p's output (the fused head wants it contiguous)
+            if fused:
+                logits = self.gemv.norm_matvec(out.contiguous(), self.dd_norm, self.heads_t[p - 1], dd.norm_eps)
+            else:
+                logits = out @ g.heads[p - 1]
             self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p])
 
         # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1. Positions 0 and 1 go
@@ -212,7 +214,7 @@ class FastFrameStep:
         if not fused or 2 * B <= self.gemv.MAX_ROWS:
             x = torch.stack((F.linear(h, self.proj), F.embedding(codes[:, 0], self.inputs[0])), dim=1)
             out = depth(x.view(2 * B, -1), self.dd_pos01[: 2 * B], self.dd_len01[: 2 * B])
-            draw(out.view(B, 2, -1)[:, 1].contiguous(), 1)
+            draw(out.view(B, 2, -1)[:, 1], 1)
             first = 2
         for p in range(first, n):
             x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])

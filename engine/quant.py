@@ -1,7 +1,7 @@
 """Weight-only int8 for the depth decoder (`load(..., quantize="int8-depth")`).
 
-At batch 1 a frame is bound by reading weights, and the depth decoder's 32 passes read its
-weights 32 times a frame: about three quarters of the bytes a csm-1b frame moves. Storing those
+At batch 1 a frame is bound by reading weights, and the depth decoder's 31 passes read its
+weights 31 times a frame: about three quarters of the bytes a csm-1b frame moves. Storing those
 matrices as int8 with one scale per output row (kernels/int8.py) halves them.
 
 The model's own depth weights are replaced by the dequantized values (q * scale, in the model's

@@ -132,6 +132,16 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return F.rms_norm(h.float(), (h.shape[-1],), weight.float(), eps).to(h.dtype)
 
 
+# -- KV-cache rows ------------------------------------------------------------------------------
+def cache_rows_div(rows: int, cache: torch.Tensor) -> int:
+    """How many consecutive rows share one cache row: 1, or r when the rows are r positions of each
+    sequence at once (cache [rows / r, S, ...]; the depth decoder's first pass takes two)."""
+    div = rows // max(1, cache.shape[0])
+    if div < 1 or div * cache.shape[0] != rows:
+        raise ValueError(f"{rows} rows cannot share a cache of {cache.shape[0]} rows")
+    return div
+
+
 # -- rotary embedding --------------------------------------------------------------------------
 @triton.jit
 def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_stride, c_ptr, c_row_stride,
@@ -169,15 +179,6 @@ def rope_store_(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.T
     _rope_store_kernel[(B, NH)](qkv, qkv.stride(0), cos, sin, pos, pos.stride(0), cache, cache.stride(0),
                                 cache.stride(1), n_heads, KV, HALF=hd // 2, ROW_DIV=cache_rows_div(B, cache),
                                 enable_fp_fusion=FMA)
-
-
-def cache_rows_div(rows: int, cache: torch.Tensor) -> int:
-    """How many consecutive rows share one cache row: 1, or r when the rows are r positions of each
-    sequence at once (cache [rows / r, S, ...])."""
-    div = rows // max(1, cache.shape[0])
-    if div < 1 or div * cache.shape[0] != rows:
-        raise ValueError(f"{rows} rows cannot share a cache of {cache.shape[0]} rows")
-    return div
 
 
 def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
