@@ -8,7 +8,8 @@
    (the variant CSM_FUSED_GEMV picked);
 3. time to first audio: engine thread (submit -> first 100 ms of PCM in the request's sink) and,
    when websockets is installed, the real server (request sent -> first 100 ms chunk received),
-   with and without a 10 s named-voice prompt (prefix cache);
+   with and without a 10 s named-voice prompt (prefix cache); the prefill alone: graph replay,
+   the same padded prefill eagerly, and the plain eager prefill, side by side;
 4. per batch bucket: frame step and step + streaming decode per tick, and the real-time streams
    that sustains (a tick must take < 80 ms);
 5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured,
@@ -140,13 +141,14 @@ def check_graphs_vs_eager(eng, frames: int = 8) -> bool:
     gen, fast = eng.gen, eng.gen.fast
     tok, mask = prompt_cache["p"]
     runs = []
-    for use_graphs in (True, False):
-        saved = fast.graphs
-        fast.graphs = saved if use_graphs else {}
+    sp = gen.static_prefill
+    for use_graphs in (True, False):  # the frame step's and the prefill's graphs, then neither
+        saved, saved_prefill = fast.graphs, sp.graphs
+        fast.graphs, sp.graphs = (saved, saved_prefill) if use_graphs else ({}, {})
         for r in range(3):
             gen.prefill(r, tok, mask, seed=r + 5, temperature=0.9, topk=50)
         runs.append(np.stack([gen.step(0, 3, 50).cpu().numpy() for _ in range(frames)]))
-        fast.graphs = saved
+        fast.graphs, sp.graphs = saved, saved_prefill
         for r in range(3):
             gen.release(r)
     return bool(np.array_equal(*runs))
@@ -200,6 +202,29 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
             fn()
             row[name] = (time.perf_counter() - t0) * 1e6 / 32
     return row
+
+
+def prefill_ms(gen, prompts: dict, n: int, sync=None) -> dict:
+    """ms to prefill each prompt into row 0, three ways side by side: the padded prefill's graph
+    replay, the same padded prefill run eagerly, and the plain eager prefill (before the graphs)."""
+    sync = sync or torch.cuda.synchronize
+    sp, out = gen.static_prefill, {}
+    for name, (tok, mask) in prompts.items():
+        def one(tok=tok, mask=mask):
+            gen.prefill(0, tok, mask, seed=1, temperature=0.9, topk=50)
+            sync()
+
+        row = {"tokens": int(tok.shape[0]), "bucket": sp.bucket(min(tok.shape[0], sp.buckets[-1]))}
+        saved = sp.graphs
+        row["graph_ms"] = time_steps(one, n) if saved else None
+        sp.graphs = {}
+        row["padded_eager_ms"] = time_steps(one, n)
+        sp.graphs, gen.static_prefill = saved, None
+        row["plain_eager_ms"] = time_steps(one, n)
+        gen.static_prefill = sp
+        gen.release(0)
+        out[name] = row
+    return out
 
 
 def batch1(eng, n: int) -> dict:
@@ -427,6 +452,10 @@ def main(argv=None) -> int:
     res["sample_us"] = sample_us(dtype=dt)
     log("a draw, one kernel vs torch.topk path, µs:", res["sample_us"])
     voice = np.random.default_rng(0).integers(0, 2048, (125, 32))
+    voice_prompt = prompt(eng, "Hello there, how can I help you today?",
+                          [(0, "This is the voice prompt, ten seconds of it.", voice)])
+    res["prefill"] = prefill_ms(eng.gen, {"text": prompt_cache["p"], "voice_10s": voice_prompt}, a.iters)
+    log("prefill, ms (graph / padded eager / plain eager):", res["prefill"])
     res["ttfa_worker_ms"] = worker_ttfa(eng, 10)
     res["ttfa_worker_voice_nocache_ms"] = worker_ttfa(eng, 10, voice)
     eng.pin_voice("This is the voice prompt, ten seconds of it.", voice)
@@ -463,6 +492,10 @@ def main(argv=None) -> int:
     for row in res["sample_us"]:
         log(f"| a draw at batch {row['batch']}: one kernel / torch.topk path | {row['one_kernel_us']:.1f} / "
             f"{row['topk_path_us']:.1f} µs |")
+    for name, row in res["prefill"].items():
+        log(f"| prefill, {name} ({row['tokens']} tokens, bucket {row['bucket']}): graph / padded eager / plain "
+            f"eager | {row['graph_ms'] or float('nan'):.2f} / {row['padded_eager_ms']:.2f} / "
+            f"{row['plain_eager_ms']:.2f} ms |")
     for k in ("ttfa_worker_ms", "ttfa_worker_voice_nocache_ms", "ttfa_worker_voice_cached_ms", "ttfa_server_ms",
               "ttfa_server_voice_ms"):
         v = res[k]

@@ -87,6 +87,13 @@ class FrameGenerator:
             fast = dev.type == "cuda" and os.environ.get("CSM_FAST_STEP", "1").strip().lower() not in ("0", "false", "off")
         if fast:
             self.fast = build_fast_step(self, graphs, required=required)
+        # with the fast step, prompts go in at fixed padded lengths (one CUDA graph each; eagerly
+        # when graphs are off, so the frames are the same either way)
+        self.static_prefill = None
+        if self.fast is not None:
+            from .cuda_prefill import StaticPrefill
+
+            self.static_prefill = StaticPrefill(self, graphs=self.fast.use_graphs)
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int,
@@ -97,7 +104,8 @@ class FrameGenerator:
         prefix: (P, kv) puts cached KV [layers, P, 2kv, hd] at positions [0, P) first.
         start: the position of tokens[0] (default: right after the prefix, or 0); positions
         [0, start) must already hold this row's KV (the prefix, or earlier chunks of the prompt).
-        last: False for a chunk of a longer prompt: only the cache is written, and the row's next
+        last: False for a chunk of a longer prompt: only the cache is written (and on the fast path
+        the row's hidden state, which the last chunk sets), and the row's next
         position moves past the chunk, so a frame step that carries this row as idle writes its junk
         where the next chunk will overwrite it. The last chunk sets the row up to generate."""
         P = 0 if prefix is None else prefix[0]
@@ -109,26 +117,36 @@ class FrameGenerator:
             raise ValueError(f"prompt is {start + T} positions; the model's window is {self.max_seq_len}")
         if T < 1:
             raise ValueError("prefill needs at least one token after the cached prefix")
-        x = self.model.embed_prompt(tokens.to(self.device), mask.to(self.device))[None].to(self.dtype)
-        rot = self.bb_rot[start : start + T][None, :, None, :]
         if P:
             self.bb_cache[:, row, :P].copy_(prefix[1])
-        if start:
-            causal = self.positions[: start + T][None, :] <= self.positions[start : start + T][:, None]  # [T, start+T]
-            at = Attend(slice(row, row + 1), start=start, length=start + T, mask=causal[None, None])
+        if self.static_prefill is not None:  # the last position's hidden state goes to h[row]
+            self.static_prefill.run(row, tokens, mask, start)
         else:
-            at = Attend(slice(row, row + 1), length=T)
-        h = self.model.backbone(x, rot, self.bb_caches, at)
+            x = self.model.embed_prompt(tokens.to(self.device), mask.to(self.device))[None].to(self.dtype)
+            rot = self.bb_rot[start : start + T][None, :, None, :]
+            if start:
+                causal = self.positions[: start + T][None, :] <= self.positions[start : start + T][:, None]
+                at = Attend(slice(row, row + 1), start=start, length=start + T, mask=causal[None, None])
+            else:
+                at = Attend(slice(row, row + 1), length=T)
+            h = self.model.backbone(x, rot, self.bb_caches, at)
+            if last:
+                self.h[row] = h[0, -1]
         T += start
         self.pos[row] = T
         self.host_pos[row] = T
         if not last:
             return
-        self.h[row] = h[0, -1]
         self.frame[row] = 0
         self.seed[row] = seed & 0x7FFFFFFFFFFFFFFF
         self.temperature[row] = temperature
         self.topk[row] = topk
+
+    def sync(self) -> None:
+        """Wait for the device to finish what was queued (a prefill's graph returns at once; the
+        prefill budget times the work, not the enqueueing)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def cached_kv(self, row: int, length: int) -> torch.Tensor:
         """A copy of `row`'s backbone KV at positions [0, length): [layers, length, 2kv, hd]."""
@@ -179,7 +197,7 @@ class FrameGenerator:
             self.h[rows] = torch.where(live[:, None], new_h, h)
             self.pos[rows] += live
             self.frame[rows] += live
-            for r, a in zip(range(lo, hi), active):
+            for r, a in zip(range(lo, hi), active, strict=True):
                 self.host_pos[r] += bool(a)
         return frame
 

@@ -27,7 +27,11 @@ class Attend:
     """Where a forward pass reads and writes the cache. One of:
     - per-row decode: T == 1, row b writes at pos[b] (a device tensor; idx = arange(B)), reads
       [:length] under mask [B, 1, 1, length];
-    - range: rows write positions [start, start + T) and read [:length], causal within.
+    - range: rows write positions [start, start + T) and read [:length], causal within (or under
+      mask [1, 1, T, length] when given);
+    - device row: rows is a [1] int64 tensor (one row, picked on device: a CUDA graph's input), the
+      T positions write at pos [T] (a device tensor) and read the row's [:length] under mask
+      [1, 1, T, length] (engine/cuda_prefill.py).
     """
 
     __slots__ = ("rows", "pos", "idx", "start", "length", "mask")
@@ -62,11 +66,15 @@ class Attention(nn.Module):
         h, kv, hd = self.h, self.kv, self.hd
         qkv = self.wqkv(x).view(B, T, h + 2 * kv, hd)
         apply_rope_(qkv[:, :, : h + kv], rot)
-        c = cache.kv[at.rows]  # [B, S, 2kv, hd]
-        if at.pos is not None:  # decode, each row at its own position
-            c[at.idx, at.pos] = qkv[:, 0, h:]
+        if isinstance(at.rows, torch.Tensor):  # a row picked on device: write through, read a copy
+            cache.kv[at.rows, at.pos] = qkv[0, :, h:]
+            c = cache.kv.index_select(0, at.rows)
         else:
-            c[:, at.start : at.start + T] = qkv[:, :, h:]
+            c = cache.kv[at.rows]  # [B, S, 2kv, hd], a view
+            if at.pos is not None:  # decode, each row at its own position
+                c[at.idx, at.pos] = qkv[:, 0, h:]
+            else:
+                c[:, at.start : at.start + T] = qkv[:, :, h:]
         seen = c[:, : at.length]
         keys, vals = seen[:, :, :kv].transpose(1, 2), seen[:, :, kv:].transpose(1, 2)  # [B, kv, L, hd]
         if T == 1:  # grouped queries [B, kv, G, hd] per kv head: no kv repeat
@@ -74,9 +82,9 @@ class Attention(nn.Module):
                                                attn_mask=at.mask)
         else:
             q = qkv[:, :, :h].transpose(1, 2)  # [B, h, T, hd]
-            causal = at.start == 0 and at.length == T
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=None if causal else at.mask,
-                                               is_causal=causal, enable_gqa=True).transpose(1, 2)
+            causal = at.mask is None  # a range from position 0 (start > 0 and device rows pass a mask)
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=at.mask, is_causal=causal,
+                                               enable_gqa=True).transpose(1, 2)
         return self.wo(o.reshape(B, T, h * hd))
 
 
@@ -116,7 +124,7 @@ class Transformer(nn.Module):
 
     def forward(self, x, rot, caches: list[KVCache], at: Attend) -> torch.Tensor:
         # x: [B, T, D]; rot: [B|1, T, 1, hd/2] complex rotations
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, rot, cache, at)
         return self.norm(x)
 

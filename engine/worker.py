@@ -269,6 +269,7 @@ class EngineWorker:
             try:
                 with e._lock:
                     n = job.run(n)
+                    e.gen.sync()  # time the device's work (a prefill graph returns at once)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._prefilling.remove((req, job))
