@@ -159,9 +159,11 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
         case = Case(shape, rows, int8, dtype, device, copies)
         mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
         bb = 1 << (rows - 1).bit_length()
-        picked = pick_tiles(rows, shape["K"], shape["N"] // 2 if shape["kind"] == "rope" else shape["N"], mats=mats)
+        cols = shape["N"] // 2 if shape["kind"] == "rope" else shape["N"]  # rope: programs cover column pairs
+        picked = pick_tiles(rows, shape["K"], cols, mats=mats, int8=int8)
         cands = [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
-        row = dict(name=shape["name"], rows=rows, int8=int8, calls=shape["calls"], mbytes=case.nbytes / 1e6,
+        row = dict(name=shape["name"], rows=rows, int8=int8, K=shape["K"], cols=cols, mats=mats,
+                   calls=shape["calls"], mbytes=case.nbytes / 1e6,
                    cublas_us=None if int8 else case.time_us(case.cublas), tiles={})
         for t in cands:
             err = case.check(t)
@@ -171,6 +173,7 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
         row["picked"], row["picked_us"] = list(picked), row["tiles"][str(picked)]
         best = min(row["tiles"], key=row["tiles"].get)
         row["best"], row["best_us"] = best, row["tiles"][best]
+        row["best_tiles"] = list(next(t for t in cands if str(t) == best))  # CSM_GEMV_TILES reads these
         row["best_gbps"] = case.nbytes / row["best_us"] / 1e3
         cublas = "      -" if int8 else f"{row['cublas_us']:7.1f}"
         log(f"  {shape['name']:15s} B={rows:2d} {'int8' if int8 else str(dtype)[6:]:8s} "

@@ -136,7 +136,7 @@ def compile_only(arch: int):
 
     tiles, active = triton_gemv._tiles, driver._active
     JITFunction.run = run
-    triton_gemv._tiles = lambda x, K, N, mats=1: triton_gemv.pick_tiles(x.shape[0], K, N, mats)
+    triton_gemv._tiles = lambda x, K, N, mats=1, int8=False: triton_gemv.pick_tiles(x.shape[0], K, N, mats, int8)
     driver.set_active(_StandInDriver(arch))
     try:
         yield out

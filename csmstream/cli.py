@@ -11,6 +11,12 @@ from . import __version__
 from .commands import TINY_NOTE
 
 DEMO_TEXT = "Hello! This is csm-stream, streaming speech one frame at a time."
+GPU_ENV = """GPU settings (environment):
+  CSM_CUDA_GRAPHS=0    run the frame step and the prefill eagerly (same audio, slower)
+  CSM_FAST_STEP=0      skip the Triton step; plain eager PyTorch (slowest)
+  CSM_FUSED_GEMV=auto  auto | on | off: five-kernel layers for batches <= 16 (auto keeps what
+                       replays faster at start-up)
+  CSM_GEMV_TILES=FILE  tiles measured by bench/gemv_sweep.py (its --json) for those kernels"""
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the streaming server (/ws/generate, /healthz, /metrics)",
                            description="Load the model, warm it up, and serve WebSocket clients on "
                                        "/ws/generate. /healthz answers 503 until the model is ready, then "
-                                       "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.")
+                                       "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.",
+                           epilog=GPU_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
                                                           "0.0.0.0 for all interfaces)")

@@ -25,7 +25,8 @@ summation order.
 
 The loop over K only multiplies and adds into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator; the
 reduction across K (shuffles between threads) happens once, after it, so the loop is loads and FMAs.
-Tiles: `pick_tiles()` picks them from the shape. At B = 1 the step is bound by reading weights, so
+Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table) or
+guesses them from the shape. At B = 1 the step is bound by reading weights, so
 the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
 accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
 (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv_tiles import measured
 from .int8 import dequantize
 from .triton_ops import FMA, cache_rows_div
 
@@ -46,18 +48,22 @@ TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU rea
 PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
 
 
-def pick_tiles(rows: int, K: int, N: int, mats: int = 1) -> tuple[int, int, int]:
+def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) on a GPU for B = rows (<= MAX_ROWS) against a [N, K] weight
-    (mats = 2: the gate and up halves at once)."""
+    (mats = 2: the gate and up halves at once): the measured tiles of the table env CSM_GEMV_TILES
+    names (kernels/gemv_tiles.py) when it has the shape, else a guess from the shape."""
+    found = measured(rows, K, N, mats, int8)
+    if found is not None:
+        return found
     bb = triton.next_power_of_2(rows)
     bn = max(4, min(32, triton.next_power_of_2(max(1, N // TARGET_PROGRAMS))))
     bk = max(16, min(512, PRODUCTS // (bb * bn * mats), triton.next_power_of_2(K)))
     return bn, bk, 4
 
 
-def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1) -> tuple[int, int, int]:
+def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, int, int]:
     if x.is_cuda:
-        return pick_tiles(x.shape[0], K, N, mats)
+        return pick_tiles(x.shape[0], K, N, mats, int8)
     # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
 
@@ -158,7 +164,7 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     cols = N // 2 if rope else N  # programs cover pairs of columns with rope
-    bn, bk, warps = tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1)
+    bn, bk, warps = tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1, scale is not None)
     if rope:
         n_heads, cos, sin, pos, cache = rope
         hd = cos.shape[1] * 2
@@ -219,7 +225,7 @@ def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: tor
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
     _check_scale(w, scale, N)
-    bn, bk, warps = tiles or _tiles(x, K, N)
+    bn, bk, warps = tiles or _tiles(x, K, N, 1, scale is not None)
     _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
                                               SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
                                               BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=FMA)

@@ -1,0 +1,89 @@
+"""Measured GEMV tiles (kernels/gemv_tiles.py): a gemv_sweep JSON named by CSM_GEMV_TILES replaces
+pick_tiles' guess for the shapes it measured, and a bad file is a clear error."""
+
+import json
+
+import pytest
+import torch
+
+from bench.gemv_sweep import sweep
+from csmstream.kernels import gemv_tiles
+from csmstream.kernels import triton_gemv as gv
+from csmstream.kernels.int8 import quantize_int8
+
+SHAPES = [dict(name="depth.w13", kind="swiglu", N=24, K=40, calls=3),
+          dict(name="backbone.wqkv", kind="rope", N=32, K=40, calls=2, heads=(2, 1, 8))]
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A real (CPU, interpreted) sweep's JSON, named by the env var; the reader's cache emptied."""
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    grid = [(4, 16, 1), (8, 32, 2), (16, 64, 4)]
+    res = sweep(SHAPES, [1, 8], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(res))
+    monkeypatch.setenv("CSM_GEMV_TILES", str(path))
+    return res
+
+
+def test_the_sweeps_best_tiles_replace_the_guess_for_the_shapes_it_measured(table, monkeypatch):
+    for c in table["cases"]:
+        assert c["tiles"][str(tuple(c["best_tiles"]))] == c["best_us"]  # the fastest of its candidates
+        got = gv.pick_tiles(c["rows"], c["K"], c["cols"], c["mats"], c["int8"])
+        assert got == tuple(c["best_tiles"])
+    c = next(c for c in table["cases"] if c["rows"] == 8 and not c["int8"] and c["name"] == "depth.w13")
+    assert (c["K"], c["cols"], c["mats"]) == (40, 24, 2)
+    for rows in (5, 6, 7):  # the kernels round rows up to 8 too
+        assert gv.pick_tiles(rows, 40, 24, 2) == tuple(c["best_tiles"])
+    unmeasured = [(4, 40, 24, 2, False), (16, 40, 24, 2, False), (1, 40, 24, 1, False), (1, 64, 24, 2, False)]
+    guesses = [gv.pick_tiles(*k) for k in unmeasured]
+    monkeypatch.delenv("CSM_GEMV_TILES")
+    assert guesses == [gv.pick_tiles(*k) for k in unmeasured]  # the shape's guess, as with no table
+
+
+def test_the_kernels_ask_for_int8_tiles_only_with_int8_weights(monkeypatch):
+    asked = []
+
+    def spy(x, K, N, mats=1, int8=False):
+        asked.append((K, N, mats, int8))
+        return 32, 64, 4
+
+    monkeypatch.setattr(gv, "_tiles", spy)
+    x, nw, a = torch.randn(2, 40), torch.ones(40), torch.randn(2, 24)
+    w13, w2 = torch.randn(48, 40), torch.randn(40, 24)
+    q13, q2 = quantize_int8(w13), quantize_int8(w2)
+    gv.norm_matvec(x, nw, w13, 1e-5, swiglu=True)
+    gv.norm_matvec(x, nw, q13.q, 1e-5, swiglu=True, scale=q13.scale)
+    gv.matvec_add_(x.clone(), w2, a)
+    gv.matvec_add_(x.clone(), q2.q, a, scale=q2.scale)
+    assert asked == [(40, 24, 2, False), (40, 24, 2, True), (24, 40, 1, False), (24, 40, 1, True)]
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read the file"),
+    ("{not json", "not JSON"),
+    ('[1, 2]', "expected bench/gemv_sweep.py's JSON"),
+    ('{"cases": []}', "the file has no cases"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false}]}', "case 0 lacks one of"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 24, 4]}]}',
+     "has best_tiles [4, 24, 4]; expected three powers of two"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, true, 4]}]}',
+     "expected three powers of two"),
+])
+def test_a_bad_table_is_an_error_naming_the_variable_and_the_file(tmp_path, monkeypatch, content, says):
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    path = tmp_path / "tiles.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("CSM_GEMV_TILES", str(path))
+    with pytest.raises(ValueError, match="CSM_GEMV_TILES=") as err:
+        gv.pick_tiles(1, 8, 8)
+    assert says in str(err.value) and str(path) in str(err.value)
+
+
+def test_unset_or_blank_means_the_guess(monkeypatch):
+    monkeypatch.setenv("CSM_GEMV_TILES", "  ")
+    assert gemv_tiles.measured(1, 2048, 2048, 1, False) is None
+    monkeypatch.delenv("CSM_GEMV_TILES")
+    assert gemv_tiles.measured(1, 2048, 2048, 1, False) is None
