@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-check kernel-report clean help nginx
+.PHONY: install demo test bench bench-check kernel-report gpu-bench clean help nginx
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench   - set up and run the pytest-benchmark suites in bench/ (saved under .benchmarks/)"
 	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
 	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89) without a GPU: registers, spills, loads"
+	@echo "make gpu-bench - on a CUDA GPU: sweep the GEMV tiles, then bench/gpu.py with the measured ones (OUT=dir)"
 	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
 
 $(STAMP): setup.py
@@ -50,6 +51,15 @@ bench-check: $(STAMP)
 ARCH ?= 90
 kernel-report: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) bench/kernel_report.py --arch $(ARCH)
+
+# on a GPU machine (make install TORCH=... first): the tile sweep, then the engine benchmark run with
+# the measured tiles (CSM_GEMV_TILES) -- one session, no code change in between; results in $(OUT)
+OUT ?= out/gpu
+ROWS ?= 1,2,8
+gpu-bench: $(STAMP)
+	mkdir -p $(OUT)
+	bash -o pipefail -c '$(PY) bench/gemv_sweep.py --rows $(ROWS) --json $(OUT)/gemv_sweep.json | tee $(OUT)/gemv_sweep.txt'
+	bash -o pipefail -c 'CSM_GEMV_TILES=$(OUT)/gemv_sweep.json $(PY) bench/gpu.py --json $(OUT)/gpu.json | tee $(OUT)/gpu.txt'
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks build *.egg-info
