@@ -1,6 +1,6 @@
 """Tile sweep for the fused small-batch GEMV kernels (kernels/triton_gemv.py) on csm-1b's shapes.
 
-    python bench/gemv_sweep.py [--rows 1,8] [--dtype bfloat16] [--json gemv_sweep.json]
+    python bench/gemv_sweep.py [--rows 1,8] [--dtype bfloat16] [--json gemv_sweep.json] [--jobs 16]
 
 For every projection of a decoder layer (backbone and depth decoder), every batch size and both
 weight formats (the model dtype, and int8 with a scale per row), it times: cuBLAS (F.linear plus the
@@ -9,8 +9,9 @@ candidate's output is first checked against the PyTorch reference. Times are dev
 from CUDA-graph replays over enough weight copies to overflow the L2 cache, so the weights come from
 HBM as they do in a frame. It then adds the calls up into the GEMV time of one frame (backbone
 layers once, depth layers once per codebook) for cuBLAS, the picked tiles and the best tiles: the
-number to hold against the batch-1 frame target. On CPU (tests) it runs interpreted and times with
-the wall clock.
+number to hold against the batch-1 frame target. The candidates are first compiled in parallel
+processes (--jobs; Triton's on-disk cache hands them to the timing run). On CPU (tests) it runs
+interpreted and times with the wall clock.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -151,17 +155,58 @@ class Case:
             self.x.copy_(keep)
 
 
-def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print) -> dict:
+def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int, tuple, list[tuple]]:
+    """(cols, mats, picked, tiles to time) of one case: pick_tiles' choice first, then the grid's
+    tiles that fit the register budget."""
     from csmstream.kernels.triton_gemv import PRODUCTS, pick_tiles
 
+    mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
+    bb = 1 << (rows - 1).bit_length()
+    cols = shape["N"] // 2 if shape["kind"] == "rope" else shape["N"]  # rope: programs cover column pairs
+    picked = pick_tiles(rows, shape["K"], cols, mats=mats, int8=int8)
+    return cols, mats, picked, [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
+
+
+def precompile(shape_list, rows_list, dtype, device, jobs: int, grid=GRID, log=print) -> int:
+    """Run every candidate once in `jobs` processes at once, so Triton compiles them in parallel into
+    its on-disk cache and the timing run only loads them (a compile takes ~0.3-0.5 s and a sweep has
+    about a thousand). Each process takes whole cases (their weights built once). Returns how many
+    ran; one that fails is left to the timing run, which reports it."""
+    work = [(shape, rows, int8, candidates(shape, rows, int8, grid)[3])
+            for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True))]
+    per = -(-len(work) // max(1, jobs))
+    chunks = [(work[i:i + per], str(dtype).removeprefix("torch."), device) for i in range(0, len(work), per)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=len(chunks), mp_context=multiprocessing.get_context("spawn")) as ex:
+        n = sum(ex.map(_run_cases, chunks))
+    log(f"# ran {n} candidate kernels once in {len(chunks)} processes ({time.perf_counter() - t0:.0f} s): compiled")
+    return n
+
+
+def _run_cases(chunk) -> int:
+    work, dtype, device = chunk
+    n = 0
+    for shape, rows, int8, tiles in work:
+        case = Case(shape, rows, int8, getattr(torch, dtype), device, copies=1)
+        for t in tiles:
+            try:
+                case.fused(t)
+                n += 1
+            except Exception:  # noqa: BLE001 - the timing run meets it again and says what failed
+                continue
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n
+
+
+def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print, jobs: int = 0) -> dict:
+    """Time every case (jobs > 1: compile its candidates in that many processes first)."""
+    if jobs > 1:
+        precompile(shape_list, rows_list, dtype, device, jobs, grid, log)
     results = []
     for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True)):
         case = Case(shape, rows, int8, dtype, device, copies)
-        mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
-        bb = 1 << (rows - 1).bit_length()
-        cols = shape["N"] // 2 if shape["kind"] == "rope" else shape["N"]  # rope: programs cover column pairs
-        picked = pick_tiles(rows, shape["K"], cols, mats=mats, int8=int8)
-        cands = [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
+        cols, mats, picked, cands = candidates(shape, rows, int8, grid)
         row = dict(name=shape["name"], rows=rows, int8=int8, K=shape["K"], cols=cols, mats=mats,
                    calls=shape["calls"], mbytes=case.nbytes / 1e6,
                    cublas_us=None if int8 else case.time_us(case.cublas), tiles={})
@@ -202,8 +247,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,8", help="batch sizes (<= 16), comma-separated (default: 1,8)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--json", default="gemv_sweep.json", help="where to write the results")
+    ap.add_argument("--json", default="gemv_sweep.json", help="where to write the results (CSM_GEMV_TILES reads it)")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                    help="processes that compile the candidate kernels first, in parallel (default: the CPUs, "
+                         "at most 16; 1 compiles each one as it is timed)")
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        print(f"--jobs must be >= 1, got {a.jobs}", file=sys.stderr)
+        return 2
     try:
         rows = [int(r) for r in a.rows.split(",")]
     except ValueError:
@@ -220,7 +271,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     print(f"# {dev}, torch {torch.__version__}, {a.dtype}, {time.strftime('%Y-%m-%d')}", flush=True)
     res = sweep(shapes(CsmModelConfig.from_hf(CsmConfig())), rows, getattr(torch, a.dtype), "cuda",
-                log=lambda *x: print(*x, flush=True))
+                log=lambda *x: print(*x, flush=True), jobs=a.jobs)
     res.update(device=dev, date=time.strftime("%Y-%m-%d"), dtype=a.dtype)
     Path(a.json).write_text(json.dumps(res, indent=1))
     print("GEMV ms a frame (cuBLAS / fused picked / fused best / int8 depth picked / int8 depth best):")

@@ -41,3 +41,24 @@ def test_bad_rows_are_one_clear_line(capsys):
     for bad in ("a", "0,4", "17", ""):
         assert main(["--rows", bad]) == 2
         assert "--rows must be comma-separated batch sizes in 1..16" in capsys.readouterr().err
+
+
+def test_precompile_runs_every_candidate_once_in_worker_processes():
+    """Spawned processes (interpreted here; on a GPU they fill Triton's on-disk cache) run each
+    case's candidates: all of them, none twice, across the workers."""
+    from bench.gemv_sweep import candidates, precompile
+
+    small = [dict(name="depth.w2", kind="add", N=40, K=24, calls=3),
+             dict(name="backbone.wqkv", kind="rope", N=32, K=40, calls=2, heads=(2, 1, 8))]
+    grid = [(4, 16, 1), (8, 32, 2)]
+    want = sum(len(candidates(s, r, q, grid)[3]) for s in small for r in (1, 3) for q in (False, True))
+    lines = []
+    assert precompile(small, [1, 3], torch.float32, "cpu", 2, grid, log=lines.append) == want
+    assert lines and f"ran {want} candidate kernels once in 2 processes" in lines[0]
+
+
+def test_bad_jobs_is_one_clear_line(capsys):
+    from bench.gemv_sweep import main
+
+    assert main(["--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
