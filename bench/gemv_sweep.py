@@ -216,9 +216,10 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
                 raise AssertionError(f"{shape['name']} rows={rows} int8={int8} tiles={t}: off by {err:.3g}")
             row["tiles"][str(t)] = case.time_us(lambda i, t=t, c=case: c.fused(t, i))
         row["picked"], row["picked_us"] = list(picked), row["tiles"][str(picked)]
-        best = min(row["tiles"], key=row["tiles"].get)
+        fastest = min(cands, key=lambda t: row["tiles"][str(t)])
+        best = str(fastest)
         row["best"], row["best_us"] = best, row["tiles"][best]
-        row["best_tiles"] = list(next(t for t in cands if str(t) == best))  # CSM_GEMV_TILES reads these
+        row["best_tiles"] = list(fastest)  # CSM_GEMV_TILES reads these
         row["best_gbps"] = case.nbytes / row["best_us"] / 1e3
         cublas = "      -" if int8 else f"{row['cublas_us']:7.1f}"
         log(f"  {shape['name']:15s} B={rows:2d} {'int8' if int8 else str(dtype)[6:]:8s} "

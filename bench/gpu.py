@@ -214,7 +214,7 @@ def prefill_ms(gen, prompts: dict, n: int, sync=None) -> dict:
             gen.prefill(0, tok, mask, seed=1, temperature=0.9, topk=50)
             sync()
 
-        row = {"tokens": int(tok.shape[0]), "bucket": sp.bucket(min(tok.shape[0], sp.buckets[-1]))}
+        row = {"tokens": int(tok.shape[0]), "bucket": sp.bucket(tok.shape[0])}  # (the largest, for a longer prompt)
         saved = sp.graphs
         row["graph_ms"] = time_steps(one, n) if saved else None
         sp.graphs = {}

@@ -70,6 +70,7 @@ class StaticPrefill:
                             "results, a few ms slower per request)", type(e).__name__, e)
 
     def bucket(self, T: int) -> int:
+        """The padded length for T positions (the largest bucket for more: run() splits those)."""
         for b in self.buckets:
             if b >= T:
                 return b
