@@ -14,8 +14,9 @@
    that sustains (a tick must take < 80 ms);
 5. a live run: N concurrent requests through the engine thread, every chunk's lateness measured,
    with the chunked-prefill budget and with one prefill chunk a tick, side by side;
-6. for small buckets, the fused-GEMV step against the cuBLAS one (both captured, replays timed;
-   CSM_FUSED_GEMV=auto keeps the faster), and batch 1 again with an int8 depth decoder;
+6. for small buckets, the fused-GEMV step against the cuBLAS one and, on Hopper, the fused step as
+   a chain of programmatic dependent launches (all captured, replays timed; CSM_FUSED_GEMV and
+   CSM_PDL auto keep the fastest), and batch 1 again with an int8 depth decoder;
 7. a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch (sample_us).
 bench/gemv_sweep.py times the GEMV kernels' tiles one projection at a time.
 bench/kernel_report.py compiles every kernel of the step for a GPU architecture without a GPU (registers, spills).
@@ -110,8 +111,14 @@ def check_small_vs_cpu(frames: int = 12) -> dict:
     import csmstream
 
     out = {}
-    saved = os.environ.get("CSM_FUSED_GEMV")
-    for variant, int8, suffix in (("off", False, ""), ("on", False, "_fused_gemv"), ("on", True, "_int8_depth")):
+    saved = {k: os.environ.get(k) for k in ("CSM_FUSED_GEMV", "CSM_PDL")}
+    os.environ["CSM_PDL"] = "off"
+    for variant, int8, suffix in (("off", False, ""), ("on", False, "_fused_gemv"), ("on", True, "_int8_depth"),
+                                  ("pdl", False, "_fused_pdl")):
+        if variant == "pdl":  # the fused step as a PDL chain, where the GPU has it (Hopper on)
+            if not fused_pdl_possible():
+                continue
+            variant = os.environ["CSM_PDL"] = "on"
         q = "int8-depth" if int8 else None
         cpu = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=2, quantize=q)
         gpu_model = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=1).model.to("cuda")
@@ -130,11 +137,21 @@ def check_small_vs_cpu(frames: int = 12) -> dict:
             hd = (cpu.gen.h - gen_gpu.h.cpu()).norm() / cpu.gen.h.norm()
             key = f"topk{topk}{suffix}"
             out[key] = {"codes_equal": float((a == b).mean()), "hidden_rel_err": float(hd)}
-    if saved is None:
-        os.environ.pop("CSM_FUSED_GEMV")
-    else:
-        os.environ["CSM_FUSED_GEMV"] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return out
+
+
+def fused_pdl_possible() -> bool:
+    from csmstream.kernels.pdl import unavailable
+
+    why = unavailable(torch.device("cuda"))
+    if why:
+        log("no PDL check:", why)
+    return why is None
 
 
 def check_graphs_vs_eager(eng, frames: int = 8) -> bool:
@@ -232,9 +249,7 @@ def batch1(eng, n: int) -> dict:
     fill_rows(gen, 1)
     res = {}
     res["graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), n)
-    res["fused_gemv"] = 1 in fast.fused_buckets  # which variant the engine kept for bucket 1
-    if 1 in fast.fused_timing:  # CSM_FUSED_GEMV=auto: both variants' replays, timed at capture
-        res["capture_fused_ms"], res["capture_cublas_ms"] = fast.fused_timing[1]
+    res.update(kept_variant(fast))
     saved = fast.graphs
     fast.graphs = {}
     res["static_no_graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), max(5, n // 5))
@@ -251,10 +266,22 @@ def batch1_int8(dtype, n: int) -> dict:
     eng = full_engine(1, dtype, int8_depth=True)
     gen, fast = eng.gen, eng.gen.fast
     fill_rows(gen, 1)
-    res = {"graphs_ms": time_steps(lambda: gen.step(0, 1, 50).cpu(), n), "fused_gemv": 1 in fast.fused_buckets}
-    if 1 in fast.fused_timing:
-        res["capture_fused_ms"], res["capture_cublas_ms"] = fast.fused_timing[1]
-    return res
+    return {"graphs_ms": time_steps(lambda: gen.step(0, 1, 50).cpu(), n), **kept_variant(fast)}
+
+
+def variants_row(res: dict) -> str:
+    """'cublas 7.40 / fused 6.10 / fused+pdl 5.20 ms, kept fused+pdl' from kept_variant's dict."""
+    times = " / ".join(f"{k[len('capture_'):-len('_ms')]} {v:.2f}" for k, v in res.items()
+                       if k.startswith("capture_"))
+    return f"{times + ' ms, ' if times else ''}kept {res['variant']}"
+
+
+def kept_variant(fast, B: int = 1) -> dict:
+    """Which step variant the engine kept for bucket B (cublas, fused, fused+pdl) and, where
+    capture() timed several (CSM_FUSED_GEMV / CSM_PDL auto), each one's replay ms."""
+    out = {"variant": fast.kept(B), "fused_gemv": B in fast.fused_buckets}
+    out.update({f"capture_{k}_ms": v for k, v in fast.timing.get(B, {}).items()})
+    return out
 
 
 def per_bucket(eng, buckets: list[int], n: int) -> list[dict]:
@@ -472,8 +499,8 @@ def main(argv=None) -> int:
         log("live:", res["live"])
         res["live_one_chunk_a_tick"] = live(eng, a.streams, a.seconds, max_prefill_s=0.0)
         log("live, one prefill chunk a tick:", res["live_one_chunk_a_tick"])
-    res["fused_timing_ms"] = {str(b): v for b, v in sorted(eng.gen.fast.fused_timing.items())}  # (fused, cuBLAS)
-    log("fused GEMV vs cuBLAS step per small bucket, ms a replay:", res["fused_timing_ms"])
+    res["variant_timing_ms"] = {str(b): v for b, v in sorted(eng.gen.fast.timing.items())}
+    log("step variants per small bucket (cublas / fused / fused+pdl), ms a replay:", res["variant_timing_ms"])
     Path(a.json).write_text(json.dumps(res, indent=1))
     b1 = res["batch1"]
     log(f"\n## {dev}, {res['date']}, csm-1b config, random weights, {a.dtype}")
@@ -481,14 +508,9 @@ def main(argv=None) -> int:
     log(f"| frame, batch 1, eager PyTorch | {b1['eager_ms']:.2f} ms |")
     log(f"| frame, batch 1, static Triton step, no graphs | {b1['static_no_graphs_ms']:.2f} ms |")
     log(f"| frame, batch 1, CUDA graph | {b1['graphs_ms']:.2f} ms (RTF {b1['graphs_ms'] / FRAME_MS:.3f}) |")
-    if "capture_fused_ms" in b1:
-        log(f"| frame, batch 1, replay timed at capture: fused GEMV / cuBLAS | {b1['capture_fused_ms']:.2f} / "
-            f"{b1['capture_cublas_ms']:.2f} ms (kept: {'fused' if b1['fused_gemv'] else 'cuBLAS'}) |")
+    log(f"| frame, batch 1, replay timed at capture: {variants_row(b1)} |")
     b8 = res["batch1_int8_depth"]
-    log(f"| frame, batch 1, CUDA graph, int8 depth decoder | {b8['graphs_ms']:.2f} ms (kept: "
-        f"{'fused int8' if b8['fused_gemv'] else 'cuBLAS'}"
-        + (f"; at capture fused / cuBLAS {b8['capture_fused_ms']:.2f} / {b8['capture_cublas_ms']:.2f} ms" if
-           "capture_fused_ms" in b8 else "") + ") |")
+    log(f"| frame, batch 1, CUDA graph, int8 depth decoder | {b8['graphs_ms']:.2f} ms ({variants_row(b8)}) |")
     for row in res["sample_us"]:
         log(f"| a draw at batch {row['batch']}: one kernel / torch.topk path | {row['one_kernel_us']:.1f} / "
             f"{row['topk_path_us']:.1f} µs |")

@@ -1,7 +1,7 @@
 """Compile the GPU frame step's Triton kernels for a GPU architecture without a GPU, and report each
 one's registers, spills, shared memory and occupancy.
 
-    python bench/kernel_report.py [--arch 90] [--buckets 1,2,4,8,16] [--int8] [--json out.json]
+    python bench/kernel_report.py [--arch 90] [--buckets 1,2,4,8,16] [--int8] [--pdl] [--json out.json]
 
 The frame step (engine/cuda_step.FastFrameStep) runs on CPU tensors of the full csm-1b configuration
 (weights left at zero: no kernel runs) with the five-kernel fused layers for every bucket given, and
@@ -14,7 +14,9 @@ real pipeline down to a cubin from ptxas. cuobjdump then reads each cubin's reso
 It catches before any GPU session: a kernel that does not compile (the CPU tests run the kernels
 interpreted, which accepts code the compiler rejects), register spills (local memory: a GEMV that
 spills loses the bandwidth it exists for), shared memory over the SM's limit, and occupancy too low
-to keep loads in flight. Exit status 1 when a kernel fails to compile, spills, or needs more shared
+to keep loads in flight. With --pdl the fused step is compiled as its chain of programmatic dependent
+launches (kernels/pdl.py, sm_90 and later), and each kernel's PTX is checked for the grid-dependency
+instructions and for the weight loads the GEMVs issue before their wait. Exit status 1 when a kernel fails to compile, spills, or needs more shared
 memory than a block may have.
 """
 
@@ -52,6 +54,14 @@ def parse_resources(text: str) -> dict:
         raise ValueError(f"no resource line in cuobjdump output: {text[-300:]!r}")
     regs, stack, shared, local = map(int, m.groups())
     return dict(regs=regs, stack=stack, shared=shared, local=local)
+
+
+def pdl_order(ptx: str) -> dict:
+    """In a kernel's PTX: whether it has griddepcontrol.launch_dependents and .wait, and how many
+    global loads come before the first wait (a PDL GEMV's first weight tile; 0 for the others)."""
+    at = ptx.find("griddepcontrol.wait")
+    return dict(launches_dependents="griddepcontrol.launch_dependents" in ptx, waits=at >= 0,
+                loads_before_wait=len(_GLOBAL_LOAD.findall(ptx[:at])) if at >= 0 else 0)
 
 
 def global_loads(ptx: str) -> tuple[int, int]:
@@ -189,7 +199,7 @@ def _label(name: str, ints: dict, const: dict, dims: dict) -> str:
     return f"{tags[0] if len(tags) == 1 else '?'}.{what}"
 
 
-def report(arch: int, buckets: list[int], plain: list[int], int8: bool) -> dict:
+def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: bool = False) -> dict:
     import torch
 
     from csmstream.engine.config import CsmModelConfig
@@ -204,6 +214,7 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool) -> dict:
         for fused, todo in ((True, buckets), (False, plain)):
             for B in todo:
                 fast.fused_buckets = {B} if fused else set()
+                fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
                 fast.forward(B)
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
@@ -213,20 +224,26 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool) -> dict:
                         r = resources(k.asm["cubin"])
                         smem = r["shared"] + k.metadata.shared
                         row = binaries[id(k)] = dict(
-                            kernel=_short(name), calls=[], bucket=B, fused=fused,
+                            kernel=_short(name), calls=[], bucket=B, fused=fused, pdl=fused and pdl,
                             num_warps=warps, constexprs=const, regs=r["regs"], spill_bytes=r["stack"] + r["local"],
                             shared=smem, warps_per_sm=occupancy(r["regs"], warps, smem, arch),
                             loads_128=global_loads(k.asm["ptx"]))
+                        if row["pdl"]:
+                            row.update(pdl_order(k.asm["ptx"]))
                     label = _label(name, ints, const, dims)
                     if label not in row["calls"]:
                         row["calls"].append(label)
                 kernels += binaries.values()
-                print(f"bucket {B:>3} {'fused' if fused else 'plain'}: {len(binaries)} kernels "
+                print(f"bucket {B:>3} {_path(fused, pdl)}: {len(binaries)} kernels "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     import triton
 
-    return dict(arch=f"sm_{arch}", triton=triton.__version__, int8_depth=int8, kernels=kernels,
+    return dict(arch=f"sm_{arch}", triton=triton.__version__, int8_depth=int8, pdl=pdl, kernels=kernels,
                 limits=SM_LIMITS[arch])
+
+
+def _path(fused: bool, pdl: bool) -> str:
+    return "plain" if not fused else "fused+pdl" if pdl else "fused"
 
 
 def problems(res: dict) -> list[str]:
@@ -238,18 +255,20 @@ def problems(res: dict) -> list[str]:
             out.append(f"{where} spills {k['spill_bytes']} bytes a thread to local memory (stack + local)")
         if k["shared"] > lim["smem"]:
             out.append(f"{where} needs {k['shared']} bytes of shared memory; a block may have {lim['smem']}")
+        if k.get("pdl") and not (k["launches_dependents"] and k["waits"]):
+            out.append(f"{where} is launched with PDL but lacks griddepcontrol.launch_dependents or .wait")
     return out
 
 
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
-             f"{'B':>3} {'path':<5} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
+             f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
              f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6}"]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
         c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items()
                      if not a.startswith(("ADD", "ROPE", "SWIGLU")) and (a, v) != ("ROW_DIV", 1))
-        lines.append(f"{k['bucket']:>3} {'fused' if k['fused'] else 'plain':<5} {k['kernel']:<12} "
+        lines.append(f"{k['bucket']:>3} {_path(k['fused'], k.get('pdl')):<9} {k['kernel']:<12} "
                      f"{'+'.join(k['calls']):<24} {c:<52.52} {k['num_warps']:>5} {k['regs']:>4} "
                      f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {ld128:>6}")
     return "\n".join(lines)
@@ -278,17 +297,21 @@ def main(argv=None) -> int:
                     help="buckets to compile the cuBLAS-path step's kernels for (default 1; they do not "
                          "specialise on the batch beyond 1 / multiples of 16)")
     ap.add_argument("--int8", action="store_true", help="with the depth decoder stored as int8")
+    ap.add_argument("--pdl", action="store_true",
+                    help="the fused step as a chain of programmatic dependent launches (sm_90 and later)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     a = ap.parse_args(argv)
     from csmstream.kernels.triton_gemv import MAX_ROWS
 
     if any(b > MAX_ROWS for b in a.buckets):
         ap.error(f"--buckets: the fused step runs buckets of at most {MAX_ROWS} rows")
+    if a.pdl and a.arch < 90:
+        ap.error(f"--pdl: programmatic dependent launch needs sm_90 or later, not sm_{a.arch}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernel_report compiles the kernels: run it with TRITON_INTERPRET=0 (or unset)", file=sys.stderr)
         return 1
     try:
-        res = report(a.arch, a.buckets, a.plain_buckets, a.int8)
+        res = report(a.arch, a.buckets, a.plain_buckets, a.int8, a.pdl)
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile: say which and why
         print(f"kernel_report: compiling for sm_{a.arch} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

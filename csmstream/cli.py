@@ -16,6 +16,8 @@ GPU_ENV = """GPU settings (environment):
   CSM_FAST_STEP=0      skip the Triton step; plain eager PyTorch (slowest)
   CSM_FUSED_GEMV=auto  auto | on | off: five-kernel layers for batches <= 16 (auto keeps what
                        replays faster at start-up)
+  CSM_PDL=auto         auto | on | off: run those kernels as programmatic dependent launches on
+                       Hopper (auto keeps it if faster and its codes match the plain step's)
   CSM_GEMV_TILES=FILE  tiles measured by bench/gemv_sweep.py (its --json) for those kernels"""
 
 def _model_args(p: argparse.ArgumentParser) -> None:

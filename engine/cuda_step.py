@@ -26,6 +26,10 @@ Env CSM_FUSED_GEMV: `auto` (default) captures both variants of each such bucket,
 replays and keeps the faster (so a device where cuBLAS wins keeps cuBLAS); `on` / `off` force it.
 With an int8 depth decoder (engine/quant.py) the five-kernel layers read its int8 weights (half the
 bytes); the cuBLAS step reads the dequantized copy, so both compute the same function.
+Env CSM_PDL (`auto` default, `on`, `off`): on Hopper and later the five-kernel step can also run as
+one chain of programmatic dependent launches (kernels/pdl.py: each kernel loads its first weight
+tile while the one before finishes). `auto` captures it as a third variant, keeps it only if its
+replay gives the same codes as the plain fused step's, and times it with the others.
 """
 
 from __future__ import annotations
@@ -50,13 +54,33 @@ def graphs_enabled(flag: bool | None) -> bool:
     return os.environ.get("CSM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def fused_setting(flag: str | None = None) -> str:
-    """'auto' | 'on' | 'off': the argument wins, else env CSM_FUSED_GEMV (default auto)."""
-    v = (flag if flag is not None else os.environ.get("CSM_FUSED_GEMV", "auto")).strip().lower()
+def _switch(env: str, flag: str | None) -> str:
+    """'auto' | 'on' | 'off': the argument wins, else the environment variable (default auto)."""
+    v = (flag if flag is not None else os.environ.get(env, "auto")).strip().lower()
     v = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(v, v)
     if v not in ("auto", "on", "off"):
-        raise ValueError(f"CSM_FUSED_GEMV must be auto, on or off, got {v!r}")
+        raise ValueError(f"{env} must be auto, on or off, got {v!r}")
     return v
+
+
+def fused_setting(flag: str | None = None) -> str:
+    """The five-kernel layers: the argument, else env CSM_FUSED_GEMV (default auto)."""
+    return _switch("CSM_FUSED_GEMV", flag)
+
+
+def pdl_setting(flag: str | None = None) -> str:
+    """Programmatic dependent launches in the five-kernel step: the argument, else env CSM_PDL."""
+    return _switch("CSM_PDL", flag)
+
+
+def variant_name(fused: bool, pdl: bool) -> str:
+    return "fused+pdl" if pdl else "fused" if fused else "cublas"
+
+
+def _replayed(graph_out: tuple) -> torch.Tensor:
+    """A captured step's codes after one replay (a copy: the buffer is shared)."""
+    graph_out[0].replay()
+    return graph_out[1].clone()
 
 
 def buckets_for(rows: int) -> list[int]:
@@ -98,8 +122,9 @@ def _pairs(layer: tuple, q: dict | None = None) -> tuple:
 
 
 class FastFrameStep:
-    def __init__(self, gen, *, graphs: bool, fused: str | None = None) -> None:
+    def __init__(self, gen, *, graphs: bool, fused: str | None = None, pdl: str | None = None) -> None:
         from ..kernels import (  # imported here: nothing imports triton at package import
+            pdl as pdl_mod,
             triton_gemv,
             triton_ops,
         )
@@ -146,7 +171,14 @@ class FastFrameStep:
         self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as five kernels a layer
         # the fused step's depth heads [N-1, cs, Dd]: the final norm runs in the head's prologue
         self.heads_t = gen.heads.transpose(1, 2).contiguous() if self.fused_mode != "off" else None
-        self.fused_timing: dict[int, tuple[float, float]] = {}  # auto: bucket -> (fused ms, plain ms)
+        self.pdl_mode = pdl_setting(pdl)
+        why_not = pdl_mod.unavailable(dev) if self.pdl_mode != "off" and self.fused_mode != "off" else "off"
+        self.pdl_ok = why_not is None
+        if self.pdl_mode == "on" and not self.pdl_ok and dev.type == "cuda":
+            log.warning("CSM_PDL=on but %s: the fused step runs without it", why_not)
+        self.pdl_buckets: set[int] = set(self.fused_buckets) if self.pdl_mode == "on" and self.pdl_ok else set()
+        # capture(): bucket -> {variant name: ms a replay} for each bucket captured more than one way
+        self.timing: dict[int, dict[str, float]] = {}
         if self.use_graphs:
             self.capture()
         if self.int8 and dev.type == "cuda" and not self.fused_buckets:
@@ -170,18 +202,21 @@ class FastFrameStep:
             d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
         return ops.add_rms_norm(x, d, final_norm, eps)
 
-    def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B, final=True):
+    def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B, final=True,
+                     pdl=False):
         """The same stack in five kernels a layer (B <= 16); x [B, D] is updated in place. `layers`
         holds (weight, scale) pairs (self.bb_fused / self.dd_fused). final=False returns the residual
-        stream x itself, for a caller that folds the final norm into its next matmul."""
+        stream x itself, for a caller that folds the final norm into its next matmul. pdl: every
+        kernel a programmatic dependent launch (kernels/pdl.py)."""
         ops, gemv = self.ops, self.gemv
         for i, (an, (wqkv, sqkv), (wo, so), fn, (w13, s13), (w2, s2)) in enumerate(layers):
             cache = kv[i][:B]
-            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache))
+            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache), pdl=pdl)
             q = qkv.view(x.shape[0], -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
-            gemv.matvec_add_(x, wo, ops.decode_attention(q, cache, lengths), scale=so)
-            gemv.matvec_add_(x, w2, gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13), scale=s2)
-        return ops.add_rms_norm(x, x, final_norm, eps, add=False) if final else x
+            gemv.matvec_add_(x, wo, ops.decode_attention(q, cache, lengths, pdl=pdl), scale=so, pdl=pdl)
+            up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl)
+            gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl)
+        return ops.add_rms_norm(x, x, final_norm, eps, add=False, pdl=pdl) if final else x
 
     def forward(self, B: int) -> torch.Tensor:
         """One frame for rows [0, B); returns codes [B, N] (a persistent buffer)."""
@@ -189,23 +224,26 @@ class FastFrameStep:
         h, temp, topk = g.h[:B], g.temperature[:B], g.topk[:B]
         seed, counter, table = g.seed[:B], g.frame[:B], self.gtable
         codes = self.codes[:B]
-        self.ops.sample(F.linear(h, g.c0_w), temp, topk, seed, counter, 0, table, self.cs, out=codes[:, 0])
         dd = self.dd
         fused = B in self.fused_buckets
+        pdl = fused and B in self.pdl_buckets
+        self.ops.sample(F.linear(h, g.c0_w), temp, topk, seed, counter, 0, table, self.cs, out=codes[:, 0], pdl=pdl)
         stack = self._stack_fused if fused else self._stack
         dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
-        kw = {"final": False} if fused else {}  # fused: the final norm runs inside the head's matvec
+        kw = {"pdl": pdl} if fused else {}
+        dkw = {"final": False, **kw} if fused else {}  # fused: the final norm runs inside the head's matvec
 
         def depth(x, pos, lengths):
             return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
-                         self.dd_cos, self.dd_sin, pos, lengths, B, **kw)
+                         self.dd_cos, self.dd_sin, pos, lengths, B, **dkw)
 
         def draw(out, p):  # codebook p from depth position p's output (the fused head wants it contiguous)
             if fused:
-                logits = self.gemv.norm_matvec(out.contiguous(), self.dd_norm, self.heads_t[p - 1], dd.norm_eps)
+                logits = self.gemv.norm_matvec(out.contiguous(), self.dd_norm, self.heads_t[p - 1], dd.norm_eps,
+                                               pdl=pdl)
             else:
                 logits = out @ g.heads[p - 1]
-            self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p])
+            self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p], pdl=pdl)
 
         # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1. Positions 0 and 1 go
         # through in one pass (rows 2b, 2b + 1: each weight read once for both) while the rows fit
@@ -225,7 +263,7 @@ class FastFrameStep:
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb
         new_h = stack(g.model.embed_frames(codes), bb_layers, self.bb_kv, self.bb_norm, bb.norm_eps,
-                      bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B)
+                      bb.n_heads, self.bb_cos, self.bb_sin, pos, pos + 1, B, **kw)
         live = self.active[:B]
         h.copy_(torch.where(live[:, None], new_h, h))
         g.pos[:B] += live
@@ -233,53 +271,87 @@ class FastFrameStep:
         return codes
 
     # -- graphs -----------------------------------------------------------------------------------
+    def variants(self, B: int) -> list[tuple[bool, bool]]:
+        """The ways bucket B may run, as (fused, pdl): the cuBLAS step, the five-kernel step, and
+        that step as one chain of programmatic dependent launches -- as CSM_FUSED_GEMV, CSM_PDL and
+        the device allow. capture() times them against each other and keeps the fastest."""
+        if B > self.gemv.MAX_ROWS or self.fused_mode == "off":
+            return [(False, False)]
+        pdl = {"off": [False], "on": [True], "auto": [False, True]}[self.pdl_mode] if self.pdl_ok else [False]
+        fused = [(True, p) for p in pdl]
+        return fused if self.fused_mode == "on" else [(False, False), *fused]
+
+    def _use(self, B: int, way: tuple[bool, bool]) -> None:
+        fused, pdl = way
+        (self.fused_buckets.add if fused else self.fused_buckets.discard)(B)
+        (self.pdl_buckets.add if pdl else self.pdl_buckets.discard)(B)
+
     def capture(self) -> None:
         """Capture one graph per bucket (largest first, one shared memory pool). Rows are idle while
         capturing (active all false), so no request state moves; caches get junk they never read.
-        With CSM_FUSED_GEMV=auto a small bucket is captured both ways and the faster replay kept."""
+        A small bucket with several variants (CSM_FUSED_GEMV / CSM_PDL auto) keeps the fastest."""
         t0 = time.perf_counter()
         self.active.zero_()
-        auto = {b for b in self.buckets if b <= self.gemv.MAX_ROWS} if self.fused_mode == "auto" else set()
+        ways = {B: self.variants(B) for B in self.buckets}
+        broken: dict[tuple[bool, bool], str] = {}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
-            for B in self.buckets:  # compile the kernels and create library handles off-graph
-                self.forward(B)
-            if auto:  # the fused kernels too; if they cannot compile on this device, do without them
-                self.fused_buckets |= auto
-                try:
-                    for B in auto:
+            # compile the kernels and create library handles off-graph; a variant that cannot run
+            # here is dropped while the bucket has another (a bucket's only way fails the step)
+            for B in self.buckets:
+                for way in ways[B]:
+                    if way in broken:
+                        continue
+                    self._use(B, way)
+                    try:
                         self.forward(B)
-                except Exception as e:  # noqa: BLE001 - any compile/launch failure: keep the cuBLAS step
-                    log.warning("fused GEMV kernels unavailable here (%s: %s); using the cuBLAS step",
-                                type(e).__name__, e)
-                    auto = set()
-                self.fused_buckets.clear()
+                    except Exception as e:  # noqa: BLE001 - any compile/launch failure
+                        if len(ways[B]) == 1:
+                            raise
+                        broken[way] = f"{type(e).__name__}: {e}"
+                        log.warning("the %s step is unavailable here (%s); going without it",
+                                    variant_name(*way), broken[way])
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         for B in reversed(self.buckets):
-            self.graphs[B] = self._capture_one(B, pool)
-            if B in auto:
-                self.fused_buckets.add(B)
-                try:
-                    fused = self._capture_one(B, pool)
-                except Exception as e:  # noqa: BLE001 - keep the cuBLAS graph
-                    log.warning("fused GEMV graph for bucket %d failed (%s); using the cuBLAS step", B, e)
-                    self.fused_buckets.discard(B)
-                    continue
-                t_fused, t_plain = replay_ms(fused[0]), replay_ms(self.graphs[B][0])
-                self.fused_timing[B] = (t_fused, t_plain)
-                if t_fused < t_plain:
-                    self.graphs[B] = fused
-                else:
-                    self.fused_buckets.discard(B)
+            self.graphs[B] = self._capture_best(B, [w for w in ways[B] if w not in broken], pool)
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs (buckets %s) in %.1fs", len(self.graphs), self.buckets,
                  time.perf_counter() - t0)
-        if self.fused_timing:
-            log.info("fused GEMV step vs cuBLAS step, ms a replay: %s; fused kept for buckets %s",
-                     {b: tuple(round(t, 3) for t in v) for b, v in sorted(self.fused_timing.items())},
-                     sorted(self.fused_buckets))
+        if self.timing:
+            log.info("step variants, ms a replay: %s; kept %s",
+                     {b: {k: round(t, 3) for k, t in v.items()} for b, v in sorted(self.timing.items())},
+                     {b: self.kept(b) for b in sorted(self.timing)})
+
+    def kept(self, B: int) -> str:
+        """The variant bucket B runs: cublas, fused or fused+pdl."""
+        return variant_name(B in self.fused_buckets, B in self.fused_buckets and B in self.pdl_buckets)
+
+    def _capture_best(self, B: int, ways: list[tuple[bool, bool]], pool) -> tuple:
+        if not ways:
+            raise RuntimeError(f"no way to run batch bucket {B} on this device")
+        got = {}
+        for way in ways:
+            self._use(B, way)
+            try:
+                got[way] = self._capture_one(B, pool)
+            except Exception as e:  # noqa: BLE001 - another variant serves
+                if len(ways) == 1:
+                    raise
+                log.warning("the %s graph for bucket %d failed (%s); going without it", variant_name(*way), B, e)
+        plain, chained = got.get((True, False)), got.get((True, True))
+        if plain and chained and not torch.equal(_replayed(plain), _replayed(chained)):
+            # the same kernels in the same order: any difference is a broken dependency
+            log.warning("bucket %d: the PDL chain's codes differ from the fused step's; not using PDL", B)
+            del got[(True, True)]
+        if not got:
+            raise RuntimeError(f"no graph for batch bucket {B} could be captured")
+        if len(got) > 1:
+            self.timing[B] = {variant_name(*w): replay_ms(g[0]) for w, g in got.items()}
+        best = min(got, key=lambda w: self.timing[B][variant_name(*w)]) if len(got) > 1 else next(iter(got))
+        self._use(B, best)
+        return got[best]
 
     def _capture_one(self, B: int, pool) -> tuple:
         graph = torch.cuda.CUDAGraph()

@@ -76,15 +76,32 @@ def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None
 
 
 @triton.jit
+def _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv, TWO: tl.constexpr):
+    """One BLOCK_K tile of norm_matvec's main loop: x's tile normed (as the unfused path feeds its
+    matmul, in the model's dtype: y's) times the weight tile(s) w (and u) already loaded."""
+    km = k0 + kk < K
+    xs = tl.load(x_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
+    g = tl.load(nw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+    xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    acc += xn[:, None, :] * w.to(tl.float32)[None, :, :]
+    if TWO:
+        acc2 += xn[:, None, :] * u.to(tl.float32)[None, :, :]
+    return acc, acc2
+
+
+@triton.jit
 def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_ptr, sin_ptr, pos_ptr, pos_stride,
                         c_ptr, c_row_stride, c_pos_stride, QN, KN, HALF, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
                         SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr):
+                        BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the next kernel may start loading its weights as this one's programs are all running
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns; with ROPE, pairs of columns
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
+    dt = y_ptr.dtype.element_ty
     # the weight rows behind acc (and acc2): n (and N + n, the up half) or 2n and 2n + 1 (a pair)
     if ROPE:
         r1 = 2 * n
@@ -92,6 +109,14 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     else:
         r1 = n
         r2 = N + n
+    # the first weight tile depends on no earlier kernel: its loads go out before the wait
+    wm = nm[:, None] & (kk < K)[None, :]
+    w = tl.load(w_ptr + r1[:, None] * K + kk[None, :], mask=wm, other=0.0)
+    u = w
+    if SWIGLU or ROPE:
+        u = tl.load(w_ptr + r2[:, None] * K + kk[None, :], mask=wm, other=0.0)
+    if PDL:  # x (and the positions) come from earlier kernels: nothing reads or writes them before
+        tl.extra.cuda.gdc_wait()
     ss = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # prologue: each row's mean square
         km = k0 + kk < K
@@ -101,23 +126,18 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     inv = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     acc2 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        km = k0 + kk < K
-        xs = tl.load(x_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
-        g = tl.load(nw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-        # the normed activations in the model's dtype, as the unfused path feeds its matmul
-        xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
-        wm = nm[:, None] & km[None, :]
-        w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
-        acc += xn[:, None, :] * w[None, :, :]
+    acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, 0, kk, K, inv, SWIGLU or ROPE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        wm = nm[:, None] & (k0 + kk < K)[None, :]
+        w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
         if SWIGLU or ROPE:
-            u = tl.load(w_ptr + r2[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0).to(tl.float32)
-            acc2 += xn[:, None, :] * u[None, :, :]
+            u = tl.load(w_ptr + r2[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
+        acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv,
+                               SWIGLU or ROPE)
     y = tl.sum(acc, axis=2)
     if SCALED:
         y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
     m = bm[:, None] & nm[None, :]
-    dt = y_ptr.dtype.element_ty
     if SWIGLU or ROPE:
         y2 = tl.sum(acc2, axis=2)
         if SCALED:
@@ -147,7 +167,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
 
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
                 swiglu: bool = False, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None) -> torch.Tensor:
+                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None, pdl: bool = False) -> torch.Tensor:
     """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
     int8 with its per-row `scale` [N], or the activations' dtype).
     Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu.
@@ -157,7 +177,10 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     position (cos/sin [S, hd/2] float32, pos [B] int64, stride 0 allowed), then k and v written to
     cache[b // (B / C), pos[b]] (cache [C, S, 2KV, hd], each position's heads contiguous; C = B, or
     B / r for r positions of each sequence at once). The returned [B, N] holds rotated q and k and
-    raw v."""
+    raw v.
+
+    pdl=True launches it as a programmatic dependent launch (Hopper and later; kernels/pdl.py): its
+    first weight tile loads while the kernel before it finishes."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
     _check_scale(w, scale, w.shape[0])
@@ -179,8 +202,8 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
                                                   *r, SWIGLU=swiglu, ROPE=rope is not None,
                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, num_warps=warps,
-                                                  enable_fp_fusion=FMA)
+                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl, num_warps=warps,
+                                                  enable_fp_fusion=FMA, launch_pdl=pdl)
     return y
 
 
@@ -194,19 +217,30 @@ def norm_matvec_ref(x, norm_w, w, eps, *, swiglu=False, scale=None):
 
 
 @triton.jit
+def _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K):
+    """One BLOCK_K tile of matvec_add_'s loop, its weight tile w already loaded."""
+    a = tl.load(a_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & (k0 + kk < K)[None, :], other=0.0)
+    return acc3 + a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # as in _norm_matvec_kernel: the next kernel may start, and the first weight tile loads
+        tl.extra.cuda.gdc_launch_dependents()  # before waiting for the kernel that wrote a and x
     pid = tl.program_id(0)
     b = tl.arange(0, BLOCK_B)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
+    w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nm[:, None] & (kk < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
-    for k0 in range(0, K, BLOCK_K):
-        km = k0 + kk < K
-        a = tl.load(a_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    acc3 = _mva_tile(acc3, w, a_ptr, b, bm, 0, kk, K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & (k0 + kk < K)[None, :], other=0.0)
+        acc3 = _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K)
     acc = tl.sum(acc3, axis=2)
     if SCALED:
         acc *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -218,9 +252,9 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
 
 
 def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+                tiles: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """x [B, N] += F.linear(a, w) in place; a [B, K], w [N, K] (int8 with `scale` [N], or a's dtype),
-    all contiguous, B <= MAX_ROWS."""
+    all contiguous, B <= MAX_ROWS. pdl: as in norm_matvec."""
     B, N = x.shape
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
@@ -228,7 +262,8 @@ def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: tor
     bn, bk, warps = tiles or _tiles(x, K, N, 1, scale is not None)
     _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
                                               SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=FMA)
+                                              BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=warps,
+                                              enable_fp_fusion=FMA, launch_pdl=pdl)
     return x
 
 

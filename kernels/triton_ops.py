@@ -32,6 +32,15 @@ import triton.language as tl
 FMA = True
 
 
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """A kernel with nothing to load ahead: under a programmatic dependent launch (kernels/pdl.py)
+    let the next kernel start, then wait for the one before before touching anything it wrote."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
 # -- sampling ----------------------------------------------------------------------------------
 @triton.jit
 def _fmix32(h):
@@ -45,7 +54,8 @@ def _fmix32(h):
 
 @triton.jit(do_not_specialize=["codebook"])
 def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codebook, table_ptr, out_ptr,
-                   out_stride, V, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                   out_stride, V, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     code = tl.arange(0, BLOCK)
     ok = code < V
@@ -81,26 +91,29 @@ def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codeb
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
            counter: torch.Tensor, codebook: int, table: torch.Tensor, codebook_size: int,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """One kernel: engine/sampling.sample's draw, with no sort and no noise tensor.
 
     logits [B, V] (row stride free; ids >= codebook_size are reserved and never drawn); temperature
     [B] float; topk [B] int64 in 1..codebook_size (any k: no upper bound); seed/counter [B] int64;
     codebook: host int; table: engine/sampling.gumbel_table on this device. Returns [B] int64,
-    written into `out` if given (any row stride, e.g. one column of a frame)."""
+    written into `out` if given (any row stride, e.g. one column of a frame). pdl: launched as a
+    programmatic dependent launch (kernels/pdl.py)."""
     B = logits.shape[0]
     assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
     block = triton.next_power_of_2(codebook_size)
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
                          out.stride(0), codebook_size, NOISE_BITS=table.numel().bit_length() - 1, BLOCK=block,
-                         num_warps=4 if block <= 2048 else 8, enable_fp_fusion=FMA)
+                         PDL=pdl, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 
 # -- residual + norm ---------------------------------------------------------------------------
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < D
@@ -116,14 +129,14 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, D, eps, ADD: tl.constexpr
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                 add: bool = True) -> torch.Tensor:
+                 add: bool = True, pdl: bool = False) -> torch.Tensor:
     """h += delta in place (h = delta when add=False; both contiguous [..., D]); returns
-    rms_norm(h) * weight."""
+    rms_norm(h) * weight. pdl: as in sample."""
     D = h.shape[-1]
     rows = h.numel() // D
     out = torch.empty_like(h)
     _add_rms_norm_kernel[(rows,)](h, delta, weight, out, D, eps, ADD=add, BLOCK=triton.next_power_of_2(D),
-                                  enable_fp_fusion=FMA)
+                                  PDL=pdl, enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 
@@ -195,7 +208,8 @@ def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
 @triton.jit
 def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
                         out_stride, scale, KV, G, HD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        ROW_DIV: tl.constexpr):
+                        ROW_DIV: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)  # one query head; its kv head is head // G
     n_keys = tl.load(len_ptr + row * len_stride)
@@ -222,11 +236,11 @@ def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """q [B, H, hd] (row stride free); cache [C, S, 2KV, hd] (keys then values per position; C = B,
     or B / r when r consecutive rows are positions of one sequence); lengths [B] int64 (stride 0
     allowed): row b attends to positions [0, lengths[b]) of cache row b // (B / C).
-    Returns [B, H * hd] in q's dtype."""
+    Returns [B, H * hd] in q's dtype. pdl: as in sample."""
     B, H, hd = q.shape
     KV = cache.shape[2] // 2
     G = H // KV
@@ -234,7 +248,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
     assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
     _decode_attn_kernel[(B, H)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
                                 lengths.stride(0), out, out.stride(0), hd ** -0.5, KV, G, HD=hd,
-                                BLOCK_N=max(16, 4096 // hd), ROW_DIV=cache_rows_div(B, cache), enable_fp_fusion=FMA)
+                                BLOCK_N=max(16, 4096 // hd), ROW_DIV=cache_rows_div(B, cache), PDL=pdl,
+                                enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 

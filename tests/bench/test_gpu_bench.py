@@ -26,3 +26,18 @@ def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_gene
     for row in out.values():
         assert row["graph_ms"] is None and row["padded_eager_ms"] > 0 and row["plain_eager_ms"] > 0
     assert gen.static_prefill is sp and sp.graphs == {} and gen.host_pos == [0, 0]
+
+
+def test_the_kept_variant_and_its_table_row(tiny_engine):
+    from bench.gpu import kept_variant, variants_row
+
+    from csmstream.engine.generator import FrameGenerator
+
+    step = FrameGenerator(tiny_engine.model, rows=2, fast=True).fast
+    res = kept_variant(step)  # CPU: nothing captured, the cuBLAS-path step
+    assert res == {"variant": "cublas", "fused_gemv": False} and variants_row(res) == "kept cublas"
+    step.fused_buckets, step.pdl_buckets = {1}, {1}
+    step.timing[1] = {"cublas": 7.4, "fused": 6.12, "fused+pdl": 5.2}
+    res = kept_variant(step)
+    assert res["variant"] == "fused+pdl" and res["capture_fused+pdl_ms"] == 5.2
+    assert variants_row(res) == "cublas 7.40 / fused 6.12 / fused+pdl 5.20 ms, kept fused+pdl"

@@ -70,6 +70,27 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
     assert sum(" fused " in line or " plain " in line for line in r.stdout.splitlines()) == len(ks)
 
 
+def test_the_pdl_chain_compiles_with_only_weight_loads_before_each_wait(tmp_path):
+    """kernels/pdl.py's contract in the compiled PTX for sm_90: every kernel of the fused step has
+    griddepcontrol.launch_dependents and .wait; the GEMVs issue their first weight tile's loads
+    before the wait, the draw, attention and norm load nothing before it; still no spills."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--buckets", "1,16", "--plain-buckets", "1",
+           "--pdl", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_compiled_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["pdl"] and res["problems"] == []
+    fused = [k for k in res["kernels"] if k["fused"]]
+    assert fused and all(k["pdl"] and k["launches_dependents"] and k["waits"] for k in fused)
+    assert {k["kernel"] for k in fused} == {"sample", "norm_matvec", "matvec_add", "decode_attn", "add_rms_norm"}
+    for k in fused:
+        gemv = k["kernel"] in ("norm_matvec", "matvec_add")
+        assert (k["loads_before_wait"] >= 1) if gemv else (k["loads_before_wait"] == 0), k
+    assert not any(k.get("pdl") for k in res["kernels"] if not k["fused"])  # the cuBLAS path stays plain
+    assert all(k["spill_bytes"] == 0 for k in res["kernels"])
+
+
 def test_a_spilling_tile_is_reported(tmp_path):
     """The check above can fail: a tile far over the register budget spills, and the report says so."""
     code = """
@@ -103,7 +124,7 @@ def test_bad_arguments_are_one_clear_line(capsys):
     from bench.kernel_report import main
 
     for argv, msg in ((["--buckets", "1,32"], "at most 16 rows"), (["--buckets", "x"], "comma-separated"),
-                      (["--arch", "75"], "invalid choice")):
+                      (["--arch", "75"], "invalid choice"), (["--arch", "80", "--pdl"], "needs sm_90 or later")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -19,7 +19,7 @@ def test_help_lists_commands():
     for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk",
                 "--quantize"):
         assert opt in serve.stdout
-    for env in ("CSM_CUDA_GRAPHS=0", "CSM_FAST_STEP=0", "CSM_FUSED_GEMV=auto", "CSM_GEMV_TILES=FILE"):
+    for env in ("CSM_CUDA_GRAPHS=0", "CSM_FAST_STEP=0", "CSM_FUSED_GEMV=auto", "CSM_PDL=auto", "CSM_GEMV_TILES=FILE"):
         assert env in serve.stdout  # the GPU settings that are environment variables
 
 
