@@ -237,13 +237,18 @@ class FastFrameStep:
             return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
                          self.dd_cos, self.dd_sin, pos, lengths, B, **dkw)
 
-        def draw(out, p):  # codebook p from depth position p's output (the fused head wants it contiguous)
+        def draw(out, p):
+            """Codebook p from depth position p's output (the fused head wants it contiguous); the
+            draw also writes the code's embedding, position p + 1's input, which it returns."""
             if fused:
                 logits = self.gemv.norm_matvec(out.contiguous(), self.dd_norm, self.heads_t[p - 1], dd.norm_eps,
                                                pdl=pdl)
             else:
                 logits = out @ g.heads[p - 1]
-            self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p], pdl=pdl)
+            nxt = torch.empty(B, dd.dim, dtype=h.dtype, device=h.device) if p < n - 1 else None
+            self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p], pdl=pdl,
+                            embed=None if nxt is None else (self.inputs[p], nxt))
+            return nxt
 
         # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1. Positions 0 and 1 go
         # through in one pass (rows 2b, 2b + 1: each weight read once for both) while the rows fit
@@ -252,13 +257,14 @@ class FastFrameStep:
         if not fused or 2 * B <= self.gemv.MAX_ROWS:
             x = torch.stack((F.linear(h, self.proj), F.embedding(codes[:, 0], self.inputs[0])), dim=1)
             out = depth(x.view(2 * B, -1), self.dd_pos01[: 2 * B], self.dd_len01[: 2 * B])
-            draw(out.view(B, 2, -1)[:, 1], 1)
+            x = draw(out.view(B, 2, -1)[:, 1], 1)
             first = 2
         for p in range(first, n):
-            x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, p - 1], self.inputs[p - 1])
+            if p < 2:  # one position at a time from the start (the bucket is past the merged pass's rows)
+                x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, 0], self.inputs[0])
             out = depth(x, self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B))
             if p >= 1:
-                draw(out, p)
+                x = draw(out, p)
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb

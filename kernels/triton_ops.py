@@ -54,7 +54,8 @@ def _fmix32(h):
 
 @triton.jit(do_not_specialize=["codebook"])
 def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codebook, table_ptr, out_ptr,
-                   out_stride, V, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                   out_stride, V, emb_ptr, x_ptr, D, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   EMBED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     _pdl_start(PDL)
     row = tl.program_id(0)
     code = tl.arange(0, BLOCK)
@@ -87,24 +88,35 @@ def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codeb
     s = tl.where(take, tl.math.div_rn(v, tl.zeros_like(v) + t) + g, -float("inf"))
     best = tl.argmax(s, axis=0, tie_break_left=True)  # equal scores: the lower code id
     tl.store(out_ptr + row * out_stride, best.to(tl.int64))
+    if EMBED:  # the drawn code's embedding row: the next depth pass's input
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            e = tl.load(emb_ptr + best.to(tl.int64) * D + d, mask=d < D)
+            tl.store(x_ptr + row * D + d, e, mask=d < D)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
            counter: torch.Tensor, codebook: int, table: torch.Tensor, codebook_size: int,
-           out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+           out: torch.Tensor | None = None, pdl: bool = False, embed: tuple | None = None) -> torch.Tensor:
     """One kernel: engine/sampling.sample's draw, with no sort and no noise tensor.
 
     logits [B, V] (row stride free; ids >= codebook_size are reserved and never drawn); temperature
     [B] float; topk [B] int64 in 1..codebook_size (any k: no upper bound); seed/counter [B] int64;
     codebook: host int; table: engine/sampling.gumbel_table on this device. Returns [B] int64,
     written into `out` if given (any row stride, e.g. one column of a frame). pdl: launched as a
-    programmatic dependent launch (kernels/pdl.py)."""
+    programmatic dependent launch (kernels/pdl.py). embed = (table [C', D], x [B, D]), both
+    contiguous: also writes table[code] into x's row (F.embedding's work, folded into the draw)."""
     B = logits.shape[0]
     assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
     block = triton.next_power_of_2(codebook_size)
+    emb, x = embed if embed is not None else (out, out)
+    D = emb.shape[1] if embed is not None else 1
+    if embed is not None:
+        assert emb.is_contiguous() and x.is_contiguous() and x.shape == (B, D) and emb.shape[0] >= codebook_size
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
-                         out.stride(0), codebook_size, NOISE_BITS=table.numel().bit_length() - 1, BLOCK=block,
+                         out.stride(0), codebook_size, emb, x, D, NOISE_BITS=table.numel().bit_length() - 1,
+                         BLOCK=block, EMBED=embed is not None, BLOCK_D=min(1024, triton.next_power_of_2(D)),
                          PDL=pdl, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 

@@ -109,11 +109,11 @@ def test_attention_draw_and_norm_wait_first(monkeypatch):
 
     table = gumbel_table("cpu")
     want = triton_ops.sample(logits, temp, topk, seed, ctr, 4, table, 2048)
-    codes = torch.zeros(B, 3, dtype=torch.int64)
-    guard = PoisonUntilWait(monkeypatch, logits, temp, topk, seed, ctr, codes[:, 1])
-    triton_ops.sample(logits, temp, topk, seed, ctr, 4, table, 2048, out=codes[:, 1], pdl=True)
+    codes, emb, x = torch.zeros(B, 3, dtype=torch.int64), _data(18, 2048, 24), torch.zeros(B, 24)
+    guard = PoisonUntilWait(monkeypatch, logits, temp, topk, seed, ctr, codes[:, 1], x)
+    triton_ops.sample(logits, temp, topk, seed, ctr, 4, table, 2048, out=codes[:, 1], pdl=True, embed=(emb, x))
     monkeypatch.undo()
-    assert torch.equal(codes[:, 1], want) and guard.starts == B
+    assert torch.equal(codes[:, 1], want) and torch.equal(x, emb[want]) and guard.starts == B
 
     h, d, wn = _data(15, B, 32), _data(16, B, 32), _data(17, 32)
     h2 = h.clone()

@@ -53,6 +53,21 @@ def test_one_kernel_sample_breaks_ties_at_the_kth_place_by_code_id():
     assert torch.equal(got, sample(logits, temp, topk, 3, seed, counter, 0))
 
 
+@pytest.mark.parametrize("D", [48, 1500])  # one chunk of the row, and two (the second ragged)
+def test_the_draw_also_writes_the_drawn_codes_embedding(D):
+    """embed=(table, x): x[b] = table[code[b]] exactly (F.embedding's rows), the codes unchanged."""
+    g = torch.Generator().manual_seed(D)
+    B, C = 5, 256
+    logits = torch.randn(B, C + 3, generator=g).to(device())
+    args = [t.to(device()) for t in (torch.full((B,), 0.8), torch.full((B,), 20), torch.arange(B), torch.ones(B).long())]
+    table = torch.randn(C + 3, D, generator=g).to(device(), torch.bfloat16)  # rows past C: never drawn
+    x = torch.full((B + 1, D), 7.0, device=device(), dtype=torch.bfloat16)
+    want = triton_ops.sample(logits, *args, 3, gumbel_table(device()), C)
+    got = triton_ops.sample(logits, *args, 3, gumbel_table(device()), C, embed=(table, x[:B]))
+    assert torch.equal(got, want)
+    assert torch.equal(x[:B], torch.nn.functional.embedding(want, table)) and (x[B] == 7.0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("add", [True, False])
 def test_add_rms_norm_equals_the_reference(dtype, add):
