@@ -9,7 +9,8 @@ are not active are computed but keep their state (their cache write lands on the
 position, which they overwrite before reading it).
 
 Per frame: codebook-0 head + draw, 31 depth-decoder passes over its 32 positions (position 0 = the
-projected backbone state; the output at position p draws codebook p; positions 0 and 1 go through
+projected backbone state; the output at position p draws codebook p, and that draw also writes the
+code's embedding, position p + 1's input; positions 0 and 1 go through
 one pass together, as rows 2b and 2b + 1 sharing cache row b, so each weight is read once for both;
 a fused bucket over 8 rows takes them one at a time, the kernels holding 16 rows), then the backbone
 step that feeds the frame back. Per layer: fused residual+RMSNorm, qkv matmul, one kernel for RoPE

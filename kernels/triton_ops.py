@@ -34,8 +34,8 @@ FMA = True
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
-    """A kernel with nothing to load ahead: under a programmatic dependent launch (kernels/pdl.py)
-    let the next kernel start, then wait for the one before before touching anything it wrote."""
+    """For a kernel with nothing to load ahead: under a programmatic dependent launch
+    (kernels/pdl.py) let the next kernel start, then wait for the previous one to finish."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
