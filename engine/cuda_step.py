@@ -251,21 +251,20 @@ class FastFrameStep:
                             embed=None if nxt is None else (self.inputs[p], nxt))
             return nxt
 
-        # depth positions: 0 is the backbone state, p >= 1 is codebook p - 1. Positions 0 and 1 go
-        # through in one pass (rows 2b, 2b + 1: each weight read once for both) while the rows fit
-        # the fused kernels; position 0's output is only its KV.
-        first = 0
+        # depth positions: 0 is the backbone state (its output is only its KV), p >= 1 is codebook
+        # p - 1. Positions 0 and 1 go through in one pass (rows 2b, 2b + 1: each weight read once
+        # for both) while the rows fit the fused kernels, else one at a time.
+        x0, x1 = F.linear(h, self.proj), F.embedding(codes[:, 0], self.inputs[0])
         if not fused or 2 * B <= self.gemv.MAX_ROWS:
-            x = torch.stack((F.linear(h, self.proj), F.embedding(codes[:, 0], self.inputs[0])), dim=1)
-            out = depth(x.view(2 * B, -1), self.dd_pos01[: 2 * B], self.dd_len01[: 2 * B])
+            out = depth(torch.stack((x0, x1), dim=1).view(2 * B, -1), self.dd_pos01[: 2 * B], self.dd_len01[: 2 * B])
             x = draw(out.view(B, 2, -1)[:, 1], 1)
             first = 2
+        else:
+            depth(x0, self.dd_pos[0:1].expand(B), self.dd_len[0:1].expand(B))
+            x, first = x1, 1
         for p in range(first, n):
-            if p < 2:  # one position at a time from the start (the bucket is past the merged pass's rows)
-                x = F.linear(h, self.proj) if p == 0 else F.embedding(codes[:, 0], self.inputs[0])
             out = depth(x, self.dd_pos[p : p + 1].expand(B), self.dd_len[p : p + 1].expand(B))
-            if p >= 1:
-                x = draw(out, p)
+            x = draw(out, p)
         # backbone: feed the frame back at each row's own position
         pos = g.pos[:B].clamp(max=g.max_seq_len - 1)  # an idle row at the window's end writes in bounds
         bb = self.bb
@@ -354,9 +353,10 @@ class FastFrameStep:
             del got[(True, True)]
         if not got:
             raise RuntimeError(f"no graph for batch bucket {B} could be captured")
+        best = next(iter(got))
         if len(got) > 1:
             self.timing[B] = {variant_name(*w): replay_ms(g[0]) for w, g in got.items()}
-        best = min(got, key=lambda w: self.timing[B][variant_name(*w)]) if len(got) > 1 else next(iter(got))
+            best = min(got, key=lambda w: self.timing[B][variant_name(*w)])
         self._use(B, best)
         return got[best]
 

@@ -110,9 +110,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
     block = triton.next_power_of_2(codebook_size)
-    emb, x = embed if embed is not None else (out, out)
-    D = emb.shape[1] if embed is not None else 1
+    emb, x, D = out, out, 1  # unused without embed
     if embed is not None:
+        (emb, x), D = embed, embed[0].shape[1]
         assert emb.is_contiguous() and x.is_contiguous() and x.shape == (B, D) and emb.shape[0] >= codebook_size
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
                          out.stride(0), codebook_size, emb, x, D, NOISE_BITS=table.numel().bit_length() - 1,
