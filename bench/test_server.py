@@ -3,6 +3,7 @@
     .venv/bin/python -m pytest bench/test_server.py --benchmark-only -s
 
 - time to first audio over the socket vs the engine's own (same text, same seed, alternately);
+- time to first audio over the OpenAI-compatible HTTP endpoint vs the socket (alternately);
 - 8 concurrent streams: each stream's real-time factor (wall time / audio time);
 - the SPSC ring: one write + one read of a 2,400-sample chunk.
 Figures go to extra_info and stdout; nothing here asserts a time.
@@ -25,7 +26,7 @@ def running():
     from tests.servers import RunningServer
 
     eng = csmstream.load("tiny", device="cpu", max_streams=8)
-    rs = RunningServer(eng).start()
+    rs = RunningServer(eng, http_port=0).start()
     ref = csmstream.load("tiny", device="cpu", max_streams=1)
     yield rs, ref
     rs.stop()
@@ -69,6 +70,35 @@ def test_ttfa_socket_vs_engine(benchmark, running):
         print(f"\nchunk_ms={chunk_ms}: socket TTFA {s_ms:.1f} ms, engine time to {frames} frame(s) {e_ms:.1f} ms, "
               f"overhead {s_ms - e_ms:+.1f} ms")
     benchmark.pedantic(lambda: asyncio.run(socket_ttfa(rs.url, 100, 0)), rounds=5)  # socket TTFA
+
+
+def http_ttfa(client, url, seed):
+    """POST /v1/audio/speech on a kept-alive connection: seconds to the first audio bytes."""
+    body = {"input": TEXT, "seed": seed, "response_format": "pcm", "max_audio_ms": 800}
+    t0 = time.perf_counter()
+    with client.stream("POST", url, json=body) as r:
+        it = r.iter_raw()
+        next(it)
+        first = time.perf_counter() - t0
+        for _ in it:
+            pass
+    return first
+
+
+def test_ttfa_http_vs_socket(benchmark, running):
+    """The OpenAI-compatible HTTP endpoint against /ws/generate, alternately, same requests."""
+    import httpx
+
+    rs, _ = running
+    h, s = [], []
+    with httpx.Client(timeout=60) as client:
+        for i in range(12):
+            h.append(http_ttfa(client, rs.srv.speech_url, i))
+            s.append(asyncio.run(socket_ttfa(rs.url, 100, i)))
+        h_ms, s_ms = 1000 * float(np.median(h[2:])), 1000 * float(np.median(s[2:]))
+        benchmark.extra_info.update(http_ttfa_ms=h_ms, socket_ttfa_ms=s_ms)
+        print(f"\nTTFA (100 ms chunks): HTTP {h_ms:.1f} ms, WebSocket {s_ms:.1f} ms, difference {h_ms - s_ms:+.1f} ms")
+        benchmark.pedantic(lambda: http_ttfa(client, rs.srv.speech_url, 0), rounds=5)  # HTTP TTFA
 
 
 def test_eight_concurrent_streams_rtf(benchmark, running):

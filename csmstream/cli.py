@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
                                                           "0.0.0.0 for all interfaces)")
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
+    serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                       help="also serve plain HTTP on PORT: the OpenAI-compatible POST /v1/audio/speech "
+                            "(streams audio as it is generated: wav, pcm, ulaw_8000, ...; or SSE), /healthz, "
+                            "/metrics, /voices (default: off; 0 picks a free port)")
     serve.add_argument("--max-streams", type=int, default=None,
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",

@@ -38,6 +38,10 @@ def serve(args) -> int:
         raise ValueError(f"--max-text-chars must be >= 1, got {args.max_text_chars}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be in 0..65535, got {args.http_port}")
+    if args.http_port is not None and args.http_port == args.port != 0:
+        raise ValueError(f"--http-port must differ from --port (both {args.port})")
     if args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1 (prompt tokens), got {args.prefill_chunk}")
 
@@ -57,7 +61,7 @@ def serve(args) -> int:
                            if args.allowed_origins else None,
                            max_connections_per_ip=args.max_connections_per_ip,
                            max_requests_per_minute=args.max_requests_per_minute,
-                           prefill_chunk=args.prefill_chunk)
+                           prefill_chunk=args.prefill_chunk, http_port=args.http_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,6 +69,9 @@ def serve(args) -> int:
         await srv.start()
         print(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)", file=sys.stderr,
               flush=True)
+        if srv.speech_url:
+            print(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)",
+                  file=sys.stderr, flush=True)
         if args.telnyx:
             print(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
                   f"({args.telnyx_codec}; auth token {'required' if routes['/telnyx'][1] else 'NOT configured'})",
@@ -77,7 +84,8 @@ def serve(args) -> int:
     try:
         _run_loop(main())
     except OSError as e:  # port in use, bad address
-        print(f"csm-stream: error: cannot serve on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        ports = f"{args.port}" + (f" / HTTP {args.http_port}" if args.http_port is not None else "")
+        print(f"csm-stream: error: cannot serve on {args.host} port {ports}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

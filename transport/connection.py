@@ -59,6 +59,9 @@ class Connection:
     async def cancel_all(self) -> None:
         await self._cancel(None, quiet=True)
 
+    async def close_for_shutdown(self) -> None:
+        await self.ws.close(1001, "server shutting down")
+
     def abort(self) -> None:
         """The client is gone: cancel everything it asked for (the engine frees slots next tick)."""
         for job in self.jobs:
@@ -325,6 +328,14 @@ class Connection:
             raise ConnectionClosed(None, None) from None
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
+        audio_ms, ttfa = self._account(job, cancelled, audio_ms)
+        try:
+            await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
+        except ConnectionClosed:
+            pass  # the client left; its requests are cancelled by the handler
+
+    def _account(self, job: Job, cancelled: bool, audio_ms: float | None) -> tuple[float, float | None]:
+        """A request has ended: metrics and the log line; returns (audio_ms, ttfa_ms)."""
         m = self.server.metrics
         audio_ms = job.encoder.audio_ms if audio_ms is None else audio_ms
         ttfa = 1000 * (job.t_first - job.t_recv) if job.t_first else None
@@ -340,7 +351,4 @@ class Connection:
                  "cancelled" if cancelled else "done", audio_ms, len(reqs),
                  "-" if ttfa is None else f"{ttfa:.1f}", sum(r.frames for r in reqs))
         job.t_done = time.perf_counter()
-        try:
-            await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
-        except ConnectionClosed:
-            pass  # the client left; its requests are cancelled by the handler
+        return audio_ms, ttfa

@@ -6,7 +6,8 @@ decided at the HTTP handshake (before any WebSocket work).
   endpoints keep their own x-telnyx-streaming-auth-token check. Compared in constant time.
 - With allowed origins configured, a request carrying an Origin header (browsers always send one)
   must match one of them.
-- At most `max_connections_per_ip` open WebSockets per client address.
+- At most `max_connections_per_ip` open connections (WebSocket, or HTTP on the HTTP port) per
+  client address.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ class Gate:
         origin = headers.get("Origin")
         if self.allowed_origins is not None and origin is not None and origin.rstrip("/") not in self.allowed_origins:
             return 403, f"origin {origin!r} is not allowed\n"
-        if websocket and ip is not None and self.open[ip] >= self.max_per_ip:
+        if websocket and self.full(ip):
             return 429, f"too many connections from {ip}: at most {self.max_per_ip} at once\n"
         return None
+
+    def full(self, ip: str | None) -> bool:
+        """This address already holds its most connections."""
+        return ip is not None and self.open[ip] >= self.max_per_ip
 
     def opened(self, ip: str | None) -> None:
         if ip is not None:

@@ -96,10 +96,7 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
     if not isinstance(msg, dict):
         raise ProtocolError("invalid_message", f"message must be a JSON object, got {type(msg).__name__}; "
                             'send {"text": ..., "speaker_id": ...} or {"cancel": true}')
-    rid = msg.get("request_id")
-    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS):
-        raise ProtocolError("invalid_request_id", f"request_id must be a non-empty string of at most "
-                            f"{MAX_REQUEST_ID_CHARS} characters, got {rid!r:.60}")
+    rid = request_id_of(msg)
     if "cancel" in msg:
         if msg["cancel"] is not True:
             raise ProtocolError("invalid_cancel", f'cancel must be true, got {msg["cancel"]!r:.40}', rid)
@@ -112,7 +109,15 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
     if "text" not in msg:
         raise ProtocolError("missing_text", 'a request needs "text" (a non-empty string); to stop audio send '
                             '{"cancel": true}', rid)
-    return _generate(msg, rid, max_text_chars, topk_max)
+    return request_from(msg, rid, max_text_chars, topk_max)
+
+
+def request_id_of(msg: dict) -> str | None:
+    rid = msg.get("request_id")
+    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS):
+        raise ProtocolError("invalid_request_id", f"request_id must be a non-empty string of at most "
+                            f"{MAX_REQUEST_ID_CHARS} characters, got {rid!r:.60}")
+    return rid
 
 
 def _stream_message(msg: dict, rid) -> Append | Flush:
@@ -129,7 +134,10 @@ def _stream_message(msg: dict, rid) -> Append | Flush:
     return Append(text, final, rid)
 
 
-def _generate(msg: dict, rid, max_text_chars: int, topk_max: int) -> Generate:
+def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+                 topk_max: int = 2048) -> Generate:
+    """A request object (a dict with "text") -> Generate, every field checked (the HTTP endpoint
+    maps its own field names onto these and validates through here too)."""
     def bad(code: str, message: str):
         return ProtocolError(code, message, rid)
 

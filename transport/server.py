@@ -1,4 +1,5 @@
-"""The uvloop + websockets server: /ws/generate (streaming audio), /healthz, /metrics.
+"""The uvloop + websockets server: /ws/generate (streaming audio), /healthz, /metrics; with an
+HTTP port, also the OpenAI-compatible POST /v1/audio/speech (http_server.py).
 
 One event loop serves every connection; one engine thread (engine/worker.py) runs the model.
 Per connection, requests queue in order (at most `max_waiting` behind the running one); the next
@@ -25,6 +26,7 @@ from ..engine.worker import EngineWorker, GenRequest
 from . import elevenlabs, protocol
 from .connection import Connection
 from .gate import Gate
+from .http_server import HttpApi
 from .metrics import Metrics
 
 log = logging.getLogger("csmstream.server")
@@ -45,7 +47,7 @@ class StreamServer:
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, http_port: int | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -60,6 +62,8 @@ class StreamServer:
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
+        self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
+        self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections
         # a client that does not take a chunk within send_timeout is cut off (slow_reader); the
         # per-connection kernel send buffer can be capped so that happens after little buffering
@@ -83,6 +87,8 @@ class StreamServer:
         log.info("listening on ws://%s:%d/ws/generate (/healthz says 503 until the model is ready)",
                  self.host, self.port)
         try:
+            if self.http_port is not None:
+                self.http = await HttpApi(self, self.host, self.http_port).start()
             if callable(self._engine_src):
                 t0 = time.perf_counter()
                 self.engine = await self._loop.run_in_executor(None, self._engine_src)
@@ -98,6 +104,8 @@ class StreamServer:
                 self.engine.pin_voice(v.text, v.codes)
         except BaseException:
             self._ws.close()
+            if self.http is not None:
+                await self.http.close()
             raise
         self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe,
                                    max_waiting=self.max_engine_waiting, prefill_chunk=self.prefill_chunk).start()
@@ -116,6 +124,8 @@ class StreamServer:
         self.stopping = True
         if self._ws is not None:
             self._ws.close(close_connections=False)  # no new connections from here on
+            if self.http is not None:
+                self.http.stop_listening()
             deadline = time.monotonic() + timeout
             while any(c.busy for c in self.connections) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -128,8 +138,10 @@ class StreamServer:
                 while any(c.busy for c in self.connections) and time.monotonic() < t:
                     await asyncio.sleep(0.02)
             for c in list(self.connections):
-                await c.ws.close(1001, "server shutting down")
+                await c.close_for_shutdown()
             await self._ws.wait_closed()
+            if self.http is not None:
+                await self.http.close()
         if self.worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         log.info("stopped")
@@ -141,6 +153,11 @@ class StreamServer:
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}/ws/generate"
+
+    @property
+    def speech_url(self) -> str | None:
+        """The OpenAI-compatible endpoint, when an HTTP port is served."""
+        return f"http://{self.host}:{self.http.port}/v1/audio/speech" if self.http is not None else None
 
     def next_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -174,6 +191,20 @@ class StreamServer:
         return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
                 "waiting": w.queued() if w is not None else 0}
 
+    def page(self, path: str) -> tuple[int, str, str] | None:
+        """The plain GET pages (on the WebSocket port and the HTTP port): (status, content type,
+        body), or None for any other path."""
+        if path == "/healthz":
+            return 200 if self.healthy else 503, "application/json", json.dumps(self.health()) + "\n"
+        if path == "/voices":
+            body = json.dumps({"voices": [{"name": v.name, "text": v.text, "seconds": round(v.seconds, 2)}
+                                          for v in self.voices.values()]})
+            return 200, "application/json", body + "\n"
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render(
+                self.worker.stats if self.worker else None, self.healthy, self.health())
+        return None
+
     def _http(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
         if self.socket_send_buffer:
@@ -187,20 +218,10 @@ class StreamServer:
         if denied is not None:
             log.warning("refused %s from %s: %s", path, ip, denied[1].strip())
             return connection.respond(*denied)
-        if path == "/healthz":
-            resp = connection.respond(200 if self.healthy else 503, json.dumps(self.health()) + "\n")
-            resp.headers["Content-Type"] = "application/json"
-            return resp
-        if path == "/voices":
-            body = json.dumps({"voices": [{"name": v.name, "text": v.text, "seconds": round(v.seconds, 2)}
-                                          for v in self.voices.values()]})
-            resp = connection.respond(200, body + "\n")
-            resp.headers["Content-Type"] = "application/json"
-            return resp
-        if path == "/metrics":
-            resp = connection.respond(200, self.metrics.render(self.worker.stats if self.worker else None,
-                                                               self.healthy, self.health()))
-            resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        page = self.page(path)
+        if page is not None:
+            resp = connection.respond(page[0], page[2])
+            resp.headers["Content-Type"] = page[1]
             return resp
         if elevenlabs.match(path):
             return None if self.healthy else connection.respond(503, f"{self.health()['status']}\n")

@@ -3,6 +3,8 @@ import subprocess
 import sys
 import wave
 
+import httpx
+
 from csmstream.commands import free_port, wait_healthy
 
 
@@ -17,7 +19,7 @@ def test_help_lists_commands():
         assert cmd in out.stdout
     serve = run("serve", "--help")
     for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk",
-                "--quantize"):
+                "--quantize", "--http-port"):
         assert opt in serve.stdout
     for env in ("CSM_CUDA_GRAPHS=0", "CSM_FAST_STEP=0", "CSM_FUSED_GEMV=auto", "CSM_PDL=auto", "CSM_GEMV_TILES=FILE"):
         assert env in serve.stdout  # the GPU settings that are environment variables
@@ -56,6 +58,14 @@ def test_bad_prefill_chunk_is_refused_before_loading():
     assert "--prefill-chunk must be >= 1" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_bad_http_port_is_refused_before_loading():
+    out = run("serve", "--http-port", "70000", "--device", "cpu")
+    assert out.returncode == 2 and "--http-port must be in 0..65535, got 70000" in out.stderr
+    out = run("serve", "--http-port", "9100", "--port", "9100", "--device", "cpu")
+    assert out.returncode == 2 and "--http-port must differ from --port" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_say_without_a_server_explains(tmp_path):
     out = run("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate", "--out", str(tmp_path / "x.wav"))
     assert out.returncode == 1
@@ -64,10 +74,14 @@ def test_say_without_a_server_explains(tmp_path):
 
 def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    http_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
+                             "--http-port", str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=120)
+        speech = httpx.post(f"http://127.0.0.1:{http_port}/v1/audio/speech", timeout=60,
+                            json={"input": "Over plain HTTP.", "response_format": "pcm", "max_audio_ms": 400})
+        assert speech.status_code == 200 and len(speech.content) == 400 * 48
         path = tmp_path / "say.wav"
         out = run("say", "Over the socket.", "--url", f"ws://127.0.0.1:{port}/ws/generate", "--out", str(path),
                   "--seed", "1", "--max-frames", "10", "--format", "pcm_16000")
@@ -81,6 +95,7 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "shutting down" in err and "stopped" in err
+    assert f"OpenAI-compatible speech on http://127.0.0.1:{http_port}/v1/audio/speech" in err
 
 
 def test_demo_runs_server_and_client_end_to_end(tmp_path):

@@ -1,0 +1,192 @@
+"""The OpenAI-compatible speech endpoint's sans-I/O half: request heads, OpenAI bodies mapped onto
+/ws/generate requests, and the response framing (checked with h11 and the stdlib wave reader as
+independent parsers)."""
+
+import io
+import json
+import wave
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csmstream.transport import http_speech as hs
+from csmstream.transport import protocol
+
+
+def head(*lines: str) -> bytes:
+    return "\r\n".join(lines).encode("latin-1")
+
+
+# -- request heads -------------------------------------------------------------------------------
+def test_a_request_head_parses_with_case_insensitive_headers():
+    req = hs.parse_head(head("POST /v1/audio/speech?x=1 HTTP/1.1", "Host: a", "content-TYPE: application/json",
+                             "Content-Length: 42", "Authorization:  Bearer t  "))
+    assert (req.method, req.path, req.query, req.version) == ("POST", "/v1/audio/speech", "x=1", "HTTP/1.1")
+    assert req.content_length == 42
+    assert req.headers.get("Content-Type") == "application/json" and "CONTENT-LENGTH" in req.headers
+    assert req.headers.get("authorization") == "Bearer t"
+    assert req.keep_alive
+
+
+@pytest.mark.parametrize("version, connection, keep", [
+    ("HTTP/1.1", None, True), ("HTTP/1.1", "close", False), ("HTTP/1.1", "Keep-Alive", True),
+    ("HTTP/1.0", None, False), ("HTTP/1.0", "keep-alive", True)])
+def test_keep_alive_follows_the_version_and_connection_header(version, connection, keep):
+    lines = [f"GET /healthz {version}", "Host: a"] + ([f"Connection: {connection}"] if connection else [])
+    assert hs.parse_head(head(*lines)).keep_alive is keep
+
+
+@pytest.mark.parametrize("raw, status, code", [
+    (head("POST /v1/audio/speech"), 400, "invalid_http"),
+    (head("POST v1/audio/speech HTTP/1.1"), 400, "invalid_http"),
+    (head("PO ST / HTTP/1.1"), 400, "invalid_http"),
+    (head("POST / HTTP/2.0"), 505, "http_version"),
+    (head("POST / HTTP/1.1", "no colon here"), 400, "invalid_http"),
+    (head("POST / HTTP/1.1", "bad name: x"), 400, "invalid_http"),
+    (head("POST / HTTP/1.1", "Transfer-Encoding: chunked"), 411, "length_required"),
+    (head("POST / HTTP/1.1", "Content-Length: 5", "Content-Length: 6"), 400, "invalid_http"),
+    (head("POST / HTTP/1.1", "Content-Length: -1"), 400, "invalid_http"),
+    (head("POST / HTTP/1.1", f"Content-Length: {hs.MAX_BODY_BYTES + 1}"), 413, "body_too_large"),
+    (head("GET / HTTP/1.1", *[f"X-{i}: {i}" for i in range(hs.MAX_HEADERS + 1)]), 431, "too_many_headers"),
+])
+def test_bad_request_heads_are_refused_with_a_status_and_reason(raw, status, code):
+    with pytest.raises(hs.HttpError) as e:
+        hs.parse_head(raw)
+    assert (e.value.status, e.value.code) == (status, code) and e.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_raise_http_error(raw):
+    try:
+        req = hs.parse_head(raw)
+    except hs.HttpError as e:
+        assert e.status in hs.REASONS and e.message
+    else:
+        assert req.path.startswith("/") and req.version in ("HTTP/1.0", "HTTP/1.1")
+
+
+# -- OpenAI bodies ---------------------------------------------------------------------------------
+def speech(body, voices=("anna",), **kw):
+    return hs.parse_speech(json.dumps(body).encode(), voices=set(voices), **kw)
+
+
+def test_a_minimal_openai_request_is_a_wav_of_speaker_0():
+    s = speech({"model": "tts-1", "input": "Hello there."})
+    assert s.wav and not s.sse
+    g = s.gen
+    assert (g.text, g.speaker_id, g.format, g.voice, g.final) == ("Hello there.", 0, "pcm_24000", None, True)
+    assert (g.temperature, g.topk, g.seed, g.chunk_ms) == (0.9, 50, None, 100)  # /ws/generate's defaults
+
+
+@pytest.mark.parametrize("body, want", [
+    ({"response_format": "pcm"}, dict(format="pcm_24000", wav=False)),
+    ({"response_format": "ulaw_8000"}, dict(format="ulaw_8000", wav=False)),
+    ({"response_format": "pcm_16000", "stream_format": "sse"}, dict(format="pcm_16000", sse=True)),
+    ({"voice": "anna"}, dict(voice="anna", speaker_id=0)),
+    ({"voice": "anna", "speaker_id": 3}, dict(voice="anna", speaker_id=3)),
+    ({"voice": "2"}, dict(voice=None, speaker_id=2)),
+    ({"voice": 4}, dict(speaker_id=4)),
+    ({"voice": "5", "speaker_id": 5}, dict(speaker_id=5)),
+    ({"speed": 1.0, "instructions": "", "model": "anything"}, dict(format="pcm_24000")),
+    ({"seed": 7, "topk": 1, "temperature": 0.5, "max_audio_ms": 900, "chunk_ms": 40, "request_id": "r1"},
+     dict(seed=7, topk=1, temperature=0.5, max_audio_ms=900, chunk_ms=40, request_id="r1")),
+])
+def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
+    s = speech({"input": "Hi.", **body})
+    for k, v in want.items():
+        assert getattr(s if k in ("wav", "sse") else s.gen, k) == v, k
+
+
+@pytest.mark.parametrize("body, code, says", [
+    (b"{not json", "invalid_json", "not valid JSON"),
+    (b"\xff\xfe", "invalid_json", "not valid JSON"),
+    (b"[1, 2]", "invalid_message", "JSON object"),
+    (b'{"model": "x"}', "invalid_input", '"input" must be a non-empty string'),
+    (b'{"input": "   "}', "invalid_input", "non-empty"),
+    (b'{"input": 5}', "invalid_input", "non-empty"),
+    (b'{"input": "Hi.", "model": 3}', "invalid_model", "ignored"),
+    (b'{"input": "Hi.", "response_format": "mp3"}', "unsupported_format", "use wav, pcm"),
+    (b'{"input": "Hi.", "response_format": "opus"}', "unsupported_format", "ulaw_8000"),
+    (b'{"input": "Hi.", "response_format": "aiff"}', "invalid_format", "one of wav, pcm"),
+    (b'{"input": "Hi.", "stream_format": "ws"}', "invalid_stream_format", '"audio" or "sse"'),
+    (b'{"input": "Hi.", "speed": 1.5}', "unsupported_speed", "send 1"),
+    (b'{"input": "Hi.", "speed": true}', "unsupported_speed", "one speed"),
+    (b'{"input": "Hi.", "instructions": "whisper"}', "unsupported_instructions", "named voice"),
+    (b'{"input": "Hi.", "voice": "alloy"}', "unknown_voice", "anna"),
+    (b'{"input": "Hi.", "voice": -1}', "unknown_voice", "speaker number"),
+    (b'{"input": "Hi.", "voice": true}', "unknown_voice", "speaker number"),
+    (b'{"input": "Hi.", "voice": "2", "speaker_id": 3}', "invalid_speaker_id", "disagree"),
+    (b'{"input": "Hi.", "topk": 0}', "invalid_topk", "1..2048"),
+    (b'{"input": "Hi.", "temperature": -1}', "invalid_temperature", "> 0"),
+    (b'{"input": "Hi.", "chunk_ms": 5}', "invalid_chunk_ms", "20..1000"),
+    (b'{"input": "Hi.", "request_id": ""}', "invalid_request_id", "non-empty"),
+    (b'{"input": "' + b"a" * 30 + b'"}', "text_too_long", "at most 20"),
+])
+def test_bad_openai_bodies_say_what_is_wrong_and_what_is_allowed(body, code, says):
+    with pytest.raises(hs.HttpError) as e:
+        hs.parse_speech(body, voices={"anna"}, max_text_chars=20)
+    assert (e.value.status, e.value.code) == (400, code)
+    assert says in e.value.message
+
+
+def test_the_unknown_voice_message_lists_no_voices_when_none_exist():
+    with pytest.raises(hs.HttpError, match="none are configured"):
+        speech({"input": "Hi.", "voice": "nova"}, voices=())
+
+
+# -- responses -----------------------------------------------------------------------------------
+def client_events(data: bytes, method: str = "POST"):
+    """What a real HTTP/1.1 client (h11) reads from these bytes."""
+    c = h11.Connection(h11.CLIENT)
+    c.send(h11.Request(method=method, target="/v1/audio/speech", headers=[("Host", "x"), ("Content-Length", "0")]))
+    c.send(h11.EndOfMessage())
+    c.receive_data(data)
+    out = []
+    while (ev := c.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        out.append(ev)
+    return out
+
+
+def test_a_streamed_response_is_valid_chunked_http():
+    s = speech({"input": "Hi.", "response_format": "ulaw_8000", "request_id": "abc"})
+    pieces = [b"\x01" * 160, b"\x02" * 7, bytes(range(256))]
+    raw = hs.stream_head(s, "abc", keep_alive=True) + b"".join(hs.chunk(p) for p in pieces) + hs.LAST_CHUNK
+    events = client_events(raw)
+    resp = events[0]
+    assert isinstance(resp, h11.Response) and resp.status_code == 200
+    headers = {k.decode(): v.decode() for k, v in resp.headers}
+    assert headers["content-type"] == "audio/basic" and headers["x-request-id"] == "abc"
+    assert headers["x-audio-format"] == "ulaw_8000" and headers["x-sample-rate"] == "8000"
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, h11.Data)) == b"".join(pieces)
+    assert isinstance(events[-1], h11.EndOfMessage)
+
+
+def test_an_error_response_is_openai_shaped_json():
+    raw = hs.error_response(503, "busy", "the engine queue is full", extra={"Retry-After": "1"})
+    resp, data, end = client_events(raw)
+    assert resp.status_code == 503 and (b"retry-after", b"1") in resp.headers
+    assert (b"connection", b"close") in resp.headers and isinstance(end, h11.EndOfMessage)
+    assert json.loads(bytes(data.data)) == {"error": {"message": "the engine queue is full", "type": "server_error",
+                                                      "param": None, "code": "busy"}}
+    assert json.loads(hs.error_response(400, "x", "y").split(b"\r\n\r\n", 1)[1])["error"]["type"] == \
+        "invalid_request_error"
+
+
+def test_the_streaming_wav_header_reads_as_24k_16bit_mono():
+    pcm = bytes(range(200)) * 4
+    with wave.open(io.BytesIO(hs.wav_header() + pcm)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 24000)
+        assert w.readframes(10_000) == pcm  # open-ended size: read until the data ends
+
+
+def test_sse_events_carry_base64_audio():
+    ev = hs.sse_audio(b"\x00\x01\xff")
+    assert ev.startswith(b"data: ") and ev.endswith(b"\n\n")
+    assert json.loads(ev[6:]) == {"type": "speech.audio.delta", "audio": "AAH/"}
+
+
+def test_every_ws_format_is_a_response_format():
+    assert set(protocol.FORMATS) <= set(hs.RESPONSE_FORMATS)

@@ -1,0 +1,342 @@
+"""Plain HTTP/1.1 on a port of its own (serve --http-port): the OpenAI-compatible streaming speech
+endpoint POST /v1/audio/speech (http_speech.py) and the GET pages /healthz, /metrics, /voices.
+
+Each connection is one asyncio stream serving request after request (keep-alive). A speech
+request becomes the same Job as a /ws/generate request (sentences, context, encoder), streamed by
+`SpeechStream`, a Connection whose audio goes out as chunks of a chunked HTTP body. While it
+streams, the connection is watched: a client that hangs up cancels its generation within a frame,
+one that stops reading is cut off after the server's send_timeout. The response head goes out with
+the first audio, so an error found before then (engine busy, prompt too long) gets its own status;
+after it, an SSE stream gets an `error` event and a raw stream is cut off unfinished (how HTTP says
+a body failed). Same auth, origin and per-address limits as the WebSocket port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from . import http_speech as hs
+from .connection import Connection
+from .job import Job
+
+log = logging.getLogger("csmstream.http")
+HEAD_TIMEOUT = 10.0  # a request's head and body must arrive within this once it has begun
+IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request for this long is closed
+READ_SIZE = 65536
+LINGER_S = 2.0  # at most this long reading a closing client's leftover input
+PAGES = "POST /v1/audio/speech, GET /healthz, /metrics, /voices"
+
+
+class _Gone(Exception):
+    """The client hung up or stopped reading."""
+
+
+class HttpApi:
+    def __init__(self, server, host: str, port: int) -> None:
+        self.server, self.host, self.requested_port = server, host, port
+        self._srv: asyncio.Server | None = None
+        self._clients: set[asyncio.Task] = set()
+        self._recent: dict[str, deque[float]] = {}  # per-address request times (requests per minute)
+
+    async def start(self) -> HttpApi:
+        self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE)
+        log.info("listening on http://%s:%d%s (OpenAI-compatible speech)", self.host, self.port, hs.SPEECH_PATH)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._srv.sockets[0].getsockname()[1]
+
+    def stop_listening(self) -> None:
+        if self._srv is not None:
+            self._srv.close()
+
+    async def close(self) -> None:
+        """Close every connection left (idle keep-alives; streams have ended or been cut by now)."""
+        self.stop_listening()
+        for t in list(self._clients):
+            t.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+
+    # -- a connection ------------------------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        srv, task = self.server, asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if peer else None
+        if srv.gate.full(ip):
+            await self._refuse(writer, 429, "too_many_connections", f"too many connections from {ip}: at most "
+                               f"{srv.gate.max_per_ip} at once")
+            await self._linger(reader, writer)
+            return
+        if srv.socket_send_buffer:
+            import socket
+
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, srv.socket_send_buffer)
+        self._clients.add(task)
+        srv.gate.opened(ip)
+        srv.metrics.connections += 1
+        srv.metrics.open_connections += 1
+        buf, linger = bytearray(), True
+        try:
+            while await self._request(reader, writer, buf, ip):
+                pass
+        except (_Gone, ConnectionError, asyncio.CancelledError):
+            linger = False
+        except Exception:  # a bug: this connection ends, the server goes on
+            log.exception("HTTP connection from %s failed", ip)
+        finally:
+            self._clients.discard(task)
+            srv.gate.closed(ip)
+            srv.metrics.open_connections -= 1
+        if linger:
+            await self._linger(reader, writer)
+        writer.close()
+
+    @staticmethod
+    async def _linger(reader, writer) -> None:
+        """Close our side first and read what the client still sends (a request we will not
+        answer) until it closes: closing with unread input would reset the connection, and the
+        client could lose the response it has not read yet."""
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(LINGER_S):
+                while await reader.read(READ_SIZE):
+                    pass
+        except (OSError, RuntimeError, asyncio.TimeoutError):
+            pass
+        writer.close()
+
+    @staticmethod
+    async def _read_more(reader: asyncio.StreamReader, buf: bytearray, deadline: float) -> bool:
+        """Append what arrives before the deadline (TimeoutError after it); False at end of stream."""
+        data = await asyncio.wait_for(reader.read(READ_SIZE), max(0.0, deadline - time.monotonic()))
+        buf += data
+        return bool(data)
+
+    async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None) -> bool:
+        self.server.metrics.error(code)
+        log.info("http %d %s: %s", status, code, message)
+        writer.write(hs.error_response(status, code, message, keep_alive=keep, extra=extra))
+        await writer.drain()
+        return keep
+
+    async def _request(self, reader, writer, buf: bytearray, ip) -> bool:
+        """Read and answer one request; True to keep the connection for the next one."""
+        deadline = time.monotonic() + (HEAD_TIMEOUT if buf else IDLE_TIMEOUT)
+        while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= hs.MAX_HEAD_BYTES:
+            try:
+                if not await self._read_more(reader, buf, deadline):
+                    return False
+            except asyncio.TimeoutError:
+                if not buf:
+                    return False  # idle keep-alive: close quietly
+                return await self._refuse(writer, 408, "request_timeout", f"the request head did not arrive in "
+                                          f"{HEAD_TIMEOUT:.0f} s")
+            deadline = min(deadline, time.monotonic() + HEAD_TIMEOUT)  # it has begun
+        if end < 0 or end > hs.MAX_HEAD_BYTES:
+            return await self._refuse(writer, 431, "head_too_large", f"request heads are limited to "
+                                      f"{hs.MAX_HEAD_BYTES} bytes")
+        try:
+            req = hs.parse_head(bytes(buf[:end]))
+        except hs.HttpError as e:
+            return await self._refuse(writer, e.status, e.code, e.message)
+        del buf[:end + 4]
+        if len(buf) < req.content_length and "100-continue" in (req.headers.get("Expect") or "").lower():
+            writer.write(hs.response_head(100, {}))  # curl waits for this before sending a larger body
+        while len(buf) < req.content_length:
+            try:
+                if not await self._read_more(reader, buf, deadline):
+                    return False
+            except asyncio.TimeoutError:
+                return await self._refuse(writer, 408, "request_timeout", f"the body ({req.content_length} bytes) "
+                                          f"did not arrive in {HEAD_TIMEOUT:.0f} s")
+        body = bytes(buf[:req.content_length])
+        del buf[:req.content_length]
+        return await self._answer(req, body, reader, writer, buf, ip)
+
+    async def _answer(self, req: hs.HttpRequest, body: bytes, reader, writer, buf: bytearray, ip) -> bool:
+        srv = self.server
+        keep = req.keep_alive and not srv.stopping
+        denied = srv.gate.check(req.path, req.headers, ip, websocket=False)
+        if denied is not None:
+            return await self._refuse(writer, denied[0], "unauthorized" if denied[0] == 401 else "forbidden",
+                                      denied[1].strip(), keep)
+        page = srv.page(req.path) if req.method in ("GET", "HEAD") else None
+        if page is not None:
+            out = hs.response(page[0], page[2].encode(), page[1], keep_alive=keep)
+            writer.write(out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
+            await writer.drain()
+            return keep
+        if req.path != hs.SPEECH_PATH:
+            return await self._refuse(writer, 404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "
+                                      "(WebSocket endpoints are on the main port)", keep)
+        if req.method != "POST":
+            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {hs.SPEECH_PATH}: use POST "
+                                      "with a JSON body", keep, {"Allow": "POST"})
+        if not srv.healthy:
+            return await self._refuse(writer, 503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
+                                      "says 200", keep, {"Retry-After": "1"})
+        if ip is not None and self._over_rate(ip):
+            return await self._refuse(writer, 429, "rate_limited", f"at most {srv.max_requests_per_minute} "
+                                      "requests per minute per address; wait and retry", keep)
+        try:
+            speech = hs.parse_speech(body, voices=srv.voices, max_text_chars=srv.max_text_chars,
+                                     topk_max=srv.engine.config.codebook_size)
+        except hs.HttpError as e:
+            return await self._refuse(writer, e.status, e.code, e.message, keep)
+        srv.metrics.requests += 1
+        stream = SpeechStream(srv, writer, speech, keep)
+        srv.connections.add(stream)  # shutdown waits for it like for a WebSocket
+        watcher = asyncio.create_task(self._watch(reader, buf, stream))
+        try:
+            return await stream.run() and keep
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            srv.connections.discard(stream)
+
+    def _over_rate(self, ip: str) -> bool:
+        now = time.monotonic()
+        if len(self._recent) > 4096:  # forget addresses quiet for a minute (bounded memory)
+            self._recent = {a: t for a, t in self._recent.items() if t and now - t[-1] <= 60}
+        times = self._recent.setdefault(ip, deque())
+        while times and now - times[0] > 60:
+            times.popleft()
+        if len(times) >= self.server.max_requests_per_minute:
+            return True
+        times.append(now)
+        return False
+
+    @staticmethod
+    async def _watch(reader, buf: bytearray, stream: SpeechStream) -> None:
+        """While a response streams: end of input means the client hung up; anything else it sends
+        (a pipelined request) is kept for after."""
+        while len(buf) <= hs.MAX_HEAD_BYTES + hs.MAX_BODY_BYTES:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                stream.client_gone()
+                return
+            buf += data
+
+
+class SpeechStream(Connection):
+    """One speech request's response: the Connection machinery (sentences, engine, encoder) with
+    the audio written as chunked HTTP (raw bytes, or server-sent events)."""
+
+    def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool) -> None:
+        super().__init__(server, None)
+        self.writer, self.speech, self.keep_alive = writer, speech, keep_alive
+        self.rid = speech.gen.request_id or server.next_request_id()
+        self.started = False  # the response head is out
+        self.complete = False  # a whole response is out: the connection can take another request
+        self.gone = False
+
+    async def run(self) -> bool:
+        job = Job(self.speech.gen, self.rid)
+        job.add_text(self.speech.gen.text)
+        job.close()
+        self.jobs.append(job)
+        try:
+            await self._stream(job)
+        except _Gone:
+            pass
+        finally:
+            if not job.t_done and not job.error:  # cut short (hung up, not reading, server closing)
+                job.cancel()
+                self._account(job, True, None)
+            self._pop(job)
+        return self.complete
+
+    def client_gone(self) -> None:
+        self.gone = True
+        for job in self.jobs:
+            job.cancel()  # generation stops at the next tick
+
+    async def close_for_shutdown(self) -> None:
+        pass  # a stream ends by itself (done, or cut short when cancelled)
+
+    def _cut(self) -> None:
+        self.gone = True
+        for job in self.jobs:
+            job.cancel()
+        self.writer.transport.abort()
+
+    async def _write(self, data: bytes) -> None:
+        if self.gone:
+            raise _Gone
+        self.writer.write(data)
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.server.send_timeout)
+        except asyncio.TimeoutError:
+            self.server.metrics.error("slow_reader")
+            log.warning("request %s: client not reading for %.0f s; cancelling and closing", self.rid,
+                        self.server.send_timeout)
+            self._cut()
+            raise _Gone from None
+        except ConnectionError:
+            self._cut()
+            raise _Gone from None
+
+    def _head(self) -> bytes:
+        """The response head, the first time (then nothing)."""
+        if self.started:
+            return b""
+        self.started = True
+        return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive)
+
+    def _body(self, audio: bytes) -> bytes:
+        """Audio bytes as the next piece of the body (a WAV stream's header goes with the first)."""
+        if self.speech.wav and not self.started:
+            audio = hs.wav_header() + audio
+        head = self._head()
+        return head + (hs.chunk(hs.sse_audio(audio) if self.speech.sse else audio) if audio else b"")
+
+    async def _send_audio(self, job: Job, chunk: bytes) -> None:
+        if self.server.test_chunk_delay:
+            await asyncio.sleep(self.server.test_chunk_delay)
+        job.first_audio(self.server.metrics)
+        await self._write(self._body(chunk))
+
+    async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
+        audio_ms, ttfa = self._account(job, cancelled, audio_ms)
+        if cancelled:  # the client left, or the server is stopping: the audio is cut short
+            if self.gone:
+                return
+            if not self.started:
+                await self._error("unavailable", "the server is shutting down; retry elsewhere")
+            elif self.speech.sse:
+                await self._error("cancelled", "the server is shutting down; the audio is incomplete")
+            else:
+                self._cut()
+            return
+        tail = b""
+        if self.speech.sse:
+            reqs = job.done_reqs
+            n_in, n_out = sum(r.prompt_len for r in reqs), sum(r.frames for r in reqs)
+            tail = hs.chunk(hs.sse({"type": "speech.audio.done", "usage": {
+                "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},
+                "request_id": self.rid, "audio_ms": round(audio_ms, 1),
+                "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
+        await self._write(self._body(b"") + tail + hs.LAST_CHUNK)
+        self.complete = True
+
+    async def _error(self, code: str, message: str, rid: str | None = None) -> None:
+        self.server.metrics.error(code)
+        log.info("request %s: error %s: %s", self.rid, code, message)
+        if self.gone:
+            return
+        if not self.started:
+            self.started = True
+            status = hs.STATUS_OF.get(code, 400)
+            await self._write(hs.error_response(status, code, message, keep_alive=self.keep_alive,
+                                                extra={"Retry-After": "1"} if status == 503 else None))
+            self.complete = True
+        elif self.speech.sse:
+            event = hs.sse({"type": "error", "error": {"code": code, "message": message}})
+            await self._write(hs.chunk(event) + hs.LAST_CHUNK)
+            self.complete = True
+        else:
+            self._cut()  # the 200 is out: an unfinished chunked body is how HTTP says it failed

@@ -1,0 +1,238 @@
+"""The OpenAI-compatible speech endpoint over plain HTTP/1.1, sans I/O: parse a request head and
+an OpenAI `POST /v1/audio/speech` body, build the streamed response (chunked transfer encoding).
+
+A client that speaks OpenAI's speech API (its SDKs, or curl) switches to csm-stream by changing
+the base URL; the audio streams back as it is generated instead of arriving all at the end:
+
+    POST /v1/audio/speech  {"model": "csm-1b", "input": "Hello!", "voice": "0",
+                            "response_format": "pcm", "stream_format": "audio" | "sse"}
+
+- `input`: the text (required). `model` is accepted and ignored (one model per server).
+- `voice`: a named voice (serve --voices) or a speaker number ("0", "1", or an integer);
+  OpenAI's own voice names (alloy, ...) are refused with the list of what exists.
+- `response_format`: `wav` (default; 24 kHz 16-bit mono, streamed with open-ended sizes), `pcm`
+  (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), or any /ws/generate format (`pcm_16000`,
+  `ulaw_8000`, ...). mp3/opus/aac/flac are refused (no encoder here).
+- `stream_format`: `audio` (default: the bytes themselves) or `sse` (server-sent events
+  `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
+- `speed` must be 1 and `instructions` empty: CSM has neither control.
+- csm-stream's own fields pass through: speaker_id, temperature, topk, seed, max_audio_ms,
+  chunk_ms, request_id (checked exactly as on /ws/generate).
+Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+from . import protocol
+
+SPEECH_PATH = "/v1/audio/speech"
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 1 << 20
+MAX_HEADERS = 100
+DEFAULT_RESPONSE_FORMAT = "wav"
+RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", **{f: f for f in protocol.FORMATS}}
+NOT_ENCODED = ("mp3", "opus", "aac", "flac")
+PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id")
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+           505: "HTTP Version Not Supported"}
+STATUS_OF = {"busy": 503, "unavailable": 503, "generation_failed": 500}  # engine errors; others are 400
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class HttpError(Exception):
+    """A request this endpoint refuses: HTTP status, a stable code, and what is allowed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Headers(dict):
+    """Header name (any case) -> value; a repeated header keeps its last value."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name) -> bool:
+        return super().__contains__(name.lower())
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    query: str
+    version: str
+    headers: Headers
+    content_length: int
+
+    @property
+    def keep_alive(self) -> bool:
+        conn = (self.headers.get("Connection") or "").lower()
+        return "keep-alive" in conn if self.version == "HTTP/1.0" else "close" not in conn
+
+
+def parse_head(raw: bytes) -> HttpRequest:
+    """The bytes before the blank line that ends a request head -> HttpRequest, or HttpError."""
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1].startswith(b"/"):
+        raise HttpError(400, "invalid_http", f"malformed request line {lines[0][:80]!r}; expected e.g. "
+                        "'POST /v1/audio/speech HTTP/1.1'")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(505, "http_version", f"{version[:20]!r} is not supported; use HTTP/1.1 (or 1.0)")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431, "too_many_headers", f"at most {MAX_HEADERS} header lines are accepted")
+    headers = Headers()
+    lengths = set()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise HttpError(400, "invalid_http", f"malformed header line {line[:60]!r}")
+        key, val = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
+        if key == "content-length":
+            lengths.add(val)
+        headers[key] = val
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "length_required", "request bodies must come with Content-Length "
+                        "(chunked request bodies are not accepted)")
+    if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+        raise HttpError(400, "invalid_http", f"invalid Content-Length {sorted(lengths)!r}")
+    n = int(next(iter(lengths))) if lengths else 0
+    if n > MAX_BODY_BYTES:
+        raise HttpError(413, "body_too_large", f"the body is {n} bytes; at most {MAX_BODY_BYTES} are accepted")
+    path, _, query = target.partition("?")
+    return HttpRequest(method.upper(), path, query, version, headers, n)
+
+
+@dataclass
+class Speech:
+    """A checked speech request: the /ws/generate request it maps to, and how to send it back."""
+
+    gen: protocol.Generate
+    wav: bool  # wrap the PCM in a WAV header
+    sse: bool  # server-sent events instead of raw bytes
+
+
+def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS,
+                 topk_max: int = 2048) -> Speech:
+    """An OpenAI speech request body -> Speech, or HttpError (400) saying what is wrong."""
+    def bad(code: str, message: str) -> HttpError:
+        return HttpError(400, code, message)
+
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad("invalid_json", f"the body is not valid JSON ({e}); send e.g. "
+                  '{"model": "csm-1b", "input": "Hello!", "voice": "0"}') from None
+    if not isinstance(msg, dict):
+        raise bad("invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
+    text = msg.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise bad("invalid_input", f'"input" must be a non-empty string (the text to speak), got {text!r:.40}')
+    model = msg.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("invalid_model", f'"model" must be a string (it is ignored: one model per server), got {model!r:.40}')
+    fmt = msg.get("response_format") or DEFAULT_RESPONSE_FORMAT
+    if fmt in NOT_ENCODED:
+        raise bad("unsupported_format", f"response_format {fmt!r} is not available (no {fmt} encoder); use wav, "
+                  f"pcm (raw 24 kHz 16-bit little-endian) or one of {', '.join(protocol.FORMATS)}")
+    if not isinstance(fmt, str) or fmt not in RESPONSE_FORMATS:
+        raise bad("invalid_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r:.40}")
+    stream = msg.get("stream_format") or "audio"
+    if stream not in ("audio", "sse"):
+        raise bad("invalid_stream_format", f'stream_format must be "audio" or "sse", got {stream!r:.40}')
+    speed = msg.get("speed")
+    if speed is not None and (isinstance(speed, bool) or speed != 1):
+        raise bad("unsupported_speed", f"speed {speed!r:.20} is not available: CSM speaks at one speed; omit it "
+                  "or send 1")
+    if msg.get("instructions"):
+        raise bad("unsupported_instructions", "instructions are not available: CSM takes no style prompt; use a "
+                  "named voice, or earlier turns over /ws/generate, to steer it")
+    req = {k: msg[k] for k in PASSED_THROUGH if k in msg}
+    req.update(text=text, format=RESPONSE_FORMATS[fmt])
+    voice = msg.get("voice")
+    if isinstance(voice, str) and voice in voices:
+        req["voice"] = voice
+    elif voice is not None:
+        sid = int(voice) if isinstance(voice, str) and voice.isdigit() else voice
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
+            known = ", ".join(sorted(voices)) or "none are configured"
+            raise bad("unknown_voice", f"unknown voice {voice!r:.40}: use a named voice ({known}) or a speaker "
+                      'number such as "0" (OpenAI\'s voice names do not exist here)')
+        if req.setdefault("speaker_id", sid) != sid:
+            raise bad("invalid_speaker_id", f"voice {voice!r} and speaker_id {req['speaker_id']!r:.20} disagree; "
+                      "send one of them")
+    try:
+        gen = protocol.request_from(req, protocol.request_id_of(req), max_text_chars, topk_max)
+    except protocol.ProtocolError as e:
+        raise bad(e.code, e.message) from None
+    return Speech(gen, wav=fmt == "wav", sse=stream == "sse")
+
+
+# -- responses -----------------------------------------------------------------------------------
+def response_head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def response(status: int, body: bytes, content_type: str, *, keep_alive: bool, extra: dict | None = None) -> bytes:
+    """A whole (non-streamed) response."""
+    headers = {"Content-Type": content_type, "Content-Length": str(len(body)),
+               "Connection": "keep-alive" if keep_alive else "close", **(extra or {})}
+    return response_head(status, headers) + body
+
+
+def error_response(status: int, code: str, message: str, *, keep_alive: bool = False,
+                   extra: dict | None = None) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}) + "\n"
+    return response(status, body.encode(), "application/json", keep_alive=keep_alive, extra=extra)
+
+
+def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
+    """The 200 head of a streamed speech response (chunked: its length is not known up front)."""
+    fmt = speech.gen.format
+    rate, enc = protocol.FORMATS[fmt]
+    if speech.sse:
+        ctype = "text/event-stream"
+    elif speech.wav:
+        ctype = "audio/wav"
+    else:
+        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic"}.get(enc, "audio/pcm")
+    return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
+                               "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
+                               "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
+
+
+def chunk(data: bytes) -> bytes:
+    """One piece of a chunked body (never empty: an empty chunk ends the body)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def wav_header(rate: int = 24000) -> bytes:
+    """A 16-bit mono PCM WAV header for a stream of unknown length: both sizes 0xFFFFFFFF, which
+    players read as "until the end of the data"."""
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+def sse(event: dict) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def sse_audio(data: bytes) -> bytes:
+    return sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
