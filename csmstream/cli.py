@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "generate in this process instead (no server).")
     say.add_argument("text", help="what to say")
     say.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
-                     help="server endpoint (default: ws://127.0.0.1:8765/ws/generate)")
+                     help="server endpoint (default: ws://127.0.0.1:8765/ws/generate); an http:// URL such as "
+                          "http://127.0.0.1:8766/v1/audio/speech uses the OpenAI-compatible HTTP port")
     say.add_argument("-o", "--out", default="out/say.wav", help="output WAV path (default: out/say.wav)")
     say.add_argument("--format", default="pcm_24000", choices=["pcm_24000", "pcm_16000", "pcm_8000"],
                      help="audio format to request (default: pcm_24000)")

@@ -122,7 +122,7 @@ def say(args) -> int:
         print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
         return 1
     rate = int(args.format.rsplit("_", 1)[1])
-    n = write_wav(args.out, [np.frombuffer(c, "<i2") for c in chunks], rate)
+    n = write_wav(args.out, [np.frombuffer(b"".join(chunks), "<i2")], rate)  # HTTP pieces may split a sample
     if n == 0:
         print("csm-stream: the server sent no audio (the model ended speech at once)", file=sys.stderr)
         return 1
@@ -135,20 +135,24 @@ def say(args) -> int:
 
 
 async def _say(args):
-    from .transport.client import SesameWebSocketService
+    from .transport.client import SesameWebSocketService, stream_speech_http
 
     opts = dict(format=args.format, chunk_ms=args.chunk_ms, temperature=args.temperature, topk=args.topk)
     if args.seed is not None:
         opts["seed"] = args.seed
     if args.max_frames is not None:
         opts["max_audio_ms"] = 80 * args.max_frames
-    svc = SesameWebSocketService(args.url, token=args.token or os.environ.get(AUTH_ENV))
+    token = args.token or os.environ.get(AUTH_ENV)
+    if args.url.startswith(("http://", "https://")):  # the OpenAI-compatible HTTP port
+        source = stream_speech_http(args.url, args.text, args.speaker, token=token, **opts)
+    else:
+        source = SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts)
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
     chunks: list[bytes] = []
     t0 = time.perf_counter()
     first = last = None
     max_gap = 0.0
-    async for chunk in svc.stream_tts(args.text, args.speaker, **opts):
+    async for chunk in source:
         now = time.perf_counter()
         if first is None:
             first = now

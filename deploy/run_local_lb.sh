@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Two csm-stream servers on `tiny` behind nginx on loopback, then the bench tool through nginx.
+# Two csm-stream servers on `tiny` behind nginx on loopback, then the bench tool (WebSocket) and two
+# OpenAI-compatible HTTP requests through nginx.
 #   deploy/run_local_lb.sh [PYTHON] [OUT_DIR]      (needs nginx on PATH or in /usr/sbin)
 set -euo pipefail
 PY=${1:-python3}
@@ -11,7 +12,7 @@ mkdir -p "$prefix"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "nginx not found: apt-get install nginx" >&2; exit 2; }
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-p1=$(free_port); p2=$(free_port); plb=$(free_port)
+p1=$(free_port); p2=$(free_port); plb=$(free_port); h1=$(free_port); h2=$(free_port); hlb=$(free_port)
 pids=()
 cleanup() {
   [ -f "$prefix/nginx.pid" ] && kill "$(cat "$prefix/nginx.pid")" 2>/dev/null || true
@@ -19,15 +20,16 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-for p in "$p1" "$p2"; do
-  "$PY" -m csmstream serve --port "$p" --device cpu > "$OUT/server-$p.log" 2>&1 &
+for pair in "$p1:$h1" "$p2:$h2"; do
+  "$PY" -m csmstream serve --port "${pair%:*}" --http-port "${pair#*:}" --device cpu > "$OUT/server-${pair%:*}.log" 2>&1 &
   pids+=($!)
 done
 for p in "$p1" "$p2"; do
   "$PY" -c "from csmstream.commands import wait_healthy; wait_healthy('http://127.0.0.1:$p/healthz', timeout=180)"
 done
-sed -e "s#@LISTEN@#127.0.0.1:$plb#" -e "s#@PREFIX@#$prefix#g" \
+sed -e "s#@LISTEN@#127.0.0.1:$plb#" -e "s#@LISTEN_HTTP@#127.0.0.1:$hlb#" -e "s#@PREFIX@#$prefix#g" \
     -e "s#@UPSTREAMS@#        server 127.0.0.1:$p1 max_fails=1 fail_timeout=5s;\n        server 127.0.0.1:$p2 max_fails=1 fail_timeout=5s;#" \
+    -e "s#@UPSTREAMS_HTTP@#        server 127.0.0.1:$h1 max_fails=1 fail_timeout=5s;\n        server 127.0.0.1:$h2 max_fails=1 fail_timeout=5s;#" \
     "$here/nginx.conf" > "$prefix/nginx.conf"
 "$NGINX" -t -c "$prefix/nginx.conf" -p "$prefix" 2>> "$OUT/nginx-test.log"
 "$NGINX" -c "$prefix/nginx.conf" -p "$prefix"
@@ -36,3 +38,16 @@ sed -e "s#@LISTEN@#127.0.0.1:$plb#" -e "s#@PREFIX@#$prefix#g" \
 for p in "$p1" "$p2"; do
   "$PY" -c "import urllib.request as u; m=u.urlopen('http://127.0.0.1:$p/metrics').read().decode(); print('server :$p served', [l.split()[1] for l in m.splitlines() if l.startswith('csm_requests_total')][0], 'requests')"
 done
+"$PY" - "http://127.0.0.1:$hlb/v1/audio/speech" <<'PYEOF'
+import sys, time, httpx
+with httpx.Client(timeout=60) as c:
+    for i in range(2):  # OpenAI-compatible HTTP through nginx: streamed (chunked), whole
+        t0 = time.perf_counter()
+        with c.stream("POST", sys.argv[1], json={"input": "Through the balancer.", "response_format": "pcm",
+                                                 "max_audio_ms": 800, "seed": i}) as r:
+            it = r.iter_raw()
+            n, first = len(next(it)), time.perf_counter() - t0
+            n += sum(len(b) for b in it)
+        print(f"http via nginx: status {r.status_code}, {r.headers.get('transfer-encoding')}, {n} bytes, "
+              f"first audio after {1000 * first:.0f} ms of {1000 * (time.perf_counter() - t0):.0f} ms")
+PYEOF

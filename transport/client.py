@@ -99,3 +99,28 @@ async def stream_sesame_tts(text: str, speaker_id: int = 0, url: str = DEFAULT_U
     """One-shot helper: stream a text's audio chunks from the server at `url`."""
     async for chunk in SesameWebSocketService(url).stream_tts(text, speaker_id, **options):
         yield chunk
+
+
+async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token: str | None = None,
+                             timeout: float = 60.0, **options) -> AsyncIterator[bytes]:
+    """Stream a text's audio from the OpenAI-compatible HTTP endpoint (serve --http-port), e.g.
+    url="http://127.0.0.1:8766/v1/audio/speech"; options as for stream_tts (format -> the
+    response format). Bytes as they arrive (any length); the same errors as the WebSocket client."""
+    import httpx
+
+    body = {"input": text, "speaker_id": speaker_id, "response_format": options.pop("format", "pcm_24000"), **options}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client, \
+                client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                try:
+                    err = r.json()["error"]
+                except (ValueError, KeyError, TypeError):
+                    err = {"code": f"http_{r.status_code}", "message": r.text[:200]}
+                raise SesameTTSError(err.get("code") or "error", err.get("message") or "", r.headers.get("x-request-id"))
+            async for chunk in r.aiter_raw():
+                yield chunk
+    except httpx.TransportError as e:  # refused, reset, or a body cut off unfinished
+        raise SesameConnectionError(f"{url}: {e or type(e).__name__}") from e

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 
@@ -70,30 +71,31 @@ class HttpApi:
             await self._refuse(writer, 429, "too_many_connections", f"too many connections from {ip}: at most "
                                f"{srv.gate.max_per_ip} at once")
             await self._linger(reader, writer)
+            writer.close()
             return
         if srv.socket_send_buffer:
-            import socket
-
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, srv.socket_send_buffer)
         self._clients.add(task)
         srv.gate.opened(ip)
         srv.metrics.connections += 1
         srv.metrics.open_connections += 1
-        buf, linger = bytearray(), True
+        buf = bytearray()
         try:
-            while await self._request(reader, writer, buf, ip):
+            try:
+                while await self._request(reader, writer, buf, ip):
+                    pass
+                await self._linger(reader, writer)
+            except (_Gone, ConnectionError):
                 pass
-        except (_Gone, ConnectionError, asyncio.CancelledError):
-            linger = False
-        except Exception:  # a bug: this connection ends, the server goes on
-            log.exception("HTTP connection from %s failed", ip)
+            except Exception:  # a bug: this connection ends, the server goes on
+                log.exception("HTTP connection from %s failed", ip)
+        except asyncio.CancelledError:
+            pass  # the server is closing
         finally:
             self._clients.discard(task)
             srv.gate.closed(ip)
             srv.metrics.open_connections -= 1
-        if linger:
-            await self._linger(reader, writer)
-        writer.close()
+            writer.close()
 
     @staticmethod
     async def _linger(reader, writer) -> None:
@@ -107,7 +109,6 @@ class HttpApi:
                     pass
         except (OSError, RuntimeError, asyncio.TimeoutError):
             pass
-        writer.close()
 
     @staticmethod
     async def _read_more(reader: asyncio.StreamReader, buf: bytearray, deadline: float) -> bool:

@@ -82,6 +82,14 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
         speech = httpx.post(f"http://127.0.0.1:{http_port}/v1/audio/speech", timeout=60,
                             json={"input": "Over plain HTTP.", "response_format": "pcm", "max_audio_ms": 400})
         assert speech.status_code == 200 and len(speech.content) == 400 * 48
+        over_http = tmp_path / "http.wav"
+        out = run("say", "Over plain HTTP.", "--url", f"http://127.0.0.1:{http_port}/v1/audio/speech", "--out",
+                  str(over_http), "--max-frames", "5")
+        assert out.returncode == 0 and "first audio after" in out.stdout, out.stderr
+        with wave.open(str(over_http)) as w:
+            assert w.getframerate() == 24000 and w.getnframes() == 400 * 24 == len(speech.content) // 2
+        bad = run("say", "Hi.", "--url", f"http://127.0.0.1:{http_port}/v1/audio/speech", "--topk", "0")
+        assert bad.returncode == 1 and "server error invalid_topk: topk must be" in bad.stderr
         path = tmp_path / "say.wav"
         out = run("say", "Over the socket.", "--url", f"ws://127.0.0.1:{port}/ws/generate", "--out", str(path),
                   "--seed", "1", "--max-frames", "10", "--format", "pcm_16000")

@@ -23,6 +23,8 @@ def test_two_servers_behind_nginx_serve_the_bench_tool(tmp_path):
     assert len(data["results"]) == 8 and all(r["error"] is None and r["chunks"] > 0 for r in data["results"])
     served = [int(float(n)) for n in re.findall(r"served (\S+) requests", out.stdout)]
     assert len(served) == 2 and all(n > 0 for n in served) and sum(served) == 8  # least_conn used both
+    http = re.findall(r"http via nginx: status (\d+), (\S+), (\d+) bytes", out.stdout)
+    assert http == [("200", "chunked", str(800 * 48))] * 2  # streamed through, every byte
 
 
 def test_kubernetes_example_is_valid_and_consistent():
@@ -37,6 +39,9 @@ def test_kubernetes_example_is_valid_and_consistent():
     shutdown = float(args[args.index("--shutdown-timeout") + 1])
     assert pod["terminationGracePeriodSeconds"] > shutdown
     assert kinds["Service"]["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"ws": int(args[args.index("--port") + 1]), "http": int(args[args.index("--http-port") + 1])}
+    assert {p["targetPort"] for p in kinds["Service"]["spec"]["ports"]} == set(ports)
     # every argument is one the CLI accepts
     from csmstream.cli import build_parser
 
