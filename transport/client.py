@@ -5,7 +5,8 @@
         play(chunk)
 
 A server error raises SesameTTSError (with .code and .message); a dropped connection raises
-SesameConnectionError: a stream never ends silently short.
+SesameConnectionError: a stream never ends silently short. `stream_speech_http` does the same over
+the OpenAI-compatible HTTP port (serve --http-port).
 """
 
 from __future__ import annotations

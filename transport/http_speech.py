@@ -143,20 +143,22 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     model = msg.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("invalid_model", f'"model" must be a string (it is ignored: one model per server), got {model!r:.40}')
-    fmt = msg.get("response_format") or DEFAULT_RESPONSE_FORMAT
+    fmt = msg.get("response_format", DEFAULT_RESPONSE_FORMAT)
+    fmt = DEFAULT_RESPONSE_FORMAT if fmt is None else fmt
     if fmt in NOT_ENCODED:
         raise bad("unsupported_format", f"response_format {fmt!r} is not available (no {fmt} encoder); use wav, "
                   f"pcm (raw 24 kHz 16-bit little-endian) or one of {', '.join(protocol.FORMATS)}")
     if not isinstance(fmt, str) or fmt not in RESPONSE_FORMATS:
         raise bad("invalid_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r:.40}")
-    stream = msg.get("stream_format") or "audio"
+    stream = msg.get("stream_format")
+    stream = "audio" if stream is None else stream
     if stream not in ("audio", "sse"):
         raise bad("invalid_stream_format", f'stream_format must be "audio" or "sse", got {stream!r:.40}')
     speed = msg.get("speed")
     if speed is not None and (isinstance(speed, bool) or speed != 1):
         raise bad("unsupported_speed", f"speed {speed!r:.20} is not available: CSM speaks at one speed; omit it "
                   "or send 1")
-    if msg.get("instructions"):
+    if msg.get("instructions") not in (None, ""):
         raise bad("unsupported_instructions", "instructions are not available: CSM takes no style prompt; use a "
                   "named voice, or earlier turns over /ws/generate, to steer it")
     req = {k: msg[k] for k in PASSED_THROUGH if k in msg}

@@ -64,7 +64,7 @@ class StreamServer:
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
         self.http: HttpApi | None = None
-        self.connections: set = set()  # open /ws/generate and ElevenLabs connections
+        self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
         # a client that does not take a chunk within send_timeout is cut off (slow_reader); the
         # per-connection kernel send buffer can be capped so that happens after little buffering
         self.send_timeout, self.socket_send_buffer = send_timeout, socket_send_buffer

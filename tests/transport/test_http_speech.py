@@ -91,6 +91,7 @@ def test_a_minimal_openai_request_is_a_wav_of_speaker_0():
     ({"voice": 4}, dict(speaker_id=4)),
     ({"voice": "5", "speaker_id": 5}, dict(speaker_id=5)),
     ({"speed": 1.0, "instructions": "", "model": "anything"}, dict(format="pcm_24000")),
+    ({"response_format": None, "stream_format": None, "speed": None, "instructions": None}, dict(wav=True, sse=False)),
     ({"seed": 7, "topk": 1, "temperature": 0.5, "max_audio_ms": 900, "chunk_ms": 40, "request_id": "r1"},
      dict(seed=7, topk=1, temperature=0.5, max_audio_ms=900, chunk_ms=40, request_id="r1")),
 ])
@@ -112,6 +113,10 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"input": "Hi.", "response_format": "opus"}', "unsupported_format", "ulaw_8000"),
     (b'{"input": "Hi.", "response_format": "aiff"}', "invalid_format", "one of wav, pcm"),
     (b'{"input": "Hi.", "stream_format": "ws"}', "invalid_stream_format", '"audio" or "sse"'),
+    (b'{"input": "Hi.", "stream_format": false}', "invalid_stream_format", '"audio" or "sse"'),
+    (b'{"input": "Hi.", "response_format": ""}', "invalid_format", "one of wav, pcm"),
+    (b'{"input": "Hi.", "response_format": []}', "invalid_format", "one of wav, pcm"),
+    (b'{"input": "Hi.", "instructions": 0}', "unsupported_instructions", "no style prompt"),
     (b'{"input": "Hi.", "speed": 1.5}', "unsupported_speed", "send 1"),
     (b'{"input": "Hi.", "speed": true}', "unsupported_speed", "one speed"),
     (b'{"input": "Hi.", "instructions": "whisper"}', "unsupported_instructions", "named voice"),
@@ -130,6 +135,25 @@ def test_bad_openai_bodies_say_what_is_wrong_and_what_is_allowed(body, code, say
         hs.parse_speech(body, voices={"anna"}, max_text_chars=20)
     assert (e.value.status, e.value.code) == (400, code)
     assert says in e.value.message
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+FIELDS = ["input", "model", "voice", "response_format", "stream_format", "speed", "instructions", *hs.PASSED_THROUGH]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON | st.sampled_from(
+    ["Hi.", "anna", "0", "pcm", "wav", "sse", "mp3", 1, 1.0]), max_size=8))
+def test_any_json_object_is_a_request_or_a_400_that_says_why(body):
+    try:
+        s = hs.parse_speech(json.dumps(body).encode(), voices={"anna"})
+    except hs.HttpError as e:
+        assert e.status == 400 and e.code and e.message
+    else:
+        assert isinstance(s.gen, protocol.Generate) and s.gen.text == body["input"] and s.gen.text.strip()
+        assert s.gen.format in protocol.FORMATS and s.gen.speaker_id >= 0
 
 
 def test_the_unknown_voice_message_lists_no_voices_when_none_exist():
