@@ -66,29 +66,43 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
                    token: str | None = None) -> CallResult:
     from websockets.asyncio.client import connect
 
+    from .transport.client import SesameTTSError, stream_speech_http
+
     rate, enc = FORMATS[fmt]
     bps = 2 if enc == "pcm" else 1
     r = CallResult(index, concurrency, len(text))
-    durations = []
+    arrivals, durations = [], []
+
+    def got(m: bytes, now: float) -> None:
+        arrivals.append(now)
+        durations.append(len(m) / bps / rate)
+        r.chunk_bytes += len(m)
+
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
+        if url.startswith(("http://", "https://")):  # the OpenAI-compatible port: pieces as they arrive
             t0 = time.perf_counter()
-            await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index}))
-            arrivals = []
-            async for m in ws:
-                now = time.perf_counter() - t0
-                if isinstance(m, bytes):
-                    arrivals.append(now)
-                    durations.append(len(m) / bps / rate)
-                    r.chunk_bytes += len(m)
-                    continue
-                msg = json.loads(m)
-                if "error" in msg:
-                    r.error = f"{msg['error'].get('code')}: {msg['error'].get('message')}"
-                else:
-                    r.total_ms = 1000 * now
-                break
+            async for m in stream_speech_http(url, text, token=token, format=fmt, chunk_ms=chunk_ms, seed=index):
+                got(m, time.perf_counter() - t0)
+            r.total_ms = 1000 * (time.perf_counter() - t0)
+        else:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
+                t0 = time.perf_counter()
+                await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index}))
+                async for m in ws:
+                    now = time.perf_counter() - t0
+                    if isinstance(m, bytes):
+                        got(m, now)
+                        continue
+                    msg = json.loads(m)
+                    if "error" in msg:
+                        r.error = f"{msg['error'].get('code')}: {msg['error'].get('message')}"
+                    else:
+                        r.total_ms = 1000 * now
+                    break
+    except SesameTTSError as e:
+        r.error = f"{e.code}: {e.message}"
+        return r
     except Exception as e:  # a bench records failures, it does not stop on them
         r.error = f"{type(e).__name__}: {e}"
         return r
@@ -191,7 +205,8 @@ def server_rss(url: str, token: str | None = None) -> int | None:
     """The server's resident memory from its /metrics (None when unavailable)."""
     import urllib.request
 
-    http = url.replace("ws://", "http://").replace("wss://", "https://").split("/ws/")[0] + "/metrics"
+    base = url.replace("ws://", "http://").replace("wss://", "https://")
+    http = (base.split("/v1/")[0] if "/v1/audio/speech" in base else base.split("/ws/")[0]) + "/metrics"
     try:
         req = urllib.request.Request(http, headers={"Authorization": f"Bearer {token}"} if token else {})
         with urllib.request.urlopen(req, timeout=5) as r:

@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "its audio in real time. Prints p50/p95/p99/max tables, writes results.json, "
                                        "results.csv and PNG plots to --out, and reports the REST-style baseline "
                                        "(play only after the whole utterance arrived) from the same run.")
-    bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate", help="server endpoint")
+    bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
+                       help="server endpoint: ws://HOST:PORT/ws/generate (default: ws://127.0.0.1:8765/ws/generate), "
+                            "or http://HOST:HTTP_PORT/v1/audio/speech for the OpenAI-compatible port")
     bench.add_argument("--concurrency", type=int, default=4, help="concurrent callers (default: 4)")
     bench.add_argument("--sweep", default=None, metavar="N,N,...",
                        help="run these concurrency levels in turn (e.g. 1,2,4,8,16) and report the highest with "

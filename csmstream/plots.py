@@ -21,8 +21,9 @@ def draw_all(out_dir: Path, results, summary_by_level: dict[int, dict]) -> list[
             ax.hist(vals, bins=30, alpha=0.6, label=f"concurrency {c}")
     ax.set_xlabel("time to first audio (ms)")
     ax.set_ylabel("requests")
-    ax.set_title("Time to first audio")
-    ax.legend()
+    ax.set_title("Time to first audio" if ok else "Time to first audio (no request succeeded)")
+    if ok:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)

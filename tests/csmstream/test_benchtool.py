@@ -44,6 +44,28 @@ def test_bench_tool_against_a_real_server(tmp_path, server):
     assert d["rss_before_mb"] > 0 and d["rss_after_mb"] > 0 and d["ttfa_first_tenth_p50"] > 0
 
 
+def test_the_bench_drives_the_http_port_like_the_websocket(tmp_path):
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0).start()
+    texts = ["Hello there, this is a test.", "Short one."]
+    try:
+        ws = run_bench(rs.url, concurrency=[1], requests=2, out_dir=tmp_path / "ws", progress=False, texts=texts)
+        http = run_bench(rs.srv.speech_url, concurrency=[1], requests=2, out_dir=tmp_path / "http", progress=False,
+                         texts=texts)
+        bad = run_bench(rs.srv.speech_url, concurrency=[1], requests=1, out_dir=tmp_path / "bad", progress=False,
+                        fmt="pcm_24000", chunk_ms=5)
+    finally:
+        rs.stop()
+    by_ws, by_http = ({r.index: r for r in out["results"]} for out in (ws, http))
+    for i in (0, 1):  # same seeds, same audio, whichever port
+        r = by_http[i]
+        assert r.error is None and r.audio_ms == by_ws[i].audio_ms > 0
+        assert r.audio_ms == pytest.approx(r.chunk_bytes / 48, abs=0.01) and r.total_ms >= r.ttfa_ms > 0
+    assert http["summary"][1]["drift"]["rss_before_mb"] > 0  # /metrics found on the HTTP port
+    assert bad["results"][0].error.startswith("invalid_chunk_ms: chunk_ms must be an integer in 20..1000")
+
+
 def test_a_slowed_server_produces_underruns_the_tool_reports(tmp_path):
     import csmstream
 
