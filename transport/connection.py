@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from ..engine.prompt import Segment
 from ..engine.worker import Busy
 from . import protocol
+from .gate import PerMinute
 from .job import Job
 from .ring import PcmRing
 
@@ -33,7 +34,7 @@ class Connection:
         self.jobs: deque[Job] = deque()  # head: the one streaming now
         self.playing: list[Job] = []  # call requests fully queued at Telnyx, waiting for their mark
         self.open_job: Job | None = None  # the text stream taking text now (final=false)
-        self._recent_requests: deque[float] = deque()  # request times, for the per-minute limit
+        self._rate = PerMinute(server.max_requests_per_minute)
         self._work = asyncio.Event()
         self._clock_t0 = 0.0  # client playback clock, for underrun accounting
         self._clock_ms = 0.0
@@ -86,14 +87,10 @@ class Connection:
             await self._stream_text(msg)
             return
         rid = msg.request_id or srv.next_request_id()
-        now = time.monotonic()
-        while self._recent_requests and now - self._recent_requests[0] > 60:
-            self._recent_requests.popleft()
-        if len(self._recent_requests) >= srv.max_requests_per_minute:
+        if not self._rate.allow():
             await self._error("rate_limited", f"at most {srv.max_requests_per_minute} requests per minute per "
                               "connection; wait and retry", rid)
             return
-        self._recent_requests.append(now)
         if msg.voice is not None and msg.voice not in srv.voices:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
             await self._error("unknown_voice", f"unknown voice {msg.voice!r}; available: {known}", rid)
@@ -316,16 +313,22 @@ class Connection:
             self.server.metrics.underruns += 1
             self._clock_t0, self._clock_ms = now, 0.0
         self._clock_ms += 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
+        await self._deliver(job, chunk)
+
+    async def _deliver(self, job: Job, chunk: bytes) -> None:
+        """Put one chunk on the wire (a WebSocket binary message here)."""
         try:
             await asyncio.wait_for(self.ws.send(chunk), self.server.send_timeout)
         except asyncio.TimeoutError:
             # the client stopped reading: do not buffer for it without bound; free its slot and drop it
-            self.server.metrics.error("slow_reader")
-            log.warning("request %s: client not reading for %.0f s; cancelling and closing", job.rid,
-                        self.server.send_timeout)
+            self._slow_reader(job.rid)
             job.cancel()
             self.ws.transport.abort()
             raise ConnectionClosed(None, None) from None
+
+    def _slow_reader(self, rid: str) -> None:
+        self.server.metrics.error("slow_reader")
+        log.warning("request %s: client not reading for %.0f s; cancelling and closing", rid, self.server.send_timeout)
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         audio_ms, ttfa = self._account(job, cancelled, audio_ms)

@@ -13,9 +13,28 @@ decided at the HTTP handshake (before any WebSocket work).
 from __future__ import annotations
 
 import hmac
-from collections import Counter
+import time
+from collections import Counter, deque
 
 OPEN_PATHS = ("/healthz",)
+
+
+class PerMinute:
+    """At most `limit` events in any 60 seconds (a sliding window of their times)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.times: deque[float] = deque()
+
+    def allow(self) -> bool:
+        """Count one more event now if the window has room; False (not counted) if not."""
+        now = time.monotonic()
+        while self.times and now - self.times[0] > 60:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
 
 
 class Gate:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections import deque
 
 from . import http_speech as hs
 from .connection import Connection
+from .gate import PerMinute
 from .job import Job
 
 log = logging.getLogger("csmstream.http")
@@ -40,7 +39,7 @@ class HttpApi:
         self.server, self.host, self.requested_port = server, host, port
         self._srv: asyncio.Server | None = None
         self._clients: set[asyncio.Task] = set()
-        self._recent: dict[str, deque[float]] = {}  # per-address request times (requests per minute)
+        self._rate: dict[str, PerMinute] = {}  # per address (requests per minute)
 
     async def start(self) -> HttpApi:
         self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE)
@@ -73,8 +72,7 @@ class HttpApi:
             await self._linger(reader, writer)
             writer.close()
             return
-        if srv.socket_send_buffer:
-            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, srv.socket_send_buffer)
+        srv.tune_socket(writer.get_extra_info("socket"))
         self._clients.add(task)
         srv.gate.opened(ip)
         srv.metrics.connections += 1
@@ -180,7 +178,7 @@ class HttpApi:
         if not srv.healthy:
             return await self._refuse(writer, 503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
                                       "says 200", keep, {"Retry-After": "1"})
-        if ip is not None and self._over_rate(ip):
+        if ip is not None and not self._allow(ip):
             return await self._refuse(writer, 429, "rate_limited", f"at most {srv.max_requests_per_minute} "
                                       "requests per minute per address; wait and retry", keep)
         try:
@@ -199,17 +197,13 @@ class HttpApi:
             await asyncio.gather(watcher, return_exceptions=True)
             srv.connections.discard(stream)
 
-    def _over_rate(self, ip: str) -> bool:
-        now = time.monotonic()
-        if len(self._recent) > 4096:  # forget addresses quiet for a minute (bounded memory)
-            self._recent = {a: t for a, t in self._recent.items() if t and now - t[-1] <= 60}
-        times = self._recent.setdefault(ip, deque())
-        while times and now - times[0] > 60:
-            times.popleft()
-        if len(times) >= self.server.max_requests_per_minute:
-            return True
-        times.append(now)
-        return False
+    def _allow(self, ip: str) -> bool:
+        if len(self._rate) > 4096:  # forget addresses quiet for a minute (bounded memory)
+            now = time.monotonic()
+            self._rate = {a: r for a, r in self._rate.items() if r.times and now - r.times[-1] <= 60}
+        if ip not in self._rate:
+            self._rate[ip] = PerMinute(self.server.max_requests_per_minute)
+        return self._rate[ip].allow()
 
     @staticmethod
     async def _watch(reader, buf: bytearray, stream: SpeechStream) -> None:
@@ -260,9 +254,7 @@ class SpeechStream(Connection):
         pass  # a stream ends by itself (done, or cut short when cancelled)
 
     def _cut(self) -> None:
-        self.gone = True
-        for job in self.jobs:
-            job.cancel()
+        self.client_gone()
         self.writer.transport.abort()
 
     async def _write(self, data: bytes) -> None:
@@ -272,9 +264,7 @@ class SpeechStream(Connection):
         try:
             await asyncio.wait_for(self.writer.drain(), self.server.send_timeout)
         except asyncio.TimeoutError:
-            self.server.metrics.error("slow_reader")
-            log.warning("request %s: client not reading for %.0f s; cancelling and closing", self.rid,
-                        self.server.send_timeout)
+            self._slow_reader(self.rid)
             self._cut()
             raise _Gone from None
         except ConnectionError:
@@ -295,10 +285,7 @@ class SpeechStream(Connection):
         head = self._head()
         return head + (hs.chunk(hs.sse_audio(audio) if self.speech.sse else audio) if audio else b"")
 
-    async def _send_audio(self, job: Job, chunk: bytes) -> None:
-        if self.server.test_chunk_delay:
-            await asyncio.sleep(self.server.test_chunk_delay)
-        job.first_audio(self.server.metrics)
+    async def _deliver(self, job: Job, chunk: bytes) -> None:
         await self._write(self._body(chunk))
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:

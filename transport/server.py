@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import deque
@@ -205,14 +206,15 @@ class StreamServer:
                 self.worker.stats if self.worker else None, self.healthy, self.health())
         return None
 
+    def tune_socket(self, sock) -> None:
+        """Cap a connection's kernel send buffer (socket_send_buffer), so a client that stops
+        reading is noticed after little buffering."""
+        if self.socket_send_buffer and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_send_buffer)
+
     def _http(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
-        if self.socket_send_buffer:
-            sock = connection.transport.get_extra_info("socket")
-            if sock is not None:
-                import socket
-
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_send_buffer)
+        self.tune_socket(connection.transport.get_extra_info("socket"))
         ip = connection.remote_address[0] if connection.remote_address else None
         denied = self.gate.check(path, request.headers, ip, websocket="Upgrade" in request.headers)
         if denied is not None:
