@@ -28,6 +28,26 @@ SAMPLES_PER_FRAME = 1920
 FRAME_MS = 80
 
 
+class PlaybackClock:
+    """Where a client's playback stands if it plays every chunk as it comes: a chunk that arrives
+    after the audio before it has run out is an underrun (an audible gap)."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0  # when the current stretch of playback started (0: not playing)
+        self.ms = 0.0  # audio sent since then
+
+    def reset(self) -> None:
+        self.t0 = 0.0
+
+    def advance(self, now: float, ms: float) -> bool:
+        """A chunk of `ms` milliseconds goes out at `now`; True if playback had run dry."""
+        dry = bool(self.t0) and now > self.t0 + self.ms / 1000
+        if dry or not self.t0:
+            self.t0, self.ms = now, 0.0  # playback (re)starts with this chunk
+        self.ms += ms
+        return dry
+
+
 class Connection:
     def __init__(self, server, ws) -> None:
         self.server, self.ws = server, ws
@@ -36,8 +56,7 @@ class Connection:
         self.open_job: Job | None = None  # the text stream taking text now (final=false)
         self._rate = PerMinute(server.max_requests_per_minute)
         self._work = asyncio.Event()
-        self._clock_t0 = 0.0  # client playback clock, for underrun accounting
-        self._clock_ms = 0.0
+        self.clock = PlaybackClock()  # the client's playback, for underrun accounting
 
     # -- reader ----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -177,7 +196,17 @@ class Connection:
         if self.jobs and self.jobs[0] is job:
             self.jobs.popleft()
         if not self.jobs:
-            self._clock_t0 = 0.0  # idle: the next audio starts a new playback
+            self.clock.reset()  # idle: the next audio starts a new playback
+
+    def _queued_after(self, job: Job) -> Job | None:
+        """The request that plays after `job` on this connection (its first sentence is handed to
+        the engine as soon as `job` is all generated), or None."""
+        return self.jobs[1] if len(self.jobs) > 1 and self.jobs[0] is job else None
+
+    def _clock_of(self, job: Job) -> PlaybackClock:
+        """The playback clock `job`'s audio runs on: one per connection, as its requests play in
+        turn."""
+        return self.clock
 
     async def _submit_part(self, job: Job) -> bool:
         """Hand the job's next sentence to the engine, with the reply so far as context (trimmed
@@ -228,8 +257,8 @@ class Connection:
             return
         if job.parts and (not job.active or (len(job.active) == 1 and job.active[0][0].finished)):
             await self._submit_part(job)
-        if job.generated and len(self.jobs) > 1:
-            nxt = self.jobs[1]
+        nxt = self._queued_after(job) if job.generated else None
+        if nxt is not None:
             if nxt.parts and not nxt.active and not nxt.cancelled and not nxt.error:
                 await self._submit_part(nxt)
 
@@ -305,20 +334,19 @@ class Connection:
         if self.server.test_chunk_delay:
             await asyncio.sleep(self.server.test_chunk_delay)
         job.first_audio(self.server.metrics)
-        now = time.perf_counter()
-        if not self._clock_t0:
-            self._clock_t0, self._clock_ms = now, 0.0  # playback starts now
-        elif now > self._clock_t0 + self._clock_ms / 1000:
-            # the client's playback ran dry before this chunk: an audible gap
-            self.server.metrics.underruns += 1
-            self._clock_t0, self._clock_ms = now, 0.0
-        self._clock_ms += 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
+        ms = 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
+        if self._clock_of(job).advance(time.perf_counter(), ms):
+            self.server.metrics.underruns += 1  # the client's playback ran dry before this chunk
         await self._deliver(job, chunk)
 
     async def _deliver(self, job: Job, chunk: bytes) -> None:
         """Put one chunk on the wire (a WebSocket binary message here)."""
+        await self._send_timed(job, chunk)
+
+    async def _send_timed(self, job: Job, message) -> None:
+        """Send one message of `job`'s; a client that does not take it within send_timeout is cut off."""
         try:
-            await asyncio.wait_for(self.ws.send(chunk), self.server.send_timeout)
+            await asyncio.wait_for(self.ws.send(message), self.server.send_timeout)
         except asyncio.TimeoutError:
             # the client stopped reading: do not buffer for it without bound; free its slot and drop it
             self._slow_reader(job.rid)

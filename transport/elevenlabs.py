@@ -1,59 +1,189 @@
-"""An ElevenLabs-compatible stream-input endpoint (PROTOCOLS.md §3), so a backend that speaks
-ElevenLabs' WebSocket protocol switches by changing only its URL:
+"""ElevenLabs-compatible WebSocket endpoints (PROTOCOLS.md §3), so a backend that speaks ElevenLabs'
+protocols switches by changing only its URL:
 
     ws://HOST:PORT/v1/text-to-speech/{voice_id}/stream-input?output_format=pcm_24000
+    ws://HOST:PORT/v1/text-to-speech/{voice_id}/multi-stream-input?output_format=ulaw_8000
 
-Client: {"text": " ", ...settings} to begin, then text pieces, {"text": "...", "flush": true} to
-generate what is buffered now, {"text": ""} to finish. Server: {"audio": base64, "isFinal": false,
-"normalizedAlignment": null, "alignment": null} messages, then {"audio": null, "isFinal": true}, and
-the socket closes. voice_id: a named voice (serve --voices) or a speaker number.
+stream-input, one utterance a connection: {"text": " ", ...settings} to begin, then text pieces,
+{"text": "...", "flush": true} to generate what is buffered now, {"text": ""} to finish. Server:
+{"audio": base64, "isFinal": false, "normalizedAlignment": null, "alignment": null} messages, then
+{"audio": null, "isFinal": true, ...}, and the socket closes.
+
+multi-stream-input, up to MAX_CONTEXTS utterances ("contexts") at once on one connection, each
+generated and streamed independently: every client message names its `context_id` (none: the
+context "default"); the first message for an id opens that context; {"text": "", "context_id"}
+keeps it alive; {"context_id", "flush": true} generates its buffered text now;
+{"context_id", "close_context": true} ends its input: what was sent is spoken to the end, then its
+{"isFinal": true, "contextId"} (a csm-stream extension, "immediate": true, stops it at once instead:
+a barge-in that also frees the engine slot); {"close_socket": true} closes every context that way and
+then the socket. Every reply carries "contextId"; every context ends with exactly one isFinal.
+
+Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
+output_format (any /ws/generate format), inactivity_timeout (seconds, default 20, at most 180: input
+left that long without a message is closed -- its buffered text is still spoken -- and a socket with
+nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
+accepted and ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import re
-from urllib.parse import parse_qs, urlsplit
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.exceptions import ConnectionClosed
 
 from . import protocol
-from .connection import Connection
+from .connection import Connection, PlaybackClock
 from .job import Job
 
-PATH = re.compile(r"^/v1/text-to-speech/([^/]+)/stream-input$")
+log = logging.getLogger("csmstream.server")
+PATH = re.compile(r"^/v1/text-to-speech/([^/]+)/(stream-input|multi-stream-input)$")
 CHUNK_MS = 100
+INACTIVITY_S, MAX_INACTIVITY_S = 20.0, 180.0
+MAX_CONTEXTS = 5  # ElevenLabs' limit for multi-stream-input
+MAX_CONTEXT_ID = 128
+DEFAULT_CONTEXT = "default"
+NO_ALIGNMENT = {"normalizedAlignment": None, "alignment": None}
 
 
-def match(path: str) -> bool:
-    return PATH.match(path) is not None
+class Stream(Job):
+    """An ElevenLabs utterance: a text stream that knows when its client last wrote to it, plays on
+    its own clock, and counts time to first audio from its first words (a stream opens with a blank
+    message, often well before the LLM has written anything)."""
+
+    def __init__(self, msg: protocol.Generate, rid: str) -> None:
+        super().__init__(msg, rid)
+        self.open = True
+        self.clock = PlaybackClock()
+        self.last_message = time.monotonic()
+        self.has_words = False
+
+    def take(self, text: str) -> None:
+        if not self.has_words and text.strip():
+            self.has_words = True
+            self.t_recv = time.perf_counter()
+        self.add_text(text)
 
 
-class ElevenLabsConnection(Connection):
+def match(path: str) -> type[Connection] | None:
+    """The connection class serving `path`, or None when it is not an ElevenLabs endpoint."""
+    m = PATH.match(path)
+    if m is None:
+        return None
+    return MultiContextConnection if m.group(2) == "multi-stream-input" else ElevenLabsConnection
+
+
+class _ElevenLabs(Connection):
+    """What both endpoints share: the URL's voice and settings, refusing a bad URL, making a
+    stream's Job, audio messages, the inactivity watch."""
+
     def __init__(self, server, ws) -> None:
         super().__init__(server, ws)
         url = urlsplit(ws.request.path)
-        self.voice_id = PATH.match(url.path).group(1)
-        self.output_format = parse_qs(url.query).get("output_format", ["pcm_24000"])[0]
-        self.job = None
-        self.finished = False
+        self.voice_id = unquote(PATH.match(url.path).group(1))
+        self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        self.output_format = self.query.get("output_format", "pcm_24000")
+        self.inactivity = INACTIVITY_S
+        self.seed: int | None = None
+        self.last_message = time.monotonic()
+
+    def _check_url(self) -> str | None:
+        """What is wrong with the URL, or None."""
+        if self.output_format not in protocol.FORMATS:
+            return f"output_format {self.output_format!r} is not supported; use one of {', '.join(protocol.FORMATS)}"
+        if not (self.voice_id in self.server.voices or (self.voice_id.isascii() and self.voice_id.isdigit())):
+            known = ", ".join(sorted(self.server.voices)) or "none configured"
+            return f"unknown voice_id {self.voice_id!r}: use a named voice ({known}) or a speaker number"
+        raw = self.query.get("inactivity_timeout")
+        if raw is not None:
+            try:
+                self.inactivity = float(raw)
+            except ValueError:
+                self.inactivity = -1.0
+            if not 0 < self.inactivity <= MAX_INACTIVITY_S:
+                return f"inactivity_timeout must be a number of seconds in (0, {MAX_INACTIVITY_S:.0f}], got {raw!r:.40}"
+        raw = self.query.get("seed")
+        if raw is not None:
+            if not (raw.isascii() and raw.isdigit() and int(raw) < 2**32):
+                return f"seed must be an integer in 0..4294967295, got {raw!r:.40}"
+            self.seed = int(raw)
+        return None
 
     async def run(self) -> None:
-        if self.output_format not in protocol.FORMATS:
-            await self._refuse(f"output_format {self.output_format!r} is not supported; use one of "
-                               f"{', '.join(protocol.FORMATS)}")
+        why = self._check_url()
+        if why is not None:
+            self.server.metrics.error("elevenlabs_refused")
+            await self.ws.send(json.dumps({"error": "invalid_request", "message": why}))
+            await self.ws.close(1008, why[:120])
             return
-        if not (self.voice_id in self.server.voices or self.voice_id.isdigit()):
-            known = ", ".join(sorted(self.server.voices)) or "none configured"
-            await self._refuse(f"unknown voice_id {self.voice_id!r}: use a named voice ({known}) or a speaker number")
-            return
+        watch = asyncio.create_task(self._watch())
+        try:
+            await self._serve()
+        finally:
+            watch.cancel()
+
+    async def _serve(self) -> None:
         await super().run()
 
-    async def _refuse(self, message: str) -> None:
-        self.server.metrics.error("elevenlabs_refused")
-        await self.ws.send(json.dumps({"error": "invalid_request", "message": message}))
-        await self.ws.close(1008, message[:120])
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.inactivity / 4))
+            await self._idle(time.monotonic())
+
+    async def _idle(self, now: float) -> None:
+        raise NotImplementedError
+
+    async def _time_out(self) -> None:
+        """Nothing is open and the client has been silent for inactivity_timeout: close."""
+        log.info("ElevenLabs connection idle for %.0f s: closing", self.inactivity)
+        self.server.metrics.error("input_timeout_exceeded")
+        await self.ws.send(json.dumps({"error": "input_timeout_exceeded", "message": "no message within "
+                                       f"inactivity_timeout ({self.inactivity:g} s); the connection is closed"}))
+        await self.ws.close(1008, "input timeout exceeded")
+
+    def _new_job(self, text: str) -> Stream:
+        named = self.voice_id in self.server.voices
+        gen = protocol.Generate(text=text or " ", speaker_id=0 if named else int(self.voice_id),
+                                request_id=self.server.next_request_id(), format=self.output_format,
+                                chunk_ms=CHUNK_MS, voice=self.voice_id if named else None, final=False,
+                                seed=self.seed)
+        job = Stream(gen, gen.request_id)
+        job.take(text)
+        self.jobs.append(job)
+        self.server.metrics.requests += 1
+        return job
+
+    def _audio(self, job: Job, chunk: bytes) -> dict:
+        return {"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False, **NO_ALIGNMENT}
+
+    async def _deliver(self, job: Job, chunk: bytes) -> None:
+        await self._send_timed(job, json.dumps(self._audio(job, chunk)))
+
+
+class ElevenLabsConnection(_ElevenLabs):
+    """stream-input: one utterance; the socket closes after its isFinal."""
+
+    def __init__(self, server, ws) -> None:
+        super().__init__(server, ws)
+        self.job: Stream | None = None
+        self.finished = False
+
+    async def _idle(self, now: float) -> None:
+        if now - self.last_message < self.inactivity:
+            return
+        if self.job is None:
+            await self._time_out()
+        elif self.job.open:
+            self.job.close()  # its buffered text is still spoken, then isFinal
+            self.open_job = None
 
     async def _on_message(self, message) -> None:
+        self.last_message = time.monotonic()
         if self.finished:
             return
         try:
@@ -65,16 +195,7 @@ class ElevenLabsConnection(Connection):
             return
         text = msg.get("text", "")
         if self.job is None:  # the first message opens the stream (its text is usually " ")
-            named = self.voice_id in self.server.voices
-            gen = protocol.Generate(text=text or " ", speaker_id=0 if named else int(self.voice_id),
-                                    request_id=self.server.next_request_id(), format=self.output_format,
-                                    chunk_ms=CHUNK_MS, voice=self.voice_id if named else None, final=False)
-            self.job = job = Job(gen, gen.request_id)
-            job.open = True
-            self.open_job = job
-            job.add_text(text)
-            self.jobs.append(job)
-            self.server.metrics.requests += 1
+            self.job = self.open_job = self._new_job(text)
             self._work.set()
             return
         job = self.job
@@ -87,23 +208,163 @@ class ElevenLabsConnection(Connection):
         if job.chars + len(text) > self.server.max_text_chars:
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per stream")
             return
-        job.add_text(text)
+        job.take(text)
         if msg.get("flush") is True or msg.get("try_trigger_generation") is True:
             job.flush_now()
 
-    async def _send_audio(self, job, chunk: bytes) -> None:
-        job.first_audio(self.server.metrics)
-        await self.ws.send(json.dumps({"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False,
-                                       "normalizedAlignment": None, "alignment": None}))
-
     async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
         self.finished = True
-        self.server.metrics.completed += 1
-        self.server.metrics.audio_seconds += job.encoder.audio_ms / 1000
-        await self.ws.send(json.dumps({"audio": None, "isFinal": True, "normalizedAlignment": None,
-                                       "alignment": None}))
+        self._account(job, cancelled, audio_ms)
+        await self.ws.send(json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT}))
         await self.ws.close(1000)
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)
         await self.ws.send(json.dumps({"error": code, "message": message}))
+
+
+class MultiContextConnection(_ElevenLabs):
+    """multi-stream-input: contexts are independent utterances, each its own Job streamed by its
+    own task (so one waiting for text never holds up another), each on its own playback clock."""
+
+    def __init__(self, server, ws) -> None:
+        super().__init__(server, ws)
+        self.contexts: dict[str, Stream] = {}  # live: opened, isFinal not yet sent
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
+
+    async def _serve(self) -> None:
+        try:
+            async for message in self.ws:
+                await self._on_message(message)
+        finally:
+            for t in list(self.tasks):
+                t.cancel()
+
+    def _queued_after(self, job: Job) -> Job | None:
+        return None  # contexts run side by side, not in turn
+
+    def _clock_of(self, job: Stream) -> PlaybackClock:
+        return job.clock
+
+    def _context_of(self, job: Job) -> str | None:
+        return next((c for c, j in self.contexts.items() if j is job), None)
+
+    async def _idle(self, now: float) -> None:
+        for job in self.contexts.values():
+            if job.open and now - job.last_message >= self.inactivity:
+                job.close()  # its buffered text is still spoken, then isFinal
+        if not self.contexts and now - self.last_message >= self.inactivity:
+            await self._time_out()
+
+    async def _on_message(self, message) -> None:
+        self.last_message = now = time.monotonic()
+        try:
+            msg = json.loads(message)
+            if not isinstance(msg, dict):
+                raise ValueError
+        except (TypeError, ValueError):
+            await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
+            return
+        if msg.get("close_socket") is True:
+            self.closing = True
+            for job in self.contexts.values():
+                job.close()
+            await self._close_if_done()
+            return
+        cid, text = msg.get("context_id", DEFAULT_CONTEXT), msg.get("text")
+        if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CONTEXT_ID:
+            await self._error("invalid_message", f"context_id must be a string of 1 to {MAX_CONTEXT_ID} characters, "
+                              f"got {cid!r:.40}")
+            return
+        if text is not None and not isinstance(text, str):
+            await self._error("invalid_message", f"text must be a string, got {type(text).__name__}", cid=cid)
+            return
+        job = self.contexts.get(cid)
+        if job is None:
+            job = await self._open(cid, text, msg)
+            if job is None:
+                return
+        elif text:
+            if not job.open:
+                await self._error("context_closed", f"context {cid!r} is closed (its audio is still being sent); "
+                                  "open a new context_id for more text", cid=cid)
+                return
+            if job.chars + len(text) > self.server.max_text_chars:
+                await self._error("text_too_long", f"context {cid!r} would exceed {self.server.max_text_chars} "
+                                  "characters; close it and open a new one", cid=cid)
+                return
+            job.take(text)
+        job.last_message = now  # any message for a context keeps it alive ({"text": ""} only that)
+        if msg.get("close_context") is True:
+            if msg.get("immediate") is True:
+                job.cancel()  # barge-in: generation stops at the next tick, buffered text is dropped
+            job.close()
+        elif job.open and (msg.get("flush") is True or msg.get("try_trigger_generation") is True):
+            job.flush_now()
+
+    async def _open(self, cid: str, text: str | None, msg: dict) -> Job | None:
+        if msg.get("close_context") is True or (text is None and msg.get("flush") is True):
+            await self._error("context_not_found", f"no open context {cid!r}; a context opens with its first "
+                              'text message ({"text": " ", "context_id": ...})', cid=cid)
+            return None
+        if self.closing:
+            await self._error("socket_closing", "close_socket was sent; no new contexts on this connection", cid=cid)
+            return None
+        if len(self.contexts) >= MAX_CONTEXTS:
+            await self._error("max_active_conversations", f"at most {MAX_CONTEXTS} contexts at once per connection "
+                              f"(open: {', '.join(self.contexts)}); close one first", cid=cid)
+            return None
+        if not self._rate.allow():
+            await self._error("rate_limited", f"at most {self.server.max_requests_per_minute} new contexts per "
+                              "minute per connection; wait and retry", cid=cid)
+            return None
+        if text and len(text) > self.server.max_text_chars:
+            await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per context", cid=cid)
+            return None
+        job = self._new_job(text or "")
+        self.contexts[cid] = job
+        task = asyncio.create_task(self._play(cid, job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return job
+
+    async def _play(self, cid: str, job: Stream) -> None:
+        """Stream one context's audio, then its isFinal (also after a failure, so every context ends)."""
+        try:
+            await self._stream(job)
+            if job.error:
+                await self._final(job)
+        except ConnectionClosed:
+            return  # the client is gone; the connection's handler cancels the rest
+        finally:
+            job.release()
+            if self.contexts.get(cid) is job:
+                del self.contexts[cid]
+            if job in self.jobs:
+                self.jobs.remove(job)
+        await self._close_if_done()
+
+    async def _close_if_done(self) -> None:
+        if self.closing and not self.contexts:
+            await self.ws.close(1000)
+
+    async def _final(self, job: Stream) -> None:
+        await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
+                                                "contextId": self._context_of(job)}))
+
+    def _audio(self, job: Job, chunk: bytes) -> dict:
+        return {**super()._audio(job, chunk), "contextId": self._context_of(job)}
+
+    async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
+        self._account(job, cancelled, audio_ms)
+        await self._final(job)
+
+    async def _error(self, code: str, message: str, rid: str | None = None, *, cid: str | None = None) -> None:
+        self.server.metrics.error(code)
+        if cid is None and rid is not None:
+            cid = next((c for c, j in self.contexts.items() if j.rid == rid), None)
+        reply = {"error": code, "message": message}
+        if cid is not None:
+            reply["contextId"] = cid
+        await self.ws.send(json.dumps(reply))

@@ -236,7 +236,8 @@ class StreamServer:
         if path != "/ws/generate":
             extra = "".join(f", {p}" for p in self.routes)
             return connection.respond(404, f"no route {path}; WebSocket endpoints are /ws/generate{extra}, "
-                                           "HTTP endpoints /healthz and /metrics\n")
+                                           "/v1/text-to-speech/{voice_id}/stream-input and .../multi-stream-input, "
+                                           "HTTP endpoints /healthz, /metrics and /voices\n")
         if not self.healthy:
             return connection.respond(503, f"{self.health()['status']}; retry when /healthz says 200\n")
         return None  # go on with the WebSocket handshake
@@ -248,7 +249,7 @@ class StreamServer:
             return
         m = self.metrics
         ip = ws.remote_address[0] if ws.remote_address else None
-        conn = (elevenlabs.ElevenLabsConnection if elevenlabs.match(path) else Connection)(self, ws)
+        conn = (elevenlabs.match(path) or Connection)(self, ws)
         m.connections += 1
         m.open_connections += 1
         self.gate.opened(ip)

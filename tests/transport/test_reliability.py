@@ -231,6 +231,20 @@ def test_auth_token_required_everywhere_but_healthz(secured):
 
     assert asyncio.run(eleven())
 
+    async def eleven_multi(headers):
+        try:
+            async with connect(el.replace("/stream-input", "/multi-stream-input"), additional_headers=headers) as ws:
+                await ws.send(json.dumps({"text": "Hi there. ", "context_id": "c", "flush": True}))
+                await ws.send(json.dumps({"close_socket": True}))
+                async for m in ws:
+                    if json.loads(m).get("isFinal"):
+                        return True
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    assert asyncio.run(eleven_multi({})) == 401
+    assert asyncio.run(eleven_multi({"xi-api-key": "t0ken"})) is True
+
     from csmstream.transport.client import SesameWebSocketService
 
     async def client():

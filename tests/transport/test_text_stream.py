@@ -1,8 +1,7 @@
-"""Text as it arrives: streamed pieces, sentence pipelining with context, long text, voices, and
-the ElevenLabs-compatible endpoint -- all over real sockets."""
+"""Text as it arrives: streamed pieces, sentence pipelining with context, long text, voices -- all
+over real sockets (the ElevenLabs endpoints are in test_elevenlabs.py)."""
 
 import asyncio
-import base64
 import json
 import time
 import urllib.request
@@ -205,45 +204,3 @@ def test_named_voices(tmp_path):
         load_voices(tmp_path, eng)
     with pytest.raises(ValueError, match="does not exist"):
         load_voices(tmp_path / "nope", eng)
-
-
-def test_elevenlabs_stream_input_flow(server):
-    """A client written from ElevenLabs' documented message flow (PROTOCOLS.md §3)."""
-    url = server.url.replace("/ws/generate", "/v1/text-to-speech/1/stream-input?model_id=x&output_format=pcm_16000")
-
-    async def go():
-        async with connect(url) as ws:
-            await ws.send(json.dumps({"text": " ", "voice_settings": {"stability": 0.5, "similarity_boost": 0.8},
-                                      "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}))
-            for piece in ["Hello there. ", "How are ", "you doing ", "today? "]:
-                await ws.send(json.dumps({"text": piece}))
-            await ws.send(json.dumps({"text": "I hope well. ", "flush": True}))
-            await ws.send(json.dumps({"text": ""}))
-            audio, final = b"", None
-            async for m in ws:
-                msg = json.loads(m)
-                if msg.get("isFinal"):
-                    final = msg
-                    break
-                assert set(msg) >= {"audio", "normalizedAlignment", "alignment"}
-                audio += base64.b64decode(msg["audio"])
-            return audio, final
-
-    audio, final = asyncio.run(go())
-    assert final == {"audio": None, "isFinal": True, "normalizedAlignment": None, "alignment": None}
-    assert len(audio) > 16000 and len(audio) % 2 == 0  # over half a second of 16 kHz int16
-    parts = [r.text for r in list(server.srv.recent)[-3:]]
-    assert parts == ["Hello there.", "How are you doing today?", "I hope well."]
-
-
-def test_elevenlabs_bad_voice_and_format_are_refused(server):
-    async def go(path):
-        async with connect(server.url.replace("/ws/generate", path)) as ws:
-            msg = json.loads(await ws.recv())
-            await ws.wait_closed()
-            return msg, ws.close_code
-
-    msg, code = asyncio.run(go("/v1/text-to-speech/nobody/stream-input"))
-    assert msg["error"] == "invalid_request" and "nobody" in msg["message"] and code == 1008
-    msg, code = asyncio.run(go("/v1/text-to-speech/0/stream-input?output_format=mp3_44100_128"))
-    assert "mp3_44100_128" in msg["message"] and code == 1008

@@ -1,0 +1,324 @@
+"""The ElevenLabs-compatible endpoints (stream-input and multi-stream-input), driven by clients
+written from ElevenLabs' documented message flows (PROTOCOLS.md §3) over real sockets. The audio is
+checked against the engine's own stream() of the same text and seed."""
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.servers import RunningServer, collect, floor_frame_time, wait_finished
+from tests.transport.test_reliability import same_audio
+from tests.transport.test_server import audio_of, reference_pcm
+
+LONG = "This answer has several sentences. It goes on for a while. Then it goes on a bit more. And it ends."
+
+
+@pytest.fixture(scope="module")
+def el():
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=8), warmup=False).start()
+    yield rs
+    rs.stop()
+
+
+def url_of(rs, tail):
+    return rs.url.replace("/ws/generate", "/v1/text-to-speech/" + tail)
+
+
+async def read_contexts(ws, n_final, timeout=60):
+    """Read until `n_final` isFinal messages; returns (audio by context, finals in order, other
+    messages, the order of (kind, context) events)."""
+    audio, finals, other, order = {}, [], [], []
+    while len(finals) < n_final:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        cid = msg.get("contextId")
+        if msg.get("isFinal"):
+            finals.append(msg)
+            order.append(("final", cid))
+        elif msg.get("audio"):
+            assert set(msg) == {"audio", "isFinal", "normalizedAlignment", "alignment", "contextId"}
+            audio[cid] = audio.get(cid, b"") + base64.b64decode(msg["audio"])
+            order.append(("audio", cid))
+        else:
+            other.append(msg)
+    return audio, finals, other, order
+
+
+def test_stream_input_flow(el):
+    """A client written from ElevenLabs' documented message flow (PROTOCOLS.md §3)."""
+    url = url_of(el, "1/stream-input?model_id=x&output_format=pcm_16000")
+
+    async def go():
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"text": " ", "voice_settings": {"stability": 0.5, "similarity_boost": 0.8},
+                                      "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]}}))
+            for piece in ["Hello there. ", "How are ", "you doing ", "today? "]:
+                await ws.send(json.dumps({"text": piece}))
+            await ws.send(json.dumps({"text": "I hope well. ", "flush": True}))
+            await ws.send(json.dumps({"text": ""}))
+            audio, final = b"", None
+            async for m in ws:
+                msg = json.loads(m)
+                if msg.get("isFinal"):
+                    final = msg
+                    break
+                assert set(msg) >= {"audio", "normalizedAlignment", "alignment"}
+                audio += base64.b64decode(msg["audio"])
+            return audio, final
+
+    audio, final = asyncio.run(go())
+    assert final == {"audio": None, "isFinal": True, "normalizedAlignment": None, "alignment": None}
+    assert len(audio) > 16000 and len(audio) % 2 == 0  # over half a second of 16 kHz int16
+    parts = [r.text for r in list(el.srv.recent)[-3:]]
+    assert parts == ["Hello there.", "How are you doing today?", "I hope well."]
+
+
+def test_stream_input_seed_gives_the_engines_audio(el):
+    async def go():
+        async with connect(url_of(el, "0/stream-input?seed=7")) as ws:
+            for m in [{"text": " "}, {"text": "Seeded and exact. "}, {"text": ""}]:
+                await ws.send(json.dumps(m))
+            audio = b""
+            async for m in ws:
+                msg = json.loads(m)
+                if msg["isFinal"]:
+                    return audio
+                audio += base64.b64decode(msg["audio"])
+
+    assert same_audio(asyncio.run(go()), reference_pcm("Seeded and exact.", 0, seed=7))
+
+
+@pytest.mark.parametrize("tail, word", [
+    ("nobody/stream-input", "nobody"),
+    ("0/stream-input?output_format=mp3_44100_128", "mp3_44100_128"),
+    ("0/multi-stream-input?inactivity_timeout=0", "inactivity_timeout"),
+    ("0/multi-stream-input?inactivity_timeout=181", "inactivity_timeout"),
+    ("0/stream-input?inactivity_timeout=soon", "inactivity_timeout"),
+    ("0/multi-stream-input?seed=-1", "seed"),
+    ("0/stream-input?seed=4294967296", "seed"),
+    ("%C2%B2/multi-stream-input", "voice_id"),  # a superscript two is a digit, not a speaker number
+])
+def test_a_bad_url_is_refused_with_what_is_allowed(el, tail, word):
+    async def go():
+        async with connect(url_of(el, tail)) as ws:
+            msg = json.loads(await ws.recv())
+            await ws.wait_closed()
+            return msg, ws.close_code
+
+    msg, code = asyncio.run(go())
+    assert msg["error"] == "invalid_request" and word in msg["message"] and code == 1008
+
+
+def test_multi_contexts_are_independent_and_each_ends_with_one_isfinal(el):
+    """Context a is opened and left waiting for text; b, opened after it, is spoken at once (it does
+    not queue behind a); then a gets its text. Each context's audio is the engine's own for its
+    text and the URL's seed, every message names its context, and close_socket ends the socket."""
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=3&output_format=pcm_24000")) as ws:
+            await ws.send(json.dumps({"text": " ", "context_id": "a", "voice_settings": {"stability": 0.4}}))
+            await ws.send(json.dumps({"text": " ", "context_id": "b"}))
+            await ws.send(json.dumps({"text": "Bee speaks first. ", "context_id": "b"}))
+            await ws.send(json.dumps({"context_id": "b", "flush": True}))
+            await ws.send(json.dumps({"context_id": "b", "close_context": True}))
+            first = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"text": "", "context_id": "a"}))  # keep-alive: no audio, no close
+            await ws.send(json.dumps({"text": "Then comes a. ", "context_id": "a", "flush": True}))
+            await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+            second = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"close_socket": True}))
+            await ws.wait_closed()
+            return first, second, ws.close_code
+
+    (a1, f1, o1, _), (a2, f2, o2, _), code = asyncio.run(go())
+    assert set(a1) == {"b"} and f1 == [{"audio": None, "isFinal": True, "normalizedAlignment": None,
+                                        "alignment": None, "contextId": "b"}]
+    assert same_audio(a1["b"], reference_pcm("Bee speaks first.", 0, seed=3))
+    assert set(a2) == {"a"} and [f["contextId"] for f in f2] == ["a"]
+    assert same_audio(a2["a"], reference_pcm("Then comes a.", 0, seed=3))
+    assert o1 == o2 == [] and code == 1000
+
+
+def test_multi_contexts_stream_side_by_side(el):
+    """Two long contexts sent at once: the second's audio starts before the first has ended (they
+    are generated and sent concurrently, not one after the other), and each is the audio
+    /ws/generate makes of the same text and seed; without a context_id, a message goes to the
+    context "default"."""
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=1")) as ws:
+            await ws.send(json.dumps({"text": LONG + " ", "context_id": "one", "flush": True}))
+            await ws.send(json.dumps({"text": LONG + " ", "flush": True}))
+            await ws.send(json.dumps({"close_socket": True}))  # both finish, then the socket closes
+            out = await read_contexts(ws, 2)
+            await ws.wait_closed()
+        async with connect(el.url) as ws:
+            await ws.send(json.dumps({"text": LONG, "seed": 1}))
+            want = audio_of(await collect(ws))
+        return out, ws.close_code, want
+
+    (audio, finals, other, order), code, want = asyncio.run(go())
+    assert sorted(f["contextId"] for f in finals) == ["default", "one"] and not other and code == 1000
+    assert same_audio(audio["one"], want) and same_audio(audio["default"], want)
+    first_final = min(order.index(("final", "one")), order.index(("final", "default")))
+    assert {("audio", "one"), ("audio", "default")} <= set(order[:first_final])
+
+
+def test_barge_in_stops_one_context_at_once_and_not_the_other(monkeypatch):
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=4), warmup=False).start()
+    floor_frame_time(monkeypatch, rs, 0.02)
+    try:
+        async def go():
+            async with connect(url_of(rs, "0/multi-stream-input?seed=2")) as ws:
+                await ws.send(json.dumps({"text": "Interrupted talk goes on and on and on. ", "context_id": "old",
+                                          "flush": True}))
+                await ws.send(json.dumps({"text": "Kept talk goes on to its end. ", "context_id": "keep"}))
+                await ws.send(json.dumps({"context_id": "keep", "close_context": True}))  # graceful
+                await ws.send(json.dumps({"text": "Too late. ", "context_id": "keep"}))
+                seen = []
+                while not seen or seen[-1].get("contextId") != "old":  # the old context has started to play
+                    seen.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+                await ws.send(json.dumps({"context_id": "old", "close_context": True, "immediate": True}))
+                later, finals, other, _ = await read_contexts(ws, 2 - sum(bool(m.get("isFinal")) for m in seen))
+                audio = {}
+                for m in seen:
+                    if m.get("audio"):
+                        audio[m["contextId"]] = audio.get(m["contextId"], b"") + base64.b64decode(m["audio"])
+                for c, pcm in later.items():
+                    audio[c] = audio.get(c, b"") + pcm
+                return audio, finals + [m for m in seen if m.get("isFinal")], other + [
+                    m for m in seen if "error" in m]
+
+        audio, finals, other = asyncio.run(go())
+        assert sorted(f["contextId"] for f in finals) == ["keep", "old"]
+        assert [(m["error"], m["contextId"]) for m in other] == [("context_closed", "keep")]
+        assert "open a new context_id" in other[0]["message"]
+        assert same_audio(audio["keep"], reference_pcm("Kept talk goes on to its end.", 0, seed=2))  # all of it
+        old = [r for r in rs.srv.recent if r.text.startswith("Interrupted")]
+        assert len(old) == 1 and wait_finished(old[0])
+        assert old[0].reason == "cancelled" and old[0].frames < old[0].max_frames
+        assert not [r for r in rs.srv.recent if r.text == "Too late."]
+        assert rs.srv.health()["active"] == 0
+    finally:
+        rs.stop()
+
+
+def test_multi_bad_messages_get_clear_errors_and_the_contexts_go_on(el):
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=5")) as ws:
+            async def error_for(msg):
+                await ws.send(msg if isinstance(msg, str) else json.dumps(msg))
+                return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+            errs = [await error_for("not json"), await error_for({"text": "x", "context_id": 5}),
+                    await error_for({"text": 3, "context_id": "x"}),
+                    await error_for({"context_id": "nope", "flush": True}),
+                    await error_for({"context_id": "nope", "close_context": True})]
+            for c in "abcde":
+                await ws.send(json.dumps({"text": " ", "context_id": c}))
+            errs.append(await error_for({"text": "Sixth. ", "context_id": "f"}))
+            errs.append(await error_for({"text": "x" * 5001, "context_id": "a"}))
+            await ws.send(json.dumps({"context_id": "e", "close_context": True}))  # nothing said: ends now
+            _, finals, _, _ = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"text": "Sixth now fits. ", "context_id": "f", "flush": True}))
+            await ws.send(json.dumps({"context_id": "f", "close_context": True}))
+            got = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"close_socket": True}))
+            rest = await read_contexts(ws, 4)
+            await ws.wait_closed()
+            return errs, finals, got, rest, ws.close_code
+
+    errs, finals, (audio, f_finals, _, _), (r_audio, r_finals, _, _), code = asyncio.run(go())
+    assert [e["error"] for e in errs] == ["invalid_message"] * 3 + ["context_not_found"] * 2 + [
+        "max_active_conversations", "text_too_long"]
+    assert "context_id must be a string" in errs[1]["message"] and "contextId" not in errs[1]
+    assert errs[2]["contextId"] == "x" and "text must be a string" in errs[2]["message"]
+    assert errs[3]["contextId"] == "nope" and "a context opens with its first text" in errs[3]["message"]
+    assert errs[5]["contextId"] == "f" and "at most 5 contexts" in errs[5]["message"]
+    assert errs[6]["contextId"] == "a" and "5000" in errs[6]["message"]
+    assert [f["contextId"] for f in finals] == ["e"]
+    assert [f["contextId"] for f in f_finals] == ["f"] and same_audio(audio["f"], reference_pcm("Sixth now fits.", 0, seed=5))
+    assert sorted(f["contextId"] for f in r_finals) == ["a", "b", "c", "d"] and r_audio == {} and code == 1000
+
+
+def test_inactivity_closes_input_speaks_what_was_sent_then_closes_an_idle_socket(el):
+    async def multi():
+        async with connect(url_of(el, "0/multi-stream-input?seed=4&inactivity_timeout=0.5")) as ws:
+            await ws.send(json.dumps({"text": "Unfinished words without an end", "context_id": "t"}))
+            audio, finals, other, _ = await read_contexts(ws, 1)  # no close, no flush: the timeout ends it
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))  # then nothing is open: the socket goes
+            await ws.wait_closed()
+            return audio, finals, other, err, ws.close_code
+
+    async def single_silent():
+        async with connect(url_of(el, "0/stream-input?inactivity_timeout=0.3")) as ws:
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.wait_closed()
+            return err, ws.close_code
+
+    async def single_unfinished():
+        async with connect(url_of(el, "0/stream-input?seed=4&inactivity_timeout=0.5")) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": "Unfinished words without an end"}))
+            audio = b""
+            async for m in ws:
+                msg = json.loads(m)
+                if msg["isFinal"]:
+                    break
+                audio += base64.b64decode(msg["audio"])
+            await ws.wait_closed()
+            return audio, ws.close_code
+
+    want = reference_pcm("Unfinished words without an end", 0, seed=4)
+    audio, finals, other, err, code = asyncio.run(multi())
+    assert same_audio(audio["t"], want) and [f["contextId"] for f in finals] == ["t"] and other == []
+    assert err["error"] == "input_timeout_exceeded" and "inactivity_timeout" in err["message"] and code == 1008
+    err, code = asyncio.run(single_silent())
+    assert err["error"] == "input_timeout_exceeded" and code == 1008
+    audio, code = asyncio.run(single_unfinished())
+    assert same_audio(audio, want) and code == 1000
+
+
+def test_a_context_whose_client_stops_reading_is_cut_off(monkeypatch):
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), warmup=False, send_timeout=0.5,
+                       socket_send_buffer=8192).start()
+    floor_frame_time(monkeypatch, rs, 0.02)
+    try:
+        async def go():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", rs.srv.port))
+            ws = await connect(url_of(rs, "0/multi-stream-input"), sock=sock, max_queue=1)
+            await ws.send(json.dumps({"text": "A very long answer nobody reads. " * 8, "context_id": "c",
+                                      "flush": True}))
+            await asyncio.sleep(3.0)  # never reads
+            return ws
+
+        asyncio.run(go())
+        reqs = [r for r in rs.srv.recent if r.text.startswith("A very long")]
+        assert reqs and all(wait_finished(r) for r in reqs)
+        assert reqs[-1].reason == "cancelled" and len(reqs) < 8
+        assert rs.srv.metrics.errors["slow_reader"] == 1
+        time.sleep(0.3)
+        assert rs.srv.health()["active"] == 0 and not rs.srv.connections
+    finally:
+        rs.stop()
+
+
+def test_an_unknown_path_is_a_404_that_lists_the_endpoints(el):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(el.url.replace("ws://", "http://").replace("/ws/generate", "/v1/text-to-speech/0/x"))
+    assert e.value.code == 404
+    body = e.value.read().decode()
+    assert "/ws/generate" in body and "stream-input" in body and "multi-stream-input" in body
