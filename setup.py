@@ -52,9 +52,9 @@ setup(
         "httpx>=0.27",  # Telnyx Call Control API (integrations/call_control.py)
     ],
     extras_require={
-        # openai: its SDK is the independent client of the OpenAI-compatible endpoint's tests
+        # openai, elevenlabs: their SDKs are independent clients in the tests of the compatible endpoints
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6", "matplotlib>=3.7",
-                "openai>=1.40"],
+                "openai>=1.40", "elevenlabs>=2.70,<3"],
         "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },
     entry_points={"console_scripts": ["csm-stream=csmstream.cli:main"]},

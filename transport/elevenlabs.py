@@ -209,8 +209,8 @@ class ElevenLabsConnection(_ElevenLabs):
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per stream")
             return
         job.take(text)
-        if msg.get("flush") is True or msg.get("try_trigger_generation") is True:
-            job.flush_now()
+        if msg.get("flush") is True:
+            job.flush_now()  # (try_trigger_generation is only a hint: a sentence starts when it is complete)
 
     async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
         self.finished = True
@@ -300,7 +300,7 @@ class MultiContextConnection(_ElevenLabs):
             if msg.get("immediate") is True:
                 job.cancel()  # barge-in: generation stops at the next tick, buffered text is dropped
             job.close()
-        elif job.open and (msg.get("flush") is True or msg.get("try_trigger_generation") is True):
+        elif job.open and msg.get("flush") is True:
             job.flush_now()
 
     async def _open(self, cid: str, text: str | None, msg: dict) -> Job | None:

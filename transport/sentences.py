@@ -9,7 +9,8 @@ next piece. Not an end: known abbreviations (Dr., e.g., U.S., a.m.), single-lett
 list markers ("1. "), decimals, prices, times, URLs and e-mail addresses (no space after their
 dots), and an ellipsis or abbreviation followed by a lowercase word. A line break ends a sentence.
 Text without sentence punctuation is split at the first clause mark (, ; : –) past `clause_chars`,
-else at the last space before `max_chars`, so a long run never waits for its end.
+else at the last space before `max_chars`, so a long run never waits for its end. Inside a
+sentence, any run of whitespace becomes one space.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ ABBREVIATIONS = {
 _TERMINATORS = ".!?…"
 _CLOSERS = "\"'”’)]}»"
 _CLAUSE = re.compile(r"[,;:–—](?=\s)")
+
+
+def _squash(text: str) -> str:
+    """Runs of whitespace (an LLM's line breaks, a client's doubled spaces) as one space, none at
+    the ends: the model hears the words, not the layout."""
+    return " ".join(text.split())
 
 
 def _word_before(text: str, end: int) -> str:
@@ -54,7 +61,7 @@ class SentenceSplitter:
 
     def flush(self) -> list[str]:
         out = self._take(final=True)
-        rest = self._buf.strip()
+        rest = _squash(self._buf)
         self._buf = ""
         return out + ([rest] if rest else [])
 
@@ -64,7 +71,7 @@ class SentenceSplitter:
             cut = self._find_break(final)
             if cut is None:
                 break
-            sentence = self._buf[:cut].strip()
+            sentence = _squash(self._buf[:cut])
             self._buf = self._buf[cut:].lstrip()
             if sentence:
                 out.append(sentence)

@@ -5,6 +5,7 @@ checked against the engine's own stream() of the same text and seed."""
 import asyncio
 import base64
 import json
+import re
 import socket
 import time
 
@@ -322,3 +323,24 @@ def test_an_unknown_path_is_a_404_that_lists_the_endpoints(el):
     assert e.value.code == 404
     body = e.value.read().decode()
     assert "/ws/generate" in body and "stream-input" in body and "multi-stream-input" in body
+
+
+def test_the_official_elevenlabs_sdk_streams_from_csm_stream(el):
+    """ElevenLabs' own Python SDK (convert_realtime: stream-input, text fed word by word with
+    try_trigger_generation on every piece) as an independent client. Its pieces are single words:
+    the server must still generate whole sentences (a hint is not a flush), and the bytes it yields
+    are exactly those sentences' frames."""
+    from elevenlabs.client import ElevenLabs
+
+    client = ElevenLabs(api_key="unused", base_url=el.url.replace("ws://", "http://").replace("/ws/generate", ""))
+    # the SDK always opens its socket with TLS (wss://); this test server speaks plain ws://
+    client.text_to_speech._ws_base_url = el.url.replace("/ws/generate", "")
+
+    def words():  # as an LLM writes them: "Hello", " there,", " how", ...
+        yield from re.split("(?= )", "Hello there, how are you? I am fine, thank you.")
+
+    before = len(el.srv.recent)
+    audio = b"".join(client.text_to_speech.convert_realtime(voice_id="0", text=words(), output_format="pcm_24000"))
+    reqs = list(el.srv.recent)[before:]
+    assert [r.text for r in reqs] == ["Hello there, how are you?", "I am fine, thank you."]
+    assert len(audio) == 2 * 1920 * sum(r.frames for r in reqs) > 0

@@ -130,3 +130,14 @@ def test_sentences_are_released_as_soon_as_they_are_known():
     assert s.push(" H") == ["Hello there."]
     assert s.push("ow are you? I am") == ["How are you?"]
     assert s.flush() == ["I am"]
+
+
+def test_whitespace_runs_inside_a_sentence_become_one_space():
+    # ElevenLabs' SDK chunker doubles spaces after punctuation; LLMs write tabs and line breaks
+    text = "Hello there,  how are\tyou?   I am  fine, thank you.\n\nBye."
+    want = ["Hello there, how are you?", "I am fine, thank you.", "Bye."]
+    assert split_sentences(text) == want
+    sp = SentenceSplitter()
+    got = [s for piece in ["Hello there,", "  how", " are\t", "you?  ", " I am  fine,", " thank you.\n\nBye."]
+           for s in sp.push(piece)]
+    assert got + sp.flush() == want
