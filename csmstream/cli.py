@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the streaming server (/ws/generate, /healthz, /metrics)",
-                           description="Load the model, warm it up, and serve WebSocket clients on "
-                                       "/ws/generate. /healthz answers 503 until the model is ready, then "
+                           description="Load the model, warm it up, and serve WebSocket clients on /ws/generate\n"
+                                       "and on ElevenLabs' URLs (/v1/text-to-speech/VOICE/stream-input and\n"
+                                       ".../multi-stream-input); with --http-port, also OpenAI's POST\n"
+                                       "/v1/audio/speech. /healthz answers 503 until the model is ready, then\n"
                                        "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.",
                            epilog=GPU_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(serve)
