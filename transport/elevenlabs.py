@@ -6,23 +6,25 @@ protocols switches by changing only its URL:
 
 stream-input, one utterance a connection: {"text": " ", ...settings} to begin, then text pieces,
 {"text": "...", "flush": true} to generate what is buffered now, {"text": ""} to finish. Server:
-{"audio": base64, "isFinal": false, "normalizedAlignment": null, "alignment": null} messages, then
+{"audio": base64, "isFinal": false, "normalizedAlignment", "alignment"} messages, then
 {"audio": null, "isFinal": true, ...}, and the socket closes.
 
-multi-stream-input, up to MAX_CONTEXTS utterances ("contexts") at once on one connection, each
-generated and streamed independently: every client message names its `context_id` (none: the
-context "default"); the first message for an id opens that context; {"text": "", "context_id"}
-keeps it alive; {"context_id", "flush": true} generates its buffered text now;
-{"context_id", "close_context": true} ends its input: what was sent is spoken to the end, then its
-{"isFinal": true, "contextId"} (a csm-stream extension, "immediate": true, stops it at once instead:
-a barge-in that also frees the engine slot); {"close_socket": true} closes every context that way and
-then the socket. Every reply carries "contextId"; every context ends with exactly one isFinal.
+multi-stream-input (elevenlabs_multi.py), up to 5 utterances ("contexts") at once on one
+connection, each generated and streamed independently: every client message names its `context_id`
+(none: the context "default"); the first message with text (" " will do) opens that context;
+{"text": "", "context_id"} keeps it alive (and opens nothing); {"context_id", "flush": true}
+generates its buffered text now; {"context_id", "close_context": true} ends its input: what was
+sent is spoken to the end, then its {"isFinal": true, "contextId"} (a csm-stream extension,
+"immediate": true, stops it at once instead: a barge-in that also frees the engine slot);
+{"close_socket": true} closes every context that way and then the socket. Every reply carries
+"contextId"; every context ends with exactly one isFinal.
 
 Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
 output_format (any /ws/generate format), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
 nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
-accepted and ignored.
+accepted and ignored. The alignment (characters with start times and durations, which clients such
+as pipecat turn into the words the caller heard) is estimated per sentence: see Stream.alignment.
 """
 
 from __future__ import annotations
@@ -35,19 +37,14 @@ import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from websockets.exceptions import ConnectionClosed
-
 from . import protocol
-from .connection import Connection, PlaybackClock
+from .connection import FRAME_MS, Connection, PlaybackClock
 from .job import Job
 
 log = logging.getLogger("csmstream.server")
 PATH = re.compile(r"^/v1/text-to-speech/([^/]+)/(stream-input|multi-stream-input)$")
 CHUNK_MS = 100
 INACTIVITY_S, MAX_INACTIVITY_S = 20.0, 180.0
-MAX_CONTEXTS = 5  # ElevenLabs' limit for multi-stream-input
-MAX_CONTEXT_ID = 128
-DEFAULT_CONTEXT = "default"
 NO_ALIGNMENT = {"normalizedAlignment": None, "alignment": None}
 
 
@@ -63,11 +60,43 @@ class Stream(Job):
         self.last_message = time.monotonic()
         self.has_words = False
 
+        self.sent_ms = 0.0  # audio sent so far
+        self.aligned = 0  # sentences (done_reqs) whose alignment has been sent
+        self.aligned_ms = 0.0  # where the next sentence's audio starts
+
     def take(self, text: str) -> None:
         if not self.has_words and text.strip():
             self.has_words = True
             self.t_recv = time.perf_counter()
         self.add_text(text)
+
+    def alignment(self, chunk_ms: float) -> dict | None:
+        """A chunk of `chunk_ms` goes out: the alignment of the sentences whose audio ends in it,
+        or None. CSM has no aligner, so it is estimated: a sentence's characters (and a space after
+        it) spread evenly over its audio, which is known exactly once it has been generated. Times
+        count from the start of the first sentence given, which is where the previous alignment
+        ended -- so a client that adds up alignments (as ElevenLabs' clients do) stays in step."""
+        self.sent_ms += chunk_ms
+        chars: list[str] = []
+        starts: list[int] = []
+        durations: list[int] = []
+        base = self.aligned_ms
+        while self.aligned < len(self.done_reqs):
+            req = self.done_reqs[self.aligned]
+            end = self.aligned_ms + req.frames * FRAME_MS
+            if end > self.sent_ms + 1.0:  # its audio is not all out yet
+                break
+            text = req.text + " "
+            edges = [round(self.aligned_ms - base + (end - self.aligned_ms) * i / len(text))
+                     for i in range(len(text) + 1)]
+            chars += text
+            starts += edges[:-1]
+            durations += [edges[i + 1] - edges[i] for i in range(len(text))]
+            self.aligned += 1
+            self.aligned_ms = end
+        if not chars:
+            return None
+        return {"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durations}
 
 
 def match(path: str) -> type[Connection] | None:
@@ -75,10 +104,14 @@ def match(path: str) -> type[Connection] | None:
     m = PATH.match(path)
     if m is None:
         return None
-    return MultiContextConnection if m.group(2) == "multi-stream-input" else ElevenLabsConnection
+    if m.group(2) == "multi-stream-input":
+        from .elevenlabs_multi import MultiContextConnection
+
+        return MultiContextConnection
+    return ElevenLabsConnection
 
 
-class _ElevenLabs(Connection):
+class ElevenLabsBase(Connection):
     """What both endpoints share: the URL's voice and settings, refusing a bad URL, making a
     stream's Job, audio messages, the inactivity watch."""
 
@@ -158,14 +191,17 @@ class _ElevenLabs(Connection):
         self.server.metrics.requests += 1
         return job
 
-    def _audio(self, job: Job, chunk: bytes) -> dict:
-        return {"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False, **NO_ALIGNMENT}
+    def _audio(self, job: Stream, chunk: bytes) -> dict:
+        enc = job.encoder
+        align = job.alignment(1000 * len(chunk) / (enc.rate * (2 if enc.encoding == "pcm" else 1)))
+        return {"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False,
+                "normalizedAlignment": align, "alignment": align}
 
     async def _deliver(self, job: Job, chunk: bytes) -> None:
         await self._send_timed(job, json.dumps(self._audio(job, chunk)))
 
 
-class ElevenLabsConnection(_ElevenLabs):
+class ElevenLabsConnection(ElevenLabsBase):
     """stream-input: one utterance; the socket closes after its isFinal."""
 
     def __init__(self, server, ws) -> None:
@@ -221,150 +257,3 @@ class ElevenLabsConnection(_ElevenLabs):
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)
         await self.ws.send(json.dumps({"error": code, "message": message}))
-
-
-class MultiContextConnection(_ElevenLabs):
-    """multi-stream-input: contexts are independent utterances, each its own Job streamed by its
-    own task (so one waiting for text never holds up another), each on its own playback clock."""
-
-    def __init__(self, server, ws) -> None:
-        super().__init__(server, ws)
-        self.contexts: dict[str, Stream] = {}  # live: opened, isFinal not yet sent
-        self.tasks: set[asyncio.Task] = set()
-        self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
-
-    async def _serve(self) -> None:
-        try:
-            async for message in self.ws:
-                await self._on_message(message)
-        finally:
-            for t in list(self.tasks):
-                t.cancel()
-
-    def _queued_after(self, job: Job) -> Job | None:
-        return None  # contexts run side by side, not in turn
-
-    def _clock_of(self, job: Stream) -> PlaybackClock:
-        return job.clock
-
-    def _context_of(self, job: Job) -> str | None:
-        return next((c for c, j in self.contexts.items() if j is job), None)
-
-    async def _idle(self, now: float) -> None:
-        for job in self.contexts.values():
-            if job.open and now - job.last_message >= self.inactivity:
-                job.close()  # its buffered text is still spoken, then isFinal
-        if not self.contexts and now - self.last_message >= self.inactivity:
-            await self._time_out()
-
-    async def _on_message(self, message) -> None:
-        self.last_message = now = time.monotonic()
-        try:
-            msg = json.loads(message)
-            if not isinstance(msg, dict):
-                raise ValueError
-        except (TypeError, ValueError):
-            await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
-            return
-        if msg.get("close_socket") is True:
-            self.closing = True
-            for job in self.contexts.values():
-                job.close()
-            await self._close_if_done()
-            return
-        cid, text = msg.get("context_id", DEFAULT_CONTEXT), msg.get("text")
-        if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CONTEXT_ID:
-            await self._error("invalid_message", f"context_id must be a string of 1 to {MAX_CONTEXT_ID} characters, "
-                              f"got {cid!r:.40}")
-            return
-        if text is not None and not isinstance(text, str):
-            await self._error("invalid_message", f"text must be a string, got {type(text).__name__}", cid=cid)
-            return
-        job = self.contexts.get(cid)
-        if job is None:
-            job = await self._open(cid, text, msg)
-            if job is None:
-                return
-        elif text:
-            if not job.open:
-                await self._error("context_closed", f"context {cid!r} is closed (its audio is still being sent); "
-                                  "open a new context_id for more text", cid=cid)
-                return
-            if job.chars + len(text) > self.server.max_text_chars:
-                await self._error("text_too_long", f"context {cid!r} would exceed {self.server.max_text_chars} "
-                                  "characters; close it and open a new one", cid=cid)
-                return
-            job.take(text)
-        job.last_message = now  # any message for a context keeps it alive ({"text": ""} only that)
-        if msg.get("close_context") is True:
-            if msg.get("immediate") is True:
-                job.cancel()  # barge-in: generation stops at the next tick, buffered text is dropped
-            job.close()
-        elif job.open and msg.get("flush") is True:
-            job.flush_now()
-
-    async def _open(self, cid: str, text: str | None, msg: dict) -> Job | None:
-        if msg.get("close_context") is True or (text is None and msg.get("flush") is True):
-            await self._error("context_not_found", f"no open context {cid!r}; a context opens with its first "
-                              'text message ({"text": " ", "context_id": ...})', cid=cid)
-            return None
-        if self.closing:
-            await self._error("socket_closing", "close_socket was sent; no new contexts on this connection", cid=cid)
-            return None
-        if len(self.contexts) >= MAX_CONTEXTS:
-            await self._error("max_active_conversations", f"at most {MAX_CONTEXTS} contexts at once per connection "
-                              f"(open: {', '.join(self.contexts)}); close one first", cid=cid)
-            return None
-        if not self._rate.allow():
-            await self._error("rate_limited", f"at most {self.server.max_requests_per_minute} new contexts per "
-                              "minute per connection; wait and retry", cid=cid)
-            return None
-        if text and len(text) > self.server.max_text_chars:
-            await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per context", cid=cid)
-            return None
-        job = self._new_job(text or "")
-        self.contexts[cid] = job
-        task = asyncio.create_task(self._play(cid, job))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return job
-
-    async def _play(self, cid: str, job: Stream) -> None:
-        """Stream one context's audio, then its isFinal (also after a failure, so every context ends)."""
-        try:
-            await self._stream(job)
-            if job.error:
-                await self._final(job)
-        except ConnectionClosed:
-            return  # the client is gone; the connection's handler cancels the rest
-        finally:
-            job.release()
-            if self.contexts.get(cid) is job:
-                del self.contexts[cid]
-            if job in self.jobs:
-                self.jobs.remove(job)
-        await self._close_if_done()
-
-    async def _close_if_done(self) -> None:
-        if self.closing and not self.contexts:
-            await self.ws.close(1000)
-
-    async def _final(self, job: Stream) -> None:
-        await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
-                                                "contextId": self._context_of(job)}))
-
-    def _audio(self, job: Job, chunk: bytes) -> dict:
-        return {**super()._audio(job, chunk), "contextId": self._context_of(job)}
-
-    async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
-        self._account(job, cancelled, audio_ms)
-        await self._final(job)
-
-    async def _error(self, code: str, message: str, rid: str | None = None, *, cid: str | None = None) -> None:
-        self.server.metrics.error(code)
-        if cid is None and rid is not None:
-            cid = next((c for c, j in self.contexts.items() if j.rid == rid), None)
-        reply = {"error": code, "message": message}
-        if cid is not None:
-            reply["contextId"] = cid
-        await self.ws.send(json.dumps(reply))

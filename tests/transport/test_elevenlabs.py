@@ -344,3 +344,59 @@ def test_the_official_elevenlabs_sdk_streams_from_csm_stream(el):
     reqs = list(el.srv.recent)[before:]
     assert [r.text for r in reqs] == ["Hello there, how are you?", "I am fine, thank you."]
     assert len(audio) == 2 * 1920 * sum(r.frames for r in reqs) > 0
+
+
+def test_alignment_is_sentence_exact_and_adds_up_like_elevenlabs_clients_add_it(el):
+    """Each sentence's characters (and a space after it) come once, in the message whose audio
+    ends that sentence; times count from where the previous alignment ended, so adding up each
+    message's end (as ElevenLabs' clients do) puts every sentence at its true start: the frames
+    the engine made for the sentences before it, 80 ms each."""
+    text = "First one here. The second is a little longer! And a third?"
+
+    async def go():
+        async with connect(url_of(el, "3/multi-stream-input?output_format=ulaw_8000")) as ws:
+            await ws.send(json.dumps({"text": " ", "context_id": "c"}))
+            await ws.send(json.dumps({"text": "", "context_id": "c"}))  # a keep-alive changes nothing
+            await ws.send(json.dumps({"text": text + " ", "context_id": "c"}))
+            await ws.send(json.dumps({"context_id": "c", "close_context": True}))
+            msgs = []
+            while not msgs or not msgs[-1].get("isFinal"):
+                msgs.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            return msgs
+
+    before = len(el.srv.recent)
+    msgs = asyncio.run(go())
+    reqs = list(el.srv.recent)[before:]
+    assert [r.text for r in reqs] == ["First one here.", "The second is a little longer!", "And a third?"]
+    true_starts = [80 * sum(r.frames for r in reqs[:i]) for i in range(len(reqs))]
+    chars, sent_ms, clock, starts_seen = "", 0.0, 0.0, []
+    for m in msgs[:-1]:
+        sent_ms += len(base64.b64decode(m["audio"])) / 8  # ulaw_8000: 8 bytes a millisecond
+        a = m["alignment"]
+        assert a == m["normalizedAlignment"]
+        if a is None:
+            continue
+        assert len(a["chars"]) == len(a["charStartTimesMs"]) == len(a["charDurationsMs"])
+        assert all(d >= 0 for d in a["charDurationsMs"]) and a["charStartTimesMs"][0] == 0
+        assert a["charStartTimesMs"] == sorted(a["charStartTimesMs"])
+        for c, t in zip(a["chars"], a["charStartTimesMs"], strict=True):
+            if not chars or chars[-2:] in (". ", "! ", "? "):  # a sentence's first character
+                starts_seen.append(clock + t)
+            chars += c
+        clock += a["charStartTimesMs"][-1] + a["charDurationsMs"][-1]
+        assert clock <= sent_ms + 1  # never ahead of the audio that has been sent
+    assert chars == "".join(r.text + " " for r in reqs)
+    assert abs(clock - true_starts[-1] - 80 * reqs[-1].frames) <= 1
+    assert [round(t) for t in starts_seen] == true_starts
+
+
+def test_a_keep_alive_without_a_context_opens_none(el):
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input")) as ws:
+            await ws.send(json.dumps({"text": ""}))  # pipecat's keep-alive between turns
+            await ws.send(json.dumps({"text": "", "context_id": "later"}))
+            await ws.send(json.dumps({"close_socket": True}))
+            got = [m async for m in ws]  # nothing is open: the socket closes at once
+            return got, ws.close_code
+
+    assert asyncio.run(go()) == ([], 1000)

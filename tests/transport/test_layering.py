@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 MODULES = ["csmstream.transport.server", "csmstream.transport.client", "csmstream.transport.elevenlabs",
+           "csmstream.transport.elevenlabs_multi", "csmstream.transport.http_server",
            "csmstream.integrations.telnyx_service", "csmstream.integrations.telnyx_bridge",
            "csmstream.integrations.call_control", "csmstream.benchtool", "csmstream.cli"]
 

@@ -1,0 +1,168 @@
+"""ElevenLabs' multi-context socket, /v1/text-to-speech/{voice_id}/multi-stream-input (the protocol
+is described in elevenlabs.py): up to MAX_CONTEXTS utterances at once on one connection, each its
+own Job streamed by its own task."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from websockets.exceptions import ConnectionClosed
+
+from .connection import PlaybackClock
+from .elevenlabs import NO_ALIGNMENT, ElevenLabsBase, Stream
+from .job import Job
+
+MAX_CONTEXTS = 5  # ElevenLabs' limit
+MAX_CONTEXT_ID = 128
+DEFAULT_CONTEXT = "default"
+
+
+class MultiContextConnection(ElevenLabsBase):
+    """multi-stream-input: contexts are independent utterances, each its own Job streamed by its
+    own task (so one waiting for text never holds up another), each on its own playback clock."""
+
+    def __init__(self, server, ws) -> None:
+        super().__init__(server, ws)
+        self.contexts: dict[str, Stream] = {}  # live: opened, isFinal not yet sent
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
+
+    async def _serve(self) -> None:
+        try:
+            async for message in self.ws:
+                await self._on_message(message)
+        finally:
+            for t in list(self.tasks):
+                t.cancel()
+
+    def _queued_after(self, job: Job) -> Job | None:
+        return None  # contexts run side by side, not in turn
+
+    def _clock_of(self, job: Stream) -> PlaybackClock:
+        return job.clock
+
+    def _context_of(self, job: Job) -> str | None:
+        return next((c for c, j in self.contexts.items() if j is job), None)
+
+    async def _idle(self, now: float) -> None:
+        for job in self.contexts.values():
+            if job.open and now - job.last_message >= self.inactivity:
+                job.close()  # its buffered text is still spoken, then isFinal
+        if not self.contexts and now - self.last_message >= self.inactivity:
+            await self._time_out()
+
+    async def _on_message(self, message) -> None:
+        self.last_message = now = time.monotonic()
+        try:
+            msg = json.loads(message)
+            if not isinstance(msg, dict):
+                raise ValueError
+        except (TypeError, ValueError):
+            await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
+            return
+        if msg.get("close_socket") is True:
+            self.closing = True
+            for job in self.contexts.values():
+                job.close()
+            await self._close_if_done()
+            return
+        cid, text = msg.get("context_id", DEFAULT_CONTEXT), msg.get("text")
+        if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CONTEXT_ID:
+            await self._error("invalid_message", f"context_id must be a string of 1 to {MAX_CONTEXT_ID} characters, "
+                              f"got {cid!r:.40}")
+            return
+        if text is not None and not isinstance(text, str):
+            await self._error("invalid_message", f"text must be a string, got {type(text).__name__}", cid=cid)
+            return
+        job = self.contexts.get(cid)
+        if job is None and not text and not (msg.get("flush") is True or msg.get("close_context") is True):
+            return  # {"text": ""} (with no context, or a closed one): a keep-alive; it opens nothing
+        if job is None:
+            job = await self._open(cid, text)
+            if job is None:
+                return
+        elif text:
+            if not job.open:
+                await self._error("context_closed", f"context {cid!r} is closed (its audio is still being sent); "
+                                  "open a new context_id for more text", cid=cid)
+                return
+            if job.chars + len(text) > self.server.max_text_chars:
+                await self._error("text_too_long", f"context {cid!r} would exceed {self.server.max_text_chars} "
+                                  "characters; close it and open a new one", cid=cid)
+                return
+            job.take(text)
+        job.last_message = now  # any message for a context keeps it alive ({"text": ""} only that)
+        if msg.get("close_context") is True:
+            if msg.get("immediate") is True:
+                job.cancel()  # barge-in: generation stops at the next tick, buffered text is dropped
+            job.close()
+        elif job.open and msg.get("flush") is True:
+            job.flush_now()
+
+    async def _open(self, cid: str, text: str | None) -> Stream | None:
+        if not text:  # a flush or close_context
+            await self._error("context_not_found", f"no open context {cid!r}; a context opens with its first "
+                              'text message ({"text": " ", "context_id": ...})', cid=cid)
+            return None
+        if self.closing:
+            await self._error("socket_closing", "close_socket was sent; no new contexts on this connection", cid=cid)
+            return None
+        if len(self.contexts) >= MAX_CONTEXTS:
+            await self._error("max_active_conversations", f"at most {MAX_CONTEXTS} contexts at once per connection "
+                              f"(open: {', '.join(self.contexts)}); close one first", cid=cid)
+            return None
+        if not self._rate.allow():
+            await self._error("rate_limited", f"at most {self.server.max_requests_per_minute} new contexts per "
+                              "minute per connection; wait and retry", cid=cid)
+            return None
+        if text and len(text) > self.server.max_text_chars:
+            await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per context", cid=cid)
+            return None
+        job = self._new_job(text)
+        self.contexts[cid] = job
+        task = asyncio.create_task(self._play(cid, job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return job
+
+    async def _play(self, cid: str, job: Stream) -> None:
+        """Stream one context's audio, then its isFinal (also after a failure, so every context ends)."""
+        try:
+            await self._stream(job)
+            if job.error:
+                await self._final(job)
+        except ConnectionClosed:
+            return  # the client is gone; the connection's handler cancels the rest
+        finally:
+            job.release()
+            if self.contexts.get(cid) is job:
+                del self.contexts[cid]
+            if job in self.jobs:
+                self.jobs.remove(job)
+        await self._close_if_done()
+
+    async def _close_if_done(self) -> None:
+        if self.closing and not self.contexts:
+            await self.ws.close(1000)
+
+    async def _final(self, job: Stream) -> None:
+        await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
+                                                "contextId": self._context_of(job)}))
+
+    def _audio(self, job: Stream, chunk: bytes) -> dict:
+        return {**super()._audio(job, chunk), "contextId": self._context_of(job)}
+
+    async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
+        self._account(job, cancelled, audio_ms)
+        await self._final(job)
+
+    async def _error(self, code: str, message: str, rid: str | None = None, *, cid: str | None = None) -> None:
+        self.server.metrics.error(code)
+        if cid is None and rid is not None:
+            cid = next((c for c, j in self.contexts.items() if j.rid == rid), None)
+        reply = {"error": code, "message": message}
+        if cid is not None:
+            reply["contextId"] = cid
+        await self.ws.send(json.dumps(reply))
