@@ -37,6 +37,8 @@ import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from websockets.exceptions import ConnectionClosed
+
 from . import protocol
 from .connection import FRAME_MS, Connection, PlaybackClock
 from .job import Job
@@ -164,9 +166,12 @@ class ElevenLabsBase(Connection):
         await super().run()
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.inactivity / 4))
-            await self._idle(time.monotonic())
+        try:
+            while True:
+                await asyncio.sleep(min(1.0, self.inactivity / 4))
+                await self._idle(time.monotonic())
+        except ConnectionClosed:
+            pass  # the client left while being told it timed out
 
     async def _idle(self, now: float) -> None:
         raise NotImplementedError
