@@ -101,6 +101,43 @@ def test_ttfa_http_vs_socket(benchmark, running):
         benchmark.pedantic(lambda: http_ttfa(client, rs.srv.speech_url, 0), rounds=5)  # HTTP TTFA
 
 
+async def elevenlabs_ttfas(url, n):
+    """One multi-stream-input connection kept open (as pipecat keeps it), a new context per turn:
+    seconds from the turn's text to its first audio, per turn."""
+    out = []
+    async with connect(url) as ws:
+        for i in range(n):
+            cid = f"turn{i}"
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"text": TEXT + " ", "context_id": cid, "flush": True}))
+            await ws.send(json.dumps({"context_id": cid, "close_context": True}))
+            first = None
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("audio") and first is None:
+                    first = time.perf_counter() - t0
+                if msg.get("isFinal"):
+                    break
+            out.append(first)
+    return out
+
+
+def test_ttfa_elevenlabs_multi_vs_socket(benchmark, running):
+    """ElevenLabs' multi-context socket against /ws/generate (100 ms chunks both), alternately."""
+    rs, _ = running
+    url = rs.url.replace("/ws/generate", "/v1/text-to-speech/0/multi-stream-input?seed=1")
+    e, s = [], []
+    for _ in range(12):
+        e += asyncio.run(elevenlabs_ttfas(url, 1))
+        s.append(asyncio.run(socket_ttfa(rs.url, 100, 1)))
+    kept = asyncio.run(elevenlabs_ttfas(url, 12))  # turns on one kept connection
+    e_ms, s_ms, k_ms = (1000 * float(np.median(x[2:])) for x in (e, s, kept))
+    benchmark.extra_info.update(elevenlabs_ttfa_ms=e_ms, elevenlabs_kept_ttfa_ms=k_ms, socket_ttfa_ms=s_ms)
+    print(f"\nTTFA (100 ms chunks): ElevenLabs multi-context {e_ms:.1f} ms (new connection), {k_ms:.1f} ms "
+          f"(next turn on a kept connection), /ws/generate {s_ms:.1f} ms")
+    benchmark.pedantic(lambda: asyncio.run(elevenlabs_ttfas(url, 1)), rounds=5)  # ElevenLabs TTFA
+
+
 def test_eight_concurrent_streams_rtf(benchmark, running):
     rs, _ = running
 
