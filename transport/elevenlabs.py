@@ -61,7 +61,6 @@ class Stream(Job):
         self.clock = PlaybackClock()
         self.last_message = time.monotonic()
         self.has_words = False
-
         self.sent_ms = 0.0  # audio sent so far
         self.aligned = 0  # sentences (done_reqs) whose alignment has been sent
         self.aligned_ms = 0.0  # where the next sentence's audio starts
@@ -235,21 +234,21 @@ class ElevenLabsConnection(ElevenLabsBase):
             await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello "}')
             return
         text = msg.get("text", "")
-        if self.job is None:  # the first message opens the stream (its text is usually " ")
-            self.job = self.open_job = self._new_job(text)
-            self._work.set()
-            return
         job = self.job
-        if not job.open:
+        if job is not None and not job.open:
             return
-        if text == "":
+        if job is not None and text == "":
             job.close()  # end of input
             self.open_job = None
             return
-        if job.chars + len(text) > self.server.max_text_chars:
+        if (job.chars if job is not None else 0) + len(text) > self.server.max_text_chars:
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per stream")
             return
-        job.take(text)
+        if job is None:  # the first message opens the stream (its text is usually " ")
+            job = self.job = self.open_job = self._new_job(text)
+            self._work.set()
+        else:
+            job.take(text)
         if msg.get("flush") is True:
             job.flush_now()  # (try_trigger_generation is only a hint: a sentence starts when it is complete)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import RunningServer, collect, floor_frame_time, wait_finished
+from tests.servers import RunningServer, collect, floor_frame_time, wait_finished, wait_until
 from tests.transport.test_reliability import same_audio
 from tests.transport.test_server import audio_of, reference_pcm
 
@@ -400,3 +400,23 @@ def test_a_keep_alive_without_a_context_opens_none(el):
             return got, ws.close_code
 
     assert asyncio.run(go()) == ([], 1000)
+
+
+def test_stream_input_first_message_is_bounded_and_may_carry_text_and_flush(el):
+    async def go():
+        async with connect(url_of(el, "0/stream-input?seed=6")) as ws:
+            await ws.send(json.dumps({"text": "x" * 5001}))  # over --max-text-chars: refused, nothing opened
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"text": "Said at once, no end mark", "flush": True}))
+            # the flush alone starts it: it is generated to the end while the stream is still open
+            await wait_until(lambda: any(r.text == "Said at once, no end mark" and r.finished
+                                         for r in list(el.srv.recent)), 30)
+            await ws.send(json.dumps({"text": ""}))
+            audio = b""
+            async for m in ws:
+                audio += base64.b64decode(json.loads(m)["audio"] or "")
+            return err, audio, ws.close_code
+
+    err, audio, code = asyncio.run(go())
+    assert err["error"] == "text_too_long" and "5000" in err["message"]
+    assert same_audio(audio, reference_pcm("Said at once, no end mark", 0, seed=6)) and code == 1000
