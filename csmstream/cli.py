@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Load the model, warm it up, and serve WebSocket clients on /ws/generate\n"
                                        "and on ElevenLabs' URLs (/v1/text-to-speech/VOICE/stream-input and\n"
                                        ".../multi-stream-input); with --http-port, also OpenAI's POST\n"
-                                       "/v1/audio/speech. /healthz answers 503 until the model is ready, then\n"
+                                       "/v1/audio/speech and ElevenLabs' REST speech. /healthz answers 503 until the model is ready, then\n"
                                        "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.",
                            epilog=GPU_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(serve)
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
     serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
                        help="also serve plain HTTP on PORT: the OpenAI-compatible POST /v1/audio/speech "
-                            "(streams audio as it is generated: wav, pcm, ulaw_8000, ...; or SSE), /healthz, "
-                            "/metrics, /voices (default: off; 0 picks a free port)")
+                            "(streams audio as it is generated: wav, pcm, ulaw_8000, ...; or SSE), ElevenLabs' "
+                            "POST /v1/text-to-speech/VOICE[/stream], /healthz, /metrics, /voices (default: off; "
+                            "0 picks a free port)")
     serve.add_argument("--max-streams", type=int, default=None,
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",

@@ -27,7 +27,8 @@ HEAD_TIMEOUT = 10.0  # a request's head and body must arrive within this once it
 IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request for this long is closed
 READ_SIZE = 65536
 LINGER_S = 2.0  # at most this long reading a closing client's leftover input
-PAGES = "POST /v1/audio/speech, GET /healthz, /metrics, /voices"
+PAGES = ("POST /v1/audio/speech (OpenAI), POST /v1/text-to-speech/{voice_id}[/stream] (ElevenLabs), "
+         "GET /healthz, /metrics, /voices")
 
 
 class _Gone(Exception):
@@ -169,11 +170,12 @@ class HttpApi:
             writer.write(out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
             await writer.drain()
             return keep
-        if req.path != hs.SPEECH_PATH:
+        eleven = hs.ELEVENLABS_PATH.match(req.path) is not None
+        if req.path != hs.SPEECH_PATH and not eleven:
             return await self._refuse(writer, 404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "
                                       "(WebSocket endpoints are on the main port)", keep)
         if req.method != "POST":
-            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {hs.SPEECH_PATH}: use POST "
+            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: use POST "
                                       "with a JSON body", keep, {"Allow": "POST"})
         if not srv.healthy:
             return await self._refuse(writer, 503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
@@ -182,8 +184,10 @@ class HttpApi:
             return await self._refuse(writer, 429, "rate_limited", f"at most {srv.max_requests_per_minute} "
                                       "requests per minute per address; wait and retry", keep)
         try:
-            speech = hs.parse_speech(body, voices=srv.voices, max_text_chars=srv.max_text_chars,
-                                     topk_max=srv.engine.config.codebook_size)
+            limits = {"voices": srv.voices, "max_text_chars": srv.max_text_chars,
+                      "topk_max": srv.engine.config.codebook_size}
+            speech = (hs.parse_elevenlabs(req.path, req.query, body, **limits) if eleven
+                      else hs.parse_speech(body, **limits))
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
         srv.metrics.requests += 1

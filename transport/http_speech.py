@@ -19,6 +19,10 @@ the base URL; the audio streams back as it is generated instead of arriving all 
 - csm-stream's own fields pass through: speaker_id, temperature, topk, seed, max_audio_ms,
   chunk_ms, request_id (checked exactly as on /ws/generate).
 Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
+/v1/text-to-speech/{voice_id}[/stream]?output_format=... with {"text", "seed", ...}, streamed the
+same way as raw audio.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote
 
 from . import protocol
 
 SPEECH_PATH = "/v1/audio/speech"
+ELEVENLABS_PATH = re.compile(r"^/v1/text-to-speech/([^/]+)(?:/stream)?$")  # ElevenLabs' REST speech
+ELEVENLABS_DEFAULT_FORMAT = "mp3_44100_128"
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1 << 20
 MAX_HEADERS = 100
@@ -163,23 +170,57 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
                   "named voice, or earlier turns over /ws/generate, to steer it")
     req = {k: msg[k] for k in PASSED_THROUGH if k in msg}
     req.update(text=text, format=RESPONSE_FORMATS[fmt])
-    voice = msg.get("voice")
+    _voice(req, msg.get("voice"), voices, "OpenAI's")
+    return Speech(_generate(req, max_text_chars, topk_max), wav=fmt == "wav", sse=stream == "sse")
+
+
+def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
+                     max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048) -> Speech:
+    """ElevenLabs' REST text-to-speech, `POST /v1/text-to-speech/{voice_id}[/stream]?output_format=`
+    with {"text", "seed", ...} -> Speech (raw audio, streamed either way), or HttpError (400).
+    model_id, voice_settings, previous_text and ElevenLabs' other settings are accepted and ignored."""
+    voice_id = unquote(ELEVENLABS_PATH.match(path).group(1))
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HttpError(400, "invalid_json", f"the body is not valid JSON ({e}); send e.g. "
+                        '{"text": "Hello!", "model_id": "csm-1b"}') from None
+    if not isinstance(msg, dict):
+        raise HttpError(400, "invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
+    text = msg.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise HttpError(400, "invalid_input", f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
+    fmt = parse_qs(query).get("output_format", [ELEVENLABS_DEFAULT_FORMAT])[-1]
+    if fmt not in protocol.FORMATS:
+        raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here (no mp3/opus "
+                        f"encoder; ElevenLabs' default is mp3_44100_128); use one of {', '.join(protocol.FORMATS)}")
+    req = {"text": text, "format": fmt}
+    if msg.get("seed") is not None:
+        req["seed"] = msg["seed"]
+    _voice(req, voice_id, voices, "ElevenLabs'")
+    return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False)
+
+
+def _voice(req: dict, voice, voices, whose: str) -> None:
+    """A named voice, or a speaker number ("0", 1), into the request; HttpError if neither."""
     if isinstance(voice, str) and voice in voices:
         req["voice"] = voice
     elif voice is not None:
-        sid = int(voice) if isinstance(voice, str) and voice.isdigit() else voice
+        sid = int(voice) if isinstance(voice, str) and voice.isascii() and voice.isdigit() else voice
         if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
             known = ", ".join(sorted(voices)) or "none are configured"
-            raise bad("unknown_voice", f"unknown voice {voice!r:.40}: use a named voice ({known}) or a speaker "
-                      'number such as "0" (OpenAI\'s voice names do not exist here)')
+            raise HttpError(400, "unknown_voice", f"unknown voice {voice!r:.40}: use a named voice ({known}) or a "
+                            f'speaker number such as "0" ({whose} voice names do not exist here)')
         if req.setdefault("speaker_id", sid) != sid:
-            raise bad("invalid_speaker_id", f"voice {voice!r} and speaker_id {req['speaker_id']!r:.20} disagree; "
-                      "send one of them")
+            raise HttpError(400, "invalid_speaker_id", f"voice {voice!r} and speaker_id {req['speaker_id']!r:.20} "
+                            "disagree; send one of them")
+
+
+def _generate(req: dict, max_text_chars: int, topk_max: int) -> protocol.Generate:
     try:
-        gen = protocol.request_from(req, protocol.request_id_of(req), max_text_chars, topk_max)
+        return protocol.request_from(req, protocol.request_id_of(req), max_text_chars, topk_max)
     except protocol.ProtocolError as e:
-        raise bad(e.code, e.message) from None
-    return Speech(gen, wav=fmt == "wav", sse=stream == "sse")
+        raise HttpError(400, e.code, e.message) from None
 
 
 # -- responses -----------------------------------------------------------------------------------

@@ -99,6 +99,39 @@ def test_the_openai_sdk_streams_the_engines_audio(http):
     assert e.value.code == "unknown_voice" and "speaker number" in e.value.message
 
 
+def test_the_elevenlabs_sdk_streams_the_engines_audio_over_rest(http):
+    """ElevenLabs' REST text-to-speech (`/v1/text-to-speech/{voice_id}/stream` and the plain
+    `/v1/text-to-speech/{voice_id}`), driven by ElevenLabs' own SDK: same audio as the engine's,
+    and its errors carry what is allowed."""
+    from elevenlabs.client import ElevenLabs
+    from elevenlabs.core.api_error import ApiError
+
+    client = ElevenLabs(api_key="unused", base_url=base_of(http).rsplit("/v1", 1)[0])
+    got = b"".join(client.text_to_speech.stream(voice_id="2", text=TEXT, model_id="csm-1b", seed=4,
+                                                output_format="pcm_24000", voice_settings=None))
+    assert got == reference_pcm(TEXT, 2, seed=4)
+    ulaw = b"".join(client.text_to_speech.convert(voice_id="0", text=TEXT, seed=5, output_format="ulaw_8000"))
+    enc = AudioEncoder("ulaw_8000", 100)
+    assert ulaw == b"".join(enc.feed(np.frombuffer(reference_pcm(TEXT, 0, seed=5), "<i2")) + enc.finish())
+
+    def refused(**kw):
+        with pytest.raises(ApiError) as e:
+            b"".join(client.text_to_speech.stream(**{"voice_id": "0", "text": TEXT, "output_format": "pcm_16000",
+                                                      **kw}))
+        return e.value.status_code, e.value.body["error"]
+
+    status, err = refused(output_format=None)  # ElevenLabs' default is mp3
+    assert status == 400 and err["code"] == "unsupported_format" and "mp3_44100_128" in err["message"]
+    status, err = refused(voice_id="21m00Tcm4TlvDq8ikWAM")
+    assert status == 400 and err["code"] == "unknown_voice" and "ElevenLabs' voice names" in err["message"]
+    status, err = refused(text=" ")
+    assert status == 400 and err["code"] == "invalid_input"
+    status, err = refused(seed=1.5)
+    assert status == 400 and "seed" in err["message"]
+    r = httpx.get(base_of(http) + "/text-to-speech/0/stream", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
 def test_wav_sse_and_ulaw_carry_the_same_audio(http):
     want = reference_pcm(TEXT, 0, seed=5)
     wav = httpx.post(http.srv.speech_url, content=speech_json(seed=5), timeout=60)

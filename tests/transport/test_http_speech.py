@@ -214,3 +214,44 @@ def test_sse_events_carry_base64_audio():
 
 def test_every_ws_format_is_a_response_format():
     assert set(protocol.FORMATS) <= set(hs.RESPONSE_FORMATS)
+
+
+# -- ElevenLabs' REST text-to-speech ---------------------------------------------------------------
+def eleven(path="/v1/text-to-speech/0/stream", query="output_format=pcm_16000", voices=(), **body):
+    return hs.parse_elevenlabs(path, query, json.dumps(body).encode(), voices=dict.fromkeys(voices))
+
+
+def test_elevenlabs_rest_maps_onto_a_generate_request():
+    s = eleven(text="Hi there.", model_id="eleven_flash_v2_5", seed=9, voice_settings={"stability": 0.5},
+               previous_text="Earlier.", language_code="en")
+    g = s.gen
+    assert (g.text, g.speaker_id, g.format, g.seed, g.voice) == ("Hi there.", 0, "pcm_16000", 9, None)
+    assert not s.wav and not s.sse
+    g = eleven("/v1/text-to-speech/front%20desk", "output_format=ulaw_8000&optimize_streaming_latency=3",
+               voices=["front desk"], text="Hello.").gen
+    assert (g.voice, g.format, g.speaker_id) == ("front desk", "ulaw_8000", 0)
+    assert eleven("/v1/text-to-speech/7", text="Hi.").gen.speaker_id == 7
+    assert hs.ELEVENLABS_PATH.match("/v1/text-to-speech/0/stream/with-timestamps") is None
+
+
+@pytest.mark.parametrize("kw, code, words", [
+    ({"query": "", "text": "Hi."}, "unsupported_format", "mp3_44100_128"),
+    ({"query": "output_format=mp3_22050_32", "text": "Hi."}, "unsupported_format", "pcm_16000"),
+    ({"path": "/v1/text-to-speech/Rachel", "text": "Hi."}, "unknown_voice", "ElevenLabs' voice names"),
+    ({"path": "/v1/text-to-speech/%C2%B2", "text": "Hi."}, "unknown_voice", "speaker number"),
+    ({"text": ""}, "invalid_input", '"text" must be a non-empty string'),
+    ({"input": "OpenAI's field name"}, "invalid_input", '"text"'),
+    ({"text": "Hi.", "seed": "7"}, "invalid_seed", "integer"),
+    ({"text": "x" * 5001}, "text_too_long", "5000"),
+])
+def test_elevenlabs_rest_refuses_bad_requests_saying_what_is_allowed(kw, code, words):
+    with pytest.raises(hs.HttpError) as e:
+        eleven(**kw)
+    assert (e.value.status, e.value.code) == (400, code) and words in e.value.message
+
+
+def test_elevenlabs_rest_refuses_a_body_that_is_not_a_json_object():
+    for body in (b"not json", b"[1, 2]", b"\xff"):
+        with pytest.raises(hs.HttpError) as e:
+            hs.parse_elevenlabs("/v1/text-to-speech/0", "output_format=pcm_24000", body, voices={})
+        assert e.value.status == 400 and e.value.code in ("invalid_json", "invalid_message")
