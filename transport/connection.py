@@ -334,8 +334,7 @@ class Connection:
         if self.server.test_chunk_delay:
             await asyncio.sleep(self.server.test_chunk_delay)
         job.first_audio(self.server.metrics)
-        ms = 1000 * len(chunk) / (job.encoder.rate * (2 if job.encoder.encoding == "pcm" else 1))
-        if self._clock_of(job).advance(time.perf_counter(), ms):
+        if self._clock_of(job).advance(time.perf_counter(), job.encoder.ms_of(len(chunk))):
             self.server.metrics.underruns += 1  # the client's playback ran dry before this chunk
         await self._deliver(job, chunk)
 

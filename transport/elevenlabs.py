@@ -196,8 +196,7 @@ class ElevenLabsBase(Connection):
         return job
 
     def _audio(self, job: Stream, chunk: bytes) -> dict:
-        enc = job.encoder
-        align = job.alignment(1000 * len(chunk) / (enc.rate * (2 if enc.encoding == "pcm" else 1)))
+        align = job.alignment(job.encoder.ms_of(len(chunk)))
         return {"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False,
                 "normalizedAlignment": align, "alignment": align}
 

@@ -61,6 +61,10 @@ class AudioEncoder:
             self.bytes_out += n
         return out
 
+    def ms_of(self, nbytes: int) -> float:
+        """How much audio `nbytes` of this encoder's output hold, in milliseconds."""
+        return 1000.0 * nbytes / (self.rate * (2 if self.encoding == "pcm" else 1))
+
     @property
     def audio_ms(self) -> float:
-        return 1000.0 * self.bytes_out / (self.rate * (2 if self.encoding == "pcm" else 1))
+        return self.ms_of(self.bytes_out)

@@ -137,13 +137,7 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     def bad(code: str, message: str) -> HttpError:
         return HttpError(400, code, message)
 
-    try:
-        msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise bad("invalid_json", f"the body is not valid JSON ({e}); send e.g. "
-                  '{"model": "csm-1b", "input": "Hello!", "voice": "0"}') from None
-    if not isinstance(msg, dict):
-        raise bad("invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
+    msg = _json_object(body, '{"model": "csm-1b", "input": "Hello!", "voice": "0"}')
     text = msg.get("input")
     if not isinstance(text, str) or not text.strip():
         raise bad("invalid_input", f'"input" must be a non-empty string (the text to speak), got {text!r:.40}')
@@ -180,13 +174,7 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     with {"text", "seed", ...} -> Speech (raw audio, streamed either way), or HttpError (400).
     model_id, voice_settings, previous_text and ElevenLabs' other settings are accepted and ignored."""
     voice_id = unquote(ELEVENLABS_PATH.match(path).group(1))
-    try:
-        msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise HttpError(400, "invalid_json", f"the body is not valid JSON ({e}); send e.g. "
-                        '{"text": "Hello!", "model_id": "csm-1b"}') from None
-    if not isinstance(msg, dict):
-        raise HttpError(400, "invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
+    msg = _json_object(body, '{"text": "Hello!", "model_id": "csm-1b"}')
     text = msg.get("text")
     if not isinstance(text, str) or not text.strip():
         raise HttpError(400, "invalid_input", f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
@@ -199,6 +187,17 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
         req["seed"] = msg["seed"]
     _voice(req, voice_id, voices, "ElevenLabs'")
     return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False)
+
+
+def _json_object(body: bytes, example: str) -> dict:
+    """The body as a JSON object, or HttpError (400) with an example of one."""
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HttpError(400, "invalid_json", f"the body is not valid JSON ({e}); send e.g. {example}") from None
+    if not isinstance(msg, dict):
+        raise HttpError(400, "invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
+    return msg
 
 
 def _voice(req: dict, voice, voices, whose: str) -> None:
