@@ -1,6 +1,8 @@
 """Hot small pieces: audio kernels and the protocol (per call, one 100 ms chunk unless noted)."""
 
+import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from csmstream.kernels.audio import float_to_int16
 from csmstream.kernels.g711 import alaw_encode, ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler
 from csmstream.transport import protocol
-from csmstream.transport.encoder import AudioEncoder
+from csmstream.transport.encoder import encoder_for
 
 PCM = (np.random.default_rng(0).normal(size=2400) * 4000).astype(np.int16)
 
@@ -40,11 +42,31 @@ def test_ulaw_decode_chunk(benchmark):
     benchmark(ulaw_decode, b)
 
 
-@pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000"])
+@pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000", "mp3_24000_48", "mp3_22050_32", "mp3_44100_128"])
 def test_encoder_chunk(benchmark, fmt):
-    enc = AudioEncoder(fmt, 100)
+    """Event-loop CPU per stream per 100 ms of audio: the raw formats, and MP3 (LAME, plus the
+    resampler where the rate is not 24 kHz)."""
+    enc = encoder_for(fmt, 100)
     benchmark.group = "protocol"
     benchmark(enc.feed, PCM)
+
+
+@pytest.mark.benchmark(group="mp3-event-loop-cpu", timer=time.thread_time)
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "codec-thread"])
+def test_mp3_event_loop_cpu_16_streams(benchmark, offload):
+    """The event loop's own CPU time (thread_time) for one 100 ms chunk of 16 mp3 streams: encoded
+    on the loop, or handed to the codec threads (what the server does). The loop is what every
+    connection shares, so this is the capacity figure."""
+    loop = asyncio.new_event_loop()
+    encs = [encoder_for("mp3_24000_48", 100) for _ in range(16)]
+    for e in encs:
+        e.offload = offload
+
+    async def tick():
+        await asyncio.gather(*(e.feed_async(PCM) for e in encs))
+
+    benchmark(lambda: loop.run_until_complete(tick()))
+    loop.close()
 
 
 def test_parse_request(benchmark):

@@ -317,7 +317,7 @@ class Connection:
             return
         enc = job.encoder
         async for pcm in self.source(job, enc.chunk_in):
-            for chunk in enc.feed(pcm):
+            for chunk in await enc.feed_async(pcm):
                 await self._send_audio(job, chunk)
         if job.error:
             if not job.cancelled:  # submit errors were reported when they happened

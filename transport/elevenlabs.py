@@ -20,7 +20,8 @@ sent is spoken to the end, then its {"isFinal": true, "contextId"} (a csm-stream
 "contextId"; every context ends with exactly one isFinal.
 
 Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
-output_format (any /ws/generate format), inactivity_timeout (seconds, default 20, at most 180: input
+output_format (any /ws/generate format, or mp3_RATE_KBPS as ElevenLabs names them; pcm_24000 when
+not given), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
 nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
 accepted and ignored. The alignment (characters with start times and durations, which clients such
@@ -40,7 +41,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol
-from .connection import FRAME_MS, Connection, PlaybackClock
+from .alignment import Aligner, relative_ms
+from .connection import Connection, PlaybackClock
 from .job import Job
 
 log = logging.getLogger("csmstream.server")
@@ -61,9 +63,7 @@ class Stream(Job):
         self.clock = PlaybackClock()
         self.last_message = time.monotonic()
         self.has_words = False
-        self.sent_ms = 0.0  # audio sent so far
-        self.aligned = 0  # sentences (done_reqs) whose alignment has been sent
-        self.aligned_ms = 0.0  # where the next sentence's audio starts
+        self.aligner = Aligner(self)
 
     def take(self, text: str) -> None:
         if not self.has_words and text.strip():
@@ -72,32 +72,11 @@ class Stream(Job):
         self.add_text(text)
 
     def alignment(self, chunk_ms: float) -> dict | None:
-        """A chunk of `chunk_ms` goes out: the alignment of the sentences whose audio ends in it,
-        or None. CSM has no aligner, so it is estimated: a sentence's characters (and a space after
-        it) spread evenly over its audio, which is known exactly once it has been generated. Times
-        count from the start of the first sentence given, which is where the previous alignment
-        ended -- so a client that adds up alignments (as ElevenLabs' clients do) stays in step."""
-        self.sent_ms += chunk_ms
-        chars: list[str] = []
-        starts: list[int] = []
-        durations: list[int] = []
-        base = self.aligned_ms
-        while self.aligned < len(self.done_reqs):
-            req = self.done_reqs[self.aligned]
-            end = self.aligned_ms + req.frames * FRAME_MS
-            if end > self.sent_ms + 1.0:  # its audio is not all out yet
-                break
-            text = req.text + " "
-            edges = [round(self.aligned_ms - base + (end - self.aligned_ms) * i / len(text))
-                     for i in range(len(text) + 1)]
-            chars += text
-            starts += edges[:-1]
-            durations += [edges[i + 1] - edges[i] for i in range(len(text))]
-            self.aligned += 1
-            self.aligned_ms = end
-        if not chars:
-            return None
-        return {"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durations}
+        """A chunk of `chunk_ms` goes out: the (estimated, see alignment.py) alignment of the
+        sentences whose audio ends in it, or None. Times count from where the previous alignment
+        ended, so a client that adds up alignments (as ElevenLabs' clients do) stays in step."""
+        got = self.aligner.advance(chunk_ms)
+        return None if got is None else relative_ms(*got)
 
 
 def match(path: str) -> type[Connection] | None:
@@ -128,8 +107,9 @@ class ElevenLabsBase(Connection):
 
     def _check_url(self) -> str | None:
         """What is wrong with the URL, or None."""
-        if self.output_format not in protocol.FORMATS:
-            return f"output_format {self.output_format!r} is not supported; use one of {', '.join(protocol.FORMATS)}"
+        if self.output_format not in protocol.ALL_FORMATS:
+            return (f"output_format {self.output_format!r} is not supported; use one of "
+                    f"{', '.join(protocol.ALL_FORMATS)}")
         if not (self.voice_id in self.server.voices or (self.voice_id.isascii() and self.voice_id.isdigit())):
             known = ", ".join(sorted(self.server.voices)) or "none configured"
             return f"unknown voice_id {self.voice_id!r}: use a named voice ({known}) or a speaker number"

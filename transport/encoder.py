@@ -2,28 +2,54 @@
 
 One AudioEncoder per request: it resamples (stateful, flushed at the end) and encodes, and cuts
 the result into chunks of exactly `chunk_bytes`; `finish()` returns the rest (the one short chunk).
+`encoder_for(fmt)` picks the class: MP3 formats get mp3.Mp3Encoder (whole frames per chunk).
 """
 
 from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..kernels.g711 import alaw_encode, ulaw_encode
 from ..kernels.resample import Resampler
-from .protocol import FORMATS
+from .protocol import ALL_FORMATS, MP3_FORMATS
 
 SOURCE_RATE = 24_000
+_POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
+
+
+def encoder_for(fmt: str, chunk_ms: int) -> AudioEncoder:
+    """The encoder of a format name: raw PCM/G.711 here, MP3 in mp3.py."""
+    if fmt in MP3_FORMATS:
+        from .mp3 import Mp3Encoder
+
+        return Mp3Encoder(fmt, chunk_ms)
+    return AudioEncoder(fmt, chunk_ms)
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="codec"))
+    return _POOL[0]
 
 
 class AudioEncoder:
+    # encode on a codec thread, not the event loop: for a codec that costs real CPU and releases the
+    # GIL while it works (LAME: ~0.2 ms a 100 ms chunk, against 0.02 ms for G.711)
+    offload = False
+
     def __init__(self, fmt: str, chunk_ms: int) -> None:
-        rate, enc = FORMATS[fmt]
+        rate, enc = ALL_FORMATS[fmt]
         self.rate, self.encoding = rate, enc
         self.resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
         self.chunk_in = SOURCE_RATE * chunk_ms // 1000  # source samples per chunk
         self.chunk_bytes = rate * chunk_ms // 1000 * (2 if enc == "pcm" else 1)
         self._pending = bytearray()
         self.bytes_out = 0
+        self.delay_ms = 0.0  # how far the encoded audio lags the PCM (a codec's priming samples)
 
     def _encode(self, pcm: np.ndarray) -> bytes:
         return self._bytes(self.resampler.process(pcm) if self.resampler is not None else pcm)
@@ -39,6 +65,13 @@ class AudioEncoder:
         """Source samples in; whole chunks out (possibly none)."""
         self._pending += self._encode(pcm)
         return self._cut()
+
+    async def feed_async(self, pcm: np.ndarray) -> list[bytes]:
+        """feed(), on a codec thread when this encoder offloads (the caller awaits each call before
+        the next, so one encoder is never used by two threads at once)."""
+        if not self.offload:
+            return self.feed(pcm)
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.feed, pcm)
 
     def finish(self) -> list[bytes]:
         """Flush the resampler; the remaining whole chunks and then the short last one."""

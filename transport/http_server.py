@@ -14,10 +14,12 @@ a body failed). Same auth, origin and per-address limits as the WebSocket port.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
 from . import http_speech as hs
+from .alignment import Aligner, absolute_seconds
 from .connection import Connection
 from .gate import PerMinute
 from .job import Job
@@ -27,8 +29,8 @@ HEAD_TIMEOUT = 10.0  # a request's head and body must arrive within this once it
 IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request for this long is closed
 READ_SIZE = 65536
 LINGER_S = 2.0  # at most this long reading a closing client's leftover input
-PAGES = ("POST /v1/audio/speech (OpenAI), POST /v1/text-to-speech/{voice_id}[/stream] (ElevenLabs), "
-         "GET /healthz, /metrics, /voices")
+PAGES = ("POST /v1/audio/speech (OpenAI), POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps] "
+         "(ElevenLabs), GET /healthz, /metrics, /voices")
 
 
 class _Gone(Exception):
@@ -232,9 +234,15 @@ class SpeechStream(Connection):
         self.started = False  # the response head is out
         self.complete = False  # a whole response is out: the connection can take another request
         self.gone = False
+        self.aligner: Aligner | None = None  # ElevenLabs' with-timestamps
+        self.b64 = hs.Base64Stream()  # with-timestamps as one JSON object: its audio_base64, as it comes
+        self.chars: list[str] = []  # ... and its alignment, all sentences'
+        self.edges: list[float] = []
 
     async def run(self) -> bool:
         job = Job(self.speech.gen, self.rid)
+        if self.speech.timestamps:
+            self.aligner = Aligner(job)
         job.add_text(self.speech.gen.text)
         job.close()
         self.jobs.append(job)
@@ -282,15 +290,44 @@ class SpeechStream(Connection):
         self.started = True
         return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive)
 
-    def _body(self, audio: bytes) -> bytes:
-        """Audio bytes as the next piece of the body (a WAV stream's header goes with the first)."""
+    def _body(self, job: Job, audio: bytes) -> bytes:
+        """Audio bytes as the next piece of the body (the head, and a WAV header or the opening of
+        a JSON object, go with the first)."""
         if self.speech.wav and not self.started:
-            audio = hs.wav_header() + audio
-        head = self._head()
-        return head + (hs.chunk(hs.sse_audio(audio) if self.speech.sse else audio) if audio else b"")
+            audio = hs.wav_header() + audio  # a part of the audio (inside SSE events too)
+        opening = b'{"audio_base64": "' if self.speech.timestamps == "json" and not self.started else b""
+        data = opening + (self._piece(job, audio) if audio else b"")
+        return self._head() + (hs.chunk(data) if data else b"")
+
+    def _piece(self, job: Job, audio: bytes) -> bytes:
+        mode = self.speech.timestamps
+        if mode is None:
+            return hs.sse_audio(audio) if self.speech.sse else audio
+        got = self.aligner.advance(job.encoder.ms_of(len(audio)))
+        if mode == "lines":
+            return hs.timestamped_line(audio, None if got is None else absolute_seconds(*got[:2]))
+        if got is not None:
+            self.chars += got[0]
+            self.edges = self.edges[:-1] + got[1]
+        return self.b64.feed(audio)
+
+    def _closing(self, job: Job, audio_ms: float, ttfa: float | None) -> bytes:
+        """What ends a complete body: the SSE done event, or the rest of a with-timestamps object."""
+        if self.speech.sse:
+            reqs = job.done_reqs
+            n_in, n_out = sum(r.prompt_len for r in reqs), sum(r.frames for r in reqs)
+            return hs.chunk(hs.sse({"type": "speech.audio.done", "usage": {
+                "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},
+                "request_id": self.rid, "audio_ms": round(audio_ms, 1),
+                "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
+        if self.speech.timestamps == "json":
+            align = json.dumps(absolute_seconds(self.chars, self.edges or [0.0])).encode()
+            return hs.chunk(self.b64.finish() + b'", "alignment": ' + align + b', "normalized_alignment": ' +
+                            align + b"}")
+        return b""
 
     async def _deliver(self, job: Job, chunk: bytes) -> None:
-        await self._write(self._body(chunk))
+        await self._write(self._body(job, chunk))
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         audio_ms, ttfa = self._account(job, cancelled, audio_ms)
@@ -304,15 +341,7 @@ class SpeechStream(Connection):
             else:
                 self._cut()
             return
-        tail = b""
-        if self.speech.sse:
-            reqs = job.done_reqs
-            n_in, n_out = sum(r.prompt_len for r in reqs), sum(r.frames for r in reqs)
-            tail = hs.chunk(hs.sse({"type": "speech.audio.done", "usage": {
-                "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},
-                "request_id": self.rid, "audio_ms": round(audio_ms, 1),
-                "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
-        await self._write(self._body(b"") + tail + hs.LAST_CHUNK)
+        await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + hs.LAST_CHUNK)
         self.complete = True
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:

@@ -11,8 +11,9 @@ the base URL; the audio streams back as it is generated instead of arriving all 
 - `voice`: a named voice (serve --voices) or a speaker number ("0", "1", or an integer);
   OpenAI's own voice names (alloy, ...) are refused with the list of what exists.
 - `response_format`: `wav` (default; 24 kHz 16-bit mono, streamed with open-ended sizes), `pcm`
-  (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), or any /ws/generate format (`pcm_16000`,
-  `ulaw_8000`, ...). mp3/opus/aac/flac are refused (no encoder here).
+  (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), `mp3` (24 kHz mono, 48 kbps), or any
+  /ws/generate format (`pcm_16000`, `ulaw_8000`, ...) or ElevenLabs mp3 name (`mp3_44100_128`).
+  opus/aac/flac are refused (no encoder here).
 - `stream_format`: `audio` (default: the bytes themselves) or `sse` (server-sent events
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
 - `speed` must be 1 and `instructions` empty: CSM has neither control.
@@ -22,7 +23,9 @@ Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"
 
 ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
 /v1/text-to-speech/{voice_id}[/stream]?output_format=... with {"text", "seed", ...}, streamed the
-same way as raw audio.
+same way as raw audio (mp3_44100_128, ElevenLabs' default, included); the `/with-timestamps`
+variants return JSON with the audio in base64 and the (estimated) character alignment: one object
+for the whole reply, or with `/stream/with-timestamps` one object per line per chunk.
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ from urllib.parse import parse_qs, unquote
 from . import protocol
 
 SPEECH_PATH = "/v1/audio/speech"
-ELEVENLABS_PATH = re.compile(r"^/v1/text-to-speech/([^/]+)(?:/stream)?$")  # ElevenLabs' REST speech
+ELEVENLABS_PATH = re.compile(r"^/v1/text-to-speech/([^/]+)(/stream)?(/with-timestamps)?$")  # ElevenLabs' REST
 ELEVENLABS_DEFAULT_FORMAT = "mp3_44100_128"
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1 << 20
 MAX_HEADERS = 100
 DEFAULT_RESPONSE_FORMAT = "wav"
-RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", **{f: f for f in protocol.FORMATS}}
-NOT_ENCODED = ("mp3", "opus", "aac", "flac")
+RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48",
+                    **{f: f for f in protocol.ALL_FORMATS}}
+NOT_ENCODED = ("opus", "aac", "flac")
 PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
@@ -129,6 +133,7 @@ class Speech:
     gen: protocol.Generate
     wav: bool  # wrap the PCM in a WAV header
     sse: bool  # server-sent events instead of raw bytes
+    timestamps: str | None = None  # ElevenLabs' with-timestamps: "json" (one object) or "lines" (one a chunk)
 
 
 def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS,
@@ -148,7 +153,7 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     fmt = DEFAULT_RESPONSE_FORMAT if fmt is None else fmt
     if fmt in NOT_ENCODED:
         raise bad("unsupported_format", f"response_format {fmt!r} is not available (no {fmt} encoder); use wav, "
-                  f"pcm (raw 24 kHz 16-bit little-endian) or one of {', '.join(protocol.FORMATS)}")
+                  f"pcm (raw 24 kHz 16-bit little-endian), mp3 or one of {', '.join(protocol.ALL_FORMATS)}")
     if not isinstance(fmt, str) or fmt not in RESPONSE_FORMATS:
         raise bad("invalid_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r:.40}")
     stream = msg.get("stream_format")
@@ -170,23 +175,25 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
 
 def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
                      max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048) -> Speech:
-    """ElevenLabs' REST text-to-speech, `POST /v1/text-to-speech/{voice_id}[/stream]?output_format=`
-    with {"text", "seed", ...} -> Speech (raw audio, streamed either way), or HttpError (400).
+    """ElevenLabs' REST text-to-speech, `POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
+    ?output_format=` with {"text", "seed", ...} -> Speech (streamed either way), or HttpError (400).
     model_id, voice_settings, previous_text and ElevenLabs' other settings are accepted and ignored."""
-    voice_id = unquote(ELEVENLABS_PATH.match(path).group(1))
+    route = ELEVENLABS_PATH.match(path)
+    voice_id = unquote(route.group(1))
+    timestamps = None if route.group(3) is None else "lines" if route.group(2) else "json"
     msg = _json_object(body, '{"text": "Hello!", "model_id": "csm-1b"}')
     text = msg.get("text")
     if not isinstance(text, str) or not text.strip():
         raise HttpError(400, "invalid_input", f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
     fmt = parse_qs(query).get("output_format", [ELEVENLABS_DEFAULT_FORMAT])[-1]
-    if fmt not in protocol.FORMATS:
-        raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here (no mp3/opus "
-                        f"encoder; ElevenLabs' default is mp3_44100_128); use one of {', '.join(protocol.FORMATS)}")
+    if fmt not in protocol.ALL_FORMATS:
+        raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here (no opus "
+                        f"encoder); use one of {', '.join(protocol.ALL_FORMATS)}")
     req = {"text": text, "format": fmt}
     if msg.get("seed") is not None:
         req["seed"] = msg["seed"]
     _voice(req, voice_id, voices, "ElevenLabs'")
-    return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False)
+    return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False, timestamps=timestamps)
 
 
 def _json_object(body: bytes, example: str) -> dict:
@@ -217,7 +224,8 @@ def _voice(req: dict, voice, voices, whose: str) -> None:
 
 def _generate(req: dict, max_text_chars: int, topk_max: int) -> protocol.Generate:
     try:
-        return protocol.request_from(req, protocol.request_id_of(req), max_text_chars, topk_max)
+        return protocol.request_from(req, protocol.request_id_of(req), max_text_chars, topk_max,
+                                     protocol.ALL_FORMATS)
     except protocol.ProtocolError as e:
         raise HttpError(400, e.code, e.message) from None
 
@@ -245,13 +253,15 @@ def error_response(status: int, code: str, message: str, *, keep_alive: bool = F
 def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
     """The 200 head of a streamed speech response (chunked: its length is not known up front)."""
     fmt = speech.gen.format
-    rate, enc = protocol.FORMATS[fmt]
+    rate, enc = protocol.ALL_FORMATS[fmt]
     if speech.sse:
         ctype = "text/event-stream"
+    elif speech.timestamps:
+        ctype = "application/json" if speech.timestamps == "json" else "application/x-ndjson"
     elif speech.wav:
         ctype = "audio/wav"
     else:
-        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic"}.get(enc, "audio/pcm")
+        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg"}.get(enc, "audio/pcm")
     return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
                                "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
                                "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
@@ -278,3 +288,28 @@ def sse(event: dict) -> bytes:
 
 def sse_audio(data: bytes) -> bytes:
     return sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+
+
+def timestamped_line(audio: bytes, alignment: dict | None) -> bytes:
+    """One line of ElevenLabs' /stream/with-timestamps: a chunk's audio and the alignment that
+    ends in it (null when none does)."""
+    return json.dumps({"audio_base64": base64.b64encode(audio).decode("ascii"), "alignment": alignment,
+                       "normalized_alignment": alignment}).encode() + b"\n"
+
+
+class Base64Stream:
+    """Base64 of a byte stream, written as it comes: whole 3-byte groups now, the rest later, so
+    the pieces join into the base64 of the whole (ElevenLabs' /with-timestamps audio_base64)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._rest + data
+        cut = len(data) - len(data) % 3
+        self._rest = data[cut:]
+        return base64.b64encode(data[:cut])
+
+    def finish(self) -> bytes:
+        out, self._rest = base64.b64encode(self._rest), b""
+        return out

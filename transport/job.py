@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine.worker import GenRequest
 from . import protocol
-from .encoder import SOURCE_RATE, AudioEncoder
+from .encoder import SOURCE_RATE, encoder_for
 from .ring import PcmRing
 from .sentences import SentenceSplitter
 
@@ -24,7 +24,7 @@ REPEAT_GUARD = 12  # the same frame ~1 s in a row: a stuck, run-on sentence is s
 class Job:
     def __init__(self, msg: protocol.Generate, rid: str) -> None:
         self.msg, self.rid = msg, rid
-        self.encoder = AudioEncoder(msg.format, msg.chunk_ms)
+        self.encoder = encoder_for(msg.format, msg.chunk_ms)
         self.event = asyncio.Event()
         self.t_recv = time.perf_counter()  # reset to when its turn comes, if it queued
         self.t_first = 0.0

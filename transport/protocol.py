@@ -27,6 +27,14 @@ FORMATS: dict[str, tuple[int, str]] = {
     "ulaw_8000": (8000, "ulaw"),
     "alaw_8000": (8000, "alaw"),
 }
+# compressed formats (codec_rate_kbps, ElevenLabs' names): the HTTP endpoints and the ElevenLabs
+# sockets offer them (OpenAI's and ElevenLabs' clients ask for mp3 by default); /ws/generate and the
+# phone path keep to the raw formats above, whose chunks are exactly chunk_ms long
+MP3_FORMATS: dict[str, tuple[int, str]] = {
+    f"mp3_{rate}_{kbps}": (rate, "mp3")
+    for rate, kbps in ((22050, 32), (24000, 48), (44100, 32), (44100, 64), (44100, 96), (44100, 128), (44100, 192))
+}
+ALL_FORMATS = {**FORMATS, **MP3_FORMATS}
 DEFAULT_FORMAT = "pcm_24000"
 CHUNK_MS_RANGE = (20, 1000)
 DEFAULT_CHUNK_MS = 100
@@ -136,9 +144,9 @@ def _stream_message(msg: dict, rid) -> Append | Flush:
 
 
 def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-                 topk_max: int = 2048) -> Generate:
+                 topk_max: int = 2048, formats: dict = FORMATS) -> Generate:
     """A request object (a dict with "text") -> Generate, every field checked (the HTTP endpoint
-    maps its own field names onto these and validates through here too)."""
+    maps its own field names onto these and validates through here too, with ALL_FORMATS)."""
     def bad(code: str, message: str):
         return ProtocolError(code, message, rid)
 
@@ -155,8 +163,10 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
         raise bad("invalid_speaker_id", f"speaker_id must be an integer >= 0, got {sid!r:.40}")
     g.speaker_id = sid
     fmt = msg.get("format", DEFAULT_FORMAT)
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise bad("invalid_format", f"format must be one of {', '.join(FORMATS)}, got {fmt!r:.40}")
+    if not isinstance(fmt, str) or fmt not in formats:
+        where = (" (mp3 is sent by the HTTP and ElevenLabs endpoints; this one sends raw audio in chunks of "
+                 "exactly chunk_ms)") if fmt in MP3_FORMATS else ""
+        raise bad("invalid_format", f"format must be one of {', '.join(formats)}, got {fmt!r:.40}{where}")
     g.format = fmt
     ms = msg.get("chunk_ms", DEFAULT_CHUNK_MS)
     lo, hi = CHUNK_MS_RANGE

@@ -95,9 +95,40 @@ def test_stream_input_seed_gives_the_engines_audio(el):
     assert same_audio(asyncio.run(go()), reference_pcm("Seeded and exact.", 0, seed=7))
 
 
+def test_mp3_output_is_whole_frames_a_message_with_the_alignment_after_the_priming_delay(el):
+    """LiveKit's ElevenLabs plugin asks for mp3 (mp3_22050_32 by default): each message's audio is
+    whole MP3 frames, the messages join into the MP3 of the engine's audio (decoded by libsndfile,
+    independently of our encoder), and the alignment counts from the start of the decoded stream,
+    where LAME's priming samples come first."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from csmstream.transport.mp3 import LAME_DELAY, frame_length
+    from tests.transport.test_http_elevenlabs import encoded
+
+    async def go():
+        async with connect(url_of(el, "0/stream-input?seed=7&output_format=mp3_22050_32")) as ws:
+            for m in [{"text": " "}, {"text": "Seeded and exact. "}, {"text": ""}]:
+                await ws.send(json.dumps(m))
+            return [json.loads(m) async for m in ws]
+
+    msgs = asyncio.run(go())
+    chunks = [base64.b64decode(m["audio"]) for m in msgs[:-1]]
+    assert msgs[-1]["isFinal"] and all(frame_length(c[:4]) for c in chunks)
+    got, rate = sf.read(io.BytesIO(b"".join(chunks)), dtype="float32")
+    want, _ = sf.read(io.BytesIO(encoded("mp3_22050_32", reference_pcm("Seeded and exact.", 0, seed=7))),
+                      dtype="float32")
+    assert rate == 22050 and len(got) == len(want)
+    assert np.dot(got, want) / np.sqrt(np.dot(got, got) * np.dot(want, want)) > 0.99
+    first = next(m["alignment"] for m in msgs if m.get("alignment"))
+    assert first["charStartTimesMs"][0] == round(1000 * LAME_DELAY / 22050)
+
+
 @pytest.mark.parametrize("tail, word", [
     ("nobody/stream-input", "nobody"),
-    ("0/stream-input?output_format=mp3_44100_128", "mp3_44100_128"),
+    ("0/stream-input?output_format=opus_48000_64", "mp3_44100_128"),
     ("0/multi-stream-input?inactivity_timeout=0", "inactivity_timeout"),
     ("0/multi-stream-input?inactivity_timeout=181", "inactivity_timeout"),
     ("0/stream-input?inactivity_timeout=soon", "inactivity_timeout"),

@@ -2,6 +2,7 @@
 /ws/generate requests, and the response framing (checked with h11 and the stdlib wave reader as
 independent parsers)."""
 
+import base64
 import io
 import json
 import wave
@@ -109,7 +110,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"input": "   "}', "invalid_input", "non-empty"),
     (b'{"input": 5}', "invalid_input", "non-empty"),
     (b'{"input": "Hi.", "model": 3}', "invalid_model", "ignored"),
-    (b'{"input": "Hi.", "response_format": "mp3"}', "unsupported_format", "use wav, pcm"),
+    (b'{"input": "Hi.", "response_format": "aac"}', "unsupported_format", "use wav, pcm"),
     (b'{"input": "Hi.", "response_format": "opus"}', "unsupported_format", "ulaw_8000"),
     (b'{"input": "Hi.", "response_format": "aiff"}', "invalid_format", "one of wav, pcm"),
     (b'{"input": "Hi.", "stream_format": "ws"}', "invalid_stream_format", '"audio" or "sse"'),
@@ -153,7 +154,7 @@ def test_any_json_object_is_a_request_or_a_400_that_says_why(body):
         assert e.status == 400 and e.code and e.message
     else:
         assert isinstance(s.gen, protocol.Generate) and s.gen.text == body["input"] and s.gen.text.strip()
-        assert s.gen.format in protocol.FORMATS and s.gen.speaker_id >= 0
+        assert s.gen.format in protocol.ALL_FORMATS and s.gen.speaker_id >= 0
 
 
 def test_the_unknown_voice_message_lists_no_voices_when_none_exist():
@@ -231,12 +232,36 @@ def test_elevenlabs_rest_maps_onto_a_generate_request():
                voices=["front desk"], text="Hello.").gen
     assert (g.voice, g.format, g.speaker_id) == ("front desk", "ulaw_8000", 0)
     assert eleven("/v1/text-to-speech/7", text="Hi.").gen.speaker_id == 7
-    assert hs.ELEVENLABS_PATH.match("/v1/text-to-speech/0/stream/with-timestamps") is None
+    for tail, mode in (("", None), ("/stream", None), ("/with-timestamps", "json"),
+                       ("/stream/with-timestamps", "lines")):
+        assert eleven(f"/v1/text-to-speech/0{tail}", text="Hi.").timestamps == mode
+    assert eleven("/v1/text-to-speech/0", "", text="Hi.").gen.format == "mp3_44100_128"  # ElevenLabs' default
+    for path in ("/v1/text-to-speech/0/with-timestamps/stream", "/v1/text-to-speech/0/timestamps"):
+        assert hs.ELEVENLABS_PATH.match(path) is None
+
+
+def test_openai_mp3_and_elevenlabs_mp3_names_are_response_formats():
+    assert hs.parse_speech(b'{"input": "Hi.", "response_format": "mp3"}', voices={}).gen.format == "mp3_24000_48"
+    s = hs.parse_speech(b'{"input": "Hi.", "response_format": "mp3_44100_128"}', voices={})
+    assert s.gen.format == "mp3_44100_128" and not s.wav
+    assert b"Content-Type: audio/mpeg" in hs.stream_head(s, "r1", keep_alive=True)
+
+
+def test_base64_stream_pieces_join_into_the_base64_of_the_whole():
+    data = bytes(range(256)) * 3
+    for cuts in ([1, 2, 3, 700], [5, 5, 5], [0, 767], [767]):
+        b64, pieces, at = hs.Base64Stream(), [], 0
+        for n in cuts:
+            pieces.append(b64.feed(data[at:at + n]))
+            at += n
+        pieces.append(b64.feed(data[at:]))
+        assert b"".join(pieces) + b64.finish() == base64.b64encode(data)
+        assert all(len(p) % 4 == 0 for p in pieces)  # whole groups only until the end
 
 
 @pytest.mark.parametrize("kw, code, words", [
-    ({"query": "", "text": "Hi."}, "unsupported_format", "mp3_44100_128"),
-    ({"query": "output_format=mp3_22050_32", "text": "Hi."}, "unsupported_format", "pcm_16000"),
+    ({"query": "output_format=opus_48000_64", "text": "Hi."}, "unsupported_format", "mp3_44100_128"),
+    ({"query": "output_format=mp3_48000_320", "text": "Hi."}, "unsupported_format", "pcm_16000"),
     ({"path": "/v1/text-to-speech/Rachel", "text": "Hi."}, "unknown_voice", "ElevenLabs' voice names"),
     ({"path": "/v1/text-to-speech/%C2%B2", "text": "Hi."}, "unknown_voice", "speaker number"),
     ({"text": ""}, "invalid_input", '"text" must be a non-empty string'),

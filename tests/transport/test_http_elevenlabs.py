@@ -1,0 +1,143 @@
+"""ElevenLabs' REST text-to-speech on the HTTP port, driven by ElevenLabs' own Python SDK: the
+plain and /stream routes (raw audio, mp3 by default), and the /with-timestamps routes (JSON with
+base64 audio and the character alignment). Audio is checked against Engine.stream (and our MP3
+encoder of it, itself checked against an independent decoder in test_mp3.py); alignment against
+the engine's own record of the frames it made for each sentence."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from csmstream.transport.encoder import encoder_for
+from csmstream.transport.mp3 import LAME_DELAY
+from tests.transport.test_http_server import TEXT, base_of
+from tests.transport.test_server import reference_pcm
+
+SENTENCES = "First one here. The second is a little longer! And a third?"
+
+
+def sdk(http):
+    from elevenlabs.client import ElevenLabs
+
+    return ElevenLabs(api_key="unused", base_url=base_of(http).rsplit("/v1", 1)[0])
+
+
+def encoded(fmt: str, pcm: bytes) -> bytes:
+    """What the server's encoder makes of the engine's audio (one request, chunks joined)."""
+    enc = encoder_for(fmt, 100)
+    return b"".join(enc.feed(np.frombuffer(pcm, "<i2")) + enc.finish())
+
+
+def test_the_elevenlabs_sdk_streams_the_engines_audio_over_rest(http):
+    """ElevenLabs' REST text-to-speech (`/v1/text-to-speech/{voice_id}/stream` and the plain
+    `/v1/text-to-speech/{voice_id}`), driven by ElevenLabs' own SDK: same audio as the engine's,
+    and its errors carry what is allowed."""
+    from elevenlabs.client import ElevenLabs
+    from elevenlabs.core.api_error import ApiError
+
+    client = ElevenLabs(api_key="unused", base_url=base_of(http).rsplit("/v1", 1)[0])
+    got = b"".join(client.text_to_speech.stream(voice_id="2", text=TEXT, model_id="csm-1b", seed=4,
+                                                output_format="pcm_24000", voice_settings=None))
+    assert got == reference_pcm(TEXT, 2, seed=4)
+    ulaw = b"".join(client.text_to_speech.convert(voice_id="0", text=TEXT, seed=5, output_format="ulaw_8000"))
+    assert ulaw == encoded("ulaw_8000", reference_pcm(TEXT, 0, seed=5))
+
+    def refused(**kw):
+        with pytest.raises(ApiError) as e:
+            b"".join(client.text_to_speech.stream(**{"voice_id": "0", "text": TEXT, "output_format": "pcm_16000",
+                                                      **kw}))
+        return e.value.status_code, e.value.body["error"]
+
+    status, err = refused(output_format="opus_48000_64")
+    assert status == 400 and err["code"] == "unsupported_format" and "mp3_44100_128" in err["message"]
+    status, err = refused(voice_id="21m00Tcm4TlvDq8ikWAM")
+    assert status == 400 and err["code"] == "unknown_voice" and "ElevenLabs' voice names" in err["message"]
+    status, err = refused(text=" ")
+    assert status == 400 and err["code"] == "invalid_input"
+    status, err = refused(seed=1.5)
+    assert status == 400 and "seed" in err["message"]
+    r = httpx.get(base_of(http) + "/text-to-speech/0/stream", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_elevenlabs_default_format_mp3_streams_the_engines_audio(http):
+    """No output_format: ElevenLabs' default, mp3_44100_128, frame by frame as it is generated."""
+    chunks = list(sdk(http).text_to_speech.stream(voice_id="1", text=TEXT, seed=6))
+    pcm = reference_pcm(TEXT, 1, seed=6)
+    mp3 = b"".join(chunks)
+    assert mp3 == encoded("mp3_44100_128", pcm)
+    audio, rate = sf.read(io.BytesIO(mp3), dtype="int16")  # an independent decoder
+    assert rate == 44100 and len(audio) >= LAME_DELAY + len(pcm) // 2 * 44100 // 24000
+
+
+def test_stream_with_timestamps_gives_each_chunk_and_the_sentences_it_completes(http):
+    """pipecat's ElevenLabsHttpTTSService reads this route: one JSON object a line, each chunk's
+    audio in base64 and the alignment of the sentences whose audio it completes, in seconds from
+    the start of the reply's audio."""
+    before = len(http.srv.recent)
+    lines = list(sdk(http).text_to_speech.stream_with_timestamps(voice_id="3", text=SENTENCES, seed=2,
+                                                                 output_format="pcm_16000"))
+    reqs = list(http.srv.recent)[before:]
+    assert [r.text for r in reqs] == ["First one here.", "The second is a little longer!", "And a third?"]
+    ends = [0.08 * sum(r.frames for r in reqs[:i + 1]) for i in range(len(reqs))]
+    audio, chars, starts, sent_s = b"", "", [], 0.0
+    for line in lines:
+        chunk = base64.b64decode(line.audio_base_64)
+        audio += chunk
+        sent_s += len(chunk) / 32000  # pcm_16000: 32,000 bytes a second
+        a = line.alignment
+        assert a == line.normalized_alignment
+        if a is None:
+            continue
+        assert len(a.characters) == len(a.character_start_times_seconds) == len(a.character_end_times_seconds)
+        assert a.character_end_times_seconds[-1] <= sent_s + 0.001  # never ahead of the audio
+        for c, t in zip(a.characters, a.character_start_times_seconds, strict=True):
+            if not chars or chars[-2:] in (". ", "! ", "? "):
+                starts.append(t)
+            chars += c
+        assert round(a.character_end_times_seconds[-1], 3) in [round(e, 3) for e in ends]
+    assert chars == "".join(r.text + " " for r in reqs)
+    assert starts == pytest.approx([0.0] + ends[:-1], abs=0.001)
+    assert 0 <= len(audio) - round(ends[-1] * 32000) < 200  # every frame's audio at 16 kHz (+ the filter's tail)
+
+
+def test_with_timestamps_returns_one_object_with_all_the_audio_and_alignment(http):
+    """The non-streamed route in mp3: the audio is our encoder's MP3 of the engine's audio, and the
+    alignment starts after MP3's priming delay and ends where the speech ends."""
+    got = sdk(http).text_to_speech.convert_with_timestamps(voice_id="0", text=TEXT, seed=8,
+                                                           output_format="mp3_24000_48")
+    pcm = reference_pcm(TEXT, 0, seed=8)
+    assert base64.b64decode(got.audio_base_64) == encoded("mp3_24000_48", pcm)
+    a = got.alignment
+    assert "".join(a.characters) == TEXT + " " and got.normalized_alignment == a
+    delay = LAME_DELAY / 24000
+    assert a.character_start_times_seconds[0] == pytest.approx(delay, abs=0.001)
+    assert a.character_end_times_seconds[-1] == pytest.approx(delay + len(pcm) / 2 / 24000, abs=0.001)
+    assert a.character_start_times_seconds[1:] == a.character_end_times_seconds[:-1]
+
+
+def test_with_timestamps_errors_are_json_before_any_audio(http):
+    r = httpx.post(base_of(http) + "/text-to-speech/nobody/with-timestamps", json={"text": "Hi."}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_voice"
+    r = httpx.post(base_of(http) + "/text-to-speech/0/stream/with-timestamps?output_format=opus_48000_64",
+                   json={"text": "Hi."}, timeout=30)
+    assert r.status_code == 400 and "mp3_22050_32" in r.json()["error"]["message"]
+    r = httpx.post(base_of(http) + "/text-to-speech/0/with-timestamps?output_format=ulaw_8000",
+                   json={"text": "Hi.", "seed": 1}, timeout=60)  # the server still serves
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert base64.b64decode(r.json()["audio_base64"]) == encoded("ulaw_8000", reference_pcm("Hi.", 0, seed=1))
+
+
+def test_openai_mp3_is_24_khz_mp3_of_the_engines_audio(http):
+    import openai
+
+    client = openai.OpenAI(base_url=base_of(http), api_key="unused", max_retries=0)
+    with client.audio.speech.with_streaming_response.create(
+            model="csm-1b", voice="0", input=TEXT, response_format="mp3", extra_body={"seed": 12}) as r:
+        assert r.headers["content-type"] == "audio/mpeg" and r.headers["x-sample-rate"] == "24000"
+        got = b"".join(r.iter_bytes())
+    assert got == encoded("mp3_24000_48", reference_pcm(TEXT, 0, seed=12))
