@@ -193,7 +193,7 @@ class HttpApi:
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
         srv.metrics.requests += 1
-        stream = SpeechStream(srv, writer, speech, keep)
+        stream = SpeechStream(srv, writer, speech, keep, ip)
         srv.connections.add(stream)  # shutdown waits for it like for a WebSocket
         watcher = asyncio.create_task(self._watch(reader, buf, stream))
         try:
@@ -227,9 +227,10 @@ class SpeechStream(Connection):
     """One speech request's response: the Connection machinery (sentences, engine, encoder) with
     the audio written as chunked HTTP (raw bytes, or server-sent events)."""
 
-    def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool) -> None:
+    def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool,
+                 client=None) -> None:
         super().__init__(server, None)
-        self.writer, self.speech, self.keep_alive = writer, speech, keep_alive
+        self.writer, self.speech, self.keep_alive, self.client = writer, speech, keep_alive, client
         self.rid = speech.gen.request_id or server.next_request_id()
         self.started = False  # the response head is out
         self.complete = False  # a whole response is out: the connection can take another request
@@ -241,6 +242,8 @@ class SpeechStream(Connection):
 
     async def run(self) -> bool:
         job = Job(self.speech.gen, self.rid)
+        if self.speech.continues:  # what this client was answered before, in this voice, as context
+            job.history = self.server.spoken.context_for(self.client, self._voice_key(), self.speech.previous_text)
         if self.speech.timestamps:
             self.aligner = Aligner(job)
         job.add_text(self.speech.gen.text)
@@ -256,6 +259,9 @@ class SpeechStream(Connection):
                 self._account(job, True, None)
             self._pop(job)
         return self.complete
+
+    def _voice_key(self) -> tuple:
+        return self.speech.gen.voice, self.speech.gen.speaker_id
 
     def client_gone(self) -> None:
         self.gone = True
@@ -343,6 +349,8 @@ class SpeechStream(Connection):
             return
         await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + hs.LAST_CHUNK)
         self.complete = True
+        if self.speech.continues:
+            self.server.spoken.remember(self.client, self._voice_key(), job.history)
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)

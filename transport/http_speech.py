@@ -134,6 +134,8 @@ class Speech:
     wav: bool  # wrap the PCM in a WAV header
     sse: bool  # server-sent events instead of raw bytes
     timestamps: str | None = None  # ElevenLabs' with-timestamps: "json" (one object) or "lines" (one a chunk)
+    continues: bool = False  # the route continues earlier requests: remember its codes (ElevenLabs' REST)
+    previous_text: str | None = None  # what came before, to find as context among them
 
 
 def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS,
@@ -177,7 +179,9 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
                      max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS, topk_max: int = 2048) -> Speech:
     """ElevenLabs' REST text-to-speech, `POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
     ?output_format=` with {"text", "seed", ...} -> Speech (streamed either way), or HttpError (400).
-    model_id, voice_settings, previous_text and ElevenLabs' other settings are accepted and ignored."""
+    previous_text gets the codes of its last sentences as context when this server generated them
+    for this client and voice (spoken.py); model_id, voice_settings and ElevenLabs' other settings
+    are accepted and ignored."""
     route = ELEVENLABS_PATH.match(path)
     voice_id = unquote(route.group(1))
     timestamps = None if route.group(3) is None else "lines" if route.group(2) else "json"
@@ -189,11 +193,16 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     if fmt not in protocol.ALL_FORMATS:
         raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here (no opus "
                         f"encoder); use one of {', '.join(protocol.ALL_FORMATS)}")
+    previous = msg.get("previous_text")
+    if previous is not None and not isinstance(previous, str):
+        raise HttpError(400, "invalid_previous_text", f'"previous_text" must be a string (the text spoken before '
+                        f"this request), got {type(previous).__name__}")
     req = {"text": text, "format": fmt}
     if msg.get("seed") is not None:
         req["seed"] = msg["seed"]
     _voice(req, voice_id, voices, "ElevenLabs'")
-    return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False, timestamps=timestamps)
+    return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False, timestamps=timestamps,
+                  continues=True, previous_text=previous)
 
 
 def _json_object(body: bytes, example: str) -> dict:

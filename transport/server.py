@@ -29,6 +29,7 @@ from .connection import Connection
 from .gate import Gate
 from .http_server import HttpApi
 from .metrics import Metrics
+from .spoken import SpokenCache
 
 log = logging.getLogger("csmstream.server")
 
@@ -72,6 +73,7 @@ class StreamServer:
         self.stopping = False
         self.metrics = Metrics()
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
+        self.spoken = SpokenCache()  # recent sentences' codes per client and voice (ElevenLabs' previous_text)
         self.ready = False
         self.worker: EngineWorker | None = None
         self._ws = None

@@ -141,3 +141,37 @@ def test_openai_mp3_is_24_khz_mp3_of_the_engines_audio(http):
         assert r.headers["content-type"] == "audio/mpeg" and r.headers["x-sample-rate"] == "24000"
         got = b"".join(r.iter_bytes())
     assert got == encoded("mp3_24000_48", reference_pcm(TEXT, 0, seed=12))
+
+
+def test_previous_text_continues_in_the_same_voice_with_the_earlier_codes_as_context(http):
+    """pipecat's HTTP service sends each sentence of a turn as its own request, with the turn so far
+    as previous_text. The second request is generated with the first one's codes as context: its
+    codes equal the engine's for the same prompt built by hand. Another client address, a different
+    voice, or text this server never generated give no context."""
+    import csmstream
+
+    first, second = "The first sentence.", "And a second one."
+    client = sdk(http)
+
+    def say(text, voice="1", **kw):
+        before = len(http.srv.recent)
+        b"".join(client.text_to_speech.stream(voice_id=voice, text=text, output_format="pcm_16000", **kw))
+        (req,) = list(http.srv.recent)[before:]
+        return np.stack(req.codes)
+
+    c1 = say(first, seed=3)
+    c2 = say(second, seed=4, previous_text=first)
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    want = np.stack(list(eng.frames(second, 1, context=[csmstream.Segment(1, first, codes=c1)], seed=4)))
+    np.testing.assert_array_equal(c2, want[:len(c2)])
+    alone = np.stack(list(eng.frames(second, 1, seed=4)))
+    assert not np.array_equal(alone[:len(c2)], c2)  # the context mattered
+    # no context: text never generated here, another voice, another client address
+    got = say(second, seed=4, previous_text="Something else.")
+    np.testing.assert_array_equal(got, alone[:len(got)])
+    got = say(second, voice="2", seed=4, previous_text=first)
+    np.testing.assert_array_equal(got, np.stack(list(eng.frames(second, 2, seed=4)))[:len(got)])
+    assert [t for t, _ in http.srv.spoken.context_for("127.0.0.1", (None, 1), first)] == [first]
+    assert http.srv.spoken.context_for("10.9.8.7", (None, 1), first) == []  # kept per client address
+    r = httpx.post(base_of(http) + "/text-to-speech/1", json={"text": "Hi.", "previous_text": 5}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_previous_text"

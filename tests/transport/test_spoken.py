@@ -1,0 +1,47 @@
+"""SpokenCache: previous_text's last sentences -> the codes generated for them, per client and voice."""
+
+import numpy as np
+
+from csmstream.transport.job import CONTEXT_SENTENCES
+from csmstream.transport.spoken import SpokenCache
+
+
+def codes(i: int) -> np.ndarray:
+    return np.full((3, 32), i)
+
+
+def texts(found):
+    return [t for t, _ in found]
+
+
+def test_the_last_sentences_found_in_order_up_to_the_first_missing_one():
+    c = SpokenCache()
+    c.remember("1.2.3.4", (None, 0), [("One.", codes(1)), ("Two.", codes(2)), ("Three.", codes(3))])
+    got = c.context_for("1.2.3.4", (None, 0), "Never said. One.  Two.\nThree.")  # the splitter's whitespace rules
+    assert texts(got) == ["One.", "Two.", "Three."] and all((a == codes(i)).all() for i, (_, a) in
+                                                             enumerate(got, 1))
+    assert texts(c.context_for("1.2.3.4", (None, 0), "One. Not this one. Three.")) == ["Three."]
+    assert c.context_for("1.2.3.4", (None, 0), "Three. Something new.") == []  # must end with what was said
+    assert c.context_for("1.2.3.4", (None, 0), None) == [] and c.context_for("1.2.3.4", (None, 0), "  ") == []
+
+
+def test_nothing_is_shared_between_clients_or_voices():
+    c = SpokenCache()
+    c.remember("a", (None, 0), [("Hello there.", codes(1))])
+    assert c.context_for("b", (None, 0), "Hello there.") == []
+    assert c.context_for("a", (None, 1), "Hello there.") == []
+    assert c.context_for("a", ("anna", 0), "Hello there.") == []
+    assert texts(c.context_for("a", (None, 0), "Hello there.")) == ["Hello there."]
+
+
+def test_at_most_the_context_a_reply_uses_and_the_least_recently_used_go_first():
+    c = SpokenCache(max_sentences=4)
+    said = [(f"Sentence {i}.", codes(i)) for i in range(6)]
+    c.remember("a", (None, 0), said)
+    assert len(c) == 4  # 0 and 1 are gone
+    prev = " ".join(t for t, _ in said)
+    assert texts(c.context_for("a", (None, 0), prev)) == [t for t, _ in said[-CONTEXT_SENTENCES:]][-4:]
+    c.context_for("a", (None, 0), "Sentence 2.")  # used: now the most recent
+    c.remember("a", (None, 0), [("New.", codes(9))])
+    assert texts(c.context_for("a", (None, 0), "Sentence 2.")) == ["Sentence 2."]
+    assert c.context_for("a", (None, 0), "Sentence 3.") == []  # the least recently used went
