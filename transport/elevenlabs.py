@@ -25,7 +25,7 @@ not given), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
 nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
 accepted and ignored. The alignment (characters with start times and durations, which clients such
-as pipecat turn into the words the caller heard) is estimated per sentence: see Stream.alignment.
+as pipecat turn into the words the caller heard) is estimated per sentence: see alignment.py.
 """
 
 from __future__ import annotations
