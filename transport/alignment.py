@@ -20,7 +20,8 @@ class Aligner:
         self.sent_ms = 0.0  # audio sent so far
         self.aligned = 0  # sentences (job.done_reqs) already aligned
         self.end_ms = job.encoder.delay_ms  # where the next sentence's audio starts
-        self.reported_ms = 0.0  # where the last alignment given ended (0: none yet)
+        self.chars: list[str] = []  # everything aligned so far (a whole reply's alignment at the end)
+        self.edges: list[float] = []  # ... and its edges (one more than chars, once there are any)
 
     def advance(self, chunk_ms: float) -> tuple[list[str], list[float], float] | None:
         """A chunk of `chunk_ms` goes out: (characters, edges, base) for the sentences whose audio
@@ -28,8 +29,8 @@ class Aligner:
         to edges[i+1], in ms from the start of the job's audio; base is where the previous
         alignment ended (0 for the first)."""
         self.sent_ms += chunk_ms
-        chars: list[str] = []
-        edges: list[float] = []
+        first = len(self.chars)
+        base = self.edges[-1] if self.edges else 0.0
         reqs = self.job.done_reqs
         while self.aligned < len(reqs):
             req = reqs[self.aligned]
@@ -38,14 +39,13 @@ class Aligner:
                 break
             text = req.text + " "
             start = self.end_ms
-            edges = edges[:-1] + [start + (end - start) * i / len(text) for i in range(len(text) + 1)]
-            chars += text
+            self.edges[len(self.chars):] = [start + (end - start) * i / len(text) for i in range(len(text) + 1)]
+            self.chars += text
             self.aligned += 1
             self.end_ms = end
-        if not chars:
+        if len(self.chars) == first:
             return None
-        base, self.reported_ms = self.reported_ms, self.end_ms
-        return chars, edges, base
+        return self.chars[first:], self.edges[first:], base
 
 
 def relative_ms(chars: list[str], edges: list[float], base: float) -> dict:

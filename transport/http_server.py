@@ -237,8 +237,6 @@ class SpeechStream(Connection):
         self.gone = False
         self.aligner: Aligner | None = None  # ElevenLabs' with-timestamps
         self.b64 = hs.Base64Stream()  # with-timestamps as one JSON object: its audio_base64, as it comes
-        self.chars: list[str] = []  # ... and its alignment, all sentences'
-        self.edges: list[float] = []
 
     async def run(self) -> bool:
         job = Job(self.speech.gen, self.rid)
@@ -312,10 +310,7 @@ class SpeechStream(Connection):
         got = self.aligner.advance(job.encoder.ms_of(len(audio)))
         if mode == "lines":
             return hs.timestamped_line(audio, None if got is None else absolute_seconds(*got[:2]))
-        if got is not None:
-            self.chars += got[0]
-            self.edges = self.edges[:-1] + got[1]
-        return self.b64.feed(audio)
+        return self.b64.feed(audio)  # the alignment goes at the end (the aligner keeps it all)
 
     def _closing(self, job: Job, audio_ms: float, ttfa: float | None) -> bytes:
         """What ends a complete body: the SSE done event, or the rest of a with-timestamps object."""
@@ -327,7 +322,7 @@ class SpeechStream(Connection):
                 "request_id": self.rid, "audio_ms": round(audio_ms, 1),
                 "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
         if self.speech.timestamps == "json":
-            align = json.dumps(absolute_seconds(self.chars, self.edges or [0.0])).encode()
+            align = json.dumps(absolute_seconds(self.aligner.chars, self.aligner.edges or [0.0])).encode()
             return hs.chunk(self.b64.finish() + b'", "alignment": ' + align + b', "normalized_alignment": ' +
                             align + b"}")
         return b""
