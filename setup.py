@@ -56,7 +56,8 @@ setup(
         # openai, elevenlabs: their SDKs are independent clients in the tests of the compatible endpoints
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6", "matplotlib>=3.7",
                 "openai>=1.40", "elevenlabs>=2.70,<3",
-                "soundfile>=0.12"],  # an independent MP3 decoder (libsndfile + mpg123) for the mp3 tests
+                "soundfile>=0.12",  # an independent MP3 decoder (libsndfile + mpg123) for the mp3 tests
+                "av>=14"],  # FFmpeg's G.722 codec: the independent reference of kernels/g722.py
         "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },
     entry_points={"console_scripts": ["csm-stream=csmstream.cli:main"]},

@@ -9,6 +9,7 @@ import pytest
 
 from csmstream.kernels.audio import float_to_int16
 from csmstream.kernels.g711 import alaw_encode, ulaw_decode, ulaw_encode
+from csmstream.kernels.g722 import G722Decoder, G722Encoder
 from csmstream.kernels.resample import Resampler
 from csmstream.transport import protocol
 from csmstream.transport.encoder import encoder_for
@@ -36,13 +37,28 @@ def test_g711_encode_chunk(benchmark, enc):
     benchmark(enc, x)
 
 
+def test_g722_encode_chunk(benchmark):
+    enc = G722Encoder()
+    x = PCM[:1600]  # 100 ms at 16 kHz
+    benchmark.group = "audio-kernels"
+    benchmark(enc.encode, x)
+
+
+def test_g722_decode_chunk(benchmark):
+    dec = G722Decoder()
+    b = G722Encoder().encode(PCM[:1600]).tobytes()
+    benchmark.group = "audio-kernels"
+    benchmark(dec.decode, b)
+
+
 def test_ulaw_decode_chunk(benchmark):
     b = ulaw_encode(PCM[:800]).tobytes()
     benchmark.group = "audio-kernels"
     benchmark(ulaw_decode, b)
 
 
-@pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000", "mp3_24000_48", "mp3_22050_32", "mp3_44100_128"])
+@pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000", "g722_16000", "mp3_24000_48", "mp3_22050_32",
+                                 "mp3_44100_128"])
 def test_encoder_chunk(benchmark, fmt):
     """Event-loop CPU per stream per 100 ms of audio: the raw formats, and MP3 (LAME, plus the
     resampler where the rate is not 24 kHz)."""

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m pytest bench/test_telnyx.py --benchmark-only -s
 
-- encoding 1 s of 24 kHz audio into Telnyx media messages (resample to 8 kHz, mu-law, base64,
-  JSON), fed in 20 ms pieces as the server sends them: target < 1 ms on one core;
+- encoding 1 s of 24 kHz audio into Telnyx media messages (resample to the codec's rate, encode:
+  PCMU, G722, L16 at 16 and 24 kHz; base64, JSON), fed in 20 ms pieces as the server sends them:
+  target < 1 ms on one core;
 - first media at a simulated Telnyx vs the engine's own time to first audio, side by side;
 - time from interrupt() to the `clear` arriving at the simulator.
 """
@@ -17,10 +18,11 @@ import pytest
 from csmstream.integrations.telnyx_session import TelnyxMediaSession
 
 
-def test_encode_one_second(benchmark):
+@pytest.mark.parametrize("codec,rate", [("PCMU", None), ("G722", None), ("L16", 16000), ("L16", 24000)])
+def test_encode_one_second(benchmark, codec, rate):
     pcm = (np.random.default_rng(0).normal(size=24000) * 4000).astype(np.int16)
     pieces = [pcm[i : i + 480] for i in range(0, 24000, 480)]
-    s = TelnyxMediaSession("PCMU")
+    s = TelnyxMediaSession(codec, rate)
     s.receive('{"event": "start", "start": {"call_control_id": "c"}}')
 
     def encode():

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .transport.protocol import FORMATS
+from .transport.protocol import BYTES_PER_SAMPLE, FORMATS
 
 DEFAULT_TEXTS = [
     "Thanks for calling. How can I help you today?",
@@ -69,7 +69,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
     from .transport.client import SesameTTSError, stream_speech_http
 
     rate, enc = FORMATS[fmt]
-    bps = 2 if enc == "pcm" else 1
+    bps = BYTES_PER_SAMPLE[enc]
     r = CallResult(index, concurrency, len(text))
     arrivals, durations = [], []
 

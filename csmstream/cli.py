@@ -97,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--telnyx", action="store_true",
                        help="also serve /telnyx for Telnyx media streams; /ws/generate requests with "
                             "\"call_control_id\" then play into that call (in-process, lowest latency)")
-    serve.add_argument("--telnyx-codec", default="PCMU", choices=["PCMU", "PCMA"],
-                       help="the calls' bidirectional codec, as in streaming_start (default: PCMU)")
+    serve.add_argument("--telnyx-codec", default="PCMU", choices=["PCMU", "PCMA", "G722", "L16"],
+                       help="the calls' stream_bidirectional_codec, as in streaming_start: PCMU/PCMA (G.711, "
+                            "8 kHz), G722 (wideband 16 kHz at the same 64 kbit/s), L16 (uncompressed). Default "
+                            "PCMU; a call whose stream_url ends ?codec=G722 (&sampling_rate=...) gets that one")
+    serve.add_argument("--telnyx-sampling-rate", type=int, default=None, metavar="HZ",
+                       help="stream_bidirectional_sampling_rate: 8000 for PCMU/PCMA, 16000 for G722, "
+                            "8000/16000/22050/24000/48000 for L16 (default: 16000)")
+    serve.add_argument("--telnyx-l16-byteorder", default="big", choices=["big", "little"],
+                       help="L16's byte order; Telnyx does not document it, RTP's is big-endian (default)")
     serve.add_argument("--telnyx-auth-token", default=None,
                        help="require this x-telnyx-streaming-auth-token on /telnyx handshakes "
                             "(default: $CSM_TELNYX_AUTH_TOKEN; unset = no check)")
@@ -136,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=16, help="requests per level (default: 16)")
     bench.add_argument("--text-file", default=None, help="one text per line (default: built-in call-centre lines)")
     bench.add_argument("--format", default="pcm_24000", choices=["pcm_24000", "pcm_16000", "pcm_8000", "ulaw_8000",
-                                                                "alaw_8000"], help="audio format (default: pcm_24000)")
+                                                                "alaw_8000", "g722_16000"],
+                       help="audio format (default: pcm_24000)")
     bench.add_argument("--chunk-ms", type=int, default=100, help="chunk length in ms (default: 100)")
     bench.add_argument("--ttfa-threshold-ms", type=float, default=500.0, help="p95 TTFA bound for --sweep (500)")
     bench.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")

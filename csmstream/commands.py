@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -51,7 +52,8 @@ def serve(args) -> int:
 
     routes, calls = {}, None
     if args.telnyx:
-        routes, calls = telnyx_routes(args.telnyx_codec, args.telnyx_auth_token or os.environ.get(TOKEN_ENV))
+        routes, calls = telnyx_routes(args.telnyx_codec, args.telnyx_auth_token or os.environ.get(TOKEN_ENV),
+                                      args.telnyx_sampling_rate, args.telnyx_l16_byteorder)
 
     async def main() -> None:
         srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars,
@@ -73,9 +75,10 @@ def serve(args) -> int:
             print(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)",
                   file=sys.stderr, flush=True)
         if args.telnyx:
+            fmt = routes["/telnyx"][0].media_format
             print(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
-                  f"({args.telnyx_codec}; auth token {'required' if routes['/telnyx'][1] else 'NOT configured'})",
-                  file=sys.stderr, flush=True)
+                  f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
+                  f"{'required' if routes['/telnyx'][1] else 'NOT configured'})", file=sys.stderr, flush=True)
         await stop.wait()
         print(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)",
               file=sys.stderr, flush=True)
@@ -94,16 +97,26 @@ TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
 AUTH_ENV = "CSM_AUTH_TOKEN"
 
 
-def telnyx_routes(codec: str, token: str | None):
-    """The /telnyx endpoint and its call registry, for StreamServer(routes=..., calls=...)."""
-    from .integrations.telnyx_bridge import CallRegistry, auth_ok, handle_telnyx_media
+def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = None, l16_byteorder: str = "big"):
+    """The /telnyx endpoint and its call registry, for StreamServer(routes=..., calls=...). The
+    codec is the default of every call; a stream URL's query (?codec=G722) chooses another."""
+    from .integrations.telnyx_bridge import CallRegistry, auth_ok, handle_telnyx_media, stream_options
 
+    default = stream_options("", codec, sampling_rate, l16_byteorder)  # ValueError before serving
     registry = CallRegistry()
 
     async def handler(ws):
-        await handle_telnyx_media(ws, registry, codec=codec)
+        query = ws.request.path.partition("?")[2] if ws.request is not None else ""
+        try:
+            fmt = stream_options(query, **default)
+        except ValueError as e:
+            logging.getLogger("csmstream.telnyx").warning("telnyx: refused a media stream: %s", e)
+            await ws.close(1008, str(e)[:120])
+            return
+        await handle_telnyx_media(ws, registry, **fmt)
 
     accept = (lambda headers: auth_ok(headers, token)) if token else None
+    handler.media_format = default
     return {"/telnyx": (handler, accept)}, registry
 
 

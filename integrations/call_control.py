@@ -15,6 +15,7 @@ import httpx
 API_BASE = "https://api.telnyx.com/v2"
 CODECS = ("PCMU", "PCMA", "G722", "OPUS", "AMR-WB", "L16")
 RATES = (8000, 16000, 22050, 24000, 48000)
+WIDEBAND = ("G722", "L16", "AMR-WB")  # 16 kHz unless told otherwise; the rest 8 kHz
 TRACKS = ("inbound_track", "outbound_track", "both_tracks")
 
 
@@ -33,13 +34,15 @@ class TelnyxValidationError(TelnyxAPIError):
     """422: Telnyx rejected the request (e.g. 90045: streaming not possible in the call's state)."""
 
 
-def streaming_body(stream_url: str, codec: str = "PCMU", *, track: str = "inbound_track", sampling_rate: int = 8000,
+def streaming_body(stream_url: str, codec: str = "PCMU", *, track: str = "inbound_track", sampling_rate: int | None = None,
                    target_legs: str = "opposite", auth_token: str | None = None,
                    client_state: str | None = None) -> dict:
     if not isinstance(stream_url, str) or not stream_url.startswith(("ws://", "wss://")):
         raise ValueError(f"stream_url must be a ws:// or wss:// URL, got {stream_url!r}")
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {', '.join(CODECS)} (case-sensitive), got {codec!r}")
+    if sampling_rate is None:
+        sampling_rate = 16000 if codec in WIDEBAND else 8000
     if sampling_rate not in RATES:
         raise ValueError(f"sampling_rate must be one of {RATES}, got {sampling_rate!r}")
     if track not in TRACKS:

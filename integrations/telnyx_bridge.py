@@ -15,10 +15,12 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterable, Callable
+from urllib.parse import parse_qsl
 
 import numpy as np
 
 from .pacer import Pacer
+from .telnyx_codecs import check
 from .telnyx_session import MEDIA_PREFIX, CallStarted, MarkPlayed, Stopped, TelnyxMediaSession, Utterance
 
 log = logging.getLogger("csmstream.telnyx")
@@ -27,6 +29,29 @@ AUTH_HEADER = "x-telnyx-streaming-auth-token"
 
 class UnknownCall(LookupError):
     pass
+
+
+STREAM_OPTIONS = ("codec", "sampling_rate", "l16_byteorder")
+
+
+def stream_options(query: str, codec: str = "PCMU", sampling_rate: int | None = None,
+                   l16_byteorder: str = "big") -> dict:
+    """The media format of one call: the defaults given, overridden by the stream URL's query
+    (`wss://host/telnyx?codec=G722`, `?codec=L16&sampling_rate=24000`), so that each call's
+    stream_url can name the codec its streaming_start asked for. ValueError says what is wrong."""
+    opts = {"codec": codec, "sampling_rate": sampling_rate, "l16_byteorder": l16_byteorder}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in STREAM_OPTIONS:
+            raise ValueError(f"unknown stream URL parameter {key!r:.40}; allowed: {', '.join(STREAM_OPTIONS)}")
+        if key == "sampling_rate":
+            if not value.isdigit() or len(value) > 6:
+                raise ValueError(f"sampling_rate must be a whole number of Hz, got {value!r:.40}")
+            value = int(value)
+        elif key == "codec" and value != opts["codec"]:
+            opts["sampling_rate"] = None  # the new codec's own default unless given too
+        opts[key] = value
+    opts["sampling_rate"] = check(opts["codec"], opts["sampling_rate"], opts["l16_byteorder"])
+    return opts
 
 
 def auth_ok(headers, token: str | None) -> bool:
@@ -113,11 +138,12 @@ class _TextSocket:
 
 
 class TelnyxCall:
-    def __init__(self, ws, registry: CallRegistry | None = None, *, codec: str = "PCMU", head_ms: float = 100.0,
+    def __init__(self, ws, registry: CallRegistry | None = None, *, codec: str = "PCMU",
+                 sampling_rate: int | None = None, l16_byteorder: str = "big", head_ms: float = 100.0,
                  speed: float = 2.0, on_event: Callable | None = None) -> None:
         self.sock = _TextSocket(ws)
         self.registry = registry
-        self.session = TelnyxMediaSession(codec)
+        self.session = TelnyxMediaSession(codec, sampling_rate, l16_byteorder)
         self.pacer = Pacer(head_ms, speed)
         self.on_event = on_event
         self.call_control_id: str | None = None
@@ -153,8 +179,9 @@ class TelnyxCall:
             if self.registry is not None:
                 self.registry.add(self)
             self.started.set()
-            log.info("telnyx call %s: media stream %s started (%s %d Hz)", ev.call_control_id, ev.stream_id,
-                     ev.encoding, ev.sample_rate)
+            log.info("telnyx call %s: media stream %s started (caller %s %d Hz; we send %s %d Hz)",
+                     ev.call_control_id, ev.stream_id, ev.encoding, ev.sample_rate, self.session.codec,
+                     self.session.sample_rate)
         elif isinstance(ev, MarkPlayed):
             f = self._heard.get(ev.name)
             if f is not None and not f.done():
@@ -258,7 +285,9 @@ class TelnyxCall:
 
 async def handle_telnyx_media(ws, registry: CallRegistry, *, codec: str = "PCMU", on_event: Callable | None = None,
                               **kw) -> TelnyxCall:
-    """Serve one Telnyx media-stream connection until it stops; returns the finished call."""
+    """Serve one Telnyx media-stream connection until it stops; returns the finished call.
+    codec (and sampling_rate, l16_byteorder in kw) must be what streaming_start asked for:
+    PCMU/PCMA at 8 kHz, G722 at 16 kHz, L16 at 8/16/22.05/24/48 kHz."""
     call = TelnyxCall(ws, registry, codec=codec, on_event=on_event, **kw)
     await call.run()
     return call

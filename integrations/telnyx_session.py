@@ -2,9 +2,11 @@
 
 Feed `receive()` every text message Telnyx sends; get typed events back. Malformed or unknown
 messages become `BadMessage` events (never exceptions), so one bad frame cannot end a call.
-Give `audio()` 24 kHz int16 PCM of the utterance being spoken; get back outgoing `media` messages
-(base64 of raw PCMU/PCMA at 8 kHz, exactly 20 ms = 160 bytes each). `end_utterance()` flushes the
-resampler, pads the last frame with codec silence and appends the utterance's `mark`.
+Give `audio()` 24 kHz int16 PCM of the utterance being spoken; get back outgoing `media` messages,
+each exactly 20 ms of the stream's codec (base64 of raw payload: PCMU/PCMA at 8 kHz, 160 bytes;
+G722 at 16 kHz, 160 bytes; L16 at its rate, 640 bytes at 16 kHz; telnyx_codecs.py).
+`end_utterance()` flushes the resampler, pads the last frame with encoded silence and appends the
+utterance's `mark`.
 `clear()` returns the `clear` message and marks everything not yet heard as cut off.
 
 Utterances: each one ends with a mark named after it; when Telnyx echoes the mark, the caller has
@@ -23,14 +25,13 @@ from itertools import count
 
 import numpy as np
 
-from ..kernels.g711 import ALAW_SILENCE, ULAW_SILENCE, alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ..kernels.resample import Resampler
+from .telnyx_codecs import MediaDecoder, MediaEncoder
 
 log = logging.getLogger("csmstream.telnyx")
 
-FRAME_BYTES = 160  # 20 ms at 8 kHz, one byte per sample
+SOURCE_RATE = 24_000
 MEDIA_PREFIX = '{"event": "media", "media": {"payload": "'  # base64 needs no JSON escaping
-CODECS = {"PCMU": (ulaw_encode, ulaw_decode, ULAW_SILENCE), "PCMA": (alaw_encode, alaw_decode, ALAW_SILENCE)}
 TELNYX_ERRORS = {100002: "unknown_error", 100003: "malformed_frame", 100004: "invalid_media",
                  100005: "rate_limit_reached"}
 
@@ -57,10 +58,11 @@ class CallStarted:
 
 @dataclass
 class CallerAudio:
-    pcm: np.ndarray  # int16 at the call's sample rate
+    pcm: np.ndarray  # int16 at sample_rate
     track: str
     chunk: int | None
     timestamp: int | None
+    sample_rate: int = 8000
 
 
 @dataclass
@@ -104,14 +106,18 @@ class Utterance:
 
 
 class TelnyxMediaSession:
-    def __init__(self, codec: str = "PCMU") -> None:
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {', '.join(CODECS)} (RTP mode), got {codec!r}")
-        self.codec = codec
-        self._encode, _, self._silence = CODECS[codec]
+    def __init__(self, codec: str = "PCMU", sample_rate: int | None = None, l16_byteorder: str = "big") -> None:
+        """codec: the `stream_bidirectional_codec` given to streaming_start (PCMU, PCMA, G722, L16);
+        sample_rate: its `stream_bidirectional_sampling_rate` (None: 8000 for G.711, 16000 for
+        G722 and L16); ValueError for a combination this side cannot speak."""
+        self._encoder = MediaEncoder(codec, sample_rate, l16_byteorder)
+        self.codec, self.sample_rate, self.l16_byteorder = codec, self._encoder.rate, l16_byteorder
+        self.frame_bytes = self._encoder.frame_bytes
+        self._decoder: MediaDecoder | None = None  # the caller's codec, from `start`
         self.started: CallStarted | None = None
         self.stopped = False
-        self._resampler = Resampler(24_000, 8_000)
+        rate = self.sample_rate
+        self._resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
         self._pending = bytearray()  # encoded bytes not yet a whole frame
         self._ids = count(1)
         self.current: Utterance | None = None
@@ -155,9 +161,12 @@ class TelnyxMediaSession:
                          client_state=s.get("client_state"))
         self.started = ev
         out: list = [ev]
-        if ev.encoding not in CODECS:
-            out.append(self._bad(f"caller audio codec {ev.encoding!r} is not decoded here (PCMU and PCMA are); "
-                                 "caller audio events will be skipped", json.dumps(fmt)))
+        try:  # G.722's RTP clock is 8 kHz whatever the audio's rate: its decoder makes 16 kHz
+            rate = None if ev.encoding == "G722" else ev.sample_rate
+            self._decoder = MediaDecoder(ev.encoding, rate, self.l16_byteorder)
+        except ValueError as e:
+            out.append(self._bad(f"caller audio is not decoded here ({e}); caller audio events will be skipped",
+                                 json.dumps(fmt)))
         return out
 
     def _on_media(self, msg) -> list:
@@ -168,12 +177,12 @@ class TelnyxMediaSession:
             raw = base64.b64decode(media["payload"], validate=True)
         except (binascii.Error, ValueError, TypeError):
             return [self._bad("media payload is not base64", str(media.get("payload"))[:200])]
-        enc = self.started.encoding
-        if enc not in CODECS:
+        if self._decoder is None:
             return []
         chunk, ts = media.get("chunk"), media.get("timestamp")
-        return [CallerAudio(CODECS[enc][1](raw), str(media.get("track", "inbound")),
-                            int(chunk) if chunk is not None else None, int(ts) if ts is not None else None)]
+        return [CallerAudio(self._decoder.decode(raw), str(media.get("track", "inbound")),
+                            int(chunk) if chunk is not None else None, int(ts) if ts is not None else None,
+                            self._decoder.rate)]
 
     def _on_mark(self, msg) -> list:
         name = str(msg["mark"]["name"])
@@ -212,7 +221,8 @@ class TelnyxMediaSession:
         u = Utterance(name or f"utt-{next(self._ids)}")
         self.utterances[u.name] = u
         self.current = u
-        self._resampler.reset()
+        if self._resampler is not None:
+            self._resampler.reset()
         self._pending.clear()
         return u
 
@@ -220,7 +230,8 @@ class TelnyxMediaSession:
         """24 kHz int16 PCM of the current utterance -> whole 20 ms media messages."""
         if self.stopped or self.current is None or self.current.state != "speaking":
             return []
-        self._pending += self._encode(self._resampler.process(np.asarray(pcm24k, np.int16))).tobytes()
+        pcm = np.asarray(pcm24k, np.int16)
+        self._pending += self._encoder.encode(self._resampler.process(pcm) if self._resampler is not None else pcm)
         return self._frames()
 
     def end_utterance(self) -> list[str]:
@@ -229,9 +240,9 @@ class TelnyxMediaSession:
         u = self.current
         if self.stopped or u is None or u.state != "speaking":
             return []
-        self._pending += self._encode(self._resampler.flush()).tobytes()
-        if len(self._pending) % FRAME_BYTES:
-            self._pending += bytes([self._silence]) * (FRAME_BYTES - len(self._pending) % FRAME_BYTES)
+        if self._resampler is not None:
+            self._pending += self._encoder.encode(self._resampler.flush())
+        self._pending += self._encoder.pad(len(self._pending))
         out = self._frames()
         u.state = "sent"
         out.append(json.dumps({"event": "mark", "mark": {"name": u.name}}))
@@ -243,15 +254,18 @@ class TelnyxMediaSession:
             if u.state in ("speaking", "sent"):
                 u.state = "cut_off"
         self._pending.clear()
-        self._resampler.reset()
+        self._encoder.drop()
+        if self._resampler is not None:
+            self._resampler.reset()
         return json.dumps({"event": "clear"})
 
     def _frames(self) -> list[str]:
         out = []
-        n = len(self._pending) // FRAME_BYTES
+        size = self.frame_bytes
+        n = len(self._pending) // size
         for i in range(n):
-            payload = base64.b64encode(self._pending[i * FRAME_BYTES : (i + 1) * FRAME_BYTES]).decode("ascii")
+            payload = base64.b64encode(self._pending[i * size : (i + 1) * size]).decode("ascii")
             out.append(MEDIA_PREFIX + payload + '"}}')  # == json.dumps of the message, without its cost
-        del self._pending[: n * FRAME_BYTES]
+        del self._pending[: n * size]
         self.current.frames += n
         return out

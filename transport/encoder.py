@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..kernels.g711 import alaw_encode, ulaw_encode
+from ..kernels.g722 import G722Encoder
 from ..kernels.resample import Resampler
-from .protocol import ALL_FORMATS, MP3_FORMATS
+from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, MP3_FORMATS
 
 SOURCE_RATE = 24_000
 _POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
@@ -46,7 +47,9 @@ class AudioEncoder:
         self.rate, self.encoding = rate, enc
         self.resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
         self.chunk_in = SOURCE_RATE * chunk_ms // 1000  # source samples per chunk
-        self.chunk_bytes = rate * chunk_ms // 1000 * (2 if enc == "pcm" else 1)
+        # raw formats: chunks of exactly chunk_ms (whole bytes: chunk_ms is an integer); MP3 cuts frames
+        self.chunk_bytes = int(rate * chunk_ms // 1000 * BYTES_PER_SAMPLE[enc]) if enc in BYTES_PER_SAMPLE else 0
+        self._g722 = G722Encoder() if enc == "g722" else None
         self._pending = bytearray()
         self.bytes_out = 0
         self.delay_ms = 0.0  # how far the encoded audio lags the PCM (a codec's priming samples)
@@ -59,6 +62,8 @@ class AudioEncoder:
             return ulaw_encode(pcm).tobytes()
         if self.encoding == "alaw":
             return alaw_encode(pcm).tobytes()
+        if self._g722 is not None:
+            return self._g722.encode(pcm).tobytes()
         return pcm.astype("<i2", copy=False).tobytes()
 
     def feed(self, pcm: np.ndarray) -> list[bytes]:
@@ -78,6 +83,8 @@ class AudioEncoder:
         if self.resampler is not None:
             tail = self.resampler.flush()
             self._pending += self._bytes(tail)
+        if self._g722 is not None:
+            self._pending += self._g722.flush().tobytes()
         out = self._cut()
         if self._pending:
             out.append(bytes(self._pending))
@@ -96,7 +103,7 @@ class AudioEncoder:
 
     def ms_of(self, nbytes: int) -> float:
         """How much audio `nbytes` of this encoder's output hold, in milliseconds."""
-        return 1000.0 * nbytes / (self.rate * (2 if self.encoding == "pcm" else 1))
+        return 1000.0 * nbytes / (self.rate * BYTES_PER_SAMPLE[self.encoding])
 
     @property
     def audio_ms(self) -> float:

@@ -270,7 +270,8 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
     elif speech.wav:
         ctype = "audio/wav"
     else:
-        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg"}.get(enc, "audio/pcm")
+        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg",
+                 "g722": "audio/G722"}.get(enc, "audio/pcm")
     return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
                                "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
                                "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})

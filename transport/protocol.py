@@ -26,6 +26,7 @@ FORMATS: dict[str, tuple[int, str]] = {
     "pcm_48000": (48000, "pcm"),
     "ulaw_8000": (8000, "ulaw"),
     "alaw_8000": (8000, "alaw"),
+    "g722_16000": (16000, "g722"),  # G.722 at 64 kbit/s: wideband telephone audio (kernels/g722.py)
 }
 # compressed formats (codec_rate_kbps, ElevenLabs' names): the HTTP endpoints and the ElevenLabs
 # sockets offer them (OpenAI's and ElevenLabs' clients ask for mp3 by default); /ws/generate and the
@@ -35,6 +36,7 @@ MP3_FORMATS: dict[str, tuple[int, str]] = {
     for rate, kbps in ((22050, 32), (24000, 48), (44100, 32), (44100, 64), (44100, 96), (44100, 128), (44100, 192))
 }
 ALL_FORMATS = {**FORMATS, **MP3_FORMATS}
+BYTES_PER_SAMPLE = {"pcm": 2.0, "ulaw": 1.0, "alaw": 1.0, "g722": 0.5}  # the raw encodings
 DEFAULT_FORMAT = "pcm_24000"
 CHUNK_MS_RANGE = (20, 1000)
 DEFAULT_CHUNK_MS = 100

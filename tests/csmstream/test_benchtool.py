@@ -44,6 +44,14 @@ def test_bench_tool_against_a_real_server(tmp_path, server):
     assert d["rss_before_mb"] > 0 and d["rss_after_mb"] > 0 and d["ttfa_first_tenth_p50"] > 0
 
 
+def test_bench_counts_g722_audio_at_its_own_bytes_per_ms(tmp_path, server):
+    run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path, progress=False, texts=["Wideband."],
+              fmt="g722_16000")
+    (r,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert r["error"] is None and r["chunk_bytes"] > 0
+    assert r["audio_ms"] == pytest.approx(r["chunk_bytes"] / 8, abs=0.01)  # 16 kHz, 4 bits a sample
+
+
 def test_the_bench_drives_the_http_port_like_the_websocket(tmp_path):
     import csmstream
 

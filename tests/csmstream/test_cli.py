@@ -19,7 +19,7 @@ def test_help_lists_commands():
         assert cmd in out.stdout
     serve = run("serve", "--help")
     for opt in ("--model", "--host", "--port", "--device", "--dtype", "--max-streams", "--prefill-chunk",
-                "--quantize", "--http-port"):
+                "--quantize", "--http-port", "--telnyx-codec", "--telnyx-sampling-rate", "--telnyx-l16-byteorder"):
         assert opt in serve.stdout
     for env in ("CSM_CUDA_GRAPHS=0", "CSM_FAST_STEP=0", "CSM_FUSED_GEMV=auto", "CSM_PDL=auto", "CSM_GEMV_TILES=FILE"):
         assert env in serve.stdout  # the GPU settings that are environment variables
@@ -63,6 +63,14 @@ def test_bad_http_port_is_refused_before_loading():
     assert out.returncode == 2 and "--http-port must be in 0..65535, got 70000" in out.stderr
     out = run("serve", "--http-port", "9100", "--port", "9100", "--device", "cpu")
     assert out.returncode == 2 and "--http-port must differ from --port" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_telnyx_codec_and_rate_are_checked_before_loading():
+    out = run("serve", "--telnyx", "--telnyx-codec", "G722", "--telnyx-sampling-rate", "8000", "--device", "cpu")
+    assert out.returncode == 2 and "G722 runs at 16000 Hz, got sampling rate 8000" in out.stderr
+    out = run("serve", "--telnyx", "--telnyx-codec", "OPUS")
+    assert out.returncode == 2 and "invalid choice: 'OPUS'" in out.stderr and "G722" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -1,7 +1,10 @@
 """A Telnyx simulator: plays Telnyx's side of a bidirectional media stream over a real WebSocket.
 
 It connects, sends `connected` and `start`, sends caller `media` every 20 ms, and receives our
-messages, checking each one (valid JSON; media payloads base64 of PCMU, a multiple of 160 bytes).
+messages, checking each one (valid JSON; media payloads base64 of the bidirectional codec, whole
+20 ms frames: 160 bytes of PCMU/PCMA or G722, 2 bytes a sample of L16). `pcm()` decodes what
+arrived with decoders independent of csm-stream's encoders where there is one (FFmpeg for G.722;
+the byte order itself for L16).
 Playback is simulated in real time: each 20 ms of media plays after the previous; a `mark` is
 echoed once the audio sent before it has played; `clear` drops what is queued and returns the
 queued marks at once (as Telnyx does).
@@ -16,14 +19,25 @@ import time
 
 from websockets.asyncio.client import connect
 
-from csmstream.kernels.g711 import ulaw_decode
+import numpy as np
+
+from csmstream.kernels.g711 import alaw_decode, ulaw_decode
+from tests import ffmpeg
+
+BYTES_PER_SECOND = {"PCMU": 8000, "PCMA": 8000, "G722": 8000, "L16": None}  # L16: 2 x its rate
 
 
 class TelnyxSimulator:
     def __init__(self, url: str, call_control_id: str = "v2:call-1", *, headers: dict | None = None,
-                 encoding: str = "PCMU", send_caller_audio: bool = True) -> None:
+                 encoding: str = "PCMU", send_caller_audio: bool = True, codec: str = "PCMU",
+                 sampling_rate: int = 8000) -> None:
+        """encoding: the caller's audio; codec, sampling_rate: the bidirectional stream's (what
+        streaming_start asked for: what we must receive)."""
         self.url, self.ccid, self.headers = url, call_control_id, headers or {}
         self.encoding, self.send_caller_audio = encoding, send_caller_audio
+        self.codec, self.rate = codec, sampling_rate
+        self.bytes_per_second = BYTES_PER_SECOND[codec] or 2 * sampling_rate
+        self.frame_bytes = self.bytes_per_second // 50
         self.received: list[tuple[float, dict]] = []  # (monotonic time, message)
         self.problems: list[str] = []
         self.audio = bytearray()  # every media payload, in order
@@ -66,7 +80,9 @@ class TelnyxSimulator:
 
     async def _caller(self) -> None:
         chunk = 0
-        silence = base64.b64encode(b"\xff" * 160).decode()
+        frame = {"PCMA": b"\xd5" * 160, "G722": ffmpeg.g722_encode(np.zeros(320, np.int16)).tobytes(),
+                 "L16": bytes(640)}.get(self.encoding, b"\xff" * 160)
+        silence = base64.b64encode(frame).decode()
         while True:
             chunk += 1
             await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
@@ -91,10 +107,10 @@ class TelnyxSimulator:
                 except Exception as e:
                     self.problems.append(f"bad payload: {e}")
                     continue
-                if len(payload) == 0 or len(payload) % 160:
-                    self.problems.append(f"payload of {len(payload)} bytes is not a multiple of 160")
+                if len(payload) == 0 or len(payload) % self.frame_bytes:
+                    self.problems.append(f"payload of {len(payload)} bytes is not a multiple of {self.frame_bytes}")
                 self.audio += payload
-                self._play_end = max(self._play_end, now) + len(payload) / 8000
+                self._play_end = max(self._play_end, now) + len(payload) / self.bytes_per_second
                 self.media_event.set()
             elif ev == "mark":
                 name = msg["mark"]["name"]
@@ -127,5 +143,15 @@ class TelnyxSimulator:
     def media_times(self) -> list[float]:
         return [t for t, m in self.received if m.get("event") == "media"]
 
-    def pcm(self):
-        return ulaw_decode(bytes(self.audio))
+    def pcm(self) -> np.ndarray:
+        """What the caller hears, at the stream's rate."""
+        data = bytes(self.audio)
+        if self.codec == "G722":
+            return ffmpeg.g722_decode(data)
+        if self.codec == "L16":
+            return np.frombuffer(data, ">i2").astype(np.int16)
+        return (alaw_decode if self.codec == "PCMA" else ulaw_decode)(data)
+
+    @property
+    def audio_ms(self) -> float:
+        return 1000 * len(self.audio) / self.bytes_per_second

@@ -4,9 +4,10 @@ name a call play into it (no extra hop)."""
 import asyncio
 import json
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from csmstream.commands import telnyx_routes
 from csmstream.integrations.telnyx_bridge import AUTH_HEADER
@@ -111,3 +112,42 @@ def test_telnyx_endpoint_requires_the_auth_token(phone_server):
     with pytest.raises(InvalidStatus) as e:
         asyncio.run(go())
     assert e.value.response.status_code == 401
+
+
+def test_stream_url_query_picks_l16_at_24khz_the_engines_own_samples(phone_server):
+    """`/telnyx?codec=L16&sampling_rate=24000` (the server's default is PCMU): the call gets the
+    engine's 24 kHz samples untouched, big-endian, in 960-byte frames."""
+    rs = phone_server
+    text = "Uncompressed into this call."
+
+    async def go():
+        url = rs.telnyx_url + "?codec=L16&sampling_rate=24000"
+        async with TelnyxSimulator(url, "v2:call-3", headers={AUTH_HEADER: "tok"}, codec="L16",
+                                   sampling_rate=24000) as s:
+            await wait_until(lambda: rs.calls.get("v2:call-3") is not None)
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": text, "call_control_id": "v2:call-3", "seed": 4, "speaker_id": 1}))
+                done = await next_json(ws)
+            return s, done
+
+    s, done = asyncio.run(go())
+    assert not s.problems and done["heard"] is True and done["audio_ms"] == pytest.approx(s.audio_ms)
+    import csmstream
+
+    pcm = np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream(text, 1, seed=4)))
+    got = s.pcm()
+    np.testing.assert_array_equal(got[: len(pcm)], pcm)
+    assert not got[len(pcm):].any() and len(got) - len(pcm) < 480
+
+
+@pytest.mark.parametrize("query,reason", [("?codec=G722&sampling_rate=8000", "G722 runs at 16000 Hz"),
+                                          ("?bitrate=64", "unknown stream URL parameter 'bitrate'")])
+def test_a_stream_url_asking_for_what_cannot_be_spoken_is_closed_saying_why(phone_server, query, reason):
+    async def go():
+        async with connect(phone_server.telnyx_url + query, additional_headers={AUTH_HEADER: "tok"}) as ws:
+            with pytest.raises(ConnectionClosed) as e:
+                await asyncio.wait_for(ws.recv(), 10)
+            return e.value
+
+    closed = asyncio.run(go())
+    assert closed.rcvd.code == 1008 and reason in closed.rcvd.reason

@@ -117,6 +117,17 @@ def test_start_streaming_validates_before_calling(monkeypatch):
         asyncio.run(start_streaming("v2:abc", "https://h/t", api_key="k"))
 
 
+def test_streaming_body_rate_follows_the_codec_unless_given():
+    from csmstream.integrations.call_control import streaming_body
+
+    rate = "stream_bidirectional_sampling_rate"
+    assert streaming_body("wss://h/t?codec=G722", "G722")[rate] == 16000  # G.722 is 16 kHz audio
+    assert streaming_body("wss://h/t", "L16")[rate] == 16000 and streaming_body("wss://h/t", "PCMA")[rate] == 8000
+    assert streaming_body("wss://h/t", "L16", sampling_rate=24000)[rate] == 24000
+    with pytest.raises(ValueError, match="sampling_rate must be one of"):
+        streaming_body("wss://h/t", "L16", sampling_rate=44100)
+
+
 class StarletteLike:
     """The surface FastAPI/Starlette WebSockets offer: send_text / iter_text."""
 

@@ -11,6 +11,7 @@ from csmstream.integrations.telnyx_session import (BadMessage, CallerAudio, Call
                                                    MarkPlayed, Stopped, TelnyxError, TelnyxMediaSession)
 from csmstream.kernels.g711 import alaw_encode, ulaw_encode
 from csmstream.kernels.resample import Resampler
+from tests import ffmpeg
 
 START = {"event": "start", "sequence_number": "1", "stream_id": "S1",
          "start": {"user_id": "u", "call_control_id": "v2:abc", "call_session_id": "cs", "from": "+1", "to": "+2",
@@ -18,10 +19,40 @@ START = {"event": "start", "sequence_number": "1", "stream_id": "S1",
                    "media_format": {"encoding": "PCMA", "sample_rate": 8000, "channels": 1}}}
 
 
-def started(codec="PCMU"):
-    s = TelnyxMediaSession(codec)
-    s.receive(json.dumps(START))
+def started(codec="PCMU", rate=None, order="big", caller=None):
+    s = TelnyxMediaSession(codec, rate, order)
+    start = json.loads(json.dumps(START))
+    if caller is not None:
+        start["start"]["media_format"].update(encoding=caller[0], sample_rate=caller[1])
+    s.receive(json.dumps(start))
     return s
+
+
+def speak(s, pcm, piece=1000):
+    msgs = []
+    for i in range(0, len(pcm), piece):
+        msgs += s.audio(pcm[i : i + piece])
+    return msgs + s.end_utterance()
+
+
+def payloads(msgs):
+    return [base64.b64decode(json.loads(m)["media"]["payload"]) for m in msgs if json.loads(m)["event"] == "media"]
+
+
+def noise(n, seed=0):
+    return (np.random.default_rng(seed).normal(size=n) * 3000).astype(np.int16)
+
+
+def resampled(pcm, rate):
+    if rate == 24000:
+        return pcm
+    r = Resampler(24000, rate)
+    return np.concatenate([r.process(pcm), r.flush()])
+
+
+def media(payload: bytes, chunk: int) -> str:
+    return json.dumps({"event": "media", "media": {"track": "inbound", "chunk": str(chunk), "timestamp": str(20 * chunk),
+                                                   "payload": base64.b64encode(payload).decode()}})
 
 
 def test_every_telnyx_event_becomes_a_typed_event():
@@ -140,3 +171,101 @@ def test_pacer_clear_and_idle_restart():
         p.push(f"n{i}", 20.0)
     # long after playback ran dry: a fresh burst gets a fresh head start
     assert len(p.pop_due(10.0)) == 5
+
+
+@pytest.mark.parametrize("codec,rate,order,frame", [
+    ("G722", None, "big", 160), ("L16", None, "big", 640), ("L16", 24000, "big", 960), ("L16", 8000, "little", 320),
+    ("L16", 48000, "big", 1920), ("L16", 22050, "big", 882),
+])
+def test_g722_and_l16_streams_are_whole_20ms_frames_of_the_resampled_audio(codec, rate, order, frame):
+    s = started(codec, rate, order)
+    assert s.frame_bytes == frame
+    u = s.start_utterance()
+    pcm = noise(24000 * 3 // 10 + 123)
+    msgs = speak(s, pcm)
+    assert json.loads(msgs[-1]) == {"event": "mark", "mark": {"name": u.name}}
+    got = payloads(msgs)
+    assert all(len(p) == frame for p in got) and u.frames == len(got) == len(msgs) - 1
+    got = b"".join(got)
+    want_pcm = resampled(pcm, s.sample_rate)
+    if codec == "G722":  # FFmpeg's encoder on the resampled audio, then silence to the frame's end
+        pad = np.zeros(2 * len(got) - len(want_pcm), np.int16)
+        assert 0 <= len(pad) < 320
+        assert got == ffmpeg.g722_encode(np.concatenate([want_pcm, pad])).tobytes()
+    else:
+        want = want_pcm.astype(">i2" if order == "big" else "<i2").tobytes()
+        assert got[: len(want)] == want and set(got[len(want):]) <= {0} and len(got) - len(want) < frame
+
+
+def test_g722_stream_runs_on_across_utterances_as_the_far_ends_decoder_does():
+    """Two utterances make one continuous G.722 stream: the bytes are FFmpeg's encoding of
+    everything sent, silence padding included, in one go."""
+    s = started("G722")
+    sent_pcm, sent = [], b""
+    for i, n in enumerate([7001, 9600]):
+        s.start_utterance(f"u{i}")
+        pcm = noise(n, seed=i)
+        got = b"".join(payloads(speak(s, pcm)))
+        res = resampled(pcm, 16000)
+        sent_pcm += [res, np.zeros(2 * len(got) - len(res), np.int16)]
+        sent += got
+    assert sent == ffmpeg.g722_encode(np.concatenate(sent_pcm)).tobytes()
+
+
+@pytest.mark.parametrize("declared_rate", [8000, 16000])  # G.722's RTP clock says 8000 for 16 kHz audio
+def test_caller_g722_is_decoded_at_16khz_across_messages(declared_rate):
+    s = started(caller=("G722", declared_rate))
+    t = np.arange(8000) / 16000
+    x = (8000 * np.sin(2 * np.pi * 700 * t) + 2000 * np.sin(2 * np.pi * 5500 * t)).astype(np.int16)
+    codes = ffmpeg.g722_encode(x).tobytes()
+    events = []
+    for i in range(0, len(codes), 160):
+        events += s.receive(media(codes[i : i + 160], i // 160 + 1))
+    assert all(isinstance(e, CallerAudio) and e.sample_rate == 16000 for e in events)
+    np.testing.assert_array_equal(np.concatenate([e.pcm for e in events]), ffmpeg.g722_decode(codes))
+
+
+@pytest.mark.parametrize("order", ["big", "little"])
+def test_caller_l16_in_the_streams_byte_order_and_odd_payloads(order):
+    s = started("L16", 16000, order, caller=("L16", 16000))
+    x = noise(320, seed=9)
+    (ev,) = s.receive(media(x.astype(">i2" if order == "big" else "<i2").tobytes(), 1))
+    assert ev.sample_rate == 16000
+    np.testing.assert_array_equal(ev.pcm, x)
+    (bad,) = s.receive(media(b"\x01\x02\x03", 2))
+    assert isinstance(bad, BadMessage) and "whole 16-bit samples" in bad.reason and "3 bytes" in bad.reason
+    (ev,) = s.receive(media(bytes(640), 3))  # and the call goes on
+    assert isinstance(ev, CallerAudio) and not ev.pcm.any()
+
+
+def test_caller_codec_that_is_not_decoded_is_reported_at_start_and_its_audio_skipped():
+    s = TelnyxMediaSession()
+    start = json.loads(json.dumps(START))
+    start["start"]["media_format"].update(encoding="OPUS", sample_rate=48000)
+    ev, bad = s.receive(json.dumps(start))
+    assert isinstance(ev, CallStarted) and isinstance(bad, BadMessage)
+    assert "OPUS" in bad.reason and "PCMU, PCMA, G722, L16" in bad.reason
+    assert s.receive(media(b"\x00" * 80, 1)) == []
+
+
+@pytest.mark.parametrize("codec,rate,order,match", [
+    ("G722", 8000, "big", "G722 runs at 16000 Hz, got sampling rate 8000"),
+    ("PCMU", 16000, "big", "PCMU runs at 8000 Hz"),
+    ("L16", 44100, "big", "L16 runs at 8000 or 16000 or 22050 or 24000 or 48000 Hz"),
+    ("L16", None, "middle", "l16_byteorder must be 'big' or 'little'"),
+    ("pcmu", None, "big", "codec must be one of PCMU, PCMA, G722, L16"),
+])
+def test_codec_rate_and_byte_order_combinations_this_side_cannot_speak_are_refused(codec, rate, order, match):
+    with pytest.raises(ValueError, match=match):
+        TelnyxMediaSession(codec, rate, order)
+
+
+def test_a_clear_drops_what_the_g722_encoder_and_the_frame_buffer_hold():
+    s = started("G722")
+    s.start_utterance("cut")
+    assert s.audio(noise(401, seed=3)) == []  # 267 samples at 16 kHz, 133 bytes: not yet a frame
+    s.clear()
+    s.start_utterance("next")
+    pcm = noise(4800, seed=4)
+    got = b"".join(payloads(speak(s, pcm)))
+    assert 0 <= 2 * len(got) - len(resampled(pcm, 16000)) < 320  # only the new utterance, padded

@@ -98,7 +98,8 @@ def test_back_to_back_requests_in_order_without_gaps(server):
     assert reqs["r1"].t_submit < reqs["r0"].tag.t_done and reqs["r2"].t_submit < reqs["r1"].tag.t_done
 
 
-FORMATS = {"pcm_24000": 48, "pcm_16000": 32, "pcm_8000": 16, "ulaw_8000": 8, "alaw_8000": 8}  # bytes/ms
+FORMATS = {"pcm_24000": 48, "pcm_16000": 32, "pcm_8000": 16, "ulaw_8000": 8, "alaw_8000": 8,
+           "g722_16000": 8}  # bytes/ms
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -121,6 +122,26 @@ def test_chunk_sizes_exact_for_every_format_and_chunk_ms(server, fmt):
         total = sum(map(len, chunks))
         assert done["audio_ms"] == pytest.approx(total / FORMATS[fmt], abs=0.1)
         assert 2500 <= done["audio_ms"] <= 2510  # capped; resampled formats add the filter's few-ms tail
+
+
+def test_g722_is_ffmpegs_encoding_of_the_audio_at_16khz(server):
+    from csmstream.kernels.resample import Resampler
+    from tests import ffmpeg
+
+    text = "Wideband, please."
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": text, "format": "g722_16000", "chunk_ms": 20, "seed": 5}))
+            return await collect(ws)
+
+    events = run(go())
+    got = audio_of(events)
+    r = Resampler(24000, 16000)
+    pcm = np.frombuffer(reference_pcm(text, 0, seed=5), "<i2")
+    res = np.concatenate([r.process(pcm), r.flush(), np.zeros(1, np.int16)])  # an odd sample ends with a zero
+    want = ffmpeg.g722_encode(res[: len(res) // 2 * 2]).tobytes()
+    assert got == want and events[-1][1]["audio_ms"] == pytest.approx(len(want) / 8, abs=0.1)
 
 
 def test_eight_concurrent_clients_get_complete_correct_audio(server):
