@@ -101,6 +101,7 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
     """The /telnyx endpoint and its call registry, for StreamServer(routes=..., calls=...). The
     codec is the default of every call; a stream URL's query (?codec=G722) chooses another."""
     from .integrations.telnyx_bridge import CallRegistry, auth_ok, handle_telnyx_media, stream_options
+    from .transport.protocol import close_reason
 
     default = stream_options("", codec, sampling_rate, l16_byteorder)  # ValueError before serving
     registry = CallRegistry()
@@ -111,7 +112,7 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
             fmt = stream_options(query, **default)
         except ValueError as e:
             logging.getLogger("csmstream.telnyx").warning("telnyx: refused a media stream: %s", e)
-            await ws.close(1008, str(e)[:120])
+            await ws.close(1008, close_reason(str(e)))
             return
         await handle_telnyx_media(ws, registry, **fmt)
 

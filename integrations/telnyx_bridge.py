@@ -44,7 +44,7 @@ def stream_options(query: str, codec: str = "PCMU", sampling_rate: int | None = 
         if key not in STREAM_OPTIONS:
             raise ValueError(f"unknown stream URL parameter {key!r:.40}; allowed: {', '.join(STREAM_OPTIONS)}")
         if key == "sampling_rate":
-            if not value.isdigit() or len(value) > 6:
+            if not (value.isascii() and value.isdigit()) or len(value) > 6:
                 raise ValueError(f"sampling_rate must be a whole number of Hz, got {value!r:.40}")
             value = int(value)
         elif key == "codec" and value != opts["codec"]:

@@ -161,8 +161,8 @@ class TelnyxMediaSession:
                          client_state=s.get("client_state"))
         self.started = ev
         out: list = [ev]
-        try:  # G.722's RTP clock is 8 kHz whatever the audio's rate: its decoder makes 16 kHz
-            rate = None if ev.encoding == "G722" else ev.sample_rate
+        try:  # the rate matters to L16 only (G.711 is 8 kHz audio; G.722 16 kHz, on an 8 kHz RTP clock)
+            rate = ev.sample_rate if ev.encoding == "L16" else None
             self._decoder = MediaDecoder(ev.encoding, rate, self.l16_byteorder)
         except ValueError as e:
             out.append(self._bad(f"caller audio is not decoded here ({e}); caller audio events will be skipped",

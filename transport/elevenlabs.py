@@ -133,7 +133,7 @@ class ElevenLabsBase(Connection):
         if why is not None:
             self.server.metrics.error("elevenlabs_refused")
             await self.ws.send(json.dumps({"error": "invalid_request", "message": why}))
-            await self.ws.close(1008, why[:120])
+            await self.ws.close(1008, protocol.close_reason(why))
             return
         watch = asyncio.create_task(self._watch())
         try:

@@ -206,6 +206,12 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     return g
 
 
+def close_reason(text: str) -> str:
+    """`text` cut to what a WebSocket close frame can carry (123 bytes of UTF-8: a longer reason is
+    a protocol error, and the peer would get a bare close without it)."""
+    return text.encode()[:123].decode(errors="ignore")
+
+
 def done(request_id: str, audio_ms: float, ttfa_ms: float | None, cancelled: bool, **extra) -> str:
     """The end of a request. extra: e.g. heard (phone-call requests)."""
     msg = {"done": True, "request_id": request_id, "audio_ms": round(audio_ms, 1),

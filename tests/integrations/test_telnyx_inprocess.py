@@ -141,7 +141,9 @@ def test_stream_url_query_picks_l16_at_24khz_the_engines_own_samples(phone_serve
 
 
 @pytest.mark.parametrize("query,reason", [("?codec=G722&sampling_rate=8000", "G722 runs at 16000 Hz"),
-                                          ("?bitrate=64", "unknown stream URL parameter 'bitrate'")])
+                                          ("?bitrate=64", "unknown stream URL parameter 'bitrate'"),
+                                          ("?codec=" + "%E2%82%AC" * 60, "codec must be one of"),  # 180 bytes
+                                          ("?sampling_rate=%C2%B9%C2%B2", "whole number of Hz")])
 def test_a_stream_url_asking_for_what_cannot_be_spoken_is_closed_saying_why(phone_server, query, reason):
     async def go():
         async with connect(phone_server.telnyx_url + query, additional_headers={AUTH_HEADER: "tok"}) as ws:

@@ -135,6 +135,7 @@ def test_mp3_output_is_whole_frames_a_message_with_the_alignment_after_the_primi
     ("0/multi-stream-input?seed=-1", "seed"),
     ("0/stream-input?seed=4294967296", "seed"),
     ("%C2%B2/multi-stream-input", "voice_id"),  # a superscript two is a digit, not a speaker number
+    ("0/stream-input?seed=" + "%E2%82%AC" * 40, "seed"),  # 40 euro signs: 120 bytes quoted, > a close frame's 123
 ])
 def test_a_bad_url_is_refused_with_what_is_allowed(el, tail, word):
     async def go():
