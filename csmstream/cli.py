@@ -9,6 +9,9 @@ import time
 
 from . import __version__
 from .commands import TINY_NOTE
+from .transport.protocol import FORMATS
+
+SAY_FORMATS = list(FORMATS)  # the raw formats (pcm_*, ulaw_8000, alaw_8000, g722_16000)
 
 DEMO_TEXT = "Hello! This is csm-stream, streaming speech one frame at a time."
 GPU_ENV = """GPU settings (environment):
@@ -120,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="server endpoint (default: ws://127.0.0.1:8765/ws/generate); an http:// URL such as "
                           "http://127.0.0.1:8766/v1/audio/speech uses the OpenAI-compatible HTTP port")
     say.add_argument("-o", "--out", default="out/say.wav", help="output WAV path (default: out/say.wav)")
-    say.add_argument("--format", default="pcm_24000", choices=["pcm_24000", "pcm_16000", "pcm_8000"],
-                     help="audio format to request (default: pcm_24000)")
+    say.add_argument("--format", default="pcm_24000", choices=SAY_FORMATS,
+                     help="audio format to request (default: pcm_24000); ulaw/alaw/g722 are decoded into the "
+                          "WAV at their rate: what a phone hears. With --local, the same encoding is applied "
+                          "in-process")
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
     say.add_argument("--local", action="store_true", help="generate in-process with --model (no server)")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
@@ -213,14 +218,27 @@ def _speak(args) -> int:
                   f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
             yield pcm
 
-    n = write_wav(args.out, chunks(), engine.sample_rate)
+    rate, audio = engine.sample_rate, chunks()
+    if args.format != "pcm_24000":  # what a client of that format hears, without a server
+        from .transport.encoder import AudioDecoder, encoder_for
+
+        enc, dec = encoder_for(args.format, 100), AudioDecoder(args.format)
+        rate, pcm_source = dec.rate, audio
+
+        def heard():
+            for pcm in pcm_source:
+                yield from (dec.decode(b) for b in enc.feed(pcm))
+            yield from (dec.decode(b) for b in enc.finish())
+
+        audio = heard()
+    n = write_wav(args.out, audio, rate)
     wall = time.perf_counter() - start
     print(file=sys.stderr)
     if n == 0:
         print("csm-stream: the model ended speech before the first frame; nothing written but an empty WAV",
               file=sys.stderr)
         return 1
-    audio_s = n / engine.sample_rate
+    audio_s = n / rate
     print(f"wrote {args.out}: {audio_s:.2f} s of audio in {wall:.2f} s "
           f"(first audio after {1000 * state['ttfa']:.0f} ms, real-time factor {wall / audio_s:.2f})")
     return 0

@@ -124,6 +124,7 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
 # -- say -------------------------------------------------------------------------------------------
 def say(args) -> int:
     from .transport.client import SesameConnectionError, SesameTTSError
+    from .transport.encoder import AudioDecoder
     from .wav import write_wav
 
     try:
@@ -135,8 +136,9 @@ def say(args) -> int:
     except SesameTTSError as e:
         print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
         return 1
-    rate = int(args.format.rsplit("_", 1)[1])
-    n = write_wav(args.out, [np.frombuffer(b"".join(chunks), "<i2")], rate)  # HTTP pieces may split a sample
+    dec = AudioDecoder(args.format)  # G.711/G.722 decoded: the WAV is what a client of the format hears
+    rate = dec.rate
+    n = write_wav(args.out, [dec.decode(b"".join(chunks))], rate)
     if n == 0:
         print("csm-stream: the server sent no audio (the model ended speech at once)", file=sys.stderr)
         return 1

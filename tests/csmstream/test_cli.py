@@ -36,6 +36,30 @@ def test_say_local_writes_a_playable_wav(tmp_path):
         assert w.getnframes() > 0 and w.getnframes() % 1920 == 0
 
 
+def test_say_local_writes_what_a_g722_phone_hears(tmp_path):
+    """--format g722_16000 --local: the WAV is the engine's audio at 16 kHz through G.722 and back,
+    sample for sample what FFmpeg's codec makes of it."""
+    import numpy as np
+
+    import csmstream
+    from csmstream.kernels.resample import Resampler
+    from csmstream.wav import read_wav
+    from tests import ffmpeg
+
+    path = tmp_path / "hd.wav"
+    out = run("say", "Hello there.", "--local", "--format", "g722_16000", "--out", str(path), "--device", "cpu",
+              "--seed", "3", "--max-frames", "6")
+    assert out.returncode == 0, out.stderr
+    got, rate = read_wav(path)
+    src = np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream("Hello there.", 0, seed=3,
+                                                                                          max_frames=6)))
+    r = Resampler(24000, 16000)
+    res = np.concatenate([r.process(src), r.flush()])
+    res = np.concatenate([res, np.zeros(len(res) % 2, np.int16)])  # an odd last sample is completed with a zero
+    assert rate == 16000
+    np.testing.assert_array_equal(got, ffmpeg.g722_decode(ffmpeg.g722_encode(res)))
+
+
 def test_say_local_with_an_int8_depth_decoder(tmp_path):
     path = tmp_path / "q.wav"
     out = run("say", "Hi.", "--local", "--out", str(path), "--device", "cpu", "--max-frames", "3",
@@ -106,6 +130,12 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
             assert figure in out.stdout
         with wave.open(str(path)) as w:
             assert w.getframerate() == 16000 and w.getnframes() >= 800 * 16000 // 1000
+        phone = tmp_path / "phone.wav"
+        out = run("say", "Over the phone.", "--url", f"ws://127.0.0.1:{port}/ws/generate", "--out", str(phone),
+                  "--max-frames", "5", "--format", "ulaw_8000")
+        assert out.returncode == 0, out.stderr
+        with wave.open(str(phone)) as w:  # mu-law decoded: 16-bit samples at 8 kHz
+            assert (w.getframerate(), w.getsampwidth()) == (8000, 2) and w.getnframes() >= 400 * 8
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
