@@ -51,13 +51,13 @@ setup(
         "websockets>=13",
         "httpx>=0.27",  # Telnyx Call Control API (integrations/call_control.py)
         "lameenc>=1.7",  # mp3 output (transport/mp3.py): OpenAI's and ElevenLabs' clients ask for it by default
+        "av>=14",  # Ogg Opus output (transport/opus.py: FFmpeg's libopus); its G.722 is the tests' reference
     ],
     extras_require={
         # openai, elevenlabs: their SDKs are independent clients in the tests of the compatible endpoints
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6", "matplotlib>=3.7",
                 "openai>=1.40", "elevenlabs>=2.70,<3",
-                "soundfile>=0.12",  # an independent MP3 decoder (libsndfile + mpg123) for the mp3 tests
-                "av>=14"],  # FFmpeg's G.722 codec: the independent reference of kernels/g722.py
+                "soundfile>=0.12"],  # independent MP3 and Ogg Opus decoders (libsndfile: mpg123, libogg + libopus)
         "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },
     entry_points={"console_scripts": ["csm-stream=csmstream.cli:main"]},

@@ -58,23 +58,24 @@ def test_ulaw_decode_chunk(benchmark):
 
 
 @pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000", "g722_16000", "mp3_24000_48", "mp3_22050_32",
-                                 "mp3_44100_128"])
+                                 "mp3_44100_128", "opus_48000_32", "opus_48000_64"])
 def test_encoder_chunk(benchmark, fmt):
-    """Event-loop CPU per stream per 100 ms of audio: the raw formats, and MP3 (LAME, plus the
-    resampler where the rate is not 24 kHz)."""
+    """CPU per stream per 100 ms of audio: the raw formats (on the event loop), MP3 (LAME, plus the
+    resampler where the rate is not 24 kHz) and Ogg Opus (libopus), both on codec threads."""
     enc = encoder_for(fmt, 100)
     benchmark.group = "protocol"
     benchmark(enc.feed, PCM)
 
 
-@pytest.mark.benchmark(group="mp3-event-loop-cpu", timer=time.thread_time)
+@pytest.mark.benchmark(group="codec-event-loop-cpu", timer=time.thread_time)
 @pytest.mark.parametrize("offload", [False, True], ids=["inline", "codec-thread"])
-def test_mp3_event_loop_cpu_16_streams(benchmark, offload):
-    """The event loop's own CPU time (thread_time) for one 100 ms chunk of 16 mp3 streams: encoded
-    on the loop, or handed to the codec threads (what the server does). The loop is what every
-    connection shares, so this is the capacity figure."""
+@pytest.mark.parametrize("fmt", ["mp3_24000_48", "opus_48000_32"])
+def test_codec_event_loop_cpu_16_streams(benchmark, offload, fmt):
+    """The event loop's own CPU time (thread_time) for one 100 ms chunk of 16 mp3 or opus streams:
+    encoded on the loop, or handed to the codec threads (what the server does). The loop is what
+    every connection shares, so this is the capacity figure."""
     loop = asyncio.new_event_loop()
-    encs = [encoder_for("mp3_24000_48", 100) for _ in range(16)]
+    encs = [encoder_for(fmt, 100) for _ in range(16)]
     for e in encs:
         e.offload = offload
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
     serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
                        help="also serve plain HTTP on PORT: the OpenAI-compatible POST /v1/audio/speech "
-                            "(streams audio as it is generated: wav, pcm, mp3, ulaw_8000, ...; or SSE), ElevenLabs' "
+                            "(streams audio as it is generated: wav, pcm, mp3, opus, ulaw_8000, ...; or SSE), ElevenLabs' "
                             "POST /v1/text-to-speech/VOICE[/stream][/with-timestamps], /healthz, /metrics, /voices "
                             "(default: off; "
                             "0 picks a free port)")

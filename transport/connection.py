@@ -334,7 +334,7 @@ class Connection:
         if self.server.test_chunk_delay:
             await asyncio.sleep(self.server.test_chunk_delay)
         job.first_audio(self.server.metrics)
-        if self._clock_of(job).advance(time.perf_counter(), job.encoder.ms_of(len(chunk))):
+        if self._clock_of(job).advance(time.perf_counter(), job.encoder.duration_ms(chunk)):
             self.server.metrics.underruns += 1  # the client's playback ran dry before this chunk
         await self._deliver(job, chunk)
 

@@ -20,8 +20,8 @@ sent is spoken to the end, then its {"isFinal": true, "contextId"} (a csm-stream
 "contextId"; every context ends with exactly one isFinal.
 
 Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
-output_format (any /ws/generate format, or mp3_RATE_KBPS as ElevenLabs names them; pcm_24000 when
-not given), inactivity_timeout (seconds, default 20, at most 180: input
+output_format (any /ws/generate format, or mp3_RATE_KBPS / opus_48000_KBPS as ElevenLabs names
+them; pcm_24000 when not given), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
 nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
 accepted and ignored. The alignment (characters with start times and durations, which clients such
@@ -176,7 +176,7 @@ class ElevenLabsBase(Connection):
         return job
 
     def _audio(self, job: Stream, chunk: bytes) -> dict:
-        align = job.alignment(job.encoder.ms_of(len(chunk)))
+        align = job.alignment(job.encoder.duration_ms(chunk))
         return {"audio": base64.b64encode(chunk).decode("ascii"), "isFinal": False,
                 "normalizedAlignment": align, "alignment": align}
 

@@ -17,19 +17,29 @@ import numpy as np
 from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ..kernels.g722 import G722Decoder, G722Encoder
 from ..kernels.resample import Resampler
-from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS
+from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS
 
 SOURCE_RATE = 24_000
 _POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
 
 
 def encoder_for(fmt: str, chunk_ms: int) -> AudioEncoder:
-    """The encoder of a format name: raw PCM/G.711 here, MP3 in mp3.py."""
+    """The encoder of a format name: raw PCM/G.711/G.722 here, MP3 in mp3.py, Ogg Opus in opus.py."""
     if fmt in MP3_FORMATS:
         from .mp3 import Mp3Encoder
 
         return Mp3Encoder(fmt, chunk_ms)
+    if fmt in OPUS_FORMATS:
+        from .opus import OpusEncoder
+
+        return OpusEncoder(fmt, chunk_ms)
     return AudioEncoder(fmt, chunk_ms)
+
+
+class TimedChunk(bytes):
+    """A chunk that says how much audio it holds (`ms`), for formats whose byte count does not."""
+
+    ms: float = 0.0
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -105,6 +115,10 @@ class AudioEncoder:
     def ms_of(self, nbytes: int) -> float:
         """How much audio `nbytes` of this encoder's output hold, in milliseconds."""
         return 1000.0 * nbytes / (self.rate * BYTES_PER_SAMPLE[self.encoding])
+
+    def duration_ms(self, chunk: bytes) -> float:
+        """How much audio one chunk of this encoder's output holds, in milliseconds."""
+        return chunk.ms if isinstance(chunk, TimedChunk) else self.ms_of(len(chunk))
 
     @property
     def audio_ms(self) -> float:

@@ -307,7 +307,7 @@ class SpeechStream(Connection):
         mode = self.speech.timestamps
         if mode is None:
             return hs.sse_audio(audio) if self.speech.sse else audio
-        got = self.aligner.advance(job.encoder.ms_of(len(audio)))
+        got = self.aligner.advance(job.encoder.duration_ms(audio))
         if mode == "lines":
             return hs.timestamped_line(audio, None if got is None else absolute_seconds(*got[:2]))
         return self.b64.feed(audio)  # the alignment goes at the end (the aligner keeps it all)

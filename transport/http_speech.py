@@ -11,9 +11,9 @@ the base URL; the audio streams back as it is generated instead of arriving all 
 - `voice`: a named voice (serve --voices) or a speaker number ("0", "1", or an integer);
   OpenAI's own voice names (alloy, ...) are refused with the list of what exists.
 - `response_format`: `wav` (default; 24 kHz 16-bit mono, streamed with open-ended sizes), `pcm`
-  (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), `mp3` (24 kHz mono, 48 kbps), or any
-  /ws/generate format (`pcm_16000`, `ulaw_8000`, ...) or ElevenLabs mp3 name (`mp3_44100_128`).
-  opus/aac/flac are refused (no encoder here).
+  (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), `mp3` (24 kHz mono, 48 kbps), `opus` (Ogg
+  Opus, 32 kbps), or any /ws/generate format (`pcm_16000`, `ulaw_8000`, ...) or ElevenLabs mp3/opus
+  name (`mp3_44100_128`, `opus_48000_64`). aac/flac are refused (no encoder here).
 - `stream_format`: `audio` (default: the bytes themselves) or `sse` (server-sent events
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
 - `speed` must be 1 and `instructions` empty: CSM has neither control.
@@ -46,9 +46,9 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1 << 20
 MAX_HEADERS = 100
 DEFAULT_RESPONSE_FORMAT = "wav"
-RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48",
+RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48", "opus": "opus_48000_32",
                     **{f: f for f in protocol.ALL_FORMATS}}
-NOT_ENCODED = ("opus", "aac", "flac")
+NOT_ENCODED = ("aac", "flac")
 PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
@@ -155,7 +155,7 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     fmt = DEFAULT_RESPONSE_FORMAT if fmt is None else fmt
     if fmt in NOT_ENCODED:
         raise bad("unsupported_format", f"response_format {fmt!r} is not available (no {fmt} encoder); use wav, "
-                  f"pcm (raw 24 kHz 16-bit little-endian), mp3 or one of {', '.join(protocol.ALL_FORMATS)}")
+                  f"pcm (raw 24 kHz 16-bit little-endian), mp3, opus or one of {', '.join(protocol.ALL_FORMATS)}")
     if not isinstance(fmt, str) or fmt not in RESPONSE_FORMATS:
         raise bad("invalid_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r:.40}")
     stream = msg.get("stream_format")
@@ -191,8 +191,8 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
         raise HttpError(400, "invalid_input", f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
     fmt = parse_qs(query).get("output_format", [ELEVENLABS_DEFAULT_FORMAT])[-1]
     if fmt not in protocol.ALL_FORMATS:
-        raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here (no opus "
-                        f"encoder); use one of {', '.join(protocol.ALL_FORMATS)}")
+        raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here; use one "
+                        f"of {', '.join(protocol.ALL_FORMATS)}")
     previous = msg.get("previous_text")
     if previous is not None and not isinstance(previous, str):
         raise HttpError(400, "invalid_previous_text", f'"previous_text" must be a string (the text spoken before '
@@ -271,7 +271,7 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
         ctype = "audio/wav"
     else:
         ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg",
-                 "g722": "audio/G722"}.get(enc, "audio/pcm")
+                 "g722": "audio/G722", "opus": "audio/ogg"}.get(enc, "audio/pcm")
     return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
                                "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
                                "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})

@@ -126,9 +126,42 @@ def test_mp3_output_is_whole_frames_a_message_with_the_alignment_after_the_primi
     assert first["charStartTimesMs"][0] == round(1000 * LAME_DELAY / 22050)
 
 
+def test_opus_output_is_whole_ogg_pages_a_message_timed_by_what_they_decode_to(el):
+    """ElevenLabs' opus_48000_KBPS: each message is whole Ogg pages; the messages join into one
+    Ogg Opus stream that decodes (libsndfile, independently of our encoder) to exactly the
+    engine's audio's length, the same audio as our encoding of it; Opus's pre-skip is dropped by
+    decoders, so the alignment starts at 0 and ends where the audio does."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from tests.transport.test_http_elevenlabs import encoded
+    from tests.transport.test_opus import pages
+
+    async def go():
+        async with connect(url_of(el, "0/stream-input?seed=7&output_format=opus_48000_32")) as ws:
+            for m in [{"text": " "}, {"text": "Seeded and exact. "}, {"text": ""}]:
+                await ws.send(json.dumps(m))
+            return [json.loads(m) async for m in ws]
+
+    msgs = asyncio.run(go())
+    chunks = [base64.b64decode(m["audio"]) for m in msgs[:-1]]
+    assert msgs[-1]["isFinal"] and all(pages(c) for c in chunks)
+    pcm = reference_pcm("Seeded and exact.", 0, seed=7)
+    got, rate = sf.read(io.BytesIO(b"".join(chunks)), dtype="int16")
+    want, _ = sf.read(io.BytesIO(encoded("opus_48000_32", pcm)), dtype="int16")
+    assert rate == 24000 and len(got) == len(pcm) // 2
+    np.testing.assert_array_equal(got, want)
+    align = [m["alignment"] for m in msgs if m.get("alignment")]
+    assert align[0]["charStartTimesMs"][0] == 0
+    end = align[-1]["charStartTimesMs"][-1] + align[-1]["charDurationsMs"][-1]
+    assert abs(end - 1000 * len(got) / rate) <= 2
+
+
 @pytest.mark.parametrize("tail, word", [
     ("nobody/stream-input", "nobody"),
-    ("0/stream-input?output_format=opus_48000_64", "mp3_44100_128"),
+    ("0/stream-input?output_format=opus_48000_256", "opus_48000_192"),
     ("0/multi-stream-input?inactivity_timeout=0", "inactivity_timeout"),
     ("0/multi-stream-input?inactivity_timeout=181", "inactivity_timeout"),
     ("0/stream-input?inactivity_timeout=soon", "inactivity_timeout"),

@@ -52,7 +52,7 @@ def test_the_elevenlabs_sdk_streams_the_engines_audio_over_rest(http):
                                                       **kw}))
         return e.value.status_code, e.value.body["error"]
 
-    status, err = refused(output_format="opus_48000_64")
+    status, err = refused(output_format="opus_48000_256")
     assert status == 400 and err["code"] == "unsupported_format" and "mp3_44100_128" in err["message"]
     status, err = refused(voice_id="21m00Tcm4TlvDq8ikWAM")
     assert status == 400 and err["code"] == "unknown_voice" and "ElevenLabs' voice names" in err["message"]
@@ -123,7 +123,7 @@ def test_with_timestamps_returns_one_object_with_all_the_audio_and_alignment(htt
 def test_with_timestamps_errors_are_json_before_any_audio(http):
     r = httpx.post(base_of(http) + "/text-to-speech/nobody/with-timestamps", json={"text": "Hi."}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_voice"
-    r = httpx.post(base_of(http) + "/text-to-speech/0/stream/with-timestamps?output_format=opus_48000_64",
+    r = httpx.post(base_of(http) + "/text-to-speech/0/stream/with-timestamps?output_format=opus_16000_64",
                    json={"text": "Hi."}, timeout=30)
     assert r.status_code == 400 and "mp3_22050_32" in r.json()["error"]["message"]
     r = httpx.post(base_of(http) + "/text-to-speech/0/with-timestamps?output_format=ulaw_8000",
@@ -141,6 +141,24 @@ def test_openai_mp3_is_24_khz_mp3_of_the_engines_audio(http):
         assert r.headers["content-type"] == "audio/mpeg" and r.headers["x-sample-rate"] == "24000"
         got = b"".join(r.iter_bytes())
     assert got == encoded("mp3_24000_48", reference_pcm(TEXT, 0, seed=12))
+
+
+def test_openai_opus_is_ogg_opus_of_the_engines_audio(http):
+    """OpenAI's `opus`: an Ogg Opus stream (audio/ogg) that decodes, independently of our encoder,
+    to the engine's audio coded by our encoder; ElevenLabs' opus names on its REST route too."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_of(http), api_key="unused", max_retries=0)
+    with client.audio.speech.with_streaming_response.create(
+            model="csm-1b", voice="0", input=TEXT, response_format="opus", extra_body={"seed": 12}) as r:
+        assert r.headers["content-type"] == "audio/ogg" and r.headers["x-audio-format"] == "opus_48000_32"
+        got = b"".join(r.iter_bytes())
+    pcm = reference_pcm(TEXT, 0, seed=12)
+    decoded, rate = sf.read(io.BytesIO(got), dtype="int16")
+    assert rate == 24000 and len(decoded) == len(pcm) // 2
+    np.testing.assert_array_equal(decoded, sf.read(io.BytesIO(encoded("opus_48000_32", pcm)), dtype="int16")[0])
+    el = b"".join(sdk(http).text_to_speech.stream(voice_id="0", text=TEXT, output_format="opus_48000_128", seed=12))
+    assert len(sf.read(io.BytesIO(el))[0]) == len(pcm) // 2
 
 
 def test_previous_text_continues_in_the_same_voice_with_the_earlier_codes_as_context(http):

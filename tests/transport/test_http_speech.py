@@ -111,7 +111,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"input": 5}', "invalid_input", "non-empty"),
     (b'{"input": "Hi.", "model": 3}', "invalid_model", "ignored"),
     (b'{"input": "Hi.", "response_format": "aac"}', "unsupported_format", "use wav, pcm"),
-    (b'{"input": "Hi.", "response_format": "opus"}', "unsupported_format", "ulaw_8000"),
+    (b'{"input": "Hi.", "response_format": "flac"}', "unsupported_format", "opus_48000_32"),
     (b'{"input": "Hi.", "response_format": "aiff"}', "invalid_format", "one of wav, pcm"),
     (b'{"input": "Hi.", "stream_format": "ws"}', "invalid_stream_format", '"audio" or "sse"'),
     (b'{"input": "Hi.", "stream_format": false}', "invalid_stream_format", '"audio" or "sse"'),
@@ -260,7 +260,7 @@ def test_base64_stream_pieces_join_into_the_base64_of_the_whole():
 
 
 @pytest.mark.parametrize("kw, code, words", [
-    ({"query": "output_format=opus_48000_64", "text": "Hi."}, "unsupported_format", "mp3_44100_128"),
+    ({"query": "output_format=opus_48000_256", "text": "Hi."}, "unsupported_format", "opus_48000_192"),
     ({"query": "output_format=mp3_48000_320", "text": "Hi."}, "unsupported_format", "pcm_16000"),
     ({"path": "/v1/text-to-speech/Rachel", "text": "Hi."}, "unknown_voice", "ElevenLabs' voice names"),
     ({"path": "/v1/text-to-speech/%C2%B2", "text": "Hi."}, "unknown_voice", "speaker number"),
