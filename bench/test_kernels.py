@@ -58,10 +58,10 @@ def test_ulaw_decode_chunk(benchmark):
 
 
 @pytest.mark.parametrize("fmt", ["pcm_24000", "ulaw_8000", "g722_16000", "mp3_24000_48", "mp3_22050_32",
-                                 "mp3_44100_128", "opus_48000_32", "opus_48000_64"])
+                                 "mp3_44100_128", "opus_48000_32", "opus_48000_64", "aac_24000_64", "flac_24000"])
 def test_encoder_chunk(benchmark, fmt):
     """CPU per stream per 100 ms of audio: the raw formats (on the event loop), MP3 (LAME, plus the
-    resampler where the rate is not 24 kHz) and Ogg Opus (libopus), both on codec threads."""
+    resampler where the rate is not 24 kHz), Ogg Opus, AAC and FLAC (FFmpeg's), those on codec threads."""
     enc = encoder_for(fmt, 100)
     benchmark.group = "protocol"
     benchmark(enc.feed, PCM)

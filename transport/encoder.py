@@ -17,14 +17,15 @@ import numpy as np
 from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ..kernels.g722 import G722Decoder, G722Encoder
 from ..kernels.resample import Resampler
-from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS
+from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS, PACKET_FORMATS
 
 SOURCE_RATE = 24_000
 _POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
 
 
 def encoder_for(fmt: str, chunk_ms: int) -> AudioEncoder:
-    """The encoder of a format name: raw PCM/G.711/G.722 here, MP3 in mp3.py, Ogg Opus in opus.py."""
+    """The encoder of a format name: raw PCM/G.711/G.722 here, MP3 in mp3.py, Ogg Opus in opus.py,
+    AAC and FLAC in packets.py."""
     if fmt in MP3_FORMATS:
         from .mp3 import Mp3Encoder
 
@@ -33,6 +34,10 @@ def encoder_for(fmt: str, chunk_ms: int) -> AudioEncoder:
         from .opus import OpusEncoder
 
         return OpusEncoder(fmt, chunk_ms)
+    if fmt in PACKET_FORMATS:
+        from .packets import AacEncoder, FlacEncoder
+
+        return (AacEncoder if PACKET_FORMATS[fmt][1] == "aac" else FlacEncoder)(fmt, chunk_ms)
     return AudioEncoder(fmt, chunk_ms)
 
 

@@ -12,8 +12,9 @@ the base URL; the audio streams back as it is generated instead of arriving all 
   OpenAI's own voice names (alloy, ...) are refused with the list of what exists.
 - `response_format`: `wav` (default; 24 kHz 16-bit mono, streamed with open-ended sizes), `pcm`
   (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), `mp3` (24 kHz mono, 48 kbps), `opus` (Ogg
-  Opus, 32 kbps), or any /ws/generate format (`pcm_16000`, `ulaw_8000`, ...) or ElevenLabs mp3/opus
-  name (`mp3_44100_128`, `opus_48000_64`). aac/flac are refused (no encoder here).
+  Opus, 32 kbps), `aac` (ADTS, 64 kbps), `flac` (lossless), or any /ws/generate format
+  (`pcm_16000`, `ulaw_8000`, ...) or ElevenLabs mp3/opus name (`mp3_44100_128`, `opus_48000_64`):
+  every format OpenAI names.
 - `stream_format`: `audio` (default: the bytes themselves) or `sse` (server-sent events
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
 - `speed` must be 1 and `instructions` empty: CSM has neither control.
@@ -47,8 +48,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_HEADERS = 100
 DEFAULT_RESPONSE_FORMAT = "wav"
 RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48", "opus": "opus_48000_32",
-                    **{f: f for f in protocol.ALL_FORMATS}}
-NOT_ENCODED = ("aac", "flac")
+                    "aac": "aac_24000_64", "flac": "flac_24000", **{f: f for f in protocol.ALL_FORMATS}}
 PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
@@ -153,9 +153,6 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
         raise bad("invalid_model", f'"model" must be a string (it is ignored: one model per server), got {model!r:.40}')
     fmt = msg.get("response_format", DEFAULT_RESPONSE_FORMAT)
     fmt = DEFAULT_RESPONSE_FORMAT if fmt is None else fmt
-    if fmt in NOT_ENCODED:
-        raise bad("unsupported_format", f"response_format {fmt!r} is not available (no {fmt} encoder); use wav, "
-                  f"pcm (raw 24 kHz 16-bit little-endian), mp3, opus or one of {', '.join(protocol.ALL_FORMATS)}")
     if not isinstance(fmt, str) or fmt not in RESPONSE_FORMATS:
         raise bad("invalid_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {fmt!r:.40}")
     stream = msg.get("stream_format")
@@ -271,7 +268,7 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
         ctype = "audio/wav"
     else:
         ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg",
-                 "g722": "audio/G722", "opus": "audio/ogg"}.get(enc, "audio/pcm")
+                 "g722": "audio/G722", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}.get(enc, "audio/pcm")
     return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
                                "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
                                "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})

@@ -9,9 +9,8 @@ decoder gives back exactly as many samples as went in. Each page's granule posit
 at 48 kHz and includes the 312 samples of pre-skip, the encoder's look-ahead, which decoders drop:
 the decoded audio lines up with the input with no delay (delay_ms stays 0).
 
-Chunks are `TimedChunk`s: page bytes say nothing linear about their duration (VBR or not, the
-Ogg overhead differs), so each carries the milliseconds of audio it decodes to, for the playback
-clock and the alignment.
+Chunks carry the milliseconds of audio they decode to (packets.py): Ogg page bytes are not
+proportional to time.
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ from __future__ import annotations
 import os
 import struct
 
-import numpy as np
-
 from ..kernels.crc import ogg_crc32
-from .encoder import AudioEncoder, TimedChunk
+from .packets import PacketEncoder
 
 SOURCE_RATE = 24_000
 FRAME = 480  # 20 ms at 24 kHz: one Opus packet
@@ -30,21 +27,6 @@ GRANULE_RATE = 48_000  # Ogg Opus counts samples at 48 kHz, whatever the input r
 BOS, EOS = 0x02, 0x04
 VENDOR = b"csm-stream"
 COMPLEXITY = 5
-
-
-def _context(kbps: int):
-    try:
-        import av
-    except ImportError as e:  # a dependency; reached only where it was removed by hand
-        raise RuntimeError("opus output needs PyAV (pip install av)") from e
-    ctx = av.CodecContext.create("libopus", "w")
-    ctx.sample_rate, ctx.layout, ctx.format = SOURCE_RATE, "mono", "s16"
-    ctx.bit_rate = kbps * 1000
-    # complexity 5 of 10: a third of the CPU of 10 at 32 kbps (2.8 against 9.2 ms a second of audio
-    # on the CI machine); a server codes hundreds of streams
-    ctx.options = {"application": "audio", "frame_duration": "20", "vbr": "off", "compression_level": str(COMPLEXITY)}
-    ctx.open()
-    return ctx
 
 
 def opus_tags() -> bytes:
@@ -64,62 +46,28 @@ def ogg_page(packets: list[bytes], granule: int, serial: int, seq: int, flags: i
     return page[:22] + struct.pack("<I", ogg_crc32(page)) + page[26:]
 
 
-class OpusEncoder(AudioEncoder):
-    """AudioEncoder for an opus_48000_KBPS format: 20 ms Opus packets in Ogg pages."""
+class OpusEncoder(PacketEncoder):
+    """PacketEncoder for an opus_48000_KBPS format: 20 ms Opus packets in Ogg pages."""
 
-    offload = True  # libopus costs ~0.3 ms a 100 ms chunk; PyAV lets go of the GIL while it codes
+    codec = "libopus"
+    # complexity 5 of 10: a third of the CPU of 10 at 32 kbps (2.8 against 9.2 ms a second of audio
+    # on the CI machine); a server codes hundreds of streams
+    options = {"application": "audio", "frame_duration": "20", "vbr": "off", "compression_level": str(COMPLEXITY)}
 
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         super().__init__(fmt, chunk_ms)
-        self.resampler = None  # Opus takes the 24 kHz as it is
-        self.kbps = int(fmt.rsplit("_", 1)[1])
-        self._ctx = _context(self.kbps)
-        self._av = __import__("av")
         self.head = bytes(self._ctx.extradata)  # OpusHead, as libopus describes the stream
         self.pre_skip = int.from_bytes(self.head[10:12], "little")
-        self.chunk_packets = max(1, chunk_ms // 20)
-        self._pcm = np.zeros(0, np.int16)  # samples short of a whole packet
-        self._packets: list[bytes] = []  # coded, not yet sent
         self._serial = int.from_bytes(os.urandom(4), "little")
         self._seq = 0  # Ogg page sequence number
         self._granule = 0  # of the last page sent
-        self._fed = 0  # 24 kHz samples in
-        self._sent_ms = 0.0
 
-    def _code(self, pcm: np.ndarray) -> None:
-        frame = self._av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SOURCE_RATE
-        self._packets += [bytes(p) for p in self._ctx.encode(frame)]
-
-    def feed(self, pcm: np.ndarray) -> list[bytes]:
-        pcm = np.asarray(pcm, np.int16)
-        self._fed += len(pcm)
-        buf = np.concatenate([self._pcm, pcm])
-        whole = len(buf) // FRAME * FRAME
-        for i in range(0, whole, FRAME):
-            self._code(buf[i : i + FRAME])
-        self._pcm = buf[whole:].copy()
-        first = self._seq == 0 and self._packets
-        if first or len(self._packets) >= self.chunk_packets:
-            return [self._pages(eos=False)]
-        return []
-
-    def finish(self) -> list[bytes]:
-        """The last samples, the codec's tail, and the end-of-stream page (nothing for no audio)."""
-        if not self._fed:
-            return []
-        if len(self._pcm):
-            self._code(self._pcm)  # a short last frame: libopus pads it
-            self._pcm = self._pcm[:0]
-        self._packets += [bytes(p) for p in self._ctx.encode(None)]
-        return [self._pages(eos=True)]
-
-    def _pages(self, eos: bool) -> TimedChunk:
+    def _wrap(self, packets, first, eos):
         out = bytearray()
-        if self._seq == 0:
+        if first:
             out += self._page([self.head], 0, BOS) + self._page([opus_tags()], 0)
-        start = self._granule
-        packets, self._packets = self._packets, []
+        self._start = self._granule
+        packets = [p for p, _ in packets]
         while packets or eos:  # 100 packets a page: 2 lacing values each up to 204 kbps (192 is the most)
             part, packets = packets[:100], packets[100:]
             last = eos and not packets
@@ -129,18 +77,13 @@ class OpusEncoder(AudioEncoder):
             out += self._page(part, self._granule, EOS if last else 0)
             if last:
                 break
-        heard = max(self._granule, self.pre_skip) - max(start, self.pre_skip)  # pre-skip is not heard
-        chunk = TimedChunk(out)
-        chunk.ms = 1000.0 * heard / GRANULE_RATE
-        self._sent_ms += chunk.ms
-        self.bytes_out += len(chunk)
-        return chunk
+        return bytes(out)
+
+    def _ms(self, packets, eos):
+        heard = max(self._granule, self.pre_skip) - max(self._start, self.pre_skip)  # pre-skip is not heard
+        return 1000.0 * heard / GRANULE_RATE
 
     def _page(self, packets: list[bytes], granule: int, flags: int = 0) -> bytes:
         page = ogg_page(packets, granule, self._serial, self._seq, flags)
         self._seq += 1
         return page
-
-    @property
-    def audio_ms(self) -> float:
-        return self._sent_ms

@@ -37,7 +37,9 @@ MP3_FORMATS: dict[str, tuple[int, str]] = {
 }
 # Ogg Opus, ElevenLabs' names (24 kHz coded, played at 48 kHz; constant bit rate)
 OPUS_FORMATS: dict[str, tuple[int, str]] = {f"opus_48000_{kbps}": (48000, "opus") for kbps in (32, 64, 96, 128, 192)}
-COMPRESSED_FORMATS = {**MP3_FORMATS, **OPUS_FORMATS}
+# OpenAI's aac and flac (24 kHz mono; AAC-LC in ADTS at 64 kbps, FLAC lossless)
+PACKET_FORMATS: dict[str, tuple[int, str]] = {"aac_24000_64": (24000, "aac"), "flac_24000": (24000, "flac")}
+COMPRESSED_FORMATS = {**MP3_FORMATS, **OPUS_FORMATS, **PACKET_FORMATS}
 ALL_FORMATS = {**FORMATS, **COMPRESSED_FORMATS}
 BYTES_PER_SAMPLE = {"pcm": 2.0, "ulaw": 1.0, "alaw": 1.0, "g722": 0.5}  # the raw encodings
 DEFAULT_FORMAT = "pcm_24000"
@@ -169,8 +171,8 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     g.speaker_id = sid
     fmt = msg.get("format", DEFAULT_FORMAT)
     if not isinstance(fmt, str) or fmt not in formats:
-        where = (" (mp3 and opus are sent by the HTTP and ElevenLabs endpoints; this one sends raw audio in "
-                 "chunks of exactly chunk_ms)") if fmt in COMPRESSED_FORMATS else ""
+        where = (" (mp3, opus, aac and flac are sent by the HTTP and ElevenLabs endpoints; this one sends raw "
+                 "audio in chunks of exactly chunk_ms)") if fmt in COMPRESSED_FORMATS else ""
         raise bad("invalid_format", f"format must be one of {', '.join(formats)}, got {fmt!r:.40}{where}")
     g.format = fmt
     ms = msg.get("chunk_ms", DEFAULT_CHUNK_MS)

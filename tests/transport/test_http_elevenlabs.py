@@ -161,6 +161,26 @@ def test_openai_opus_is_ogg_opus_of_the_engines_audio(http):
     assert len(sf.read(io.BytesIO(el))[0]) == len(pcm) // 2
 
 
+def test_openai_flac_is_the_engines_audio_exactly_and_aac_plays(http):
+    """OpenAI's `flac`: lossless, so FFmpeg's decoder gives back the engine's own samples; `aac`:
+    ADTS that FFmpeg decodes to the engine's length plus the priming frame."""
+    import openai
+
+    from tests.transport.test_packets import adts_frames, ffmpeg_decode
+
+    client = openai.OpenAI(base_url=base_of(http), api_key="unused", max_retries=0)
+    pcm = np.frombuffer(reference_pcm(TEXT, 0, seed=12), "<i2")
+    got = {}
+    for fmt in ("flac", "aac"):
+        with client.audio.speech.with_streaming_response.create(
+                model="csm-1b", voice="0", input=TEXT, response_format=fmt, extra_body={"seed": 12}) as r:
+            assert r.headers["content-type"] == f"audio/{fmt}" and r.headers["x-sample-rate"] == "24000"
+            got[fmt] = b"".join(r.iter_bytes())
+    np.testing.assert_array_equal(ffmpeg_decode(got["flac"], "flac"), pcm)
+    frames = adts_frames(got["aac"])
+    assert len(ffmpeg_decode(got["aac"], "aac")) == 1024 * frames >= len(pcm) + 1024
+
+
 def test_previous_text_continues_in_the_same_voice_with_the_earlier_codes_as_context(http):
     """pipecat's HTTP service sends each sentence of a turn as its own request, with the turn so far
     as previous_text. The second request is generated with the first one's codes as context: its
