@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from ..kernels.g722 import G722Decoder, G722Encoder
+from ..kernels.g711 import alaw_encode, ulaw_encode
+from ..kernels.g722 import G722Encoder
+from ..transport.encoder import AudioDecoder
 
 RATES = {"PCMU": (8000,), "PCMA": (8000,), "G722": (16000,), "L16": (8000, 16000, 22050, 24000, 48000)}
 DEFAULT_RATE = {"PCMU": 8000, "PCMA": 8000, "G722": 16000, "L16": 16000}
 BYTES_PER_SAMPLE = {"PCMU": 1.0, "PCMA": 1.0, "G722": 0.5, "L16": 2.0}
 BYTEORDERS = ("big", "little")
+CODED_FORMATS = {"PCMU": "ulaw_8000", "PCMA": "alaw_8000", "G722": "g722_16000"}  # what a client of each hears
 FRAME_MS = 20
 
 
@@ -81,16 +83,12 @@ class MediaDecoder:
         self.rate = check(codec, rate, l16_byteorder)
         self.codec = codec
         self._l16 = ">i2" if l16_byteorder == "big" else "<i2"
-        self._g722 = G722Decoder() if codec == "G722" else None
+        self._coded = AudioDecoder(CODED_FORMATS[codec]) if codec in CODED_FORMATS else None
 
     def decode(self, payload: bytes) -> np.ndarray:
         """Payload bytes -> int16 PCM at the stream's rate; ValueError for an L16 payload of odd length."""
-        if self.codec == "PCMU":
-            return ulaw_decode(payload)
-        if self.codec == "PCMA":
-            return alaw_decode(payload)
-        if self._g722 is not None:
-            return self._g722.decode(payload)
+        if self._coded is not None:
+            return self._coded.decode(payload)
         if len(payload) % 2:
             raise ValueError(f"an L16 payload holds whole 16-bit samples; got {len(payload)} bytes")
         return np.frombuffer(payload, self._l16).astype(np.int16)

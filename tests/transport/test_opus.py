@@ -17,7 +17,7 @@ from csmstream.kernels.crc import ogg_crc32
 from csmstream.transport import protocol
 from csmstream.transport.encoder import SOURCE_RATE, TimedChunk, encoder_for
 from csmstream.transport.opus import OpusEncoder
-from tests.transport.test_mp3 import signal
+from tests.transport.test_mp3 import signal, whole_and_cut
 
 
 def crc_bitwise(data: bytes) -> int:
@@ -98,14 +98,7 @@ def test_chunks_are_whole_pages_that_decode_to_exactly_the_input(fmt):
 def test_the_audio_does_not_depend_on_how_the_pcm_was_cut():
     """The server feeds a sentence's end in a shorter piece: the same packets (the pages' serial
     number is random per stream, so the decoded audio is compared)."""
-    pcm = signal(1.0, seed=3)
-    whole = encoder_for("opus_48000_64", 100)
-    one = b"".join(whole.feed(pcm) + whole.finish())
-    cut = encoder_for("opus_48000_64", 100)
-    out = []
-    for a, b in ((0, 1), (1, 1000), (1000, 1777), (1777, len(pcm))):
-        out += cut.feed(pcm[a:b])
-    two = b"".join(out + cut.finish())
+    one, two = whole_and_cut("opus_48000_64", signal(1.0, seed=3))
     np.testing.assert_array_equal(sf.read(io.BytesIO(one), dtype="int16")[0], sf.read(io.BytesIO(two), dtype="int16")[0])
     packets = [b"".join(p["body"] for p in pages(d)[2:]) for d in (one, two)]  # pages group them differently
     assert packets[0] == packets[1]
