@@ -72,10 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765; 0 picks a free one)")
     serve.add_argument("--http-port", type=int, default=None, metavar="PORT",
                        help="also serve plain HTTP on PORT: the OpenAI-compatible POST /v1/audio/speech "
-                            "(streams audio as it is generated: wav, pcm, mp3, opus, ulaw_8000, ...; or SSE), ElevenLabs' "
-                            "POST /v1/text-to-speech/VOICE[/stream][/with-timestamps], /healthz, /metrics, /voices "
-                            "(default: off; "
-                            "0 picks a free port)")
+                            "(streams audio as it is generated: wav, pcm, mp3, opus, aac, flac, ulaw_8000, ...; or "
+                            "SSE), ElevenLabs' POST /v1/text-to-speech/VOICE[/stream][/with-timestamps], /healthz, "
+                            "/metrics, /voices (default: off; 0 picks a free port)")
     serve.add_argument("--max-streams", type=int, default=None,
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "PCMU; a call whose stream_url ends ?codec=G722 (&sampling_rate=...) gets that one")
     serve.add_argument("--telnyx-sampling-rate", type=int, default=None, metavar="HZ",
                        help="stream_bidirectional_sampling_rate: 8000 for PCMU/PCMA, 16000 for G722, "
-                            "8000/16000/22050/24000/48000 for L16 (default: 16000)")
+                            "8000/16000/22050/24000/48000 for L16 (default: the codec's own; 16000 for L16)")
     serve.add_argument("--telnyx-l16-byteorder", default="big", choices=["big", "little"],
                        help="L16's byte order; Telnyx does not document it, RTP's is big-endian (default)")
     serve.add_argument("--telnyx-auth-token", default=None,

@@ -2,7 +2,8 @@
 
 One AudioEncoder per request: it resamples (stateful, flushed at the end) and encodes, and cuts
 the result into chunks of exactly `chunk_bytes`; `finish()` returns the rest (the one short chunk).
-`encoder_for(fmt)` picks the class: MP3 formats get mp3.Mp3Encoder (whole frames per chunk).
+`encoder_for(fmt)` picks the class: MP3 formats get mp3.Mp3Encoder (whole frames per chunk); Ogg
+Opus, AAC and FLAC get opus.py's and packets.py's (whole pages or frames, each chunk timed).
 `AudioDecoder` is the other end, for clients (`csm-stream say`): a raw format's bytes back to PCM.
 """
 
@@ -63,7 +64,8 @@ class AudioEncoder:
         self.rate, self.encoding = rate, enc
         self.resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
         self.chunk_in = SOURCE_RATE * chunk_ms // 1000  # source samples per chunk
-        # raw formats: chunks of exactly chunk_ms (whole bytes: chunk_ms is an integer); MP3 cuts frames
+        # raw formats: chunks of exactly chunk_ms (whole bytes: chunk_ms is an integer); the compressed
+        # ones cut whole frames or pages instead
         self.chunk_bytes = int(rate * chunk_ms // 1000 * BYTES_PER_SAMPLE[enc]) if enc in BYTES_PER_SAMPLE else 0
         self._g722 = G722Encoder() if enc == "g722" else None
         self._pending = bytearray()

@@ -16,7 +16,6 @@ import numpy as np
 from .encoder import AudioEncoder, TimedChunk
 
 SOURCE_RATE = 24_000
-AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
 
 def _av():
@@ -36,8 +35,7 @@ class PacketEncoder(AudioEncoder):
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         super().__init__(fmt, chunk_ms)
         self.resampler = None  # these codecs take the 24 kHz as it is
-        tail = fmt.rsplit("_", 1)[1]
-        self.kbps = int(tail) if fmt.count("_") == 2 else 0
+        self.kbps = int(fmt.rsplit("_", 1)[1]) if fmt.count("_") == 2 else 0  # codec_rate_kbps; flac_24000
         self._av = _av()
         ctx = self._av.CodecContext.create(self.codec, "w")
         ctx.sample_rate, ctx.layout, ctx.format = SOURCE_RATE, "mono", self.sample_format

@@ -58,6 +58,8 @@ def test_say_local_writes_what_a_g722_phone_hears(tmp_path):
     res = np.concatenate([res, np.zeros(len(res) % 2, np.int16)])  # an odd last sample is completed with a zero
     assert rate == 16000
     np.testing.assert_array_equal(got, ffmpeg.g722_decode(ffmpeg.g722_encode(res)))
+    bad = run("say", "Hi.", "--local", "--format", "mp3_44100_128")  # a WAV holds the raw formats
+    assert bad.returncode == 2 and "invalid choice: 'mp3_44100_128'" in bad.stderr and "g722_16000" in bad.stderr
 
 
 def test_say_local_with_an_int8_depth_decoder(tmp_path):
