@@ -13,8 +13,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
-
 TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
              "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
 
@@ -53,7 +51,8 @@ def serve(args) -> int:
     routes, calls = {}, None
     if args.telnyx:
         routes, calls = telnyx_routes(args.telnyx_codec, args.telnyx_auth_token or os.environ.get(TOKEN_ENV),
-                                      args.telnyx_sampling_rate, args.telnyx_l16_byteorder)
+                                      args.telnyx_sampling_rate, args.telnyx_l16_byteorder,
+                                      listen_token=args.auth_token or os.environ.get(AUTH_ENV))
 
     async def main() -> None:
         srv = StreamServer(make_engine, host=args.host, port=args.port, max_text_chars=args.max_text_chars,
@@ -78,7 +77,8 @@ def serve(args) -> int:
             fmt = routes["/telnyx"][0].media_format
             print(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
                   f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
-                  f"{'required' if routes['/telnyx'][1] else 'NOT configured'})", file=sys.stderr, flush=True)
+                  f"{'required' if routes['/telnyx'][1] else 'NOT configured'}); the caller's audio for the agent "
+                  f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...", file=sys.stderr, flush=True)
         await stop.wait()
         print(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)",
               file=sys.stderr, flush=True)
@@ -97,10 +97,15 @@ TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
 AUTH_ENV = "CSM_AUTH_TOKEN"
 
 
-def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = None, l16_byteorder: str = "big"):
-    """The /telnyx endpoint and its call registry, for StreamServer(routes=..., calls=...). The
-    codec is the default of every call; a stream URL's query (?codec=G722) chooses another."""
+def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = None, l16_byteorder: str = "big",
+                  listen_token: str | None = None):
+    """The /telnyx endpoint (Telnyx's media streams, checked against `token`), /telnyx/listen (the
+    caller's audio for the agent, checked against `listen_token`: the server's own) and their
+    call registry, for StreamServer(routes=..., calls=...). The codec is the default of every
+    call; a stream URL's query (?codec=G722) chooses another."""
     from .integrations.telnyx_bridge import CallRegistry, auth_ok, handle_telnyx_media, stream_options
+    from .integrations.telnyx_listen import handle_listener
+    from .transport.gate import token_ok
     from .transport.protocol import close_reason
 
     default = stream_options("", codec, sampling_rate, l16_byteorder)  # ValueError before serving
@@ -116,9 +121,13 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
             return
         await handle_telnyx_media(ws, registry, **fmt)
 
+    async def listener(ws):
+        await handle_listener(ws, registry, ws.request.path.partition("?")[2] if ws.request is not None else "")
+
     accept = (lambda headers: auth_ok(headers, token)) if token else None
+    accept_listener = (lambda headers: token_ok(headers, listen_token)) if listen_token else None
     handler.media_format = default
-    return {"/telnyx": (handler, accept)}, registry
+    return {"/telnyx": (handler, accept), "/telnyx/listen": (listener, accept_listener)}, registry
 
 
 # -- say -------------------------------------------------------------------------------------------

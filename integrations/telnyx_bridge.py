@@ -153,6 +153,7 @@ class TelnyxCall:
         self._feeding: asyncio.Task | None = None
         self._heard: dict[str, asyncio.Future] = {}
         self.sent_media = 0
+        self.listeners: list[Callable] = []  # each gets every event, then None when the call is over
 
     # -- running the stream ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -189,6 +190,8 @@ class TelnyxCall:
         elif isinstance(ev, Stopped):
             log.info("telnyx call %s: stream stopped", self.call_control_id)
             self._end()
+        for listen in list(self.listeners):
+            listen(ev)
         if self.on_event is not None:
             try:
                 self.on_event(self, ev)
@@ -208,6 +211,8 @@ class TelnyxCall:
                 f.set_result(False)
         if self.registry is not None and self.call_control_id:
             self.registry.remove(self)
+        for listen in list(self.listeners):
+            listen(None)
         self._wake.set()
 
     async def _writer(self) -> None:

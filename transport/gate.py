@@ -37,6 +37,18 @@ class PerMinute:
         return True
 
 
+def token_ok(headers, token: str) -> bool:
+    """The request carries `token` as `Authorization: Bearer` (or ElevenLabs' `xi-api-key`);
+    compared in constant time."""
+    got = None
+    auth = headers.get("Authorization")
+    if isinstance(auth, str) and auth.startswith("Bearer "):
+        got = auth[7:].strip()
+    elif headers.get("xi-api-key"):
+        got = headers.get("xi-api-key")
+    return got is not None and hmac.compare_digest(got.encode(), token.encode())
+
+
 class Gate:
     def __init__(self, token: str | None = None, allowed_origins: list[str] | None = None,
                  max_connections_per_ip: int = 64, own_auth_paths: tuple[str, ...] = ()) -> None:
@@ -47,13 +59,7 @@ class Gate:
         self.open: Counter[str] = Counter()
 
     def _token_ok(self, headers) -> bool:
-        got = None
-        auth = headers.get("Authorization")
-        if isinstance(auth, str) and auth.startswith("Bearer "):
-            got = auth[7:].strip()
-        elif headers.get("xi-api-key"):
-            got = headers.get("xi-api-key")
-        return got is not None and hmac.compare_digest(got.encode(), self.token.encode())
+        return token_ok(headers, self.token)
 
     def check(self, path: str, headers, ip: str | None, websocket: bool) -> tuple[int, str] | None:
         """None to let the request through, else (HTTP status, message)."""

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 
 import numpy as np
 
-from csmstream.kernels.g711 import alaw_decode, ulaw_decode
+from csmstream.kernels.g711 import alaw_decode, ulaw_decode, ulaw_encode
 from tests import ffmpeg
 
 BYTES_PER_SECOND = {"PCMU": 8000, "PCMA": 8000, "G722": 8000, "L16": None}  # L16: 2 x its rate
@@ -30,9 +30,11 @@ BYTES_PER_SECOND = {"PCMU": 8000, "PCMA": 8000, "G722": 8000, "L16": None}  # L1
 class TelnyxSimulator:
     def __init__(self, url: str, call_control_id: str = "v2:call-1", *, headers: dict | None = None,
                  encoding: str = "PCMU", send_caller_audio: bool = True, codec: str = "PCMU",
-                 sampling_rate: int = 8000) -> None:
-        """encoding: the caller's audio; codec, sampling_rate: the bidirectional stream's (what
-        streaming_start asked for: what we must receive)."""
+                 sampling_rate: int = 8000, caller_pcm=None) -> None:
+        """encoding: the caller's audio (caller_pcm, 8 kHz int16, is sent as PCMU, then silence);
+        codec, sampling_rate: the bidirectional stream's (what streaming_start asked for: what
+        we must receive)."""
+        self.caller_pcm = caller_pcm
         self.url, self.ccid, self.headers = url, call_control_id, headers or {}
         self.encoding, self.send_caller_audio = encoding, send_caller_audio
         self.codec, self.rate = codec, sampling_rate
@@ -83,11 +85,14 @@ class TelnyxSimulator:
         frame = {"PCMA": b"\xd5" * 160, "G722": ffmpeg.g722_encode(np.zeros(320, np.int16)).tobytes(),
                  "L16": bytes(640)}.get(self.encoding, b"\xff" * 160)
         silence = base64.b64encode(frame).decode()
+        speech = ulaw_encode(self.caller_pcm).tobytes() if self.caller_pcm is not None else b""
         while True:
             chunk += 1
+            said = speech[160 * (chunk - 1) : 160 * chunk]
+            payload = base64.b64encode(said).decode() if len(said) == 160 else silence
             await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
                                            "media": {"track": "inbound", "chunk": str(chunk),
-                                                     "timestamp": str(20 * chunk), "payload": silence}}))
+                                                     "timestamp": str(20 * chunk), "payload": payload}}))
             await asyncio.sleep(0.02)
 
     async def _reader(self) -> None:

@@ -11,6 +11,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from csmstream.commands import telnyx_routes
 from csmstream.integrations.telnyx_bridge import AUTH_HEADER
+from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
+from csmstream.kernels.resample import Resampler
 from tests.integrations.telnyx_sim import TelnyxSimulator
 from tests.servers import RunningServer, floor_frame_time, wait_finished, wait_until
 
@@ -19,7 +21,7 @@ from tests.servers import RunningServer, floor_frame_time, wait_finished, wait_u
 def phone_server():
     import csmstream
 
-    routes, calls = telnyx_routes("PCMU", "tok")
+    routes, calls = telnyx_routes("PCMU", "tok", listen_token="ltok")
     rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=4), routes=routes, calls=calls).start()
     rs.telnyx_url = rs.url.replace("/ws/generate", "/telnyx")
     rs.calls = calls
@@ -153,3 +155,86 @@ def test_a_stream_url_asking_for_what_cannot_be_spoken_is_closed_saying_why(phon
 
     closed = asyncio.run(go())
     assert closed.rcvd.code == 1008 and reason in closed.rcvd.reason
+
+
+def listen_url(rs, query):
+    return rs.url.replace("/ws/generate", "/telnyx/listen") + query
+
+
+async def next_event(ws, timeout=10):
+    """The next JSON event, skipping audio frames."""
+    while True:
+        m = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(m, str):
+            return json.loads(m)
+
+
+def test_the_agent_hears_the_caller_on_telnyx_listen(phone_server):
+    """The listener connects before the call (the race it waits out); it gets the call's start,
+    the caller's audio decoded and resampled to 16 kHz sample for sample, a key press, the mark of
+    what was spoken into the call, and the stop."""
+    rs = phone_server
+    t = np.arange(8000) / 8000
+    speech = (6000 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.int16)  # 1 s
+
+    async def go():
+        async with connect(listen_url(rs, "?call_control_id=v2:call-5"),
+                           additional_headers={"Authorization": "Bearer ltok"}) as lw:
+            async with TelnyxSimulator(rs.telnyx_url, "v2:call-5", headers={AUTH_HEADER: "tok"},
+                                       caller_pcm=speech) as s:
+                start = json.loads(await asyncio.wait_for(lw.recv(), 10))
+                pcm = bytearray()
+                while len(pcm) < 2 * 16000:
+                    m = await asyncio.wait_for(lw.recv(), 10)
+                    assert isinstance(m, bytes)
+                    pcm += m
+                await s.send_raw(json.dumps({"event": "dtmf", "stream_id": "STREAM-1", "dtmf": {"digit": "5"}}))
+                dtmf = await next_event(lw)
+                async with connect(rs.url) as ws:
+                    await ws.send(json.dumps({"text": "Heard you.", "call_control_id": "v2:call-5",
+                                              "request_id": "said", "max_audio_ms": 400}))
+                    await next_json(ws)  # done, once the mark came back
+                mark = await next_event(lw)
+                await s.stop()
+                stop = await next_event(lw)
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(lw.recv(), 10)
+                return start, bytes(pcm), dtmf, mark, stop, lw.close_code
+
+    start, pcm, dtmf, mark, stop, code = asyncio.run(go())
+    assert start["event"] == "start" and start["call_control_id"] == "v2:call-5" and start["from"] == "+15550001"
+    assert (start["encoding"], start["sample_rate"], start["format"]) == ("PCMU", 8000, "pcm_16000")
+    assert start["custom_parameters"] == {"agent": "a1"}
+    r = Resampler(8000, 16000)
+    want = r.process(ulaw_decode(ulaw_encode(speech)))
+    np.testing.assert_array_equal(np.frombuffer(pcm, "<i2")[: len(want)], want)
+    assert dtmf == {"event": "dtmf", "digit": "5"} and mark == {"event": "mark", "name": "said", "heard": True}
+    assert stop == {"event": "stop"} and code == 1000
+
+
+@pytest.mark.parametrize("query,reason", [
+    ("", "call_control_id is required"),
+    ("?call_control_id=v2:nobody&wait=0.2", "no Telnyx media stream for call 'v2:nobody'"),
+    ("?call_control_id=v2:x&format=pcm_44100", "format must be one of pcm_8000, pcm_16000, pcm_24000"),
+    ("?call_control_id=v2:x&wait=forever", "wait must be seconds in 0..60"),
+    ("?call_control_id=v2:x&codec=G722", "unknown parameter 'codec'"),
+])
+def test_a_listener_asking_for_what_cannot_be_served_is_closed_saying_why(phone_server, query, reason):
+    async def go():
+        async with connect(listen_url(phone_server, query), additional_headers={"Authorization": "Bearer ltok"}) as ws:
+            with pytest.raises(ConnectionClosed) as e:
+                await asyncio.wait_for(ws.recv(), 10)
+            return e.value
+
+    closed = asyncio.run(go())
+    assert closed.rcvd.code == 1008 and reason in closed.rcvd.reason
+
+
+def test_telnyx_listen_requires_the_servers_token(phone_server):
+    async def go():
+        async with connect(listen_url(phone_server, "?call_control_id=v2:x")):
+            pass
+
+    with pytest.raises(InvalidStatus) as e:
+        asyncio.run(go())
+    assert e.value.response.status_code == 401

@@ -1,0 +1,76 @@
+"""/telnyx/listen's cut-off rules, with a listener socket that stops taking messages (the
+end-to-end path, over real sockets, is in test_telnyx_inprocess.py)."""
+
+import asyncio
+import json
+
+import numpy as np
+
+from csmstream.integrations import telnyx_listen
+from csmstream.integrations.telnyx_bridge import CallRegistry, TelnyxCall
+from csmstream.integrations.telnyx_session import CallerAudio
+from tests.integrations.test_telnyx_session import START
+
+
+class StuckListener:
+    """Takes the first message, then none until `release` is set."""
+
+    def __init__(self) -> None:
+        self.sent, self.closed, self.release = [], None, asyncio.Event()
+
+    async def send(self, message) -> None:
+        if self.sent:
+            await self.release.wait()
+        self.sent.append(message)
+
+    async def close(self, code, reason="") -> None:
+        self.closed = (code, reason)
+
+
+async def a_call():
+    registry = CallRegistry()
+    call = TelnyxCall(StuckListener(), registry)
+    for ev in call.session.receive(json.dumps(START)):
+        call._handle(ev)
+    return registry, call
+
+
+def audio():
+    return CallerAudio(np.zeros(160, np.int16), "inbound", None, None, 8000)
+
+
+def test_a_listener_that_takes_nothing_is_cut_off_and_the_call_goes_on(monkeypatch):
+    monkeypatch.setattr(telnyx_listen, "SEND_TIMEOUT_S", 0.2)
+
+    async def go():
+        registry, call = await a_call()
+        ws = StuckListener()
+        task = asyncio.create_task(telnyx_listen.handle_listener(ws, registry, "call_control_id=v2:abc"))
+        await asyncio.sleep(0.05)
+        call._handle(audio())
+        await asyncio.wait_for(task, 5)
+        return ws, call
+
+    ws, call = asyncio.run(go())
+    assert json.loads(ws.sent[0])["event"] == "start"
+    assert ws.closed[0] == 1008 and "slow_listener: took nothing for" in ws.closed[1]
+    assert call.listeners == [] and not call.ended.is_set()
+
+
+def test_a_listener_that_falls_too_far_behind_is_cut_off(monkeypatch):
+    monkeypatch.setattr(telnyx_listen, "MAX_BEHIND", 3)
+
+    async def go():
+        registry, call = await a_call()
+        ws = StuckListener()
+        task = asyncio.create_task(telnyx_listen.handle_listener(ws, registry, "call_control_id=v2:abc"))
+        await asyncio.sleep(0.05)
+        for _ in range(10):  # while its send is stuck: more than 3 queued
+            call._handle(audio())
+        ws.release.set()
+        await asyncio.wait_for(task, 5)
+        return ws, call
+
+    ws, call = asyncio.run(go())
+    assert ws.closed[0] == 1008 and "more than 3 events behind" in ws.closed[1]
+    assert call.listeners == []
