@@ -36,7 +36,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from . import protocol
 
@@ -56,6 +56,7 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            505: "HTTP Version Not Supported"}
 STATUS_OF = {"busy": 503, "unavailable": 503, "generation_failed": 500}  # engine errors; others are 400
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -237,9 +238,16 @@ def _generate(req: dict, max_text_chars: int, topk_max: int) -> protocol.Generat
 
 
 # -- responses -----------------------------------------------------------------------------------
+def header_value(value: str) -> str:
+    """A header field's value as HTTP allows it: visible ASCII and spaces as they are, anything else
+    (a request id in another script; never a line break) percent-encoded."""
+    return value if value.isascii() and value.isprintable() else quote(value, safe=HEADER_SAFE)
+
+
 def response_head(status: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"] + [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+    lines += [f"{k}: {header_value(str(v))}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 def response(status: int, body: bytes, content_type: str, *, keep_alive: bool, extra: dict | None = None) -> bytes:

@@ -130,9 +130,11 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
 def request_id_of(msg: dict) -> str | None:
     """The message's request_id (None if it has none), or ProtocolError if it is not a valid one."""
     rid = msg.get("request_id")
-    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS):
+    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS
+                            or not rid.isprintable()):
         raise ProtocolError("invalid_request_id", f"request_id must be a non-empty string of at most "
-                            f"{MAX_REQUEST_ID_CHARS} characters, got {rid!r:.60}")
+                            f"{MAX_REQUEST_ID_CHARS} printable characters (no line breaks or other control "
+                            f"characters: it is logged and sent back in headers), got {rid!r:.60}")
     return rid
 
 

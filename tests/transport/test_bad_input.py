@@ -38,6 +38,7 @@ CASES = [
     ('{"text": "hi", "seed": "abc"}', "invalid_seed"),
     ('{"text": "hi", "max_audio_ms": 0}', "invalid_max_audio_ms"),
     ('{"text": "hi", "request_id": 7}', "invalid_request_id"),
+    ('{"text": "hi", "request_id": "a\\nb"}', "invalid_request_id"),  # logged and echoed: no line breaks
     ('{"text": "hi", "voice": "nobody"}', "unknown_voice"),
     ('{"text": "hi", "final": "yes"}', "invalid_final"),
     ('{"text": "hi", "call_control_id": "v2:x"}', "unknown_call"),

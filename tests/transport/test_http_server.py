@@ -203,6 +203,19 @@ def test_bad_requests_get_a_status_and_an_openai_error_and_the_server_serves_on(
     assert httpx.get(base_of(http).replace("/v1", "/healthz")).status_code == 200
 
 
+def test_request_ids_cannot_break_the_response_head(http):
+    """A request id goes back in X-Request-Id: one with a line break (a header of the attacker's
+    choosing) is refused; one in another script is percent-encoded there, as it is in JSON."""
+    url = base_of(http) + "/audio/speech"
+    r = httpx.post(url, json={"input": "Hi.", "request_id": "a\r\nX-Evil: 1"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_id" and "x-evil" not in r.headers
+    r = httpx.post(url, json={"input": "Hi.", "request_id": "€uro-1", "response_format": "pcm", "max_audio_ms": 160,
+                              "stream_format": "sse"}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "%E2%82%ACuro-1"
+    done = json.loads(r.text.strip().split("data: ")[-1])
+    assert done["type"] == "speech.audio.done" and done["request_id"] == "€uro-1"
+
+
 def test_a_request_head_that_never_finishes_times_out(http, monkeypatch):
     monkeypatch.setattr(http_server, "HEAD_TIMEOUT", 0.3)
     t = time.monotonic()
