@@ -35,6 +35,15 @@ async def a_call():
     return registry, call
 
 
+async def listening():
+    """A call, and a stuck listener on it (its start already sent)."""
+    registry, call = await a_call()
+    ws = StuckListener()
+    task = asyncio.create_task(telnyx_listen.handle_listener(ws, registry, "call_control_id=v2:abc"))
+    await asyncio.sleep(0.05)
+    return call, ws, task
+
+
 def audio():
     return CallerAudio(np.zeros(160, np.int16), "inbound", None, None, 8000)
 
@@ -43,10 +52,7 @@ def test_a_listener_that_takes_nothing_is_cut_off_and_the_call_goes_on(monkeypat
     monkeypatch.setattr(telnyx_listen, "SEND_TIMEOUT_S", 0.2)
 
     async def go():
-        registry, call = await a_call()
-        ws = StuckListener()
-        task = asyncio.create_task(telnyx_listen.handle_listener(ws, registry, "call_control_id=v2:abc"))
-        await asyncio.sleep(0.05)
+        call, ws, task = await listening()
         call._handle(audio())
         await asyncio.wait_for(task, 5)
         return ws, call
@@ -61,10 +67,7 @@ def test_a_listener_that_falls_too_far_behind_is_cut_off(monkeypatch):
     monkeypatch.setattr(telnyx_listen, "MAX_BEHIND", 3)
 
     async def go():
-        registry, call = await a_call()
-        ws = StuckListener()
-        task = asyncio.create_task(telnyx_listen.handle_listener(ws, registry, "call_control_id=v2:abc"))
-        await asyncio.sleep(0.05)
+        call, ws, task = await listening()
         for _ in range(10):  # while its send is stuck: more than 3 queued
             call._handle(audio())
         ws.release.set()
