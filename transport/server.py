@@ -67,6 +67,7 @@ class StreamServer:
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
+        self.route_sockets: set = set()  # open connections of the extra routes (/telnyx, /telnyx/listen)
         # a client that does not take a chunk within send_timeout is cut off (slow_reader); the
         # per-connection kernel send buffer can be capped so that happens after little buffering
         self.send_timeout, self.socket_send_buffer = send_timeout, socket_send_buffer
@@ -142,6 +143,10 @@ class StreamServer:
                     await asyncio.sleep(0.02)
             for c in list(self.connections):
                 await c.close_for_shutdown()
+            # the extra routes' sockets too (a phone call's media stream, its listeners): their
+            # handlers end when their socket does, and wait_closed waits for every handler
+            await asyncio.gather(*(ws.close(1001, "server shutting down") for ws in list(self.route_sockets)),
+                                 return_exceptions=True)
             await self._ws.wait_closed()
             if self.http is not None:
                 await self.http.close()
@@ -247,7 +252,11 @@ class StreamServer:
     async def _handle(self, ws: ServerConnection) -> None:
         path = ws.request.path.split("?", 1)[0] if ws.request is not None else "/ws/generate"
         if path in self.routes:
-            await self.routes[path][0](ws)
+            self.route_sockets.add(ws)
+            try:
+                await self.routes[path][0](ws)
+            finally:
+                self.route_sockets.discard(ws)
             return
         m = self.metrics
         ip = ws.remote_address[0] if ws.remote_address else None

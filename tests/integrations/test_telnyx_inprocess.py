@@ -238,3 +238,46 @@ def test_telnyx_listen_requires_the_servers_token(phone_server):
     with pytest.raises(InvalidStatus) as e:
         asyncio.run(go())
     assert e.value.response.status_code == 401
+
+
+def test_shutdown_closes_live_calls_and_listeners_instead_of_waiting_for_them():
+    """SIGTERM with a call on the line: the server stops within its deadline (it used to wait for
+    Telnyx to hang up, which a live call never does); the call's stream and its listener are
+    closed with 1001, the listener after being told the call stopped or at once, and so is a
+    listener still waiting for its call."""
+    import time
+
+    import csmstream
+    from csmstream.transport.server import StreamServer
+
+    async def go():
+        routes, calls = telnyx_routes("PCMU", None)
+        srv = StreamServer(csmstream.load("tiny", device="cpu", max_streams=1), port=0, routes=routes, calls=calls,
+                           warmup=False)
+        await srv.start()
+        sim = TelnyxSimulator(srv.url.replace("/ws/generate", "/telnyx"), "v2:live")
+        await sim.__aenter__()
+        got = []
+
+        async def listen():
+            async with connect(srv.url.replace("/ws/generate", "/telnyx/listen") + "?call_control_id=v2:live") as lw:
+                try:
+                    async for m in lw:
+                        got.append(m)
+                except ConnectionClosed:
+                    pass
+                return lw.close_code
+
+        listener = asyncio.create_task(listen())
+        waiting = await connect(srv.url.replace("/ws/generate", "/telnyx/listen") + "?call_control_id=v2:later&wait=60")
+        await wait_until(lambda: len(got) > 3)  # the start and some caller audio
+        t0 = time.monotonic()
+        await asyncio.wait_for(srv.stop(1.0), 20)
+        took = time.monotonic() - t0
+        code = await asyncio.wait_for(listener, 10)
+        await sim.__aexit__(None, None, None)
+        return took, sim.ws.close_code, code, waiting.close_code
+
+    took, call_code, listener_code, waiting_code = asyncio.run(go())
+    assert took < 8 and call_code == 1001 and listener_code in (1000, 1001)
+    assert waiting_code == 1001  # a listener still waiting for its call does not hold the shutdown either
