@@ -112,9 +112,8 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
     registry = CallRegistry()
 
     async def handler(ws):
-        query = ws.request.path.partition("?")[2] if ws.request is not None else ""
         try:
-            fmt = stream_options(query, **default)
+            fmt = stream_options(_query(ws), **default)
         except ValueError as e:
             logging.getLogger("csmstream.telnyx").warning("telnyx: refused a media stream: %s", e)
             await ws.close(1008, close_reason(str(e)))
@@ -122,12 +121,17 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
         await handle_telnyx_media(ws, registry, **fmt)
 
     async def listener(ws):
-        await handle_listener(ws, registry, ws.request.path.partition("?")[2] if ws.request is not None else "")
+        await handle_listener(ws, registry, _query(ws))
 
     accept = (lambda headers: auth_ok(headers, token)) if token else None
     accept_listener = (lambda headers: token_ok(headers, listen_token)) if listen_token else None
     handler.media_format = default
     return {"/telnyx": (handler, accept), "/telnyx/listen": (listener, accept_listener)}, registry
+
+
+def _query(ws) -> str:
+    """The query string of a WebSocket's request URL."""
+    return ws.request.path.partition("?")[2] if ws.request is not None else ""
 
 
 # -- say -------------------------------------------------------------------------------------------

@@ -34,15 +34,22 @@ class UnknownCall(LookupError):
 STREAM_OPTIONS = ("codec", "sampling_rate", "l16_byteorder")
 
 
+def query_items(query: str, allowed: tuple[str, ...], what: str = "") -> list[tuple[str, str]]:
+    """A URL query's (key, value) pairs, or ValueError naming an unknown key and the allowed ones."""
+    items = parse_qsl(query, keep_blank_values=True)
+    for key, _ in items:
+        if key not in allowed:
+            raise ValueError(f"unknown {what}parameter {key!r:.40}; allowed: {', '.join(allowed)}")
+    return items
+
+
 def stream_options(query: str, codec: str = "PCMU", sampling_rate: int | None = None,
                    l16_byteorder: str = "big") -> dict:
     """The media format of one call: the defaults given, overridden by the stream URL's query
     (`wss://host/telnyx?codec=G722`, `?codec=L16&sampling_rate=24000`), so that each call's
     stream_url can name the codec its streaming_start asked for. ValueError says what is wrong."""
     opts = {"codec": codec, "sampling_rate": sampling_rate, "l16_byteorder": l16_byteorder}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in STREAM_OPTIONS:
-            raise ValueError(f"unknown stream URL parameter {key!r:.40}; allowed: {', '.join(STREAM_OPTIONS)}")
+    for key, value in query_items(query, STREAM_OPTIONS, "stream URL "):
         if key == "sampling_rate":
             if not (value.isascii() and value.isdigit()) or len(value) > 6:
                 raise ValueError(f"sampling_rate must be a whole number of Hz, got {value!r:.40}")

@@ -26,13 +26,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from urllib.parse import parse_qsl
-
 import numpy as np
 
 from ..kernels.resample import Resampler
 from ..transport.protocol import close_reason
-from .telnyx_bridge import CallRegistry, UnknownCall
+from .telnyx_bridge import CallRegistry, UnknownCall, query_items
 from .telnyx_session import CallerAudio, Dtmf, MarkPlayed, Stopped
 
 log = logging.getLogger("csmstream.telnyx")
@@ -51,10 +49,7 @@ class SlowListener(Exception):
 def listen_options(query: str) -> dict:
     """call_control_id (required), format, wait; ValueError saying what is wrong."""
     opts: dict = {"format": "pcm_16000", "wait": 10.0}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in OPTIONS:
-            raise ValueError(f"unknown parameter {key!r:.40}; allowed: {', '.join(OPTIONS)}")
-        opts[key] = value
+    opts.update(query_items(query, OPTIONS))
     if not opts.get("call_control_id"):
         raise ValueError("call_control_id is required: the call to listen to (?call_control_id=v2:...)")
     if opts["format"] not in FORMATS:

@@ -58,11 +58,12 @@ class AudioEncoder:
     # encode on a codec thread, not the event loop: for a codec that costs real CPU and releases the
     # GIL while it works (LAME: ~0.2 ms a 100 ms chunk, against 0.02 ms for G.711)
     offload = False
+    resamples = True  # to the format's rate; codecs that take 24 kHz themselves (Opus, AAC, FLAC) do not
 
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         rate, enc = ALL_FORMATS[fmt]
         self.rate, self.encoding = rate, enc
-        self.resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
+        self.resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE and self.resamples else None
         self.chunk_in = SOURCE_RATE * chunk_ms // 1000  # source samples per chunk
         # raw formats: chunks of exactly chunk_ms (whole bytes: chunk_ms is an integer); the compressed
         # ones cut whole frames or pages instead

@@ -28,13 +28,13 @@ def _av():
 
 class PacketEncoder(AudioEncoder):
     offload = True
+    resamples = False  # these codecs take the 24 kHz as it is (Opus's format says 48 kHz: what decoders play)
     codec = ""  # FFmpeg's encoder
     sample_format = "s16"  # what it takes
     options: dict[str, str] = {}
 
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         super().__init__(fmt, chunk_ms)
-        self.resampler = None  # these codecs take the 24 kHz as it is
         self.kbps = int(fmt.rsplit("_", 1)[1]) if fmt.count("_") == 2 else 0  # codec_rate_kbps; flac_24000
         self._av = _av()
         ctx = self._av.CodecContext.create(self.codec, "w")
