@@ -13,7 +13,7 @@ help:
 	@echo "make test    - set up and run the whole test suite (CPU only)"
 	@echo "make bench   - set up and run the pytest-benchmark suites in bench/ (saved under .benchmarks/)"
 	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
-	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89) without a GPU: registers, spills, loads"
+	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89, TRITON=3.6.0, KR_ARGS=--pdl) without a GPU: registers, spills, loads"
 	@echo "make gpu-bench - on a CUDA GPU: sweep the GEMV tiles, then bench/gpu.py with the measured ones (OUT=dir)"
 	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
 
@@ -49,8 +49,14 @@ bench-check: $(STAMP)
 		--benchmark-compare-fail=$(BENCH_FAIL)
 
 ARCH ?= 90
+# TRITON=3.6.0: compile with that Triton instead of the venv's (installed beside it, not over it), e.g.
+# the version a GPU image ships; KR_ARGS=--pdl / --int8 pass on to bench/kernel_report.py
+TRITON ?=
+KR_ARGS ?=
+KR_SITE := $(if $(TRITON),$(VENV)/triton-$(TRITON),)
 kernel-report: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) bench/kernel_report.py --arch $(ARCH)
+	$(if $(TRITON),[ -d $(KR_SITE)/triton ] || $(PY) -m pip install --quiet --no-deps --target $(KR_SITE) triton==$(TRITON),@true)
+	TRITON_INTERPRET=0 PYTHONPATH=$(KR_SITE) $(PY) bench/kernel_report.py --arch $(ARCH) $(KR_ARGS)
 
 # on a GPU machine (make install TORCH=... first): the tile sweep, then the engine benchmark run with
 # the measured tiles (CSM_GEMV_TILES) -- one session, no code change in between; results in $(OUT)

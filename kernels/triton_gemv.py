@@ -58,6 +58,8 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> 
     bb = triton.next_power_of_2(rows)
     bn = max(4, min(32, triton.next_power_of_2(max(1, N // TARGET_PROGRAMS))))
     bk = max(16, min(512, PRODUCTS // (bb * bn * mats), triton.next_power_of_2(K)))
+    if int8 and bb >= 16:  # 16 int8 rows at BLOCK_K 128 spill in matvec_add under Triton 3.6 (not 3.9)
+        bk = max(16, bk // 2)
     return bn, bk, 4
 
 
