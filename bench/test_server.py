@@ -5,7 +5,10 @@
 - time to first audio over the socket vs the engine's own (same text, same seed, alternately);
 - time to first audio over the OpenAI-compatible HTTP endpoint vs the socket (alternately);
 - 8 concurrent streams: each stream's real-time factor (wall time / audio time);
-- the SPSC ring: one write + one read of a 2,400-sample chunk.
+- the SPSC ring: one write + one read of a 2,400-sample chunk;
+- one outgoing WebSocket frame (a 100 ms PCM chunk of /ws/generate, a Telnyx media message) with
+  and without permessage-deflate, as websockets builds it on the event loop (the server's default
+  is off since 2026-11-25; `serve --ws-compression deflate` turns it on).
 Figures go to extra_info and stdout; nothing here asserts a time.
 """
 
@@ -213,3 +216,37 @@ def test_text_stream_first_sentence_to_first_audio(benchmark, running):
     print(f"\ntext stream: first sentence complete -> first audio {s_ms:.1f} ms; engine time to 2 frames "
           f"{e_ms:.1f} ms ({s_ms - e_ms:+.1f} ms)")
     benchmark.pedantic(lambda: asyncio.run(one(0)), rounds=3)  # streamed text to first audio
+
+
+@pytest.mark.parametrize("what", ["pcm_chunk", "telnyx_media"])
+@pytest.mark.parametrize("compression", ["off", "deflate"])
+def test_websocket_frame_on_the_loop(benchmark, running, what, compression):
+    """CPU on the event loop to turn one outgoing message into its WebSocket frame, with the
+    extension websockets' server negotiates for a client that offers permessage-deflate."""
+    import base64
+
+    from websockets.extensions.permessage_deflate import PerMessageDeflate
+    from websockets.frames import Frame, Opcode
+
+    from csmstream.kernels.g711 import ulaw_encode
+    from csmstream.kernels.resample import Resampler
+
+    _, ref = running
+    pcm = np.concatenate(list(ref.stream(TEXT, 0, seed=1, max_frames=20)))  # what the server sends here
+    if what == "pcm_chunk":
+        frames = [Frame(Opcode.BINARY, pcm[i : i + 2400].astype("<i2").tobytes()) for i in range(0, len(pcm) - 2400, 2400)]
+    else:
+        coded = ulaw_encode(Resampler(24000, 8000).process(pcm)).tobytes()
+        frames = [Frame(Opcode.TEXT, ('{"event": "media", "media": {"payload": "%s"}}'
+                                  % base64.b64encode(coded[i : i + 160]).decode()).encode())
+                  for i in range(0, len(coded) - 160, 160)]
+    ext = [PerMessageDeflate(False, False, 12, 12, {"memLevel": 5})] if compression == "deflate" else []
+    sizes = [len(f.serialize(mask=False, extensions=ext)) for f in frames]
+    it = iter(range(1 << 62))
+
+    def one():
+        return frames[next(it) % len(frames)].serialize(mask=False, extensions=ext)
+
+    benchmark.group = f"ws-frame-{what}"
+    benchmark.extra_info.update(bytes_in=int(np.mean([len(f.data) for f in frames])), bytes_out=float(np.mean(sizes)))
+    benchmark(one)

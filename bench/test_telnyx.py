@@ -6,7 +6,8 @@
   PCMU, G722, L16 at 16 and 24 kHz; base64, JSON), fed in 20 ms pieces as the server sends them:
   target < 1 ms on one core;
 - first media at a simulated Telnyx vs the engine's own time to first audio, side by side;
-- time from interrupt() to the `clear` arriving at the simulator.
+- time from interrupt() to the `clear` arriving at the simulator;
+- 50 full-duplex calls on a server process: its event loop's CPU per call (bench/telnyx_capacity.py).
 """
 
 import asyncio
@@ -101,3 +102,19 @@ def test_first_media_and_clear_latency(benchmark, running):
     print(f"\nfirst media at Telnyx {f:.1f} ms vs engine's first audio {e:.1f} ms (+{f - e:.1f} ms); "
           f"interrupt -> clear at Telnyx {c:.2f} ms")
     benchmark.pedantic(lambda: asyncio.run(one(0)), rounds=2)  # a call: speak, interrupt, clear
+
+
+def test_calls_per_event_loop(benchmark):
+    """50 full-duplex calls (PCMU) on a server in its own process: its loop's CPU per call, from
+    its /metrics (bench/telnyx_capacity.py; run that for more calls, other codecs, compression)."""
+    from bench.telnyx_capacity import measure, row_text
+
+    rows = []
+
+    def run():
+        rows[:] = measure([50], seconds=10.0, progress=lambda line: None)  # the lag gauge spans 10 s
+
+    benchmark.group = "telnyx-capacity"
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info.update(rows[0])
+    print("\n" + row_text(rows[0]))

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open WebSockets per client address (default: 64)")
     serve.add_argument("--max-requests-per-minute", type=int, default=600,
                        help="requests per connection per minute (default: 600)")
+    serve.add_argument("--ws-compression", choices=["off", "deflate"], default="off",
+                       help="accept permessage-deflate when a WebSocket client offers it: fewer bytes for "
+                            "base64-in-JSON clients (ElevenLabs, Telnyx), at a zlib pass per message on the "
+                            "event loop; audio hardly compresses (default: off)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM/SIGINT, seconds to let running requests finish (default: 10)")
     serve.add_argument("--voices", default=None, metavar="DIR",

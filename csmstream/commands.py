@@ -62,7 +62,8 @@ def serve(args) -> int:
                            if args.allowed_origins else None,
                            max_connections_per_ip=args.max_connections_per_ip,
                            max_requests_per_minute=args.max_requests_per_minute,
-                           prefill_chunk=args.prefill_chunk, http_port=args.http_port)
+                           prefill_chunk=args.prefill_chunk, http_port=args.http_port,
+                           compression=None if args.ws_compression == "off" else args.ws_compression)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,6 +117,7 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
             fmt = stream_options(_query(ws), **default)
         except ValueError as e:
             logging.getLogger("csmstream.telnyx").warning("telnyx: refused a media stream: %s", e)
+            registry.counts["refused"] += 1
             await ws.close(1008, close_reason(str(e)))
             return
         await handle_telnyx_media(ws, registry, **fmt)

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterable, Callable
 from urllib.parse import parse_qsl
 
@@ -21,7 +22,8 @@ import numpy as np
 
 from .pacer import Pacer
 from .telnyx_codecs import check
-from .telnyx_session import MEDIA_PREFIX, CallStarted, MarkPlayed, Stopped, TelnyxMediaSession, Utterance
+from .telnyx_session import (MEDIA_PREFIX, BadMessage, CallerAudio, CallStarted, MarkPlayed, Stopped, TelnyxMediaSession,
+                             Utterance)
 
 log = logging.getLogger("csmstream.telnyx")
 AUTH_HEADER = "x-telnyx-streaming-auth-token"
@@ -86,14 +88,42 @@ class CallRegistry:
     """Live calls by call_control_id; `wait_for` covers the race between answering a call and
     Telnyx connecting its media stream."""
 
+    COUNTERS = {  # name in counts -> (Prometheus name, help)
+        "calls": ("csm_telnyx_calls_total", "Telnyx media streams started"),
+        "refused": ("csm_telnyx_streams_refused_total", "media streams closed at once (a stream URL asking for "
+                    "a format this server cannot speak)"),
+        "caller_frames": ("csm_telnyx_caller_frames_total", "media messages of caller audio received and decoded"),
+        "media_sent": ("csm_telnyx_media_sent_total", "media messages sent into calls (whole 20 ms frames, at "
+                       "most media_ms each)"),
+        "media_ms": ("csm_telnyx_media_milliseconds_total", "milliseconds of audio sent into calls"),
+        "utterances": ("csm_telnyx_utterances_total", "utterances started"),
+        "heard": ("csm_telnyx_utterances_heard_total", "utterances whose mark came back (heard to the end)"),
+        "clears": ("csm_telnyx_clears_total", "barge-ins: clear messages sent"),
+        "bad_messages": ("csm_telnyx_bad_messages_total", "messages from Telnyx that were ignored as malformed"),
+    }
+
     def __init__(self) -> None:
         self._calls: dict[str, TelnyxCall] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
+        self.counts: Counter[str] = Counter()  # see COUNTERS
+
+    def metric_lines(self) -> list[str]:
+        """Prometheus text lines: the calls on the line now, their listeners, and the counters."""
+        listeners = sum(len(c.listeners) for c in self._calls.values())
+        out = ["# HELP csm_telnyx_calls_active Telnyx calls with a live media stream",
+               "# TYPE csm_telnyx_calls_active gauge", f"csm_telnyx_calls_active {len(self._calls)}",
+               "# HELP csm_telnyx_listeners /telnyx/listen sockets following a live call",
+               "# TYPE csm_telnyx_listeners gauge", f"csm_telnyx_listeners {listeners}"]
+        for key, (name, help_) in self.COUNTERS.items():
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {self.counts[key]}"]
+        return out
 
     def add(self, call: TelnyxCall) -> None:
         self._calls[call.call_control_id] = call
-        for f in self._waiters.pop(call.call_control_id, []):
+        for f, listener in self._waiters.pop(call.call_control_id, []):
             if not f.done():
+                if listener is not None:  # attached now, before the call's next message is handled
+                    call.listeners.append(listener)
                 f.set_result(call)
 
     def remove(self, call: TelnyxCall) -> None:
@@ -106,12 +136,23 @@ class CallRegistry:
     def __len__(self) -> int:
         return len(self._calls)
 
-    async def wait_for(self, call_control_id: str, timeout: float = 5.0) -> TelnyxCall:
+    def __iter__(self):
+        """The live calls (a snapshot)."""
+        return iter(list(self._calls.values()))
+
+    async def wait_for(self, call_control_id: str, timeout: float = 5.0, listener: Callable | None = None) -> TelnyxCall:
+        """The call once its media stream has started. `listener` (see TelnyxCall.listeners) is
+        attached the moment the call is registered: a waiter woken by the start would otherwise
+        attach only when the loop gets to it, missing what the stream handled in between (after
+        a stall, a backlog of the caller's audio)."""
         call = self._calls.get(call_control_id)
         if call is not None:
+            if listener is not None:
+                call.listeners.append(listener)
             return call
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(call_control_id, []).append(fut)
+        entry = (fut, listener)
+        self._waiters.setdefault(call_control_id, []).append(entry)
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -119,8 +160,8 @@ class CallRegistry:
                               "start streaming on the call (streaming_start) with this server's stream_url") from None
         finally:
             ws = self._waiters.get(call_control_id)
-            if ws and fut in ws:
-                ws.remove(fut)
+            if ws and entry in ws:
+                ws.remove(entry)
 
 
 class _TextSocket:
@@ -147,10 +188,10 @@ class _TextSocket:
 class TelnyxCall:
     def __init__(self, ws, registry: CallRegistry | None = None, *, codec: str = "PCMU",
                  sampling_rate: int | None = None, l16_byteorder: str = "big", head_ms: float = 100.0,
-                 speed: float = 2.0, on_event: Callable | None = None) -> None:
+                 speed: float = 2.0, on_event: Callable | None = None, media_ms: int = 100) -> None:
         self.sock = _TextSocket(ws)
         self.registry = registry
-        self.session = TelnyxMediaSession(codec, sampling_rate, l16_byteorder)
+        self.session = TelnyxMediaSession(codec, sampling_rate, l16_byteorder, media_ms)
         self.pacer = Pacer(head_ms, speed)
         self.on_event = on_event
         self.call_control_id: str | None = None
@@ -181,8 +222,17 @@ class TelnyxCall:
             except (asyncio.CancelledError, Exception):
                 pass
 
+    def _count(self, key: str, n: int = 1) -> None:
+        if self.registry is not None:
+            self.registry.counts[key] += n
+
     def _handle(self, ev) -> None:
-        if isinstance(ev, CallStarted):
+        if isinstance(ev, CallerAudio):
+            self._count("caller_frames")
+        elif isinstance(ev, BadMessage):
+            self._count("bad_messages")
+        elif isinstance(ev, CallStarted):
+            self._count("calls")
             self.call_control_id = ev.call_control_id
             if self.registry is not None:
                 self.registry.add(self)
@@ -194,6 +244,7 @@ class TelnyxCall:
             f = self._heard.get(ev.name)
             if f is not None and not f.done():
                 f.set_result(ev.heard)
+                self._count("heard", int(ev.heard))
         elif isinstance(ev, Stopped):
             log.info("telnyx call %s: stream stopped", self.call_control_id)
             self._end()
@@ -241,6 +292,8 @@ class TelnyxCall:
             return  # nothing goes out after stop
         if msg.startswith(MEDIA_PREFIX):
             self.sent_media += 1
+            self._count("media_sent")
+            self._count("media_ms", int(getattr(msg, "ms", 0)))
         await self.sock.send(msg)
 
     # -- speaking ----------------------------------------------------------------------------------
@@ -250,6 +303,7 @@ class TelnyxCall:
         if self.ended.is_set():
             raise UnknownCall(f"call {self.call_control_id!r} has ended")
         u = self.session.start_utterance(name)
+        self._count("utterances")
         self._heard[u.name] = asyncio.get_running_loop().create_future()
         self._feeding = task = asyncio.create_task(self._feed(u, chunks))
         try:
@@ -264,12 +318,12 @@ class TelnyxCall:
             async for chunk in chunks:
                 pcm = np.frombuffer(chunk, "<i2") if isinstance(chunk, (bytes, bytearray)) else np.asarray(chunk)
                 for m in self.session.audio(pcm):
-                    self.pacer.push(m, 20.0)
+                    self.pacer.push(m, m.ms)
                 self._wake.set()
                 if u.state != "speaking":
                     break
             for m in self.session.end_utterance():
-                self.pacer.push(m, 20.0 if m.startswith(MEDIA_PREFIX) else 0.0)
+                self.pacer.push(m, getattr(m, "ms", 0.0))  # media; then the mark
             self._wake.set()
         finally:
             aclose = getattr(chunks, "aclose", None)
@@ -289,6 +343,7 @@ class TelnyxCall:
         if self.session.stopped:
             return
         msg = self.session.clear()
+        self._count("clears")
         for name, f in self._heard.items():
             if not f.done() and self.session.utterances[name].state == "cut_off":
                 f.set_result(False)

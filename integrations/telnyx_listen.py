@@ -82,19 +82,24 @@ async def _close(ws, code: int, reason: str) -> None:
     await ws.close(code, close_reason(reason))
 
 
-async def _call_or_hang_up(ws, registry: CallRegistry, ccid: str, wait: float):
-    """The call once its stream is there; None if the listener's socket closes first."""
+async def _call_or_hang_up(ws, registry: CallRegistry, ccid: str, wait: float, feed):
+    """The call once its stream is there, with `feed` among its listeners from its registration on;
+    None if the listener's socket closes first."""
     closed = getattr(ws, "wait_closed", None)
     if closed is None:
-        return await registry.wait_for(ccid, wait)
-    waiting, hung_up = asyncio.ensure_future(registry.wait_for(ccid, wait)), asyncio.ensure_future(closed())
+        return await registry.wait_for(ccid, wait, feed)
+    waiting, hung_up = asyncio.ensure_future(registry.wait_for(ccid, wait, feed)), asyncio.ensure_future(closed())
     try:
         await asyncio.wait({waiting, hung_up}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hung_up.cancel()
         if not waiting.done():
             waiting.cancel()
-    return waiting.result() if waiting.done() and not waiting.cancelled() else None
+    call = waiting.result() if waiting.done() and not waiting.cancelled() else None
+    if call is not None and hung_up.done() and not hung_up.cancelled():  # both at once: the listener is gone
+        call.listeners.remove(feed)
+        return None
+    return call
 
 
 async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
@@ -106,15 +111,14 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
         await _close(ws, 1008, str(e))
         return
     ccid, rate = opts["call_control_id"], FORMATS[opts["format"]]
+    feed = _Feed()
     try:
-        call = await _call_or_hang_up(ws, registry, ccid, opts["wait"])
+        call = await _call_or_hang_up(ws, registry, ccid, opts["wait"], feed)
     except UnknownCall as e:
         await _close(ws, 1008, str(e))
         return
     if call is None:
         return  # the listener left (or the server closed it) while waiting for the call
-    feed = _Feed()
-    call.listeners.append(feed)
     resamplers: dict[int, Resampler] = {}
 
     async def send(message) -> None:

@@ -2,9 +2,13 @@
 
 Feed `receive()` every text message Telnyx sends; get typed events back. Malformed or unknown
 messages become `BadMessage` events (never exceptions), so one bad frame cannot end a call.
-Give `audio()` 24 kHz int16 PCM of the utterance being spoken; get back outgoing `media` messages,
-each exactly 20 ms of the stream's codec (base64 of raw payload: PCMU/PCMA at 8 kHz, 160 bytes;
-G722 at 16 kHz, 160 bytes; L16 at its rate, 640 bytes at 16 kHz; telnyx_codecs.py).
+Give `audio()` 24 kHz int16 PCM of the utterance being spoken; get back outgoing `media` messages
+of whole 20 ms frames of the stream's codec (base64 of raw payload: PCMU/PCMA at 8 kHz, 160 bytes
+a frame; G722 at 16 kHz, 160 bytes; L16 at its rate, 640 bytes at 16 kHz; telnyx_codecs.py): all
+the whole frames one call makes, in messages of at most `media_ms` (100 ms unless set; Telnyx
+takes 20 ms to 30 s a message), each a `MediaMessage` that says how much audio it holds (`.ms`).
+Fewer, larger messages cost the event loop less: a message is a base64 encode, a JSON string, a
+WebSocket frame and a send() system call, whatever its size.
 `end_utterance()` flushes the resampler, pads the last frame with encoded silence and appends the
 utterance's `mark`.
 `clear()` returns the `clear` message and marks everything not yet heard as cut off.
@@ -94,11 +98,17 @@ class BadMessage:
     raw: str
 
 
+class MediaMessage(str):
+    """An outgoing media message (JSON text) that knows how much audio it carries."""
+
+    ms: float = 0.0
+
+
 @dataclass
 class Utterance:
     name: str
     state: str = "speaking"  # speaking -> sent -> heard | cut_off
-    frames: int = 0  # 20 ms media messages produced
+    frames: int = 0  # 20 ms frames of media produced
 
     @property
     def heard(self) -> bool:
@@ -106,10 +116,16 @@ class Utterance:
 
 
 class TelnyxMediaSession:
-    def __init__(self, codec: str = "PCMU", sample_rate: int | None = None, l16_byteorder: str = "big") -> None:
+    def __init__(self, codec: str = "PCMU", sample_rate: int | None = None, l16_byteorder: str = "big",
+                 media_ms: int = 100) -> None:
         """codec: the `stream_bidirectional_codec` given to streaming_start (PCMU, PCMA, G722, L16);
         sample_rate: its `stream_bidirectional_sampling_rate` (None: 8000 for G.711, 16000 for
-        G722 and L16); ValueError for a combination this side cannot speak."""
+        G722 and L16); media_ms: the most audio one outgoing media message carries, a multiple of
+        20 from 20 to 1000; ValueError for what this side cannot do."""
+        if not (isinstance(media_ms, int) and 20 <= media_ms <= 1000 and media_ms % 20 == 0):
+            raise ValueError(f"media_ms must be a multiple of 20 from 20 to 1000 (ms of audio a media message), "
+                             f"got {media_ms!r:.40}")
+        self.frames_per_message = media_ms // 20
         self._encoder = MediaEncoder(codec, sample_rate, l16_byteorder)
         self.codec, self.sample_rate, self.l16_byteorder = codec, self._encoder.rate, l16_byteorder
         self.frame_bytes = self._encoder.frame_bytes
@@ -263,9 +279,12 @@ class TelnyxMediaSession:
         out = []
         size = self.frame_bytes
         n = len(self._pending) // size
-        for i in range(n):
-            payload = base64.b64encode(self._pending[i * size : (i + 1) * size]).decode("ascii")
-            out.append(MEDIA_PREFIX + payload + '"}}')  # == json.dumps of the message, without its cost
+        for i in range(0, n, self.frames_per_message):
+            k = min(self.frames_per_message, n - i)
+            payload = base64.b64encode(self._pending[i * size : (i + k) * size]).decode("ascii")
+            m = MediaMessage(MEDIA_PREFIX + payload + '"}}')  # == json.dumps of the message, without its cost
+            m.ms = 20.0 * k
+            out.append(m)
         del self._pending[: n * size]
         self.current.frames += n
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-CALL_CHUNK = 480  # 20 ms at 24 kHz: one media message each
+CALL_CHUNK = 1920  # 80 ms at 24 kHz, one frame of the engine: one media message of four 20 ms frames
 
 
 async def stream_to_call(conn, job) -> None:

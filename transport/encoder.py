@@ -155,3 +155,26 @@ class AudioDecoder:
         whole = len(data) // 2 * 2
         self._odd = data[whole:]
         return np.frombuffer(data[:whole], "<i2").astype(np.int16)
+
+
+def warm_codecs() -> list[str]:
+    """Encode a short tone in every format (and decode the raw ones, as a phone call's caller audio
+    is), so that no first request compiles a kernel or imports a codec library on the event loop:
+    with numba's cache cold (a fresh install or container) that took seconds, during which every
+    other stream stalled. Returns the formats whose codec library is not installed."""
+    t = np.arange(4800) / SOURCE_RATE
+    tone = (3000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    missing = []
+    for fmt in ALL_FORMATS:
+        try:
+            enc = encoder_for(fmt, 100)
+        except (ImportError, RuntimeError):  # PyAV / lameenc not installed (each says so when asked for)
+            missing.append(fmt)
+            continue
+        out = enc.feed(tone[:2400]) + enc.feed(np.frombuffer(tone[2400:].tobytes(), np.int16))  # writable, read-only
+        out += enc.finish()
+        if fmt in FORMATS:
+            data = b"".join(out)
+            AudioDecoder(fmt).decode(data)
+            AudioDecoder(fmt).decode(np.frombuffer(data, np.uint8))
+    return missing

@@ -23,6 +23,16 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def parse(text: str) -> dict[str, float]:
+    """Prometheus text (as /metrics writes it) -> {sample name with its labels: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 class Histogram:
     def __init__(self, buckets) -> None:
         self.buckets = tuple(buckets)
@@ -65,6 +75,7 @@ class Metrics:
         self.rtf = Histogram(RTF_BUCKETS)
         self._last_frames = (time.monotonic(), 0)
         self._fps = 0.0
+        self.sources: list = []  # callables giving more Prometheus lines (the loop watch, the phone calls)
 
     def error(self, code: str) -> None:
         self.errors[code] += 1
@@ -94,6 +105,8 @@ class Metrics:
         rss = _rss_bytes()
         if rss is not None:
             metric("csm_process_resident_bytes", "gauge", "resident memory of the server process", rss)
+        metric("process_cpu_seconds_total", "counter", "CPU time of the server process, all threads",
+               f"{time.process_time():.3f}")
         if worker_stats is not None:
             now = time.monotonic()
             t0, f0 = self._last_frames
@@ -111,6 +124,8 @@ class Metrics:
             metric("csm_frames_per_second", "gauge", "frames generated per second (since the last scrape)",
                    f"{self._fps:.2f}")
             metric("csm_engine_ticks_total", "counter", "batched frame steps run", worker_stats.ticks)
+        for source in self.sources:
+            lines += source()
         lines += ["# HELP csm_errors_total errors sent to clients, by code", "# TYPE csm_errors_total counter"]
         lines += [f'csm_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
         lines += ["# HELP csm_ttfa_milliseconds time from request to first audio chunk sent",

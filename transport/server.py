@@ -26,8 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from ..engine.worker import EngineWorker, GenRequest
 from . import elevenlabs, protocol
 from .connection import Connection
+from .encoder import warm_codecs
 from .gate import Gate
 from .http_server import HttpApi
+from .loopwatch import LoopWatch
 from .metrics import Metrics
 from .spoken import SpokenCache
 
@@ -49,7 +51,7 @@ class StreamServer:
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
-                 prefill_chunk: int = 512, http_port: int | None = None) -> None:
+                 prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -64,6 +66,11 @@ class StreamServer:
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
+        # permessage-deflate: off unless asked for ("deflate"); audio does not compress, and zlib on
+        # every message costs the event loop more than any other part of sending it
+        if compression not in (None, "deflate"):
+            raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
+        self.compression = compression
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
@@ -73,6 +80,10 @@ class StreamServer:
         self.send_timeout, self.socket_send_buffer = send_timeout, socket_send_buffer
         self.stopping = False
         self.metrics = Metrics()
+        self.loop_watch = LoopWatch()  # the event loop's lag and CPU, on /metrics
+        self.metrics.sources.append(self.loop_watch.lines)
+        if calls is not None and hasattr(calls, "metric_lines"):
+            self.metrics.sources.append(calls.metric_lines)
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
         self.spoken = SpokenCache()  # recent sentences' codes per client and voice (ElevenLabs' previous_text)
         self.ready = False
@@ -87,7 +98,9 @@ class StreamServer:
         self._loop = asyncio.get_running_loop()
         self._ws = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
                                max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20,
+                               compression=self.compression,
                                logger=logging.getLogger("csmstream.websockets"))
+        self.loop_watch.start()
         log.info("listening on ws://%s:%d/ws/generate (/healthz says 503 until the model is ready)",
                  self.host, self.port)
         try:
@@ -110,6 +123,7 @@ class StreamServer:
             self._ws.close()
             if self.http is not None:
                 await self.http.close()
+            await self.loop_watch.stop()
             raise
         self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe,
                                    max_waiting=self.max_engine_waiting, prefill_chunk=self.prefill_chunk).start()
@@ -117,6 +131,10 @@ class StreamServer:
             t0 = time.perf_counter()
             await self._loop.run_in_executor(None, self.worker.warmup)
             log.info("model warmed up in %.2fs", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            missing = await self._loop.run_in_executor(None, warm_codecs)  # nothing compiles on the loop later
+            log.info("audio codecs warmed up in %.2fs%s", time.perf_counter() - t0,
+                     f"; no codec library for {', '.join(missing)} (those formats get an error)" if missing else "")
         self.ready = True
         log.info("ready: %r", self.engine)
         return self
@@ -152,6 +170,7 @@ class StreamServer:
                 await self.http.close()
         if self.worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        await self.loop_watch.stop()
         log.info("stopped")
 
     @property

@@ -97,6 +97,8 @@ def test_telnyx_codec_and_rate_are_checked_before_loading():
     assert out.returncode == 2 and "G722 runs at 16000 Hz, got sampling rate 8000" in out.stderr
     out = run("serve", "--telnyx", "--telnyx-codec", "OPUS")
     assert out.returncode == 2 and "invalid choice: 'OPUS'" in out.stderr and "G722" in out.stderr
+    out = run("serve", "--ws-compression", "gzip")
+    assert out.returncode == 2 and "invalid choice: 'gzip'" in out.stderr and "deflate" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -110,9 +112,14 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
     port = free_port()
     http_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
-                             "--http-port", str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--http-port", str(http_port), "--ws-compression", "deflate"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=120)
+        from websockets.sync.client import connect
+
+        with connect(f"ws://127.0.0.1:{port}/ws/generate") as ws:  # --ws-compression deflate reached the server
+            assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
         speech = httpx.post(f"http://127.0.0.1:{http_port}/v1/audio/speech", timeout=60,
                             json={"input": "Over plain HTTP.", "response_format": "pcm", "max_audio_ms": 400})
         assert speech.status_code == 200 and len(speech.content) == 400 * 48

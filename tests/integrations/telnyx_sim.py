@@ -50,6 +50,7 @@ class TelnyxSimulator:
         self._pending_marks: list[tuple[float, str, asyncio.TimerHandle]] = []
         self._tasks: list[asyncio.Task] = []
         self._seq = 0
+        self.caller_frames_sent = 0
         self.ws = None
         self.media_event = asyncio.Event()
 
@@ -93,6 +94,7 @@ class TelnyxSimulator:
             await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
                                            "media": {"track": "inbound", "chunk": str(chunk),
                                                      "timestamp": str(20 * chunk), "payload": payload}}))
+            self.caller_frames_sent += 1
             await asyncio.sleep(0.02)
 
     async def _reader(self) -> None:

@@ -2,6 +2,7 @@
 on the other, TelnyxService in between (the seed's embedded deployment)."""
 
 import asyncio
+import base64
 import json
 from contextlib import asynccontextmanager
 
@@ -75,14 +76,17 @@ def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
     # pacing: beyond a 100 ms head start, never faster than 2x real time -- over every stretch of
     # messages (arrival jitter on a busy machine only delays messages, hence the 30 ms slack)
     t = np.array(sim.media_times())
+    secs = np.array([len(base64.b64decode(m["media"]["payload"])) / 8000 for _, m in sim.received
+                     if m.get("event") == "media"])  # each message's audio (whole 20 ms frames)
+    assert np.all(np.isclose(secs * 50, np.round(secs * 50))) and secs.max() <= 0.100  # media_ms: 100
     gap = t[None, :] - t[:, None]  # [i, j]: t[j] - t[i]
-    k = np.arange(len(t))
-    n = k[None, :] - k[:, None] + 1  # messages i..j inclusive
-    earliest = (n * 0.020 - 0.100) / 2.0
+    cum = np.concatenate([[0.0], np.cumsum(secs)])
+    audio = cum[None, 1:] - cum[:-1, None]  # [i, j]: the audio of messages i..j inclusive
+    earliest = (audio - 0.100) / 2.0
     upper = np.triu(np.ones_like(gap, dtype=bool), 1)
     assert np.all(gap[upper] >= earliest[upper] - 0.030)
     # the whole utterance was not dumped at once: it took at least half its duration to send
-    assert t[-1] - t[0] >= 0.5 * len(t) * 0.020 - 0.100
+    assert t[-1] - t[0] >= 0.5 * cum[-1] - 0.100 - secs[-1]
 
 
 def test_g722_call_gets_wideband_audio_exactly_as_ffmpeg_encodes_it(server):

@@ -281,3 +281,54 @@ def test_shutdown_closes_live_calls_and_listeners_instead_of_waiting_for_them():
     took, call_code, listener_code, waiting_code = asyncio.run(go())
     assert took < 8 and call_code == 1001 and listener_code in (1000, 1001)
     assert waiting_code == 1001  # a listener still waiting for its call does not hold the shutdown either
+
+
+def test_metrics_count_the_calls_their_audio_both_ways_and_barge_ins(phone_server, monkeypatch):
+    """/metrics: calls on the line now and in all, caller frames in, media out, utterances spoken
+    and heard, clears, refused stream URLs -- each against what the simulated Telnyx counted."""
+    from csmstream.transport.metrics import parse
+
+    floor_frame_time(monkeypatch, phone_server)
+    rs = phone_server
+    url = rs.url.replace("ws://", "http://").replace("/ws/generate", "/metrics")
+
+    def scrape():
+        import urllib.request
+
+        return parse(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    async def go():
+        before = scrape()
+        async with connect(rs.telnyx_url + "?codec=XYZ", additional_headers={AUTH_HEADER: "tok"}) as bad:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(bad.recv(), 10)
+        s = sim(rs, "v2:metrics")
+        async with s:
+            await wait_until(lambda: rs.calls.get("v2:metrics") is not None)
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "Counted once.", "call_control_id": "v2:metrics", "seed": 3}))
+                assert (await next_json(ws))["heard"] is True
+                n = len(s.media_times())
+                await ws.send(json.dumps({"text": "Cut off by the caller. " * 4, "call_control_id": "v2:metrics"}))
+                await wait_until(lambda: len(s.media_times()) >= n + 10)
+                await ws.send(json.dumps({"cancel": True}))
+                assert (await next_json(ws))["cancelled"] is True
+            during = await asyncio.to_thread(scrape)
+            await s.stop()
+            await wait_until(lambda: rs.calls.get("v2:metrics") is None)
+        after = await asyncio.to_thread(scrape)
+        return s, before, during, after
+
+    s, before, during, after = asyncio.run(go())
+
+    def delta(name):
+        return after[name] - before[name]
+
+    assert during["csm_telnyx_calls_active"] == before["csm_telnyx_calls_active"] + 1
+    assert after["csm_telnyx_calls_active"] == before["csm_telnyx_calls_active"]
+    assert delta("csm_telnyx_calls_total") == 1 and delta("csm_telnyx_streams_refused_total") == 1
+    assert delta("csm_telnyx_utterances_total") == 2 and delta("csm_telnyx_utterances_heard_total") == 1
+    assert delta("csm_telnyx_clears_total") == 1 == len(s.cleared_at)
+    assert delta("csm_telnyx_media_sent_total") == len(s.media_times()) > 0
+    assert delta("csm_telnyx_caller_frames_total") == s.caller_frames_sent > 0
+    assert delta("csm_telnyx_bad_messages_total") == 0 and not s.problems

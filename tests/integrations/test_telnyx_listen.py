@@ -2,6 +2,7 @@
 end-to-end path, over real sockets, is in test_telnyx_inprocess.py)."""
 
 import asyncio
+import base64
 import json
 
 import numpy as np
@@ -77,3 +78,62 @@ def test_a_listener_that_falls_too_far_behind_is_cut_off(monkeypatch):
     ws, call = asyncio.run(go())
     assert ws.closed[0] == 1008 and "more than 3 events behind" in ws.closed[1]
     assert call.listeners == []
+
+
+class Taker:
+    """A listener socket that takes everything."""
+
+    def __init__(self) -> None:
+        self.sent, self.closed = [], None
+
+    async def send(self, message) -> None:
+        self.sent.append(message)
+
+    async def close(self, code, reason="") -> None:
+        self.closed = (code, reason)
+
+
+class Backlog:
+    """A Telnyx socket whose messages are all there at once (the loop stalled while they came):
+    iterating it never suspends, so the call handles them in one go."""
+
+    def __init__(self, messages) -> None:
+        self.messages = list(messages)
+
+    async def send(self, message) -> None:
+        pass
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for m in self.messages:
+            yield m
+
+
+def test_a_listener_waiting_for_the_call_gets_every_frame_even_from_a_backlog():
+    """Before the fix the listener attached when the loop got round to it, after the call had
+    handled the whole backlog: a second of caller audio went missing."""
+    frames = [bytes([i % 256]) * 160 for i in range(50)]
+    media = [json.dumps({"event": "media", "media": {"track": "inbound", "payload": base64.b64encode(f).decode()}})
+             for f in frames]
+    stop = json.dumps({"event": "stop", "stop": {}})
+
+    async def go():
+        registry = CallRegistry()
+        ws = Taker()
+        listener = asyncio.create_task(telnyx_listen.handle_listener(ws, registry,
+                                                                     "call_control_id=v2:abc&format=pcm_8000"))
+        await asyncio.sleep(0.05)  # waiting for the call
+        call = TelnyxCall(Backlog([json.dumps(START), *media, stop]), registry)
+        await call.run()
+        await asyncio.wait_for(listener, 5)
+        return ws
+
+    ws = asyncio.run(go())
+    audio = b"".join(m for m in ws.sent if isinstance(m, bytes))
+    # START's caller is PCMA; at the listener's 8 kHz each frame is its A-law decode, in order
+    from csmstream.kernels.g711 import alaw_decode
+
+    assert audio == b"".join(alaw_decode(f).astype("<i2").tobytes() for f in frames)
+    assert json.loads(ws.sent[-1]) == {"event": "stop"} and ws.closed[0] == 1000

@@ -2,6 +2,7 @@
 behind a Starlette/FastAPI-style socket object."""
 
 import asyncio
+import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,5 +172,7 @@ def test_bridge_runs_over_a_starlette_style_socket():
 
     sent, heard, registry = asyncio.run(go())
     media = [m for m in sent if m["event"] == "media"]
-    assert len(media) == 5 + 1 and sent[-1] == {"event": "mark", "mark": {"name": "hello"}}  # 100 ms + tail
+    sizes = [len(base64.b64decode(m["media"]["payload"])) for m in media]
+    # 100 ms in one message (media_ms 100), then the resampler's tail padded to a 20 ms frame
+    assert sizes == [800, 160] and sent[-1] == {"event": "mark", "mark": {"name": "hello"}}
     assert heard and len(registry) == 0

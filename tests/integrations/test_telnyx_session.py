@@ -19,8 +19,8 @@ START = {"event": "start", "sequence_number": "1", "stream_id": "S1",
                    "media_format": {"encoding": "PCMA", "sample_rate": 8000, "channels": 1}}}
 
 
-def started(codec="PCMU", rate=None, order="big", caller=None):
-    s = TelnyxMediaSession(codec, rate, order)
+def started(codec="PCMU", rate=None, order="big", caller=None, media_ms=100):
+    s = TelnyxMediaSession(codec, rate, order, media_ms)
     start = json.loads(json.dumps(START))
     if caller is not None:
         start["start"]["media_format"].update(encoding=caller[0], sample_rate=caller[1])
@@ -95,9 +95,23 @@ def test_media_before_start_and_bad_base64():
     assert isinstance(ev, BadMessage) and "base64" in ev.reason
 
 
+def check_message_sizes(msgs, frame: int, media_ms: int) -> list[bytes]:
+    """Each media message: whole 20 ms frames, at most media_ms of them, `.ms` saying how much."""
+    out = []
+    for m in msgs:
+        msg = json.loads(m)
+        if msg["event"] == "media":
+            p = base64.b64decode(msg["media"]["payload"])
+            assert len(p) % frame == 0 and 0 < len(p) <= frame * media_ms // 20
+            assert m.ms == 20 * len(p) // frame
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("media_ms", [20, 100])
 @pytest.mark.parametrize("codec,encode,silence", [("PCMU", ulaw_encode, 0xFF), ("PCMA", alaw_encode, 0xD5)])
-def test_outgoing_media_is_exact_20ms_frames_with_silence_tail_and_mark(codec, encode, silence):
-    s = started(codec)
+def test_outgoing_media_is_exact_20ms_frames_with_silence_tail_and_mark(codec, encode, silence, media_ms):
+    s = started(codec, media_ms=media_ms)
     u = s.start_utterance()
     pcm = (np.random.default_rng(0).normal(size=24000 * 3 // 10 + 123) * 3000).astype(np.int16)
     msgs = []
@@ -106,13 +120,23 @@ def test_outgoing_media_is_exact_20ms_frames_with_silence_tail_and_mark(codec, e
     msgs += s.end_utterance()
     *media, mark = [json.loads(m) for m in msgs]
     assert mark == {"event": "mark", "mark": {"name": u.name}}
-    payloads = [base64.b64decode(m["media"]["payload"]) for m in media]
-    assert all(m["event"] == "media" and len(p) == 160 for m, p in zip(media, payloads))
+    payloads = check_message_sizes(msgs, 160, media_ms)
+    assert len(payloads) == len(media) and all(m["event"] == "media" for m in media)
+    if media_ms == 20:
+        assert all(len(p) == 160 for p in payloads)
+    else:  # 1000-sample pieces (41.7 ms): all the whole frames of each piece in one message
+        assert max(len(p) for p in payloads) > 160
     r = Resampler(24000, 8000)
     want = encode(np.concatenate([r.process(pcm), r.flush()])).tobytes()
     got = b"".join(payloads)
     assert got[: len(want)] == want and set(got[len(want):]) <= {silence} and len(got) % 160 == 0
-    assert u.state == "sent" and u.frames == len(media)
+    assert u.state == "sent" and u.frames == len(got) // 160
+
+
+@pytest.mark.parametrize("media_ms", [0, 10, 30, 1020, 100.0, "100"])
+def test_a_media_size_that_is_not_whole_frames_is_refused(media_ms):
+    with pytest.raises(ValueError, match="media_ms must be a multiple of 20 from 20 to 1000"):
+        TelnyxMediaSession(media_ms=media_ms)
 
 
 def test_marks_tell_heard_from_cut_off():
@@ -182,11 +206,12 @@ def test_g722_and_l16_streams_are_whole_20ms_frames_of_the_resampled_audio(codec
     assert s.frame_bytes == frame
     u = s.start_utterance()
     pcm = noise(24000 * 3 // 10 + 123)
-    msgs = speak(s, pcm)
+    msgs = speak(s, pcm, piece=4800)  # 200 ms pieces: two 100 ms messages each
     assert json.loads(msgs[-1]) == {"event": "mark", "mark": {"name": u.name}}
-    got = payloads(msgs)
-    assert all(len(p) == frame for p in got) and u.frames == len(got) == len(msgs) - 1
+    got = check_message_sizes(msgs, frame, 100)
+    assert len(got) == len(msgs) - 1 and sum(len(p) == 5 * frame for p in got) >= 2
     got = b"".join(got)
+    assert u.frames == len(got) // frame
     want_pcm = resampled(pcm, s.sample_rate)
     if codec == "G722":  # FFmpeg's encoder on the resampled audio, then silence to the frame's end
         pad = np.zeros(2 * len(got) - len(want_pcm), np.int16)

@@ -286,3 +286,33 @@ def test_healthz_is_503_until_the_model_is_ready():
     with urllib.request.urlopen(base + "/healthz") as r:
         assert r.status == 200
     rs.stop()
+
+
+def test_permessage_deflate_is_declined_unless_the_server_is_asked_for_it(server):
+    """A client offering permessage-deflate (websockets' client always does) gets plain frames from
+    the default server, compressed ones from compression="deflate"; the audio is the same."""
+    import csmstream
+    from tests.servers import RunningServer
+
+    async def one(url):
+        async with connect(url) as ws:
+            assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]  # offered
+            await ws.send(json.dumps({**SEED_MSG, "seed": 4}))
+            return ws.response.headers.get("Sec-WebSocket-Extensions"), audio_of(await collect(ws))
+
+    plain_ext, plain = run(one(server.url))
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=1), compression="deflate").start()
+    try:
+        deflate_ext, deflated = run(one(rs.url))
+    finally:
+        rs.stop()
+    assert plain_ext is None
+    assert deflate_ext is not None and deflate_ext.startswith("permessage-deflate")
+    assert plain == deflated == reference_pcm(SEED_MSG["text"], seed=4)
+
+
+def test_an_unknown_compression_is_refused():
+    from csmstream.transport.server import StreamServer
+
+    with pytest.raises(ValueError, match="compression must be None or 'deflate'"):
+        StreamServer(lambda: None, compression="gzip")

@@ -1,0 +1,273 @@
+"""How many Telnyx calls one server process's event loop carries.
+
+    python bench/telnyx_capacity.py --calls 50,100,200 --seconds 10 [--codec G722] [--listen-only]
+
+A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
+routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
+its start, then a caller media frame every 20 ms, and reads everything the server sends
+(counting the audio in its media). Unless --listen-only, every call also has speech playing into
+it all the time, a clip fed at real time in 100 ms chunks (what the engine's sink does, minus the
+model, whose work is on its own thread or GPU), so both directions run: 20 ms frames in, 100 ms
+media messages out (media_ms), the worst case of a conversation. Before and after each measured window it reads the child's /metrics: the loop
+thread's CPU (csm_event_loop_cpu_seconds_total), its lag histogram and largest lag (a gauge over
+the last 10 s: measure windows of 10 s or more, or it reaches back before the window), the calls
+and frames counted. Per N it prints the loop's share of a core, the share per call, the lag, and
+audio out per call per second (1000 ms when every call gets its audio in real time), and the
+calls a core would carry at that cost. `--json FILE` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+
+
+# -- the server (child process) ----------------------------------------------------------------------
+def serve(codec: str, speak: bool, compression: str | None = None) -> None:
+    import csmstream
+    from csmstream.commands import _run_loop, telnyx_routes
+    from csmstream.transport.server import StreamServer
+
+    routes, calls = telnyx_routes(codec, None)
+    t = np.arange(24000 * 3) / 24000
+    clip = (8000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)  # 3 s chirp: one utterance
+    pieces = [clip[i : i + 2400] for i in range(0, len(clip), 2400)]
+
+    async def talk(call) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def chunks():
+            due = loop.time()
+            for p in pieces:
+                yield p
+                due += 0.1
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+        while not call.ended.is_set():
+            await call.speak(chunks())
+
+    def orphaned() -> None:  # the measuring process is gone (its end of our stdin closed): so are we
+        sys.stdin.read()
+        os._exit(0)
+
+    async def main() -> None:
+        threading.Thread(target=orphaned, daemon=True).start()
+        srv = StreamServer(lambda: csmstream.load("tiny", device="cpu", max_streams=1), port=0, routes=routes,
+                           calls=calls, warmup=False, compression=compression)
+        await srv.start()
+        print(srv.port, flush=True)
+        talking: dict = {}
+        while True:  # give every new call its speech
+            for call in list(calls):
+                if speak and call not in talking:
+                    talking[call] = asyncio.create_task(talk(call))
+            for call in [c for c, task in talking.items() if task.done()]:
+                del talking[call]
+            await asyncio.sleep(0.1)
+
+    _run_loop(main())
+
+
+# -- Telnyx's side (this process) ----------------------------------------------------------------------
+PAYLOADS = {"PCMU": b"\xff" * 160, "PCMA": b"\xd5" * 160, "L16": bytes(640)}
+
+
+def caller_payload(codec: str) -> str:
+    if codec == "G722":
+        from csmstream.kernels.g722 import g722_encode
+
+        raw = g722_encode(np.zeros(320, np.int16)).tobytes()
+    else:
+        raw = PAYLOADS[codec]
+    return base64.b64encode(raw).decode()
+
+
+def scrape(port: int) -> dict[str, float]:
+    from csmstream.transport.metrics import parse
+
+    return parse(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode())
+
+
+def lag_quantile(before: dict, after: dict, q: float) -> str:
+    """The histogram bucket holding quantile q of the window's lag samples, as '<= X ms'."""
+    name = "csm_event_loop_lag_milliseconds_bucket"
+    keys = sorted((k for k in after if k.startswith(name)), key=lambda k: float(k.split('"')[1]))
+    total = after[f'{name}{{le="+Inf"}}'] - before[f'{name}{{le="+Inf"}}']
+    last = "0"
+    for k in keys:
+        le = k.split('"')[1]
+        if after[k] - before[k] >= q * total:
+            return f"> {last} ms" if le == "+Inf" else f"<= {le} ms"
+        last = le
+    return f"> {last} ms"
+
+
+async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str) -> dict:
+    from websockets.asyncio.client import connect
+
+    url = f"ws://127.0.0.1:{port}/telnyx?codec={codec}" + ("&sampling_rate=16000" if codec == "L16" else "")
+    rate = {"G722": 16000, "L16": 16000}.get(codec, 8000)
+    conns = []
+    for i in range(n):
+        ws = await connect(url, max_size=None, ping_interval=None)
+        await ws.send(json.dumps({"event": "connected", "version": "1.0.0"}))
+        await ws.send(json.dumps({"event": "start", "sequence_number": "1", "stream_id": f"s{i}",
+                                  "start": {"call_control_id": f"v2:load-{i}",
+                                            "media_format": {"encoding": codec, "sample_rate": rate, "channels": 1}}}))
+        conns.append(ws)
+    got = [0.0] * n  # ms of audio received, per call
+    per_ms = {"L16": 32}.get(codec, 8)  # bytes a millisecond: G.711 8 kHz, G.722 64 kbit/s, L16 16 kHz
+
+    async def read(i, ws):
+        async for m in ws:
+            if m.startswith('{"event": "media"'):
+                a = m.index('"payload": "') + 12
+                b = m.index('"', a)
+                got[i] += ((b - a) * 3 // 4 - m.count("=", b - 2, b)) / per_ms
+
+    readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(conns)]
+    loop = asyncio.get_running_loop()
+    late = 0.0
+    running = True
+
+    async def send_frames():
+        nonlocal late
+        due, seq = loop.time(), 1
+        while running:
+            seq += 1
+            for i, ws in enumerate(conns):
+                await ws.send('{"event": "media", "sequence_number": "%d", "stream_id": "s%d", "media": {"track": '
+                              '"inbound", "chunk": "%d", "timestamp": "%d", "payload": "%s"}}'
+                              % (seq, i, seq, 20 * seq, payload))
+            due += 0.02
+            late = max(late, loop.time() - due)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+
+    sender = asyncio.create_task(send_frames())
+    await asyncio.sleep(2.0)  # every call started, speech flowing
+    before, got0, t0, c0 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    late = 0.0
+    await asyncio.sleep(seconds)
+    after, got1, t1, c1 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    running = False
+    await sender
+    for ws in conns:
+        await ws.close()
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    wall = t1 - t0
+    loop_cpu = (after["csm_event_loop_cpu_seconds_total"] - before["csm_event_loop_cpu_seconds_total"]) / wall
+    return {"calls": n, "codec": codec, "seconds": round(wall, 2),
+            "active_calls": after["csm_telnyx_calls_active"],
+            "loop_cpu_share": round(loop_cpu, 4), "per_call_share": round(loop_cpu / n, 6),
+            "calls_per_core": int(n / loop_cpu) if loop_cpu > 0 else None,
+            "process_cpu_share": round((after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]) / wall, 4),
+            "lag_p99": lag_quantile(before, after, 0.99), "lag_max_ms": after["csm_event_loop_lag_max_milliseconds"],
+            "caller_frames_per_call_s": round((after["csm_telnyx_caller_frames_total"]
+                                               - before["csm_telnyx_caller_frames_total"]) / n / wall, 1),
+            "audio_out_ms_per_call_s": round((got1 - got0) / n / wall, 1),
+            "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1)}
+
+
+def wait_idle(port: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while scrape(port)["csm_telnyx_calls_active"] > 0:
+        if time.monotonic() > end:
+            raise RuntimeError("the server still has calls after the load closed them")
+        time.sleep(0.2)
+
+
+def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak: bool = True,
+            compression: str | None = None, progress=print) -> list[dict]:
+    """Start the child server, run each N in turn, stop the server; the rows."""
+    if codec not in ("PCMU", "PCMA", "G722", "L16"):
+        raise ValueError(f"codec must be PCMU, PCMA, G722 or L16, got {codec!r}")
+    if not calls or min(calls) < 1:
+        raise ValueError(f"calls must be whole numbers >= 1, got {calls}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    if compression not in (None, "deflate"):
+        raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
+                             + ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression
+                                                                      else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    rows = []
+    try:
+        line = child.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"the server did not start (exit {child.poll()})")
+        port = int(line)
+        progress(f"server on port {port} (pid {child.pid}); {'speech in both directions' if speak else 'caller audio only'}, "
+                 f"{codec}, permessage-deflate {compression or 'off'}")
+        payload = caller_payload(codec)
+        for n in calls:
+            rows.append(dict(asyncio.run(run_calls(port, n, seconds, codec, payload)), compression=compression or "off"))
+            wait_idle(port)
+            progress(row_text(rows[-1]))
+    finally:
+        child.kill()
+        child.wait()
+    return rows
+
+
+def row_text(r: dict) -> str:
+    return (f"{r['calls']:4d} calls: loop {100 * r['loop_cpu_share']:5.1f}% of a core ({100 * r['per_call_share']:.3f}% "
+            f"a call -> ~{r['calls_per_core']} calls a core); lag p99 {r['lag_p99']}, max {r['lag_max_ms']:.0f} ms; "
+            f"audio out {r['audio_out_ms_per_call_s']:.0f} ms/s a call (1000 = real time), caller frames in "
+            f"{r['caller_frames_per_call_s']}/s; load process {100 * r['load_cpu_share']:.0f}% CPU, "
+            f"{r['load_late_ms']:.0f} ms late at worst")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--calls", default="25,50,100", help="comma-separated numbers of concurrent calls (default 25,50,100)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured window per N (default 10)")
+    ap.add_argument("--codec", default="PCMU", choices=["PCMU", "PCMA", "G722", "L16"],
+                    help="the calls' bidirectional codec (L16 at 16 kHz; default PCMU)")
+    ap.add_argument("--listen-only", action="store_true", help="caller audio in only, no speech out")
+    ap.add_argument("--ws-compression", default="off",
+                    help="the server's permessage-deflate: off, deflate, or off,deflate to measure both in one run "
+                         "(default off, the server's default)")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
+    args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.codec, not args.listen_only, None if args.ws_compression == "off" else args.ws_compression)
+        return 0
+    try:
+        calls = [int(x) for x in args.calls.split(",")]
+    except ValueError:
+        ap.error(f"--calls takes comma-separated whole numbers, got {args.calls!r}")
+    modes = args.ws_compression.split(",")
+    if not set(modes) <= {"off", "deflate"}:
+        ap.error(f"--ws-compression takes off, deflate or both (comma-separated), got {args.ws_compression!r}")
+    rows = []
+    try:
+        for mode in modes:
+            rows += measure(calls, args.seconds, args.codec, not args.listen_only, None if mode == "off" else mode)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": os.uname().machine, "cpus": os.cpu_count(),
+                       "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

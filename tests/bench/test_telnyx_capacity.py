@@ -1,0 +1,35 @@
+"""bench/telnyx_capacity.py at a small scale: a child server, a handful of full-duplex calls, the
+rows read back from its /metrics (the figures themselves live in the README, not here)."""
+
+import pytest
+
+from bench import telnyx_capacity as cap
+
+
+def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured():
+    lines = []
+    (row,) = cap.measure([5], seconds=2.0, codec="G722", progress=lines.append)
+    assert row["calls"] == 5 and row["active_calls"] == 5 and row["compression"] == "off"
+    assert 0 < row["loop_cpu_share"] <= row["process_cpu_share"] + 0.05
+    assert row["caller_frames_per_call_s"] > 25  # 50 a second are sent; all were counted by the server
+    assert 500 < row["audio_out_ms_per_call_s"] <= 2100  # real time: 1000 (the pacer allows at most 2x)
+    assert row["lag_p99"].startswith(("<= ", "> "))
+    assert "G722" in lines[0] and "5 calls" in lines[1]
+
+
+@pytest.mark.parametrize("kw,message", [({"calls": [0]}, "calls must be whole numbers >= 1"),
+                                        ({"calls": [1], "codec": "OPUS"}, "codec must be PCMU, PCMA, G722 or L16"),
+                                        ({"calls": [1], "seconds": 0}, "seconds must be > 0"),
+                                        ({"calls": [1], "compression": "gzip"}, "compression must be None or 'deflate'")])
+def test_bad_arguments_are_refused_before_a_server_starts(kw, message):
+    with pytest.raises(ValueError, match=message):
+        cap.measure(**kw)
+
+
+def test_lag_quantile_reads_the_histogram_window():
+    name = "csm_event_loop_lag_milliseconds_bucket"
+    before = {f'{name}{{le="1"}}': 10, f'{name}{{le="5"}}': 10, f'{name}{{le="+Inf"}}': 10}
+    after = {f'{name}{{le="1"}}': 100, f'{name}{{le="5"}}': 109, f'{name}{{le="+Inf"}}': 110}
+    assert cap.lag_quantile(before, after, 0.5) == "<= 1 ms"  # 90 of the window's 100 samples <= 1 ms
+    assert cap.lag_quantile(before, after, 0.99) == "<= 5 ms"  # 99 of them
+    assert cap.lag_quantile(before, after, 1.0) == "> 5 ms"  # the last one beyond every bound
