@@ -164,9 +164,14 @@ def summarize(results: list[CallResult]) -> dict:
     return out
 
 
+def loop(summary: dict) -> str:
+    share = (summary.get("server") or {}).get("loop_cpu_share")
+    return "-" if share is None else f"{100 * share:.1f}% of a core"
+
+
 def table(summary_by_level: dict[int, dict]) -> str:
     rows = ["concurrency  requests errors underruns  ttfa p50/p95/p99/max ms        rtf p95  max gap p95  "
-            "REST-style first audio p50  gain"]
+            "REST-style first audio p50  gain  server loop CPU"]
     for c, s in summary_by_level.items():
         f = s["ttfa_ms"]
 
@@ -176,7 +181,7 @@ def table(summary_by_level: dict[int, dict]) -> str:
         rows.append(f"{c:11d}  {s['requests']:8d} {s['errors']:6d} {s['underruns']:9d}  "
                     f"{fmt(f['p50']):>5}/{fmt(f['p95']):>5}/{fmt(f['p99']):>5}/{fmt(f['max']):>5}"
                     f"{'':13}{s['rtf']['p95'] or 0:6.3f}  {s['max_gap_ms']['p95'] or 0:9.0f}  "
-                    f"{s['rest_ttfa_ms']['p50'] or 0:24.0f} ms  {s['streaming_gain'] or 0:4.1f}x")
+                    f"{s['rest_ttfa_ms']['p50'] or 0:24.0f} ms  {s['streaming_gain'] or 0:4.1f}x  {loop(s)}")
     return "\n".join(rows)
 
 
@@ -201,21 +206,35 @@ def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: di
     return paths + draw_all(out_dir, results, summary_by_level)
 
 
-def server_rss(url: str, token: str | None = None) -> int | None:
-    """The server's resident memory from its /metrics (None when unavailable)."""
+def server_metrics(url: str, token: str | None = None) -> dict[str, float] | None:
+    """The server's /metrics, parsed (None when unavailable)."""
+    import time
     import urllib.request
+
+    from .transport.metrics import parse
 
     base = url.replace("ws://", "http://").replace("wss://", "https://")
     http = (base.split("/v1/")[0] if "/v1/audio/speech" in base else base.split("/ws/")[0]) + "/metrics"
     try:
         req = urllib.request.Request(http, headers={"Authorization": f"Bearer {token}"} if token else {})
         with urllib.request.urlopen(req, timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("csm_process_resident_bytes "):
-                    return int(float(line.split()[1]))
+            out = parse(r.read().decode())
     except (OSError, ValueError):
         return None
-    return None
+    out["_scraped_at"] = time.monotonic()
+    return out
+
+
+def server_load(before: dict | None, after: dict | None) -> dict:
+    """What the level cost the server, from two scrapes of its /metrics: its event loop's and its
+    whole process's share of a core, and the loop's largest lag (of the last 10 s)."""
+    keys = ("csm_event_loop_cpu_seconds_total", "process_cpu_seconds_total")
+    if before is None or after is None or not all(k in before and k in after for k in keys):
+        return {"loop_cpu_share": None, "process_cpu_share": None, "loop_lag_max_ms": None}
+    wall = max(1e-9, after["_scraped_at"] - before["_scraped_at"])
+    share = [round((after[k] - before[k]) / wall, 4) for k in keys]
+    return {"loop_cpu_share": share[0], "process_cpu_share": share[1],
+            "loop_lag_max_ms": after.get("csm_event_loop_lag_max_milliseconds")}
 
 
 def drift(results: list[CallResult], rss_before: int | None, rss_after: int | None) -> dict:
@@ -242,11 +261,14 @@ def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[st
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
-        before = server_rss(url, token)
+        before = server_metrics(url, token)
         level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token))
+        after = server_metrics(url, token)
         results += level
         summaries[c] = summarize(level)
-        summaries[c]["drift"] = drift(level, before, server_rss(url, token))
+        rss = [None if m is None else m.get("csm_process_resident_bytes") for m in (before, after)]
+        summaries[c]["drift"] = drift(level, *(None if b is None else int(b) for b in rss))
+        summaries[c]["server"] = server_load(before, after)
     best = best_level(summaries, ttfa_threshold_ms)
     files = write_outputs(Path(out_dir), results, summaries, best)
     return {"summary": summaries, "best_concurrency": best, "files": [str(p) for p in files], "results": results}

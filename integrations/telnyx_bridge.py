@@ -104,7 +104,7 @@ class CallRegistry:
 
     def __init__(self) -> None:
         self._calls: dict[str, TelnyxCall] = {}
-        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._waiters: dict[str, list[tuple[asyncio.Future, Callable | None]]] = {}  # (future, listener)
         self.counts: Counter[str] = Counter()  # see COUNTERS
 
     def metric_lines(self) -> list[str]:

@@ -42,6 +42,20 @@ def test_bench_tool_against_a_real_server(tmp_path, server):
     assert out["best_concurrency"] == 2  # tiny on CPU keeps up with 2 callers
     d = data["summary"]["2"]["drift"]
     assert d["rss_before_mb"] > 0 and d["rss_after_mb"] > 0 and d["ttfa_first_tenth_p50"] > 0
+    load = data["summary"]["2"]["server"]  # from the server's /metrics before and after the level
+    assert 0 < load["loop_cpu_share"] <= load["process_cpu_share"] and load["loop_lag_max_ms"] >= 0
+
+
+def test_server_load_needs_both_scrapes_with_the_loop_figures():
+    from csmstream.benchtool import server_load
+
+    a = {"_scraped_at": 10.0, "csm_event_loop_cpu_seconds_total": 1.0, "process_cpu_seconds_total": 5.0}
+    b = {"_scraped_at": 12.0, "csm_event_loop_cpu_seconds_total": 1.5, "process_cpu_seconds_total": 7.0,
+         "csm_event_loop_lag_max_milliseconds": 3.0}
+    assert server_load(a, b) == {"loop_cpu_share": 0.25, "process_cpu_share": 1.0, "loop_lag_max_ms": 3.0}
+    nothing = {"loop_cpu_share": None, "process_cpu_share": None, "loop_lag_max_ms": None}
+    assert server_load(None, b) == nothing  # /metrics unreachable
+    assert server_load({"_scraped_at": 1.0}, b) == nothing  # a server without the loop figures (older)
 
 
 def test_bench_counts_g722_audio_at_its_own_bytes_per_ms(tmp_path, server):
@@ -92,5 +106,5 @@ def test_cli_bench_prints_tables_and_writes_files(tmp_path, server):
     out = subprocess.run([sys.executable, "-m", "csmstream", "bench", "--url", server.url, "--sweep", "1,2",
                           "--requests", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "p50/p95/p99/max" in out.stdout and "highest concurrency" in out.stdout
+    assert "p50/p95/p99/max" in out.stdout and "highest concurrency" in out.stdout and "of a core" in out.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "ttfa.png").exists()
