@@ -37,6 +37,7 @@ import numpy as np
 def serve(codec: str, speak: bool, compression: str | None = None) -> None:
     import csmstream
     from csmstream.commands import _run_loop, telnyx_routes
+    from csmstream.integrations.telnyx_bridge import UnknownCall
     from csmstream.transport.server import StreamServer
 
     routes, calls = telnyx_routes(codec, None)
@@ -55,7 +56,10 @@ def serve(codec: str, speak: bool, compression: str | None = None) -> None:
                 await asyncio.sleep(max(0.0, due - loop.time()))
 
         while not call.ended.is_set():
-            await call.speak(chunks())
+            try:
+                await call.speak(chunks())
+            except UnknownCall:  # hung up between the check and the utterance
+                return
 
     def orphaned() -> None:  # the measuring process is gone (its end of our stdin closed): so are we
         sys.stdin.read()
