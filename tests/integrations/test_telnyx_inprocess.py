@@ -330,5 +330,7 @@ def test_metrics_count_the_calls_their_audio_both_ways_and_barge_ins(phone_serve
     assert delta("csm_telnyx_utterances_total") == 2 and delta("csm_telnyx_utterances_heard_total") == 1
     assert delta("csm_telnyx_clears_total") == 1 == len(s.cleared_at)
     assert delta("csm_telnyx_media_sent_total") == len(s.media_times()) > 0
-    assert delta("csm_telnyx_caller_frames_total") == s.caller_frames_sent > 0
+    # every frame sent before the stop; the simulator's caller may send one more after it, unread
+    assert s.caller_frames_sent - 1 <= delta("csm_telnyx_caller_frames_total") <= s.caller_frames_sent
+    assert s.caller_frames_sent > 10
     assert delta("csm_telnyx_bad_messages_total") == 0 and not s.problems
