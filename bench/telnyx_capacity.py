@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 
@@ -98,9 +97,12 @@ def caller_payload(codec: str) -> str:
 
 
 def scrape(port: int) -> dict[str, float]:
-    from csmstream.transport.metrics import parse
+    from csmstream.benchtool import server_metrics
 
-    return parse(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode())
+    got = server_metrics(f"ws://127.0.0.1:{port}/ws/generate")
+    if got is None:
+        raise RuntimeError(f"the server on port {port} did not answer /metrics")
+    return got
 
 
 def lag_quantile(before: dict, after: dict, q: float) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 
 from .pacer import Pacer
 from .telnyx_codecs import check
-from .telnyx_session import (MEDIA_PREFIX, BadMessage, CallerAudio, CallStarted, MarkPlayed, Stopped, TelnyxMediaSession,
-                             Utterance)
+from .telnyx_session import (BadMessage, CallerAudio, CallStarted, MarkPlayed, MediaMessage, Stopped,
+                             TelnyxMediaSession, Utterance)
 
 log = logging.getLogger("csmstream.telnyx")
 AUTH_HEADER = "x-telnyx-streaming-auth-token"
@@ -290,10 +290,10 @@ class TelnyxCall:
     async def _send(self, msg: str) -> None:
         if self.session.stopped:
             return  # nothing goes out after stop
-        if msg.startswith(MEDIA_PREFIX):
+        if isinstance(msg, MediaMessage):
             self.sent_media += 1
             self._count("media_sent")
-            self._count("media_ms", int(getattr(msg, "ms", 0)))
+            self._count("media_ms", int(msg.ms))
         await self.sock.send(msg)
 
     # -- speaking ----------------------------------------------------------------------------------

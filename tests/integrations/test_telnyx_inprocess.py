@@ -286,16 +286,13 @@ def test_shutdown_closes_live_calls_and_listeners_instead_of_waiting_for_them():
 def test_metrics_count_the_calls_their_audio_both_ways_and_barge_ins(phone_server, monkeypatch):
     """/metrics: calls on the line now and in all, caller frames in, media out, utterances spoken
     and heard, clears, refused stream URLs -- each against what the simulated Telnyx counted."""
-    from csmstream.transport.metrics import parse
+    from csmstream.benchtool import server_metrics
 
     floor_frame_time(monkeypatch, phone_server)
     rs = phone_server
-    url = rs.url.replace("ws://", "http://").replace("/ws/generate", "/metrics")
 
     def scrape():
-        import urllib.request
-
-        return parse(urllib.request.urlopen(url, timeout=10).read().decode())
+        return server_metrics(rs.url)
 
     async def go():
         before = scrape()
