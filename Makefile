@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-check kernel-report gpu-bench clean help nginx
+.PHONY: install demo test bench bench-check kernel-report gpu-bench gpu-wheels clean help nginx
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
 	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89, TRITON=3.6.0, KR_ARGS=--pdl) without a GPU: registers, spills, loads"
 	@echo "make gpu-bench - on a CUDA GPU: sweep the GEMV tiles, then bench/gpu.py with the measured ones (OUT=dir)"
+	@echo "make gpu-wheels - download into .whl/ what a lent GPU's image lacks (websockets), for bench/gpu_session.sh"
 	@echo "make install - only set up .venv (TORCH=... to choose the torch build)"
 
 $(STAMP): setup.py
@@ -66,6 +67,15 @@ gpu-bench: $(STAMP)
 	mkdir -p $(OUT)
 	bash -o pipefail -c '$(PY) bench/gemv_sweep.py --rows $(ROWS) --json $(OUT)/gemv_sweep.json | tee $(OUT)/gemv_sweep.txt'
 	bash -o pipefail -c 'CSM_GEMV_TILES=$(OUT)/gemv_sweep.json $(PY) bench/gpu.py --json $(OUT)/gpu.json | tee $(OUT)/gpu.txt'
+
+# a lent GPU machine (the device tool) has torch, triton and transformers but no websockets and no
+# internet: its wheel, built for the image's Python, travels in the git-ignored .whl/ (carry=[".whl"])
+GPU_PY ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl "websockets==$$($(PY) -c 'import websockets; print(websockets.__version__)')"
+	@ls .whl
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks build *.egg-info

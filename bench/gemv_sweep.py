@@ -2,6 +2,9 @@
 
     python bench/gemv_sweep.py [--rows 1,8] [--dtype bfloat16] [--json gemv_sweep.json] [--jobs 16]
 
+The JSON is rewritten after every case (the projections read most often a frame first), so a sweep
+cut short still leaves a usable tile table for what it timed.
+
 For every projection of a decoder layer (backbone and depth decoder), every batch size and both
 weight formats (the model dtype, and int8 with a scale per row), it times: cuBLAS (F.linear plus the
 ops the fused kernel folds in: norm, SiLU·up, residual add, RoPE + cache write), the tiles `pick_tiles()` chooses, and each tile in a grid; each
@@ -199,12 +202,16 @@ def _run_cases(chunk) -> int:
     return n
 
 
-def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print, jobs: int = 0) -> dict:
-    """Time every case (jobs > 1: compile its candidates in that many processes first)."""
+def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print, jobs: int = 0,
+          save=None) -> dict:
+    """Time every case (jobs > 1: compile its candidates in that many processes first), the
+    projections read most often a frame first. save(cases): called after each case with those done
+    so far (a run cut short still leaves a tile table for them)."""
     if jobs > 1:
         precompile(shape_list, rows_list, dtype, device, jobs, grid, log)
     results = []
-    for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True)):
+    by_calls = sorted(shape_list, key=lambda s: -s["calls"])  # stable: the depth decoder's (31 a frame) first
+    for rows, shape, int8 in itertools.product(rows_list, by_calls, (False, True)):
         case = Case(shape, rows, int8, dtype, device, copies)
         cols, mats, picked, cands = candidates(shape, rows, int8, grid)
         row = dict(name=shape["name"], rows=rows, int8=int8, K=shape["K"], cols=cols, mats=mats,
@@ -226,6 +233,8 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
             f"cuBLAS {cublas} us  picked {row['picked_us']:7.1f} us  "
             f"best {row['best_us']:7.1f} us {best} ({row['best_gbps']:.0f} GB/s)")
         results.append(row)
+        if save is not None:
+            save(results)
     return {"cases": results, "frame_gemv_ms": frame_totals(results)}
 
 
@@ -271,10 +280,16 @@ def main(argv=None) -> int:
 
     dev = torch.cuda.get_device_name()
     print(f"# {dev}, torch {torch.__version__}, {a.dtype}, {time.strftime('%Y-%m-%d')}", flush=True)
+    head = dict(device=dev, date=time.strftime("%Y-%m-%d"), dtype=a.dtype)
+
+    def save(cases, done=False):  # after every case: CSM_GEMV_TILES can use a sweep cut short
+        doc = {"cases": cases, "frame_gemv_ms": frame_totals(cases), **head, "complete": done}
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+        return doc
+
     res = sweep(shapes(CsmModelConfig.from_hf(CsmConfig())), rows, getattr(torch, a.dtype), "cuda",
-                log=lambda *x: print(*x, flush=True), jobs=a.jobs)
-    res.update(device=dev, date=time.strftime("%Y-%m-%d"), dtype=a.dtype)
-    Path(a.json).write_text(json.dumps(res, indent=1))
+                log=lambda *x: print(*x, flush=True), jobs=a.jobs, save=save)
+    res = save(res["cases"], done=True)
     print("GEMV ms a frame (cuBLAS / fused picked / fused best / int8 depth picked / int8 depth best):")
     for rows, t in res["frame_gemv_ms"].items():
         print(f"  B={rows}: {t['cublas_ms']} / {t['picked_ms']} / {t['best_ms']} / {t['int8_depth_picked_ms']} / "

@@ -10,7 +10,7 @@ stream's first 100 ms). The benchmark time is the whole burst's wall time. Nothi
 
 import pytest
 
-from bench.gpu import live
+from bench.gpu_measure import live
 
 STREAMS, SECONDS = 16, 2.0
 SETTINGS = {"budget": None, "one_chunk_a_tick": 0.0}

@@ -25,8 +25,13 @@ def test_every_tile_is_checked_and_the_totals_add_up():
              dict(name="backbone.wqkv", kind="rope", N=32, K=40, calls=2, heads=(2, 1, 8)),
              dict(name="heads", kind="norm", N=20, K=40, calls=2)]
     grid = [(4, 16, 1), (8, 32, 2)]
-    res = sweep(small, [1, 3], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None)
+    saved = []  # the cases done so far, after each one (main writes them to the JSON)
+    res = sweep(small, [1, 3], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None,
+                save=lambda cases: saved.append([c["name"] for c in cases]))
     assert len(res["cases"]) == 2 * 4 * 2  # rows x shapes x formats
+    assert [len(s) for s in saved] == list(range(1, 17)) and saved[-1] == [c["name"] for c in res["cases"]]
+    # the projections called most often a frame are timed first (a sweep cut short has them)
+    assert saved[-1][:8] == ["depth.w13"] * 2 + ["depth.w2"] * 2 + ["backbone.wqkv"] * 2 + ["heads"] * 2
     for case in res["cases"]:
         assert set(case["tiles"]) >= {str(t) for t in grid} and case["best_us"] == min(case["tiles"].values())
         assert (case["cublas_us"] is None) == case["int8"]

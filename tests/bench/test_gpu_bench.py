@@ -1,8 +1,8 @@
-"""bench/gpu.py's parts that run without a GPU (interpreted kernels, wall-clock times)."""
+"""bench/gpu.py's measurements that run without a GPU (interpreted kernels, wall-clock times)."""
 
 import torch
 
-from bench.gpu import sample_us
+from bench.gpu_measure import sample_us
 
 
 def test_sample_us_checks_the_kernel_and_times_both_paths():
@@ -12,7 +12,7 @@ def test_sample_us_checks_the_kernel_and_times_both_paths():
 
 
 def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_generator(tiny_engine):
-    from bench.gpu import prefill_ms, prompt
+    from bench.gpu_measure import prefill_ms, prompt
 
     from csmstream.engine.generator import FrameGenerator
 
@@ -29,7 +29,7 @@ def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_gene
 
 
 def test_the_kept_variant_and_its_table_row(tiny_engine):
-    from bench.gpu import kept_variant, variants_row
+    from bench.gpu_measure import kept_variant, variants_row
 
     from csmstream.engine.generator import FrameGenerator
 
@@ -41,3 +41,52 @@ def test_the_kept_variant_and_its_table_row(tiny_engine):
     res = kept_variant(step)
     assert res["variant"] == "fused+pdl" and res["capture_fused+pdl_ms"] == 5.2
     assert variants_row(res) == "cublas 7.40 / fused 6.12 / fused+pdl 5.20 ms, kept fused+pdl"
+
+
+# -- the stage runner (bench/gpu.py) ----------------------------------------------------------------
+def _run(tmp_path, *args):
+    import json
+
+    from bench.gpu import main
+
+    out = tmp_path / "gpu.json"
+    rc = main(["--device", "cpu", "--config", "micro", "--json", str(out), *args])
+    return rc, json.loads(out.read_text())
+
+
+def test_a_spent_budget_starts_no_stage_and_still_writes_the_json(tmp_path):
+    rc, res = _run(tmp_path, "--stages", "profile,sample", "--budget-s", "0")
+    assert rc == 0 and res["skipped"] == ["profile", "sample"]
+    assert "profile" not in res and "sample" not in res and res["errors"] == {}
+    assert res["config"] == "micro" and res["device"] == "cpu (dry run)"
+
+
+def test_a_failing_stage_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
+    from bench.gpu import Bench
+
+    def broken(self):
+        raise RuntimeError("the draw kernel would not compile")
+
+    monkeypatch.setattr(Bench, "sample", broken)
+    rc, res = _run(tmp_path, "--stages", "sample,profile")
+    assert rc == 1  # the session script sees it
+    assert "RuntimeError: the draw kernel would not compile" in res["errors"]["sample"]
+    assert "sample" not in res and res["profile"] == {"skipped": "the profile reads CUDA kernels"}
+    assert set(res["stages"]) == {"sample", "profile"}
+    assert "| stage sample | FAILED (traceback in the JSON) |" in capsys.readouterr().out
+
+
+def test_bad_arguments_say_what_is_allowed(tmp_path, capsys):
+    import pytest
+
+    from bench.gpu import main
+
+    for args, says in ((["--stages", "batch1,nope"], "the stages are batch1, check, profile"),
+                       (["--iters", "0"], "--iters must be >= 1"),
+                       (["--buckets", "1,x"], "expected integers separated by commas")):
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cpu", *args, "--json", str(tmp_path / "x.json")])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--json", str(tmp_path / "x.json")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
