@@ -127,10 +127,9 @@ class Bench:
         if not self.a.streams:
             return {"skipped": "--streams 0"}
         eng = self.engine("many")
-        streams = min(self.a.streams, eng.max_streams)
-        out = {"budget": gm.live(eng, streams, self.a.seconds)}
+        out = {"budget": gm.live(eng, self.a.streams, self.a.seconds)}
         gm.log("live:", out["budget"])
-        out["one_chunk_a_tick"] = gm.live(eng, streams, self.a.seconds, max_prefill_s=0.0)
+        out["one_chunk_a_tick"] = gm.live(eng, self.a.streams, self.a.seconds, max_prefill_s=0.0)
         return out
 
     # -- the run ------------------------------------------------------------------------------------
