@@ -37,6 +37,7 @@ def serve(codec: str, speak: bool, compression: str | None = None) -> None:
     import csmstream
     from csmstream.commands import _run_loop, telnyx_routes
     from csmstream.integrations.telnyx_bridge import UnknownCall
+    from csmstream.transport.encoder import warm_codecs
     from csmstream.transport.server import StreamServer
 
     routes, calls = telnyx_routes(codec, None)
@@ -66,6 +67,8 @@ def serve(codec: str, speak: bool, compression: str | None = None) -> None:
 
     async def main() -> None:
         threading.Thread(target=orphaned, daemon=True).start()
+        warm_codecs()  # as serve's start-up does (warmup=False below skips only that and the model's): a
+        # cold numba cache would otherwise compile the codecs on the loop inside the measured window
         srv = StreamServer(lambda: csmstream.load("tiny", device="cpu", max_streams=1), port=0, routes=routes,
                            calls=calls, warmup=False, compression=compression)
         await srv.start()
