@@ -45,17 +45,22 @@ def micro_config(text_vocab: int):
                           bos_token_id=0)
 
 
-def small_model(config: str, int8: bool = False):
-    """The small configurations on CPU in float32, seeded (two calls give the same weights): `tiny`
-    (the embedded model) or `micro`; int8: the depth decoder quantized as load(quantize=) does."""
-    from csmstream.engine.model import CSM
-    from csmstream.engine.tiny import init_random, tiny_config
+def small_config(config: str):
+    """`tiny` (the embedded model's) or `micro`, for the tiny tokenizer."""
+    from csmstream.engine.tiny import tiny_config
     from csmstream.engine.tokenizer import TextTokenizer
 
-    vocab = TextTokenizer.tiny().vocab_size
-    cfg = {"tiny": tiny_config, "micro": micro_config}[config](vocab)
+    return {"tiny": tiny_config, "micro": micro_config}[config](TextTokenizer.tiny().vocab_size)
+
+
+def small_model(config: str, int8: bool = False):
+    """A small configuration's model on CPU in float32, seeded (two calls give the same weights);
+    int8: the depth decoder quantized as load(quantize=) does."""
+    from csmstream.engine.model import CSM
+    from csmstream.engine.tiny import init_random
+
     with torch.device("cpu"):
-        model = CSM(cfg)
+        model = CSM(small_config(config))
     init_random(model)
     model = model.float().eval().requires_grad_(False)
     if int8:
@@ -149,7 +154,7 @@ def check_small_vs_cpu(device: str = "cuda", config: str = "tiny", frames: int =
     out = {}
     saved = {k: os.environ.get(k) for k in ("CSM_FUSED_GEMV", "CSM_PDL")}
     os.environ["CSM_PDL"] = "off"
-    n = small_model(config).cfg.num_codebooks
+    n = small_config(config).num_codebooks
     tok, mask = (torch.from_numpy(a) for a in build_prompt(TextTokenizer.tiny(), TEXT, 0, (), n))
     try:
         for variant, int8, suffix in (("off", False, ""), ("on", False, "_fused_gemv"), ("on", True, "_int8_depth"),
