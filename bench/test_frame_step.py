@@ -80,7 +80,9 @@ def test_side_by_side_ratio(benchmark, pair):
         f()  # warm
     for _ in range(3):
         for k, f in paths.items():
-            t = time.perf_counter(); f(); times[k].append((time.perf_counter() - t) / FRAMES)
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) / FRAMES)
     o, e, r = (float(np.median(times[k])) for k in paths)
     benchmark.group = f"ratio-{name}"
     benchmark.extra_info.update(engine_ms_per_frame=1000 * o, eager_ms_per_frame=1000 * e,

@@ -242,7 +242,10 @@ def drift(results: list[CallResult], rss_before: int | None, rss_after: int | No
     ok = [r.ttfa_ms for r in sorted(results, key=lambda r: r.index) if r.ttfa_ms is not None]
     k = max(1, len(ok) // 10)
     first, last = _pct(ok[:k], 50), _pct(ok[-k:], 50)
-    mb = (lambda b: None if b is None else round(b / 2**20, 1))
+
+    def mb(b: int | None) -> float | None:
+        return None if b is None else round(b / 2**20, 1)
+
     return {"ttfa_first_tenth_p50": first, "ttfa_last_tenth_p50": last,
             "rss_before_mb": mb(rss_before), "rss_after_mb": mb(rss_after),
             "rss_growth_mb": None if rss_before is None or rss_after is None else mb(rss_after - rss_before)}

@@ -67,7 +67,7 @@ def test_ties_at_the_kth_place_go_to_the_lower_code_ids():
     logits[0, 50] = -1.0
     seen = set()
     for seed in range(300):
-        s = torch.tensor([seed]); c = torch.zeros(1, dtype=torch.long)
+        s, c = torch.tensor([seed]), torch.zeros(1, dtype=torch.long)
         seen.add(int(sample(logits, torch.tensor([50.0]), torch.tensor([4]), 4, s, c, 0)))
     assert seen == {40, 0, 1, 2}  # the best, then the three lowest of the tied ids
 
@@ -105,5 +105,6 @@ def test_same_seed_same_frames_and_batch_independent(tiny_engine):
         g.prefill(row, torch.from_numpy(t), torch.from_numpy(m), seed=11 if row == 0 else 99,
                   temperature=0.9, topk=50)
     together = np.stack([g.step(0, 2, 50).numpy() for _ in range(12)])  # [12, 2, 32]
-    g.release(0); g.release(1)
+    g.release(0)
+    g.release(1)
     np.testing.assert_array_equal(together[:, 0], a)
