@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-GRID = [(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8))]
+# BLOCK_K up to 2048: on the H200 (2026-12-04, --rows 1) the widest K tile then timed, 512, won every
+# shape, by 10-50 % over 256 (the K loop's latency bounds a one-row GEMV), so wider ones are next
+GRID = [(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
 L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit in it
 
 
@@ -160,14 +162,16 @@ class Case:
 
 def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int, tuple, list[tuple]]:
     """(cols, mats, picked, tiles to time) of one case: pick_tiles' choice first, then the grid's
-    tiles that fit the register budget."""
+    tiles that fit the register budget and K."""
     from csmstream.kernels.triton_gemv import PRODUCTS, pick_tiles
 
     mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
     bb = 1 << (rows - 1).bit_length()
     cols = shape["N"] // 2 if shape["kind"] == "rope" else shape["N"]  # rope: programs cover column pairs
     picked = pick_tiles(rows, shape["K"], cols, mats=mats, int8=int8)
-    return cols, mats, picked, [picked] + [t for t in grid if t != picked and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
+    kmax = 1 << (shape["K"] - 1).bit_length()  # a K tile past K only loads masked lanes
+    return cols, mats, picked, [picked] + [t for t in grid if t != picked and t[1] <= kmax
+                                           and bb * t[0] * t[1] * mats <= 2 * PRODUCTS]
 
 
 def precompile(shape_list, rows_list, dtype, device, jobs: int, grid=GRID, log=print) -> int:

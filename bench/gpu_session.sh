@@ -10,7 +10,7 @@
 #   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured                  -> sweep.json
 #   5. bench/gpu.py batch1,int8 again on the measured tiles (CSM_GEMV_TILES)       -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
-#   7. the Triton kernel tests compiled (TRITON_INTERPRET=0), while time is left   (session.log)
+#   7. the Triton kernel tests compiled (TRITON_INTERPRET=0) on the GPU, while time is left (session.log)
 # From the checkout's root, through the device tool:
 #   make gpu-wheels    (here, once: websockets for the image's Python 3.12 into the git-ignored .whl/)
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
@@ -21,9 +21,9 @@ set -u
 OUT=${OUT:-out/gpu}
 BUDGET=${BUDGET:-540}
 PY=${PY:-python3}
-SITE=${SITE:-/tmp/csm-site}
+SITE=$(realpath -m "${SITE:-/tmp/csm-site}")
 DRY=${DRY:-0}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2  # (absolute: the parts run from $SITE)
 exec > >(tee -a "$OUT/session.log") 2>&1
 TEE=$!
 
@@ -49,8 +49,12 @@ part() {  # part NAME SECONDS COMMAND...: run it under a timeout; the script goe
 }
 
 # 1. the package: csmstream/ with the subsystem folders inside it, as setup.py's package_dir maps
-# them (a copy: building a wheel needs setuptools' build environment, which an offline image lacks)
-rm -rf "$SITE" && mkdir -p "$SITE" && cp -r csmstream "$SITE/" || { say "cannot write $SITE"; exit 2; }
+# them (a copy: building a wheel needs setuptools' build environment, which an offline image lacks),
+# and beside it bench/, tests/ and pytest.ini; everything below runs from there. Not from the
+# checkout: `python -c`/`-m pytest` put the working directory first on sys.path, where the bare
+# csmstream/ (no subsystems inside) would shadow the copy (the first call of 2026-12-04 failed so:
+# a venv's editable install hides that, a GPU image has none)
+rm -rf "$SITE" && mkdir -p "$SITE" && cp -r csmstream bench tests pytest.ini "$SITE/" || { say "cannot write $SITE"; exit 2; }
 for d in engine kernels transport integrations; do  # = setup.py's SUBSYSTEMS
   cp -r "$d" "$SITE/csmstream/$d" || exit 2
 done
@@ -59,8 +63,10 @@ if [ "$DRY" != 1 ] && [ -e "${wheels[0]}" ]; then  # (built for the image's Pyth
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}" ||
     say "the carried wheels did not install; going on without them"
 fi
+cd "$SITE" || exit 2
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import csmstream.engine.cuda_step" || { say "the package does not import"; exit 2; }
+"$PY" -c "import csmstream.engine.cuda_step as m; print('csmstream.engine from', m.__file__)" ||
+  { say "the package does not import"; exit 2; }
 
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -97,10 +103,13 @@ rest=$(($(left) - 30))
 part rest "$(cap 600 20)" "${TILES[@]}" "$PY" bench/gpu.py "${GPU[@]}" --stages ttfa,prefill,sample,buckets,live \
   --budget-s "$((rest > 0 ? rest * 2 / 3 : 0))" --json "$OUT/rest.json"
 
-# 7. the kernels' own tests, compiled, with what is left
+# 7. the kernels' own tests, compiled, with what is left: the files whose tensors go to the GPU when
+# there is one (test_pdl's harness is CPU-only by design: it poisons tensors inside the interpreter).
+# -v names each test as it runs and pytest-timeout (in the image) ends a hung one, so a stuck test is
+# named in the log rather than eating the budget (2026-12-04: the run ended in its timeout, unnamed)
 if [ "$DRY" != 1 ]; then
-  part kernel-tests "$(cap 600 5)" env TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_triton_ops.py tests/kernels/test_triton_gemv.py tests/kernels/test_pdl.py tests/kernels/test_int8.py
+  part kernel-tests "$(cap 600 5)" env TRITON_INTERPRET=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
+    -o timeout=60 tests/kernels/test_triton_ops.py tests/kernels/test_triton_gemv.py
 fi
 say "done; results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exec >&- 2>&-

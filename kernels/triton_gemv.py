@@ -56,6 +56,17 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> 
     if found is not None:
         return found
     bb = triton.next_power_of_2(rows)
+    if bb == 1:
+        # Measured (H200, 2026-12-04, bench/results/h200/gemv_sweep_rows1_*): at one row a GEMV is
+        # bound by the latency of its K loop, not by bandwidth (int8 weights, half the bytes, took
+        # the same time), so the widest K tile wins every shape (512 beat 256 by 10-50 %), then the
+        # narrowest output tile (4 rows, more programs in flight) until programs pass ~1,024. Over a
+        # frame's GEMVs this guess gave 5.33 ms against the sweep's best 5.28 (the older guess: 5.83).
+        bk = min(512, triton.next_power_of_2(K))
+        bn = max(4, triton.next_power_of_2(N) // 1024)
+        while bn > 4 and bn * bk * mats > PRODUCTS:
+            bn //= 2
+        return bn, bk, 4
     bn = max(4, min(32, triton.next_power_of_2(max(1, N // TARGET_PROGRAMS))))
     bk = max(16, min(512, PRODUCTS // (bb * bn * mats), triton.next_power_of_2(K)))
     if int8 and bb >= 16:  # 16 int8 rows at BLOCK_K 128 spill in matvec_add under Triton 3.6 (not 3.9)

@@ -21,6 +21,9 @@ def test_the_dry_run_runs_every_stage_and_writes_every_result(tmp_path):
                        timeout=400)
     log = (out / "session.log").read_text()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # the parts import the copied package, not the checkout's (whose bare csmstream/ comes first on
+    # sys.path from its root: there only a venv's editable install resolves the subsystems)
+    assert f"csmstream.engine from {site.resolve()}/csmstream/engine/" in log, log[:3000]
     for part in ("first", "rest"):
         assert f"{part}: exit 0" in log, log[-3000:]
     first, rest = (json.loads((out / f"{n}.json").read_text()) for n in ("first", "rest"))
