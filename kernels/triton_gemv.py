@@ -45,6 +45,7 @@ from .triton_ops import FMA, cache_rows_div
 
 MAX_ROWS = 16
 TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU reading weights
+ONE_ROW_PROGRAMS = 1024  # at one row, output tiles stay 4 wide until there are more programs than this
 PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
 
 
@@ -60,10 +61,11 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> 
         # Measured (H200, 2026-12-04, bench/results/h200/gemv_sweep_rows1_*): at one row a GEMV is
         # bound by the latency of its K loop, not by bandwidth (int8 weights, half the bytes, took
         # the same time), so the widest K tile wins every shape (512 beat 256 by 10-50 %), then the
-        # narrowest output tile (4 rows, more programs in flight) until programs pass ~1,024. Over a
-        # frame's GEMVs this guess gave 5.33 ms against the sweep's best 5.28 (the older guess: 5.83).
+        # narrowest output tile (4 rows, more programs in flight) until programs pass
+        # ONE_ROW_PROGRAMS. Over a frame's GEMVs this guess gave 5.33 ms against the sweep's best
+        # 5.28 (the older guess: 5.83).
         bk = min(512, triton.next_power_of_2(K))
-        bn = max(4, triton.next_power_of_2(N) // 1024)
+        bn = max(4, triton.next_power_of_2(N) // ONE_ROW_PROGRAMS)
         while bn > 4 and bn * bk * mats > PRODUCTS:
             bn //= 2
         return bn, bk, 4

@@ -19,9 +19,10 @@ from csmstream.kernels.triton_gemv import (
     norm_matvec_ref,
     pick_tiles,
 )
+from tests.kernels import kernels_device
 
 ROOT = Path(__file__).resolve().parents[2]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = kernels_device()
 
 
 @pytest.fixture(autouse=True)

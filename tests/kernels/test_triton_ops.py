@@ -7,12 +7,9 @@ import torch
 
 from csmstream.engine.sampling import gumbel_table, sample
 from csmstream.kernels import triton_ops
+from tests.kernels import kernels_device as device
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(), "tests/conftest.py sets it"
-
-
-def device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(("kmax", "B", "V", "C", "dtype"), [
