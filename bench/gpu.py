@@ -10,6 +10,9 @@ raises is recorded with its traceback and the next one runs. Stages (default: al
            graph replay of the kept variant, each variant's replay as timed at capture (cublas /
            fused / fused+pdl), the static step without graphs, the eager PyTorch step; and graph
            replay == the eagerly run step, bit for bit;
+  context  batch 1's frame as a call goes on (the row at positions --positions: the backbone
+           attends over that many keys), the attention's keys split (the engine's way) and in one
+           pass, side by side;
   check    the fast step of a small config (tiny) against the CPU float32 reference: the cuBLAS,
            fused-GEMV, int8-depth and (Hopper) PDL variants, top-k 1/50/2048;
   profile  the kernels of a batch-1 frame by device time, and the prefill/step/decode pieces;
@@ -18,7 +21,8 @@ raises is recorded with its traceback and the next one runs. Stages (default: al
            (request sent -> first 100 ms chunk received, when websockets is installed), with and
            without a 10 s named-voice prompt (prefix cache);
   prefill  the prefill alone: graph replay, the same padded prefill eagerly, the plain eager one;
-  sample   a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch;
+  sample   a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch, and
+           the kernel with 1, 2 and 4 warps;
   buckets  per batch bucket (an engine with max(--buckets) slots): frame step and step + streaming
            decode per tick, and the real-time streams that sustains (a tick must take < 80 ms);
   live     --streams concurrent requests through the engine thread, every chunk's lateness
@@ -47,7 +51,7 @@ if __package__:  # imported as bench.gpu (the tests)
 else:  # run as a script: bench/ is on sys.path (the checkout's root must not be: its kernels/
     import gpu_measure as gm  # folder would shadow the `kernels` package transformers looks for)
 
-STAGES = ("batch1", "check", "profile", "int8", "ttfa", "prefill", "sample", "buckets", "live")
+STAGES = ("batch1", "context", "check", "profile", "int8", "ttfa", "prefill", "sample", "buckets", "live")
 
 
 class Bench:
@@ -89,6 +93,10 @@ class Bench:
         out = {"graphs_equal_eager": gm.check_graphs_vs_eager(eng, self._prompt, rows=1, frames=self.a.check_frames)}
         out.update(gm.batch1(eng, self._prompt, self.a.iters, self.a.warmup))
         return out
+
+    def context(self):
+        eng = self.engine("one")
+        return gm.context_ms(eng, self._prompt, self.a.positions, self.a.iters, self.a.warmup)
 
     def check(self):
         small = "tiny" if self.a.config == "csm-1b" else self.a.config
@@ -188,6 +196,9 @@ def table(res: dict) -> str:
                  f"| frame, batch 1, static Triton step, no graphs | {f(b['static_no_graphs_ms'])} ms |",
                  f"| frame, batch 1, eager PyTorch | {f(b['eager_ms'])} ms |",
                  f"| graph replay == eager step | {b['graphs_equal_eager']} |"]
+    for r in res.get("context", []):
+        rows.append(f"| frame, batch 1, at position {r['position']}: {r['splits']} key splits / one pass | "
+                    f"{f(r['split_ms'])} / {f(r['one_pass_ms'])} ms |")
     if "check" in res:
         worst = min((v["codes_equal"] for v in res["check"].values()), default=None)
         rows.append(f"| small config vs CPU f32: least share of equal codes | {worst} ({len(res['check'])} cases) |")
@@ -203,6 +214,9 @@ def table(res: dict) -> str:
     for r in res.get("sample", []):
         rows.append(f"| a draw at batch {r['batch']}: one kernel / torch.topk path | {r['one_kernel_us']:.1f} / "
                     f"{r['topk_path_us']:.1f} µs |")
+        if "one_kernel_w1_us" in r:
+            rows.append(f"| a draw at batch {r['batch']}: one kernel with 1 / 2 / 4 warps | {r['one_kernel_w1_us']:.1f} / "
+                        f"{r['one_kernel_w2_us']:.1f} / {r['one_kernel_us']:.1f} µs |")
     for r in res.get("buckets", {}).get("rows", []):
         rows.append(f"| bucket {r['batch']} | step {f(r['step_ms'])} ms, tick {f(r['tick_ms'])} ms, "
                     f"{r['realtime_streams']} real-time streams |")
@@ -252,6 +266,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=3, help="untimed repetitions before each timing")
     ap.add_argument("--check-frames", type=int, default=12, help="frames compared in the checks")
     ap.add_argument("--ttfa-requests", type=int, default=10, help="timed requests per time-to-first-audio figure")
+    ap.add_argument("--positions", type=_ints, default=[64, 512, 1024, 2000],
+                    help="positions of the 'context' stage (capped to leave the timed steps in the window)")
     ap.add_argument("--sample-batches", type=_ints, default=[1, 16, 256], help="batches of the 'sample' stage")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the dry run (with --config micro), nothing it times is a GPU figure")

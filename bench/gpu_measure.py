@@ -220,7 +220,8 @@ def check_graphs_vs_eager(eng, tok_mask, rows: int = 3, frames: int = 8) -> bool
 # -- timings ------------------------------------------------------------------------------------
 def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, n: int = 20) -> list[dict]:
     """A frame's 32 draws (top-k 50 over 2,048 codes of 2,051 logits): the one-kernel draw against
-    torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw. On CUDA each variant
+    torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw; and the kernel with
+    1 and 2 warps instead of its default 4 (one_kernel_w1_us / _w2_us). On CUDA each variant
     is captured as one graph of 32 draws and replayed; elsewhere (the CPU test) plain wall time.
     Every batch first checks that the kernel draws what engine/sampling.sample draws."""
     return [_draws_timed(B, device, dtype, n) for B in batches]
@@ -238,12 +239,14 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
     seed, counter = torch.arange(B, device=device) + 1, torch.zeros(B, dtype=torch.long, device=device)
     table, codes = gumbel_table(device), torch.zeros(B, 32, dtype=torch.long, device=device)
     want = sample(logits[5][:, :2048].float(), temp, topk, 50, seed, counter, 5)
-    if not torch.equal(triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048), want):
-        raise AssertionError(f"batch {B}: the one-kernel draw differs from engine/sampling.sample")
+    for w in (None, 1, 2):
+        if not torch.equal(triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048, warps=w), want):
+            raise AssertionError(f"batch {B}: the one-kernel draw ({w or 'default'} warps) differs from "
+                                 "engine/sampling.sample")
 
-    def one_kernel():
+    def one_kernel(warps=None):
         for p in range(32):
-            triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p])
+            triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p], warps=warps)
 
     def topk_path():
         for p in range(32):
@@ -252,7 +255,8 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
             codes[:, p] = idx.gather(-1, s.argmax(-1, keepdim=True))[:, 0]
 
     row = {"batch": B}
-    for name, fn in (("one_kernel_us", one_kernel), ("topk_path_us", topk_path)):
+    for name, fn in (("one_kernel_us", one_kernel), ("topk_path_us", topk_path),
+                     ("one_kernel_w1_us", lambda: one_kernel(1)), ("one_kernel_w2_us", lambda: one_kernel(2))):
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -307,6 +311,42 @@ def batch1(eng, tok_mask, n: int, warmup: int = 3) -> dict:
     gen.fast = fast
     gen.release(0)
     return res
+
+
+def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
+    """Batch 1's frame as a call goes on: the graph replay with the row moved to each position of
+    `positions` (the backbone attends over that many keys; what they hold does not change the
+    time), with the attention's keys split as the engine splits them (kernels/triton_attn.py) and,
+    recaptured side by side, in one pass per (row, head)."""
+    gen, fast = eng.gen, eng.gen.fast
+    last = gen.max_seq_len - n - warmup - 2  # the timed steps move the row on by one each
+    fill_rows(gen, 1, tok_mask)
+    start = int(gen.host_pos[0])
+
+    def timed(p):
+        gen.pos[0] = p
+        gen.host_pos[0] = p
+        return time_steps(lambda: gen.step(0, 1, 50).cpu(), n, warmup)
+
+    rows = [{"position": p} for p in sorted({max(start, min(p, last)) for p in positions})]
+    splits = fast.attn.pick_splits(1, fast.bb.n_heads, gen.max_seq_len, fast.bb.head_dim)
+    for key, forced in (("split_ms", None), ("one_pass_ms", 1)):
+        fast.attn_splits = forced
+        if fast.use_graphs:
+            fast.capture()
+        for r in rows:
+            r[key] = timed(r["position"])
+            r["splits"] = splits
+    fast.attn_splits = None
+    if fast.use_graphs:
+        fast.capture()
+    gen.pos[0] = start
+    gen.host_pos[0] = start
+    gen.release(0)
+    for r in rows:
+        log(f"  position {r['position']:5d}: frame {r['split_ms']:7.2f} ms with {splits} key splits, "
+            f"{r['one_pass_ms']:7.2f} ms in one pass")
+    return rows
 
 
 def variants_row(res: dict) -> str:

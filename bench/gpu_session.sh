@@ -6,7 +6,7 @@
 # costs only itself.
 #   1. the package (copied as setup.py maps it) and any carried wheels (.whl/: websockets) into $SITE;
 #   2. the device's facts (nvidia-smi, torch, triton);
-#   3. bench/gpu.py batch1,check,profile,int8 on the first-guess GEMV tiles       -> first.json
+#   3. bench/gpu.py batch1,context,check,profile,int8 on the first-guess tiles    -> first.json
 #   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured                  -> sweep.json
 #   5. bench/gpu.py batch1,int8 again on the measured tiles (CSM_GEMV_TILES)       -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
@@ -86,7 +86,7 @@ numpy.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device
 "$PY" -c "import websockets" 2>/dev/null || say "websockets is missing: the server TTFA rows will say n/a (make gpu-wheels)"
 
 # 3. batch 1 first: the issue's open target, and what it is made of
-part first "$(cap 240 150)" "$PY" bench/gpu.py "${GPU[@]}" --stages batch1,check,profile,int8 --json "$OUT/first.json"
+part first "$(cap 240 150)" "$PY" bench/gpu.py "${GPU[@]}" --stages batch1,context,check,profile,int8 --json "$OUT/first.json"
 
 # 4-5. the batch-1 tiles measured, then batch 1 on them
 TILES=()
@@ -109,7 +109,7 @@ part rest "$(cap 600 20)" "${TILES[@]}" "$PY" bench/gpu.py "${GPU[@]}" --stages 
 # named in the log rather than eating the budget (2026-12-04: the run ended in its timeout, unnamed)
 if [ "$DRY" != 1 ]; then
   part kernel-tests "$(cap 600 5)" env TRITON_INTERPRET=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
-    -o timeout=60 tests/kernels/test_triton_ops.py tests/kernels/test_triton_gemv.py
+    -o timeout=60 tests/kernels/test_triton_ops.py tests/kernels/test_triton_attn.py tests/kernels/test_triton_gemv.py
 fi
 say "done; results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exec >&- 2>&-

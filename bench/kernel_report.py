@@ -156,8 +156,9 @@ def compile_only(arch: int):
         driver.set_active(active)  # no reset_active(): that would look for a real GPU
 
 
-def frame_step(cfg, int8: bool, rows: int, seq: int = 64):
-    """A FastFrameStep (fused layers available) over `cfg` on CPU, bf16, weights zero (never read)."""
+def frame_step(cfg, int8: bool, rows: int, seq: int | None = None):
+    """A FastFrameStep (fused layers available) over `cfg` on CPU, bf16, weights zero (never read),
+    its caches the model's whole window unless `seq` (the attention splits its keys by the window)."""
     import torch
 
     from csmstream.engine.cuda_step import FastFrameStep

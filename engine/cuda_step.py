@@ -14,7 +14,8 @@ code's embedding, position p + 1's input; positions 0 and 1 go through
 one pass together, as rows 2b and 2b + 1 sharing cache row b, so each weight is read once for both;
 a fused bucket over 8 rows takes them one at a time, the kernels holding 16 rows), then the backbone
 step that feeds the frame back. Per layer: fused residual+RMSNorm, qkv matmul, one kernel for RoPE
-and the cache write, decode attention over each row's own length, out-projection, residual+RMSNorm,
+and the cache write, decode attention over each row's own length (its keys split across programs
+when few rows would leave the GPU idle: kernels/triton_attn.py), out-projection, residual+RMSNorm,
 gate/up matmul, fused SiLU·up, down matmul.
 
 With graphs off (env CSM_CUDA_GRAPHS=0, `graphs=False`, or on CPU under TRITON_INTERPRET=1 in the
@@ -126,11 +127,12 @@ class FastFrameStep:
     def __init__(self, gen, *, graphs: bool, fused: str | None = None, pdl: str | None = None) -> None:
         from ..kernels import (  # imported here: nothing imports triton at package import
             pdl as pdl_mod,
+            triton_attn,
             triton_gemv,
             triton_ops,
         )
 
-        self.ops, self.gemv = triton_ops, triton_gemv
+        self.ops, self.gemv, self.attn = triton_ops, triton_gemv, triton_attn
         m, cfg = gen.model, gen.model.cfg
         self.gen, self.n, self.V, self.cs = gen, gen.n, cfg.audio_vocab, cfg.codebook_size
         self.bb, self.dd = cfg.backbone, cfg.depth
@@ -159,6 +161,10 @@ class FastFrameStep:
         self.proj = m.depth_proj.weight
         self.inputs = [gen.depth_in[j * self.V : (j + 1) * self.V] for j in range(self.n)]
         self.active = torch.zeros(gen.rows, dtype=torch.bool, device=dev)
+        # the split attention's per-(row, head) counters (kernels/triton_attn.py): every launch leaves
+        # them at zero, and one step's launches run one after another, so one buffer serves them all
+        self.attn_counts = triton_attn.counters(2 * gen.rows, max(self.bb.n_heads, self.dd.n_heads), dev)
+        self.attn_splits: int | None = None  # key splits of every attention launch (None: pick_splits)
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
@@ -198,7 +204,8 @@ class FastFrameStep:
             qkv = F.linear(xn, wqkv).view(x.shape[0], -1, kv[i].shape[-1])
             cache = kv[i][:B]
             ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
-            o = ops.decode_attention(qkv[:, :n_heads], cache, lengths)
+            o = self.attn.decode_attention(qkv[:, :n_heads], cache, lengths, splits=self.attn_splits,
+                                            counts=self.attn_counts)
             xn = ops.add_rms_norm(x, F.linear(o, wo), fn, eps)
             d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
         return ops.add_rms_norm(x, d, final_norm, eps)
@@ -214,7 +221,9 @@ class FastFrameStep:
             cache = kv[i][:B]
             qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache), pdl=pdl)
             q = qkv.view(x.shape[0], -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
-            gemv.matvec_add_(x, wo, ops.decode_attention(q, cache, lengths, pdl=pdl), scale=so, pdl=pdl)
+            o = self.attn.decode_attention(q, cache, lengths, pdl=pdl, splits=self.attn_splits,
+                                           counts=self.attn_counts)
+            gemv.matvec_add_(x, wo, o, scale=so, pdl=pdl)
             up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl)
             gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl)
         return ops.add_rms_norm(x, x, final_norm, eps, add=False, pdl=pdl) if final else x

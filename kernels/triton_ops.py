@@ -11,9 +11,7 @@
   rms_norm(h) * weight (reference: `add_rms_norm_ref`); `add=False` starts the residual stream.
 - `rope_store_`: one decode step's q/k rotation AND the cache write: q rotated in place, rotated
   k and v stored at each row's own position of its KV cache (reference: `rope_store_ref`).
-- `decode_attention`: one query position per row against that row's cache up to its own length
-  (a device tensor), one program per query head, online softmax
-  (reference: `decode_attention_ref`). A CUDA graph can replay it at any position.
+- decode attention lives in kernels/triton_attn.py (split over the keys for long caches).
 - `silu_mul`: SiLU(gate) * up of a fused gate/up projection (reference: `silu_mul_ref`).
 
 On a GPU they run compiled; in CI they run on CPU tensors under TRITON_INTERPRET=1.
@@ -97,7 +95,8 @@ def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codeb
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
            counter: torch.Tensor, codebook: int, table: torch.Tensor, codebook_size: int,
-           out: torch.Tensor | None = None, pdl: bool = False, embed: tuple | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, pdl: bool = False, embed: tuple | None = None,
+           warps: int | None = None) -> torch.Tensor:
     """One kernel: engine/sampling.sample's draw, with no sort and no noise tensor.
 
     logits [B, V] (row stride free; ids >= codebook_size are reserved and never drawn); temperature
@@ -105,11 +104,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     codebook: host int; table: engine/sampling.gumbel_table on this device. Returns [B] int64,
     written into `out` if given (any row stride, e.g. one column of a frame). pdl: launched as a
     programmatic dependent launch (kernels/pdl.py). embed = (table [C', D], x [B, D]), both
-    contiguous: also writes table[code] into x's row (F.embedding's work, folded into the draw)."""
+    contiguous: also writes table[code] into x's row (F.embedding's work, folded into the draw).
+    warps: the program's warps (default 4, 8 past 2,048 codes). The draw is the same with any: the
+    k-th largest logit is one value however it is searched for; fewer warps reduce without shared
+    memory (bench/gpu.py's sample stage times 1, 2 and 4 side by side)."""
     B = logits.shape[0]
     assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
     block = triton.next_power_of_2(codebook_size)
+    warps = warps or (4 if block <= 2048 else 8)
+    if warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {warps}")
     emb, x, D = out, out, 1  # unused without embed
     if embed is not None:
         (emb, x), D = embed, embed[0].shape[1]
@@ -117,7 +122,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
                          out.stride(0), codebook_size, emb, x, D, NOISE_BITS=table.numel().bit_length() - 1,
                          BLOCK=block, EMBED=embed is not None, BLOCK_D=min(1024, triton.next_power_of_2(D)),
-                         PDL=pdl, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=FMA, launch_pdl=pdl)
+                         PDL=pdl, num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 
@@ -214,65 +219,6 @@ def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
     qkv[:, : n_heads] = qk[:, :n_heads]
     rows = torch.arange(B, device=qkv.device) // cache_rows_div(B, cache)
     cache[rows, pos] = torch.cat([qk[:, n_heads:], qkv[:, NH - (NH - n_heads) // 2:]], dim=1)
-
-
-# -- attention ---------------------------------------------------------------------------------
-@triton.jit
-def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
-                        out_stride, scale, KV, G, HD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        ROW_DIV: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
-    row = tl.program_id(0)
-    head = tl.program_id(1)  # one query head; its kv head is head // G
-    n_keys = tl.load(len_ptr + row * len_stride)
-    d = tl.arange(0, HD)
-    q = tl.load(q_ptr + row * q_stride + head * HD + d).to(tl.float32) * scale  # [HD]
-    m = tl.max(tl.full([BLOCK_N], -float("inf"), tl.float32), axis=0)
-    den = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
-    acc = tl.zeros([HD], tl.float32)
-    base = c_ptr + (row // ROW_DIV) * c_row_stride + (head // G) * HD
-    for start in range(0, n_keys, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        ok = n < n_keys
-        at = base + n[:, None] * c_pos_stride + d[None, :]
-        k = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, HD]
-        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), -float("inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m - m_new)
-        v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0).to(tl.float32)
-        den = den * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    tl.store(out_ptr + row * out_stride + head * HD + d, (acc / den).to(out_ptr.dtype.element_ty))
-
-
-def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor,
-                     out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """q [B, H, hd] (row stride free); cache [C, S, 2KV, hd] (keys then values per position; C = B,
-    or B / r when r consecutive rows are positions of one sequence); lengths [B] int64 (stride 0
-    allowed): row b attends to positions [0, lengths[b]) of cache row b // (B / C).
-    Returns [B, H * hd] in q's dtype. pdl: as in sample."""
-    B, H, hd = q.shape
-    KV = cache.shape[2] // 2
-    G = H // KV
-    out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype) if out is None else out
-    assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
-    _decode_attn_kernel[(B, H)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
-                                lengths.stride(0), out, out.stride(0), hd ** -0.5, KV, G, HD=hd,
-                                BLOCK_N=max(16, 4096 // hd), ROW_DIV=cache_rows_div(B, cache), PDL=pdl,
-                                enable_fp_fusion=FMA, launch_pdl=pdl)
-    return out
-
-
-def decode_attention_ref(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    B, H, hd = q.shape
-    KV, S = cache.shape[2] // 2, cache.shape[1]
-    cache = cache.repeat_interleave(cache_rows_div(B, cache), dim=0)
-    keep = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
-    k, v = cache[:, :, :KV].transpose(1, 2).float(), cache[:, :, KV:].transpose(1, 2).float()
-    o = F.scaled_dot_product_attention(q.float().view(B, KV, H // KV, hd), k, v, attn_mask=keep[:, None, None, :])
-    return o.reshape(B, H * hd).to(q.dtype)
 
 
 # -- feed-forward ------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_bad_arguments_say_what_is_allowed(tmp_path, capsys):
 
     from bench.gpu import main
 
-    for args, says in ((["--stages", "batch1,nope"], "the stages are batch1, check, profile"),
+    for args, says in ((["--stages", "batch1,nope"], "the stages are batch1, context, check, profile"),
                        (["--iters", "0"], "--iters must be >= 1"),
                        (["--buckets", "1,x"], "expected integers separated by commas")):
         with pytest.raises(SystemExit) as e:

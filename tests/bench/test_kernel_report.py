@@ -59,6 +59,11 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
     assert {c for k in ks if k["fused"] for c in k["calls"]} >= GEMV_CALLS
     assert {k["bucket"] for k in ks if k["fused"]} == {int(b) for b in buckets.split(",")}
     assert all(k["spill_bytes"] == 0 and 0 < k["regs"] <= 255 and k["warps_per_sm"] > 0 for k in ks)
+    # attention over the backbone's 2,048-position window splits its keys at batch 1 (the merge's
+    # atomics and cross-program loads compiled too); over the depth decoder's 32 positions it never does
+    attn = {(k["bucket"], k["constexprs"]["HD"], k["constexprs"]["SPLITS"]) for k in ks
+            if k["kernel"] == "decode_attn" and k["fused"]}
+    assert (1, 64, 16) in attn and (16, 64, 4) in attn and {s for b, hd, s in attn if hd == 128} == {1}
     gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
     # at batch 1 (the latency target) every GEMV reads its weights 16 bytes at a time; larger buckets
     # pick K-tiles as short as 16 (a register budget shared by more rows) and may read narrower

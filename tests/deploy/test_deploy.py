@@ -35,6 +35,11 @@ def test_kubernetes_example_is_valid_and_consistent():
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    # Triton's kernel cache sits on a mounted volume (a restart loads the kernels, not compiles them)
+    cache = next(e["value"] for e in c["env"] if e["name"] == "TRITON_CACHE_DIR")
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert any(cache.startswith(path + "/") for path in mounts.values())
+    assert {v["name"] for v in pod["volumes"]} == set(mounts)
     args = c["args"]
     shutdown = float(args[args.index("--shutdown-timeout") + 1])
     assert pod["terminationGracePeriodSeconds"] > shutdown

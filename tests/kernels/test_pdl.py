@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 import triton.language.extra.cuda as tlc
 
-from csmstream.kernels import pdl, triton_gemv, triton_ops
+from csmstream.kernels import pdl, triton_attn, triton_gemv, triton_ops
 from csmstream.kernels.int8 import quantize_int8
 
 
@@ -96,12 +96,13 @@ def test_matvec_add_waits_before_reading_or_adding(monkeypatch):
 def test_attention_draw_and_norm_wait_first(monkeypatch):
     B, H, KV, hd, S = 2, 4, 2, 16, 9
     q, cache, lengths = _data(12, B, H, hd), _data(13, B, S, 2 * KV, hd), torch.tensor([4, 9])
-    want = triton_ops.decode_attention(q, cache, lengths)
-    out = torch.empty_like(want)
-    guard = PoisonUntilWait(monkeypatch, q, cache, lengths, out)
-    triton_ops.decode_attention(q, cache, lengths, out=out, pdl=True)
-    monkeypatch.undo()
-    assert torch.equal(out, want) and guard.starts == B * H
+    for splits in (1, 2):  # split: the counters too are another launch's until the wait
+        want = triton_attn.decode_attention(q, cache, lengths, splits=splits)
+        out, counts = torch.empty_like(want), triton_attn.counters(B, H, "cpu")
+        guard = PoisonUntilWait(monkeypatch, q, cache, lengths, out, counts)
+        triton_attn.decode_attention(q, cache, lengths, out=out, pdl=True, splits=splits, counts=counts)
+        monkeypatch.undo()
+        assert torch.equal(out, want) and guard.starts == B * H * splits and not counts.any()
 
     logits, temp, topk = _data(14, B, 2051) * 3, torch.tensor([0.9, 1.2]), torch.tensor([50, 7])
     seed, ctr = torch.tensor([5, 6]), torch.tensor([2, 3])

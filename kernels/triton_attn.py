@@ -1,0 +1,165 @@
+"""Decode attention: one query position per row against that row's KV cache up to its own length.
+
+A frame's backbone step attends over the whole call so far (up to the model's 2,048-frame window),
+and a row's keys are one long sequential chain for a single program: at batch 1 the loop over keys
+is latency-bound (a load round trip per BLOCK_N keys), so the step would grow ~linearly slower as a
+call goes on. The kernel therefore splits the keys (flash-decoding): program (row, head, split)
+runs online softmax over its CHUNK of keys and leaves a partial (running max m, denominator, the
+unnormalised output); the last program of a (row, head) to finish -- a counter per (row, head),
+taken with an atomic -- merges the partials in split order and writes the output. The merge order
+is fixed, so results do not depend on which program finishes last (a CUDA graph's replay equals the
+eager step bit for bit), and the last program puts the counter back to 0, so the same counters
+serve every layer and every replay. Splits past a row's length do nothing, and a row whose keys
+all fall in split 0 (early in a call) is written by that program directly: no partials, no
+counter, no merge, the one-pass kernel's work. With one split (short caches: the depth decoder's
+32 positions, or batches large enough to fill the GPU by rows) that is always the case.
+
+Reference: `decode_attention_ref` (PyTorch SDPA with a length mask).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .triton_ops import FMA, _pdl_start, cache_rows_div
+
+MAX_SPLITS = 16
+TARGET_PROGRAMS = 2048  # (row, head, split) programs a launch aims for before it stops splitting
+
+
+def block_keys(hd: int) -> int:
+    """Keys a program loads at once: a [BLOCK_N, hd] tile of ~4K values."""
+    return max(16, 4096 // hd)
+
+
+def pick_splits(rows: int, heads: int, max_len: int, hd: int) -> int:
+    """Key splits per (row, head): enough programs to fill a large GPU (TARGET_PROGRAMS), at most
+    MAX_SPLITS, a power of two, and no more than the cache has key tiles."""
+    tiles = triton.cdiv(max_len, block_keys(hd))
+    want = triton.next_power_of_2(max(1, TARGET_PROGRAMS // max(1, rows * heads)))
+    s = min(MAX_SPLITS, want)
+    while s > 1 and s > tiles:
+        s //= 2
+    return s
+
+
+def counters(rows: int, heads: int, device) -> torch.Tensor:
+    """The per-(row, head) counters a split launch needs: zeros, left at zeros by every launch, so
+    one buffer serves all the launches of a stream (they run one after another)."""
+    return torch.zeros(rows * heads, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
+                        out_stride, acc_ptr, ml_ptr, cnt_ptr, scale, KV, G, H, CHUNK, HD: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    row = tl.program_id(0)
+    head = tl.program_id(1)  # one query head; its kv head is head // G
+    split = tl.program_id(2)
+    n_keys = tl.load(len_ptr + row * len_stride)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + row * q_stride + head * HD + d).to(tl.float32) * scale  # [HD]
+    m = tl.max(tl.full([BLOCK_N], -float("inf"), tl.float32), axis=0)
+    den = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+    acc = tl.zeros([HD], tl.float32)
+    base = c_ptr + (row // ROW_DIV) * c_row_stride + (head // G) * HD
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_keys)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        ok = n < hi
+        at = base + n[:, None] * c_pos_stride + d[None, :]
+        k = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, HD]
+        v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m - m_new)
+        den = den * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    o = out_ptr + row * out_stride + head * HD + d
+    if SPLITS == 1:
+        tl.store(o, (acc / den).to(out_ptr.dtype.element_ty))
+    else:
+        _merge_splits(acc, m, den, o, d, acc_ptr, ml_ptr, cnt_ptr, row * H + head, split,
+                      tl.cdiv(n_keys, CHUNK), HD, SPLITS)
+
+
+@triton.jit
+def _merge_splits(acc, m, den, o, d, acc_ptr, ml_ptr, cnt_ptr, rh, split, used, HD: tl.constexpr,
+                  SPLITS: tl.constexpr):
+    """A split's end: `used` splits hold keys; the others leave no trace."""
+    if used == 1:  # all keys in split 0: it writes the output, no partials, no merge
+        if split == 0:
+            tl.store(o, (acc / den).to(o.dtype.element_ty))
+    elif split < used:
+        at = rh * SPLITS + split
+        tl.store(acc_ptr + at * HD + d, acc)
+        tl.store(ml_ptr + 2 * at, m)
+        tl.store(ml_ptr + 2 * at + 1, den)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        done = tl.atomic_add(cnt_ptr + rh, 1, sem="acq_rel", scope="gpu")
+        if done == used - 1:  # the last of this (row, head): merge its splits, in split order
+            s = tl.arange(0, SPLITS)
+            has = s < used
+            sp = rh * SPLITS + s
+            ms = tl.load(ml_ptr + 2 * sp, mask=has, other=-float("inf"), cache_modifier=".cg")
+            ds = tl.load(ml_ptr + 2 * sp + 1, mask=has, other=0.0, cache_modifier=".cg")
+            w = tl.exp(ms - tl.max(ms, axis=0))
+            parts = tl.load(acc_ptr + sp[:, None] * HD + d[None, :], mask=has[:, None], other=0.0,
+                            cache_modifier=".cg")
+            out = tl.sum(parts * w[:, None], axis=0) / tl.sum(ds * w, axis=0)
+            tl.store(o, out.to(o.dtype.element_ty))
+            tl.atomic_xchg(cnt_ptr + rh, 0)  # ready for the next launch
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor | None = None,
+                     pdl: bool = False, splits: int | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, hd] (row stride free); cache [C, S, 2KV, hd] (keys then values per position; C = B,
+    or B / r when r consecutive rows are positions of one sequence); lengths [B] int64 >= 1 (stride
+    0 allowed): row b attends to positions [0, lengths[b]) of cache row b // (B / C).
+    Returns [B, H * hd] in q's dtype.
+
+    splits: key splits per (row, head) (a power of two; default pick_splits); with more than one,
+    counts = counters(>= B, H) that no other stream uses at the same time (default: fresh zeros
+    for this call -- a caller replaying a CUDA graph passes its own, kept for the graph's life).
+    pdl: a programmatic dependent launch (kernels/pdl.py)."""
+    B, H, hd = q.shape
+    KV, S = cache.shape[2] // 2, cache.shape[1]
+    G = H // KV
+    out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype) if out is None else out
+    assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
+    splits = pick_splits(B, H, S, hd) if splits is None else splits
+    if splits < 1 or splits & (splits - 1) or splits > MAX_SPLITS:
+        raise ValueError(f"splits must be a power of two in 1..{MAX_SPLITS}, got {splits}")
+    bn = block_keys(hd)
+    chunk = triton.cdiv(triton.cdiv(S, splits), bn) * bn  # whole key tiles per split
+    if splits > 1:
+        counts = counters(B, H, q.device) if counts is None else counts
+        if counts.dtype != torch.int32 or counts.numel() < B * H or not counts.is_contiguous():
+            raise ValueError(f"counts must be contiguous int32 with >= {B * H} entries (counters({B}, {H}))")
+        acc = torch.empty(B * H * splits, hd, device=q.device, dtype=torch.float32)
+        ml = torch.empty(B * H * splits, 2, device=q.device, dtype=torch.float32)
+    else:
+        counts = acc = ml = out  # unused
+    _decode_attn_kernel[(B, H, splits)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
+                                        lengths.stride(0), out, out.stride(0), acc, ml, counts, hd ** -0.5, KV, G,
+                                        H, chunk, HD=hd, BLOCK_N=bn, SPLITS=splits,
+                                        ROW_DIV=cache_rows_div(B, cache), PDL=pdl, enable_fp_fusion=FMA,
+                                        launch_pdl=pdl)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    B, H, hd = q.shape
+    KV, S = cache.shape[2] // 2, cache.shape[1]
+    cache = cache.repeat_interleave(cache_rows_div(B, cache), dim=0)
+    keep = torch.arange(S, device=q.device)[None, :] < lengths[:, None]  # [B, S]
+    k, v = cache[:, :, :KV].transpose(1, 2).float(), cache[:, :, KV:].transpose(1, 2).float()
+    o = F.scaled_dot_product_attention(q.float().view(B, KV, H // KV, hd), k, v, attn_mask=keep[:, None, None, :])
+    return o.reshape(B, H * hd).to(q.dtype)
