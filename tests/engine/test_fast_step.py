@@ -9,8 +9,8 @@ from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.prompt import build_prompt
 
 
-def _prefilled(engine, fast, rows, topk):
-    g = FrameGenerator(engine.model, rows=4, fast=fast)
+def _prefilled(engine, fast, rows, topk, max_seq_len=None):
+    g = FrameGenerator(engine.model, rows=4, fast=fast, max_seq_len=max_seq_len)
     g.cpu = None  # the reference: the eager PyTorch step
     for i, r in enumerate(rows):
         tok, mask = build_prompt(engine.tokenizer, ["Hello there.", "A longer line of text."][i % 2], 0, [], 32)
@@ -30,6 +30,28 @@ def test_fast_step_gives_the_eager_steps_frames(tiny_engine, topk):
     torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
     assert fast.pos.tolist() == ref.pos.tolist() and fast.frame.tolist() == ref.frame.tolist()
     assert fast.host_pos == ref.host_pos
+
+
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_late_in_a_call_the_split_attention_gives_the_eager_steps_frames(tiny_engine, monkeypatch, fused):
+    """Rows moved 150 and 200 positions into a 256-position window, over the same cache in both
+    generators (past its prompt a row's cache holds whatever its prefill left, padded or not: the
+    fast one's is made the eager one's): the backbone's attention then spans 3 and 4 of its 4 key
+    splits, and the merged result gives the eager step's frames."""
+    from csmstream.kernels.triton_attn import pick_splits
+
+    monkeypatch.setenv("CSM_FUSED_GEMV", fused)
+    ref, fast = (_prefilled(tiny_engine, f, [0, 1], 50, max_seq_len=256) for f in (False, True))
+    bb = tiny_engine.model.cfg.backbone
+    assert pick_splits(2, bb.n_heads, 256, bb.head_dim) == 4  # of 64 keys each
+    fast.bb_cache.copy_(ref.bb_cache)
+    for g in (ref, fast):
+        g.pos[:2] = torch.tensor([150, 200])
+        g.host_pos[:2] = [150, 200]
+    for _ in range(2):
+        assert torch.equal(ref.step(0, 2, 50), fast.step(0, 2, 50))
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    assert not fast.fast.attn_counts.any()  # every merge put its counter back
 
 
 def test_the_fused_five_kernel_layers_give_the_eager_steps_frames(tiny_engine, monkeypatch):
