@@ -34,8 +34,11 @@ import torch
 import torch.nn.functional as F
 
 # BLOCK_K up to 2048: on the H200 (2026-12-04, --rows 1) the widest K tile then timed, 512, won every
-# shape, by 10-50 % over 256 (the K loop's latency bounds a one-row GEMV), so wider ones are next
-GRID = [(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
+# shape, by 10-50 % over 256 (the K loop's latency bounds a one-row GEMV), so wider ones are next;
+# with those, output tiles of 2 rows too (twice the programs in flight: a 2,048 K tile leaves the
+# 1,024-row w2 only 256 programs of 4 rows for 132 SMs)
+GRID = ([(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
+        + [(2, bk, w) for bk, w in itertools.product((1024, 2048), (4, 8))])
 L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit in it
 
 

@@ -103,7 +103,7 @@ def test_int8_matvec_add_equals_the_dequantized_matmul(B, K, N):
     torch.testing.assert_close(matvec_add_(x.clone(), qw.q, a, scale=qw.scale), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4)])
+@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4), (2, 256, 4)])
 def test_any_tiles_give_the_same_result(tiles):
     """The GPU picks small output tiles (many programs); CPU picks few large ones: all must agree,
     ragged edges included (N = 37 and K = 200 fit no tile exactly)."""
@@ -156,7 +156,8 @@ def test_a_scale_must_come_with_int8_weights_and_fit_them():
 
 
 @pytest.mark.parametrize(("B", "dtype", "int8", "tiles"), [(1, torch.float32, False, None), (3, torch.float32, True, None),
-                                                          (2, torch.bfloat16, False, None), (5, torch.float32, False, (4, 16, 1))])
+                                                          (2, torch.bfloat16, False, None), (5, torch.float32, False, (4, 16, 1)),
+                                                          (1, torch.float32, False, (2, 64, 4))])
 def test_qkv_with_rope_and_cache_write_equals_the_unfused_pair(B, dtype, int8, tiles):
     """norm_matvec(rope=...) against the unfused pair it replaces (norm_matvec, then
     triton_ops.rope_store_) bit for bit, and against the PyTorch references (rope_store_ref): same
