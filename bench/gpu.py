@@ -11,8 +11,8 @@ raises is recorded with its traceback and the next one runs. Stages (default: al
            fused / fused+pdl), the static step without graphs, the eager PyTorch step; and graph
            replay == the eagerly run step, bit for bit;
   context  batch 1's frame as a call goes on (the row at positions --positions: the backbone
-           attends over that many keys), the attention's keys split (the engine's way) and in one
-           pass, side by side;
+           attends over that many keys), the attention's keys split (the engine's way), the same
+           with a program per kv head (CSM_ATTN_GROUPED=1), and in one pass, side by side;
   check    the fast step of a small config (tiny) against the CPU float32 reference: the cuBLAS,
            fused-GEMV, int8-depth and (Hopper) PDL variants, top-k 1/50/2048;
   profile  the kernels of a batch-1 frame by device time, and the prefill/step/decode pieces;
@@ -197,8 +197,8 @@ def table(res: dict) -> str:
                  f"| frame, batch 1, eager PyTorch | {f(b['eager_ms'])} ms |",
                  f"| graph replay == eager step | {b['graphs_equal_eager']} |"]
     for r in res.get("context", []):
-        rows.append(f"| frame, batch 1, at position {r['position']}: {r['splits']} key splits / one pass | "
-                    f"{f(r['split_ms'])} / {f(r['one_pass_ms'])} ms |")
+        rows.append(f"| frame, batch 1, at position {r['position']}: {r['splits']} key splits / the same grouped by "
+                    f"kv head / one pass | {f(r['split_ms'])} / {f(r['grouped_ms'])} / {f(r['one_pass_ms'])} ms |")
     if "check" in res:
         worst = min((v["codes_equal"] for v in res["check"].values()), default=None)
         rows.append(f"| small config vs CPU f32: least share of equal codes | {worst} ({len(res['check'])} cases) |")

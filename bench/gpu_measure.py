@@ -316,8 +316,9 @@ def batch1(eng, tok_mask, n: int, warmup: int = 3) -> dict:
 def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
     """Batch 1's frame as a call goes on: the graph replay with the row moved to each position of
     `positions` (the backbone attends over that many keys; what they hold does not change the
-    time), with the attention's keys split as the engine splits them (kernels/triton_attn.py) and,
-    recaptured side by side, in one pass per (row, head)."""
+    time), three attention kernels side by side (kernels/triton_attn.py), each captured in turn:
+    keys split as the engine splits them, one program per query head (the default); the same with
+    one program per kv head (CSM_ATTN_GROUPED=1); and one pass per (row, head), unsplit."""
     gen, fast = eng.gen, eng.gen.fast
     last = gen.max_seq_len - n - warmup - 2  # the timed steps move the row on by one each
     fill_rows(gen, 1, tok_mask)
@@ -330,14 +331,15 @@ def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
 
     rows = [{"position": p} for p in sorted({max(start, min(p, last)) for p in positions})]
     splits = fast.attn.pick_splits(1, fast.bb.n_heads, gen.max_seq_len, fast.bb.head_dim)
-    for key, forced in (("split_ms", None), ("one_pass_ms", 1)):
-        fast.attn_splits = forced
+    kept = fast.attn_splits, fast.attn_grouped
+    for key, forced, grouped in (("split_ms", None, False), ("grouped_ms", None, True), ("one_pass_ms", 1, False)):
+        fast.attn_splits, fast.attn_grouped = forced, grouped
         if fast.use_graphs:
             fast.capture()
         for r in rows:
             r[key] = timed(r["position"])
             r["splits"] = splits
-    fast.attn_splits = None
+    fast.attn_splits, fast.attn_grouped = kept
     if fast.use_graphs:
         fast.capture()
     gen.pos[0] = start
@@ -345,7 +347,7 @@ def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
     gen.release(0)
     for r in rows:
         log(f"  position {r['position']:5d}: frame {r['split_ms']:7.2f} ms with {splits} key splits, "
-            f"{r['one_pass_ms']:7.2f} ms in one pass")
+            f"{r['grouped_ms']:7.2f} ms grouped by kv head, {r['one_pass_ms']:7.2f} ms in one pass")
     return rows
 
 

@@ -217,7 +217,8 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                 fast.fused_buckets = {B} if fused else set()
                 fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
-                fast.forward(B)
+                for fast.attn_grouped in (False, True):  # both attention kernels (CSM_ATTN_GROUPED)
+                    fast.forward(B)
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
                 for name, ints, const, warps, k in launches[before:]:
                     row = binaries.get(id(k))

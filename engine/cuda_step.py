@@ -165,6 +165,9 @@ class FastFrameStep:
         # them at zero, and one step's launches run one after another, so one buffer serves them all
         self.attn_counts = triton_attn.counters(2 * gen.rows, max(self.bb.n_heads, self.dd.n_heads), dev)
         self.attn_splits: int | None = None  # key splits of every attention launch (None: pick_splits)
+        # env CSM_ATTN_GROUPED=1: a program per kv head with tensor-core dots (kernels/triton_attn.py);
+        # default off, one program per query head, until bench/gpu.py's context stage has timed both
+        self.attn_grouped = os.environ.get("CSM_ATTN_GROUPED", "0").strip().lower() in ("1", "on", "true", "yes")
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
@@ -205,7 +208,7 @@ class FastFrameStep:
             cache = kv[i][:B]
             ops.rope_store_(qkv, n_heads, cos, sin, pos, cache)
             o = self.attn.decode_attention(qkv[:, :n_heads], cache, lengths, splits=self.attn_splits,
-                                            counts=self.attn_counts)
+                                           counts=self.attn_counts, grouped=self.attn_grouped)
             xn = ops.add_rms_norm(x, F.linear(o, wo), fn, eps)
             d = F.linear(ops.silu_mul(F.linear(xn, w13)), w2)
         return ops.add_rms_norm(x, d, final_norm, eps)
@@ -222,7 +225,7 @@ class FastFrameStep:
             qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache), pdl=pdl)
             q = qkv.view(x.shape[0], -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
             o = self.attn.decode_attention(q, cache, lengths, pdl=pdl, splits=self.attn_splits,
-                                           counts=self.attn_counts)
+                                           counts=self.attn_counts, grouped=self.attn_grouped)
             gemv.matvec_add_(x, wo, o, scale=so, pdl=pdl)
             up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl)
             gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl)

@@ -19,6 +19,8 @@ Reference: `decode_attention_ref` (PyTorch SDPA with a length mask).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -28,6 +30,10 @@ from .triton_ops import FMA, _pdl_start, cache_rows_div
 
 MAX_SPLITS = 16
 TARGET_PROGRAMS = 2048  # (row, head, split) programs a launch aims for before it stops splitting
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_keys(hd: int) -> int:
@@ -105,21 +111,101 @@ def _merge_splits(acc, m, den, o, d, acc_ptr, ml_ptr, cnt_ptr, rh, split, used, 
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         done = tl.atomic_add(cnt_ptr + rh, 1, sem="acq_rel", scope="gpu")
         if done == used - 1:  # the last of this (row, head): merge its splits, in split order
-            s = tl.arange(0, SPLITS)
-            has = s < used
-            sp = rh * SPLITS + s
-            ms = tl.load(ml_ptr + 2 * sp, mask=has, other=-float("inf"), cache_modifier=".cg")
-            ds = tl.load(ml_ptr + 2 * sp + 1, mask=has, other=0.0, cache_modifier=".cg")
-            w = tl.exp(ms - tl.max(ms, axis=0))
-            parts = tl.load(acc_ptr + sp[:, None] * HD + d[None, :], mask=has[:, None], other=0.0,
-                            cache_modifier=".cg")
-            out = tl.sum(parts * w[:, None], axis=0) / tl.sum(ds * w, axis=0)
-            tl.store(o, out.to(o.dtype.element_ty))
+            _merge_head(acc_ptr, ml_ptr, rh, used, o, d, HD, SPLITS)
             tl.atomic_xchg(cnt_ptr + rh, 0)  # ready for the next launch
 
 
+@triton.jit
+def _merge_head(acc_ptr, ml_ptr, rh, used, o, d, HD: tl.constexpr, SPLITS: tl.constexpr):
+    """Query head rh's output from its `used` splits' partials, merged in split order (the partials
+    come from other programs: read past L1)."""
+    s = tl.arange(0, SPLITS)
+    has = s < used
+    sp = rh * SPLITS + s
+    ms = tl.load(ml_ptr + 2 * sp, mask=has, other=-float("inf"), cache_modifier=".cg")
+    ds = tl.load(ml_ptr + 2 * sp + 1, mask=has, other=0.0, cache_modifier=".cg")
+    w = tl.exp(ms - tl.max(ms, axis=0))
+    parts = tl.load(acc_ptr + sp[:, None] * HD + d[None, :], mask=has[:, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(ds * w, axis=0)
+    tl.store(o, out.to(o.dtype.element_ty))
+
+
+@triton.jit
+def _decode_attn_grouped_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
+                                out_stride, acc_ptr, ml_ptr, cnt_ptr, scale, KV, H, CHUNK, G: tl.constexpr,
+                                GP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                                ROW_DIV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """One program per (row, kv head, split): the G query heads sharing the kv head at once, so
+    each key and value is read once, not G times; scores and P·V are tensor-core dots over the
+    heads padded to GP >= 16 rows. IEEE: the dots in float32, exact (not TF32) -- for float32 models,
+    and for bfloat16 ones interpreted on CPU (Triton 3.9's interpreter gets bfloat16 dots wrong)."""
+    _pdl_start(PDL)
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n_keys = tl.load(len_ptr + row * len_stride)
+    d = tl.arange(0, HD)
+    j = tl.arange(0, GP)
+    real = j < G
+    heads = kvh * G + j
+    q = tl.load(q_ptr + row * q_stride + heads[:, None] * HD + d[None, :], mask=real[:, None], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    m = tl.full([GP], -float("inf"), tl.float32)
+    den = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, HD], tl.float32)
+    base = c_ptr + (row // ROW_DIV) * c_row_stride + kvh * HD
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_keys)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        ok = n < hi
+        at = base + n[:, None] * c_pos_stride + d[None, :]
+        k = tl.load(at, mask=ok[:, None], other=0.0)  # [BLOCK_N, HD]
+        v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0)
+        if IEEE:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s * scale, -float("inf"))  # [GP, BLOCK_N]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        den = den * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    o = out_ptr + row * out_stride + heads[:, None] * HD + d[None, :]
+    if SPLITS == 1:
+        tl.store(o, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
+    else:
+        used = tl.cdiv(n_keys, CHUNK)
+        if used == 1:  # as _merge_splits: split 0 holds every key and writes the output
+            if split == 0:
+                tl.store(o, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
+        elif split < used:
+            at = (row * H + heads) * SPLITS + split
+            tl.store(acc_ptr + at[:, None] * HD + d[None, :], acc, mask=real[:, None])
+            tl.store(ml_ptr + 2 * at, m, mask=real)
+            tl.store(ml_ptr + 2 * at + 1, den, mask=real)
+            tl.debug_barrier()
+            rk = row * KV + kvh  # one counter per (row, kv head)
+            done = tl.atomic_add(cnt_ptr + rk, 1, sem="acq_rel", scope="gpu")
+            if done == used - 1:
+                for i in tl.static_range(G):
+                    h = kvh * G + i
+                    _merge_head(acc_ptr, ml_ptr, row * H + h, used, out_ptr + row * out_stride + h * HD + d, d,
+                                HD, SPLITS)
+                tl.atomic_xchg(cnt_ptr + rk, 0)
+
+
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor | None = None,
-                     pdl: bool = False, splits: int | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+                     pdl: bool = False, splits: int | None = None, counts: torch.Tensor | None = None,
+                     grouped: bool = False) -> torch.Tensor:
     """q [B, H, hd] (row stride free); cache [C, S, 2KV, hd] (keys then values per position; C = B,
     or B / r when r consecutive rows are positions of one sequence); lengths [B] int64 >= 1 (stride
     0 allowed): row b attends to positions [0, lengths[b]) of cache row b // (B / C).
@@ -128,13 +214,16 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
     splits: key splits per (row, head) (a power of two; default pick_splits); with more than one,
     counts = counters(>= B, H) that no other stream uses at the same time (default: fresh zeros
     for this call -- a caller replaying a CUDA graph passes its own, kept for the graph's life).
-    pdl: a programmatic dependent launch (kernels/pdl.py)."""
+    pdl: a programmatic dependent launch (kernels/pdl.py).
+    grouped: one program per (row, kv head, split) computes the kv head's query heads together with
+    tensor-core dots (keys and values read once, not once per query head; P rounded to the cache's
+    dtype for the P·V dot, as flash attention does; float32 stays exact)."""
     B, H, hd = q.shape
     KV, S = cache.shape[2] // 2, cache.shape[1]
     G = H // KV
     out = torch.empty(B, H * hd, device=q.device, dtype=q.dtype) if out is None else out
     assert q.stride(2) == 1 and q.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
-    splits = pick_splits(B, H, S, hd) if splits is None else splits
+    splits = pick_splits(B, KV if grouped else H, S, hd) if splits is None else splits
     if splits < 1 or splits & (splits - 1) or splits > MAX_SPLITS:
         raise ValueError(f"splits must be a power of two in 1..{MAX_SPLITS}, got {splits}")
     bn = block_keys(hd)
@@ -147,11 +236,18 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
         ml = torch.empty(B * H * splits, 2, device=q.device, dtype=torch.float32)
     else:
         counts = acc = ml = out  # unused
-    _decode_attn_kernel[(B, H, splits)](q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths,
-                                        lengths.stride(0), out, out.stride(0), acc, ml, counts, hd ** -0.5, KV, G,
-                                        H, chunk, HD=hd, BLOCK_N=bn, SPLITS=splits,
-                                        ROW_DIV=cache_rows_div(B, cache), PDL=pdl, enable_fp_fusion=FMA,
-                                        launch_pdl=pdl)
+    args = (q, q.stride(0), cache, cache.stride(0), cache.stride(1), lengths, lengths.stride(0), out, out.stride(0),
+            acc, ml, counts, hd ** -0.5, KV)
+    div = cache_rows_div(B, cache)
+    if grouped:
+        _decode_attn_grouped_kernel[(B, KV, splits)](*args, H, chunk, G=G, GP=max(16, triton.next_power_of_2(G)),
+                                                     HD=hd, BLOCK_N=bn, SPLITS=splits, ROW_DIV=div,
+                                                     IEEE=q.dtype == torch.float32 or _interpreted(), PDL=pdl,
+                                                     enable_fp_fusion=FMA,
+                                                     launch_pdl=pdl)
+    else:
+        _decode_attn_kernel[(B, H, splits)](*args, G, H, chunk, HD=hd, BLOCK_N=bn, SPLITS=splits, ROW_DIV=div,
+                                            PDL=pdl, enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 

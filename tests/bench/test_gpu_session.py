@@ -32,7 +32,7 @@ def test_the_dry_run_runs_every_stage_and_writes_every_result(tmp_path):
     # micro's 512-position window: the positions past it are capped to leave the timed steps room;
     # its 512 keys are 4 tiles of 128, so a one-row launch splits them 4 ways
     assert [(r["position"], r["splits"]) for r in first["context"]] == [(64, 4), (509, 4)]
-    assert all(r["split_ms"] > 0 and r["one_pass_ms"] > 0 for r in first["context"])
+    assert all(r["split_ms"] > 0 and r["grouped_ms"] > 0 and r["one_pass_ms"] > 0 for r in first["context"])
     assert list(rest["stages"]) == ["ttfa", "prefill", "sample", "buckets", "live"]
     # the checks are real ones even here: the fast step (interpreted) against the CPU reference
     assert first["batch1"]["graphs_equal_eager"] is True

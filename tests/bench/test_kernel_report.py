@@ -15,7 +15,8 @@ from bench.kernel_report import SM_LIMITS, global_loads, occupancy, parse_resour
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMV_CALLS = {f"{t}.{m}" for t in ("backbone", "depth") for m in ("wqkv", "wo", "w13", "w2")} | {"depth.head"}
-KERNELS = {"sample", "norm_matvec", "matvec_add", "decode_attn", "add_rms_norm", "rope_store", "silu_mul"}
+KERNELS = {"sample", "norm_matvec", "matvec_add", "decode_attn", "decode_attn_grouped", "add_rms_norm", "rope_store",
+           "silu_mul"}
 
 
 def _compiled_env(tmp_path):
@@ -61,9 +62,10 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
     assert all(k["spill_bytes"] == 0 and 0 < k["regs"] <= 255 and k["warps_per_sm"] > 0 for k in ks)
     # attention over the backbone's 2,048-position window splits its keys at batch 1 (the merge's
     # atomics and cross-program loads compiled too); over the depth decoder's 32 positions it never does
-    attn = {(k["bucket"], k["constexprs"]["HD"], k["constexprs"]["SPLITS"]) for k in ks
-            if k["kernel"] == "decode_attn" and k["fused"]}
-    assert (1, 64, 16) in attn and (16, 64, 4) in attn and {s for b, hd, s in attn if hd == 128} == {1}
+    for name, g in (("decode_attn", 1), ("decode_attn_grouped", 4)):  # grouped: 4x fewer programs, 4x the splits
+        attn = {(k["bucket"], k["constexprs"]["HD"], k["constexprs"]["SPLITS"]) for k in ks
+                if k["kernel"] == name and k["fused"]}
+        assert (1, 64, 16) in attn and (16, 64, 4 * g) in attn and {s for b, hd, s in attn if hd == 128} == {1}
     gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
     # at batch 1 (the latency target) every GEMV reads its weights 16 bytes at a time; larger buckets
     # pick K-tiles as short as 16 (a register budget shared by more rows) and may read narrower
@@ -88,7 +90,8 @@ def test_the_pdl_chain_compiles_with_only_weight_loads_before_each_wait(tmp_path
     assert res["pdl"] and res["problems"] == []
     fused = [k for k in res["kernels"] if k["fused"]]
     assert fused and all(k["pdl"] and k["launches_dependents"] and k["waits"] for k in fused)
-    assert {k["kernel"] for k in fused} == {"sample", "norm_matvec", "matvec_add", "decode_attn", "add_rms_norm"}
+    assert {k["kernel"] for k in fused} == {"sample", "norm_matvec", "matvec_add", "decode_attn", "decode_attn_grouped",
+                                            "add_rms_norm"}
     for k in fused:
         gemv = k["kernel"] in ("norm_matvec", "matvec_add")
         assert (k["loads_before_wait"] >= 1) if gemv else (k["loads_before_wait"] == 0), k

@@ -32,18 +32,20 @@ def test_fast_step_gives_the_eager_steps_frames(tiny_engine, topk):
     assert fast.host_pos == ref.host_pos
 
 
-@pytest.mark.parametrize("fused", ["off", "on"])
-def test_late_in_a_call_the_split_attention_gives_the_eager_steps_frames(tiny_engine, monkeypatch, fused):
+@pytest.mark.parametrize(("fused", "grouped"), [("off", "0"), ("on", "0"), ("off", "1")])
+def test_late_in_a_call_the_split_attention_gives_the_eager_steps_frames(tiny_engine, monkeypatch, fused, grouped):
     """Rows moved 150 and 200 positions into a 256-position window, over the same cache in both
     generators (past its prompt a row's cache holds whatever its prefill left, padded or not: the
     fast one's is made the eager one's): the backbone's attention then spans 3 and 4 of its 4 key
-    splits, and the merged result gives the eager step's frames."""
+    splits, and the merged result gives the eager step's frames; also with a program per kv head."""
     from csmstream.kernels.triton_attn import pick_splits
 
     monkeypatch.setenv("CSM_FUSED_GEMV", fused)
+    monkeypatch.setenv("CSM_ATTN_GROUPED", grouped)
     ref, fast = (_prefilled(tiny_engine, f, [0, 1], 50, max_seq_len=256) for f in (False, True))
     bb = tiny_engine.model.cfg.backbone
-    assert pick_splits(2, bb.n_heads, 256, bb.head_dim) == 4  # of 64 keys each
+    assert fast.fast.attn_grouped == (grouped == "1")
+    assert pick_splits(2, bb.n_kv_heads if grouped == "1" else bb.n_heads, 256, bb.head_dim) == 4  # of 64 keys
     fast.bb_cache.copy_(ref.bb_cache)
     for g in (ref, fast):
         g.pos[:2] = torch.tensor([150, 200])

@@ -96,13 +96,14 @@ def test_matvec_add_waits_before_reading_or_adding(monkeypatch):
 def test_attention_draw_and_norm_wait_first(monkeypatch):
     B, H, KV, hd, S = 2, 4, 2, 16, 9
     q, cache, lengths = _data(12, B, H, hd), _data(13, B, S, 2 * KV, hd), torch.tensor([4, 9])
-    for splits in (1, 2):  # split: the counters too are another launch's until the wait
-        want = triton_attn.decode_attention(q, cache, lengths, splits=splits)
+    for splits, grouped in ((1, False), (2, False), (2, True)):  # split: the counters are another launch's too
+        want = triton_attn.decode_attention(q, cache, lengths, splits=splits, grouped=grouped)
         out, counts = torch.empty_like(want), triton_attn.counters(B, H, "cpu")
         guard = PoisonUntilWait(monkeypatch, q, cache, lengths, out, counts)
-        triton_attn.decode_attention(q, cache, lengths, out=out, pdl=True, splits=splits, counts=counts)
+        triton_attn.decode_attention(q, cache, lengths, out=out, pdl=True, splits=splits, counts=counts,
+                                     grouped=grouped)
         monkeypatch.undo()
-        assert torch.equal(out, want) and guard.starts == B * H * splits and not counts.any()
+        assert torch.equal(out, want) and guard.starts == B * (KV if grouped else H) * splits and not counts.any()
 
     logits, temp, topk = _data(14, B, 2051) * 3, torch.tensor([0.9, 1.2]), torch.tensor([50, 7])
     seed, ctr = torch.tensor([5, 6]), torch.tensor([2, 3])
