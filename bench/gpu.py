@@ -8,8 +8,9 @@ short (a device lease runs out, a stage fails) keeps everything measured up to t
 raises is recorded with its traceback and the next one runs. Stages (default: all, in this order):
   batch1   a frame at batch 1 on a one-slot engine (only bucket 1's kernels get compiled): the
            graph replay of the kept variant, each variant's replay as timed at capture (cublas /
-           fused / fused+pdl), the static step without graphs, the eager PyTorch step; and graph
-           replay == the eagerly run step, bit for bit;
+           fused / fused+pdl), the same recaptured with the depth decoder's attention folded into
+           its qkv kernels (CSM_ATTN_FOLD flipped), the static step without graphs, the eager
+           PyTorch step; and graph replay == the eagerly run step, bit for bit;
   context  batch 1's frame as a call goes on (the row at positions --positions: the backbone
            attends over that many keys), the attention's keys split (the engine's way), the same
            with a program per kv head (CSM_ATTN_GROUPED=1), and in one pass, side by side;
@@ -193,6 +194,8 @@ def table(res: dict) -> str:
         b = res["batch1"]
         rows += [f"| frame, batch 1, CUDA graph | {f(b['graphs_ms'])} ms (RTF {b['graphs_ms'] / gm.FRAME_MS:.3f}) |",
                  f"| frame, batch 1, replay timed at capture | {gm.variants_row(b)} |",
+                 f"| frame, batch 1, CSM_ATTN_FOLD={int(b['fold']['attn_fold'])} (recaptured) | "
+                 f"{f(b['fold']['graphs_ms'])} ms ({gm.variants_row(b['fold'])}) |",
                  f"| frame, batch 1, static Triton step, no graphs | {f(b['static_no_graphs_ms'])} ms |",
                  f"| frame, batch 1, eager PyTorch | {f(b['eager_ms'])} ms |",
                  f"| graph replay == eager step | {b['graphs_equal_eager']} |"]

@@ -302,6 +302,7 @@ def batch1(eng, tok_mask, n: int, warmup: int = 3) -> dict:
     res = {}
     res["graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), n, warmup)
     res.update(kept_variant(fast))
+    res["fold"] = _folded(fast, lambda: time_steps(lambda: gen.step(0, 1, 50).cpu(), n, warmup))
     saved = fast.graphs
     fast.graphs = {}
     res["static_no_graphs_ms"] = time_steps(lambda: gen.step(0, 1, 50).cpu(), max(1, n // 5), warmup)
@@ -349,6 +350,20 @@ def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
         log(f"  position {r['position']:5d}: frame {r['split_ms']:7.2f} ms with {splits} key splits, "
             f"{r['grouped_ms']:7.2f} ms grouped by kv head, {r['one_pass_ms']:7.2f} ms in one pass")
     return rows
+
+
+def _folded(fast, timed) -> dict:
+    """The same frame with the depth decoder's attention folded into its qkv kernels
+    (CSM_ATTN_FOLD=1; only the fused step at batch 1 folds), recaptured, then put back."""
+    was = fast.attn_fold
+    fast.attn_fold = not was
+    if fast.use_graphs:
+        fast.capture()
+    out = {"attn_fold": fast.attn_fold, "graphs_ms": timed(), **kept_variant(fast)}
+    fast.attn_fold = was
+    if fast.use_graphs:
+        fast.capture()
+    return out
 
 
 def variants_row(res: dict) -> str:

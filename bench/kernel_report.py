@@ -217,8 +217,10 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                 fast.fused_buckets = {B} if fused else set()
                 fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
-                for fast.attn_grouped in (False, True):  # both attention kernels (CSM_ATTN_GROUPED)
+                # both attention kernels (CSM_ATTN_GROUPED), and attention folded into qkv (CSM_ATTN_FOLD)
+                for fast.attn_grouped, fast.attn_fold in ((False, False), (True, False), (False, True)):
                     fast.forward(B)
+                fast.attn_fold = False
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
                 for name, ints, const, warps, k in launches[before:]:
                     row = binaries.get(id(k))

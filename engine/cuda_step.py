@@ -65,6 +65,10 @@ def _switch(env: str, flag: str | None) -> str:
     return v
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "on", "true", "yes")
+
+
 def fused_setting(flag: str | None = None) -> str:
     """The five-kernel layers: the argument, else env CSM_FUSED_GEMV (default auto)."""
     return _switch("CSM_FUSED_GEMV", flag)
@@ -167,7 +171,12 @@ class FastFrameStep:
         self.attn_splits: int | None = None  # key splits of every attention launch (None: pick_splits)
         # env CSM_ATTN_GROUPED=1: a program per kv head with tensor-core dots (kernels/triton_attn.py);
         # default off, one program per query head, until bench/gpu.py's context stage has timed both
-        self.attn_grouped = os.environ.get("CSM_ATTN_GROUPED", "0").strip().lower() in ("1", "on", "true", "yes")
+        self.attn_grouped = _env_on("CSM_ATTN_GROUPED")
+        # env CSM_ATTN_FOLD=1: the fused step at batch 1 folds the depth decoder's attention into its
+        # qkv kernel (the last program attends: kernels/triton_gemv.norm_matvec(attend=)), one launch
+        # fewer a layer; default off until bench/gpu.py's batch1 stage has timed both
+        self.attn_fold = _env_on("CSM_ATTN_FOLD")
+        self.fold_count = torch.zeros(1, dtype=torch.int32, device=dev)  # its launches leave it at 0
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
@@ -214,18 +223,24 @@ class FastFrameStep:
         return ops.add_rms_norm(x, d, final_norm, eps)
 
     def _stack_fused(self, x, layers, kv, final_norm, eps, n_heads, cos, sin, pos, lengths, B, final=True,
-                     pdl=False):
+                     pdl=False, fold=False):
         """The same stack in five kernels a layer (B <= 16); x [B, D] is updated in place. `layers`
         holds (weight, scale) pairs (self.bb_fused / self.dd_fused). final=False returns the residual
         stream x itself, for a caller that folds the final norm into its next matmul. pdl: every
-        kernel a programmatic dependent launch (kernels/pdl.py)."""
+        kernel a programmatic dependent launch (kernels/pdl.py). fold: each layer's attention runs in
+        its qkv kernel's last program (lengths must be pos + 1, as they are in forward)."""
         ops, gemv = self.ops, self.gemv
         for i, (an, (wqkv, sqkv), (wo, so), fn, (w13, s13), (w2, s2)) in enumerate(layers):
-            cache = kv[i][:B]
-            qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=(n_heads, cos, sin, pos, cache), pdl=pdl)
-            q = qkv.view(x.shape[0], -1, kv[i].shape[-1])[:, :n_heads]  # rotated; k and v went to the cache
-            o = self.attn.decode_attention(q, cache, lengths, pdl=pdl, splits=self.attn_splits,
-                                           counts=self.attn_counts, grouped=self.attn_grouped)
+            cache, hd = kv[i][:B], kv[i].shape[-1]
+            rope = (n_heads, cos, sin, pos, cache)
+            if fold:
+                o = torch.empty(x.shape[0], n_heads * hd, dtype=x.dtype, device=x.device)
+                gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=rope, pdl=pdl, attend=(o, self.fold_count))
+            else:
+                qkv = gemv.norm_matvec(x, an, wqkv, eps, scale=sqkv, rope=rope, pdl=pdl)
+                q = qkv.view(x.shape[0], -1, hd)[:, :n_heads]  # rotated; k and v went to the cache
+                o = self.attn.decode_attention(q, cache, lengths, pdl=pdl, splits=self.attn_splits,
+                                               counts=self.attn_counts, grouped=self.attn_grouped)
             gemv.matvec_add_(x, wo, o, scale=so, pdl=pdl)
             up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl)
             gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl)
@@ -244,7 +259,8 @@ class FastFrameStep:
         stack = self._stack_fused if fused else self._stack
         dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
         kw = {"pdl": pdl} if fused else {}
-        dkw = {"final": False, **kw} if fused else {}  # fused: the final norm runs inside the head's matvec
+        # fused: the final norm runs inside the head's matvec (and at batch 1 maybe attention in qkv)
+        dkw = {"final": False, "fold": self.attn_fold and B == 1, **kw} if fused else {}
 
         def depth(x, pos, lengths):
             return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,

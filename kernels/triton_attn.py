@@ -14,6 +14,12 @@ all fall in split 0 (early in a call) is written by that program directly: no pa
 counter, no merge, the one-pass kernel's work. With one split (short caches: the depth decoder's
 32 positions, or batches large enough to fill the GPU by rows) that is always the case.
 
+Two forms: one program per query head (the default), or `grouped=True`, one per kv head taking the
+query heads that share it at once with tensor-core dots (`_attend_group`), so keys and values are
+read once rather than once per query head. `attend_rows` is the grouped form for all rows in one
+program: kernels/triton_gemv.py's qkv kernel runs it in its last program (attention folded into
+the projection, for the depth decoder's short cache at batch 1).
+
 Reference: `decode_attention_ref` (PyTorch SDPA with a length mask).
 """
 
@@ -32,13 +38,19 @@ MAX_SPLITS = 16
 TARGET_PROGRAMS = 2048  # (row, head, split) programs a launch aims for before it stops splitting
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: CI and the tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_keys(hd: int) -> int:
     """Keys a program loads at once: a [BLOCK_N, hd] tile of ~4K values."""
     return max(16, 4096 // hd)
+
+
+def group_rows(G: int) -> int:
+    """Rows of a grouped program's dots: its G query heads padded to the tensor cores' 16."""
+    return max(16, triton.next_power_of_2(G))
 
 
 def pick_splits(rows: int, heads: int, max_len: int, hd: int) -> int:
@@ -131,38 +143,37 @@ def _merge_head(acc_ptr, ml_ptr, rh, used, o, d, HD: tl.constexpr, SPLITS: tl.co
 
 
 @triton.jit
-def _decode_attn_grouped_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
-                                out_stride, acc_ptr, ml_ptr, cnt_ptr, scale, KV, H, CHUNK, G: tl.constexpr,
-                                GP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                                ROW_DIV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-    """One program per (row, kv head, split): the G query heads sharing the kv head at once, so
-    each key and value is read once, not G times; scores and P·V are tensor-core dots over the
-    heads padded to GP >= 16 rows. IEEE: the dots in float32, exact (not TF32) -- for float32 models,
-    and for bfloat16 ones interpreted on CPU (Triton 3.9's interpreter gets bfloat16 dots wrong)."""
-    _pdl_start(PDL)
-    row = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    n_keys = tl.load(len_ptr + row * len_stride)
+def _attend_group(q_ptr, kv_ptr, c_pos_stride, lo, hi, scale, KV, G: tl.constexpr, GP: tl.constexpr,
+                  HD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, CG: tl.constexpr):
+    """The G query heads at q_ptr (contiguous, HD each) against one kv head's keys [lo, hi) at
+    kv_ptr (position p's key at kv_ptr + p * c_pos_stride, its value KV * HD further): online
+    softmax over BLOCK_N keys at a time, scores and P·V as tensor-core dots over the heads padded
+    to GP >= 16 rows. Returns the unnormalised output [GP, HD], the running max and the denominator
+    [GP] (rows >= G: padding). IEEE: the dots in float32, exact (not TF32) -- float32 models, and
+    bfloat16 ones interpreted on CPU (Triton 3.9's interpreter gets bfloat16 dots wrong). CG: read
+    q, keys and values past L1 (another program of the same launch wrote them)."""
     d = tl.arange(0, HD)
     j = tl.arange(0, GP)
-    real = j < G
-    heads = kvh * G + j
-    q = tl.load(q_ptr + row * q_stride + heads[:, None] * HD + d[None, :], mask=real[:, None], other=0.0)
+    qp = q_ptr + j[:, None] * HD + d[None, :]
+    if CG:
+        q = tl.load(qp, mask=(j < G)[:, None], other=0.0, cache_modifier=".cg")
+    else:
+        q = tl.load(qp, mask=(j < G)[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
     m = tl.full([GP], -float("inf"), tl.float32)
     den = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, HD], tl.float32)
-    base = c_ptr + (row // ROW_DIV) * c_row_stride + kvh * HD
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, n_keys)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         ok = n < hi
-        at = base + n[:, None] * c_pos_stride + d[None, :]
-        k = tl.load(at, mask=ok[:, None], other=0.0)  # [BLOCK_N, HD]
-        v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0)
+        at = kv_ptr + n[:, None] * c_pos_stride + d[None, :]
+        if CG:
+            k = tl.load(at, mask=ok[:, None], other=0.0, cache_modifier=".cg")  # [BLOCK_N, HD]
+            v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        else:
+            k = tl.load(at, mask=ok[:, None], other=0.0)
+            v = tl.load(at + KV * HD, mask=ok[:, None], other=0.0)
         if IEEE:
             k, v = k.to(tl.float32), v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -179,6 +190,29 @@ def _decode_attn_grouped_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stri
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
+    return acc, m, den
+
+
+@triton.jit
+def _decode_attn_grouped_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, len_ptr, len_stride, out_ptr,
+                                out_stride, acc_ptr, ml_ptr, cnt_ptr, scale, KV, H, CHUNK, G: tl.constexpr,
+                                GP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                                ROW_DIV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """One program per (row, kv head, split): the G query heads sharing the kv head at once
+    (_attend_group), so each key and value is read once, not G times."""
+    _pdl_start(PDL)
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n_keys = tl.load(len_ptr + row * len_stride)
+    d = tl.arange(0, HD)
+    j = tl.arange(0, GP)
+    real = j < G
+    heads = kvh * G + j
+    lo = split * CHUNK
+    acc, m, den = _attend_group(q_ptr + row * q_stride + kvh * G * HD, c_ptr + (row // ROW_DIV) * c_row_stride
+                                + kvh * HD, c_pos_stride, lo, tl.minimum(lo + CHUNK, n_keys), scale, KV, G, GP, HD,
+                                BLOCK_N, IEEE, False)
     o = out_ptr + row * out_stride + heads[:, None] * HD + d[None, :]
     if SPLITS == 1:
         tl.store(o, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=real[:, None])
@@ -201,6 +235,26 @@ def _decode_attn_grouped_kernel(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stri
                     _merge_head(acc_ptr, ml_ptr, row * H + h, used, out_ptr + row * out_stride + h * HD + d, d,
                                 HD, SPLITS)
                 tl.atomic_xchg(cnt_ptr + rk, 0)
+
+
+@triton.jit
+def attend_rows(q_ptr, q_stride, c_ptr, c_row_stride, c_pos_stride, pos_ptr, pos_stride, out_ptr, out_stride, B,
+                scale, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, KVH: tl.constexpr,
+                BLOCK_N: tl.constexpr, ROW_DIV: tl.constexpr, IEEE: tl.constexpr):
+    """Decode attention for rows [0, B) in ONE program, each over its cache positions [0, pos[b]]:
+    what kernels/triton_gemv's qkv kernel runs in its last program (attend=...), reading q, keys
+    and values that other programs of that launch wrote (past L1). q rows at q_ptr + b * q_stride
+    (heads contiguous), outputs at out_ptr + b * out_stride. GP, BLOCK_N: group_rows(G), block_keys(HD)."""
+    d = tl.arange(0, HD)
+    j = tl.arange(0, GP)
+    for b in range(B):
+        n_keys = tl.load(pos_ptr + b * pos_stride) + 1
+        kv = c_ptr + (b // ROW_DIV) * c_row_stride
+        for g in tl.static_range(KVH):
+            acc, m, den = _attend_group(q_ptr + b * q_stride + g * G * HD, kv + g * HD, c_pos_stride, 0, n_keys, scale,
+                                        KVH, G, GP, HD, BLOCK_N, IEEE, True)
+            o = out_ptr + b * out_stride + (g * G + j)[:, None] * HD + d[None, :]
+            tl.store(o, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=(j < G)[:, None])
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor | None = None,
@@ -240,9 +294,9 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
             acc, ml, counts, hd ** -0.5, KV)
     div = cache_rows_div(B, cache)
     if grouped:
-        _decode_attn_grouped_kernel[(B, KV, splits)](*args, H, chunk, G=G, GP=max(16, triton.next_power_of_2(G)),
+        _decode_attn_grouped_kernel[(B, KV, splits)](*args, H, chunk, G=G, GP=group_rows(G),
                                                      HD=hd, BLOCK_N=bn, SPLITS=splits, ROW_DIV=div,
-                                                     IEEE=q.dtype == torch.float32 or _interpreted(), PDL=pdl,
+                                                     IEEE=q.dtype == torch.float32 or interpreted(), PDL=pdl,
                                                      enable_fp_fusion=FMA,
                                                      launch_pdl=pdl)
     else:

@@ -12,6 +12,9 @@ its weight bytes plus one launch per op. These fold the ops around the projectio
   With `rope=...` W is the fused qkv projection and the epilogue rotates q and k by each row's
   position and writes k and v into the KV cache (the work of triton_ops.rope_store_): a program
   then covers pairs of output columns, one accumulator for the even and one for the odd member.
+  With `attend=...` as well, the last program to finish (an atomic counter) also runs decode
+  attention for every row (kernels/triton_attn.attend_rows): one launch fewer a layer where one
+  program can do it, the depth decoder's 32-position cache at batch 1.
 
 A decoder layer then runs as: norm_matvec(qkv, rope) -> attention -> matvec_add_(wo)
 -> norm_matvec(w13, swiglu) -> matvec_add_(w2): five kernels instead of nine, and no separate
@@ -41,6 +44,7 @@ import triton.language as tl
 
 from .gemv_tiles import measured
 from .int8 import dequantize
+from .triton_attn import attend_rows, block_keys, group_rows, interpreted
 from .triton_ops import FMA, cache_rows_div
 
 MAX_ROWS = 16
@@ -106,9 +110,12 @@ def _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv, TWO: 
 
 @triton.jit
 def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_ptr, sin_ptr, pos_ptr, pos_stride,
-                        c_ptr, c_row_stride, c_pos_stride, QN, KN, HALF, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
-                        SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr):
+                        c_ptr, c_row_stride, c_pos_stride, QN, KN, HALF, a_ptr, a_stride, cnt_ptr, att_scale,
+                        SWIGLU: tl.constexpr, ROPE: tl.constexpr, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr,
+                        ATTN: tl.constexpr = False, G: tl.constexpr = 1, GP: tl.constexpr = 16,
+                        HD: tl.constexpr = 16, KVH: tl.constexpr = 1, BLOCK_S: tl.constexpr = 16,
+                        IEEE: tl.constexpr = False):
     if PDL:  # the next kernel may start loading its weights as this one's programs are all running
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -176,13 +183,20 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         cp = c_ptr + (b // ROW_DIV)[:, None] * c_row_stride + p[:, None] * c_pos_stride + (r1 - QN)[None, :]
         tl.store(cp, ya.to(c_ptr.dtype.element_ty), mask=kv)
         tl.store(cp + 1, yb.to(c_ptr.dtype.element_ty), mask=kv)
+        if ATTN:  # the last program to finish attends for every row (all of q, k, v are written then)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+                attend_rows(y_ptr, 2 * N, c_ptr, c_row_stride, c_pos_stride, pos_ptr, pos_stride, a_ptr, a_stride,
+                            B, att_scale, G, GP, HD, KVH, BLOCK_S, ROW_DIV, IEEE)
+                tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch
     else:
         tl.store(y_ptr + b[:, None] * N + n[None, :], y.to(dt), mask=m)
 
 
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
                 swiglu: bool = False, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None, pdl: bool = False) -> torch.Tensor:
+                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None, pdl: bool = False,
+                attend: tuple | None = None) -> torch.Tensor:
     """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
     int8 with its per-row `scale` [N], or the activations' dtype).
     Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu.
@@ -193,6 +207,12 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     cache[b // (B / C), pos[b]] (cache [C, S, 2KV, hd], each position's heads contiguous; C = B, or
     B / r for r positions of each sequence at once). The returned [B, N] holds rotated q and k and
     raw v.
+
+    attend = (out, counter), with rope: decode attention folded in (kernels/triton_attn.attend_rows):
+    the last program to finish -- counter, an int32 zero that the launch leaves at zero -- computes
+    each row's attention over its cache positions [0, pos[b]] (its own included) into out [B, n_heads
+    * hd], as triton_attn.decode_attention would with lengths pos + 1; one program does all the rows,
+    so it is for short caches and few rows (the depth decoder at batch 1).
 
     pdl=True launches it as a programmatic dependent launch (Hopper and later; kernels/pdl.py): its
     first weight tile loads while the kernel before it finishes."""
@@ -214,11 +234,22 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
         div = cache_rows_div(B, cache)
     else:
         r, div = (y, y, y, 0, y, 0, 0, 0, 0, 1), 1  # unused
+    fold, att = {}, (y, 0, y, 1.0)  # (unused without attend)
+    if attend is not None:
+        out, counter = attend
+        if rope is None or out.shape != (B, n_heads * hd) or out.stride(1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"attend needs rope and out [{B}, n_heads * hd] in the activations' dtype")
+        if counter.dtype != torch.int32 or counter.numel() < 1:
+            raise ValueError("attend's counter must be an int32 tensor holding 0")
+        att = (out, out.stride(0), counter, hd ** -0.5)
+        G = n_heads // kv
+        fold = dict(ATTN=True, G=G, GP=group_rows(G), HD=hd, KVH=kv, BLOCK_S=block_keys(hd),
+                    IEEE=x.dtype == torch.float32 or interpreted())
     _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
-                                                  *r, SWIGLU=swiglu, ROPE=rope is not None,
+                                                  *r, *att, SWIGLU=swiglu, ROPE=rope is not None,
                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
                                                   BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl, num_warps=warps,
-                                                  enable_fp_fusion=FMA, launch_pdl=pdl)
+                                                  enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
     return y
 
 

@@ -66,6 +66,9 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
         attn = {(k["bucket"], k["constexprs"]["HD"], k["constexprs"]["SPLITS"]) for k in ks
                 if k["kernel"] == name and k["fused"]}
         assert (1, 64, 16) in attn and (16, 64, 4 * g) in attn and {s for b, hd, s in attn if hd == 128} == {1}
+    # the depth decoder's qkv kernel with attention folded in (CSM_ATTN_FOLD: batch 1, fused), no spill
+    folded = [k for k in ks if k["kernel"] == "norm_matvec" and k["constexprs"].get("ATTN")]
+    assert folded and {k["bucket"] for k in folded} == {1} and {c for k in folded for c in k["calls"]} == {"depth.wqkv"}
     gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
     # at batch 1 (the latency target) every GEMV reads its weights 16 bytes at a time; larger buckets
     # pick K-tiles as short as 16 (a register budget shared by more rows) and may read narrower

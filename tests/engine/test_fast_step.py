@@ -56,6 +56,26 @@ def test_late_in_a_call_the_split_attention_gives_the_eager_steps_frames(tiny_en
     assert not fast.fast.attn_counts.any()  # every merge put its counter back
 
 
+def test_attention_folded_into_the_qkv_kernel_gives_the_eager_steps_frames(tiny_engine, monkeypatch):
+    """CSM_ATTN_FOLD=1: at batch 1 the fused step runs the depth decoder's attention in its qkv
+    kernels (no attention launch of its own: only the backbone's remain) and gives the eager
+    step's frames; other buckets and the backbone are as before."""
+    from csmstream.kernels import triton_attn
+
+    monkeypatch.setenv("CSM_FUSED_GEMV", "on")
+    monkeypatch.setenv("CSM_ATTN_FOLD", "1")
+    ref, fast = _prefilled(tiny_engine, False, [0], 50), _prefilled(tiny_engine, True, [0], 50)
+    assert fast.fast.attn_fold
+    calls, plain = [], triton_attn.decode_attention
+    monkeypatch.setattr(triton_attn, "decode_attention", lambda *a, **k: calls.append(a[1].shape) or plain(*a, **k))
+    for _ in range(3):
+        assert torch.equal(ref.step(0, 1, 50), fast.step(0, 1, 50))
+    cfg = tiny_engine.model.cfg
+    assert len(calls) == 3 * cfg.backbone.n_layers  # the depth decoder's attention all ran folded
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    assert int(fast.fast.fold_count) == 0
+
+
 def test_the_fused_five_kernel_layers_give_the_eager_steps_frames(tiny_engine, monkeypatch):
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
     ref, fast = _prefilled(tiny_engine, False, [0, 1], 50), _prefilled(tiny_engine, True, [0, 1], 50)

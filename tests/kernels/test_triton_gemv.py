@@ -221,3 +221,37 @@ def test_qkv_with_rope_writes_rows_of_one_sequence_to_its_cache_row():
         norm_matvec(x[r : r + 1], nw, w, 1e-5, rope=(H, cos, sin, pos[r : r + 1], alone_cache[r // 2 : r // 2 + 1]))
     torch.testing.assert_close(cache, alone_cache, rtol=1e-6, atol=1e-6)
     assert torch.equal(cache[:, 2:], before[:, 2:])
+
+
+@pytest.mark.parametrize(("B", "C", "dtype"), [(1, 1, torch.float32), (2, 1, torch.float32), (3, 3, torch.float32),
+                                               (2, 1, torch.bfloat16)])
+def test_attention_folded_into_the_qkv_kernel_equals_the_separate_kernel(B, C, dtype):
+    """norm_matvec(rope=..., attend=(out, counter)): the last program attends for every row, over its
+    cache positions [0, pos]; the qkv output and the cache are the plain rope call's bit for bit,
+    out is decode_attention's over that cache (the depth decoder's shape: 8 heads on 2 kv heads;
+    C = 1: two rows at positions 0 and 1 of one sequence, as its first pass), and the counter is
+    back at 0. Compiled on a GPU (bench/gpu_session.sh) the fold's cross-program reads are real."""
+    from csmstream.kernels.triton_attn import decode_attention
+
+    g = gen(B * 10 + C)
+    H, KV, hd, S, D = 8, 2, 32, 32, 64
+    N = (H + 2 * KV) * hd
+    x, nw = torch.randn(B, D, generator=g).to(dtype), (torch.rand(D, generator=g) + 0.5).to(dtype)
+    w = (torch.randn(N, D, generator=g) / 8).to(dtype)
+    angles = torch.rand(S, hd // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    pos = torch.tensor([5, 31, 17][:B]) if C == B else torch.arange(B) % 2
+    cache = torch.randn(C, S, 2 * KV, hd, generator=g).to(dtype)
+    plain_cache, tiles = cache.clone(), (8, 32, 4)
+    plain = norm_matvec(x, nw, w, 1e-5, rope=(H, cos, sin, pos, plain_cache), tiles=tiles)
+    want = decode_attention(plain.view(B, -1, hd)[:, :H], plain_cache, pos + 1)
+    out, counter = torch.full((B, H * hd), float("nan"), dtype=dtype), torch.zeros(1, dtype=torch.int32)
+    for _ in range(2):  # the counter is ready for the next launch
+        got = norm_matvec(x, nw, w, 1e-5, rope=(H, cos, sin, pos, cache), tiles=tiles, attend=(out, counter))
+        assert torch.equal(got, plain) and torch.equal(cache, plain_cache) and int(counter) == 0
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out, want, **tol)
+    with pytest.raises(ValueError, match="attend needs rope"):
+        norm_matvec(x, nw, w, 1e-5, attend=(out, counter))
+    with pytest.raises(ValueError, match="counter must be an int32"):
+        norm_matvec(x, nw, w, 1e-5, rope=(H, cos, sin, pos, cache), attend=(out, counter.long()))
