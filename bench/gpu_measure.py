@@ -353,16 +353,20 @@ def context_ms(eng, tok_mask, positions, n: int, warmup: int = 3) -> list[dict]:
 
 
 def _folded(fast, timed) -> dict:
-    """The same frame with the depth decoder's attention folded into its qkv kernels
-    (CSM_ATTN_FOLD=1; only the fused step at batch 1 folds), recaptured, then put back."""
-    was = fast.attn_fold
-    fast.attn_fold = not was
-    if fast.use_graphs:
-        fast.capture()
-    out = {"attn_fold": fast.attn_fold, "graphs_ms": timed(), **kept_variant(fast)}
-    fast.attn_fold = was
-    if fast.use_graphs:
-        fast.capture()
+    """The same frame with the depth decoder's attention folded into its qkv kernels or not
+    (CSM_ATTN_FOLD on / off: the opposite of what the engine kept for bucket 1), recaptured, then
+    put back."""
+    mode = fast.fold_mode
+
+    def use(m):
+        fast.fold_mode = m
+        fast.fold_buckets = {1} & fast.fused_buckets if m == "on" else set()
+        if fast.use_graphs:
+            fast.capture()
+
+    use("off" if 1 in fast.fold_buckets else "on")
+    out = {"attn_fold": 1 in fast.fold_buckets, "graphs_ms": timed(), **kept_variant(fast)}
+    use(mode)
     return out
 
 

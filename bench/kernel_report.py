@@ -218,9 +218,10 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                 fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
                 # both attention kernels (CSM_ATTN_GROUPED), and attention folded into qkv (CSM_ATTN_FOLD)
-                for fast.attn_grouped, fast.attn_fold in ((False, False), (True, False), (False, True)):
+                for fast.attn_grouped, fold in ((False, False), (True, False), (False, True)):
+                    fast.fold_buckets = {B} if fold and fused and B == 1 else set()
                     fast.forward(B)
-                fast.attn_fold = False
+                fast.attn_grouped, fast.fold_buckets = False, set()
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
                 for name, ints, const, warps, k in launches[before:]:
                     row = binaries.get(id(k))

@@ -32,6 +32,10 @@ Env CSM_PDL (`auto` default, `on`, `off`): on Hopper and later the five-kernel s
 one chain of programmatic dependent launches (kernels/pdl.py: each kernel loads its first weight
 tile while the one before finishes). `auto` captures it as a third variant, keeps it only if its
 replay gives the same codes as the plain fused step's, and times it with the others.
+Env CSM_ATTN_FOLD (`auto` default, `on`, `off`): at batch 1 the fused step can also run the depth
+decoder's attention inside its qkv kernels (kernels/triton_gemv.norm_matvec(attend=): the last
+program attends, one launch fewer a layer); `auto` captures it as another variant, kept only if its
+codes are the plain fused step's and it is faster.
 """
 
 from __future__ import annotations
@@ -79,8 +83,14 @@ def pdl_setting(flag: str | None = None) -> str:
     return _switch("CSM_PDL", flag)
 
 
-def variant_name(fused: bool, pdl: bool) -> str:
-    return "fused+pdl" if pdl else "fused" if fused else "cublas"
+def fold_setting(flag: str | None = None) -> str:
+    """Attention folded into the depth decoder's qkv kernels at batch 1: the argument, else env
+    CSM_ATTN_FOLD (default auto)."""
+    return _switch("CSM_ATTN_FOLD", flag)
+
+
+def variant_name(fused: bool, pdl: bool, fold: bool = False) -> str:
+    return ("fused+pdl" if pdl else "fused" if fused else "cublas") + ("+fold" if fold else "")
 
 
 def _replayed(graph_out: tuple) -> torch.Tensor:
@@ -128,7 +138,8 @@ def _pairs(layer: tuple, q: dict | None = None) -> tuple:
 
 
 class FastFrameStep:
-    def __init__(self, gen, *, graphs: bool, fused: str | None = None, pdl: str | None = None) -> None:
+    def __init__(self, gen, *, graphs: bool, fused: str | None = None, pdl: str | None = None,
+                 fold: str | None = None) -> None:
         from ..kernels import (  # imported here: nothing imports triton at package import
             pdl as pdl_mod,
             triton_attn,
@@ -172,11 +183,7 @@ class FastFrameStep:
         # env CSM_ATTN_GROUPED=1: a program per kv head with tensor-core dots (kernels/triton_attn.py);
         # default off, one program per query head, until bench/gpu.py's context stage has timed both
         self.attn_grouped = _env_on("CSM_ATTN_GROUPED")
-        # env CSM_ATTN_FOLD=1: the fused step at batch 1 folds the depth decoder's attention into its
-        # qkv kernel (the last program attends: kernels/triton_gemv.norm_matvec(attend=)), one launch
-        # fewer a layer; default off until bench/gpu.py's batch1 stage has timed both
-        self.attn_fold = _env_on("CSM_ATTN_FOLD")
-        self.fold_count = torch.zeros(1, dtype=torch.int32, device=dev)  # its launches leave it at 0
+        self.fold_count = torch.zeros(1, dtype=torch.int32, device=dev)  # the fold's; launches leave it at 0
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
@@ -196,6 +203,10 @@ class FastFrameStep:
         if self.pdl_mode == "on" and not self.pdl_ok and dev.type == "cuda":
             log.warning("CSM_PDL=on but %s: the fused step runs without it", why_not)
         self.pdl_buckets: set[int] = set(self.fused_buckets) if self.pdl_mode == "on" and self.pdl_ok else set()
+        # the fused step at batch 1 may fold the depth decoder's attention into its qkv kernels (the
+        # last program attends: kernels/triton_gemv.norm_matvec(attend=)), one launch fewer a layer
+        self.fold_mode = fold_setting(fold)
+        self.fold_buckets: set[int] = {1} & self.fused_buckets if self.fold_mode == "on" else set()
         # capture(): bucket -> {variant name: ms a replay} for each bucket captured more than one way
         self.timing: dict[int, dict[str, float]] = {}
         if self.use_graphs:
@@ -260,7 +271,7 @@ class FastFrameStep:
         dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
         kw = {"pdl": pdl} if fused else {}
         # fused: the final norm runs inside the head's matvec (and at batch 1 maybe attention in qkv)
-        dkw = {"final": False, "fold": self.attn_fold and B == 1, **kw} if fused else {}
+        dkw = {"final": False, "fold": B in self.fold_buckets, **kw} if fused else {}
 
         def depth(x, pos, lengths):
             return stack(x, dd_layers, self.dd_kv, self.dd_norm, dd.norm_eps, dd.n_heads,
@@ -305,20 +316,24 @@ class FastFrameStep:
         return codes
 
     # -- graphs -----------------------------------------------------------------------------------
-    def variants(self, B: int) -> list[tuple[bool, bool]]:
-        """The ways bucket B may run, as (fused, pdl): the cuBLAS step, the five-kernel step, and
-        that step as one chain of programmatic dependent launches -- as CSM_FUSED_GEMV, CSM_PDL and
-        the device allow. capture() times them against each other and keeps the fastest."""
+    def variants(self, B: int) -> list[tuple[bool, bool, bool]]:
+        """The ways bucket B may run, as (fused, pdl, fold): the cuBLAS step, the five-kernel step,
+        that step as one chain of programmatic dependent launches, and (bucket 1) with the depth
+        decoder's attention folded into its qkv kernels -- as CSM_FUSED_GEMV, CSM_PDL,
+        CSM_ATTN_FOLD and the device allow. capture() times them against each other and keeps the
+        fastest."""
         if B > self.gemv.MAX_ROWS or self.fused_mode == "off":
-            return [(False, False)]
+            return [(False, False, False)]
         pdl = {"off": [False], "on": [True], "auto": [False, True]}[self.pdl_mode] if self.pdl_ok else [False]
-        fused = [(True, p) for p in pdl]
-        return fused if self.fused_mode == "on" else [(False, False), *fused]
+        fold = {"off": [False], "on": [True], "auto": [False, True]}[self.fold_mode] if B == 1 else [False]
+        fused = [(True, p, f) for f in fold for p in pdl if not (p and f and self.fold_mode == "auto")]
+        return fused if self.fused_mode == "on" else [(False, False, False), *fused]
 
-    def _use(self, B: int, way: tuple[bool, bool]) -> None:
-        fused, pdl = way
+    def _use(self, B: int, way: tuple[bool, bool, bool]) -> None:
+        fused, pdl, fold = way
         (self.fused_buckets.add if fused else self.fused_buckets.discard)(B)
         (self.pdl_buckets.add if pdl else self.pdl_buckets.discard)(B)
+        (self.fold_buckets.add if fold else self.fold_buckets.discard)(B)
 
     def capture(self) -> None:
         """Capture one graph per bucket (largest first, one shared memory pool). Rows are idle while
@@ -327,7 +342,7 @@ class FastFrameStep:
         t0 = time.perf_counter()
         self.active.zero_()
         ways = {B: self.variants(B) for B in self.buckets}
-        broken: dict[tuple[bool, bool], str] = {}
+        broken: dict[tuple[bool, bool, bool], str] = {}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
@@ -359,10 +374,11 @@ class FastFrameStep:
                      {b: self.kept(b) for b in sorted(self.timing)})
 
     def kept(self, B: int) -> str:
-        """The variant bucket B runs: cublas, fused or fused+pdl."""
-        return variant_name(B in self.fused_buckets, B in self.fused_buckets and B in self.pdl_buckets)
+        """The variant bucket B runs: cublas, fused or fused+pdl, +fold where it folds attention."""
+        fused = B in self.fused_buckets
+        return variant_name(fused, fused and B in self.pdl_buckets, fused and B in self.fold_buckets)
 
-    def _capture_best(self, B: int, ways: list[tuple[bool, bool]], pool) -> tuple:
+    def _capture_best(self, B: int, ways: list[tuple[bool, bool, bool]], pool) -> tuple:
         if not ways:
             raise RuntimeError(f"no way to run batch bucket {B} on this device")
         got = {}
@@ -374,11 +390,14 @@ class FastFrameStep:
                 if len(ways) == 1:
                     raise
                 log.warning("the %s graph for bucket %d failed (%s); going without it", variant_name(*way), B, e)
-        plain, chained = got.get((True, False)), got.get((True, True))
-        if plain and chained and not torch.equal(_replayed(plain), _replayed(chained)):
-            # the same kernels in the same order: any difference is a broken dependency
-            log.warning("bucket %d: the PDL chain's codes differ from the fused step's; not using PDL", B)
-            del got[(True, True)]
+        plain = got.get((True, False, False))
+        for way, what in (((True, True, False), "the PDL chain's"), ((True, False, True), "the folded attention's")):
+            # PDL: the same kernels in the same order, so any difference is a broken dependency;
+            # the fold: the same arithmetic but P·V's P in the cache dtype, which moves a code only at
+            # a near tie, so a difference is far likelier a broken read of another program's writes
+            if plain and way in got and not torch.equal(_replayed(plain), _replayed(got[way])):
+                log.warning("bucket %d: %s codes differ from the fused step's; not using it", B, what)
+                del got[way]
         if not got:
             raise RuntimeError(f"no graph for batch bucket {B} could be captured")
         best = next(iter(got))

@@ -57,15 +57,15 @@ def test_late_in_a_call_the_split_attention_gives_the_eager_steps_frames(tiny_en
 
 
 def test_attention_folded_into_the_qkv_kernel_gives_the_eager_steps_frames(tiny_engine, monkeypatch):
-    """CSM_ATTN_FOLD=1: at batch 1 the fused step runs the depth decoder's attention in its qkv
+    """CSM_ATTN_FOLD=on: at batch 1 the fused step runs the depth decoder's attention in its qkv
     kernels (no attention launch of its own: only the backbone's remain) and gives the eager
     step's frames; other buckets and the backbone are as before."""
     from csmstream.kernels import triton_attn
 
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
-    monkeypatch.setenv("CSM_ATTN_FOLD", "1")
+    monkeypatch.setenv("CSM_ATTN_FOLD", "on")
     ref, fast = _prefilled(tiny_engine, False, [0], 50), _prefilled(tiny_engine, True, [0], 50)
-    assert fast.fast.attn_fold
+    assert fast.fast.fold_buckets == {1} and fast.fast.kept(1) == "fused+fold"
     calls, plain = [], triton_attn.decode_attention
     monkeypatch.setattr(triton_attn, "decode_attention", lambda *a, **k: calls.append(a[1].shape) or plain(*a, **k))
     for _ in range(3):

@@ -13,9 +13,12 @@ import torch
 import triton.language.extra.cuda as tlc
 
 from csmstream.engine import cuda_step
-from csmstream.engine.cuda_step import pdl_setting, variant_name
+from csmstream.engine.cuda_step import fold_setting, pdl_setting, variant_name
 from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.prompt import build_prompt
+
+
+CUBLAS, FUSED, PDL, FOLD = (False, False, False), (True, False, False), (True, True, False), (True, False, True)
 
 
 def _prefilled(engine, fast):
@@ -57,17 +60,37 @@ def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch)
     step = _prefilled(tiny_engine, True).fast
     assert not step.pdl_ok and step.pdl_buckets == set()  # CPU: no PDL, whatever the setting
     step.pdl_ok = True
-    cases = {("auto", "auto"): [(False, False), (True, False), (True, True)],
-             ("auto", "off"): [(False, False), (True, False)], ("on", "on"): [(True, True)],
-             ("on", "auto"): [(True, False), (True, True)], ("off", "on"): [(False, False)]}
+    step.fold_mode = "off"
+    cases = {("auto", "auto"): [CUBLAS, FUSED, PDL], ("auto", "off"): [CUBLAS, FUSED], ("on", "on"): [PDL],
+             ("on", "auto"): [FUSED, PDL], ("off", "on"): [CUBLAS]}
     for (fused, pdl), want in cases.items():
         step.fused_mode, step.pdl_mode = fused, pdl
         assert step.variants(1) == want, (fused, pdl)
     step.fused_mode, step.pdl_mode = "auto", "auto"
-    assert step.variants(32) == [(False, False)]  # past the fused kernels' 16 rows
+    assert step.variants(32) == [CUBLAS]  # past the fused kernels' 16 rows
     step.pdl_ok = False
-    assert step.variants(1) == [(False, False), (True, False)]
+    assert step.variants(1) == [CUBLAS, FUSED]
     assert [variant_name(*w) for w in step.variants(1)] == ["cublas", "fused"]
+
+
+def test_fold_setting_and_the_variants_it_adds_at_batch_1(tiny_engine, monkeypatch):
+    monkeypatch.delenv("CSM_ATTN_FOLD", raising=False)
+    assert fold_setting() == "auto" and fold_setting("1") == "on"
+    monkeypatch.setenv("CSM_ATTN_FOLD", "sometimes")
+    with pytest.raises(ValueError, match="CSM_ATTN_FOLD must be auto, on or off, got 'sometimes'"):
+        fold_setting()
+    monkeypatch.delenv("CSM_ATTN_FOLD")
+    step = _prefilled(tiny_engine, True).fast
+    assert step.fold_mode == "auto" and step.fold_buckets == set()  # auto: only capture() may fold
+    step.pdl_ok = True
+    # auto: one more way at bucket 1, folded without PDL; on: every fused way folds; never past bucket 1
+    assert step.variants(1) == [CUBLAS, FUSED, PDL, FOLD]
+    assert step.variants(2) == [CUBLAS, FUSED, PDL]
+    step.fold_mode = "on"
+    assert step.variants(1) == [CUBLAS, FOLD, (True, True, True)]
+    assert [variant_name(*w) for w in step.variants(1)] == ["cublas", "fused+fold", "fused+pdl+fold"]
+    step.fused_mode = "off"
+    assert step.variants(1) == [CUBLAS]
 
 
 class FakeGraph:
@@ -87,7 +110,7 @@ def step_with_fake_graphs(tiny_engine, monkeypatch):
     plan = {}  # way -> (codes, ms) or an exception to raise at capture
 
     def capture_one(B, pool):
-        way = (B in step.fused_buckets, B in step.pdl_buckets)
+        way = (B in step.fused_buckets, B in step.pdl_buckets, B in step.fold_buckets)
         if isinstance(plan[way], Exception):
             raise plan[way]
         codes, ms = plan[way]
@@ -100,35 +123,48 @@ def step_with_fake_graphs(tiny_engine, monkeypatch):
 
 def test_capture_keeps_the_fastest_variant(step_with_fake_graphs):
     step, plan = step_with_fake_graphs
-    plan.update({(False, False): ([7, 7, 7, 7], 7.4), (True, False): ([1, 2, 3, 4], 6.1),
-                 (True, True): ([1, 2, 3, 4], 5.2)})
+    plan.update({CUBLAS: ([7, 7, 7, 7], 7.4), FUSED: ([1, 2, 3, 4], 6.1),
+                 PDL: ([1, 2, 3, 4], 5.2)})
     graph, _ = step._capture_best(1, list(plan), None)
     assert graph.ms == 5.2 and step.kept(1) == "fused+pdl"
     assert step.timing[1] == {"cublas": 7.4, "fused": 6.1, "fused+pdl": 5.2}
-    plan[(True, True)] = ([1, 2, 3, 4], 6.5)  # slower than the plain fused step: not kept
+    plan[PDL] = ([1, 2, 3, 4], 6.5)  # slower than the plain fused step: not kept
     graph, _ = step._capture_best(1, list(plan), None)
     assert graph.ms == 6.1 and step.kept(1) == "fused"
 
 
 def test_a_pdl_chain_whose_codes_differ_is_dropped(step_with_fake_graphs, caplog):
     step, plan = step_with_fake_graphs
-    plan.update({(False, False): ([7, 7, 7, 7], 7.4), (True, False): ([1, 2, 3, 4], 6.1),
-                 (True, True): ([1, 2, 3, 5], 5.2)})  # fastest, but one code differs: a race
+    plan.update({CUBLAS: ([7, 7, 7, 7], 7.4), FUSED: ([1, 2, 3, 4], 6.1),
+                 PDL: ([1, 2, 3, 5], 5.2)})  # fastest, but one code differs: a race
     with caplog.at_level(logging.WARNING, logger="csmstream.engine"):
         graph, _ = step._capture_best(1, list(plan), None)
     assert graph.ms == 6.1 and step.kept(1) == "fused" and "fused+pdl" not in step.timing[1]
     assert "the PDL chain's codes differ from the fused step's" in caplog.text
 
 
+def test_a_folded_step_is_kept_when_fastest_and_dropped_when_its_codes_differ(step_with_fake_graphs, caplog):
+    step, plan = step_with_fake_graphs
+    plan.update({CUBLAS: ([7, 7, 7, 7], 7.4), FUSED: ([1, 2, 3, 4], 6.1), FOLD: ([1, 2, 3, 4], 5.6)})
+    graph, _ = step._capture_best(1, list(plan), None)
+    assert graph.ms == 5.6 and step.kept(1) == "fused+fold" and step.fold_buckets == {1}
+    assert step.timing[1] == {"cublas": 7.4, "fused": 6.1, "fused+fold": 5.6}
+    plan[FOLD] = ([1, 2, 9, 4], 5.6)  # a code of its own: a read of another program's writes gone wrong
+    with caplog.at_level(logging.WARNING, logger="csmstream.engine"):
+        graph, _ = step._capture_best(1, list(plan), None)
+    assert graph.ms == 6.1 and step.kept(1) == "fused" and step.fold_buckets == set()
+    assert "the folded attention's codes differ from the fused step's" in caplog.text
+
+
 def test_a_variant_that_fails_to_capture_is_skipped_unless_it_is_the_only_one(step_with_fake_graphs, caplog):
     step, plan = step_with_fake_graphs
-    plan.update({(False, False): ([7, 7, 7, 7], 7.4), (True, False): ([1, 2, 3, 4], 6.1),
-                 (True, True): RuntimeError("cudaErrorStreamCaptureUnsupported")})
+    plan.update({CUBLAS: ([7, 7, 7, 7], 7.4), FUSED: ([1, 2, 3, 4], 6.1),
+                 PDL: RuntimeError("cudaErrorStreamCaptureUnsupported")})
     with caplog.at_level(logging.WARNING, logger="csmstream.engine"):
         graph, _ = step._capture_best(1, list(plan), None)
     assert graph.ms == 6.1 and step.kept(1) == "fused"
     assert "the fused+pdl graph for bucket 1 failed (cudaErrorStreamCaptureUnsupported)" in caplog.text
     with pytest.raises(RuntimeError, match="CaptureUnsupported"):
-        step._capture_best(1, [(True, True)], None)
+        step._capture_best(1, [PDL], None)
     with pytest.raises(RuntimeError, match="no way to run batch bucket 1"):
         step._capture_best(1, [], None)
