@@ -50,13 +50,19 @@ def test_the_pdl_chain_gives_the_eager_steps_frames_and_every_program_waits(tiny
     assert calls == before
 
 
+def _switch_reads(monkeypatch, env: str, setting) -> None:
+    """An auto/on/off switch: auto by default, the argument over the environment, a bad value named."""
+    monkeypatch.delenv(env, raising=False)
+    assert setting() == "auto" and setting("0") == "off" and setting("1") == "on"
+    monkeypatch.setenv(env, "maybe")
+    with pytest.raises(ValueError, match=f"{env} must be auto, on or off, got 'maybe'"):
+        setting()
+    assert setting("off") == "off"
+    monkeypatch.delenv(env)
+
+
 def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch):
-    monkeypatch.delenv("CSM_PDL", raising=False)
-    assert pdl_setting() == "auto" and pdl_setting("0") == "off"
-    monkeypatch.setenv("CSM_PDL", "maybe")
-    with pytest.raises(ValueError, match="CSM_PDL must be auto, on or off, got 'maybe'"):
-        pdl_setting()
-    monkeypatch.delenv("CSM_PDL")
+    _switch_reads(monkeypatch, "CSM_PDL", pdl_setting)
     step = _prefilled(tiny_engine, True).fast
     assert not step.pdl_ok and step.pdl_buckets == set()  # CPU: no PDL, whatever the setting
     step.pdl_ok = True
@@ -74,12 +80,7 @@ def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch)
 
 
 def test_fold_setting_and_the_variants_it_adds_at_batch_1(tiny_engine, monkeypatch):
-    monkeypatch.delenv("CSM_ATTN_FOLD", raising=False)
-    assert fold_setting() == "auto" and fold_setting("1") == "on"
-    monkeypatch.setenv("CSM_ATTN_FOLD", "sometimes")
-    with pytest.raises(ValueError, match="CSM_ATTN_FOLD must be auto, on or off, got 'sometimes'"):
-        fold_setting()
-    monkeypatch.delenv("CSM_ATTN_FOLD")
+    _switch_reads(monkeypatch, "CSM_ATTN_FOLD", fold_setting)
     step = _prefilled(tiny_engine, True).fast
     assert step.fold_mode == "auto" and step.fold_buckets == set()  # auto: only capture() may fold
     step.pdl_ok = True
