@@ -119,6 +119,10 @@ class EngineWorker:
         self._inbox: queue.SimpleQueue[GenRequest] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # submit() vs the thread's end: a request goes into the inbox before the end, which then
+        # fails it, or is refused -- never left in an inbox nobody reads (that request would hang)
+        self._gate = threading.Lock()
+        self._ended = False
         self._thread: threading.Thread | None = None
         self._waiting: deque[GenRequest] = deque()
         self._active: dict[int, GenRequest] = {}  # row -> request
@@ -161,11 +165,14 @@ class EngineWorker:
         if req._prepared is None:
             self.prepare(req)
         free = max(0, self.engine.max_streams - len(self._active) - len(self._prefilling))
-        if self.queued() >= self.max_waiting + free:
-            raise Busy(f"all {self.engine.max_streams} streams are busy and {self.max_waiting} requests are "
-                       "already waiting; retry shortly")
-        req.t_submit = time.perf_counter()
-        self._inbox.put(req)
+        with self._gate:
+            if self._ended or not self.alive:
+                raise RuntimeError("the engine thread is not running")
+            if self.queued() >= self.max_waiting + free:
+                raise Busy(f"all {self.engine.max_streams} streams are busy and {self.max_waiting} requests are "
+                           "already waiting; retry shortly")
+            req.t_submit = time.perf_counter()
+            self._inbox.put(req)
         self._wake.set()
         return req
 
@@ -203,11 +210,18 @@ class EngineWorker:
                     if self._inbox.empty():
                         self._wake.wait(self.idle_wait)
         except BaseException as e:  # the thread is dying: say so loudly, fail everyone, never hang
-            self.died = e
+            self._end(died=e)
             log.critical("the engine thread died (%s: %s); /healthz now answers 503", type(e).__name__, e)
             self._fail_all("the engine thread died; the server cannot generate until it is restarted")
             return
+        self._end()
         self._fail_all("server shutting down", reason="cancelled")
+
+    def _end(self, died: BaseException | None = None) -> None:
+        """From here on submit() refuses; what it queued before is in the inbox for _fail_all."""
+        with self._gate:
+            self.died = died
+            self._ended = True
 
     def _tick(self) -> bool:
         changed: list[GenRequest] = []

@@ -140,3 +140,25 @@ def test_whole_bucket_decode_while_a_row_is_still_prefilling(engine):
         got = req.sink.audio
         assert got.shape == alone.shape
         assert np.abs(got.astype(np.int32) - alone).max() <= 1  # rounding of batched vs single decode
+
+
+def test_a_request_submitted_as_the_engine_thread_dies_is_refused_not_left_to_hang(engine, monkeypatch):
+    """The thread ends (here: dies) while a submit is between its aliveness check and the queue:
+    the request must be refused or failed, never left in an inbox nobody reads. The window is made
+    certain by reporting the thread alive after it has ended."""
+    def die(req):
+        raise SystemExit("injected: the engine thread dies")
+
+    w = EngineWorker(engine).start()
+    w.fault_hook = die
+    first = w.submit(GenRequest("Goodbye, engine.", seed=1, max_frames=5))
+    for _ in range(500):
+        if not w.alive:
+            break
+        time.sleep(0.01)
+    assert not w.alive and isinstance(w.died, SystemExit)
+    assert first.reason == "error" and "engine thread died" in first.error
+    monkeypatch.setattr(EngineWorker, "alive", property(lambda self: True))  # the race's view of it
+    with pytest.raises(RuntimeError, match="the engine thread is not running"):
+        w.submit(GenRequest("Anyone there?", seed=2, max_frames=5))
+    assert w.queued() == 0
