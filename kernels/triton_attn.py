@@ -294,11 +294,9 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor
             acc, ml, counts, hd ** -0.5, KV)
     div = cache_rows_div(B, cache)
     if grouped:
-        _decode_attn_grouped_kernel[(B, KV, splits)](*args, H, chunk, G=G, GP=group_rows(G),
-                                                     HD=hd, BLOCK_N=bn, SPLITS=splits, ROW_DIV=div,
-                                                     IEEE=q.dtype == torch.float32 or interpreted(), PDL=pdl,
-                                                     enable_fp_fusion=FMA,
-                                                     launch_pdl=pdl)
+        _decode_attn_grouped_kernel[(B, KV, splits)](*args, H, chunk, G=G, GP=group_rows(G), HD=hd, BLOCK_N=bn,
+                                                     SPLITS=splits, ROW_DIV=div, PDL=pdl, enable_fp_fusion=FMA,
+                                                     IEEE=q.dtype == torch.float32 or interpreted(), launch_pdl=pdl)
     else:
         _decode_attn_kernel[(B, H, splits)](*args, G, H, chunk, HD=hd, BLOCK_N=bn, SPLITS=splits, ROW_DIV=div,
                                             PDL=pdl, enable_fp_fusion=FMA, launch_pdl=pdl)
