@@ -60,17 +60,20 @@ def graphs_enabled(flag: bool | None) -> bool:
     return os.environ.get("CSM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _switch(env: str, flag: str | None) -> str:
-    """'auto' | 'on' | 'off': the argument wins, else the environment variable (default auto)."""
-    v = (flag if flag is not None else os.environ.get(env, "auto")).strip().lower()
+def _switch(env: str, flag: str | None, default: str = "auto", choices: tuple = ("auto", "on", "off")) -> str:
+    """One of `choices` ('auto' | 'on' | 'off'; 1/true/yes and 0/false/no mean on and off): the
+    argument wins, else the environment variable, else `default`."""
+    v = (flag if flag is not None else os.environ.get(env, default)).strip().lower()
     v = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(v, v)
-    if v not in ("auto", "on", "off"):
-        raise ValueError(f"{env} must be auto, on or off, got {v!r}")
+    if v not in choices:
+        raise ValueError(f"{env} must be {', '.join(choices[:-1])} or {choices[-1]}, got {v!r}")
     return v
 
 
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "on", "true", "yes")
+def grouped_setting(flag: str | None = None) -> str:
+    """Attention grouped by kv head (kernels/triton_attn.py): the argument, else env
+    CSM_ATTN_GROUPED, on or off (default off until measured)."""
+    return _switch("CSM_ATTN_GROUPED", flag, default="off", choices=("on", "off"))
 
 
 def fused_setting(flag: str | None = None) -> str:
@@ -182,7 +185,7 @@ class FastFrameStep:
         self.attn_splits: int | None = None  # key splits of every attention launch (None: pick_splits)
         # env CSM_ATTN_GROUPED=1: a program per kv head with tensor-core dots (kernels/triton_attn.py);
         # default off, one program per query head, until bench/gpu.py's context stage has timed both
-        self.attn_grouped = _env_on("CSM_ATTN_GROUPED")
+        self.attn_grouped = grouped_setting() == "on"
         self.fold_count = torch.zeros(1, dtype=torch.int32, device=dev)  # the fold's; launches leave it at 0
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":

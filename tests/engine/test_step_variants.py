@@ -13,7 +13,7 @@ import torch
 import triton.language.extra.cuda as tlc
 
 from csmstream.engine import cuda_step
-from csmstream.engine.cuda_step import fold_setting, pdl_setting, variant_name
+from csmstream.engine.cuda_step import fold_setting, grouped_setting, pdl_setting, variant_name
 from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.prompt import build_prompt
 
@@ -59,6 +59,14 @@ def _switch_reads(monkeypatch, env: str, setting) -> None:
         setting()
     assert setting("off") == "off"
     monkeypatch.delenv(env)
+
+
+def test_the_grouped_attention_switch_is_on_or_off_and_names_a_bad_value(monkeypatch):
+    monkeypatch.delenv("CSM_ATTN_GROUPED", raising=False)
+    assert grouped_setting() == "off" and grouped_setting("1") == "on" and grouped_setting("no") == "off"
+    monkeypatch.setenv("CSM_ATTN_GROUPED", "auto")  # nothing chooses it yet: no auto
+    with pytest.raises(ValueError, match="CSM_ATTN_GROUPED must be on or off, got 'auto'"):
+        grouped_setting()
 
 
 def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch):
