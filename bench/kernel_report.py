@@ -217,9 +217,11 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                 fast.fused_buckets = {B} if fused else set()
                 fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
-                # both attention kernels (CSM_ATTN_GROUPED), and attention folded into qkv (CSM_ATTN_FOLD)
-                for fast.attn_grouped, fold in ((False, False), (True, False), (False, True)):
-                    fast.fold_buckets = {B} if fold and fused and B == 1 else set()
+                # both attention kernels (CSM_ATTN_GROUPED), and attention folded into qkv (CSM_ATTN_FOLD,
+                # the fused step at batch 1 only)
+                ways = [(False, False), (True, False)] + [(False, True)] * (fused and B == 1)
+                for grouped, fold in ways:
+                    fast.attn_grouped, fast.fold_buckets = grouped, {B} if fold else set()
                     fast.forward(B)
                 fast.attn_grouped, fast.fold_buckets = False, set()
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
