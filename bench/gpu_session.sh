@@ -7,7 +7,8 @@
 #   1. the package (copied as setup.py maps it) and any carried wheels (.whl/: websockets) into $SITE;
 #   2. the device's facts (nvidia-smi, torch, triton);
 #   3. bench/gpu.py batch1,context,check,profile,int8 on the first-guess tiles    -> first.json
-#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured                  -> sweep.json
+#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,050 candidates with the staged
+#      K loops: ~70 s to compile on 16 cores, as long to time)                     -> sweep.json
 #   5. bench/gpu.py batch1,int8 again on the measured tiles (CSM_GEMV_TILES)       -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
 #   7. the Triton kernel tests compiled (TRITON_INTERPRET=0) on the GPU, while time is left (session.log)
@@ -91,7 +92,7 @@ part first "$(cap 240 150)" "$PY" bench/gpu.py "${GPU[@]}" --stages batch1,conte
 # 4-5. the batch-1 tiles measured, then batch 1 on them
 TILES=()
 if [ "$DRY" != 1 ]; then
-  part sweep "$(cap 180 150)" "$PY" bench/gemv_sweep.py --rows 1 --json "$OUT/sweep.json"
+  part sweep "$(cap 220 150)" "$PY" bench/gemv_sweep.py --rows 1 --json "$OUT/sweep.json"
   if [ -s "$OUT/sweep.json" ]; then
     TILES=(env "CSM_GEMV_TILES=$OUT/sweep.json")
     part tiles "$(cap 150 90)" "${TILES[@]}" "$PY" bench/gpu.py --stages batch1,int8 --json "$OUT/tiles.json"

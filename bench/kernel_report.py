@@ -14,10 +14,12 @@ real pipeline down to a cubin from ptxas. cuobjdump then reads each cubin's reso
 It catches before any GPU session: a kernel that does not compile (the CPU tests run the kernels
 interpreted, which accepts code the compiler rejects), register spills (local memory: a GEMV that
 spills loses the bandwidth it exists for), shared memory over the SM's limit, and occupancy too low
-to keep loads in flight. With --pdl the fused step is compiled as its chain of programmatic dependent
-launches (kernels/pdl.py, sm_90 and later), and each kernel's PTX is checked for the grid-dependency
-instructions and for the weight loads the GEMVs issue before their wait. Exit status 1 when a kernel fails to compile, spills, or needs more shared
-memory than a block may have.
+to keep loads in flight. The tiles are pick_tiles' (with CSM_GEMV_TILES naming a sweep's table,
+the measured ones; a staged tile must compile to cp.async copies, else it is a problem). With
+--pdl the fused step is compiled as its chain of programmatic dependent launches (kernels/pdl.py,
+sm_90 and later), and each kernel's PTX is checked for the grid-dependency instructions and for
+the weight loads the GEMVs issue before their wait. Exit status 1 when a kernel fails to compile,
+spills, needs more shared memory than a block may have, or has a staged K loop not pipelined.
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ def global_loads(ptx: str) -> tuple[int, int]:
         lanes = int(q[-2][1:]) if len(q) > 1 and q[-2] in ("v2", "v4", "v8") else 1
         widths.append(lanes * int(q[-1][1:]))
     return sum(w == 128 for w in widths), len(widths)
+
+
+def async_copies(ptx: str) -> int:
+    """cp.async instructions (global -> shared copies that do not block: sm_80+) in a kernel's PTX.
+    A GEMV with tiles of stages >= 2 reads its weights so, its K loop software-pipelined; one with
+    plain tiles has none."""
+    return len(re.findall(r"\bcp\.async\.c[ag]\.shared", ptx))
 
 
 def occupancy(regs: int, warps: int, smem: int, arch: int) -> int:
@@ -234,7 +243,7 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                             kernel=_short(name), calls=[], bucket=B, fused=fused, pdl=fused and pdl,
                             num_warps=warps, constexprs=const, regs=r["regs"], spill_bytes=r["stack"] + r["local"],
                             shared=smem, warps_per_sm=occupancy(r["regs"], warps, smem, arch),
-                            loads_128=global_loads(k.asm["ptx"]))
+                            loads_128=global_loads(k.asm["ptx"]), async_copies=async_copies(k.asm["ptx"]))
                         if row["pdl"]:
                             row.update(pdl_order(k.asm["ptx"]))
                     label = _label(name, ints, const, dims)
@@ -262,6 +271,8 @@ def problems(res: dict) -> list[str]:
             out.append(f"{where} spills {k['spill_bytes']} bytes a thread to local memory (stack + local)")
         if k["shared"] > lim["smem"]:
             out.append(f"{where} needs {k['shared']} bytes of shared memory; a block may have {lim['smem']}")
+        if k["constexprs"].get("STAGES", 1) > 1 and not k.get("async_copies"):
+            out.append(f"{where} has a {k['constexprs']['STAGES']}-stage K loop but no cp.async: not pipelined")
         if k.get("pdl") and not (k["launches_dependents"] and k["waits"]):
             out.append(f"{where} is launched with PDL but lacks griddepcontrol.launch_dependents or .wait")
     return out
@@ -270,14 +281,15 @@ def problems(res: dict) -> list[str]:
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
              f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
-             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6}"]
+             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5}"]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
         c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items()
                      if not a.startswith(("ADD", "ROPE", "SWIGLU")) and (a, v) != ("ROW_DIV", 1))
         lines.append(f"{k['bucket']:>3} {_path(k['fused'], k.get('pdl')):<9} {k['kernel']:<12} "
                      f"{'+'.join(k['calls']):<24} {c:<52.52} {k['num_warps']:>5} {k['regs']:>4} "
-                     f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {ld128:>6}")
+                     f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {ld128:>6} "
+                     f"{k.get('async_copies', 0):>5}")
     return "\n".join(lines)
 
 

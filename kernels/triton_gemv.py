@@ -28,6 +28,12 @@ summation order.
 
 The loop over K only multiplies and adds into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator; the
 reduction across K (shuffles between threads) happens once, after it, so the loop is loads and FMAs.
+Tiles are (BLOCK_N, BLOCK_K, num_warps) or (BLOCK_N, BLOCK_K, num_warps, stages). With stages >= 2
+the K loop is software-pipelined (Triton's num_stages): each program copies its next weight tiles
+into shared memory asynchronously (cp.async on sm_80+) while it multiplies the current one, so a
+program keeps up to stages - 1 tiles in flight instead of waiting out one load's latency per K
+tile -- what bounds a one-row GEMV (see pick_tiles). stages = 1 (a 3-tuple) is the plain loop, the
+same code as before the option existed.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table) or
 guesses them from the shape. At B = 1 the step is bound by reading weights, so
 the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
@@ -53,8 +59,8 @@ ONE_ROW_PROGRAMS = 1024  # at one row, output tiles stay 4 wide until there are 
 PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
 
 
-def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) on a GPU for B = rows (<= MAX_ROWS) against a [N, K] weight
+def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, num_warps[, stages]) on a GPU for B = rows (<= MAX_ROWS) against a [N, K] weight
     (mats = 2: the gate and up halves at once): the measured tiles of the table env CSM_GEMV_TILES
     names (kernels/gemv_tiles.py) when it has the shape, else a guess from the shape."""
     found = measured(rows, K, N, mats, int8)
@@ -80,11 +86,19 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> 
     return bn, bk, 4
 
 
-def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, int, int]:
+def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, ...]:
     if x.is_cuda:
         return pick_tiles(x.shape[0], K, N, mats, int8)
     # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
+
+
+def tile_args(tiles: tuple) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, stages) of a 3- or 4-tuple of tiles (stages 1 when absent)."""
+    if len(tiles) not in (3, 4) or not all(isinstance(v, int) and v >= 1 for v in tiles):
+        raise ValueError(f"tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages]) positive ints, got {tiles!r}")
+    bn, bk, warps, stages = (*tiles, 1)[:4]
+    return bn, bk, warps, stages
 
 
 def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None:
@@ -115,7 +129,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr,
                         ATTN: tl.constexpr = False, G: tl.constexpr = 1, GP: tl.constexpr = 16,
                         HD: tl.constexpr = 16, KVH: tl.constexpr = 1, BLOCK_S: tl.constexpr = 16,
-                        IEEE: tl.constexpr = False):
+                        IEEE: tl.constexpr = False, STAGES: tl.constexpr = 1):
     if PDL:  # the next kernel may start loading its weights as this one's programs are all running
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -149,7 +163,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     acc2 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, 0, kk, K, inv, SWIGLU or ROPE)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES > 1: tiles copied ahead (cp.async)
         wm = nm[:, None] & (k0 + kk < K)[None, :]
         w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
         if SWIGLU or ROPE:
@@ -195,7 +209,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
 
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
                 swiglu: bool = False, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None, rope: tuple | None = None, pdl: bool = False,
+                tiles: tuple[int, ...] | None = None, rope: tuple | None = None, pdl: bool = False,
                 attend: tuple | None = None) -> torch.Tensor:
     """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
     int8 with its per-row `scale` [N], or the activations' dtype).
@@ -222,7 +236,7 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     cols = N // 2 if rope else N  # programs cover pairs of columns with rope
-    bn, bk, warps = tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1, scale is not None)
+    bn, bk, warps, stages = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1, scale is not None))
     if rope:
         n_heads, cos, sin, pos, cache = rope
         hd = cos.shape[1] * 2
@@ -248,8 +262,8 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
                                                   *r, *att, SWIGLU=swiglu, ROPE=rope is not None,
                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl, num_warps=warps,
-                                                  enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
+                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl, STAGES=stages,
+                                                  num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
     return y
 
 
@@ -271,7 +285,7 @@ def _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K):
 
 @triton.jit
 def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1):
     if PDL:  # as in _norm_matvec_kernel: the next kernel may start, and the first weight tile loads
         tl.extra.cuda.gdc_launch_dependents()  # before waiting for the kernel that wrote a and x
     pid = tl.program_id(0)
@@ -284,7 +298,7 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
         tl.extra.cuda.gdc_wait()
     acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     acc3 = _mva_tile(acc3, w, a_ptr, b, bm, 0, kk, K)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # as in _norm_matvec_kernel
         w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & (k0 + kk < K)[None, :], other=0.0)
         acc3 = _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K)
     acc = tl.sum(acc3, axis=2)
@@ -298,17 +312,17 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
 
 
 def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: torch.Tensor | None = None,
-                tiles: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
+                tiles: tuple[int, ...] | None = None, pdl: bool = False) -> torch.Tensor:
     """x [B, N] += F.linear(a, w) in place; a [B, K], w [N, K] (int8 with `scale` [N], or a's dtype),
     all contiguous, B <= MAX_ROWS. pdl: as in norm_matvec."""
     B, N = x.shape
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
     _check_scale(w, scale, N)
-    bn, bk, warps = tiles or _tiles(x, K, N, 1, scale is not None)
+    bn, bk, warps, stages = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
     _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
                                               SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                              BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=warps,
+                                              BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, STAGES=stages, num_warps=warps,
                                               enable_fp_fusion=FMA, launch_pdl=pdl)
     return x
 

@@ -139,3 +139,41 @@ def test_bad_arguments_are_one_clear_line(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_staged_tiles_compile_to_async_copies_and_plain_ones_do_not(tmp_path):
+    """tiles' fourth entry (kernels/triton_gemv.py): with 3 stages the compiled K loop copies its
+    weight tiles global -> shared with cp.async ahead of the multiply (no spill); with the 3-tuple or stages 1 it loads them straight to registers (no cp.async), the
+    code the tiles always gave. Both GEMV kernels, two-matrix (SwiGLU) and int8 forms included."""
+    code = """
+import json, torch
+from bench.kernel_report import async_copies, compile_only, resources
+from csmstream.kernels import triton_gemv as G
+from csmstream.kernels.int8 import quantize_int8
+x, a, nw = torch.zeros(1, 512, dtype=torch.bfloat16), torch.zeros(1, 2048, dtype=torch.bfloat16), torch.ones(2048)
+w2, w13 = torch.zeros(512, 2048, dtype=torch.bfloat16), torch.zeros(1024, 2048, dtype=torch.bfloat16)
+q = quantize_int8(torch.zeros(512, 2048))
+out = []
+for t in [(4, 256, 4), (4, 256, 4, 1), (4, 256, 4, 3)]:
+    with compile_only(90) as launches:
+        G.matvec_add_(x, w2, a, tiles=t)
+        G.matvec_add_(x, q.q, a, scale=q.scale, tiles=t)
+        G.norm_matvec(a, nw.to(torch.bfloat16), w13, 1e-5, swiglu=True, tiles=t)
+    for name, ints, const, warps, k in launches:
+        r = resources(k.asm["cubin"])
+        out.append(dict(t=list(t), kernel=name, stages=const.get("STAGES"), copies=async_copies(k.asm["ptx"]),
+                        spill=r["stack"] + r["local"], shared=r["shared"] + k.metadata.shared))
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_compiled_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 9 and all(k["spill"] == 0 for k in rows)
+    plain = [k for k in rows if len(k["t"]) == 3 or k["t"][3] == 1]
+    staged = [k for k in rows if len(k["t"]) == 4 and k["t"][3] == 3]
+    assert len(staged) == 3 and all(k["stages"] == 3 and k["copies"] > 0 for k in staged)
+    assert all(k["copies"] == 0 for k in plain)
+    # the bf16 SwiGLU call: its two 4 x 256 tiles a stage need buffers past the plain kernel's
+    # reduction scratch (the int8 ones fit inside it)
+    assert staged[2]["kernel"] == "_norm_matvec_kernel" and staged[2]["shared"] > plain[5]["shared"]

@@ -70,6 +70,10 @@ def test_the_kernels_ask_for_int8_tiles_only_with_int8_weights(monkeypatch):
      "has best_tiles [4, 24, 4]; expected three powers of two"),
     ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, true, 4]}]}',
      "expected three powers of two"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 0]}]}',
+     "optionally then stages 1..8"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 3, 1]}]}',
+     "has best_tiles [4, 8, 4, 3, 1]"),
 ])
 def test_a_bad_table_is_an_error_naming_the_variable_and_the_file(tmp_path, monkeypatch, content, says):
     monkeypatch.setattr(gemv_tiles, "_loaded", {})
@@ -87,3 +91,21 @@ def test_unset_or_blank_means_the_guess(monkeypatch):
     assert gemv_tiles.measured(1, 2048, 2048, 1, False) is None
     monkeypatch.delenv("CSM_GEMV_TILES")
     assert gemv_tiles.measured(1, 2048, 2048, 1, False) is None
+
+
+def test_staged_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
+    """A sweep that found a software-pipelined K loop fastest records its stages as a fourth entry
+    (3 need not be a power of two); pick_tiles hands it on and the kernels take it: the reference's
+    result (interpreted; stages only change how a GPU issues the loads, tests/bench/test_kernel_report)."""
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"cases": [dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 16, 4, 3])]}))
+    monkeypatch.setenv("CSM_GEMV_TILES", str(path))
+    assert gv.pick_tiles(2, 40, 24) == (8, 16, 4, 3)
+    assert gv.tile_args(gv.pick_tiles(2, 40, 24)) == (8, 16, 4, 3) and gv.tile_args((8, 16, 4)) == (8, 16, 4, 1)
+    g = torch.Generator().manual_seed(3)
+    x, a, w = torch.randn(2, 24, generator=g), torch.randn(2, 40, generator=g), torch.randn(24, 40, generator=g)
+    torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24)), gv.matvec_add_ref(x.clone(), w, a),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\]\)"):
+        gv.matvec_add_(x.clone(), w, a, tiles=(8, 16))

@@ -103,10 +103,12 @@ def test_int8_matvec_add_equals_the_dequantized_matmul(B, K, N):
     torch.testing.assert_close(matvec_add_(x.clone(), qw.q, a, scale=qw.scale), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4), (2, 256, 4)])
+@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4), (2, 256, 4), (4, 32, 4, 3), (8, 16, 2, 2)])
 def test_any_tiles_give_the_same_result(tiles):
     """The GPU picks small output tiles (many programs); CPU picks few large ones: all must agree,
-    ragged edges included (N = 37 and K = 200 fit no tile exactly)."""
+    ragged edges included (N = 37 and K = 200 fit no tile exactly). With a fourth entry the K loop is
+    software-pipelined that many stages deep (compiled on a GPU: async copies ahead of the
+    multiply, with the ragged last tile among them)."""
     g = gen(11)
     x, nw, w = torch.randn(3, 200, generator=g), torch.randn(200, generator=g), torch.randn(74, 200, generator=g) / 15
     torch.testing.assert_close(norm_matvec(x, nw, w, 1e-5, swiglu=True, tiles=tiles),
