@@ -23,7 +23,7 @@ raises is recorded with its traceback and the next one runs. Stages (default: al
            without a 10 s named-voice prompt (prefix cache);
   prefill  the prefill alone: graph replay, the same padded prefill eagerly, the plain eager one;
   sample   a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch, and
-           the kernel with 1, 2 and 4 warps;
+           the kernel with 1, 2 and 4 warps, and its threshold by bisection or 4, 8, 16 ways a step;
   buckets  per batch bucket (an engine with max(--buckets) slots): frame step and step + streaming
            decode per tick, and the real-time streams that sustains (a tick must take < 80 ms);
   live     --streams concurrent requests through the engine thread, every chunk's lateness
@@ -220,6 +220,10 @@ def table(res: dict) -> str:
         if "one_kernel_w1_us" in r:
             rows.append(f"| a draw at batch {r['batch']}: one kernel with 1 / 2 / 4 warps | {r['one_kernel_w1_us']:.1f} / "
                         f"{r['one_kernel_w2_us']:.1f} / {r['one_kernel_us']:.1f} µs |")
+        if "one_kernel_ways16_us" in r:
+            rows.append(f"| a draw at batch {r['batch']}: threshold by bisection / 4 / 8 / 16 ways a step (16 at 2 warps) "
+                        f"| {r['one_kernel_us']:.1f} / {r['one_kernel_ways4_us']:.1f} / {r['one_kernel_ways8_us']:.1f} / "
+                        f"{r['one_kernel_ways16_us']:.1f} ({r['one_kernel_ways16_w2_us']:.1f}) µs |")
     for r in res.get("buckets", {}).get("rows", []):
         rows.append(f"| bucket {r['batch']} | step {f(r['step_ms'])} ms, tick {f(r['tick_ms'])} ms, "
                     f"{r['realtime_streams']} real-time streams |")

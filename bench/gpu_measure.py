@@ -221,7 +221,9 @@ def check_graphs_vs_eager(eng, tok_mask, rows: int = 3, frames: int = 8) -> bool
 def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, n: int = 20) -> list[dict]:
     """A frame's 32 draws (top-k 50 over 2,048 codes of 2,051 logits): the one-kernel draw against
     torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw; and the kernel with
-    1 and 2 warps instead of its default 4 (one_kernel_w1_us / _w2_us). On CUDA each variant
+    1 and 2 warps instead of its default 4 (one_kernel_w1_us / _w2_us), and its threshold searched
+    4, 8 or 16 ways a step instead of by bisection (one_kernel_ways4_us ...; ways16 at 2 warps too:
+    one_kernel_ways16_w2_us). On CUDA each variant
     is captured as one graph of 32 draws and replayed; elsewhere (the CPU test) plain wall time.
     Every batch first checks that the kernel draws what engine/sampling.sample draws."""
     return [_draws_timed(B, device, dtype, n) for B in batches]
@@ -239,14 +241,16 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
     seed, counter = torch.arange(B, device=device) + 1, torch.zeros(B, dtype=torch.long, device=device)
     table, codes = gumbel_table(device), torch.zeros(B, 32, dtype=torch.long, device=device)
     want = sample(logits[5][:, :2048].float(), temp, topk, 50, seed, counter, 5)
-    for w in (None, 1, 2):
-        if not torch.equal(triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048, warps=w), want):
-            raise AssertionError(f"batch {B}: the one-kernel draw ({w or 'default'} warps) differs from "
-                                 "engine/sampling.sample")
+    for w, ways in ((None, None), (1, None), (2, None), (None, 4), (None, 8), (None, 16), (2, 16)):
+        got = triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048, warps=w, ways=ways)
+        if not torch.equal(got, want):
+            raise AssertionError(f"batch {B}: the one-kernel draw ({w or 'default'} warps, {ways or 'default'} ways) "
+                                 "differs from engine/sampling.sample")
 
-    def one_kernel(warps=None):
+    def one_kernel(warps=None, ways=None):
         for p in range(32):
-            triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p], warps=warps)
+            triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p], warps=warps,
+                              ways=ways)
 
     def topk_path():
         for p in range(32):
@@ -256,7 +260,10 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
 
     row = {"batch": B}
     for name, fn in (("one_kernel_us", one_kernel), ("topk_path_us", topk_path),
-                     ("one_kernel_w1_us", lambda: one_kernel(1)), ("one_kernel_w2_us", lambda: one_kernel(2))):
+                     ("one_kernel_w1_us", lambda: one_kernel(1)), ("one_kernel_w2_us", lambda: one_kernel(2)),
+                     ("one_kernel_ways4_us", lambda: one_kernel(ways=4)), ("one_kernel_ways8_us", lambda: one_kernel(ways=8)),
+                     ("one_kernel_ways16_us", lambda: one_kernel(ways=16)),
+                     ("one_kernel_ways16_w2_us", lambda: one_kernel(2, 16))):
         fn()
         if device == "cuda":
             torch.cuda.synchronize()

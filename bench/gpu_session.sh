@@ -9,7 +9,7 @@
 #   3. bench/gpu.py batch1,context,check,profile,int8 on the first-guess tiles    -> first.json
 #   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,050 candidates with the staged
 #      K loops: ~70 s to compile on 16 cores, as long to time)                     -> sweep.json
-#   5. bench/gpu.py batch1,int8 again on the measured tiles (CSM_GEMV_TILES)       -> tiles.json
+#   5. bench/gpu.py batch1,int8,profile again on the measured tiles (CSM_GEMV_TILES) -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
 #   7. the Triton kernel tests compiled (TRITON_INTERPRET=0) on the GPU, while time is left (session.log)
 # From the checkout's root, through the device tool:
@@ -95,7 +95,7 @@ if [ "$DRY" != 1 ]; then
   part sweep "$(cap 220 150)" "$PY" bench/gemv_sweep.py --rows 1 --json "$OUT/sweep.json"
   if [ -s "$OUT/sweep.json" ]; then
     TILES=(env "CSM_GEMV_TILES=$OUT/sweep.json")
-    part tiles "$(cap 150 90)" "${TILES[@]}" "$PY" bench/gpu.py --stages batch1,int8 --json "$OUT/tiles.json"
+    part tiles "$(cap 150 90)" "${TILES[@]}" "$PY" bench/gpu.py --stages batch1,int8,profile --json "$OUT/tiles.json"
   fi
 fi
 

@@ -191,6 +191,18 @@ def frame_step(cfg, int8: bool, rows: int, seq: int | None = None):
     return FastFrameStep(FrameGenerator(model, rows, max_seq_len=seq, fast=False), graphs=False, fused="on")
 
 
+@contextlib.contextmanager
+def _draw_ways(ways: int):
+    from csmstream.kernels import triton_ops
+
+    before = triton_ops.DRAW_WAYS
+    triton_ops.DRAW_WAYS = ways
+    try:
+        yield
+    finally:
+        triton_ops.DRAW_WAYS = before
+
+
 def _short(name: str) -> str:
     return name.strip("_").removesuffix("_kernel")
 
@@ -233,6 +245,9 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                     fast.attn_grouped, fast.fold_buckets = grouped, {B} if fold else set()
                     fast.forward(B)
                 fast.attn_grouped, fast.fold_buckets = False, set()
+                if fused and B == 1:  # the draw's multiway threshold search (triton_ops.WAYS), 16 ways
+                    with _draw_ways(16):
+                        fast.forward(B)
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
                 for name, ints, const, warps, k in launches[before:]:
                     row = binaries.get(id(k))

@@ -40,6 +40,10 @@ def _pdl_start(PDL: tl.constexpr):
 
 
 # -- sampling ----------------------------------------------------------------------------------
+WAYS = (2, 4, 8, 16)  # the draw's search for its threshold: bisection (2) or that many ways a step
+DRAW_WAYS = 2  # until a GPU has timed the others (bench/gpu.py's sample stage)
+
+
 @triton.jit
 def _fmix32(h):
     # murmur3 finaliser on int64 values holding 32 bits (engine/sampling._fmix32)
@@ -53,7 +57,8 @@ def _fmix32(h):
 @triton.jit(do_not_specialize=["codebook"])
 def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codebook, table_ptr, out_ptr,
                    out_stride, V, emb_ptr, x_ptr, D, NOISE_BITS: tl.constexpr, BLOCK: tl.constexpr,
-                   EMBED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                   EMBED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, WAYS: tl.constexpr = 2,
+                   STEPS: tl.constexpr = 32):
     _pdl_start(PDL)
     row = tl.program_id(0)
     code = tl.arange(0, BLOCK)
@@ -66,11 +71,21 @@ def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codeb
     # the k-th largest key: the largest t with #(key >= t) >= k, by bisection over the key range
     lo = tl.min(tl.where(ok, key, 1 << 40), axis=0)  # #(key >= lo) = V >= k
     hi = tl.max(tl.where(ok, key, -(1 << 40)), axis=0) + 1  # #(key >= hi) = 0 < k
-    for _ in range(32):
-        mid = (lo + hi) >> 1
-        enough = tl.sum((ok & (key >= mid)).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    if WAYS == 2:
+        for _ in range(32):
+            mid = (lo + hi) >> 1
+            enough = tl.sum((ok & (key >= mid)).to(tl.int32), axis=0) >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+    else:  # WAYS - 1 thresholds a step, counted in one reduction: log2(WAYS) bits a step, not one
+        w = tl.arange(0, WAYS).to(tl.int64)
+        for _ in range(STEPS):
+            step = (hi - lo + WAYS - 1) // WAYS  # the range hi - lo (<= 2**32) shrinks to <= step
+            ts = lo + w * step  # ts[0] = lo: #(key >= lo) >= k holds
+            cnt = tl.sum(((key[None, :] >= ts[:, None]) & ok[None, :]).to(tl.int32), axis=1)
+            j = tl.sum(((ts < hi) & (cnt >= k)).to(tl.int64), axis=0) - 1  # counts fall with t: a prefix
+            lo = lo + j * step
+            hi = tl.minimum(lo + step, hi)
     above = ok & (key > lo)
     tied = ok & (key == lo)  # the k-th place's ties go to the lowest code ids
     take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= k - tl.sum(above.to(tl.int32), axis=0)))
@@ -96,7 +111,7 @@ def _sample_kernel(l_ptr, l_stride, temp_ptr, topk_ptr, seed_ptr, ctr_ptr, codeb
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
            counter: torch.Tensor, codebook: int, table: torch.Tensor, codebook_size: int,
            out: torch.Tensor | None = None, pdl: bool = False, embed: tuple | None = None,
-           warps: int | None = None) -> torch.Tensor:
+           warps: int | None = None, ways: int | None = None) -> torch.Tensor:
     """One kernel: engine/sampling.sample's draw, with no sort and no noise tensor.
 
     logits [B, V] (row stride free; ids >= codebook_size are reserved and never drawn); temperature
@@ -107,7 +122,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     contiguous: also writes table[code] into x's row (F.embedding's work, folded into the draw).
     warps: the program's warps (default 4, 8 past 2,048 codes). The draw is the same with any: the
     k-th largest logit is one value however it is searched for; fewer warps reduce without shared
-    memory (bench/gpu.py's sample stage times 1, 2 and 4 side by side)."""
+    memory (bench/gpu.py's sample stage times 1, 2 and 4 side by side).
+    ways: how the k-th largest logit is searched for (default DRAW_WAYS): 2 is bisection, 32 steps of
+    one count each; 4, 8 or 16 count ways - 1 thresholds at once, ceil(32 / log2(ways)) steps (8 at
+    16), each one block-wide reduction: fewer round trips through shared memory and barriers, more
+    compares. The threshold found, and so the draw, is the same with any (the sample stage times them)."""
+    ways = DRAW_WAYS if ways is None else ways
+    if ways not in WAYS:
+        raise ValueError(f"ways must be one of {', '.join(map(str, WAYS))}, got {ways}")
     B = logits.shape[0]
     assert logits.stride(-1) == 1 and table.numel() & (table.numel() - 1) == 0
     out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
@@ -122,7 +144,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, 
     _sample_kernel[(B,)](logits, logits.stride(0), temperature, topk, seed, counter, codebook, table, out,
                          out.stride(0), codebook_size, emb, x, D, NOISE_BITS=table.numel().bit_length() - 1,
                          BLOCK=block, EMBED=embed is not None, BLOCK_D=min(1024, triton.next_power_of_2(D)),
-                         PDL=pdl, num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl)
+                         PDL=pdl, WAYS=ways, STEPS=-(-32 // (ways.bit_length() - 1)), num_warps=warps,
+                         enable_fp_fusion=FMA, launch_pdl=pdl)
     return out
 
 

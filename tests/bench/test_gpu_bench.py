@@ -9,6 +9,9 @@ def test_sample_us_checks_the_kernel_and_times_both_paths():
     rows = sample_us(batches=(1, 3), device="cpu", dtype=torch.float32)
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["one_kernel_us"] > 0 and r["topk_path_us"] > 0 for r in rows)
+    timed = {"one_kernel_w1_us", "one_kernel_w2_us", "one_kernel_ways4_us", "one_kernel_ways8_us",
+             "one_kernel_ways16_us", "one_kernel_ways16_w2_us"}
+    assert all(timed <= set(r) and all(r[k] > 0 for k in timed) for r in rows)  # each checked, then timed
 
 
 def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_generator(tiny_engine):

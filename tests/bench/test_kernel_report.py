@@ -69,6 +69,8 @@ def test_every_kernel_of_the_frame_step_compiles_without_spills(tmp_path, arch, 
     # the depth decoder's qkv kernel with attention folded in (CSM_ATTN_FOLD: batch 1, fused), no spill
     folded = [k for k in ks if k["kernel"] == "norm_matvec" and k["constexprs"].get("ATTN")]
     assert folded and {k["bucket"] for k in folded} == {1} and {c for k in folded for c in k["calls"]} == {"depth.wqkv"}
+    # the draw with its threshold searched by bisection and 16 ways a step (at batch 1), no spill
+    assert {k["constexprs"].get("WAYS") for k in ks if k["kernel"] == "sample" and k["bucket"] == 1} >= {2, 16}
     gemvs = [k for k in ks if k["kernel"] in ("norm_matvec", "matvec_add")]
     # at batch 1 (the latency target) every GEMV reads its weights 16 bytes at a time; larger buckets
     # pick K-tiles as short as 16 (a register budget shared by more rows) and may read narrower

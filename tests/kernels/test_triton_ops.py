@@ -35,6 +35,8 @@ def test_one_kernel_sample_equals_the_reference(kmax, B, V, C, dtype):
         assert torch.equal(triton_ops.sample(*args, 7, gumbel_table(device()), C, warps=w).cpu(), want)
     with pytest.raises(ValueError, match="warps must be 1, 2, 4, 8 or 16, got 3"):
         triton_ops.sample(*args, 7, gumbel_table(device()), C, warps=3)
+    for ways in (4, 16):  # the threshold searched for several ways a step: the same draw
+        assert torch.equal(triton_ops.sample(*args, 7, gumbel_table(device()), C, ways=ways).cpu(), want)
     for b in range(B):  # independent check: each code is among its row's k largest logits
         kth = logits[b, :C].float().topk(int(topk[b])).values[-1]
         assert logits[b, int(got[b])] >= kth
@@ -52,6 +54,35 @@ def test_one_kernel_sample_breaks_ties_at_the_kth_place_by_code_id():
     assert set(got.tolist()) == {200, 0, 1}
     temp, topk, seed, counter = (a.cpu() for a in args[1:])
     assert torch.equal(got, sample(logits, temp, topk, 3, seed, counter, 0))
+
+
+@pytest.mark.parametrize("ways", [2, 4, 8, 16])
+def test_the_threshold_search_holds_over_the_widest_range_of_logits(ways):
+    """The search walks the logits' ordered bit patterns, a range of up to 2**32 keys: with the
+    largest and smallest finite floats, -0.0, subnormals, ties and runs of adjacent floats in a row,
+    every k from 1 to the codebook size draws what the sorting reference draws, for bisection and
+    the multiway steps (ceil(32 / log2(ways)) of them) alike. At an infinite temperature the scores are the noise
+    alone, so which codes are kept -- the threshold -- is all that decides a draw."""
+    C, B = 64, 192
+    g = torch.Generator().manual_seed(ways)
+    logits = torch.randn(B, C, generator=g) * 10.0 ** torch.randint(-30, 30, (B, 1), generator=g)
+    # in each row: runs of adjacent floats (adjacent keys: a threshold one key off keeps a code too
+    # many), starting at random values, so the search's steps fall differently against them
+    run = logits[:, 16:56].view(B, 8, 5)
+    for j in range(1, 5):
+        run[:, :, j] = torch.nextafter(run[:, :, j - 1], torch.tensor(float("inf")))
+    logits[:, :6] = torch.tensor([3.4e38, -3.4e38, -0.0, 1e-45, -1e-45, 3.4e38])  # extremes, -0.0, subnormals, a tie
+    logits[:, 10:14] = 0.5  # a run of ties
+    topk = torch.arange(B) % C + 1  # every k, three times (other rows, other noise)
+    temp = torch.full((B,), float("inf"))
+    seed, counter = torch.arange(B) * 7919, torch.arange(B)
+    args = [t.to(device()) for t in (logits, temp, topk, seed, counter)]
+    got = triton_ops.sample(*args, 2, gumbel_table(device()), C, ways=ways).cpu()
+    want = sample(logits, temp, topk, C, seed, counter, 2)
+    assert torch.equal(got, want)
+    assert len(set(want.tolist())) > C // 2  # the noise spreads the draws: they test the kept sets
+    with pytest.raises(ValueError, match="ways must be one of 2, 4, 8, 16, got 3"):
+        triton_ops.sample(*args, 2, gumbel_table(device()), C, ways=3)
 
 
 @pytest.mark.parametrize("D", [48, 1500])  # one chunk of the row, and two (the second ragged)
