@@ -241,7 +241,11 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
     seed, counter = torch.arange(B, device=device) + 1, torch.zeros(B, dtype=torch.long, device=device)
     table, codes = gumbel_table(device), torch.zeros(B, 32, dtype=torch.long, device=device)
     want = sample(logits[5][:, :2048].float(), temp, topk, 50, seed, counter, 5)
-    for w, ways in ((None, None), (1, None), (2, None), (None, 4), (None, 8), (None, 16), (2, 16)):
+    # (name, warps, ways) of each form of the kernel timed; None: the kernel's default
+    forms = (("one_kernel_us", None, None), ("one_kernel_w1_us", 1, None), ("one_kernel_w2_us", 2, None),
+             ("one_kernel_ways4_us", None, 4), ("one_kernel_ways8_us", None, 8), ("one_kernel_ways16_us", None, 16),
+             ("one_kernel_ways16_w2_us", 2, 16))
+    for _, w, ways in forms:
         got = triton_ops.sample(logits[5], temp, topk, seed, counter, 5, table, 2048, warps=w, ways=ways)
         if not torch.equal(got, want):
             raise AssertionError(f"batch {B}: the one-kernel draw ({w or 'default'} warps, {ways or 'default'} ways) "
@@ -259,11 +263,8 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
             codes[:, p] = idx.gather(-1, s.argmax(-1, keepdim=True))[:, 0]
 
     row = {"batch": B}
-    for name, fn in (("one_kernel_us", one_kernel), ("topk_path_us", topk_path),
-                     ("one_kernel_w1_us", lambda: one_kernel(1)), ("one_kernel_w2_us", lambda: one_kernel(2)),
-                     ("one_kernel_ways4_us", lambda: one_kernel(ways=4)), ("one_kernel_ways8_us", lambda: one_kernel(ways=8)),
-                     ("one_kernel_ways16_us", lambda: one_kernel(ways=16)),
-                     ("one_kernel_ways16_w2_us", lambda: one_kernel(2, 16))):
+    timed = [(name, lambda w=w, ways=ways: one_kernel(w, ways)) for name, w, ways in forms]
+    for name, fn in [*timed[:1], ("topk_path_us", topk_path), *timed[1:]]:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -191,18 +191,6 @@ def frame_step(cfg, int8: bool, rows: int, seq: int | None = None):
     return FastFrameStep(FrameGenerator(model, rows, max_seq_len=seq, fast=False), graphs=False, fused="on")
 
 
-@contextlib.contextmanager
-def _draw_ways(ways: int):
-    from csmstream.kernels import triton_ops
-
-    before = triton_ops.DRAW_WAYS
-    triton_ops.DRAW_WAYS = ways
-    try:
-        yield
-    finally:
-        triton_ops.DRAW_WAYS = before
-
-
 def _short(name: str) -> str:
     return name.strip("_").removesuffix("_kernel")
 
@@ -238,16 +226,15 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                 fast.fused_buckets = {B} if fused else set()
                 fast.pdl_buckets = {B} if fused and pdl else set()
                 before = len(launches)
-                # both attention kernels (CSM_ATTN_GROUPED), and attention folded into qkv (CSM_ATTN_FOLD,
-                # the fused step at batch 1 only)
-                ways = [(False, False), (True, False)] + [(False, True)] * (fused and B == 1)
-                for grouped, fold in ways:
-                    fast.attn_grouped, fast.fold_buckets = grouped, {B} if fold else set()
+                # (grouped, fold, draw ways): both attention kernels (CSM_ATTN_GROUPED); for the fused
+                # step at batch 1 also attention folded into qkv (CSM_ATTN_FOLD) and the draw's 16-way
+                # threshold search (triton_ops.WAYS)
+                forms = [(False, False, None), (True, False, None)]
+                forms += [(False, True, None), (False, False, 16)] * (fused and B == 1)
+                for grouped, fold, draw in forms:
+                    fast.attn_grouped, fast.fold_buckets, fast.draw_ways = grouped, {B} if fold else set(), draw
                     fast.forward(B)
-                fast.attn_grouped, fast.fold_buckets = False, set()
-                if fused and B == 1:  # the draw's multiway threshold search (triton_ops.WAYS), 16 ways
-                    with _draw_ways(16):
-                        fast.forward(B)
+                fast.attn_grouped, fast.fold_buckets, fast.draw_ways = False, set(), None
                 binaries: dict[int, dict] = {}  # one row per compiled kernel, with every call it serves
                 for name, ints, const, warps, k in launches[before:]:
                     row = binaries.get(id(k))

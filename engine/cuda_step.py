@@ -183,6 +183,7 @@ class FastFrameStep:
         # them at zero, and one step's launches run one after another, so one buffer serves them all
         self.attn_counts = triton_attn.counters(2 * gen.rows, max(self.bb.n_heads, self.dd.n_heads), dev)
         self.attn_splits: int | None = None  # key splits of every attention launch (None: pick_splits)
+        self.draw_ways: int | None = None  # the draws' threshold search (None: triton_ops.DRAW_WAYS)
         # env CSM_ATTN_GROUPED=1: a program per kv head with tensor-core dots (kernels/triton_attn.py);
         # default off, one program per query head, until bench/gpu.py's context stage has timed both
         self.attn_grouped = grouped_setting() == "on"
@@ -269,7 +270,8 @@ class FastFrameStep:
         dd = self.dd
         fused = B in self.fused_buckets
         pdl = fused and B in self.pdl_buckets
-        self.ops.sample(F.linear(h, g.c0_w), temp, topk, seed, counter, 0, table, self.cs, out=codes[:, 0], pdl=pdl)
+        self.ops.sample(F.linear(h, g.c0_w), temp, topk, seed, counter, 0, table, self.cs, out=codes[:, 0], pdl=pdl,
+                        ways=self.draw_ways)
         stack = self._stack_fused if fused else self._stack
         dd_layers, bb_layers = (self.dd_fused, self.bb_fused) if fused else (self.dd_layers, self.bb_layers)
         kw = {"pdl": pdl} if fused else {}
@@ -290,7 +292,7 @@ class FastFrameStep:
                 logits = out @ g.heads[p - 1]
             nxt = torch.empty(B, dd.dim, dtype=h.dtype, device=h.device) if p < n - 1 else None
             self.ops.sample(logits, temp, topk, seed, counter, p, table, self.cs, out=codes[:, p], pdl=pdl,
-                            embed=None if nxt is None else (self.inputs[p], nxt))
+                            embed=None if nxt is None else (self.inputs[p], nxt), ways=self.draw_ways)
             return nxt
 
         # depth positions: 0 is the backbone state (its output is only its KV), p >= 1 is codebook
