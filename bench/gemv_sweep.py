@@ -43,18 +43,26 @@ import torch.nn.functional as F
 # without a wider tile (kernels/triton_gemv.py); compiled for sm_90 they keep the plain loop's
 # registers. Staged tiles past the register budget or STAGED_SMEM are not timed (they spill or
 # starve occupancy; `candidates`).
+# With a fifth entry, splits >= 2: split K, `splits` programs an output tile, each over its share
+# of K, the last adding their partial sums (kernels/triton_gemv.py): the other way to more loads in
+# flight, by more programs rather than deeper ones -- w2's 16-tile K loop became 4 chains of 4.
+# Only where they divide K's tiles evenly (other counts run as one of those) and not for qkv.
 GRID = ([(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
         + [(2, bk, w) for bk, w in itertools.product((1024, 2048), (4, 8))]
         + [(bn, bk, 4, st) for st, bn, bk in itertools.product((2, 3, 4), (4, 8, 16), (256, 512, 1024))]
         + [(bn, bk, 8, st) for st, bn, bk in itertools.product((2, 3, 4), (4,), (512, 1024))]
-        + [(2, bk, 4, st) for bk, st in itertools.product((512, 1024, 2048), (2, 3))])
+        + [(2, bk, 4, st) for bk, st in itertools.product((512, 1024, 2048), (2, 3))]
+        + [(bn, bk, 4, 1, sp) for sp, bn, bk in itertools.product((2, 4, 8), (4, 8, 16), (256, 512, 1024))]
+        + [(4, bk, 8, 1, sp) for sp, bk in itertools.product((2, 4, 8), (512, 1024))]
+        + [(bn, 512, 4, 2, sp) for sp, bn in itertools.product((2, 4), (4, 8))])
 STAGED_SMEM = 64 << 10  # bytes of weight tiles a staged program may keep in flight
 L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit in it
 
 
 def shapes(cfg) -> list[dict]:
-    """The eight projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a
-    frame (and for the qkv projections, whose kernel also does RoPE and the cache write, the heads).
+    """The nine projections of a frame: name, kind, N (outputs; the gate half for w13), K, calls a
+    frame (and for the qkv projections, whose kernel also does RoPE and the cache write, the heads);
+    the eight of the decoder layers, then the depth decoder's codebook heads.
     The depth decoder makes N - 1 passes a frame: positions 0 and 1 share one (engine/cuda_step)."""
     out = []
     for tag, t, calls in (("backbone", cfg.backbone, cfg.backbone.n_layers),
@@ -65,6 +73,10 @@ def shapes(cfg) -> list[dict]:
                 dict(name=f"{tag}.wo", kind="add", N=t.dim, K=t.n_heads * t.head_dim, calls=calls),
                 dict(name=f"{tag}.w13", kind="swiglu", N=t.ffn_dim, K=t.dim, calls=calls),
                 dict(name=f"{tag}.w2", kind="add", N=t.dim, K=t.ffn_dim, calls=calls)]
+    # the depth decoder's codebook heads: the final norm, then [codebook_size, dim], once a codebook
+    # (kept in the model dtype when the depth decoder's layers are int8: engine/quant.py)
+    out.append(dict(name="depth.head", kind="norm", N=cfg.codebook_size, K=cfg.depth.dim, calls=cfg.num_codebooks - 1,
+                    int8=False))
     return out
 
 
@@ -91,6 +103,10 @@ class Case:
         else:
             self.ws = [(w.to(dtype).clone(), None) for _ in range(self.copies)]
         self.dense = self.ws[0][0] if not int8 else None  # cuBLAS runs the model dtype only
+        # split-K tiles' scratch, as the step keeps one: grown by the eager check, not in a timed graph
+        from csmstream.kernels.triton_gemv import SplitWork
+
+        self.work = SplitWork()
         if kind == "rope":  # each row at its own position of a short cache
             H, KV, hd = shape["heads"]
             angles = torch.rand(16, hd // 2, generator=g) * 6
@@ -108,9 +124,9 @@ class Case:
         w, s = self.ws[i]
         kind = self.shape["kind"]
         if kind == "add":
-            return gv.matvec_add_(self.x, w, self.a, scale=s, tiles=tiles)
+            return gv.matvec_add_(self.x, w, self.a, scale=s, tiles=tiles, work=self.work)
         return gv.norm_matvec(self.x, self.nw, w, 1e-5, swiglu=kind == "swiglu", scale=s, tiles=tiles,
-                              rope=self._rope())
+                              rope=self._rope(), work=self.work)
 
     def cublas(self, i: int = 0):
         from csmstream.kernels import triton_ops as ops
@@ -185,6 +201,10 @@ def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int,
     kmax = 1 << (shape["K"] - 1).bit_length()  # a K tile past K only loads masked lanes
 
     def fits(t) -> bool:
+        if len(t) == 5 and t[4] > 1:  # split K: whole K tiles, as many to each split; qkv's rope form splits none
+            k_tiles = -(-shape["K"] // t[1])
+            if shape["kind"] == "rope" or k_tiles % t[4]:
+                return False
         products = bb * t[0] * t[1] * mats
         if len(t) < 4 or t[3] == 1:
             return products <= 2 * PRODUCTS
@@ -195,15 +215,34 @@ def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int,
     return cols, mats, picked, [picked] + [t for t in grid if t != picked and t[1] <= kmax and fits(t)]
 
 
+def cases(shape_list, rows_list) -> list[tuple]:
+    """(rows, shape, int8) of every case: both weight formats, but only the model dtype for a shape
+    marked int8=False (one the int8 depth decoder keeps in it)."""
+    return [(rows, shape, int8) for rows, shape in itertools.product(rows_list, shape_list)
+            for int8 in ((False, True) if shape.get("int8", True) else (False,))]
+
+
+def deal(shape_list, rows_list, jobs: int, grid=GRID) -> list[list[tuple]]:
+    """The candidates of every case dealt one by one to `jobs` processes, each process's share as
+    (shape, rows, int8, its tiles of that case) per case it has any of. By whole cases, 17 cases at
+    one row would keep only 9 of 16 processes busy (two cases each), one with a ~110-tile case twice."""
+    every = cases(shape_list, rows_list)
+    todo = [(i, t) for i, (rows, shape, int8) in enumerate(every) for t in candidates(shape, rows, int8, grid)[3]]
+    out, n = [], max(1, min(jobs, len(todo)))
+    for j in range(n):
+        mine: dict[int, list] = {}
+        for i, t in todo[j::n]:
+            mine.setdefault(i, []).append(t)
+        out.append([(every[i][1], every[i][0], every[i][2], tiles) for i, tiles in mine.items()])
+    return out
+
+
 def precompile(shape_list, rows_list, dtype, device, jobs: int, grid=GRID, log=print) -> int:
-    """Run every candidate once in `jobs` processes at once, so Triton compiles them in parallel into
-    its on-disk cache and the timing run only loads them (a compile takes ~0.3-0.5 s and a sweep has
-    about a thousand). Each process takes whole cases (their weights built once). Returns how many
-    ran; one that fails is left to the timing run, which reports it."""
-    work = [(shape, rows, int8, candidates(shape, rows, int8, grid)[3])
-            for rows, shape, int8 in itertools.product(rows_list, shape_list, (False, True))]
-    per = -(-len(work) // max(1, jobs))
-    chunks = [(work[i:i + per], str(dtype).removeprefix("torch."), device) for i in range(0, len(work), per)]
+    """Run every candidate once in `jobs` processes at once (`deal`), so Triton compiles them in
+    parallel into its on-disk cache and the timing run only loads them (a compile takes ~0.3-0.5 s
+    and a sweep has over a thousand). A process builds the weights of each case it has candidates
+    of. Returns how many ran; one that fails is left to the timing run, which reports it."""
+    chunks = [(work, str(dtype).removeprefix("torch."), device) for work in deal(shape_list, rows_list, jobs, grid)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=len(chunks), mp_context=multiprocessing.get_context("spawn")) as ex:
         n = sum(ex.map(_run_cases, chunks))
@@ -236,7 +275,7 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
         precompile(shape_list, rows_list, dtype, device, jobs, grid, log)
     results = []
     by_calls = sorted(shape_list, key=lambda s: -s["calls"])  # stable: the depth decoder's (31 a frame) first
-    for rows, shape, int8 in itertools.product(rows_list, by_calls, (False, True)):
+    for rows, shape, int8 in cases(by_calls, rows_list):
         case = Case(shape, rows, int8, dtype, device, copies)
         cols, mats, picked, cands = candidates(shape, rows, int8, grid)
         row = dict(name=shape["name"], rows=rows, int8=int8, K=shape["K"], cols=cols, mats=mats,
@@ -285,7 +324,8 @@ def frame_totals(results) -> dict:
         mine = [r for r in results if r["rows"] == rows]
         dense = [r for r in mine if not r["int8"]]
         depth8 = [r for r in mine if r["int8"] and r["name"].startswith("depth.")]
-        bb = [r for r in dense if r["name"].startswith("backbone.")]
+        # with the depth decoder int8: the backbone, and what it keeps in the model dtype (its heads)
+        bb = [r for r in dense if r["name"] not in {d["name"] for d in depth8}]
         tot = {k: sum(r[k] * r["calls"] for r in dense) / 1e3 for k in ("cublas_us", "picked_us", "best_us")}
         for k in ("picked_us", "best_us"):
             tot["int8_depth_" + k] = sum(r[k] * r["calls"] for r in bb + depth8) / 1e3

@@ -188,6 +188,9 @@ class FastFrameStep:
         # default off, one program per query head, until bench/gpu.py's context stage has timed both
         self.attn_grouped = grouped_setting() == "on"
         self.fold_count = torch.zeros(1, dtype=torch.int32, device=dev)  # the fold's; launches leave it at 0
+        # scratch of the GEMVs whose tiles split K (a measured table's fifth entry): one serves the
+        # step's launches, which run one after another; grown by the eager passes before capture
+        self.gemv_work = triton_gemv.SplitWork()
         self._active_host = torch.zeros(gen.rows, dtype=torch.bool)
         if dev.type == "cuda":
             self._active_host = self._active_host.pin_memory()
@@ -256,9 +259,10 @@ class FastFrameStep:
                 q = qkv.view(x.shape[0], -1, hd)[:, :n_heads]  # rotated; k and v went to the cache
                 o = self.attn.decode_attention(q, cache, lengths, pdl=pdl, splits=self.attn_splits,
                                                counts=self.attn_counts, grouped=self.attn_grouped)
-            gemv.matvec_add_(x, wo, o, scale=so, pdl=pdl)
-            up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl)
-            gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl)
+            work = self.gemv_work
+            gemv.matvec_add_(x, wo, o, scale=so, pdl=pdl, work=work)
+            up = gemv.norm_matvec(x, fn, w13, eps, swiglu=True, scale=s13, pdl=pdl, work=work)
+            gemv.matvec_add_(x, w2, up, scale=s2, pdl=pdl, work=work)
         return ops.add_rms_norm(x, x, final_norm, eps, add=False, pdl=pdl) if final else x
 
     def forward(self, B: int) -> torch.Tensor:
@@ -287,7 +291,7 @@ class FastFrameStep:
             draw also writes the code's embedding, position p + 1's input, which it returns."""
             if fused:
                 logits = self.gemv.norm_matvec(out.contiguous(), self.dd_norm, self.heads_t[p - 1], dd.norm_eps,
-                                               pdl=pdl)
+                                               pdl=pdl, work=self.gemv_work)
             else:
                 logits = out @ g.heads[p - 1]
             nxt = torch.empty(B, dd.dim, dtype=h.dtype, device=h.device) if p < n - 1 else None

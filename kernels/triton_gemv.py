@@ -34,6 +34,13 @@ into shared memory asynchronously (cp.async on sm_80+) while it multiplies the c
 program keeps up to stages - 1 tiles in flight instead of waiting out one load's latency per K
 tile -- what bounds a one-row GEMV (see pick_tiles). stages = 1 (a 3-tuple) is the plain loop, the
 same code as before the option existed.
+A fifth entry, splits >= 2, splits K (not for the rope form): program (output tile, split) runs
+the K loop over its own range of whole K tiles (`split_plan`), so a one-row projection with a long
+K (w2: K = 8,192 over 1,024 outputs) puts splits times the programs, and loads, in flight at once
+instead of a long serial chain in each; each program stores its fp32 sums, and the last of a
+tile's programs to finish (an atomic counter per tile, in a SplitWork the step reuses) adds them
+in split order -- the same sum whichever finishes last -- and runs the epilogue. splits = 1 compiles
+to exactly the unsplit kernel.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table) or
 guesses them from the shape. At B = 1 the step is bound by reading weights, so
 the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
@@ -48,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv_tiles import measured
+from .gemv_tiles import MAX_SPLITS, measured
 from .int8 import dequantize
 from .triton_attn import attend_rows, block_keys, group_rows, interpreted
 from .triton_ops import FMA, cache_rows_div
@@ -93,12 +100,61 @@ def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
 
 
-def tile_args(tiles: tuple) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, stages) of a 3- or 4-tuple of tiles (stages 1 when absent)."""
-    if len(tiles) not in (3, 4) or not all(isinstance(v, int) and v >= 1 for v in tiles):
-        raise ValueError(f"tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages]) positive ints, got {tiles!r}")
-    bn, bk, warps, stages = (*tiles, 1)[:4]
-    return bn, bk, warps, stages
+def tile_args(tiles: tuple) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, stages, splits) of a 3-, 4- or 5-tuple of tiles (stages and
+    splits 1 when absent)."""
+    if len(tiles) not in (3, 4, 5) or not all(isinstance(v, int) and v >= 1 for v in tiles):
+        raise ValueError(f"tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages[, splits]]) positive ints, got {tiles!r}")
+    if len(tiles) == 5 and tiles[4] > MAX_SPLITS:
+        raise ValueError(f"tiles split K at most {MAX_SPLITS} ways, got {tiles!r}")
+    bn, bk, warps, stages, splits = (*tiles, 1, 1)[:5]
+    return bn, bk, warps, stages, splits
+
+
+def split_plan(K: int, bk: int, splits: int) -> tuple[int, int]:
+    """(CHUNK, used): split-K's K range a program (whole BLOCK_K tiles) and the splits that get any,
+    so no program has an empty range (K = 1024 in 512-wide tiles splits at most 2 ways)."""
+    tiles = triton.cdiv(K, bk)
+    per = triton.cdiv(tiles, max(1, splits))
+    return per * bk, triton.cdiv(tiles, per)
+
+
+class SplitWork:
+    """Scratch of split-K launches (tiles' fifth entry): fp32 partial sums [splits, mats, B, N] and
+    a counter per output tile, zero, which every launch leaves at zero. Launches of one stream run
+    one after another (a programmatic dependent launch too: it waits for the kernel before it to
+    finish before it writes either), so one SplitWork serves every split launch of a stream. It
+    grows on first use of a larger shape, keeping what it outgrew alive (a captured graph may point
+    at it); a capture must find it grown (the step runs eagerly before it captures), since memory set
+    to zero inside a capture is zero only on replay. `device`: the tensors' device (x.device)."""
+
+    def __init__(self) -> None:
+        self.parts: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []  # outgrown scratch: a captured graph may still point at it
+
+    def take(self, parts: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        small = self.parts is None or self.parts.device != torch.device(device) or self.parts.numel() < parts \
+            or self.counts.numel() < tiles
+        if small:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-K scratch must grow before a CUDA graph capture: run the step eagerly first")
+            self._retired += [t for t in (self.parts, self.counts) if t is not None]
+            self.parts = torch.empty(max(parts, 0 if self.parts is None else self.parts.numel()),
+                                     dtype=torch.float32, device=device)
+            self.counts = torch.zeros(max(tiles, 0 if self.counts is None else self.counts.numel()),
+                                      dtype=torch.int32, device=device)
+        return self.parts, self.counts
+
+
+def _split_args(K: int, bk: int, splits: int, B: int, cols: int, bn: int, mats: int, work: SplitWork | None,
+                device) -> tuple:
+    """(used splits, CHUNK, partials, counters) of a launch: no scratch where it does not split."""
+    chunk, used = split_plan(K, bk, splits)
+    if used == 1:
+        return 1, 0, None, None
+    parts, counts = (work or SplitWork()).take(used * mats * B * cols, triton.cdiv(cols, bn), device)
+    return used, chunk, parts, counts
 
 
 def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None:
@@ -106,6 +162,45 @@ def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None
         raise ValueError("int8 weights need their per-row scale, and only int8 weights take one")
     if scale is not None and (scale.shape != (rows,) or not scale.is_contiguous()):
         raise ValueError(f"scale must be contiguous [{rows}], got {list(scale.shape)}")
+
+
+@triton.jit
+def _k_range(K, CHUNK, SPLITS: tl.constexpr):
+    """[lo, hi): the K range of this program, split `tl.program_id(1)` of SPLITS (all of K at 1)."""
+    if SPLITS == 1:
+        lo = 0
+        hi = K
+    else:
+        lo = tl.program_id(1) * CHUNK
+        hi = tl.minimum(lo + CHUNK, K)
+    return lo, hi
+
+
+@triton.jit
+def _part_at(part_ptr, split, j, b, n, B, N, MATS: tl.constexpr):
+    """Where split `split`'s partial sums of accumulator j live: part[split, j, b, n] ([SPLITS, MATS, B, N])."""
+    return part_ptr + ((split * MATS + j) * B + b[:, None]) * N + n[None, :]
+
+
+@triton.jit
+def _arrive(cnt_ptr, tile, SPLITS: tl.constexpr):
+    """Called once this program's partials are stored: whether it is the last of output tile
+    `tile`'s SPLITS programs to get here; that one puts the tile's counter back to 0 for the next
+    launch and sums the partials (release/acquire on the counter: it sees every program's stores)."""
+    tl.debug_barrier()  # every thread's partials are stored before the counter says so
+    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+    tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
+    return last
+
+
+@triton.jit
+def _gathered(part_ptr, j, b, n, keep, B, N, SPLITS: tl.constexpr, MATS: tl.constexpr):
+    """Accumulator j summed over the splits in split order, whichever program finished last (only
+    lanes of `keep` load: the last program's); read past L1, since other programs wrote them."""
+    y = tl.load(_part_at(part_ptr, 0, j, b, n, B, N, MATS), mask=keep, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLITS):
+        y += tl.load(_part_at(part_ptr, s, j, b, n, B, N, MATS), mask=keep, other=0.0, cache_modifier=".cg")
+    return y
 
 
 @triton.jit
@@ -129,7 +224,8 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, PDL: tl.constexpr,
                         ATTN: tl.constexpr = False, G: tl.constexpr = 1, GP: tl.constexpr = 16,
                         HD: tl.constexpr = 16, KVH: tl.constexpr = 1, BLOCK_S: tl.constexpr = 16,
-                        IEEE: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                        IEEE: tl.constexpr = False, STAGES: tl.constexpr = 1, part_ptr=None, sc_ptr=None,
+                        CHUNK=0, SPLITS: tl.constexpr = 1, MATS: tl.constexpr = 1):
     if PDL:  # the next kernel may start loading its weights as this one's programs are all running
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -145,12 +241,13 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     else:
         r1 = n
         r2 = N + n
+    lo, hi = _k_range(K, CHUNK, SPLITS)  # with split K, this program's share of the K loop
     # the first weight tile depends on no earlier kernel: its loads go out before the wait
-    wm = nm[:, None] & (kk < K)[None, :]
-    w = tl.load(w_ptr + r1[:, None] * K + kk[None, :], mask=wm, other=0.0)
+    wm = nm[:, None] & (lo + kk < K)[None, :]
+    w = tl.load(w_ptr + r1[:, None] * K + lo + kk[None, :], mask=wm, other=0.0)
     u = w
     if SWIGLU or ROPE:
-        u = tl.load(w_ptr + r2[:, None] * K + kk[None, :], mask=wm, other=0.0)
+        u = tl.load(w_ptr + r2[:, None] * K + lo + kk[None, :], mask=wm, other=0.0)
     if PDL:  # x (and the positions) come from earlier kernels: nothing reads or writes them before
         tl.extra.cuda.gdc_wait()
     ss = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -162,8 +259,8 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     inv = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
     acc2 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, 0, kk, K, inv, SWIGLU or ROPE)
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES > 1: tiles copied ahead (cp.async)
+    acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, lo, kk, K, inv, SWIGLU or ROPE)
+    for k0 in tl.range(lo + BLOCK_K, hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: tiles copied ahead (cp.async)
         wm = nm[:, None] & (k0 + kk < K)[None, :]
         w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
         if SWIGLU or ROPE:
@@ -171,11 +268,21 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv,
                                SWIGLU or ROPE)
     y = tl.sum(acc, axis=2)
-    if SCALED:
-        y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
-    m = bm[:, None] & nm[None, :]
+    y2 = y
     if SWIGLU or ROPE:
         y2 = tl.sum(acc2, axis=2)
+    m = bm[:, None] & nm[None, :]
+    if SPLITS > 1:  # (not with ROPE) the last of the output tile's programs sums the splits and goes on
+        tl.store(_part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
+        if SWIGLU:
+            tl.store(_part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
+        m = tl.where(_arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
+        y = _gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
+        if SWIGLU:
+            y2 = _gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
+    if SCALED:
+        y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU or ROPE:
         if SCALED:
             y2 *= tl.load(s_ptr + r2, mask=nm, other=0.0).to(tl.float32)[None, :]
         y, y2 = y.to(dt).to(tl.float32), y2.to(dt).to(tl.float32)  # rounded as the unfused matmul rounds
@@ -210,7 +317,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
 def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: float, *,
                 swiglu: bool = False, scale: torch.Tensor | None = None,
                 tiles: tuple[int, ...] | None = None, rope: tuple | None = None, pdl: bool = False,
-                attend: tuple | None = None) -> torch.Tensor:
+                attend: tuple | None = None, work: SplitWork | None = None) -> torch.Tensor:
     """x [B, K] contiguous (B <= MAX_ROWS), norm_w [K], w [N, K] contiguous ([2F, K] with swiglu;
     int8 with its per-row `scale` [N], or the activations' dtype).
     Returns F.linear(rms_norm(x) * norm_w, w) [B, N], or SiLU(gate) * up [B, F] with swiglu.
@@ -229,14 +336,24 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     so it is for short caches and few rows (the depth decoder at batch 1).
 
     pdl=True launches it as a programmatic dependent launch (Hopper and later; kernels/pdl.py): its
-    first weight tile loads while the kernel before it finishes."""
+    first weight tile loads while the kernel before it finishes.
+
+    Tiles with a fifth entry, splits > 1 (not with rope), split K: that many programs share each
+    output tile, each over its own K range, and the last to finish sums their fp32 partials (kept in
+    `work`, a SplitWork a stream reuses; default fresh scratch) and runs the epilogue."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
     _check_scale(w, scale, w.shape[0])
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     cols = N // 2 if rope else N  # programs cover pairs of columns with rope
-    bn, bk, warps, stages = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1, scale is not None))
+    bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1,
+                                                              scale is not None))
+    if rope and splits > 1:
+        raise ValueError(f"tiles {tiles!r} split K, which the rope (qkv) form does not: its epilogue "
+                         "rotates and caches pairs of columns; give it tiles without a fifth entry > 1")
+    mats = 2 if swiglu else 1
+    used, chunk, parts, counts = _split_args(K, bk, splits, B, cols, bn, mats, work, x.device)
     if rope:
         n_heads, cos, sin, pos, cache = rope
         hd = cos.shape[1] * 2
@@ -259,11 +376,11 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
         G = n_heads // kv
         fold = dict(ATTN=True, G=G, GP=group_rows(G), HD=hd, KVH=kv, BLOCK_S=block_keys(hd),
                     IEEE=x.dtype == torch.float32 or interpreted())
-    _norm_matvec_kernel[(triton.cdiv(cols, bn),)](x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps,
-                                                  *r, *att, SWIGLU=swiglu, ROPE=rope is not None,
-                                                  SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                  BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl, STAGES=stages,
-                                                  num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
+    _norm_matvec_kernel[(triton.cdiv(cols, bn), used)](
+        x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps, *r, *att, SWIGLU=swiglu,
+        ROPE=rope is not None, SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B), BLOCK_N=bn, BLOCK_K=bk,
+        ROW_DIV=div, PDL=pdl, STAGES=stages, part_ptr=parts, sc_ptr=counts, CHUNK=chunk, SPLITS=used, MATS=mats,
+        num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
     return y
 
 
@@ -285,7 +402,8 @@ def _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K):
 
 @triton.jit
 def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1,
+                       part_ptr=None, sc_ptr=None, CHUNK=0, SPLITS: tl.constexpr = 1):
     if PDL:  # as in _norm_matvec_kernel: the next kernel may start, and the first weight tile loads
         tl.extra.cuda.gdc_launch_dependents()  # before waiting for the kernel that wrote a and x
     pid = tl.program_id(0)
@@ -293,18 +411,23 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
-    w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nm[:, None] & (kk < K)[None, :], other=0.0)
+    lo, hi = _k_range(K, CHUNK, SPLITS)  # as in _norm_matvec_kernel
+    w = tl.load(w_ptr + n[:, None] * K + lo + kk[None, :], mask=nm[:, None] & (lo + kk < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
     acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
-    acc3 = _mva_tile(acc3, w, a_ptr, b, bm, 0, kk, K)
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # as in _norm_matvec_kernel
+    acc3 = _mva_tile(acc3, w, a_ptr, b, bm, lo, kk, K)
+    for k0 in tl.range(lo + BLOCK_K, hi, BLOCK_K, num_stages=STAGES):  # as in _norm_matvec_kernel
         w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & (k0 + kk < K)[None, :], other=0.0)
         acc3 = _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K)
     acc = tl.sum(acc3, axis=2)
+    m = bm[:, None] & nm[None, :]
+    if SPLITS > 1:  # as in _norm_matvec_kernel: the last program adds the splits' sum into x
+        tl.store(_part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, 1), acc, mask=m)
+        m = tl.where(_arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
+        acc = _gathered(part_ptr, 0, b, n, m, B, N, SPLITS, 1)
     if SCALED:
         acc *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-    m = bm[:, None] & nm[None, :]
     xp = x_ptr + b[:, None] * N + n[None, :]
     dt = x_ptr.dtype.element_ty
     x = tl.load(xp, mask=m, other=0.0).to(tl.float32)
@@ -312,18 +435,20 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
 
 
 def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: torch.Tensor | None = None,
-                tiles: tuple[int, ...] | None = None, pdl: bool = False) -> torch.Tensor:
+                tiles: tuple[int, ...] | None = None, pdl: bool = False, work: SplitWork | None = None) -> torch.Tensor:
     """x [B, N] += F.linear(a, w) in place; a [B, K], w [N, K] (int8 with `scale` [N], or a's dtype),
-    all contiguous, B <= MAX_ROWS. pdl: as in norm_matvec."""
+    all contiguous, B <= MAX_ROWS. pdl, and split K (tiles' fifth entry, `work`): as in norm_matvec."""
     B, N = x.shape
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
     _check_scale(w, scale, N)
-    bn, bk, warps, stages = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
-    _matvec_add_kernel[(triton.cdiv(N, bn),)](x, w, w if scale is None else scale, a, B, K, N,
-                                              SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                              BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, STAGES=stages, num_warps=warps,
-                                              enable_fp_fusion=FMA, launch_pdl=pdl)
+    bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
+    used, chunk, parts, counts = _split_args(K, bk, splits, B, N, bn, 1, work, x.device)
+    _matvec_add_kernel[(triton.cdiv(N, bn), used)](x, w, w if scale is None else scale, a, B, K, N,
+                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
+                                                   BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, STAGES=stages, part_ptr=parts,
+                                                   sc_ptr=counts, CHUNK=chunk, SPLITS=used, num_warps=warps,
+                                                   enable_fp_fusion=FMA, launch_pdl=pdl)
     return x
 
 

@@ -143,10 +143,12 @@ def test_bad_arguments_are_one_clear_line(capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_staged_tiles_compile_to_async_copies_and_plain_ones_do_not(tmp_path):
+def test_staged_and_split_tiles_compile_as_asked_and_plain_ones_as_before(tmp_path):
     """tiles' fourth entry (kernels/triton_gemv.py): with 3 stages the compiled K loop copies its
-    weight tiles global -> shared with cp.async ahead of the multiply (no spill); with the 3-tuple or stages 1 it loads them straight to registers (no cp.async), the
-    code the tiles always gave. Both GEMV kernels, two-matrix (SwiGLU) and int8 forms included."""
+    weight tiles global -> shared with cp.async ahead of the multiply (no spill); with the 3-tuple
+    or stages 1 it loads them straight to registers (no cp.async), the code the tiles always gave.
+    The fifth, splits: the kernel takes counters with atomics, which no unsplit one has. Both GEMV
+    kernels, two-matrix (SwiGLU) and int8 forms included."""
     code = """
 import json, torch
 from bench.kernel_report import async_copies, compile_only, resources
@@ -156,7 +158,7 @@ x, a, nw = torch.zeros(1, 512, dtype=torch.bfloat16), torch.zeros(1, 2048, dtype
 w2, w13 = torch.zeros(512, 2048, dtype=torch.bfloat16), torch.zeros(1024, 2048, dtype=torch.bfloat16)
 q = quantize_int8(torch.zeros(512, 2048))
 out = []
-for t in [(4, 256, 4), (4, 256, 4, 1), (4, 256, 4, 3)]:
+for t in [(4, 256, 4), (4, 256, 4, 1), (4, 256, 4, 3), (4, 256, 4, 1, 4)]:
     with compile_only(90) as launches:
         G.matvec_add_(x, w2, a, tiles=t)
         G.matvec_add_(x, q.q, a, scale=q.scale, tiles=t)
@@ -164,6 +166,7 @@ for t in [(4, 256, 4), (4, 256, 4, 1), (4, 256, 4, 3)]:
     for name, ints, const, warps, k in launches:
         r = resources(k.asm["cubin"])
         out.append(dict(t=list(t), kernel=name, stages=const.get("STAGES"), copies=async_copies(k.asm["ptx"]),
+                        splits=const.get("SPLITS"), atomics=k.asm["ptx"].count("atom."),
                         spill=r["stack"] + r["local"], shared=r["shared"] + k.metadata.shared))
 print(json.dumps(out))
 """
@@ -171,7 +174,13 @@ print(json.dumps(out))
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 9 and all(k["spill"] == 0 for k in rows)
+    assert len(rows) == 12 and all(k["spill"] == 0 for k in rows)
+    split = [k for k in rows if len(k["t"]) == 5]
+    rows = [k for k in rows if len(k["t"]) < 5]
+    # split K: each call's K of 2,048 in 256-wide tiles, four ways; each program takes its output
+    # tile's counter (atom.add) and the last puts it back (atom.exch); no cp.async at one stage
+    assert [k["splits"] for k in split] == [4, 4, 4] and all(k["atomics"] == 2 and not k["copies"] for k in split)
+    assert all(k["atomics"] == 0 and k["splits"] == 1 for k in rows)
     plain = [k for k in rows if len(k["t"]) == 3 or k["t"][3] == 1]
     staged = [k for k in rows if len(k["t"]) == 4 and k["t"][3] == 3]
     assert len(staged) == 3 and all(k["stages"] == 3 and k["copies"] > 0 for k in staged)

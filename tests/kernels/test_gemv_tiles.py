@@ -72,8 +72,10 @@ def test_the_kernels_ask_for_int8_tiles_only_with_int8_weights(monkeypatch):
      "expected three powers of two"),
     ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 0]}]}',
      "optionally then stages 1..8"),
-    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 3, 1]}]}',
-     "has best_tiles [4, 8, 4, 3, 1]"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 3, 17]}]}',
+     "and then splits 1..16"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 1, 2, 1]}]}',
+     "has best_tiles"),
 ])
 def test_a_bad_table_is_an_error_naming_the_variable_and_the_file(tmp_path, monkeypatch, content, says):
     monkeypatch.setattr(gemv_tiles, "_loaded", {})
@@ -102,10 +104,32 @@ def test_staged_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
     path.write_text(json.dumps({"cases": [dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 16, 4, 3])]}))
     monkeypatch.setenv("CSM_GEMV_TILES", str(path))
     assert gv.pick_tiles(2, 40, 24) == (8, 16, 4, 3)
-    assert gv.tile_args(gv.pick_tiles(2, 40, 24)) == (8, 16, 4, 3) and gv.tile_args((8, 16, 4)) == (8, 16, 4, 1)
+    assert gv.tile_args(gv.pick_tiles(2, 40, 24)) == (8, 16, 4, 3, 1) and gv.tile_args((8, 16, 4)) == (8, 16, 4, 1, 1)
     g = torch.Generator().manual_seed(3)
     x, a, w = torch.randn(2, 24, generator=g), torch.randn(2, 40, generator=g), torch.randn(24, 40, generator=g)
     torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24)), gv.matvec_add_ref(x.clone(), w, a),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\]\)"):
+    with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\[, splits\]\]\)"):
         gv.matvec_add_(x.clone(), w, a, tiles=(8, 16))
+
+
+def test_split_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
+    """A sweep that found split K fastest records the splits as a fifth entry; pick_tiles hands it
+    on and both kernels split their K loops: the reference's result, with the scratch's counters
+    left at zero (the next launch, or the next replay of a graph, starts from them)."""
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"cases": [dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 8, 4, 1, 4]),
+                                          dict(rows=2, K=40, cols=12, mats=2, int8=False, best_tiles=[4, 16, 4, 2, 3])]}))
+    monkeypatch.setenv("CSM_GEMV_TILES", str(path))
+    assert gv.pick_tiles(2, 40, 24) == (8, 8, 4, 1, 4) and gv.pick_tiles(2, 40, 12, 2) == (4, 16, 4, 2, 3)
+    g = torch.Generator().manual_seed(5)
+    x, a, w = torch.randn(2, 24, generator=g), torch.randn(2, 40, generator=g), torch.randn(24, 40, generator=g)
+    work = gv.SplitWork()
+    torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24), work=work),
+                               gv.matvec_add_ref(x.clone(), w, a), rtol=1e-5, atol=1e-5)
+    assert work.parts.numel() == 3 * 2 * 24  # five K tiles split four ways: 2 + 2 + 1, three programs
+    nw = torch.rand(40, generator=g) + 0.5
+    torch.testing.assert_close(gv.norm_matvec(a, nw, w, 1e-5, swiglu=True, tiles=gv.pick_tiles(2, 40, 12, 2), work=work),
+                               gv.norm_matvec_ref(a, nw, w, 1e-5, swiglu=True), rtol=1e-5, atol=1e-5)
+    assert not work.counts.any()
