@@ -46,7 +46,7 @@ import torch.nn.functional as F
 # With a fifth entry, splits >= 2: split K, `splits` programs an output tile, each over its share
 # of K, the last adding their partial sums (kernels/triton_gemv.py): the other way to more loads in
 # flight, by more programs rather than deeper ones -- w2's 16-tile K loop became 4 chains of 4.
-# Only where they divide K's tiles evenly (other counts run as one of those) and not for qkv.
+# Only where they divide K's tiles evenly (another count would run as one of those).
 GRID = ([(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
         + [(2, bk, w) for bk, w in itertools.product((1024, 2048), (4, 8))]
         + [(bn, bk, 4, st) for st, bn, bk in itertools.product((2, 3, 4), (4, 8, 16), (256, 512, 1024))]
@@ -201,10 +201,8 @@ def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int,
     kmax = 1 << (shape["K"] - 1).bit_length()  # a K tile past K only loads masked lanes
 
     def fits(t) -> bool:
-        if len(t) == 5 and t[4] > 1:  # split K: whole K tiles, as many to each split; qkv's rope form splits none
-            k_tiles = -(-shape["K"] // t[1])
-            if shape["kind"] == "rope" or k_tiles % t[4]:
-                return False
+        if len(t) == 5 and t[4] > 1 and -(-shape["K"] // t[1]) % t[4]:  # split K: as many K tiles to each split
+            return False
         products = bb * t[0] * t[1] * mats
         if len(t) < 4 or t[3] == 1:
             return products <= 2 * PRODUCTS

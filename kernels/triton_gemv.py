@@ -34,7 +34,7 @@ into shared memory asynchronously (cp.async on sm_80+) while it multiplies the c
 program keeps up to stages - 1 tiles in flight instead of waiting out one load's latency per K
 tile -- what bounds a one-row GEMV (see pick_tiles). stages = 1 (a 3-tuple) is the plain loop, the
 same code as before the option existed.
-A fifth entry, splits >= 2, splits K (not for the rope form): program (output tile, split) runs
+A fifth entry, splits >= 2, splits K: program (output tile, split) runs
 the K loop over its own range of whole K tiles (`split_plan`), so a one-row projection with a long
 K (w2: K = 8,192 over 1,024 outputs) puts splits times the programs, and loads, in flight at once
 instead of a long serial chain in each; each program stores its fp32 sums, and the last of a
@@ -272,13 +272,14 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     if SWIGLU or ROPE:
         y2 = tl.sum(acc2, axis=2)
     m = bm[:, None] & nm[None, :]
-    if SPLITS > 1:  # (not with ROPE) the last of the output tile's programs sums the splits and goes on
+    if SPLITS > 1:  # the last of the output tile's programs sums the splits and runs the epilogue
         tl.store(_part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
-        if SWIGLU:
+        if SWIGLU or ROPE:
             tl.store(_part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
-        m = tl.where(_arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
+        last = _arrive(sc_ptr, pid, SPLITS)
+        m = tl.where(last, m, False)  # (not m & last: the interpreter's & of these is int)
         y = _gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
-        if SWIGLU:
+        if SWIGLU or ROPE:
             y2 = _gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
     if SCALED:
         y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -306,7 +307,12 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         tl.store(cp + 1, yb.to(c_ptr.dtype.element_ty), mask=kv)
         if ATTN:  # the last program to finish attends for every row (all of q, k, v are written then)
             tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            if SPLITS == 1:
+                go = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1
+            else:  # a program counts once it has written its tile (the last of its splits); the others add 0
+                done = tl.atomic_add(cnt_ptr, last.to(tl.int32), sem="acq_rel", scope="gpu")
+                go = tl.where(last, done == tl.num_programs(0) - 1, False)
+            if go:
                 attend_rows(y_ptr, 2 * N, c_ptr, c_row_stride, c_pos_stride, pos_ptr, pos_stride, a_ptr, a_stride,
                             B, att_scale, G, GP, HD, KVH, BLOCK_S, ROW_DIV, IEEE)
                 tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch
@@ -338,9 +344,10 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     pdl=True launches it as a programmatic dependent launch (Hopper and later; kernels/pdl.py): its
     first weight tile loads while the kernel before it finishes.
 
-    Tiles with a fifth entry, splits > 1 (not with rope), split K: that many programs share each
-    output tile, each over its own K range, and the last to finish sums their fp32 partials (kept in
-    `work`, a SplitWork a stream reuses; default fresh scratch) and runs the epilogue."""
+    Tiles with a fifth entry, splits > 1, split K: that many programs share each output tile, each
+    over its own K range, and the last to finish sums their fp32 partials (kept in `work`, a
+    SplitWork a stream reuses; default fresh scratch) and runs the epilogue (with attend, only those
+    programs count towards the last one)."""
     B, K = x.shape
     assert B <= MAX_ROWS and x.is_contiguous() and w.is_contiguous() and w.shape[1] == K
     _check_scale(w, scale, w.shape[0])
@@ -349,10 +356,7 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     cols = N // 2 if rope else N  # programs cover pairs of columns with rope
     bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1,
                                                               scale is not None))
-    if rope and splits > 1:
-        raise ValueError(f"tiles {tiles!r} split K, which the rope (qkv) form does not: its epilogue "
-                         "rotates and caches pairs of columns; give it tiles without a fifth entry > 1")
-    mats = 2 if swiglu else 1
+    mats = 2 if swiglu or rope else 1
     used, chunk, parts, counts = _split_args(K, bk, splits, B, cols, bn, mats, work, x.device)
     if rope:
         n_heads, cos, sin, pos, cache = rope

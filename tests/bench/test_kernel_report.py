@@ -188,3 +188,32 @@ print(json.dumps(out))
     # the bf16 SwiGLU call: its two 4 x 256 tiles a stage need buffers past the plain kernel's
     # reduction scratch (the int8 ones fit inside it)
     assert staged[2]["kernel"] == "_norm_matvec_kernel" and staged[2]["shared"] > plain[5]["shared"]
+
+
+def test_the_qkv_kernel_splits_k_with_and_without_the_folded_attention(tmp_path):
+    """The depth decoder's qkv call (rope epilogue, and at batch 1 attention folded into its last
+    program) with split tiles, compiled for sm_90: no spill; the split's counter (atom.add, then
+    atom.exch by the last) and, folded, the fold's counter too -- four atomics."""
+    code = """
+import json, torch
+from bench.kernel_report import compile_only, resources
+from csmstream.kernels import triton_gemv as G
+x, nw, w = torch.zeros(1, 1024, dtype=torch.bfloat16), torch.ones(1024, dtype=torch.bfloat16), torch.zeros(1536, 1024, dtype=torch.bfloat16)
+cache, cos = torch.zeros(1, 32, 4, 128, dtype=torch.bfloat16), torch.zeros(32, 64)
+rope = (8, cos, cos, torch.zeros(1, dtype=torch.long), cache)
+attend = (torch.zeros(1, 1024, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32))
+with compile_only(90) as launches:
+    G.norm_matvec(x, nw, w, 1e-5, tiles=(4, 256, 4, 1, 4), rope=rope)
+    G.norm_matvec(x, nw, w, 1e-5, tiles=(4, 256, 4, 1, 4), rope=rope, attend=attend)
+out = []
+for name, ints, const, warps, k in launches:
+    r = resources(k.asm["cubin"])
+    out.append(dict(splits=const.get("SPLITS"), attn=const.get("ATTN", False), atomics=k.asm["ptx"].count("atom."),
+                    spill=r["stack"] + r["local"]))
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_compiled_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rows == [dict(splits=4, attn=False, atomics=2, spill=0), dict(splits=4, attn=True, atomics=4, spill=0)]
