@@ -204,6 +204,8 @@ def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int,
         if len(t) == 5 and t[4] > 1 and -(-shape["K"] // t[1]) % t[4]:  # split K: as many K tiles to each split
             return False
         products = bb * t[0] * t[1] * mats
+        if len(t) == 5 and t[4] > 1 and products > PRODUCTS:  # on sm_90 int8 16 x 1024 split spills (Triton 3.6)
+            return False
         if len(t) < 4 or t[3] == 1:
             return products <= 2 * PRODUCTS
         # staged: on sm_90 a 16 x 512 two-matrix tile at 3 stages spills (255 registers, Triton 3.6)

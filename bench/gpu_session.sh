@@ -7,7 +7,7 @@
 #   1. the package (copied as setup.py maps it) and any carried wheels (.whl/: websockets) into $SITE;
 #   2. the device's facts (nvidia-smi, torch, triton);
 #   3. bench/gpu.py batch1,context,check,profile,int8 on the first-guess tiles    -> first.json
-#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,490 candidates with the staged
+#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,460 candidates with the staged
 #      and split K loops: ~60 s to compile on 16 cores, ~90 s to time)            -> sweep.json
 #   5. bench/gpu.py batch1,int8,profile again on the measured tiles (CSM_GEMV_TILES) -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
