@@ -37,6 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    package_data={"csmstream.kernels": ["tiles/*.json"]},  # measured GEMV tiles per GPU model (gemv_tiles.py)
     install_requires=[
         # CPU machines: install torch==2.13.0 first (the Makefile does); GPU: a CUDA build of torch.
         "torch>=2.5",

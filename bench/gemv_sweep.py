@@ -333,6 +333,30 @@ def frame_totals(results) -> dict:
     return out
 
 
+def builtin_table(doc: dict, source: str) -> dict:
+    """A sweep's JSON cut to what the engine reads (kernels/gemv_tiles.py): its device, date and
+    dtype, where it came from, its frame totals, and each case's key and best tiles (and time)."""
+    if not isinstance(doc, dict) or not doc.get("device") or not isinstance(doc.get("cases"), list):
+        raise ValueError("not a finished sweep's JSON: it needs 'device' and 'cases'")
+    keep = ("name", "rows", "K", "cols", "mats", "int8", "best_tiles", "best_us")
+    return dict(device=doc["device"], date=doc.get("date"), dtype=doc.get("dtype"), source=source,
+                frame_gemv_ms=doc.get("frame_gemv_ms"), cases=[{k: c[k] for k in keep} for c in doc["cases"]])
+
+
+def install_builtin(sweep_json: str, into: Path | None = None) -> Path:
+    """Write the built-in tile table for the sweep's device (kernels/tiles/<device>.json) and
+    return its path; the engine then uses those tiles on that GPU model by default."""
+    from csmstream.kernels import gemv_tiles
+
+    doc = json.loads(Path(sweep_json).read_text())
+    table = builtin_table(doc, Path(sweep_json).name)
+    gemv_tiles.load(sweep_json, f"--builtin {sweep_json}")  # its tiles are valid, or say why
+    slug = "".join(ch if ch.isalnum() else "_" for ch in table["device"].lower()).strip("_")
+    out = (into or gemv_tiles.BUILTIN) / f"{slug}.json"
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,8", help="batch sizes (<= 16), comma-separated (default: 1,8)")
@@ -341,7 +365,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                     help="processes that compile the candidate kernels first, in parallel (default: the CPUs, "
                          "at most 16; 1 compiles each one as it is timed)")
+    ap.add_argument("--builtin", metavar="SWEEP_JSON",
+                    help="no sweep: make SWEEP_JSON (this script's --json, from a GPU) the built-in tile table "
+                         "of its device (kernels/tiles/), which the engine then uses there by default")
     a = ap.parse_args(argv)
+    if a.builtin:
+        try:
+            print(f"wrote {install_builtin(a.builtin)}")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"--builtin {a.builtin}: {e}", file=sys.stderr)
+            return 2
+        return 0
     if a.jobs < 1:
         print(f"--jobs must be >= 1, got {a.jobs}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
 # costs only itself.
 #   1. the package (copied as setup.py maps it) and any carried wheels (.whl/: websockets) into $SITE;
 #   2. the device's facts (nvidia-smi, torch, triton);
-#   3. bench/gpu.py batch1,context,check,profile,int8 on the first-guess tiles    -> first.json
+#   3. bench/gpu.py batch1,context,check,profile,int8 on the default tiles (the device's built-in
+#      table, kernels/tiles/, where it has one, else the guess)                   -> first.json
 #   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,460 candidates with the staged
 #      and split K loops: ~60 s to compile on 16 cores, ~90 s to time)            -> sweep.json
 #   5. bench/gpu.py batch1,int8,profile again on the measured tiles (CSM_GEMV_TILES) -> tiles.json

@@ -21,7 +21,9 @@ GPU_ENV = """GPU settings (environment):
                        replays faster at start-up)
   CSM_PDL=auto         auto | on | off: run those kernels as programmatic dependent launches on
                        Hopper (auto keeps it if faster and its codes match the plain step's)
-  CSM_GEMV_TILES=FILE  tiles measured by bench/gemv_sweep.py (its --json) for those kernels"""
+  CSM_GEMV_TILES=FILE  tiles measured by bench/gemv_sweep.py (its --json) for those kernels;
+                       unset: the built-in table for this GPU model if there is one (the
+                       H200's), else guessed; =guess: always guessed"""
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",

@@ -204,6 +204,10 @@ class FastFrameStep:
         self.fused_buckets: set[int] = small if self.fused_mode == "on" else set()  # run as five kernels a layer
         # the fused step's depth heads [N-1, cs, Dd]: the final norm runs in the head's prologue
         self.heads_t = gen.heads.transpose(1, 2).contiguous() if self.fused_mode != "off" else None
+        if dev.type == "cuda" and self.fused_mode != "off":
+            from ..kernels import gemv_tiles
+
+            log.info("fused GEMV tiles: %s", gemv_tiles.source(triton_gemv.gpu_name(dev.index or 0)))
         self.pdl_mode = pdl_setting(pdl)
         why_not = pdl_mod.unavailable(dev) if self.pdl_mode != "off" and self.fused_mode != "off" else "off"
         self.pdl_ok = why_not is None

@@ -1,15 +1,20 @@
-"""Measured tiles for the fused GEMV kernels: a table from bench/gemv_sweep.py, named by env var.
+"""Measured tiles for the fused GEMV kernels: tables from bench/gemv_sweep.py.
 
-    CSM_GEMV_TILES=gemv_sweep.json csm-stream serve ...
+`pick_tiles()` (kernels/triton_gemv.py) guesses tiles from a projection's shape. A sweep on a GPU
+times a grid of tiles for every projection of csm-1b and records the fastest (`best_tiles` of each
+case in its JSON: BLOCK_N, BLOCK_K, num_warps and, for a software-pipelined K loop, its stages,
+then for a split K loop its splits). A table has the tiles wherever it has the shape (rows rounded
+up to a power of two, as the kernels round them; K; output columns; matrices read at once; int8 or
+not); the guess serves the other shapes. Which table, in order:
 
-`pick_tiles()` (kernels/triton_gemv.py) guesses tiles from a projection's shape. A sweep on the GPU
-that will serve times a grid of tiles for every projection of csm-1b and records the fastest
-(`best_tiles` of each case in its JSON: BLOCK_N, BLOCK_K, num_warps and, for a software-pipelined K
-loop, its stages, then for a split K loop its splits). With CSM_GEMV_TILES naming that file, the kernels use the
-measured tiles wherever the table has the shape (rows rounded up to a power of two, as the kernels
-round them; K; output columns; matrices read at once; int8 or not) and the guess elsewhere. So one
-GPU session can sweep and run the engine on the result without a code change in between.
-A file that cannot be read or has no usable cases is an error naming the variable and the file.
+- env CSM_GEMV_TILES=FILE: that sweep's JSON, e.g. one just measured on this GPU
+  (`CSM_GEMV_TILES=gemv_sweep.json csm-stream serve ...`: sweep, then serve, no code change);
+- else the built-in table for this GPU: kernels/tiles/*.json, each a sweep's best tiles on one
+  device model (its "device" is torch.cuda.get_device_name()'s; `python bench/gemv_sweep.py
+  --builtin SWEEP.json` writes one from a sweep);
+- CSM_GEMV_TILES=guess: no table, the guess everywhere.
+
+A file that cannot be read or has no usable cases is an error naming where it came from.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import os
 from pathlib import Path
 
 ENV = "CSM_GEMV_TILES"
+GUESS = "guess"  # CSM_GEMV_TILES=guess: no table
+BUILTIN = Path(__file__).resolve().parent / "tiles"
 MAX_STAGES = 8
 MAX_SPLITS = 16  # split K: programs that share one output tile, each over its own K range
 Key = tuple[int, int, int, int, bool]  # (rows rounded up to a power of two, K, columns, mats, int8)
 _loaded: dict[str, dict[Key, tuple[int, ...]]] = {}
+_builtin: dict[str, Path] | None = None  # device name -> its built-in table
 
 
 def key(rows: int, K: int, N: int, mats: int, int8: bool) -> Key:
@@ -38,9 +46,10 @@ def _valid_tiles(t) -> bool:
             and (len(t) < 5 or 1 <= t[4] <= MAX_SPLITS))
 
 
-def load(path: str) -> dict[Key, tuple[int, ...]]:
-    """The table in a gemv_sweep JSON: {key: (BLOCK_N, BLOCK_K, num_warps[, stages[, splits]])}."""
-    where = f"{ENV}={path}"
+def load(path: str, where: str | None = None) -> dict[Key, tuple[int, ...]]:
+    """The table in a gemv_sweep JSON: {key: (BLOCK_N, BLOCK_K, num_warps[, stages[, splits]])}.
+    `where` names the file in errors (default: as CSM_GEMV_TILES named it)."""
+    where = where or f"{ENV}={path}"
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as e:
@@ -65,12 +74,49 @@ def load(path: str) -> dict[Key, tuple[int, ...]]:
     return table
 
 
-def measured(rows: int, K: int, N: int, mats: int, int8: bool) -> tuple[int, ...] | None:
-    """The measured tiles for this shape from the table CSM_GEMV_TILES names (None: not set, or the
-    table has no such shape). The file is read once per process."""
+def builtin_tables() -> dict[str, Path]:
+    """{device name: its built-in table} of kernels/tiles/ (read once per process)."""
+    global _builtin
+    if _builtin is None:
+        found = {}
+        for f in sorted(BUILTIN.glob("*.json")):
+            try:
+                dev = json.loads(f.read_text()).get("device")
+            except (OSError, ValueError, AttributeError) as e:
+                raise ValueError(f"built-in GEMV tile table {f.name}: not a sweep's JSON ({e})") from None
+            if not isinstance(dev, str) or not dev:
+                raise ValueError(f"built-in GEMV tile table {f.name}: names no device")
+            found[dev] = f
+        _builtin = found
+    return _builtin
+
+
+def source(device: str | None = None) -> str:
+    """Where pick_tiles' measured tiles come from for `device` (a GPU's name; None: no GPU): for logs."""
     path = os.environ.get(ENV, "").strip()
-    if not path:
+    if path.lower() == GUESS:
+        return f"{ENV}={GUESS}: guessed from the shapes"
+    if path:
+        return f"{ENV}={path}, the guess where it lacks a shape"
+    table = builtin_tables().get(device) if device else None
+    if table is not None:
+        return f"the built-in table for {device} ({table.name}), the guess where it lacks a shape"
+    return f"guessed from the shapes (no built-in table for {device or 'this device'}; {ENV}=FILE names one)"
+
+
+def measured(rows: int, K: int, N: int, mats: int, int8: bool, device: str | None = None) -> tuple[int, ...] | None:
+    """The measured tiles for this shape: from the table CSM_GEMV_TILES names, else from the
+    built-in table for `device` (a GPU's name); None where the table lacks the shape, where there
+    is none, or with CSM_GEMV_TILES=guess. Each file is read once per process."""
+    path = os.environ.get(ENV, "").strip()
+    if path.lower() == GUESS:
         return None
+    where = None
+    if not path:
+        table = builtin_tables().get(device) if device else None
+        if table is None:
+            return None
+        path, where = str(table), f"built-in GEMV tile table {table.name}"
     if path not in _loaded:
-        _loaded[path] = load(path)
+        _loaded[path] = load(path, where)
     return _loaded[path].get(key(rows, K, N, mats, int8))

@@ -41,14 +41,16 @@ instead of a long serial chain in each; each program stores its fp32 sums, and t
 tile's programs to finish (an atomic counter per tile, in a SplitWork the step reuses) adds them
 in split order -- the same sum whichever finishes last -- and runs the epilogue. splits = 1 compiles
 to exactly the unsplit kernel.
-Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table) or
-guesses them from the shape. At B = 1 the step is bound by reading weights, so
+Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table, else
+the built-in table for the GPU, kernels/tiles/) or guesses them from the shape. At B = 1 the step is bound by reading weights, so
 the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
 accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
 (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +68,13 @@ ONE_ROW_PROGRAMS = 1024  # at one row, output tiles stay 4 wide until there are 
 PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
 
 
-def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_K, num_warps[, stages]) on a GPU for B = rows (<= MAX_ROWS) against a [N, K] weight
-    (mats = 2: the gate and up halves at once): the measured tiles of the table env CSM_GEMV_TILES
-    names (kernels/gemv_tiles.py) when it has the shape, else a guess from the shape."""
-    found = measured(rows, K, N, mats, int8)
+def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False,
+               device: str | None = None) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, num_warps[, stages[, splits]]) on a GPU for B = rows (<= MAX_ROWS) against a
+    [N, K] weight (mats = 2: the gate and up halves at once): the measured tiles of the table env
+    CSM_GEMV_TILES names, or of the built-in table for GPU `device` (its name), when it has the
+    shape (kernels/gemv_tiles.py), else a guess from the shape."""
+    found = measured(rows, K, N, mats, int8, device)
     if found is not None:
         return found
     bb = triton.next_power_of_2(rows)
@@ -93,9 +97,15 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False) -> 
     return bn, bk, 4
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_name(index: int) -> str:
+    """torch.cuda.get_device_name, once per device: the key of its built-in tile table."""
+    return torch.cuda.get_device_name(index)
+
+
 def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, ...]:
     if x.is_cuda:
-        return pick_tiles(x.shape[0], K, N, mats, int8)
+        return pick_tiles(x.shape[0], K, N, mats, int8, gpu_name(x.device.index or 0))
     # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
 

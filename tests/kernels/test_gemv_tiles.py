@@ -1,7 +1,9 @@
-"""Measured GEMV tiles (kernels/gemv_tiles.py): a gemv_sweep JSON named by CSM_GEMV_TILES replaces
-pick_tiles' guess for the shapes it measured, and a bad file is a clear error."""
+"""Measured GEMV tiles (kernels/gemv_tiles.py): a gemv_sweep JSON named by CSM_GEMV_TILES, or the
+built-in table of the GPU model, replaces pick_tiles' guess for the shapes it measured, and a bad
+file is a clear error."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from bench.gemv_sweep import sweep
 from csmstream.kernels import gemv_tiles
 from csmstream.kernels import triton_gemv as gv
 from csmstream.kernels.int8 import quantize_int8
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SHAPES = [dict(name="depth.w13", kind="swiglu", N=24, K=40, calls=3),
           dict(name="backbone.wqkv", kind="rope", N=32, K=40, calls=2, heads=(2, 1, 8))]
@@ -133,3 +137,88 @@ def test_split_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
     torch.testing.assert_close(gv.norm_matvec(a, nw, w, 1e-5, swiglu=True, tiles=gv.pick_tiles(2, 40, 12, 2), work=work),
                                gv.norm_matvec_ref(a, nw, w, 1e-5, swiglu=True), rtol=1e-5, atol=1e-5)
     assert not work.counts.any()
+
+
+# -- built-in tables: a sweep's best tiles shipped for its GPU model ------------------------------
+H200_SWEEP = ROOT / "bench" / "results" / "h200" / "gemv_sweep_rows1_2026-12-04.json"
+
+
+@pytest.fixture
+def builtin_dir(tmp_path, monkeypatch):
+    """kernels/tiles/ replaced by an empty folder, CSM_GEMV_TILES unset, the readers' caches emptied."""
+    monkeypatch.setattr(gemv_tiles, "BUILTIN", tmp_path)
+    monkeypatch.setattr(gemv_tiles, "_builtin", None)
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    monkeypatch.delenv("CSM_GEMV_TILES", raising=False)
+    return tmp_path
+
+
+def test_a_gpus_builtin_table_replaces_the_guess_there_and_only_there(builtin_dir, tmp_path_factory, monkeypatch):
+    from bench.gemv_sweep import install_builtin
+
+    sweep_json = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    sweep_json.write_text(json.dumps({"device": "Test GPU 9000", "date": "2026-12-05", "cases": [
+        dict(name="depth.w2", rows=1, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 8, 4, 1, 5], best_us=1.0)]}))
+    assert install_builtin(str(sweep_json), builtin_dir) == builtin_dir / "test_gpu_9000.json"
+    guess = gv.pick_tiles(1, 40, 24)
+    assert gv.pick_tiles(1, 40, 24, device="Test GPU 9000") == (8, 8, 4, 1, 5) != guess
+    assert gv.pick_tiles(1, 40, 24, device="Other GPU") == guess  # no table for it
+    assert gv.pick_tiles(2, 40, 24, device="Test GPU 9000") == gv.pick_tiles(2, 40, 24)  # a shape it lacks
+    assert "built-in table for Test GPU 9000 (test_gpu_9000.json)" in gemv_tiles.source("Test GPU 9000")
+    assert "no built-in table for Other GPU" in gemv_tiles.source("Other GPU")
+    monkeypatch.setenv("CSM_GEMV_TILES", "guess")  # the guess everywhere
+    assert gv.pick_tiles(1, 40, 24, device="Test GPU 9000") == guess and "guessed" in gemv_tiles.source("Test GPU 9000")
+    other = tmp_path_factory.mktemp("env") / "mine.json"  # a named file wins over the built-in table
+    other.write_text(json.dumps({"cases": [dict(rows=1, K=40, cols=24, mats=1, int8=False, best_tiles=[4, 8, 2])]}))
+    monkeypatch.setenv("CSM_GEMV_TILES", str(other))
+    assert gv.pick_tiles(1, 40, 24, device="Test GPU 9000") == (4, 8, 2)
+
+
+def test_a_builtin_table_without_a_device_or_with_bad_tiles_is_an_error_naming_it(builtin_dir):
+    (builtin_dir / "nameless.json").write_text(json.dumps({"cases": []}))
+    with pytest.raises(ValueError, match="built-in GEMV tile table nameless.json: names no device"):
+        gv.pick_tiles(1, 40, 24, device="Test GPU 9000")
+    (builtin_dir / "nameless.json").unlink()
+    gemv_tiles._builtin = None
+    (builtin_dir / "bad.json").write_text(json.dumps({"device": "Bad GPU", "cases": [
+        dict(rows=1, K=40, cols=24, mats=1, int8=False, best_tiles=[3, 8, 4])]}))
+    with pytest.raises(ValueError, match=r"built-in GEMV tile table bad.json: case 0 has best_tiles \[3, 8, 4\]"):
+        gv.pick_tiles(1, 40, 24, device="Bad GPU")
+
+
+def test_the_shipped_h200_table_is_the_committed_h200_sweeps_best(monkeypatch):
+    """kernels/tiles/nvidia_h200.json holds what the H200 sweep (bench/results/h200/) measured
+    fastest, and pick_tiles hands exactly those tiles out on an H200 (at one row: all it timed)."""
+    from bench.gemv_sweep import builtin_table
+
+    monkeypatch.setattr(gemv_tiles, "_builtin", None)
+    monkeypatch.setattr(gemv_tiles, "_loaded", {})
+    monkeypatch.delenv("CSM_GEMV_TILES", raising=False)
+    sweep = json.loads(H200_SWEEP.read_text())
+    shipped = json.loads((ROOT / "kernels" / "tiles" / "nvidia_h200.json").read_text())
+    assert shipped == builtin_table(sweep, H200_SWEEP.name)
+    assert gemv_tiles.builtin_tables()["NVIDIA H200"].name == "nvidia_h200.json"
+    for c in sweep["cases"]:
+        assert gv.pick_tiles(1, c["K"], c["cols"], c["mats"], c["int8"], device="NVIDIA H200") == tuple(c["best_tiles"])
+
+
+def test_the_builtin_tables_go_into_the_wheel(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "csmstream/kernels/tiles/nvidia_h200.json" in names
+
+
+def test_builtin_from_a_file_that_is_no_sweep_is_one_clear_line(tmp_path, capsys):
+    from bench.gemv_sweep import main
+
+    bad = tmp_path / "x.json"
+    bad.write_text("[]")
+    assert main(["--builtin", str(bad)]) == 2
+    assert f"--builtin {bad}: not a finished sweep's JSON" in capsys.readouterr().err
+    assert main(["--builtin", str(tmp_path / "missing.json")]) == 2
