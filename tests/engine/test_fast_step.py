@@ -88,6 +88,28 @@ def test_the_fused_five_kernel_layers_give_the_eager_steps_frames(tiny_engine, m
     assert fast.pos.tolist() == ref.pos.tolist()
 
 
+def test_split_k_tiles_in_the_fused_step_give_the_eager_steps_frames(tiny_engine, monkeypatch):
+    """Every fused GEMV of the step with tiles that split K two ways (as a measured table may ask),
+    the depth decoder's attention folded into its split qkv kernels too: the eager step's frames,
+    the step's one split scratch used by them all and its counters back at zero."""
+    import triton
+
+    from csmstream.kernels import triton_gemv
+
+    def split_tiles(x, K, N, mats=1, int8=False):  # one wide output tile, K in two tiles, two splits
+        return min(1024, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(K) // 2), 4, 1, 2
+
+    monkeypatch.setenv("CSM_FUSED_GEMV", "on")
+    monkeypatch.setenv("CSM_ATTN_FOLD", "on")
+    monkeypatch.setattr(triton_gemv, "_tiles", split_tiles)
+    ref, fast = _prefilled(tiny_engine, False, [0], 50), _prefilled(tiny_engine, True, [0], 50)
+    assert fast.fast.kept(1) == "fused+fold"
+    assert torch.equal(ref.step(0, 1, 50), fast.step(0, 1, 50))
+    torch.testing.assert_close(fast.h, ref.h, rtol=1e-4, atol=1e-5)
+    work = fast.fast.gemv_work
+    assert work.parts is not None and not work.counts.any() and int(fast.fast.fold_count) == 0
+
+
 def test_fused_setting(monkeypatch):
     monkeypatch.delenv("CSM_FUSED_GEMV", raising=False)
     assert fused_setting() == "auto" and fused_setting("1") == "on" and fused_setting("OFF") == "off"
