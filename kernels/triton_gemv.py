@@ -34,17 +34,17 @@ into shared memory asynchronously (cp.async on sm_80+) while it multiplies the c
 program keeps up to stages - 1 tiles in flight instead of waiting out one load's latency per K
 tile -- what bounds a one-row GEMV (see pick_tiles). stages = 1 (a 3-tuple) is the plain loop, the
 same code as before the option existed.
-A fifth entry, splits >= 2, splits K: program (output tile, split) runs
-the K loop over its own range of whole K tiles (`split_plan`), so a one-row projection with a long
-K (w2: K = 8,192 over 1,024 outputs) puts splits times the programs, and loads, in flight at once
-instead of a long serial chain in each; each program stores its fp32 sums, and the last of a
-tile's programs to finish (an atomic counter per tile, in a SplitWork the step reuses) adds them
-in split order -- the same sum whichever finishes last -- and runs the epilogue. splits = 1 compiles
-to exactly the unsplit kernel.
+A fifth entry, splits >= 2, splits K: program (output tile, split) runs the K loop over its own
+range of whole K tiles (`split_plan`), so a one-row projection with a long K (w2: K = 8,192 over
+1,024 outputs) has splits times the programs, and loads, in flight at once instead of a long
+serial chain in each. Each program stores its fp32 sums, and the last of a tile's programs to
+finish (an atomic counter per tile, in a SplitWork the step reuses) adds them in split order --
+the same sum whichever finishes last -- and runs the epilogue. splits = 1 compiles to exactly the
+unsplit kernel.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table, else
-the built-in table for the GPU, kernels/tiles/) or guesses them from the shape. At B = 1 the step is bound by reading weights, so
-the grid must cover the GPU (>= ~256 programs: a 1024-row projection gets 4-row tiles), and the
-accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
+the GPU's built-in table, kernels/tiles/) or guesses them from the shape. At B = 1 the step is
+bound by reading weights, so the grid must cover the GPU (>= ~256 programs: a 1024-row projection
+gets 4-row tiles), and the accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
 (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
 """
 
