@@ -8,11 +8,13 @@
 #   2. the device's facts (nvidia-smi, torch, triton);
 #   3. bench/gpu.py batch1,context,check,profile,int8 on the default tiles (the device's built-in
 #      table, kernels/tiles/, where it has one, else the guess)                   -> first.json
+#   3b. the kernel tests whose programs read each other's writes (split attention, the fold, split-K
+#      GEMVs, their counters), compiled: what only a GPU can really check            (session.log)
 #   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,460 candidates with the staged
 #      and split K loops: ~60 s to compile on 16 cores, ~90 s to time)            -> sweep.json
 #   5. bench/gpu.py batch1,int8,profile again on the measured tiles (CSM_GEMV_TILES) -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
-#   7. the Triton kernel tests compiled (TRITON_INTERPRET=0) on the GPU, while time is left (session.log)
+#   7. the rest of the Triton kernel tests compiled (TRITON_INTERPRET=0), while time is left (session.log)
 # From the checkout's root, through the device tool:
 #   make gpu-wheels    (here, once: websockets for the image's Python 3.12 into the git-ignored .whl/)
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
@@ -90,6 +92,16 @@ numpy.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device
 # 3. batch 1 first: the issue's open target, and what it is made of
 part first "$(cap 240 150)" "$PY" bench/gpu.py "${GPU[@]}" --stages batch1,context,check,profile,int8 --json "$OUT/first.json"
 
+# 3b. compiled on the GPU, the kernel tests whose programs hand results to each other through memory
+# and counters (interpreted, programs run one after another, so CI cannot see an ordering bug);
+# -v names each test as it runs and pytest-timeout (in the image) ends a hung one
+KTESTS=(tests/kernels/test_triton_ops.py tests/kernels/test_triton_attn.py tests/kernels/test_triton_gemv.py)
+CROSS="split or fold or merge or counter or rope"
+if [ "$DRY" != 1 ]; then
+  part cross-program-tests "$(cap 90 300)" env TRITON_INTERPRET=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
+    -o timeout=60 -k "$CROSS" "${KTESTS[@]}"
+fi
+
 # 4-5. the batch-1 tiles measured, then batch 1 on them
 TILES=()
 if [ "$DRY" != 1 ]; then
@@ -105,13 +117,13 @@ rest=$(($(left) - 30))
 part rest "$(cap 600 20)" "${TILES[@]}" "$PY" bench/gpu.py "${GPU[@]}" --stages ttfa,prefill,sample,buckets,live \
   --budget-s "$((rest > 0 ? rest * 2 / 3 : 0))" --json "$OUT/rest.json"
 
-# 7. the kernels' own tests, compiled, with what is left: the files whose tensors go to the GPU when
+# 7. the kernels' other tests, compiled, with what is left: the files whose tensors go to the GPU when
 # there is one (test_pdl's harness is CPU-only by design: it poisons tensors inside the interpreter).
-# -v names each test as it runs and pytest-timeout (in the image) ends a hung one, so a stuck test is
-# named in the log rather than eating the budget (2026-12-04: the run ended in its timeout, unnamed)
+# -v and the per-test timeout as in 3b, so a stuck test is named in the log rather than eating the
+# budget (2026-12-04: the run ended in its timeout, unnamed)
 if [ "$DRY" != 1 ]; then
   part kernel-tests "$(cap 600 5)" env TRITON_INTERPRET=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
-    -o timeout=60 tests/kernels/test_triton_ops.py tests/kernels/test_triton_attn.py tests/kernels/test_triton_gemv.py
+    -o timeout=60 -k "not ($CROSS)" "${KTESTS[@]}"
 fi
 say "done; results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exec >&- 2>&-
