@@ -39,8 +39,9 @@ range of whole K tiles (`split_plan`), so a one-row projection with a long K (w2
 1,024 outputs) has splits times the programs, and loads, in flight at once instead of a long
 serial chain in each. Each program stores its fp32 sums, and the last of a tile's programs to
 finish (an atomic counter per tile, in a SplitWork the step reuses) adds them in split order --
-the same sum whichever finishes last -- and runs the epilogue. splits = 1 compiles to exactly the
-unsplit kernel.
+the same sum whichever finishes last -- and runs the epilogue (kernels/gemv_split.py; on a GPU a
+split tile is used only once split K has given the unsplit sums there). splits = 1 compiles to
+exactly the unsplit kernel.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table, else
 the GPU's built-in table, kernels/tiles/) or guesses them from the shape. At B = 1 the step is
 bound by reading weights, so the grid must cover the GPU (>= ~256 programs: a 1024-row projection
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv_split import SplitWork, arrive, gathered, k_range, part_at, split_args, unsplit_if_unsafe
 from .gemv_tiles import MAX_SPLITS, measured
 from .int8 import dequantize
 from .triton_attn import attend_rows, block_keys, group_rows, interpreted
@@ -105,7 +107,7 @@ def gpu_name(index: int) -> str:
 
 def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -> tuple[int, ...]:
     if x.is_cuda:
-        return pick_tiles(x.shape[0], K, N, mats, int8, gpu_name(x.device.index or 0))
+        return unsplit_if_unsafe(pick_tiles(x.shape[0], K, N, mats, int8, gpu_name(x.device.index or 0)), x.device)
     # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
 
@@ -121,96 +123,11 @@ def tile_args(tiles: tuple) -> tuple[int, int, int, int, int]:
     return bn, bk, warps, stages, splits
 
 
-def split_plan(K: int, bk: int, splits: int) -> tuple[int, int]:
-    """(CHUNK, used): split-K's K range a program (whole BLOCK_K tiles) and the splits that get any,
-    so no program has an empty range (K = 1024 in 512-wide tiles splits at most 2 ways)."""
-    tiles = triton.cdiv(K, bk)
-    per = triton.cdiv(tiles, max(1, splits))
-    return per * bk, triton.cdiv(tiles, per)
-
-
-class SplitWork:
-    """Scratch of split-K launches (tiles' fifth entry): fp32 partial sums [splits, mats, B, N] and
-    a counter per output tile, zero, which every launch leaves at zero. Launches of one stream run
-    one after another (a programmatic dependent launch too: it waits for the kernel before it to
-    finish before it writes either), so one SplitWork serves every split launch of a stream. It
-    grows on first use of a larger shape, keeping what it outgrew alive (a captured graph may point
-    at it); a capture must find it grown (the step runs eagerly before it captures), since memory set
-    to zero inside a capture is zero only on replay. `device`: the tensors' device (x.device)."""
-
-    def __init__(self) -> None:
-        self.parts: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
-        self._retired: list[torch.Tensor] = []  # outgrown scratch: a captured graph may still point at it
-
-    def take(self, parts: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        small = self.parts is None or self.parts.device != torch.device(device) or self.parts.numel() < parts \
-            or self.counts.numel() < tiles
-        if small:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("split-K scratch must grow before a CUDA graph capture: run the step eagerly first")
-            self._retired += [t for t in (self.parts, self.counts) if t is not None]
-            self.parts = torch.empty(max(parts, 0 if self.parts is None else self.parts.numel()),
-                                     dtype=torch.float32, device=device)
-            self.counts = torch.zeros(max(tiles, 0 if self.counts is None else self.counts.numel()),
-                                      dtype=torch.int32, device=device)
-        return self.parts, self.counts
-
-
-def _split_args(K: int, bk: int, splits: int, B: int, cols: int, bn: int, mats: int, work: SplitWork | None,
-                device) -> tuple:
-    """(used splits, CHUNK, partials, counters) of a launch: no scratch where it does not split."""
-    chunk, used = split_plan(K, bk, splits)
-    if used == 1:
-        return 1, 0, None, None
-    parts, counts = (work or SplitWork()).take(used * mats * B * cols, triton.cdiv(cols, bn), device)
-    return used, chunk, parts, counts
-
-
 def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None:
     if (w.dtype == torch.int8) != (scale is not None):
         raise ValueError("int8 weights need their per-row scale, and only int8 weights take one")
     if scale is not None and (scale.shape != (rows,) or not scale.is_contiguous()):
         raise ValueError(f"scale must be contiguous [{rows}], got {list(scale.shape)}")
-
-
-@triton.jit
-def _k_range(K, CHUNK, SPLITS: tl.constexpr):
-    """[lo, hi): the K range of this program, split `tl.program_id(1)` of SPLITS (all of K at 1)."""
-    if SPLITS == 1:
-        lo = 0
-        hi = K
-    else:
-        lo = tl.program_id(1) * CHUNK
-        hi = tl.minimum(lo + CHUNK, K)
-    return lo, hi
-
-
-@triton.jit
-def _part_at(part_ptr, split, j, b, n, B, N, MATS: tl.constexpr):
-    """Where split `split`'s partial sums of accumulator j live: part[split, j, b, n] ([SPLITS, MATS, B, N])."""
-    return part_ptr + ((split * MATS + j) * B + b[:, None]) * N + n[None, :]
-
-
-@triton.jit
-def _arrive(cnt_ptr, tile, SPLITS: tl.constexpr):
-    """Called once this program's partials are stored: whether it is the last of output tile
-    `tile`'s SPLITS programs to get here; that one puts the tile's counter back to 0 for the next
-    launch and sums the partials (release/acquire on the counter: it sees every program's stores)."""
-    tl.debug_barrier()  # every thread's partials are stored before the counter says so
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
-    tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
-    return last
-
-
-@triton.jit
-def _gathered(part_ptr, j, b, n, keep, B, N, SPLITS: tl.constexpr, MATS: tl.constexpr):
-    """Accumulator j summed over the splits in split order, whichever program finished last (only
-    lanes of `keep` load: the last program's); read past L1, since other programs wrote them."""
-    y = tl.load(_part_at(part_ptr, 0, j, b, n, B, N, MATS), mask=keep, other=0.0, cache_modifier=".cg")
-    for s in tl.static_range(1, SPLITS):
-        y += tl.load(_part_at(part_ptr, s, j, b, n, B, N, MATS), mask=keep, other=0.0, cache_modifier=".cg")
-    return y
 
 
 @triton.jit
@@ -251,7 +168,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
     else:
         r1 = n
         r2 = N + n
-    lo, hi = _k_range(K, CHUNK, SPLITS)  # with split K, this program's share of the K loop
+    lo, hi = k_range(K, CHUNK, SPLITS)  # with split K, this program's share of the K loop
     # the first weight tile depends on no earlier kernel: its loads go out before the wait
     wm = nm[:, None] & (lo + kk < K)[None, :]
     w = tl.load(w_ptr + r1[:, None] * K + lo + kk[None, :], mask=wm, other=0.0)
@@ -283,14 +200,14 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         y2 = tl.sum(acc2, axis=2)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # the last of the output tile's programs sums the splits and runs the epilogue
-        tl.store(_part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
+        tl.store(part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
         if SWIGLU or ROPE:
-            tl.store(_part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
-        last = _arrive(sc_ptr, pid, SPLITS)
+            tl.store(part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
+        last = arrive(sc_ptr, pid, SPLITS)
         m = tl.where(last, m, False)  # (not m & last: the interpreter's & of these is int)
-        y = _gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
+        y = gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
         if SWIGLU or ROPE:
-            y2 = _gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
+            y2 = gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
     if SCALED:
         y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
     if SWIGLU or ROPE:
@@ -367,7 +284,7 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1,
                                                               scale is not None))
     mats = 2 if swiglu or rope else 1
-    used, chunk, parts, counts = _split_args(K, bk, splits, B, cols, bn, mats, work, x.device)
+    used, chunk, parts, counts = split_args(K, bk, splits, B, cols, bn, mats, work, x.device)
     if rope:
         n_heads, cos, sin, pos, cache = rope
         hd = cos.shape[1] * 2
@@ -425,7 +342,7 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     bm, nm = b < B, n < N
-    lo, hi = _k_range(K, CHUNK, SPLITS)  # as in _norm_matvec_kernel
+    lo, hi = k_range(K, CHUNK, SPLITS)  # as in _norm_matvec_kernel
     w = tl.load(w_ptr + n[:, None] * K + lo + kk[None, :], mask=nm[:, None] & (lo + kk < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -437,9 +354,9 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
     acc = tl.sum(acc3, axis=2)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # as in _norm_matvec_kernel: the last program adds the splits' sum into x
-        tl.store(_part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, 1), acc, mask=m)
-        m = tl.where(_arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
-        acc = _gathered(part_ptr, 0, b, n, m, B, N, SPLITS, 1)
+        tl.store(part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, 1), acc, mask=m)
+        m = tl.where(arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
+        acc = gathered(part_ptr, 0, b, n, m, B, N, SPLITS, 1)
     if SCALED:
         acc *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     xp = x_ptr + b[:, None] * N + n[None, :]
@@ -457,7 +374,7 @@ def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: tor
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
     _check_scale(w, scale, N)
     bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
-    used, chunk, parts, counts = _split_args(K, bk, splits, B, N, bn, 1, work, x.device)
+    used, chunk, parts, counts = split_args(K, bk, splits, B, N, bn, 1, work, x.device)
     _matvec_add_kernel[(triton.cdiv(N, bn), used)](x, w, w if scale is None else scale, a, B, K, N,
                                                    SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
                                                    BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, STAGES=stages, part_ptr=parts,
