@@ -65,7 +65,8 @@ class Bench:
         dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)"
         self.res = {"device": dev, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                     "triton": _triton_version(), "dtype": str(self.dtype).removeprefix("torch."),
-                    "config": a.config, "stages": {}, "errors": {}, "skipped": []}
+                    "config": a.config, "gemv_tiles": _tile_source(dev if a.device == "cuda" else None),
+                    "stages": {}, "errors": {}, "skipped": []}
         self._engines: dict[str, object] = {}
         self._prompt = None
 
@@ -280,6 +281,13 @@ def parser() -> argparse.ArgumentParser:
                     help="cpu: the dry run (with --config micro), nothing it times is a GPU figure")
     ap.add_argument("--config", default="csm-1b", choices=["csm-1b", "micro"])
     return ap
+
+
+def _tile_source(device: str | None) -> str:
+    """Which GEMV tile table the fused kernels use here (kernels/gemv_tiles.py), for the record."""
+    from csmstream.kernels import gemv_tiles
+
+    return gemv_tiles.source(device)
 
 
 def main(argv=None) -> int:

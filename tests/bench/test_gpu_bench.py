@@ -57,11 +57,13 @@ def _run(tmp_path, *args):
     return rc, json.loads(out.read_text())
 
 
-def test_a_spent_budget_starts_no_stage_and_still_writes_the_json(tmp_path):
+def test_a_spent_budget_starts_no_stage_and_still_writes_the_json(tmp_path, monkeypatch):
+    monkeypatch.delenv("CSM_GEMV_TILES", raising=False)
     rc, res = _run(tmp_path, "--stages", "profile,sample", "--budget-s", "0")
     assert rc == 0 and res["skipped"] == ["profile", "sample"]
     assert "profile" not in res and "sample" not in res and res["errors"] == {}
     assert res["config"] == "micro" and res["device"] == "cpu (dry run)"
+    assert res["gemv_tiles"].startswith("guessed from the shapes")  # the record says where tiles came from
 
 
 def test_a_failing_stage_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
