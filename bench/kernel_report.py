@@ -245,7 +245,8 @@ def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: boo
                             kernel=_short(name), calls=[], bucket=B, fused=fused, pdl=fused and pdl,
                             num_warps=warps, constexprs=const, regs=r["regs"], spill_bytes=r["stack"] + r["local"],
                             shared=smem, warps_per_sm=occupancy(r["regs"], warps, smem, arch),
-                            loads_128=global_loads(k.asm["ptx"]), async_copies=async_copies(k.asm["ptx"]))
+                            loads_128=global_loads(k.asm["ptx"]), async_copies=async_copies(k.asm["ptx"]),
+                            atomics=k.asm["ptx"].count("atom."))
                         if row["pdl"]:
                             row.update(pdl_order(k.asm["ptx"]))
                     label = _label(name, ints, const, dims)
@@ -275,6 +276,9 @@ def problems(res: dict) -> list[str]:
             out.append(f"{where} needs {k['shared']} bytes of shared memory; a block may have {lim['smem']}")
         if k["constexprs"].get("STAGES", 1) > 1 and not k.get("async_copies"):
             out.append(f"{where} has a {k['constexprs']['STAGES']}-stage K loop but no cp.async: not pipelined")
+        if k["constexprs"].get("SPLITS", 1) > 1 and not k.get("atomics"):
+            out.append(f"{where} splits K {k['constexprs']['SPLITS']} ways but has no atomics: no program "
+                       "could know it is the last")
         if k.get("pdl") and not (k["launches_dependents"] and k["waits"]):
             out.append(f"{where} is launched with PDL but lacks griddepcontrol.launch_dependents or .wait")
     return out

@@ -126,6 +126,19 @@ print(json.dumps(problems({"kernels": [row], "limits": SM_LIMITS[90]})))
     assert len(found) == 1 and "spills" in found[0] and "BLOCK_K" in found[0]
 
 
+def test_a_split_kernel_without_atomics_is_a_problem():
+    """A split-K GEMV's programs learn which of them is last from a counter taken with atomics; a
+    compiled split kernel without any would have lost that (rows by hand: the rule, not a compile)."""
+    from bench.kernel_report import problems
+
+    def row(splits, atomics):
+        return dict(kernel="matvec_add", calls=["depth.w2"], bucket=1, constexprs={"SPLITS": splits},
+                    spill_bytes=0, shared=0, atomics=atomics)
+
+    found = problems({"kernels": [row(4, 2), row(1, 0), row(4, 0)], "limits": SM_LIMITS[90]})
+    assert len(found) == 1 and "splits K 4 ways but has no atomics" in found[0]
+
+
 def test_interpreted_mode_is_refused_with_a_clear_line(tmp_path):
     env = dict(_compiled_env(tmp_path), TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--buckets", "1"],
