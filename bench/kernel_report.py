@@ -287,7 +287,7 @@ def problems(res: dict) -> list[str]:
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
              f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
-             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5}"]
+             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5} {'atom':>4}"]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
         c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items()
@@ -295,7 +295,7 @@ def table(res: dict) -> str:
         lines.append(f"{k['bucket']:>3} {_path(k['fused'], k.get('pdl')):<9} {k['kernel']:<12} "
                      f"{'+'.join(k['calls']):<24} {c:<52.52} {k['num_warps']:>5} {k['regs']:>4} "
                      f"{k['spill_bytes']:>5} {k['shared']:>6} {k['warps_per_sm']:>8} {ld128:>6} "
-                     f"{k.get('async_copies', 0):>5}")
+                     f"{k.get('async_copies', 0):>5} {k.get('atomics', 0):>4}")
     return "\n".join(lines)
 
 
