@@ -102,7 +102,7 @@ class SplitWork:
 
 
 def split_args(K: int, bk: int, splits: int, B: int, cols: int, bn: int, mats: int, work: SplitWork | None,
-                device) -> tuple:
+               device) -> tuple:
     """(used splits, CHUNK, partials, counters) of a launch: no scratch where it does not split."""
     chunk, used = split_plan(K, bk, splits)
     if used == 1:
