@@ -65,6 +65,26 @@ def gathered(part_ptr, j, b, n, keep, B, N, SPLITS: tl.constexpr, MATS: tl.const
     return y
 
 
+@triton.jit
+def settle(part_ptr, cnt_ptr, tile, y, y2, b, n, m, B, N, SPLITS: tl.constexpr, MATS: tl.constexpr):
+    """A split program's end: its sums y (and y2, with MATS 2) stored as split tl.program_id(1)'s
+    partials, then (y, y2, m, last): the tile's totals over all splits and the store mask `m` left
+    only to the last program to arrive (`last`), which runs the epilogue with them."""
+    tl.store(part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
+    if MATS == 2:
+        tl.store(part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
+    last = arrive(cnt_ptr, tile, SPLITS)
+    m = tl.where(last, m, False)  # (not m & last: the interpreter's & of these is int)
+    y = gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
+    if MATS == 2:
+        y2 = gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
+    return y, y2, m, last
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def split_plan(K: int, bk: int, splits: int) -> tuple[int, int]:
     """(CHUNK, used): split-K's K range a program (whole BLOCK_K tiles) and the splits that get any,
     so no program has an empty range (K = 1024 in 512-wide tiles splits at most 2 ways)."""
@@ -91,7 +111,7 @@ class SplitWork:
         small = self.parts is None or self.parts.device != torch.device(device) or self.parts.numel() < parts \
             or self.counts.numel() < tiles
         if small:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if _capturing():
                 raise RuntimeError("split-K scratch must grow before a CUDA graph capture: run the step eagerly first")
             self._retired += [t for t in (self.parts, self.counts) if t is not None]
             self.parts = torch.empty(max(parts, 0 if self.parts is None else self.parts.numel()),
@@ -122,7 +142,7 @@ def splits_ok(device) -> bool:
     dev = str(torch.device(device))
     if dev in _checked:
         return _checked[dev]
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if _capturing():
         return False
     K, N, bk, splits = CHECK_SHAPE
     g = torch.Generator(device="cpu").manual_seed(0)

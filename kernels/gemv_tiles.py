@@ -91,32 +91,39 @@ def builtin_tables() -> dict[str, Path]:
     return _builtin
 
 
-def source(device: str | None = None) -> str:
-    """Where pick_tiles' measured tiles come from for `device` (a GPU's name; None: no GPU): for logs."""
+def _in_force(device: str | None) -> tuple[str, str | None, Path | None] | None:
+    """The table pick_tiles reads for GPU `device` (its name; None: no GPU): (path, how errors name
+    it, the built-in file or None), or None where the guess serves every shape."""
     path = os.environ.get(ENV, "").strip()
     if path.lower() == GUESS:
-        return f"{ENV}={GUESS}: guessed from the shapes"
+        return None
     if path:
-        return f"{ENV}={path}, the guess where it lacks a shape"
+        return path, None, None
     table = builtin_tables().get(device) if device else None
-    if table is not None:
-        return f"the built-in table for {device} ({table.name}), the guess where it lacks a shape"
-    return f"guessed from the shapes (no built-in table for {device or 'this device'}; {ENV}=FILE names one)"
+    return (str(table), f"built-in GEMV tile table {table.name}", table) if table is not None else None
+
+
+def source(device: str | None = None) -> str:
+    """Where pick_tiles' measured tiles come from for `device` (a GPU's name; None: no GPU): for logs."""
+    found = _in_force(device)
+    if found is None:
+        if os.environ.get(ENV, "").strip().lower() == GUESS:
+            return f"{ENV}={GUESS}: guessed from the shapes"
+        return f"guessed from the shapes (no built-in table for {device or 'this device'}; {ENV}=FILE names one)"
+    path, _, builtin = found
+    if builtin is not None:
+        return f"the built-in table for {device} ({builtin.name}), the guess where it lacks a shape"
+    return f"{ENV}={path}, the guess where it lacks a shape"
 
 
 def measured(rows: int, K: int, N: int, mats: int, int8: bool, device: str | None = None) -> tuple[int, ...] | None:
     """The measured tiles for this shape: from the table CSM_GEMV_TILES names, else from the
     built-in table for `device` (a GPU's name); None where the table lacks the shape, where there
     is none, or with CSM_GEMV_TILES=guess. Each file is read once per process."""
-    path = os.environ.get(ENV, "").strip()
-    if path.lower() == GUESS:
+    found = _in_force(device)
+    if found is None:
         return None
-    where = None
-    if not path:
-        table = builtin_tables().get(device) if device else None
-        if table is None:
-            return None
-        path, where = str(table), f"built-in GEMV tile table {table.name}"
+    path, where, _ = found
     if path not in _loaded:
         _loaded[path] = load(path, where)
     return _loaded[path].get(key(rows, K, N, mats, int8))

@@ -45,8 +45,8 @@ exactly the unsplit kernel.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table, else
 the GPU's built-in table, kernels/tiles/) or guesses them from the shape. At B = 1 the step is
 bound by reading weights, so the grid must cover the GPU (>= ~256 programs: a 1024-row projection
-gets 4-row tiles), and the accumulator stays within a register budget as B grows. Every kernel also takes explicit `tiles=`
-(bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
+gets 4-row tiles), and the accumulator stays within a register budget as B grows. Every kernel
+also takes explicit `tiles=` (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv_split import SplitWork, arrive, gathered, k_range, part_at, split_args, unsplit_if_unsafe
+from .gemv_split import SplitWork, k_range, settle, split_args, unsplit_if_unsafe
 from .gemv_tiles import MAX_SPLITS, measured
 from .int8 import dequantize
 from .triton_attn import attend_rows, block_keys, group_rows, interpreted
@@ -200,14 +200,7 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         y2 = tl.sum(acc2, axis=2)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # the last of the output tile's programs sums the splits and runs the epilogue
-        tl.store(part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, MATS), y, mask=m)
-        if SWIGLU or ROPE:
-            tl.store(part_at(part_ptr, tl.program_id(1), 1, b, n, B, N, MATS), y2, mask=m)
-        last = arrive(sc_ptr, pid, SPLITS)
-        m = tl.where(last, m, False)  # (not m & last: the interpreter's & of these is int)
-        y = gathered(part_ptr, 0, b, n, m, B, N, SPLITS, MATS)
-        if SWIGLU or ROPE:
-            y2 = gathered(part_ptr, 1, b, n, m, B, N, SPLITS, MATS)
+        y, y2, m, last = settle(part_ptr, sc_ptr, pid, y, y2, b, n, m, B, N, SPLITS, MATS)
     if SCALED:
         y *= tl.load(s_ptr + r1, mask=nm, other=0.0).to(tl.float32)[None, :]
     if SWIGLU or ROPE:
@@ -354,9 +347,7 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
     acc = tl.sum(acc3, axis=2)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # as in _norm_matvec_kernel: the last program adds the splits' sum into x
-        tl.store(part_at(part_ptr, tl.program_id(1), 0, b, n, B, N, 1), acc, mask=m)
-        m = tl.where(arrive(sc_ptr, pid, SPLITS), m, False)  # (not m & ...: the interpreter's & of these is int)
-        acc = gathered(part_ptr, 0, b, n, m, B, N, SPLITS, 1)
+        acc, _, m, _ = settle(part_ptr, sc_ptr, pid, acc, acc, b, n, m, B, N, SPLITS, 1)
     if SCALED:
         acc *= tl.load(s_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     xp = x_ptr + b[:, None] * N + n[None, :]
