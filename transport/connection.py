@@ -258,9 +258,8 @@ class Connection:
         if job.parts and (not job.active or (len(job.active) == 1 and job.active[0][0].finished)):
             await self._submit_part(job)
         nxt = self._queued_after(job) if job.generated else None
-        if nxt is not None:
-            if nxt.parts and not nxt.active and not nxt.cancelled and not nxt.error:
-                await self._submit_part(nxt)
+        if nxt is not None and nxt.parts and not nxt.active and not nxt.cancelled and not nxt.error:
+            await self._submit_part(nxt)
 
     async def source(self, job: Job, unit: int):
         """The job's 24 kHz PCM as it is generated, in pieces of `unit` samples (shorter at the end

@@ -96,9 +96,8 @@ class SentenceSplitter:
                     k += 1
                 if j == n or k == n:
                     return n if final else self._length_break()
-                if k > j or text[k] == "\n":
-                    if self._is_break(text, i, j, text[k]):
-                        return j
+                if (k > j or text[k] == "\n") and self._is_break(text, i, j, text[k]):
+                    return j
                 i = j
                 continue
             i += 1
