@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make demo    - set up (venv + install) and stream a sentence on the embedded tiny model to out/demo.wav"
-	@echo "make test    - set up and run the whole test suite (CPU only)"
+	@echo "make test    - set up and run the whole test suite (CPU only; TEST_WORKERS=2 processes, 0 for one)"
 	@echo "make bench   - set up and run the pytest-benchmark suites in bench/ (saved under .benchmarks/)"
 	@echo "make bench-check - run them again, compare with the last saved run, fail on a >30% median regression"
 	@echo "make kernel-report - compile the GPU kernels for sm_90 (ARCH=80/86/89, TRITON=3.6.0, KR_ARGS=--pdl) without a GPU: registers, spills, loads"
@@ -38,8 +38,11 @@ nginx:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx >/dev/null 2>&1)); } || \
 	  echo "note: nginx is not installed and could not be; tests/deploy will fail (apt-get install nginx)"
 
+# the suite runs in TEST_WORKERS processes (pytest-xdist; each test is independent and takes its own
+# ports and temporary files): 2 fits a 2-core CI machine; TEST_WORKERS=0 runs it in this one process
+TEST_WORKERS ?= 2
 test: $(STAMP) nginx
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave
