@@ -47,6 +47,9 @@ import torch.nn.functional as F
 # of K, the last adding their partial sums (kernels/triton_gemv.py): the other way to more loads in
 # flight, by more programs rather than deeper ones -- w2's 16-tile K loop became 4 chains of 4.
 # Only where they divide K's tiles evenly (another count would run as one of those).
+# With a sixth entry 1, the dot path: tl.dot on tensor cores over the rows padded to 16, whose
+# accumulator does not grow with BLOCK_K, so a program's weight tile can be DOT_TILE elements at any
+# row count (the plain path's shrinks as rows grow); split and unsplit. Only up to DOT_TILE.
 GRID = ([(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8))]
         + [(2, bk, w) for bk, w in itertools.product((1024, 2048), (4, 8))]
         + [(bn, bk, 4, st) for st, bn, bk in itertools.product((2, 3, 4), (4, 8, 16), (256, 512, 1024))]
@@ -54,7 +57,8 @@ GRID = ([(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 25
         + [(2, bk, 4, st) for bk, st in itertools.product((512, 1024, 2048), (2, 3))]
         + [(bn, bk, 4, 1, sp) for sp, bn, bk in itertools.product((2, 4, 8), (4, 8, 16), (256, 512, 1024))]
         + [(4, bk, 8, 1, sp) for sp, bk in itertools.product((2, 4, 8), (512, 1024))]
-        + [(bn, 512, 4, 2, sp) for sp, bn in itertools.product((2, 4), (4, 8))])
+        + [(bn, 512, 4, 2, sp) for sp, bn in itertools.product((2, 4), (4, 8))]
+        + [(bn, bk, 4, 1, sp, 1) for sp, bn, bk in itertools.product((1, 2, 4, 8, 16), (16, 32, 64), (128, 256))])
 STAGED_SMEM = 64 << 10  # bytes of weight tiles a staged program may keep in flight
 L2_BYTES = 120 << 20  # > 2x an H100's L2: a sweep's weight copies never all fit in it
 
@@ -192,7 +196,7 @@ class Case:
 def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int, tuple, list[tuple]]:
     """(cols, mats, picked, tiles to time) of one case: pick_tiles' choice first, then the grid's
     tiles that fit the register budget and K."""
-    from csmstream.kernels.triton_gemv import PRODUCTS, pick_tiles
+    from csmstream.kernels.triton_gemv import DOT_TILE, PRODUCTS, pick_tiles
 
     mats = 2 if shape["kind"] in ("swiglu", "rope") else 1  # rope: one accumulator per pair member
     bb = 1 << (rows - 1).bit_length()
@@ -201,8 +205,10 @@ def candidates(shape: dict, rows: int, int8: bool, grid=GRID) -> tuple[int, int,
     kmax = 1 << (shape["K"] - 1).bit_length()  # a K tile past K only loads masked lanes
 
     def fits(t) -> bool:
-        if len(t) == 5 and t[4] > 1 and -(-shape["K"] // t[1]) % t[4]:  # split K: as many K tiles to each split
+        if len(t) >= 5 and t[4] > 1 and -(-shape["K"] // t[1]) % t[4]:  # split K: as many K tiles to each split
             return False
+        if len(t) == 6 and t[5]:  # the dot path: its weight tile, whatever the rows
+            return t[0] * t[1] * mats <= DOT_TILE
         products = bb * t[0] * t[1] * mats
         if len(t) == 5 and t[4] > 1 and products > PRODUCTS:  # on sm_90 int8 16 x 1024 split spills (Triton 3.6)
             return False

@@ -10,8 +10,8 @@
 #      table, kernels/tiles/, where it has one, else the guess)                   -> first.json
 #   3b. the kernel tests whose programs read each other's writes (split attention, the fold, split-K
 #      GEMVs, their counters), compiled: what only a GPU can really check            (session.log)
-#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,460 candidates with the staged
-#      and split K loops: ~60 s to compile on 16 cores, ~90 s to time)            -> sweep.json
+#   4. bench/gemv_sweep.py --rows 1: the batch-1 tiles, measured (~1,760 candidates with the staged,
+#      split and dot-path K loops: ~75 s to compile on 16 cores, ~110 s to time)   -> sweep.json
 #   5. bench/gpu.py batch1,int8,profile again on the measured tiles (CSM_GEMV_TILES) -> tiles.json
 #   6. bench/gpu.py ttfa,prefill,sample,buckets,live (measured tiles if any)      -> rest.json
 #   7. the rest of the Triton kernel tests compiled (TRITON_INTERPRET=0), while time is left (session.log)

@@ -128,6 +128,12 @@ class _StandInDriver:
         return self.target
 
 
+def _plain(v):
+    """A constexpr as the report keeps it: numbers as they are, anything else (a dtype: the dot
+    path's DOT_T) by its name, e.g. bf16."""
+    return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+
 @contextlib.contextmanager
 def compile_only(arch: int):
     """Inside: Triton targets sm_`arch` and every kernel launch compiles instead (nothing runs; the
@@ -148,7 +154,7 @@ def compile_only(arch: int):
         kernel = launch(self, *args, grid=grid, warmup=True, **kw)
         # the kernel's own arguments (constexprs come as keywords; num_warps & co. are not arguments)
         named = dict(zip(self.arg_names, args, strict=False)) | {k: v for k, v in kw.items() if k in self.arg_names}
-        const = {p.name: named[p.name] for p in self.params if p.is_constexpr and p.name in named}
+        const = {p.name: _plain(named[p.name]) for p in self.params if p.is_constexpr and p.name in named}
         ints = {k: v for k, v in named.items() if isinstance(v, int) and k not in const}
         out.append((self.fn.__name__, ints, const, kw.get("num_warps", 4), kernel))
         return kernel
@@ -290,7 +296,7 @@ def table(res: dict) -> str:
              f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5} {'atom':>4}"]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
-        c = ",".join(f"{a}={int(v)}" for a, v in k["constexprs"].items()
+        c = ",".join(f"{a}={v if isinstance(v, str) else int(v)}" for a, v in k["constexprs"].items()
                      if not a.startswith(("ADD", "ROPE", "SWIGLU")) and (a, v) != ("ROW_DIV", 1))
         lines.append(f"{k['bucket']:>3} {_path(k['fused'], k.get('pdl')):<9} {k['kernel']:<12} "
                      f"{'+'.join(k['calls']):<24} {c:<52.52} {k['num_warps']:>5} {k['regs']:>4} "

@@ -165,6 +165,6 @@ def splits_ok(device) -> bool:
 
 def unsplit_if_unsafe(tiles: tuple, device) -> tuple:
     """`tiles` as they are, or without their splits where splits_ok says split K is wrong on `device`."""
-    if len(tiles) == 5 and tiles[4] > 1 and not splits_ok(device):
-        return tiles[:4]
+    if len(tiles) >= 5 and tiles[4] > 1 and not splits_ok(device):
+        return (*tiles[:4], 1, tiles[5]) if len(tiles) == 6 else tiles[:4]
     return tiles

@@ -28,6 +28,7 @@ GUESS = "guess"  # CSM_GEMV_TILES=guess: no table
 BUILTIN = Path(__file__).resolve().parent / "tiles"
 MAX_STAGES = 8
 MAX_SPLITS = 16  # split K: programs that share one output tile, each over its own K range
+DOT_MIN = 16  # a dot tile (sixth entry 1, tl.dot on tensor cores): tl.dot's smallest BLOCK_N and BLOCK_K
 Key = tuple[int, int, int, int, bool]  # (rows rounded up to a power of two, K, columns, mats, int8)
 _loaded: dict[str, dict[Key, tuple[int, ...]]] = {}
 _builtin: dict[str, Path] | None = None  # device name -> its built-in table
@@ -39,11 +40,13 @@ def key(rows: int, K: int, N: int, mats: int, int8: bool) -> Key:
 
 def _valid_tiles(t) -> bool:
     """[BLOCK_N, BLOCK_K, num_warps] (powers of two: Triton blocks and warps), optionally with the K
-    loop's pipeline stages (1..MAX_STAGES) after them, and then its splits (1..MAX_SPLITS)."""
-    return (isinstance(t, list) and len(t) in (3, 4, 5)
+    loop's pipeline stages (1..MAX_STAGES) after them, then its splits (1..MAX_SPLITS), then dot (0
+    or 1: tl.dot accumulates, BLOCK_N and BLOCK_K at least DOT_MIN)."""
+    return (isinstance(t, list) and len(t) in (3, 4, 5, 6)
             and all(isinstance(v, int) and not isinstance(v, bool) for v in t)
             and all(v > 0 and v & (v - 1) == 0 for v in t[:3]) and (len(t) < 4 or 1 <= t[3] <= MAX_STAGES)
-            and (len(t) < 5 or 1 <= t[4] <= MAX_SPLITS))
+            and (len(t) < 5 or 1 <= t[4] <= MAX_SPLITS)
+            and (len(t) < 6 or t[5] == 0 or t[5] == 1 and min(t[:2]) >= DOT_MIN))
 
 
 def load(path: str, where: str | None = None) -> dict[Key, tuple[int, ...]]:
@@ -66,8 +69,8 @@ def load(path: str, where: str | None = None) -> dict[Key, tuple[int, ...]]:
             raise ValueError(f"{where}: case {i} lacks one of {', '.join(fields)} (written by an older gemv_sweep?)")
         if not _valid_tiles(c["best_tiles"]):
             raise ValueError(f"{where}: case {i} has best_tiles {c['best_tiles']!r}; expected three powers of two "
-                             f"[BLOCK_N, BLOCK_K, num_warps], optionally then stages 1..{MAX_STAGES} "
-                             f"and then splits 1..{MAX_SPLITS}")
+                             f"[BLOCK_N, BLOCK_K, num_warps], optionally then stages 1..{MAX_STAGES}, "
+                             f"then splits 1..{MAX_SPLITS}, then dot 0 or 1 (1: BLOCK_N and BLOCK_K >= {DOT_MIN})")
         table[key(c["rows"], c["K"], c["cols"], c["mats"], c["int8"])] = tuple(c["best_tiles"])
     if not table:
         raise ValueError(f"{where}: the file has no cases")

@@ -42,11 +42,19 @@ finish (an atomic counter per tile, in a SplitWork the step reuses) adds them in
 the same sum whichever finishes last -- and runs the epilogue (kernels/gemv_split.py; on a GPU a
 split tile is used only once split K has given the unsplit sums there). splits = 1 compiles to
 exactly the unsplit kernel.
+A sixth entry, dot = 1, accumulates on tensor cores: tl.dot of the rows (padded to 16, its smallest
+M) and the weight tile, in the activations' dtype (int8 weights convert exactly), into fp32 sums
+[16, BLOCK_N]. The plain path's [rows, BLOCK_N, BLOCK_K] accumulator caps a program's weight tile
+at PRODUCTS / rows elements (512 at 16 rows: little in flight, a long K loop); the dot path's stays
+DOT_TILE at any row count. Interpreted, tl.dot gets fp32 operands (Triton's interpreter multiplies
+bfloat16 as raw bits), which hold bf16 and int8 values exactly. dot = 0 (or no sixth entry)
+compiles to exactly the kernel without the option.
 Tiles: `pick_tiles()` takes measured ones (env CSM_GEMV_TILES: a bench/gemv_sweep.py table, else
 the GPU's built-in table, kernels/tiles/) or guesses them from the shape. At B = 1 the step is
 bound by reading weights, so the grid must cover the GPU (>= ~256 programs: a 1024-row projection
-gets 4-row tiles), and the accumulator stays within a register budget as B grows. Every kernel
-also takes explicit `tiles=` (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
+gets 4-row tiles), and the accumulator stays within a register budget as B grows; from B = 2 the
+guess is the dot path, split K where that fills the GPU (`_dot_guess`). Every kernel also takes
+explicit `tiles=` (bench/gemv_sweep.py times a grid of them against cuBLAS on a GPU).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ import triton
 import triton.language as tl
 
 from .gemv_split import SplitWork, k_range, settle, split_args, unsplit_if_unsafe
-from .gemv_tiles import MAX_SPLITS, measured
+from .gemv_tiles import DOT_MIN, MAX_SPLITS, measured
 from .int8 import dequantize
 from .triton_attn import attend_rows, block_keys, group_rows, interpreted
 from .triton_ops import FMA, cache_rows_div
@@ -68,6 +76,8 @@ MAX_ROWS = 16
 TARGET_PROGRAMS = 256  # enough output tiles to keep every SM of a large GPU reading weights
 ONE_ROW_PROGRAMS = 1024  # at one row, output tiles stay 4 wide until there are more programs than this
 PRODUCTS = 8192  # fp32 partial sums a program holds in registers (BLOCK_B * BLOCK_N * BLOCK_K per matrix)
+DOT_TILE = 8192  # weight elements a dot-path program multiplies a K step (BLOCK_N * BLOCK_K * matrices)
+MAX_CHAIN = 8  # K tiles one dot-path program walks at most (split K past that): its loads' latency chain
 
 
 def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False,
@@ -92,11 +102,35 @@ def pick_tiles(rows: int, K: int, N: int, mats: int = 1, int8: bool = False,
         while bn > 4 and bn * bk * mats > PRODUCTS:
             bn //= 2
         return bn, bk, 4
+    if min(K, N) >= DOT_MIN:
+        return _dot_guess(K, N, mats)
     bn = max(4, min(32, triton.next_power_of_2(max(1, N // TARGET_PROGRAMS))))
     bk = max(16, min(512, PRODUCTS // (bb * bn * mats), triton.next_power_of_2(K)))
     if int8 and bb >= 16:  # 16 int8 rows at BLOCK_K 128 spill in matvec_add under Triton 3.6 (not 3.9)
         bk = max(16, bk // 2)
     return bn, bk, 4
+
+
+def _dot_guess(K: int, N: int, mats: int) -> tuple[int, ...]:
+    """Tiles for 2..16 rows: the dot path (tl.dot on tensor cores over the rows padded to 16), whose
+    accumulator is [16, BLOCK_N] whatever BLOCK_K is, so a program's weight tile stays DOT_TILE
+    elements where the plain path's [rows, BLOCK_N, BLOCK_K] accumulator would cut it to
+    PRODUCTS / rows (512 at 16 rows: the H200 of 2026-12-04 took 8.3 to 20.6 ms a frame on those
+    guesses at 2 to 16 rows, cuBLAS ~7.2). Output tiles narrow to DOT_MIN until the grid can reach
+    TARGET_PROGRAMS; K splits until it does and no program walks more than MAX_CHAIN K tiles.
+    A guess, not yet timed on a GPU: the step's capture (CSM_FUSED_GEMV=auto) times it against
+    cuBLAS and keeps the faster."""
+    bk = min(128, triton.next_power_of_2(K))
+    ktiles = triton.cdiv(K, bk)
+    most = min(MAX_SPLITS, ktiles)  # splits past K's tiles would get no work (split_plan)
+    bn = max(DOT_MIN, min(64, DOT_TILE // (bk * mats)))
+    while bn > DOT_MIN and triton.cdiv(N, bn) * most < TARGET_PROGRAMS:
+        bn //= 2
+    splits = 1
+    while 2 * splits <= most and (triton.cdiv(N, bn) * splits < TARGET_PROGRAMS
+                                  or triton.cdiv(ktiles, splits) > MAX_CHAIN):
+        splits *= 2
+    return bn, bk, 4, 1, splits, 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,15 +146,32 @@ def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
 
 
-def tile_args(tiles: tuple) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, stages, splits) of a 3-, 4- or 5-tuple of tiles (stages and
-    splits 1 when absent)."""
-    if len(tiles) not in (3, 4, 5) or not all(isinstance(v, int) and v >= 1 for v in tiles):
-        raise ValueError(f"tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages[, splits]]) positive ints, got {tiles!r}")
-    if len(tiles) == 5 and tiles[4] > MAX_SPLITS:
+def tile_args(tiles: tuple) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, stages, splits, dot) of a 3- to 6-tuple of tiles (stages and
+    splits 1, dot 0 when absent)."""
+    if len(tiles) not in (3, 4, 5, 6) or not all(isinstance(v, int) and v >= 1 for v in tiles[:5]) \
+            or len(tiles) == 6 and not isinstance(tiles[5], int):
+        raise ValueError("tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages[, splits[, dot]]]) positive ints "
+                         f"(dot 0 or 1), got {tiles!r}")
+    if len(tiles) >= 5 and tiles[4] > MAX_SPLITS:
         raise ValueError(f"tiles split K at most {MAX_SPLITS} ways, got {tiles!r}")
-    bn, bk, warps, stages, splits = (*tiles, 1, 1)[:5]
-    return bn, bk, warps, stages, splits
+    bn, bk, warps, stages, splits, dot = (*tiles, *(1, 1, 0)[len(tiles) - 3:])
+    if dot not in (0, 1) or dot and min(bn, bk) < DOT_MIN:
+        raise ValueError(f"tiles' dot is 0 or 1, and a dot tile is at least {DOT_MIN} wide in BLOCK_N and BLOCK_K "
+                         f"(tl.dot's smallest), got {tiles!r}")
+    return bn, bk, warps, stages, splits, dot
+
+
+def dot_args(x: torch.Tensor, dot: int, rows: int) -> dict:
+    """The dot path's constexprs for activations x: BLOCK_B (rows padded to DOT_MIN for tl.dot), the
+    operands' type (x's; float32 interpreted, where Triton's interpreter multiplies bfloat16 as
+    its raw bits) and whether float32 operands multiply in full precision (not tf32)."""
+    if not dot:
+        return dict(DOT=False, BLOCK_B=triton.next_power_of_2(rows))
+    f32 = x.dtype == torch.float32 or interpreted()
+    return dict(DOT=True, BLOCK_B=max(DOT_MIN, triton.next_power_of_2(rows)),
+                DOT_T=tl.float32 if f32 else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype],
+                DOT_IEEE=x.dtype == torch.float32)
 
 
 def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None:
@@ -131,16 +182,58 @@ def _check_scale(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> None
 
 
 @triton.jit
-def _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv, TWO: tl.constexpr):
+def _dot_acc(acc, a, w, DOT_T: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """acc [BLOCK_B, BLOCK_N] + a [BLOCK_B, BLOCK_K] · w [BLOCK_N, BLOCK_K]ᵀ on tensor cores, both in
+    DOT_T (int8 weights convert exactly; fp32 sums)."""
+    if DOT_IEEE:
+        acc = tl.dot(a.to(DOT_T), tl.trans(w.to(DOT_T)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(DOT_T), tl.trans(w.to(DOT_T)), acc)
+    return acc
+
+
+@triton.jit
+def _mac(acc, a, w, DOT: tl.constexpr, DOT_T: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """One K tile into the accumulator: a [BLOCK_B, BLOCK_K] times w [BLOCK_N, BLOCK_K]. The plain
+    path multiplies into a [BLOCK_B, BLOCK_N, BLOCK_K] fp32 accumulator reduced over K once, after
+    the loop (`_sums`); the dot path (DOT) accumulates [BLOCK_B, BLOCK_N] with tl.dot."""
+    if DOT:
+        acc = _dot_acc(acc, a, w, DOT_T, DOT_IEEE)
+    else:
+        acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _acc0(BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """A zero accumulator of _mac's shape."""
+    if DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _sums(acc, DOT: tl.constexpr):
+    """An accumulator's [BLOCK_B, BLOCK_N] sums over K."""
+    if not DOT:
+        acc = tl.sum(acc, axis=2)
+    return acc
+
+
+@triton.jit
+def _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv, TWO: tl.constexpr, DOT: tl.constexpr,
+             DOT_T: tl.constexpr, DOT_IEEE: tl.constexpr):
     """One BLOCK_K tile of norm_matvec's main loop: x's tile normed (as the unfused path feeds its
     matmul, in the model's dtype: y's) times the weight tile(s) w (and u) already loaded."""
     km = k0 + kk < K
     xs = tl.load(x_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & km[None, :], other=0.0)
     g = tl.load(nw_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-    xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty).to(tl.float32)
-    acc += xn[:, None, :] * w.to(tl.float32)[None, :, :]
+    xn = (xs.to(tl.float32) * inv[:, None] * g[None, :]).to(y_ptr.dtype.element_ty)
+    acc = _mac(acc, xn, w, DOT, DOT_T, DOT_IEEE)
     if TWO:
-        acc2 += xn[:, None, :] * u.to(tl.float32)[None, :, :]
+        acc2 = _mac(acc2, xn, u, DOT, DOT_T, DOT_IEEE)
     return acc, acc2
 
 
@@ -152,7 +245,8 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
                         ATTN: tl.constexpr = False, G: tl.constexpr = 1, GP: tl.constexpr = 16,
                         HD: tl.constexpr = 16, KVH: tl.constexpr = 1, BLOCK_S: tl.constexpr = 16,
                         IEEE: tl.constexpr = False, STAGES: tl.constexpr = 1, part_ptr=None, sc_ptr=None,
-                        CHUNK=0, SPLITS: tl.constexpr = 1, MATS: tl.constexpr = 1):
+                        CHUNK=0, SPLITS: tl.constexpr = 1, MATS: tl.constexpr = 1, DOT: tl.constexpr = False,
+                        DOT_T: tl.constexpr = tl.float32, DOT_IEEE: tl.constexpr = False):
     if PDL:  # the next kernel may start loading its weights as this one's programs are all running
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -184,20 +278,21 @@ def _norm_matvec_kernel(x_ptr, nw_ptr, w_ptr, s_ptr, y_ptr, B, K, N, eps, cos_pt
         xs = xs.to(tl.float32)
         ss += tl.sum(xs * xs, axis=1)
     inv = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, lo, kk, K, inv, SWIGLU or ROPE)
+    acc = _acc0(BLOCK_B, BLOCK_N, BLOCK_K, DOT)
+    acc2 = _acc0(BLOCK_B, BLOCK_N, BLOCK_K, DOT)
+    acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, lo, kk, K, inv, SWIGLU or ROPE, DOT, DOT_T,
+                         DOT_IEEE)
     for k0 in tl.range(lo + BLOCK_K, hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: tiles copied ahead (cp.async)
         wm = nm[:, None] & (k0 + kk < K)[None, :]
         w = tl.load(w_ptr + r1[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
         if SWIGLU or ROPE:
             u = tl.load(w_ptr + r2[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
         acc, acc2 = _nm_tile(acc, acc2, w, u, x_ptr, nw_ptr, y_ptr, b, bm, k0, kk, K, inv,
-                               SWIGLU or ROPE)
-    y = tl.sum(acc, axis=2)
+                             SWIGLU or ROPE, DOT, DOT_T, DOT_IEEE)
+    y = _sums(acc, DOT)
     y2 = y
     if SWIGLU or ROPE:
-        y2 = tl.sum(acc2, axis=2)
+        y2 = _sums(acc2, DOT)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # the last of the output tile's programs sums the splits and runs the epilogue
         y, y2, m, last = settle(part_ptr, sc_ptr, pid, y, y2, b, n, m, B, N, SPLITS, MATS)
@@ -274,8 +369,8 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     cols = N // 2 if rope else N  # programs cover pairs of columns with rope
-    bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1,
-                                                              scale is not None))
+    bn, bk, warps, stages, splits, dot = tile_args(tiles or _tiles(x, K, cols, 2 if swiglu or rope else 1,
+                                                                   scale is not None))
     mats = 2 if swiglu or rope else 1
     used, chunk, parts, counts = split_args(K, bk, splits, B, cols, bn, mats, work, x.device)
     if rope:
@@ -302,9 +397,9 @@ def norm_matvec(x: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, eps: flo
                     IEEE=x.dtype == torch.float32 or interpreted())
     _norm_matvec_kernel[(triton.cdiv(cols, bn), used)](
         x, norm_w, w, w if scale is None else scale, y, B, K, cols, eps, *r, *att, SWIGLU=swiglu,
-        ROPE=rope is not None, SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B), BLOCK_N=bn, BLOCK_K=bk,
-        ROW_DIV=div, PDL=pdl, STAGES=stages, part_ptr=parts, sc_ptr=counts, CHUNK=chunk, SPLITS=used, MATS=mats,
-        num_warps=warps, enable_fp_fusion=FMA, launch_pdl=pdl, **fold)
+        ROPE=rope is not None, SCALED=scale is not None, BLOCK_N=bn, BLOCK_K=bk, ROW_DIV=div, PDL=pdl,
+        STAGES=stages, part_ptr=parts, sc_ptr=counts, CHUNK=chunk, SPLITS=used, MATS=mats, num_warps=warps,
+        enable_fp_fusion=FMA, launch_pdl=pdl, **fold, **dot_args(x, dot, B))
     return y
 
 
@@ -318,16 +413,17 @@ def norm_matvec_ref(x, norm_w, w, eps, *, swiglu=False, scale=None):
 
 
 @triton.jit
-def _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K):
+def _mva_tile(acc, w, a_ptr, b, bm, k0, kk, K, DOT: tl.constexpr, DOT_T: tl.constexpr, DOT_IEEE: tl.constexpr):
     """One BLOCK_K tile of matvec_add_'s loop, its weight tile w already loaded."""
     a = tl.load(a_ptr + b[:, None] * K + k0 + kk[None, :], mask=bm[:, None] & (k0 + kk < K)[None, :], other=0.0)
-    return acc3 + a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return _mac(acc, a, w, DOT, DOT_T, DOT_IEEE)
 
 
 @triton.jit
 def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1,
-                       part_ptr=None, sc_ptr=None, CHUNK=0, SPLITS: tl.constexpr = 1):
+                       part_ptr=None, sc_ptr=None, CHUNK=0, SPLITS: tl.constexpr = 1, DOT: tl.constexpr = False,
+                       DOT_T: tl.constexpr = tl.float32, DOT_IEEE: tl.constexpr = False):
     if PDL:  # as in _norm_matvec_kernel: the next kernel may start, and the first weight tile loads
         tl.extra.cuda.gdc_launch_dependents()  # before waiting for the kernel that wrote a and x
     pid = tl.program_id(0)
@@ -339,12 +435,12 @@ def _matvec_add_kernel(x_ptr, w_ptr, s_ptr, a_ptr, B, K, N, SCALED: tl.constexpr
     w = tl.load(w_ptr + n[:, None] * K + lo + kk[None, :], mask=nm[:, None] & (lo + kk < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
-    acc3 = _mva_tile(acc3, w, a_ptr, b, bm, lo, kk, K)
+    acc = _acc0(BLOCK_B, BLOCK_N, BLOCK_K, DOT)
+    acc = _mva_tile(acc, w, a_ptr, b, bm, lo, kk, K, DOT, DOT_T, DOT_IEEE)
     for k0 in tl.range(lo + BLOCK_K, hi, BLOCK_K, num_stages=STAGES):  # as in _norm_matvec_kernel
         w = tl.load(w_ptr + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & (k0 + kk < K)[None, :], other=0.0)
-        acc3 = _mva_tile(acc3, w, a_ptr, b, bm, k0, kk, K)
-    acc = tl.sum(acc3, axis=2)
+        acc = _mva_tile(acc, w, a_ptr, b, bm, k0, kk, K, DOT, DOT_T, DOT_IEEE)
+    acc = _sums(acc, DOT)
     m = bm[:, None] & nm[None, :]
     if SPLITS > 1:  # as in _norm_matvec_kernel: the last program adds the splits' sum into x
         acc, _, m, _ = settle(part_ptr, sc_ptr, pid, acc, acc, b, n, m, B, N, SPLITS, 1)
@@ -364,13 +460,13 @@ def matvec_add_(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, *, scale: tor
     K = a.shape[1]
     assert B <= MAX_ROWS and x.is_contiguous() and a.is_contiguous() and w.is_contiguous() and w.shape == (N, K)
     _check_scale(w, scale, N)
-    bn, bk, warps, stages, splits = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
+    bn, bk, warps, stages, splits, dot = tile_args(tiles or _tiles(x, K, N, 1, scale is not None))
     used, chunk, parts, counts = split_args(K, bk, splits, B, N, bn, 1, work, x.device)
     _matvec_add_kernel[(triton.cdiv(N, bn), used)](x, w, w if scale is None else scale, a, B, K, N,
-                                                   SCALED=scale is not None, BLOCK_B=triton.next_power_of_2(B),
-                                                   BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, STAGES=stages, part_ptr=parts,
-                                                   sc_ptr=counts, CHUNK=chunk, SPLITS=used, num_warps=warps,
-                                                   enable_fp_fusion=FMA, launch_pdl=pdl)
+                                                   SCALED=scale is not None, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
+                                                   STAGES=stages, part_ptr=parts, sc_ptr=counts, CHUNK=chunk,
+                                                   SPLITS=used, num_warps=warps, enable_fp_fusion=FMA,
+                                                   launch_pdl=pdl, **dot_args(x, dot, B))
     return x
 
 

@@ -110,6 +110,30 @@ def test_split_k_tiles_in_the_fused_step_give_the_eager_steps_frames(tiny_engine
     assert work.parts is not None and not work.counts.any() and int(fast.fast.fold_count) == 0
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_dot_tiles_in_the_fused_step_give_the_eager_steps_frames(tiny_engine, monkeypatch, rows):
+    """Every fused GEMV of the step on the dot path (tl.dot over the rows padded to 16, as the guess
+    runs 2..16 rows on a GPU), K split two ways: the eager step's frames, at one row with the
+    depth decoder's attention folded into its qkv kernels, and at three rows in bucket 4 (13
+    padded rows that must change nothing)."""
+    import triton
+
+    from csmstream.kernels import triton_gemv
+
+    def dot_tiles(x, K, N, mats=1, int8=False):  # one wide output tile, K in two tiles, two splits, tl.dot
+        return max(16, min(1024, triton.next_power_of_2(N))), max(16, triton.next_power_of_2(K) // 2), 4, 1, 2, 1
+
+    monkeypatch.setenv("CSM_FUSED_GEMV", "on")
+    monkeypatch.setenv("CSM_ATTN_FOLD", "on")
+    monkeypatch.setattr(triton_gemv, "_tiles", dot_tiles)
+    live = list(range(rows))
+    ref, fast = _prefilled(tiny_engine, False, live, 50), _prefilled(tiny_engine, True, live, 50)
+    assert fast.fast.kept(fast.fast.bucket(rows)) == ("fused+fold" if rows == 1 else "fused")
+    assert torch.equal(ref.step(0, rows, 50), fast.step(0, rows, 50))
+    torch.testing.assert_close(fast.h[:rows], ref.h[:rows], rtol=1e-4, atol=1e-5)
+    assert not fast.fast.gemv_work.counts.any()
+
+
 def test_fused_setting(monkeypatch):
     monkeypatch.delenv("CSM_FUSED_GEMV", raising=False)
     assert fused_setting() == "auto" and fused_setting("1") == "on" and fused_setting("OFF") == "off"

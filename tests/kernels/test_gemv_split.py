@@ -58,7 +58,7 @@ def test_split_plans_give_every_program_some_k():
     assert split_plan(1024, 512, 4) == (512, 2)  # two K tiles: two splits at most
     assert split_plan(200, 32, 3) == (96, 3)  # seven tiles: 3 + 3 + 1
     assert split_plan(200, 32, 1) == (224, 1)
-    assert tile_args((4, 512, 8, 1, 4)) == (4, 512, 8, 1, 4)
+    assert tile_args((4, 512, 8, 1, 4)) == (4, 512, 8, 1, 4, 0)
     with pytest.raises(ValueError, match="split K at most 16 ways"):
         tile_args((4, 512, 8, 1, 32))
 

@@ -77,8 +77,12 @@ def test_the_kernels_ask_for_int8_tiles_only_with_int8_weights(monkeypatch):
     ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 0]}]}',
      "optionally then stages 1..8"),
     ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 3, 17]}]}',
-     "and then splits 1..16"),
+     "then splits 1..16"),
     ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [4, 8, 4, 1, 2, 1]}]}',
+     "then dot 0 or 1 (1: BLOCK_N and BLOCK_K >= 16)"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [16, 16, 4, 1, 2, 2]}]}',
+     "has best_tiles"),
+    ('{"cases": [{"rows": 1, "K": 8, "cols": 8, "mats": 1, "int8": false, "best_tiles": [16, 16, 4, 1, 2, 1, 1]}]}',
      "has best_tiles"),
 ])
 def test_a_bad_table_is_an_error_naming_the_variable_and_the_file(tmp_path, monkeypatch, content, says):
@@ -108,12 +112,13 @@ def test_staged_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
     path.write_text(json.dumps({"cases": [dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 16, 4, 3])]}))
     monkeypatch.setenv("CSM_GEMV_TILES", str(path))
     assert gv.pick_tiles(2, 40, 24) == (8, 16, 4, 3)
-    assert gv.tile_args(gv.pick_tiles(2, 40, 24)) == (8, 16, 4, 3, 1) and gv.tile_args((8, 16, 4)) == (8, 16, 4, 1, 1)
+    assert gv.tile_args(gv.pick_tiles(2, 40, 24)) == (8, 16, 4, 3, 1, 0)
+    assert gv.tile_args((8, 16, 4)) == (8, 16, 4, 1, 1, 0)
     g = torch.Generator().manual_seed(3)
     x, a, w = torch.randn(2, 24, generator=g), torch.randn(2, 40, generator=g), torch.randn(24, 40, generator=g)
     torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24)), gv.matvec_add_ref(x.clone(), w, a),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\[, splits\]\]\)"):
+    with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\[, splits\[, dot"):
         gv.matvec_add_(x.clone(), w, a, tiles=(8, 16))
 
 

@@ -11,6 +11,8 @@ import triton
 
 from csmstream.kernels.int8 import dequantize, quantize_int8
 from csmstream.kernels.triton_gemv import (
+    DOT_TILE,
+    MAX_CHAIN,
     MAX_ROWS,
     PRODUCTS,
     matvec_add_,
@@ -18,6 +20,7 @@ from csmstream.kernels.triton_gemv import (
     norm_matvec,
     norm_matvec_ref,
     pick_tiles,
+    tile_args,
 )
 from tests.kernels import kernels_device
 
@@ -103,12 +106,14 @@ def test_int8_matvec_add_equals_the_dequantized_matmul(B, K, N):
     torch.testing.assert_close(matvec_add_(x.clone(), qw.q, a, scale=qw.scale), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4), (2, 256, 4), (4, 32, 4, 3), (8, 16, 2, 2)])
+@pytest.mark.parametrize("tiles", [(4, 16, 1), (8, 64, 2), (16, 512, 4), (2, 256, 4), (4, 32, 4, 3), (8, 16, 2, 2),
+                                   (16, 32, 4, 1, 1, 1), (32, 64, 4, 2, 3, 1)])
 def test_any_tiles_give_the_same_result(tiles):
     """The GPU picks small output tiles (many programs); CPU picks few large ones: all must agree,
     ragged edges included (N = 37 and K = 200 fit no tile exactly). With a fourth entry the K loop is
     software-pipelined that many stages deep (compiled on a GPU: async copies ahead of the
-    multiply, with the ragged last tile among them)."""
+    multiply, with the ragged last tile among them); a sixth entry 1 accumulates with tl.dot (the
+    3 rows padded to 16), here also staged and split."""
     g = gen(11)
     x, nw, w = torch.randn(3, 200, generator=g), torch.randn(200, generator=g), torch.randn(74, 200, generator=g) / 15
     torch.testing.assert_close(norm_matvec(x, nw, w, 1e-5, swiglu=True, tiles=tiles),
@@ -118,6 +123,48 @@ def test_any_tiles_give_the_same_result(tiles):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_dot_path_sums_what_the_plain_path_sums_in_half_precision(B, int8):
+    """Tiles with dot = 1 accumulate on tensor cores (tl.dot over rows padded to 16) where the plain
+    path multiplies and adds in registers: the same products of the same bf16 (or exactly converted
+    int8) operands, summed in fp32 in another order, so both are the fp32 matmul of the rounded
+    inputs to within a rounding of the output (one bf16 step: < 1 %), for every form: plain, SwiGLU
+    and the residual add (the plain path is held to the references above).
+    (Interpreted, the operands go to tl.dot as fp32 -- Triton's interpreter multiplies bf16 as raw
+    bits -- which holds bf16 and int8 values exactly; compiled, they stay bf16.)"""
+    g = gen(B * 2 + int8)
+    K, N = 96, 48
+    x = torch.randn(B, K, generator=g).bfloat16()
+    nw = (torch.rand(K, generator=g) + 0.5).bfloat16()
+    w = (torch.randn(2 * N, K, generator=g) / K ** 0.5).bfloat16()
+    scale = None
+    if int8:
+        qw = quantize_int8(w.float())
+        w, scale = qw.q, qw.scale
+    plain, dot = (16, 32, 4), (16, 32, 4, 1, 1, 1)
+    tol = dict(rtol=1e-2, atol=1e-2)
+    for swiglu in (False, True):
+        ww = w if swiglu else w[:N]
+        sc = scale if swiglu or scale is None else scale[:N]
+        a = norm_matvec(x, nw, ww, 1e-5, swiglu=swiglu, scale=sc, tiles=plain).float()
+        b = norm_matvec(x, nw, ww, 1e-5, swiglu=swiglu, scale=sc, tiles=dot).float()
+        assert a.abs().max() > 1  # not a comparison of zeros
+        torch.testing.assert_close(b, a, **tol)
+    y, act = torch.randn(B, N, generator=g).bfloat16(), torch.randn(B, K, generator=g).bfloat16()
+    sc = None if scale is None else scale[:N]
+    torch.testing.assert_close(matvec_add_(y.clone(), w[:N], act, scale=sc, tiles=dot).float(),
+                               matvec_add_(y.clone(), w[:N], act, scale=sc, tiles=plain).float(), **tol)
+
+
+def test_dot_tiles_are_checked():
+    x, nw, w = torch.randn(1, 32), torch.ones(32), torch.randn(32, 32)
+    for bad in ((8, 32, 4, 1, 1, 1), (16, 8, 4, 1, 1, 1), (16, 32, 4, 1, 1, 2)):
+        with pytest.raises(ValueError, match="dot"):
+            norm_matvec(x, nw, w, 1e-5, tiles=bad)
+    torch.testing.assert_close(norm_matvec(x, nw, w, 1e-5, tiles=(16, 32, 4, 1, 1, 0)), norm_matvec_ref(x, nw, w, 1e-5))
+
+
 # csm-1b's projections (N, K): backbone qkv / wo / w13 (gate half) / w2, then the depth decoder's
 CSM1B = [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (1536, 1024), (1024, 1024), (8192, 1024),
          (1024, 8192)]
@@ -125,10 +172,19 @@ CSM1B = [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (1536, 1024), (
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
 def test_gpu_tiles_cover_the_gpu_and_fit_registers(rows):
-    for N, K in CSM1B:
-        bn, bk, warps = pick_tiles(rows, K, N)
-        assert triton.cdiv(N, bn) >= 128, (N, K, bn)  # a 132-SM H100 gets work on every SM
-        assert triton.next_power_of_2(rows) * bn * bk <= PRODUCTS and bk <= K and warps in (1, 2, 4, 8)
+    """The guess (no table): one row, plain tiles; 2..16 rows, the dot path. Either way every SM of a
+    132-SM H100 gets work (output tiles times K splits), a program's registers hold its tile (the
+    plain path's [rows, BLOCK_N, BLOCK_K] accumulator, the dot path's weight tile), and a dot-path
+    program walks at most MAX_CHAIN of K's tiles."""
+    for N, K, mats in [(n, k, 1) for n, k in CSM1B] + [(8192, 1024, 2), (768, 1024, 2), (1536, 2048, 2)]:
+        bn, bk, warps, stages, splits, dot = tile_args(pick_tiles(rows, K, N, mats))
+        assert triton.cdiv(N, bn) * splits >= 128, (N, K, bn, splits)
+        assert bk <= K and warps in (1, 2, 4, 8) and stages == 1 and dot == (rows > 1)
+        if dot:
+            assert bn * bk * mats <= DOT_TILE and min(bn, bk) >= 16
+            assert splits & (splits - 1) == 0 and triton.cdiv(triton.cdiv(K, bk), splits) <= MAX_CHAIN
+        else:
+            assert rows * bn * bk * mats <= PRODUCTS and splits == 1
 
 
 def test_the_one_row_guess_is_what_the_h200_sweep_measured_fastest(monkeypatch):
@@ -161,7 +217,9 @@ def test_a_scale_must_come_with_int8_weights_and_fit_them():
                                                           (2, torch.bfloat16, False, None), (5, torch.float32, False, (4, 16, 1)),
                                                           (1, torch.float32, False, (2, 64, 4)),
                                                           (3, torch.float32, True, (8, 16, 4, 1, 3)),
-                                                          (2, torch.bfloat16, False, (4, 16, 2, 2, 2))])
+                                                          (2, torch.bfloat16, False, (4, 16, 2, 2, 2)),
+                                                          (3, torch.float32, True, (16, 16, 4, 1, 2, 1)),
+                                                          (2, torch.bfloat16, False, (16, 16, 4, 2, 1, 1))])
 def test_qkv_with_rope_and_cache_write_equals_the_unfused_pair(B, dtype, int8, tiles):
     """norm_matvec(rope=...) against the unfused pair it replaces (norm_matvec, then
     triton_ops.rope_store_) bit for bit, and against the PyTorch references (rope_store_ref): same
@@ -230,7 +288,8 @@ def test_qkv_with_rope_writes_rows_of_one_sequence_to_its_cache_row():
 
 @pytest.mark.parametrize(("B", "C", "dtype", "tiles"), [(1, 1, torch.float32, (8, 32, 4)), (2, 1, torch.float32, (8, 32, 4)),
                                                         (3, 3, torch.float32, (8, 32, 4)), (2, 1, torch.bfloat16, (8, 32, 4)),
-                                                        (1, 1, torch.float32, (32, 16, 4, 1, 4))])
+                                                        (1, 1, torch.float32, (32, 16, 4, 1, 4)),
+                                                        (2, 1, torch.float32, (16, 16, 4, 1, 2, 1))])
 def test_attention_folded_into_the_qkv_kernel_equals_the_separate_kernel(B, C, dtype, tiles):
     """norm_matvec(rope=..., attend=(out, counter)): the last program attends for every row, over its
     cache positions [0, pos]; the qkv output and the cache are the plain rope call's bit for bit,
