@@ -94,9 +94,10 @@ part first "$(cap 240 150)" "$PY" bench/gpu.py "${GPU[@]}" --stages batch1,conte
 
 # 3b. compiled on the GPU, the kernel tests whose programs hand results to each other through memory
 # and counters (interpreted, programs run one after another, so CI cannot see an ordering bug);
-# -v names each test as it runs and pytest-timeout (in the image) ends a hung one
+# -v names each test as it runs and pytest-timeout (in the image) ends a hung one; with them the
+# dot path's (tl.dot, which interpreted gets fp32 operands, compiled bf16 ones)
 KTESTS=(tests/kernels/test_triton_ops.py tests/kernels/test_triton_attn.py tests/kernels/test_triton_gemv.py)
-CROSS="split or fold or merge or counter or rope"
+CROSS="split or fold or merge or counter or rope or dot"
 if [ "$DRY" != 1 ]; then
   part cross-program-tests "$(cap 90 300)" env TRITON_INTERPRET=0 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
     -o timeout=60 -k "$CROSS" "${KTESTS[@]}"

@@ -144,7 +144,9 @@ class EngineWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The thread runs and still serves: false from the moment it ends (stopping or dying), before
+        it fails what it held, so no client told of the end can still find /healthz green."""
+        return self._thread is not None and self._thread.is_alive() and not self._ended
 
     def prepare(self, req: GenRequest) -> GenRequest:
         """Validate and build the prompt (any thread); sets req.max_frames to the effective cap, so

@@ -162,3 +162,27 @@ def test_a_request_submitted_as_the_engine_thread_dies_is_refused_not_left_to_ha
     with pytest.raises(RuntimeError, match="the engine thread is not running"):
         w.submit(GenRequest("Anyone there?", seed=2, max_frames=5))
     assert w.queued() == 0
+
+
+def test_the_engine_thread_is_reported_dead_before_any_request_hears_it_died(engine, monkeypatch):
+    """A dying thread fails the requests it held while it still runs: by then `alive` (what /healthz
+    reads) must already be false, else a client told "the engine thread died" could find the
+    server healthy (CI saw it: tests/transport/test_reliability.py got a 200 from /healthz)."""
+    seen = []
+    fail_all = EngineWorker._fail_all
+
+    def recording(self, *a, **kw):
+        seen.append((self.alive, self._thread is not None and self._thread.is_alive()))
+        return fail_all(self, *a, **kw)
+
+    monkeypatch.setattr(EngineWorker, "_fail_all", recording)
+    w = EngineWorker(engine).start()
+    assert w.alive
+    w.fault_hook = lambda req: (_ for _ in ()).throw(SystemExit("injected: the engine thread dies"))
+    req = w.submit(GenRequest("Goodbye, engine.", seed=1, max_frames=5))
+    for _ in range(500):
+        if req.reason:
+            break
+        time.sleep(0.01)
+    assert req.reason == "error" and "engine thread died" in req.error
+    assert seen[0] == (False, True)  # reported dead while the thread was still running
