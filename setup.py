@@ -56,8 +56,8 @@ setup(
     ],
     extras_require={
         # openai, elevenlabs: their SDKs are independent clients in the tests of the compatible endpoints
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6", "matplotlib>=3.7",
-                "openai>=1.40", "elevenlabs>=2.70,<3",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6",
+                "matplotlib>=3.7", "openai>=1.40", "elevenlabs>=2.70,<3",
                 "soundfile>=0.12"],  # independent MP3 and Ogg Opus decoders (libsndfile: mpg123, libogg + libopus)
         "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },
