@@ -34,7 +34,7 @@ class Attend:
       [1, 1, T, length] (engine/cuda_prefill.py).
     """
 
-    __slots__ = ("rows", "pos", "idx", "start", "length", "mask")
+    __slots__ = ("idx", "length", "mask", "pos", "rows", "start")
 
     def __init__(self, rows: slice, *, pos=None, idx=None, start: int = 0, length: int, mask=None) -> None:
         self.rows, self.pos, self.idx, self.start, self.length, self.mask = rows, pos, idx, start, length, mask

@@ -38,15 +38,33 @@ def key(rows: int, K: int, N: int, mats: int, int8: bool) -> Key:
     return 1 << max(0, rows - 1).bit_length(), int(K), int(N), int(mats), bool(int8)
 
 
+def tile_args(tiles: tuple) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, stages, splits, dot) of a 3- to 6-tuple of tiles (stages and
+    splits 1, dot 0 when absent). A ValueError says what is wrong with a malformed one."""
+    if len(tiles) not in (3, 4, 5, 6) or not all(isinstance(v, int) and v >= 1 for v in tiles[:5]) \
+            or len(tiles) == 6 and not isinstance(tiles[5], int):
+        raise ValueError("tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages[, splits[, dot]]]) positive ints "
+                         f"(dot 0 or 1), got {tiles!r}")
+    if len(tiles) >= 5 and tiles[4] > MAX_SPLITS:
+        raise ValueError(f"tiles split K at most {MAX_SPLITS} ways, got {tiles!r}")
+    bn, bk, warps, stages, splits, dot = (*tiles, *(1, 1, 0)[len(tiles) - 3:])
+    if dot not in (0, 1) or dot and min(bn, bk) < DOT_MIN:
+        raise ValueError(f"tiles' dot is 0 or 1, and a dot tile is at least {DOT_MIN} wide in BLOCK_N and BLOCK_K "
+                         f"(tl.dot's smallest), got {tiles!r}")
+    return bn, bk, warps, stages, splits, dot
+
+
 def _valid_tiles(t) -> bool:
-    """[BLOCK_N, BLOCK_K, num_warps] (powers of two: Triton blocks and warps), optionally with the K
-    loop's pipeline stages (1..MAX_STAGES) after them, then its splits (1..MAX_SPLITS), then dot (0
-    or 1: tl.dot accumulates, BLOCK_N and BLOCK_K at least DOT_MIN)."""
-    return (isinstance(t, list) and len(t) in (3, 4, 5, 6)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in t)
-            and all(v > 0 and v & (v - 1) == 0 for v in t[:3]) and (len(t) < 4 or 1 <= t[3] <= MAX_STAGES)
-            and (len(t) < 5 or 1 <= t[4] <= MAX_SPLITS)
-            and (len(t) < 6 or t[5] == 0 or t[5] == 1 and min(t[:2]) >= DOT_MIN))
+    """A table's tiles: well-formed for tile_args (splits up to MAX_SPLITS; dot 0 or 1, a dot tile
+    at least DOT_MIN wide), from JSON ints (not booleans), with BLOCK_N, BLOCK_K and num_warps
+    powers of two (Triton blocks and warps) and stages up to MAX_STAGES."""
+    if not isinstance(t, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in t):
+        return False
+    try:
+        bn, bk, warps, stages, _, _ = tile_args(tuple(t))
+    except ValueError:
+        return False
+    return all(v & (v - 1) == 0 for v in (bn, bk, warps)) and stages <= MAX_STAGES
 
 
 def load(path: str, where: str | None = None) -> dict[Key, tuple[int, ...]]:

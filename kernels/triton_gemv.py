@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from .gemv_split import SplitWork, k_range, settle, split_args, unsplit_if_unsafe
-from .gemv_tiles import DOT_MIN, MAX_SPLITS, measured
+from .gemv_tiles import DOT_MIN, MAX_SPLITS, measured, tile_args
 from .int8 import dequantize
 from .triton_attn import attend_rows, block_keys, group_rows, interpreted
 from .triton_ops import FMA, cache_rows_div
@@ -144,22 +144,6 @@ def _tiles(x: torch.Tensor, K: int, N: int, mats: int = 1, int8: bool = False) -
         return unsplit_if_unsafe(pick_tiles(x.shape[0], K, N, mats, int8, gpu_name(x.device.index or 0)), x.device)
     # on CPU the kernels run interpreted, a numpy pass per program: few wide programs are fastest
     return min(1024, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(K)), 4
-
-
-def tile_args(tiles: tuple) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, stages, splits, dot) of a 3- to 6-tuple of tiles (stages and
-    splits 1, dot 0 when absent)."""
-    if len(tiles) not in (3, 4, 5, 6) or not all(isinstance(v, int) and v >= 1 for v in tiles[:5]) \
-            or len(tiles) == 6 and not isinstance(tiles[5], int):
-        raise ValueError("tiles must be (BLOCK_N, BLOCK_K, num_warps[, stages[, splits[, dot]]]) positive ints "
-                         f"(dot 0 or 1), got {tiles!r}")
-    if len(tiles) >= 5 and tiles[4] > MAX_SPLITS:
-        raise ValueError(f"tiles split K at most {MAX_SPLITS} ways, got {tiles!r}")
-    bn, bk, warps, stages, splits, dot = (*tiles, *(1, 1, 0)[len(tiles) - 3:])
-    if dot not in (0, 1) or dot and min(bn, bk) < DOT_MIN:
-        raise ValueError(f"tiles' dot is 0 or 1, and a dot tile is at least {DOT_MIN} wide in BLOCK_N and BLOCK_K "
-                         f"(tl.dot's smallest), got {tiles!r}")
-    return bn, bk, warps, stages, splits, dot
 
 
 def dot_args(x: torch.Tensor, dot: int, rows: int) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 
 
 class PcmRing:
-    __slots__ = ("buf", "capacity", "_written", "_read")
+    __slots__ = ("_read", "_written", "buf", "capacity")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
