@@ -158,10 +158,8 @@ def test_a_request_submitted_as_the_engine_thread_dies_is_refused_not_left_to_ha
     w = EngineWorker(engine).start()
     w.fault_hook = die
     first = w.submit(GenRequest("Goodbye, engine.", seed=1, max_frames=5))
-    for _ in range(500):
-        if not w.alive:
-            break
-        time.sleep(0.01)
+    w._thread.join(timeout=30)  # `alive` turns false before the thread fails what it held: wait for the end
+    assert not w._thread.is_alive(), "the dying engine thread did not end"
     assert not w.alive and isinstance(w.died, SystemExit)
     assert first.reason == "error" and "engine thread died" in first.error
     monkeypatch.setattr(EngineWorker, "alive", property(lambda self: True))  # the race's view of it
