@@ -135,7 +135,7 @@ def test_hanging_up_cancels_the_generation_within_a_frame(http, monkeypatch):
     req = next(q for q in reversed(http.srv.recent) if q.tag.rid == "hangup")
     assert wait_finished(req) and req.reason == "cancelled"
     assert req.frames - req.frames_at_cancel <= 1 and req.frames < req.max_frames
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while http.srv.worker.stats.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert http.srv.worker.stats.active == 0
@@ -277,7 +277,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(mon
             assert rs.srv.metrics.errors["slow_reader"] == 1  # while the client still holds on
             reqs = [q for q in rs.srv.recent if q.tag.rid == "deaf"]  # one per sentence started
             assert wait_finished(reqs[-1]) and reqs[-1].reason == "cancelled" and len(reqs) < 12
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while rs.srv.worker.stats.active and time.monotonic() < deadline:
             time.sleep(0.01)
         assert rs.srv.worker.stats.active == 0

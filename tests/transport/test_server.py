@@ -204,7 +204,7 @@ def test_disconnect_frees_the_slot_within_one_frame(server, monkeypatch):
     req = next(r for r in reversed(server.srv.recent) if r.tag.rid == "gone")
     assert wait_finished(req) and req.reason == "cancelled"
     assert req.frames - req.frames_at_cancel <= 1
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while server.srv.worker.stats.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.srv.worker.stats.active == 0
