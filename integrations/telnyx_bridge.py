@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Callable
+from typing import ClassVar
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -88,7 +89,7 @@ class CallRegistry:
     """Live calls by call_control_id; `wait_for` covers the race between answering a call and
     Telnyx connecting its media stream."""
 
-    COUNTERS = {  # name in counts -> (Prometheus name, help)
+    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {  # name in counts -> (Prometheus name, help)
         "calls": ("csm_telnyx_calls_total", "Telnyx media streams started"),
         "refused": ("csm_telnyx_streams_refused_total", "media streams closed at once (a stream URL asking for "
                     "a format this server cannot speak)"),
@@ -140,7 +141,8 @@ class CallRegistry:
         """The live calls (a snapshot)."""
         return iter(list(self._calls.values()))
 
-    async def wait_for(self, call_control_id: str, timeout: float = 5.0, listener: Callable | None = None) -> TelnyxCall:
+    async def wait_for(self, call_control_id: str, timeout: float = 5.0,
+                       listener: Callable | None = None) -> TelnyxCall:
         """The call once its media stream has started. `listener` (see TelnyxCall.listeners) is
         attached the moment the call is registered: a waiter woken by the start would otherwise
         attach only when the loop gets to it, missing what the stream handled in between (after

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import ClassVar
 
 from ..kernels.crc import ogg_crc32
 from .packets import PacketEncoder
@@ -52,7 +53,8 @@ class OpusEncoder(PacketEncoder):
     codec = "libopus"
     # complexity 5 of 10: a third of the CPU of 10 at 32 kbps (2.8 against 9.2 ms a second of audio
     # on the CI machine); a server codes hundreds of streams
-    options = {"application": "audio", "frame_duration": "20", "vbr": "off", "compression_level": str(COMPLEXITY)}
+    options: ClassVar[dict[str, str]] = {"application": "audio", "frame_duration": "20", "vbr": "off",
+                                         "compression_level": str(COMPLEXITY)}
 
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         super().__init__(fmt, chunk_ms)

@@ -11,6 +11,8 @@ while they work: these encoders run on the codec threads.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from .encoder import AudioEncoder, TimedChunk
@@ -31,7 +33,7 @@ class PacketEncoder(AudioEncoder):
     resamples = False  # these codecs take the 24 kHz as it is (Opus's format says 48 kHz: what decoders play)
     codec = ""  # FFmpeg's encoder
     sample_format = "s16"  # what it takes
-    options: dict[str, str] = {}
+    options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, fmt: str, chunk_ms: int) -> None:
         super().__init__(fmt, chunk_ms)
