@@ -22,6 +22,17 @@ from .tokenizer import TextTokenizer
 MAX_TEXT_CHARS = 5000
 
 
+def _require_unicode(text: str, what: str) -> None:
+    """ValueError unless `text` is valid Unicode: a lone UTF-16 surrogate (which a JSON escape such
+    as \\ud800 makes) has no UTF-8 form, so no tokenizer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: it holds an unpaired surrogate "
+                         f"U+{ord(text[e.start]):04X} at character {e.start}; remove it, or pair a high "
+                         "surrogate (U+D800-DBFF) with a low one (U+DC00-DFFF)") from None
+
+
 class Engine:
     """A loaded CSM model ready to generate. Build one with `csmstream.load()`."""
 
@@ -103,6 +114,7 @@ class Engine:
             raise ValueError(f"text must be a non-empty string, got {text!r:.40}")
         if len(text) > MAX_TEXT_CHARS:
             raise ValueError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS} are allowed per request")
+        _require_unicode(text, "text")
         if isinstance(speaker_id, bool) or not isinstance(speaker_id, Integral) or speaker_id < 0:
             raise ValueError(f"speaker_id must be an integer >= 0, got {speaker_id!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0 \
@@ -143,6 +155,7 @@ class Engine:
             raise ValueError(f"context[{i}].speaker_id must be an integer >= 0, got {seg.speaker_id!r}")
         if not isinstance(seg.text, str):
             raise ValueError(f"context[{i}].text must be a string")
+        _require_unicode(seg.text, f"context[{i}].text")
         if seg.codes is not None:
             codes = np.asarray(seg.codes)
             n = self.config.num_codebooks

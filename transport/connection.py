@@ -188,8 +188,24 @@ class Connection:
                 await self._work.wait()
             job = self.jobs[0]
             job.t_recv = max(job.t_recv, time.perf_counter())  # its turn starts now (ttfa from here)
-            await self._stream(job)
+            await self._stream_or_fail(job)
             self._pop(job)
+
+    async def _stream_or_fail(self, job: Job) -> None:
+        """_stream, where a bug ends only this request: the client gets an `internal_error` naming
+        it (never a request that hangs on a dead sender), the log the traceback, and the
+        connection goes on with its next request. A client that left ends it as before."""
+        try:
+            await self._stream(job)
+        except ConnectionClosed:
+            raise
+        except Exception as e:
+            log.exception("request %s failed inside the server", job.rid)
+            job.error = job.error or f"internal error ({type(e).__name__})"
+            job.cancel()  # its engine requests stop at the next tick
+            await self._error("internal_error", f"the server failed on this request ({type(e).__name__}: "
+                              f"{e!s:.200}): a server bug, not a bad request; the server log has the traceback, "
+                              "and this connection goes on serving", job.rid)
 
     def _pop(self, job: Job) -> None:
         job.release()

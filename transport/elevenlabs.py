@@ -213,6 +213,9 @@ class ElevenLabsConnection(ElevenLabsBase):
             await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello "}')
             return
         text = msg.get("text", "")
+        if (why := protocol.text_problem(text)) is not None:
+            await self._error("invalid_message", why)
+            return
         job = self.job
         if job is not None and not job.open:
             return

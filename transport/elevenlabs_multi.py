@@ -10,6 +10,7 @@ import time
 
 from websockets.exceptions import ConnectionClosed
 
+from . import protocol
 from .connection import PlaybackClock
 from .elevenlabs import NO_ALIGNMENT, ElevenLabsBase, Stream
 from .job import Job
@@ -76,6 +77,9 @@ class MultiContextConnection(ElevenLabsBase):
         if text is not None and not isinstance(text, str):
             await self._error("invalid_message", f"text must be a string, got {type(text).__name__}", cid=cid)
             return
+        if text and (why := protocol.text_problem(text)) is not None:
+            await self._error("invalid_message", why, cid=cid)
+            return
         job = self.contexts.get(cid)
         if job is None and not text and not (msg.get("flush") is True or msg.get("close_context") is True):
             return  # {"text": ""} (with no context, or a closed one): a keep-alive; it opens nothing
@@ -130,7 +134,7 @@ class MultiContextConnection(ElevenLabsBase):
     async def _play(self, cid: str, job: Stream) -> None:
         """Stream one context's audio, then its isFinal (also after a failure, so every context ends)."""
         try:
-            await self._stream(job)
+            await self._stream_or_fail(job)
             if job.error:
                 await self._final(job)
         except ConnectionClosed:

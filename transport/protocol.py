@@ -138,6 +138,17 @@ def request_id_of(msg: dict) -> str | None:
     return rid
 
 
+def text_problem(text: str) -> str | None:
+    """What makes a string that JSON allows unspeakable, or None: an unpaired \\uD800-\\uDFFF escape
+    decodes to a lone surrogate, which has no UTF-8 form (no tokenizer can take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"text is not valid Unicode: an unpaired surrogate \\u{ord(text[e.start]):04x} at character "
+                f"{e.start}; a \\uD800-\\uDBFF escape must be followed by a \\uDC00-\\uDFFF one")
+    return None
+
+
 def _stream_message(msg: dict, rid) -> Append | Flush:
     if msg.get("flush") is True:
         return Flush(rid)
@@ -147,6 +158,8 @@ def _stream_message(msg: dict, rid) -> Append | Flush:
     text, final = msg["text"], msg.get("final", False)
     if not isinstance(text, str):
         raise ProtocolError("invalid_text", f"text must be a string, got {text!r:.40}", rid)
+    if (why := text_problem(text)) is not None:
+        raise ProtocolError("invalid_text", why, rid)
     if not isinstance(final, bool):
         raise ProtocolError("invalid_final", f"final must be true or false, got {final!r:.40}", rid)
     return Append(text, final, rid)
@@ -163,6 +176,8 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     opening = msg.get("final") is False  # a text stream may open with nothing but a space
     if not isinstance(text, str) or (not text.strip() and not opening):
         raise bad("invalid_text", f"text must be a non-empty string, got {text!r:.40}")
+    if (why := text_problem(text)) is not None:
+        raise bad("invalid_text", why)
     if len(text) > max_text_chars:
         raise bad("text_too_long", f"text is {len(text)} characters; at most {max_text_chars} are allowed "
                   "per request (split it into sentences and send them one after another)")

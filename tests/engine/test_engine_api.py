@@ -20,6 +20,9 @@ import csmstream
     (dict(seed="abc"), "seed must be an integer or None"),
     (dict(max_frames=0), "max_frames must be an integer >= 1"),
     (dict(context=["not a segment"]), r"context\[0\] must be a csmstream.Segment"),
+    (dict(text="caf\u00e9 \ud800"), r"text is not valid Unicode: .* U\+D800 at character 5"),
+    (dict(context=[csmstream.Segment(0, "\udc00", codes=np.zeros((2, 32), np.int64))]),
+     r"context\[0\]\.text is not valid Unicode: .* U\+DC00 at character 0"),
 ])
 def test_bad_arguments_raise_clear_errors(tiny_engine, kwargs, match):
     args = dict(text="Hello.", speaker_id=0)
@@ -27,6 +30,13 @@ def test_bad_arguments_raise_clear_errors(tiny_engine, kwargs, match):
     text, spk = args.pop("text"), args.pop("speaker_id")
     with pytest.raises(ValueError, match=match):
         tiny_engine.frames(text, spk, **args)  # raised at the call, before iteration
+
+
+def test_any_valid_unicode_is_spoken(tiny_engine):
+    """Surrogate pairs (an emoji), non-Latin scripts and control characters are text like any other:
+    only an unpaired surrogate, which has no UTF-8 form, is refused."""
+    for text in ("Smile \U0001F600.", "\u4f60\u597d\u3002", "tab\there\x00."):
+        assert len(list(tiny_engine.frames(text, max_frames=2, seed=3))) >= 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

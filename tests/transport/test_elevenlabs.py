@@ -210,6 +210,55 @@ def test_multi_contexts_are_independent_and_each_ends_with_one_isfinal(el):
     assert o1 == o2 == [] and code == 1000
 
 
+def test_multi_a_server_bug_in_one_context_ends_it_with_an_error_and_isfinal(el, monkeypatch):
+    """A bug while streaming one context (prepare raising, as tokenizers did on a lone surrogate)
+    ends that context with internal_error and its isFinal; the other context plays on."""
+    prepare = el.srv.worker.prepare
+
+    def buggy(req):
+        if "BUG" in req.text:
+            raise TypeError("injected bug")
+        return prepare(req)
+
+    monkeypatch.setattr(el.srv.worker, "prepare", buggy)
+
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=4")) as ws:
+            await ws.send(json.dumps({"text": "A BUG here. ", "context_id": "x", "flush": True}))
+            await ws.send(json.dumps({"text": "This one is fine. ", "context_id": "y", "flush": True}))
+            await ws.send(json.dumps({"context_id": "y", "close_context": True}))
+            out = await read_contexts(ws, 2)
+            await ws.send(json.dumps({"close_socket": True}))
+            await ws.wait_closed()
+            return out
+
+    audio, finals, other, order = asyncio.run(go())
+    assert sorted(f["contextId"] for f in finals) == ["x", "y"] and set(audio) == {"y"}
+    assert [(m["error"], m["contextId"]) for m in other] == [("internal_error", "x")]
+    assert "TypeError: injected bug" in other[0]["message"]
+    assert same_audio(audio["y"], reference_pcm("This one is fine.", 0, seed=4))
+
+
+def test_stream_input_refuses_a_lone_surrogate_and_goes_on(el):
+    async def go():
+        async with connect(url_of(el, "0/stream-input?seed=6")) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": "Broken \udc00 text. "}))
+            err = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            await ws.send(json.dumps({"text": "Fine text. "}))
+            await ws.send(json.dumps({"text": ""}))
+            audio = b""
+            async for m in ws:
+                msg = json.loads(m)
+                if msg.get("isFinal"):
+                    return err, audio
+                audio += base64.b64decode(msg["audio"])
+
+    err, audio = asyncio.run(go())
+    assert err["error"] == "invalid_message" and "unpaired surrogate \\udc00 at character 7" in err["message"]
+    assert same_audio(audio, reference_pcm("Fine text.", 0, seed=6))
+
+
 def test_multi_contexts_stream_side_by_side(el):
     """Two long contexts sent at once: the second's audio starts before the first has ended (they
     are generated and sent concurrently, not one after the other), and each is the audio

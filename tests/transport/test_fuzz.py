@@ -10,8 +10,13 @@ from hypothesis import strategies as st
 from csmstream.integrations import telnyx_session as ts
 from csmstream.transport import protocol
 
+# text around the UTF-16 surrogates (which st.text leaves out): JSON's \uD800-\uDFFF escapes decode to
+# lone surrogates unless a high one is followed by a low one
+near_surrogates = st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010) | st.characters(max_codepoint=0x7F),
+                          max_size=12)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30)
+    | near_surrogates,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=12)
 KEYS = ["text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed", "max_audio_ms",
@@ -35,9 +40,27 @@ def test_protocol_parse_returns_a_message_or_a_protocol_error(raw, streaming):
         assert reply["error"]["code"] and reply["error"]["message"]
         return
     assert isinstance(msg, RESULTS)
+    if isinstance(msg, (protocol.Generate, protocol.Append)):
+        msg.text.encode("utf-8")  # what is accepted can be tokenized (a lone surrogate has no UTF-8)
     if isinstance(msg, protocol.Generate):
         assert isinstance(msg.text, str) and msg.format in protocol.FORMATS
         assert 20 <= msg.chunk_ms <= 1000 and msg.speaker_id >= 0 and msg.topk >= 1 and msg.temperature > 0
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(near_surrogates.filter(str.strip), st.booleans())
+def test_text_is_refused_exactly_when_it_holds_a_lone_surrogate(text, streaming):
+    raw = json.dumps({"text": text})  # lone surrogates go out as \udXXX escapes; a high-low pair reads back as one
+    decoded = json.loads(raw)["text"]
+    lone = any(0xD800 <= ord(c) <= 0xDFFF for c in decoded)
+    try:
+        msg = protocol.parse(raw, streaming=streaming)
+    except protocol.ProtocolError as e:
+        assert lone and e.code == "invalid_text" and "surrogate" in e.message
+        return
+    assert not lone and msg.text == decoded
+    msg.text.encode("utf-8")
 
 
 EVENTS = ["connected", "start", "media", "mark", "dtmf", "stop", "error", "clear", "bogus"]

@@ -96,6 +96,38 @@ def test_one_request_failing_in_the_engine_leaves_others_intact():
         rs.stop()
 
 
+def test_a_server_bug_on_one_request_is_an_internal_error_and_the_connection_goes_on():
+    """A bug (here: prepare raising a TypeError, as tokenizers did on a lone surrogate) ends that
+    request with an error naming it, not a sender that died silently with the client waiting."""
+    rs = RunningServer(tiny(2)).start()
+    prepare = rs.srv.worker.prepare
+
+    def buggy(req):
+        if "BUG" in req.text:
+            raise TypeError("injected bug")
+        return prepare(req)
+
+    rs.srv.worker.prepare = buggy
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "This BUG trips the server.", "request_id": "bad"}))
+                await ws.send(json.dumps({"text": "This one is fine.", "seed": 2, "request_id": "good"}))
+                return await collect(ws, until_done=2)
+
+        events = asyncio.run(go())
+        ends = [(k, m) for k, m in events if k != "audio"]
+        assert [k for k, _ in ends] == ["error", "done"]
+        err = ends[0][1]
+        assert err["request_id"] == "bad" and err["error"]["code"] == "internal_error"
+        assert "TypeError: injected bug" in err["error"]["message"] and "server bug" in err["error"]["message"]
+        assert ends[1][1]["request_id"] == "good"
+        assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("This one is fine.", 2))
+        assert rs.srv.metrics.errors.get("internal_error") == 1
+    finally:
+        rs.stop()
+
+
 def test_engine_thread_death_turns_health_red_and_requests_get_a_clear_error():
     rs = RunningServer(tiny(1)).start()
     base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")

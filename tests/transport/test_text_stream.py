@@ -144,12 +144,16 @@ def test_text_stream_protocol_errors(server):
             out.append(json.loads(await ws.recv())["error"]["code"])
             await ws.send(json.dumps({"text": "x" * 5000}))
             out.append(json.loads(await ws.recv())["error"]["code"])
+            await ws.send(json.dumps({"text": " and \ud800"}))  # a lone surrogate: sent as the escape \ud800
+            err = json.loads(await ws.recv())["error"]
+            out.append(err["code"])
+            out.append("at character 5" in err["message"])
             await ws.send(json.dumps({"text": " and the end.", "final": True}))
             events = await collect(ws)
             return out, events
 
     codes, events = asyncio.run(go())
-    assert codes == ["nothing_to_flush", "invalid_request_id", "invalid_text", "text_too_long"]
+    assert codes == ["nothing_to_flush", "invalid_request_id", "invalid_text", "text_too_long", "invalid_text", True]
     assert events[-1][0] == "done" and events[-1][1]["request_id"] == "s" and any(k == "audio" for k, _ in events)
 
 
