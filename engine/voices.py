@@ -67,7 +67,11 @@ def load_voices(directory: str | Path, engine) -> dict[str, Voice]:
         txt = wav.with_suffix(".txt")
         if not txt.is_file():
             raise ValueError(f"{wav}: missing transcript {txt.name} (the words spoken in the WAV)")
-        text = txt.read_text(encoding="utf-8").strip()
+        try:  # (utf-8-sig: a byte-order mark, as Windows editors write, is not part of the words)
+            text = txt.read_text(encoding="utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{txt}: not UTF-8 text ({e.reason} at byte {e.start}); save the transcript as "
+                             "UTF-8") from None
         if not text:
             raise ValueError(f"{txt}: empty transcript")
         codes = engine.codec.encode_context(read_wav_24k_mono(wav), what=str(wav))
