@@ -193,7 +193,9 @@ class HttpApi:
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
         srv.metrics.requests += 1
-        stream = SpeechStream(srv, writer, speech, keep, ip)
+        if req.version == "HTTP/1.0":  # no chunked bodies in 1.0: the stream's end is the connection's
+            keep = False
+        stream = SpeechStream(srv, writer, speech, keep, ip, chunked=req.version != "HTTP/1.0")
         srv.connections.add(stream)  # shutdown waits for it like for a WebSocket
         watcher = asyncio.create_task(self._watch(reader, buf, stream))
         try:
@@ -228,9 +230,10 @@ class SpeechStream(Connection):
     the audio written as chunked HTTP (raw bytes, or server-sent events)."""
 
     def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool,
-                 client=None) -> None:
+                 client=None, *, chunked: bool = True) -> None:
         super().__init__(server, None)
         self.writer, self.speech, self.keep_alive, self.client = writer, speech, keep_alive, client
+        self.chunked = chunked  # False for an HTTP/1.0 client: raw body bytes, ended by closing
         self.rid = speech.gen.request_id or server.next_request_id()
         self.started = False  # the response head is out
         self.complete = False  # a whole response is out: the connection can take another request
@@ -292,7 +295,14 @@ class SpeechStream(Connection):
         if self.started:
             return b""
         self.started = True
-        return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive)
+        return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive, chunked=self.chunked)
+
+    def _piece_of_body(self, data: bytes) -> bytes:
+        return hs.chunk(data) if self.chunked else data
+
+    @property
+    def _end_of_body(self) -> bytes:
+        return hs.LAST_CHUNK if self.chunked else b""  # (1.0: closing the connection ends it)
 
     def _body(self, job: Job, audio: bytes) -> bytes:
         """Audio bytes as the next piece of the body (the head, and a WAV header or the opening of
@@ -301,7 +311,7 @@ class SpeechStream(Connection):
             audio = hs.wav_header() + audio  # a part of the audio (inside SSE events too)
         opening = b'{"audio_base64": "' if self.speech.timestamps == "json" and not self.started else b""
         data = opening + (self._piece(job, audio) if audio else b"")
-        return self._head() + (hs.chunk(data) if data else b"")
+        return self._head() + (self._piece_of_body(data) if data else b"")
 
     def _piece(self, job: Job, audio: bytes) -> bytes:
         mode = self.speech.timestamps
@@ -317,13 +327,13 @@ class SpeechStream(Connection):
         if self.speech.sse:
             reqs = job.done_reqs
             n_in, n_out = sum(r.prompt_len for r in reqs), sum(r.frames for r in reqs)
-            return hs.chunk(hs.sse({"type": "speech.audio.done", "usage": {
+            return self._piece_of_body(hs.sse({"type": "speech.audio.done", "usage": {
                 "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},
                 "request_id": self.rid, "audio_ms": round(audio_ms, 1),
                 "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
         if self.speech.timestamps == "json":
             align = json.dumps(absolute_seconds(self.aligner.chars, self.aligner.edges or [0.0])).encode()
-            return hs.chunk(self.b64.finish() + b'", "alignment": ' + align + b', "normalized_alignment": ' +
+            return self._piece_of_body(self.b64.finish() + b'", "alignment": ' + align + b', "normalized_alignment": ' +
                             align + b"}")
         return b""
 
@@ -342,7 +352,7 @@ class SpeechStream(Connection):
             else:
                 self._cut()
             return
-        await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + hs.LAST_CHUNK)
+        await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + self._end_of_body)
         self.complete = True
         if self.speech.continues:
             self.server.spoken.remember(self.client, self._voice_key(), job.history)
@@ -360,7 +370,7 @@ class SpeechStream(Connection):
             self.complete = True
         elif self.speech.sse:
             event = hs.sse({"type": "error", "error": {"code": code, "message": message}})
-            await self._write(hs.chunk(event) + hs.LAST_CHUNK)
+            await self._write(self._piece_of_body(event) + self._end_of_body)
             self.complete = True
         else:
             self._cut()  # the 200 is out: an unfinished chunked body is how HTTP says it failed

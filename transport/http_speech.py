@@ -264,8 +264,10 @@ def error_response(status: int, code: str, message: str, *, keep_alive: bool = F
     return response(status, body.encode(), "application/json", keep_alive=keep_alive, extra=extra)
 
 
-def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
-    """The 200 head of a streamed speech response (chunked: its length is not known up front)."""
+def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: bool = True) -> bytes:
+    """The 200 head of a streamed speech response: chunked, as its length is not known up front;
+    for an HTTP/1.0 client, which knows no chunked bodies, plain bytes ended by closing the
+    connection."""
     fmt = speech.gen.format
     rate, enc = protocol.ALL_FORMATS[fmt]
     if speech.sse:
@@ -275,11 +277,12 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool) -> bytes:
     elif speech.wav:
         ctype = "audio/wav"
     else:
-        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg",
-                 "g722": "audio/G722", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}.get(enc, "audio/pcm")
-    return response_head(200, {"Content-Type": ctype, "Transfer-Encoding": "chunked", "Cache-Control": "no-store",
-                               "Connection": "keep-alive" if keep_alive else "close", "X-Request-Id": request_id,
-                               "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
+        ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg", "g722": "audio/G722",
+                 "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}.get(enc, "audio/pcm")
+    framing = {"Transfer-Encoding": "chunked"} if chunked else {}
+    return response_head(200, {"Content-Type": ctype, **framing, "Cache-Control": "no-store",
+                               "Connection": "keep-alive" if keep_alive and chunked else "close",
+                               "X-Request-Id": request_id, "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
 
 
 def chunk(data: bytes) -> bytes:

@@ -167,6 +167,30 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(http):
     assert json.loads(b2)["status"] == "ok"
 
 
+def test_an_http10_client_gets_the_audio_unchunked_and_ended_by_the_close(http):
+    """HTTP/1.0 knows no chunked bodies (RFC 9112 §6.1: no Transfer-Encoding to a 1.0 request): the
+    stream goes out as plain bytes and the server closes the connection after the last one, even
+    when the client asked for keep-alive. h11 reads the response (a body with no length: to the close)."""
+    body = speech_json(seed=4, response_format="pcm")
+    wire = (b"POST /v1/audio/speech HTTP/1.0\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n" % len(body)
+            + body)
+    raw = exchange(http.srv.http.port, wire, timeout=30)  # (reads until the server closes)
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"transfer-encoding" not in head and b"content-length" not in head and b"connection: close" in head
+    c = h11.Connection(h11.CLIENT)  # (it speaks only 1.1; the request it reads the answer to is a formality)
+    c.send(h11.Request(method="POST", target="/", headers=[("Host", "t"), ("Content-Length", "0")]))
+    c.send(h11.EndOfMessage())
+    c.receive_data(raw)
+    c.receive_data(b"")  # the close: the end of the body
+    events = []
+    while (ev := c.next_event()) is not h11.NEED_DATA and not isinstance(ev, h11.ConnectionClosed):
+        events.append(ev)
+        if isinstance(ev, h11.EndOfMessage):
+            break
+    assert events[0].status_code == 200 and isinstance(events[-1], h11.EndOfMessage)
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == reference_pcm(TEXT, 0, seed=4)
+
+
 def test_expect_100_continue_is_answered_before_the_body(http):
     body = speech_json(max_audio_ms=200, response_format="pcm")
     head = (f"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
