@@ -271,7 +271,11 @@ def bench(args) -> int:
         path = Path(args.text_file)
         if not path.is_file():
             raise ValueError(f"--text-file {str(path)!r} does not exist")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text-file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        texts = [line.strip() for line in lines if line.strip()]
         if not texts:
             raise ValueError(f"--text-file {str(path)!r} has no non-empty lines")
     print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}", file=sys.stderr)

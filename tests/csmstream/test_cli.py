@@ -102,6 +102,14 @@ def test_telnyx_codec_and_rate_are_checked_before_loading():
     assert "Traceback" not in out.stderr
 
 
+def test_a_bench_text_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("Caf\u00e9 au lait.\n".encode("latin-1"))
+    out = run("bench", "--text-file", str(path), "--url", f"ws://127.0.0.1:{free_port()}/ws/generate")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--text-file {str(path)!r} is not UTF-8 text (invalid continuation byte at byte 3)" in out.stderr
+
+
 def test_say_without_a_server_explains(tmp_path):
     out = run("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate", "--out", str(tmp_path / "x.wav"))
     assert out.returncode == 1
