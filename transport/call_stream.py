@@ -11,8 +11,11 @@ mark returns (`heard: true`), or at once when it is cut off (`cancelled: true`, 
 from __future__ import annotations
 
 import asyncio
+import logging
 
+log = logging.getLogger("csmstream.server")
 CALL_CHUNK = 1920  # 80 ms at 24 kHz, one frame of the engine: one media message of four 20 ms frames
+_LISTENING: set[asyncio.Task] = set()  # the loop holds tasks weakly: these wait for a caller's mark
 
 
 async def stream_to_call(conn, job) -> None:
@@ -42,12 +45,22 @@ async def stream_to_call(conn, job) -> None:
     # the utterance is queued at Telnyx: report done when the caller has heard it (or not); a
     # cancel until then is still a barge-in (connection._cancel looks in conn.playing)
     conn.playing.append(job)
-    asyncio.create_task(_done_when_heard(conn, job, call, utt, sent_ms))
+    task = asyncio.create_task(_done_when_heard(conn, job, call, utt, sent_ms))
+    _LISTENING.add(task)
+    task.add_done_callback(_LISTENING.discard)
 
 
 async def _done_when_heard(conn, job, call, utt, sent_ms: float) -> None:
+    """The request's `done` once the caller has heard it, or was cut off; a failure to find out (a
+    bug) is the request's `internal_error`, never a client left waiting."""
     try:
         heard = await call.heard(utt)
+    except Exception as e:
+        log.exception("request %s: waiting for the caller to hear it failed", job.rid)
+        await conn._error("internal_error", f"the server failed on this request while the call played it "
+                          f"({type(e).__name__}: {e!s:.200}): a server bug; whether the caller heard it all is "
+                          "unknown", job.rid)
+        return
     finally:
         if job in conn.playing:
             conn.playing.remove(job)
