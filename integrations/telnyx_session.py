@@ -30,6 +30,7 @@ from itertools import count
 import numpy as np
 
 from ..kernels.resample import Resampler
+from ..transport import protocol
 from .telnyx_codecs import MediaDecoder, MediaEncoder
 
 log = logging.getLogger("csmstream.telnyx")
@@ -144,8 +145,8 @@ class TelnyxMediaSession:
         if isinstance(text, (bytes, bytearray)):
             return [self._bad("binary frame; Telnyx sends JSON text", repr(bytes(text[:60])))]
         try:
-            msg = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+            msg = protocol.decode_json(text)
+        except ValueError:
             return [self._bad("not JSON", text)]
         if not isinstance(msg, dict):
             return [self._bad("not a JSON object", text)]

@@ -206,7 +206,7 @@ class ElevenLabsConnection(ElevenLabsBase):
         if self.finished:
             return
         try:
-            msg = json.loads(message)
+            msg = protocol.decode_json(message)
             if not isinstance(msg, dict) or not isinstance(msg.get("text", ""), str):
                 raise ValueError
         except (TypeError, ValueError):

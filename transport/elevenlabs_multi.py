@@ -57,7 +57,7 @@ class MultiContextConnection(ElevenLabsBase):
     async def _on_message(self, message) -> None:
         self.last_message = now = time.monotonic()
         try:
-            msg = json.loads(message)
+            msg = protocol.decode_json(message)
             if not isinstance(msg, dict):
                 raise ValueError
         except (TypeError, ValueError):

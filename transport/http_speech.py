@@ -206,8 +206,8 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
 def _json_object(body: bytes, example: str) -> dict:
     """The body as a JSON object, or HttpError (400) with an example of one."""
     try:
-        msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        msg = protocol.decode_json(body)
+    except ValueError as e:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON ({e}); send e.g. {example}") from None
     if not isinstance(msg, dict):
         raise HttpError(400, "invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")

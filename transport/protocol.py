@@ -92,6 +92,18 @@ class Flush:
     request_id: str | None = None
 
 
+def decode_json(data: str | bytes):
+    """json.loads, where every way a client's text can fail to be JSON is a ValueError saying why:
+    bad syntax, bytes that are not UTF-8, nesting too deep (a RecursionError from json), and
+    an integer over Python's 4,300-digit limit (a plain ValueError from json)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise ValueError(str(e).split("; use sys.set_int_max_str_digits")[0]) from None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -104,8 +116,8 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
         raise ProtocolError("binary_not_allowed", "binary frames are not accepted from clients; send JSON text "
                             'messages such as {"text": "Hello", "speaker_id": 0}')
     try:
-        msg = json.loads(data)
-    except (json.JSONDecodeError, RecursionError) as e:
+        msg = decode_json(data)
+    except ValueError as e:
         raise ProtocolError("invalid_json", f"message is not valid JSON ({e}); send a JSON object such as "
                             '{"text": "Hello", "speaker_id": 0}') from None
     if not isinstance(msg, dict):

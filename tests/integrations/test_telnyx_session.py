@@ -80,6 +80,8 @@ def test_every_telnyx_event_becomes_a_typed_event():
     ("nope", "not JSON"), ("[1]", "not a JSON object"), ('{"event": "teleport"}', "unknown event"),
     ('{"no_event": 1}', "unknown event"), ('{"event": "mark"}', "malformed mark"),
     ('{"event": "start", "start": {}}', "malformed start"),
+    ("[" * 100_000, "not JSON"),  # json's RecursionError
+    ('{"event": "media", "sequence_number": 1' + "0" * 5000 + "}", "not JSON"),  # over Python's 4,300 digits
 ])
 def test_malformed_messages_are_events_not_exceptions(raw, reason):
     (ev,) = TelnyxMediaSession().receive(raw)

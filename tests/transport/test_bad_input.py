@@ -14,6 +14,8 @@ GOOD = json.dumps({"text": "Still working.", "max_audio_ms": 300})
 CASES = [
     ("not json at all", "invalid_json"),
     ('{"text": "unterminated', "invalid_json"),
+    ("[" * 100_000, "invalid_json"),  # json's RecursionError
+    ('{"text": "hi", "seed": 1' + "0" * 5000 + "}", "invalid_json"),  # an int over Python's 4,300 digits
     ("[1, 2, 3]", "invalid_message"),
     ('"just a string"', "invalid_message"),
     ("{}", "missing_text"),

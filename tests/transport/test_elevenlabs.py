@@ -239,6 +239,24 @@ def test_multi_a_server_bug_in_one_context_ends_it_with_an_error_and_isfinal(el,
     assert same_audio(audio["y"], reference_pcm("This one is fine.", 0, seed=4))
 
 
+@pytest.mark.parametrize("tail", ["0/stream-input", "0/multi-stream-input"])
+def test_json_that_python_cannot_read_is_an_invalid_message_and_the_socket_goes_on(el, tail):
+    """Nesting past json's recursion limit and an integer past Python's 4,300 digits raise other
+    exceptions than a syntax error; both are the client's bad message, not a dead connection."""
+    async def go():
+        async with connect(url_of(el, tail)) as ws:
+            errs = []
+            for bad in ("[" * 100_000, '{"text": "hi", "n": 1' + "0" * 5000 + "}"):
+                await ws.send(bad)
+                errs.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            await ws.send(json.dumps({"text": "Still here. ", "flush": True}))
+            return errs, json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+    errs, after = asyncio.run(go())
+    assert [e["error"] for e in errs] == ["invalid_message"] * 2
+    assert after.get("audio")
+
+
 def test_stream_input_refuses_a_lone_surrogate_and_goes_on(el):
     async def go():
         async with connect(url_of(el, "0/stream-input?seed=6")) as ws:

@@ -208,6 +208,8 @@ def test_expect_100_continue_is_answered_before_the_body(http):
     (h11_request("GET", "/v1/audio/speech"), 405, "method_not_allowed"),
     (h11_request("POST", "/v1/chat/completions", b"{}"), 404, "not_found"),
     (h11_request("POST", "/v1/audio/speech", b"{oops"), 400, "invalid_json"),
+    (h11_request("POST", "/v1/audio/speech", b'{"input": "hi", "seed": 1' + b"0" * 5000 + b"}"), 400, "invalid_json"),
+    (h11_request("POST", "/v1/audio/speech", b"[" * 100_000), 400, "invalid_json"),
     (h11_request("POST", "/v1/audio/speech", speech_json(response_format="wma")), 400, "invalid_format"),
     (b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411,
      "length_required"),
