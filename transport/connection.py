@@ -63,7 +63,15 @@ class Connection:
         sender = asyncio.create_task(self._sender())
         try:
             async for message in self.ws:
-                await self._on_message(message)
+                try:
+                    await self._on_message(message)
+                except ConnectionClosed:
+                    raise
+                except Exception as e:  # a bug: this message fails, the connection and its requests go on
+                    log.exception("a message failed inside the server: %.200r", message)
+                    await self._error("internal_error", f"the server failed on this message ({type(e).__name__}: "
+                                      f"{e!s:.200}): a server bug, not a bad message; the server log has the "
+                                      "traceback, and this connection goes on serving")
         finally:
             sender.cancel()
             try:

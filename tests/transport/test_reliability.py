@@ -128,6 +128,36 @@ def test_a_server_bug_on_one_request_is_an_internal_error_and_the_connection_goe
         rs.stop()
 
 
+def test_a_server_bug_on_one_message_is_an_internal_error_and_the_running_request_plays_on(monkeypatch):
+    from csmstream.transport import protocol
+
+    rs = RunningServer(tiny(2)).start()
+    floor_frame_time(monkeypatch, rs)  # (the running request is still generating when the bad message comes)
+    parse = protocol.parse
+
+    def buggy(data, **kw):
+        if "BUG" in data:
+            raise KeyError("injected bug")
+        return parse(data, **kw)
+
+    monkeypatch.setattr(protocol, "parse", buggy)
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "This one is fine.", "seed": 2, "request_id": "good"}))
+                await ws.send(json.dumps({"text": "A BUG trips the server.", "request_id": "bad"}))
+                return await collect(ws, until_done=2)
+
+        events = asyncio.run(go())
+        (err,) = [m["error"] for k, m in events if k == "error"]
+        (done,) = [m for k, m in events if k == "done"]
+        assert err["code"] == "internal_error" and "KeyError" in err["message"] and "server bug" in err["message"]
+        assert done["request_id"] == "good" and not done["cancelled"]
+        assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("This one is fine.", 2))
+    finally:
+        rs.stop()
+
+
 def test_engine_thread_death_turns_health_red_and_requests_get_a_clear_error():
     rs = RunningServer(tiny(1)).start()
     base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")
