@@ -11,6 +11,7 @@ import torch
 
 SAMPLE_RATE = 24_000
 MAX_CONTEXT_SECONDS = 120
+MAX_FLOAT_PEAK = 2.0  # float context audio up to this is taken as it is (resampling overshoots 1 a little)
 
 
 class Codec:
@@ -103,7 +104,7 @@ def _downsample(cfg) -> int:
 
 
 def check_audio(audio, what: str = "audio") -> np.ndarray:
-    """Validate context audio; returns float32 mono samples in [-1, 1]."""
+    """Validate context audio; returns float32 mono samples in [-1, 1] (up to MAX_FLOAT_PEAK taken as is)."""
     if isinstance(audio, (list, tuple)):
         audio = np.asarray(audio)
     if not isinstance(audio, np.ndarray):
@@ -123,4 +124,8 @@ def check_audio(audio, what: str = "audio") -> np.ndarray:
     x = audio.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or infinite samples")
+    peak = float(np.abs(x).max())
+    if peak > MAX_FLOAT_PEAK:  # (a little past 1 is a filter's overshoot; far past it is the wrong scale)
+        hint = "; int16 values in a float array? divide by 32768, or pass the int16 array" if peak >= 256 else ""
+        raise ValueError(f"{what} peaks at {peak:.4g}; float samples must lie in [-1, 1]{hint}")
     return x

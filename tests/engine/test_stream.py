@@ -65,10 +65,17 @@ def test_context_audio_matches_reference(checkpoint, checkpoint_engine):
     (np.zeros(4800, dtype=np.int32), "float in \\[-1, 1\\] or int16"),
     ("not audio", "numpy array"),
     (np.array([np.nan] * 1920, dtype=np.float32), "NaN"),
+    (np.full(1920, 2.5, dtype=np.float32), r"peaks at 2\.5; float samples must lie in \[-1, 1\]$"),
+    (np.arange(1920, dtype=np.float64) - 960, "peaks at 960; .* divide by 32768, or pass the int16 array"),
 ])
 def test_bad_context_audio(tiny_engine, audio, match):
     with pytest.raises(ValueError, match=match):
         tiny_engine.frames("Hi.", context=[csmstream.Segment(0, "x", audio=audio)])
+
+
+def test_float_context_a_little_past_full_scale_is_accepted(tiny_engine):
+    x = np.sin(np.linspace(0, 200, 4800)).astype(np.float32) * 1.1  # a resampler's overshoot
+    assert len(list(tiny_engine.frames("Hi.", context=[csmstream.Segment(0, "x", audio=x)], seed=1, max_frames=2)))
 
 
 def test_int16_context_accepted(tiny_engine):
