@@ -333,8 +333,8 @@ class SpeechStream(Connection):
                 "ttfa_ms": None if ttfa is None else round(ttfa, 2)}))
         if self.speech.timestamps == "json":
             align = json.dumps(absolute_seconds(self.aligner.chars, self.aligner.edges or [0.0])).encode()
-            return self._piece_of_body(self.b64.finish() + b'", "alignment": ' + align + b', "normalized_alignment": ' +
-                            align + b"}")
+            return self._piece_of_body(self.b64.finish() + b'", "alignment": ' + align +
+                                       b', "normalized_alignment": ' + align + b"}")
         return b""
 
     async def _deliver(self, job: Job, chunk: bytes) -> None:
