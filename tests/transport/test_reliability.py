@@ -4,6 +4,8 @@ in without credentials."""
 import asyncio
 import gc
 import json
+import logging
+import random
 import time
 import urllib.error
 import urllib.request
@@ -206,6 +208,71 @@ def test_cancel_storm_does_not_disturb_another_client(server):
     _, events = asyncio.run(go())
     assert events[-1][0] == "done"
     assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("Calm and steady.", 8))
+
+
+def _random_message(rnd: random.Random) -> str:
+    """One message of a client that does anything in any order: requests whole or streamed, with
+    and without ids (reused ones too), appends, flushes, cancels, bad messages."""
+    kind = rnd.random()
+    if kind < 0.35:
+        msg = {"text": rnd.choice(["Hello.", "Hi there. How are you?", "One", "A b c."]),
+               "max_audio_ms": rnd.choice([100, 400, 1200]), "chunk_ms": rnd.choice([20, 100, 500]),
+               "final": rnd.random() < 0.7}
+        if rnd.random() < 0.7:
+            msg["request_id"] = f"r{rnd.randint(0, 3)}"
+    elif kind < 0.5:
+        msg = {"cancel": True, **({"request_id": f"r{rnd.randint(0, 3)}"} if rnd.random() < 0.5 else {})}
+    elif kind < 0.6:
+        msg = {"flush": True}
+    elif kind < 0.75:
+        msg = {"text": " and more", "final": rnd.random() < 0.5}
+    else:
+        return rnd.choice(["junk", '{"text": 5}', '{"text": "x", "topk": 0}', '{"text": "\\ud800"}', "[" * 5000])
+    return json.dumps(msg)
+
+
+def test_random_message_sequences_never_close_a_connection_hang_or_leak(caplog):
+    """Twelve clients at once send random sequences of messages, then cancel and ask for one more
+    request: every connection still answers it, nothing is logged as a server error, and once
+    they are gone the engine is idle and every audio buffer is freed."""
+    rs = RunningServer(tiny(4)).start()
+    baseline = live_rings()
+    try:
+        async def session(seed):
+            rnd = random.Random(seed)
+            async with connect(rs.url) as ws:
+                for _ in range(rnd.randint(4, 14)):
+                    await ws.send(_random_message(rnd))
+                    if rnd.random() < 0.3:
+                        await asyncio.sleep(rnd.random() * 0.2)
+                await ws.send(json.dumps({"cancel": True}))
+                last = json.dumps({"text": "Still here.", "request_id": "last", "max_audio_ms": 300})
+                await ws.send(last)
+                while True:
+                    m = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(m, bytes) or (d := json.loads(m)).get("request_id") != "last":
+                        continue
+                    if d.get("error", {}).get("code") in ("busy", "queue_full"):  # what a client retries
+                        await asyncio.sleep(0.2)
+                        await ws.send(last)
+                        continue
+                    if "done" in d or "error" in d:
+                        return d
+
+        async def go():
+            return await asyncio.gather(*(session(s) for s in range(12)))
+
+        with caplog.at_level(logging.WARNING):
+            ends = asyncio.run(go())
+        assert [e.get("done") and not e["cancelled"] and e["audio_ms"] > 0 for e in ends] == [True] * 12, ends
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        t = time.monotonic()
+        while (rs.srv.worker.stats.active or rs.srv.worker.queued()) and time.monotonic() - t < 10:
+            time.sleep(0.05)
+        assert rs.srv.worker.stats.active == 0 and rs.srv.worker.queued() == 0
+        assert live_rings() <= baseline
+    finally:
+        rs.stop()
 
 
 def test_graceful_stop_lets_running_requests_finish_then_closes_1001():
