@@ -61,7 +61,8 @@ class MultiContextConnection(ElevenLabsBase):
             if not isinstance(msg, dict):
                 raise ValueError
         except (TypeError, ValueError):
-            await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
+            await self._error("invalid_message",
+                              'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
             return
         if msg.get("close_socket") is True:
             self.closing = True

@@ -186,7 +186,8 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     msg = _json_object(body, '{"text": "Hello!", "model_id": "csm-1b"}')
     text = msg.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise HttpError(400, "invalid_input", f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
+        raise HttpError(400, "invalid_input",
+                        f'"text" must be a non-empty string (the text to speak), got {text!r:.40}')
     fmt = parse_qs(query).get("output_format", [ELEVENLABS_DEFAULT_FORMAT])[-1]
     if fmt not in protocol.ALL_FORMATS:
         raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here; use one "

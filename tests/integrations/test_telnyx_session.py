@@ -51,7 +51,8 @@ def resampled(pcm, rate):
 
 
 def media(payload: bytes, chunk: int) -> str:
-    return json.dumps({"event": "media", "media": {"track": "inbound", "chunk": str(chunk), "timestamp": str(20 * chunk),
+    return json.dumps({"event": "media", "media": {"track": "inbound", "chunk": str(chunk),
+                                                   "timestamp": str(20 * chunk),
                                                    "payload": base64.b64encode(payload).decode()}})
 
 
@@ -63,8 +64,8 @@ def test_every_telnyx_event_becomes_a_typed_event():
     assert (ev.encoding, ev.sample_rate, ev.channels, ev.custom_parameters) == ("PCMA", 8000, 1, {"k": "v"})
     pcm = (np.sin(np.arange(160) / 5) * 8000).astype(np.int16)
     payload = base64.b64encode(alaw_encode(pcm).tobytes()).decode()
-    (audio,) = s.receive(json.dumps({"event": "media", "sequence_number": "4", "stream_id": "S1",
-                                     "media": {"track": "inbound", "chunk": "2", "timestamp": "5", "payload": payload}}))
+    (audio,) = s.receive(json.dumps({"event": "media", "sequence_number": "4", "stream_id": "S1", "media": {
+        "track": "inbound", "chunk": "2", "timestamp": "5", "payload": payload}}))
     assert isinstance(audio, CallerAudio) and (audio.chunk, audio.timestamp, audio.track) == (2, 5, "inbound")
     assert np.all(np.abs(audio.pcm.astype(int) - pcm) <= np.abs(pcm) * 0.07 + 16)  # A-law decoded
     assert s.receive('{"event": "dtmf", "stream_id": "S1", "dtmf": {"digit": "7"}}') == [Dtmf("7")]
