@@ -9,7 +9,7 @@ import time
 
 from . import __version__
 from .commands import TINY_NOTE
-from .transport.protocol import FORMATS
+from .transport.protocol import CHUNK_MS_RANGE, FORMATS
 
 SAY_FORMATS = list(FORMATS)  # the raw formats (pcm_*, ulaw_8000, alaw_8000, g722_16000)
 
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             return commands.demo(args)
         if args.command == "bench":
             return commands.bench(args)
+        lo, hi = CHUNK_MS_RANGE
+        if not lo <= args.chunk_ms <= hi:  # (before loading a model or connecting)
+            raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {args.chunk_ms}")
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         print(f"csm-stream: error: {e}", file=sys.stderr)

@@ -43,6 +43,8 @@ def serve(args) -> int:
         raise ValueError(f"--http-port must differ from --port (both {args.port})")
     if args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1 (prompt tokens), got {args.prefill_chunk}")
+    if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
+        raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
 
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,

@@ -84,6 +84,16 @@ def test_bad_prefill_chunk_is_refused_before_loading():
     assert "--prefill-chunk must be >= 1" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_or_connecting(tmp_path):
+    out = run("serve", "--voices", str(tmp_path / "nope"), "--device", "cpu", "--port", "0")
+    assert out.returncode == 2 and f"--voices {str(tmp_path / 'nope')!r}: no such directory" in out.stderr
+    assert "loaded" not in out.stderr and "ready" not in out.stderr
+    for where in (["--url", f"ws://127.0.0.1:{free_port()}/ws/generate"], ["--local", "--device", "cpu"]):
+        out = run("say", "hi", "--chunk-ms", "5", *where)
+        assert out.returncode == 2 and "--chunk-ms must be in 20..1000, got 5" in out.stderr
+        assert "cannot connect" not in out.stderr and "loaded" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bad_http_port_is_refused_before_loading():
     out = run("serve", "--http-port", "70000", "--device", "cpu")
     assert out.returncode == 2 and "--http-port must be in 0..65535, got 70000" in out.stderr
