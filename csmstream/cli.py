@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Load the model, warm it up, and serve WebSocket clients on /ws/generate\n"
                                        "and on ElevenLabs' URLs (/v1/text-to-speech/VOICE/stream-input and\n"
                                        ".../multi-stream-input); with --http-port, also OpenAI's POST\n"
-                                       "/v1/audio/speech and ElevenLabs' REST speech. /healthz answers 503 until the model is ready, then\n"
-                                       "200; /metrics gives Prometheus text. Stop with Ctrl-C or SIGTERM.",
+                                       "/v1/audio/speech and ElevenLabs' REST speech. /healthz answers 503\n"
+                                       "until the model is ready, then 200; /metrics gives Prometheus text.\n"
+                                       "Stop with Ctrl-C or SIGTERM.",
                            epilog=GPU_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "

@@ -288,8 +288,9 @@ def bench(args) -> int:
     for c, summ in out["summary"].items():
         d = summ["drift"]
         if d["rss_growth_mb"] is not None or d["ttfa_last_tenth_p50"] is not None:
-            print(f"drift at concurrency {c}: TTFA p50 first tenth {d['ttfa_first_tenth_p50'] or 0:.0f} ms -> last tenth "
-                  f"{d['ttfa_last_tenth_p50'] or 0:.0f} ms; server memory {d['rss_before_mb']} -> {d['rss_after_mb']} MB")
+            print(f"drift at concurrency {c}: TTFA p50 first tenth {d['ttfa_first_tenth_p50'] or 0:.0f} ms -> "
+                  f"last tenth {d['ttfa_last_tenth_p50'] or 0:.0f} ms; server memory {d['rss_before_mb']} -> "
+                  f"{d['rss_after_mb']} MB")
     errors = sum(s["errors"] for s in out["summary"].values())
     if args.sweep:
         best = out["best_concurrency"]
