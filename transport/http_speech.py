@@ -58,6 +58,7 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 
 STATUS_OF = {"busy": 503, "unavailable": 503, "generation_failed": 500}  # engine errors; others are 400
 HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_DIGITS = re.compile(r"[0-9]+")  # (str.isdigit() also takes '²', which int() refuses)
 
 
 class HttpError(Exception):
@@ -118,11 +119,13 @@ def parse_head(raw: bytes) -> HttpRequest:
     if "transfer-encoding" in headers:
         raise HttpError(411, "length_required", "request bodies must come with Content-Length "
                         "(chunked request bodies are not accepted)")
-    if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
-        raise HttpError(400, "invalid_http", f"invalid Content-Length {sorted(lengths)!r}")
-    n = int(next(iter(lengths))) if lengths else 0
-    if n > MAX_BODY_BYTES:
-        raise HttpError(413, "body_too_large", f"the body is {n} bytes; at most {MAX_BODY_BYTES} are accepted")
+    if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(next(iter(lengths)))):
+        raise HttpError(400, "invalid_http", f"invalid Content-Length {sorted(lengths)!r:.80}")
+    digits = next(iter(lengths), "0")
+    if len(digits) > 18 or int(digits) > MAX_BODY_BYTES:  # (int() refuses past 4,300 digits)
+        size = digits if len(digits) <= 18 else f"a {len(digits)}-digit number of"
+        raise HttpError(413, "body_too_large", f"the body is {size} bytes; at most {MAX_BODY_BYTES} are accepted")
+    n = int(digits)
     path, _, query = target.partition("?")
     return HttpRequest(method.upper(), path, query, version, headers, n)
 

@@ -214,6 +214,8 @@ def test_expect_100_continue_is_answered_before_the_body(http):
     (b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411,
      "length_required"),
     (b"POST /v1/audio/speech HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "body_too_large"),
+    (b"POST /v1/audio/speech HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413, "body_too_large"),
+    (b"POST /v1/audio/speech HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400, "invalid_http"),  # '²'.isdigit()
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "invalid_http"),  # TLS to a plain port
     (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, "head_too_large"),
 ])
