@@ -110,9 +110,9 @@ class ElevenLabsBase(Connection):
         if self.output_format not in protocol.ALL_FORMATS:
             return (f"output_format {self.output_format!r} is not supported; use one of "
                     f"{', '.join(protocol.ALL_FORMATS)}")
-        if not (self.voice_id in self.server.voices or (self.voice_id.isascii() and self.voice_id.isdigit())):
+        if not (self.voice_id in self.server.voices or protocol.digits_value(self.voice_id) is not None):
             known = ", ".join(sorted(self.server.voices)) or "none configured"
-            return f"unknown voice_id {self.voice_id!r}: use a named voice ({known}) or a speaker number"
+            return f"unknown voice_id {self.voice_id!r:.40}: use a named voice ({known}) or a speaker number"
         raw = self.query.get("inactivity_timeout")
         if raw is not None:
             try:
@@ -123,9 +123,9 @@ class ElevenLabsBase(Connection):
                 return f"inactivity_timeout must be a number of seconds in (0, {MAX_INACTIVITY_S:.0f}], got {raw!r:.40}"
         raw = self.query.get("seed")
         if raw is not None:
-            if not (raw.isascii() and raw.isdigit() and int(raw) < 2**32):
+            self.seed = protocol.digits_value(raw, 10)
+            if self.seed is None or self.seed >= 2**32:
                 return f"seed must be an integer in 0..4294967295, got {raw!r:.40}"
-            self.seed = int(raw)
         return None
 
     async def run(self) -> None:
@@ -165,7 +165,7 @@ class ElevenLabsBase(Connection):
 
     def _new_job(self, text: str) -> Stream:
         named = self.voice_id in self.server.voices
-        gen = protocol.Generate(text=text or " ", speaker_id=0 if named else int(self.voice_id),
+        gen = protocol.Generate(text=text or " ", speaker_id=0 if named else protocol.digits_value(self.voice_id),
                                 request_id=self.server.next_request_id(), format=self.output_format,
                                 chunk_ms=CHUNK_MS, voice=self.voice_id if named else None, final=False,
                                 seed=self.seed)

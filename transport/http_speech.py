@@ -223,13 +223,13 @@ def _voice(req: dict, voice, voices, whose: str) -> None:
     if isinstance(voice, str) and voice in voices:
         req["voice"] = voice
     elif voice is not None:
-        sid = int(voice) if isinstance(voice, str) and voice.isascii() and voice.isdigit() else voice
+        sid = protocol.digits_value(voice) if isinstance(voice, str) else voice
         if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
             known = ", ".join(sorted(voices)) or "none are configured"
             raise HttpError(400, "unknown_voice", f"unknown voice {voice!r:.40}: use a named voice ({known}) or a "
                             f'speaker number such as "0" ({whose} voice names do not exist here)')
         if req.setdefault("speaker_id", sid) != sid:
-            raise HttpError(400, "invalid_speaker_id", f"voice {voice!r} and speaker_id {req['speaker_id']!r:.20} "
+            raise HttpError(400, "invalid_speaker_id", f"voice {voice!r:.40} and speaker_id {req['speaker_id']!r:.20} "
                             "disagree; send one of them")
 
 

@@ -104,6 +104,13 @@ def decode_json(data: str | bytes):
         raise ValueError(str(e).split("; use sys.set_int_max_str_digits")[0]) from None
 
 
+def digits_value(s: str, max_digits: int = 9) -> int | None:
+    """The number an ASCII-digit string of at most `max_digits` digits spells (a speaker number, a
+    seed in a URL), else None. (str.isdigit() alone takes '²', which int() refuses, and int()
+    refuses past 4,300 digits.)"""
+    return int(s) if 0 < len(s) <= max_digits and s.isascii() and s.isdigit() else None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -168,6 +168,8 @@ def test_opus_output_is_whole_ogg_pages_a_message_timed_by_what_they_decode_to(e
     ("0/multi-stream-input?seed=-1", "seed"),
     ("0/stream-input?seed=4294967296", "seed"),
     ("%C2%B2/multi-stream-input", "voice_id"),  # a superscript two is a digit, not a speaker number
+    ("9" * 5000 + "/stream-input", "voice_id"),  # past the 4,300 digits int() reads
+    ("0/multi-stream-input?seed=" + "9" * 5000, "seed"),
     ("0/stream-input?seed=" + "%E2%82%AC" * 40, "seed"),  # 40 euro signs: 120 bytes quoted, > a close frame's 123
 ])
 def test_a_bad_url_is_refused_with_what_is_allowed(el, tail, word):

@@ -123,6 +123,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"input": "Hi.", "voice": "alloy"}', "unknown_voice", "anna"),
     (b'{"input": "Hi.", "voice": -1}', "unknown_voice", "speaker number"),
     (b'{"input": "Hi.", "voice": true}', "unknown_voice", "speaker number"),
+    (b'{"input": "Hi.", "voice": "' + b"9" * 5000 + b'"}', "unknown_voice", "speaker number"),  # past int()'s digits
     (b'{"input": "Hi.", "voice": "2", "speaker_id": 3}', "invalid_speaker_id", "disagree"),
     (b'{"input": "Hi.", "topk": 0}', "invalid_topk", "1..2048"),
     (b'{"input": "Hi.", "temperature": -1}', "invalid_temperature", "> 0"),
@@ -263,6 +264,7 @@ def test_base64_stream_pieces_join_into_the_base64_of_the_whole():
     ({"query": "output_format=mp3_48000_320", "text": "Hi."}, "unsupported_format", "pcm_16000"),
     ({"path": "/v1/text-to-speech/Rachel", "text": "Hi."}, "unknown_voice", "ElevenLabs' voice names"),
     ({"path": "/v1/text-to-speech/%C2%B2", "text": "Hi."}, "unknown_voice", "speaker number"),
+    ({"path": "/v1/text-to-speech/" + "9" * 5000, "text": "Hi."}, "unknown_voice", "speaker number"),
     ({"text": ""}, "invalid_input", '"text" must be a non-empty string'),
     ({"input": "OpenAI's field name"}, "invalid_input", '"text"'),
     ({"text": "Hi.", "seed": "7"}, "invalid_seed", "integer"),
