@@ -156,7 +156,7 @@ class TelnyxMediaSession:
             return [self._bad(f"unknown event {event!r}", text)]
         try:
             return handler(msg)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # (int(1e999): Overflow)
             return [self._bad(f"malformed {event} message ({type(e).__name__}: {e})", text)]
 
     def _bad(self, reason: str, raw) -> BadMessage:

@@ -82,6 +82,8 @@ def test_every_telnyx_event_becomes_a_typed_event():
     ('{"no_event": 1}', "unknown event"), ('{"event": "mark"}', "malformed mark"),
     ('{"event": "start", "start": {}}', "malformed start"),
     ("[" * 100_000, "not JSON"),  # json's RecursionError
+    ('{"event": "start", "start": {"call_control_id": "v2:x", "media_format": {"sample_rate": 1e999}}}',
+     "malformed start"),  # int(inf) raises OverflowError
     ('{"event": "media", "sequence_number": 1' + "0" * 5000 + "}", "not JSON"),  # over Python's 4,300 digits
 ])
 def test_malformed_messages_are_events_not_exceptions(raw, reason):
