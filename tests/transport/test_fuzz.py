@@ -73,7 +73,8 @@ telnyx_messages = st.one_of(
     # the fields Telnyx's events carry, each any JSON value (1e999 reads back as inf, NaN as nan)
     st.builds(lambda fmt, sid: json.dumps({"event": "start", "stream_id": sid, "start": {
         "call_control_id": "c2", "media_format": fmt}}, allow_nan=True),
-        st.dictionaries(st.sampled_from(["encoding", "sample_rate", "channels"]), json_values, max_size=3), json_values),
+        st.dictionaries(st.sampled_from(["encoding", "sample_rate", "channels"]), json_values, max_size=3),
+        json_values),
     st.builds(lambda media: json.dumps({"event": "media", "media": {"payload": "AAAA", **media}}, allow_nan=True),
               st.dictionaries(st.sampled_from(["chunk", "timestamp", "track", "payload"]), json_values, max_size=3)),
 )
