@@ -61,7 +61,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}
 

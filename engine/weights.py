@@ -70,7 +70,7 @@ def read_config(path: Path):
         raise CheckpointError(f"{file}: missing; a CSM checkpoint directory needs config.json")
     try:
         raw = json.loads(file.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nesting past json's limit)
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     if raw.get("model_type") != "csm":
         raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'csm'")
@@ -85,7 +85,7 @@ def shard_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({e!r})") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         for f in files:

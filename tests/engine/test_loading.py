@@ -46,9 +46,10 @@ def test_missing_config(checkpoint, tmp_path):
         csmstream.load(str(d), device="cpu")
 
 
-def test_bad_json_config(checkpoint, tmp_path):
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000])  # (the second: json's RecursionError)
+def test_bad_json_config(checkpoint, tmp_path, text):
     d = copy_ckpt(checkpoint[0], tmp_path / "c")
-    (d / "config.json").write_text("{not json")
+    (d / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         csmstream.load(str(d), device="cpu")
 
