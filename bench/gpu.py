@@ -188,15 +188,15 @@ def _brief(v) -> str:
 
 def table(res: dict) -> str:
     """The Markdown table of whatever the run measured."""
-    rows = [f"## {res['device']}, {res['date']}, {res['config']} config, random weights, {res['dtype']}, "
-            f"torch {res['torch']}, triton {res['triton']}", "| measure | value |", "| --- | --- |"]
+    rows = [(f"## {res['device']}, {res['date']}, {res['config']} config, random weights, {res['dtype']}, "
+             f"torch {res['torch']}, triton {res['triton']}"), "| measure | value |", "| --- | --- |"]
     f = "{:.2f}".format
     if "batch1" in res:
         b = res["batch1"]
         rows += [f"| frame, batch 1, CUDA graph | {f(b['graphs_ms'])} ms (RTF {b['graphs_ms'] / gm.FRAME_MS:.3f}) |",
                  f"| frame, batch 1, replay timed at capture | {gm.variants_row(b)} |",
-                 f"| frame, batch 1, CSM_ATTN_FOLD={int(b['fold']['attn_fold'])} (recaptured) | "
-                 f"{f(b['fold']['graphs_ms'])} ms ({gm.variants_row(b['fold'])}) |",
+                 (f"| frame, batch 1, CSM_ATTN_FOLD={int(b['fold']['attn_fold'])} (recaptured) | "
+                  f"{f(b['fold']['graphs_ms'])} ms ({gm.variants_row(b['fold'])}) |"),
                  f"| frame, batch 1, static Triton step, no graphs | {f(b['static_no_graphs_ms'])} ms |",
                  f"| frame, batch 1, eager PyTorch | {f(b['eager_ms'])} ms |",
                  f"| graph replay == eager step | {b['graphs_equal_eager']} |"]

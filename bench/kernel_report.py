@@ -292,8 +292,8 @@ def problems(res: dict) -> list[str]:
 
 def table(res: dict) -> str:
     lines = [f"Triton {res['triton']} -> {res['arch']}{', int8 depth decoder' if res['int8_depth'] else ''}",
-             f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
-             f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5} {'atom':>4}"]
+             (f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
+              f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5} {'atom':>4}")]
     for k in res["kernels"]:
         ld128 = "%d/%d" % tuple(k["loads_128"])
         c = ",".join(f"{a}={v if isinstance(v, str) else int(v)}" for a, v in k["constexprs"].items()

@@ -170,8 +170,8 @@ def loop(summary: dict) -> str:
 
 
 def table(summary_by_level: dict[int, dict]) -> str:
-    rows = ["concurrency  requests errors underruns  ttfa p50/p95/p99/max ms        rtf p95  max gap p95  "
-            "REST-style first audio p50  gain  server loop CPU"]
+    rows = [("concurrency  requests errors underruns  ttfa p50/p95/p99/max ms        rtf p95  max gap p95  "
+             "REST-style first audio p50  gain  server loop CPU")]
     for c, s in summary_by_level.items():
         f = s["ttfa_ms"]
 

@@ -91,11 +91,11 @@ class CallRegistry:
 
     COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {  # name in counts -> (Prometheus name, help)
         "calls": ("csm_telnyx_calls_total", "Telnyx media streams started"),
-        "refused": ("csm_telnyx_streams_refused_total", "media streams closed at once (a stream URL asking for "
-                    "a format this server cannot speak)"),
+        "refused": ("csm_telnyx_streams_refused_total", ("media streams closed at once (a stream URL asking for "
+                                                         "a format this server cannot speak)")),
         "caller_frames": ("csm_telnyx_caller_frames_total", "media messages of caller audio received and decoded"),
-        "media_sent": ("csm_telnyx_media_sent_total", "media messages sent into calls (whole 20 ms frames, at "
-                       "most media_ms each)"),
+        "media_sent": ("csm_telnyx_media_sent_total", ("media messages sent into calls (whole 20 ms frames, at "
+                                                       "most media_ms each)")),
         "media_ms": ("csm_telnyx_media_milliseconds_total", "milliseconds of audio sent into calls"),
         "utterances": ("csm_telnyx_utterances_total", "utterances started"),
         "heard": ("csm_telnyx_utterances_heard_total", "utterances whose mark came back (heard to the end)"),

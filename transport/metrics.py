@@ -130,6 +130,6 @@ class Metrics:
         lines += [f'csm_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
         lines += ["# HELP csm_ttfa_milliseconds time from request to first audio chunk sent",
                   "# TYPE csm_ttfa_milliseconds histogram", *self.ttfa_ms.lines("csm_ttfa_milliseconds")]
-        lines += ["# HELP csm_real_time_factor generation time / audio duration per request (< 1 is faster "
-                  "than real time)", "# TYPE csm_real_time_factor histogram", *self.rtf.lines("csm_real_time_factor")]
+        lines += [("# HELP csm_real_time_factor generation time / audio duration per request (< 1 is faster "
+                   "than real time)"), "# TYPE csm_real_time_factor histogram", *self.rtf.lines("csm_real_time_factor")]
         return "\n".join(lines) + "\n"
