@@ -11,9 +11,9 @@ mark returns (`heard: true`), or at once when it is cut off (`cancelled: true`, 
 from __future__ import annotations
 
 import asyncio
-import logging
 
-log = logging.getLogger("csmstream.server")
+from .connection import report_bug
+
 CALL_CHUNK = 1920  # 80 ms at 24 kHz, one frame of the engine: one media message of four 20 ms frames
 _LISTENING: set[asyncio.Task] = set()  # the loop holds tasks weakly: these wait for a caller's mark
 
@@ -56,10 +56,8 @@ async def _done_when_heard(conn, job, call, utt, sent_ms: float) -> None:
     try:
         heard = await call.heard(utt)
     except Exception as e:
-        log.exception("request %s: waiting for the caller to hear it failed", job.rid)
-        await conn._error("internal_error", f"the server failed on this request while the call played it "
-                          f"({type(e).__name__}: {e!s:.200}): a server bug; whether the caller heard it all is "
-                          "unknown", job.rid)
+        await report_bug(conn, e, f"request {job.rid} while the call played it (whether the caller heard it all "
+                         "is unknown)", job.rid)
         return
     finally:
         if job in conn.playing:

@@ -28,6 +28,15 @@ SAMPLES_PER_FRAME = 1920
 FRAME_MS = 80
 
 
+async def report_bug(conn, exc: Exception, what: str, rid: str | None = None) -> None:
+    """A server bug hit while handling `what` (a request, a message): the log gets the traceback, the
+    client an `internal_error` naming it, and `conn` goes on serving its other requests."""
+    log.error("%s failed inside the server", what, exc_info=exc)
+    await conn._error("internal_error", f"the server failed on {what} ({type(exc).__name__}: {exc!s:.200}): a "
+                      "server bug, not a bad request; the server log has the traceback, and this connection goes "
+                      "on serving", rid)
+
+
 class PlaybackClock:
     """Where a client's playback stands if it plays every chunk as it comes: a chunk that arrives
     after the audio before it has run out is an underrun (an audible gap)."""
@@ -68,10 +77,7 @@ class Connection:
                 except ConnectionClosed:
                     raise
                 except Exception as e:  # a bug: this message fails, the connection and its requests go on
-                    log.exception("a message failed inside the server: %.200r", message)
-                    await self._error("internal_error", f"the server failed on this message ({type(e).__name__}: "
-                                      f"{e!s:.200}): a server bug, not a bad message; the server log has the "
-                                      "traceback, and this connection goes on serving")
+                    await report_bug(self, e, "this message")
         finally:
             sender.cancel()
             try:
@@ -208,12 +214,9 @@ class Connection:
         except ConnectionClosed:
             raise
         except Exception as e:
-            log.exception("request %s failed inside the server", job.rid)
             job.error = job.error or f"internal error ({type(e).__name__})"
             job.cancel()  # its engine requests stop at the next tick
-            await self._error("internal_error", f"the server failed on this request ({type(e).__name__}: "
-                              f"{e!s:.200}): a server bug, not a bad request; the server log has the traceback, "
-                              "and this connection goes on serving", job.rid)
+            await report_bug(self, e, f"request {job.rid}", job.rid)
 
     def _pop(self, job: Job) -> None:
         job.release()

@@ -193,9 +193,9 @@ class HttpApi:
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
         srv.metrics.requests += 1
-        if req.version == "HTTP/1.0":  # no chunked bodies in 1.0: the stream's end is the connection's
-            keep = False
-        stream = SpeechStream(srv, writer, speech, keep, ip, chunked=req.version != "HTTP/1.0")
+        chunked = req.version != "HTTP/1.0"  # 1.0 has no chunked bodies: the stream ends with the connection
+        keep = keep and chunked
+        stream = SpeechStream(srv, writer, speech, keep, ip, chunked=chunked)
         srv.connections.add(stream)  # shutdown waits for it like for a WebSocket
         watcher = asyncio.create_task(self._watch(reader, buf, stream))
         try:

@@ -271,7 +271,7 @@ def error_response(status: int, code: str, message: str, *, keep_alive: bool = F
 def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: bool = True) -> bytes:
     """The 200 head of a streamed speech response: chunked, as its length is not known up front;
     for an HTTP/1.0 client, which knows no chunked bodies, plain bytes ended by closing the
-    connection."""
+    connection (the caller passes keep_alive=False with chunked=False)."""
     fmt = speech.gen.format
     rate, enc = protocol.ALL_FORMATS[fmt]
     if speech.sse:
@@ -285,7 +285,7 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: b
                  "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}.get(enc, "audio/pcm")
     framing = {"Transfer-Encoding": "chunked"} if chunked else {}
     return response_head(200, {"Content-Type": ctype, **framing, "Cache-Control": "no-store",
-                               "Connection": "keep-alive" if keep_alive and chunked else "close",
+                               "Connection": "keep-alive" if keep_alive else "close",
                                "X-Request-Id": request_id, "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
 
 
