@@ -17,6 +17,7 @@ from .model import CSM
 from .prefill import PrefillJob
 from .prefix import PrefixCache
 from .prompt import Segment, build_prompt, text_rows
+from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .tokenizer import TextTokenizer
 
 MAX_TEXT_CHARS = 5000
@@ -67,8 +68,9 @@ class Engine:
         Args:
             text: what to say (non-empty, at most 5000 characters).
             speaker_id: integer speaker label >= 0, as in the prompt `[speaker]text`.
-            context: earlier turns (`Segment`s) the voice and prosody follow.
-            temperature: > 0; sampling temperature.
+            context: earlier turns (`Segment`s) the voice and prosody follow; None is none.
+            temperature: > 0; sampling temperature (taken as 1e-6 below it, already greedy, and as
+                1e30 above it, already uniform over the top k: float32 holds no more).
             topk: 1..codebook size; 1 is greedy.
             seed: integer for reproducible sampling on the same device and dtype.
             max_frames: cap on generated frames (80 ms each); default scales with the text.
@@ -128,6 +130,10 @@ class Engine:
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, Integral)
                                        or max_frames < 1):
             raise ValueError(f"max_frames must be an integer >= 1 or None, got {max_frames!r}")
+        if context is None:
+            context = ()
+        elif not isinstance(context, Iterable):
+            raise ValueError(f"context must be a sequence of csmstream.Segment, got {type(context).__name__}")
         ctx = [self._context_codes(s, i) for i, s in enumerate(context)]
         n = self.config.num_codebooks
         tokens, mask = build_prompt(self.tokenizer, text, int(speaker_id), ctx, n)
@@ -146,7 +152,8 @@ class Engine:
         seed = secrets.randbits(63) if seed is None else int(seed)
         if prefix is not None and prefix.kv is not None:
             tokens, mask = tokens[prefix.length :], mask[prefix.length :]  # the rest is copied in
-        return tokens, mask, seed, float(temperature), int(topk), min(int(cap), room), prefix
+        temperature = min(max(float(temperature), MIN_TEMPERATURE), MAX_TEMPERATURE)  # see sampling.py
+        return tokens, mask, seed, temperature, int(topk), min(int(cap), room), prefix
 
     def _context_codes(self, seg, i: int):
         if not isinstance(seg, Segment):

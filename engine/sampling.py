@@ -26,6 +26,13 @@ import torch
 
 NOISE_BITS = 16
 _M32 = 0xFFFFFFFF
+# The temperatures a step is given: every step holds them in float32 and divides the logits by them,
+# so a request's temperature is clamped into this range (engine.Engine._validate). Below 1e-6 float32
+# runs out (1e-40 is subnormal, under 1.4e-45 it is 0: the CPU step raised ZeroDivisionError for the
+# whole batch, a GPU row would get inf / nan scores) and the draw is already greedy: the noise spans
+# under 15, so any logit gap over 1.5e-5 decides. Above 1e30 float32 overflows (3.4e38 raised in the
+# prefill) and the draw is already uniform over the top k: the logits add nothing the noise can feel.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e30
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:

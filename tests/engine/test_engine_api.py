@@ -88,3 +88,26 @@ def test_import_is_light():
     code = "import sys, csmstream; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_temperatures_float32_cannot_hold_are_clamped_not_a_crash(tiny_engine):
+    """Every step keeps temperatures in float32. 1e-50 is 0 there (the CPU step raised
+    ZeroDivisionError), 1e-40 is subnormal (scores overflowed to inf: not the greedy draw it should
+    be near), 1e300 overflows (the prefill raised). As the temperature falls the draw must become the
+    greedy one (topk=1), whatever the seed; past float32's top it is the draw at 1e30."""
+    def run(**kw):
+        return np.stack(list(tiny_engine.frames("Near zero and past the top.", seed=5, max_frames=6, **kw)))
+
+    greedy = run(topk=1)
+    for t in (1e-6, 1e-40, 1e-50, 5e-324):
+        assert np.array_equal(run(temperature=t), greedy), t
+    assert not np.array_equal(run(temperature=1e-3), greedy)  # (the check can see a non-greedy draw)
+    assert np.array_equal(run(temperature=1e300), run(temperature=1e30))
+    assert not np.array_equal(run(temperature=1e30), greedy)
+
+
+def test_no_context_may_be_given_as_none(tiny_engine):
+    frames = lambda ctx: list(tiny_engine.frames("Nothing before this.", context=ctx, seed=2, max_frames=3))  # noqa: E731
+    assert np.array_equal(np.stack(frames(None)), np.stack(frames(())))
+    with pytest.raises(ValueError, match="context must be a sequence of csmstream.Segment, got int"):
+        tiny_engine.frames("Hello.", context=3)

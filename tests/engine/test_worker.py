@@ -187,3 +187,18 @@ def test_the_engine_thread_is_reported_dead_before_any_request_hears_it_died(eng
     w._thread.join(timeout=30)
     assert req.reason == "error" and "engine thread died" in req.error
     assert seen[0] == (False, True)  # reported dead while the thread was still running
+
+
+def test_a_temperature_float32_cannot_hold_costs_the_batch_nothing(engine):
+    """One caller's temperature of 1e-50 (0 in the step's float32) crashed the whole batched CPU
+    step: every caller sharing the tick got generation_failed. Now it is clamped (the greedy limit)
+    and the caller beside it plays exactly what it plays alone."""
+    w = EngineWorker(engine)
+    a = _queue(w, GenRequest("The caller beside it.", seed=1, max_frames=12, keep_codes=True))
+    b = _queue(w, GenRequest("Nearly zero.", temperature=1e-50, seed=2, max_frames=12, keep_codes=True))
+    _ticks_until(w, lambda: a.finished and b.finished)
+    assert a.reason != "error" and b.reason != "error", (a.error, b.error)
+    alone = np.stack(list(engine.frames(a.text, seed=1, max_frames=12)))
+    assert np.array_equal(np.stack(a.codes), alone)
+    greedy = np.stack(list(engine.frames(b.text, seed=2, max_frames=12, topk=1)))
+    assert np.array_equal(np.stack(b.codes), greedy)
