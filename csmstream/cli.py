@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
     say.add_argument("--local", action="store_true", help="generate in-process with --model (no server)")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
+    say.add_argument("--voice", default=None, metavar="NAME",
+                     help="a named voice: one of the server's (serve --voices; GET /voices on its HTTP port "
+                          "lists them), or with --local one of --voices DIR (default: none)")
+    say.add_argument("--voices", default=None, metavar="DIR",
+                     help="with --local: NAME.wav + NAME.txt voice prompts, as for serve --voices")
     _model_args(say)
     _gen_args(say)
 
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = CHUNK_MS_RANGE
         if not lo <= args.chunk_ms <= hi:  # (before loading a model or connecting)
             raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {args.chunk_ms}")
+        if args.voices is not None and not args.local:
+            raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
+        if args.local and args.voice is not None and args.voices is None:
+            raise ValueError("--voice with --local needs --voices DIR (the NAME.wav + NAME.txt prompts to load)")
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         print(f"csm-stream: error: {e}", file=sys.stderr)
@@ -204,50 +213,69 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _speak(args) -> int:
-    from . import load
-    from .wav import write_wav
+    from pathlib import Path
 
+    from . import load
+    from .wav import WavWriter
+
+    if args.voices is not None and not Path(args.voices).is_dir():  # (before the model loads)
+        raise ValueError(f"voices directory {args.voices!r} does not exist")
     if args.model == "tiny":
         print(TINY_NOTE, file=sys.stderr)
-    t0 = time.perf_counter()
-    engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1, cuda_graphs=args.cuda_graphs,
-                  quantize=args.quantize)
-    print(f"loaded {engine} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    start = time.perf_counter()
-    state = {"frames": 0, "ttfa": None}
-
-    def chunks():
-        for pcm in engine.stream(args.text, args.speaker, temperature=args.temperature, topk=args.topk,
-                                 seed=args.seed, max_frames=args.max_frames):
-            if state["ttfa"] is None:
-                state["ttfa"] = time.perf_counter() - start
-            state["frames"] += len(pcm) // engine.samples_per_frame
-            audio_s = state["frames"] * engine.samples_per_frame / engine.sample_rate
-            print(f"\r  {state['frames']:4d} frames  {audio_s:6.2f} s audio  "
-                  f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
-            yield pcm
-
-    rate, audio = engine.sample_rate, chunks()
+    rate = 24_000
     if args.format != "pcm_24000":  # what a client of that format hears, without a server
         from .transport.encoder import AudioDecoder, encoder_for
 
         enc, dec = encoder_for(args.format, 100), AudioDecoder(args.format)
-        rate, pcm_source = dec.rate, audio
-
-        def heard():
-            for pcm in pcm_source:
-                yield from (dec.decode(b) for b in enc.feed(pcm))
-            yield from (dec.decode(b) for b in enc.finish())
-
-        audio = heard()
-    n = write_wav(args.out, audio, rate)
+        rate = dec.rate
+    with WavWriter(args.out, rate) as wav:  # (a path that cannot be written fails before the model loads)
+        t0 = time.perf_counter()
+        engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1,
+                      cuda_graphs=args.cuda_graphs, quantize=args.quantize)
+        print(f"loaded {engine} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        context = () if args.voice is None else (_local_voice(args, engine),)
+        start, tty = time.perf_counter(), sys.stderr.isatty()
+        ttfa, frames = None, 0
+        try:
+            for pcm in engine.stream(args.text, args.speaker, context=context, temperature=args.temperature,
+                                     topk=args.topk, seed=args.seed, max_frames=args.max_frames):
+                if ttfa is None:
+                    ttfa = time.perf_counter() - start
+                if args.format == "pcm_24000":
+                    wav.write(pcm)
+                else:
+                    for b in enc.feed(pcm):
+                        wav.write(dec.decode(b))
+                frames += len(pcm) // engine.samples_per_frame
+                audio_s = frames * engine.samples_per_frame / engine.sample_rate
+                if tty:  # a live progress line only on a terminal
+                    print(f"\r  {frames:4d} frames  {audio_s:6.2f} s audio  "
+                          f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
+            if args.format != "pcm_24000":
+                for b in enc.finish():
+                    wav.write(dec.decode(b))
+        except KeyboardInterrupt:
+            print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}", file=sys.stderr)
+            return 130
     wall = time.perf_counter() - start
-    print(file=sys.stderr)
-    if n == 0:
+    if tty:
+        print(file=sys.stderr)
+    if wav.samples == 0:
         print("csm-stream: the model ended speech before the first frame; nothing written but an empty WAV",
               file=sys.stderr)
         return 1
-    audio_s = n / rate
-    print(f"wrote {args.out}: {audio_s:.2f} s of audio in {wall:.2f} s "
-          f"(first audio after {1000 * state['ttfa']:.0f} ms, real-time factor {wall / audio_s:.2f})")
+    print(f"wrote {args.out}: {wav.seconds:.2f} s of audio in {wall:.2f} s "
+          f"(first audio after {1000 * ttfa:.0f} ms, real-time factor {wall / wav.seconds:.2f})")
     return 0
+
+
+def _local_voice(args, engine):
+    """--voice NAME of --voices DIR, as the context turn a server would give it."""
+    from . import Segment
+    from .engine.voices import load_voices
+
+    voices = load_voices(args.voices, engine)
+    if args.voice not in voices:
+        raise ValueError(f"unknown voice {args.voice!r}; {args.voices} has: {', '.join(sorted(voices))}")
+    v = voices[args.voice]
+    return Segment(args.speaker, v.text, codes=v.codes)

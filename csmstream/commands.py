@@ -142,32 +142,37 @@ def _query(ws) -> str:
 def say(args) -> int:
     from .transport.client import SesameConnectionError, SesameTTSError
     from .transport.encoder import AudioDecoder
-    from .wav import write_wav
+    from .wav import WavWriter
 
-    try:
-        stats, chunks = asyncio.run(_say(args))
-    except SesameConnectionError as e:
-        print(f"csm-stream: error: {e.message}\n  is a server running? start one with: csm-stream serve",
-              file=sys.stderr)
-        return 1
-    except SesameTTSError as e:
-        print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
-        return 1
     dec = AudioDecoder(args.format)  # G.711/G.722 decoded: the WAV is what a client of the format hears
-    rate = dec.rate
-    n = write_wav(args.out, [dec.decode(b"".join(chunks))], rate)
-    if n == 0:
+    AudioDecoder(args.format).decode(bytes(480))  # (its numba kernel compiled now, not between two chunks)
+    with WavWriter(args.out, dec.rate) as wav:  # (a path that cannot be written fails before connecting)
+        try:
+            stats = asyncio.run(_say(args, lambda chunk: wav.write(dec.decode(chunk))))
+        except SesameConnectionError as e:
+            print(f"csm-stream: error: {e.message}\n  is a server running? start one with: csm-stream serve",
+                  file=sys.stderr)
+            return 1
+        except SesameTTSError as e:
+            print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s that arrived in {args.out}",
+                  file=sys.stderr)
+            return 130
+    if wav.samples == 0:
         print("csm-stream: the server sent no audio (the model ended speech at once)", file=sys.stderr)
         return 1
-    audio_s = n / rate
     total = stats["total"]
-    print(f"wrote {args.out}: {audio_s:.2f} s of audio in {total:.2f} s; first audio after "
-          f"{1000 * stats['ttfa']:.0f} ms; real-time factor {total / audio_s:.2f}; largest gap between chunks "
+    print(f"wrote {args.out}: {wav.seconds:.2f} s of audio in {total:.2f} s; first audio after "
+          f"{1000 * stats['ttfa']:.0f} ms; real-time factor {total / wav.seconds:.2f}; largest gap between chunks "
           f"{1000 * stats['max_gap']:.0f} ms ({stats['chunks']} chunks)")
     return 0
 
 
-async def _say(args):
+async def _say(args, write):
+    """Stream args.text from the server, handing each chunk to `write` as it arrives; returns the
+    timing figures."""
     from .transport.client import SesameWebSocketService, stream_speech_http
 
     opts = dict(format=args.format, chunk_ms=args.chunk_ms, temperature=args.temperature, topk=args.topk)
@@ -175,13 +180,15 @@ async def _say(args):
         opts["seed"] = args.seed
     if args.max_frames is not None:
         opts["max_audio_ms"] = 80 * args.max_frames
+    if args.voice is not None:
+        opts["voice"] = args.voice
     token = args.token or os.environ.get(AUTH_ENV)
     if args.url.startswith(("http://", "https://")):  # the OpenAI-compatible HTTP port
         source = stream_speech_http(args.url, args.text, args.speaker, token=token, **opts)
     else:
         source = SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts)
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
-    chunks: list[bytes] = []
+    chunks = 0
     t0 = time.perf_counter()
     first = last = None
     max_gap = 0.0
@@ -192,13 +199,14 @@ async def _say(args):
         elif now - last > max_gap:
             max_gap = now - last
         last = now
-        chunks.append(chunk)
+        chunks += 1
+        write(chunk)
         if tty:
-            print(f"\r  {len(chunks):4d} chunks  {now - t0:6.2f} s", end="", file=sys.stderr, flush=True)
+            print(f"\r  {chunks:4d} chunks  {now - t0:6.2f} s", end="", file=sys.stderr, flush=True)
     if tty:
         print(file=sys.stderr)
     total = time.perf_counter() - t0
-    return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=len(chunks)), chunks
+    return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=chunks)
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -225,6 +233,10 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 def demo(args) -> int:
+    from .wav import WavWriter
+
+    WavWriter(args.out).close()  # a path that cannot be written fails now, not after the server's start-up
+    args.voice = None
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--quantize", args.quantize] \

@@ -9,28 +9,68 @@ from pathlib import Path
 import numpy as np
 
 
+class WavWriter:
+    """A 16-bit mono WAV opened at once (so a path that cannot be written fails before any work) and
+    written chunk by chunk; closing it, however the writing ended, leaves a playable file of what
+    arrived. Use as a context manager.
+
+    Raises:
+        ValueError: the path cannot be written (a directory, no permission, ...), a chunk is not 1-D
+            int16, or the sample rate is not a positive integer.
+    """
+
+    def __init__(self, path: str | Path, sample_rate: int = 24_000) -> None:
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        self.path, self.rate, self.samples = Path(path), sample_rate, 0
+        try:  # (opened here, not by wave.open: a Wave_write whose open failed raises again in __del__)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        except FileExistsError:  # (mkdir: a file where a folder of the path should be)
+            raise ValueError(f"cannot write {str(self.path)!r}: a file is in the way of its folder "
+                             f"{str(self.path.parent)!r}") from None
+        except OSError as e:  # IsADirectoryError, PermissionError, NotADirectoryError, ...
+            raise ValueError(f"cannot write {str(self.path)!r}: {e.strerror or e}") from None
+        w = wave.open(self._file, "wb")
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        self._w = w
+
+    def write(self, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk)
+        if chunk.dtype != np.int16 or chunk.ndim != 1:
+            raise ValueError(f"WAV chunks must be 1-D int16 arrays, got {chunk.dtype}{list(chunk.shape)}")
+        self._w.writeframes(chunk.astype("<i2", copy=False).tobytes())
+        self.samples += len(chunk)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.rate
+
+    def close(self) -> None:
+        try:
+            self._w.close()  # (the header's lengths are set here; a second close does nothing)
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_wav(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int = 24_000) -> int:
     """Write int16 mono chunks to a WAV file as they arrive; returns the number of samples.
 
     Raises:
-        ValueError: a chunk is not 1-D int16, or the sample rate is not a positive integer.
+        ValueError: as WavWriter.
     """
-    if not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    total = 0
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
+    with WavWriter(path, sample_rate) as w:
         for chunk in chunks:
-            chunk = np.asarray(chunk)
-            if chunk.dtype != np.int16 or chunk.ndim != 1:
-                raise ValueError(f"WAV chunks must be 1-D int16 arrays, got {chunk.dtype}{list(chunk.shape)}")
-            w.writeframes(chunk.astype("<i2", copy=False).tobytes())
-            total += len(chunk)
-    return total
+            w.write(chunk)
+    return w.samples
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

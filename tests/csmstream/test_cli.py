@@ -126,11 +126,69 @@ def test_say_without_a_server_explains(tmp_path):
     assert "cannot connect" in out.stderr and "csm-stream serve" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """-o naming a directory: a clear error before connecting, loading a model or starting a server
+    (it was a traceback from wave after the whole request, or after a full model load)."""
+    where = str(tmp_path)
+    for args in (("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate"), ("say", "hi", "--local"),
+                 ("demo",)):
+        out = run(*args, "--out", where, "--device", "cpu")
+        assert out.returncode == 2, (args, out.stderr)
+        assert f"cannot write {where!r}: Is a directory" in out.stderr and "Traceback" not in out.stderr
+        for work in ("cannot connect", "loaded Engine", "starting the server"):
+            assert work not in out.stderr, (args, out.stderr)
+
+
+def _voice_dir(path):
+    """One named voice, "ada": a second of a 16 kHz tone (resampled at load) and its transcript."""
+    import numpy as np
+
+    from csmstream.wav import write_wav
+
+    path.mkdir()
+    t = np.arange(16000) / 16000
+    write_wav(path / "ada.wav", [(8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)], 16000)
+    (path / "ada.txt").write_text("A short voice prompt.")
+    return path
+
+
+def test_say_local_speaks_in_a_named_voice(tmp_path):
+    """--local --voice NAME --voices DIR: the engine's audio with that voice's turn as context, as a
+    server gives it (engine/voices.load_voices, the request's speaker)."""
+    import numpy as np
+
+    import csmstream
+    from csmstream.engine.voices import load_voices
+    from csmstream.wav import read_wav
+
+    voices = _voice_dir(tmp_path / "voices")
+    path = tmp_path / "ada.wav"
+    out = run("say", "In her voice.", "--local", "--voice", "ada", "--voices", str(voices), "--out", str(path),
+              "--device", "cpu", "--seed", "4", "--max-frames", "6", "--speaker", "1")
+    assert out.returncode == 0, out.stderr
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    v = load_voices(voices, eng)["ada"]
+    want = np.concatenate(list(eng.stream("In her voice.", 1, context=[csmstream.Segment(1, v.text, codes=v.codes)],
+                                          seed=4, max_frames=6)))
+    plain = np.concatenate(list(eng.stream("In her voice.", 1, seed=4, max_frames=6)))
+    got, rate = read_wav(path)
+    assert rate == 24000 and np.array_equal(got, want) and not np.array_equal(got[:len(plain)], plain[:len(got)])
+    bad = run("say", "Hi.", "--local", "--voice", "bob", "--voices", str(voices), "--device", "cpu")
+    assert bad.returncode == 2 and f"unknown voice 'bob'; {voices} has: ada" in bad.stderr
+    for args, message in ((("--local", "--voice", "ada"), "--voice with --local needs --voices DIR"),
+                          (("--voices", str(voices)), "--voices DIR is for --local"),
+                          (("--local", "--voice", "ada", "--voices", str(tmp_path / "none")),
+                           "voices directory")):
+        bad = run("say", "Hi.", *args, "--device", "cpu")
+        assert bad.returncode == 2 and message in bad.stderr and "loaded Engine" not in bad.stderr, bad.stderr
+
+
 def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
     port = free_port()
     http_port = free_port()
+    voices = _voice_dir(tmp_path / "voices")
     proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
-                             "--http-port", str(http_port), "--ws-compression", "deflate"],
+                             "--http-port", str(http_port), "--ws-compression", "deflate", "--voices", str(voices)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=120)
@@ -163,12 +221,45 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
         assert out.returncode == 0, out.stderr
         with wave.open(str(phone)) as w:  # mu-law decoded: 16-bit samples at 8 kHz
             assert (w.getframerate(), w.getsampwidth()) == (8000, 2) and w.getnframes() >= 400 * 8
+        _say_in_a_voice_and_interrupted(tmp_path, port, voices)
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "shutting down" in err and "stopped" in err
     assert f"OpenAI-compatible speech on http://127.0.0.1:{http_port}/v1/audio/speech" in err
+
+
+def _say_in_a_voice_and_interrupted(tmp_path, port, voices):
+    """say --voice over the socket gives what --local gives with the same voice files and seed; a
+    say stopped by Ctrl-C keeps, as a playable WAV, the audio that had arrived (it used to keep
+    nothing: the WAV was written only at the end)."""
+    import time
+
+    url = f"ws://127.0.0.1:{port}/ws/generate"
+    common = ("--seed", "4", "--max-frames", "6", "--speaker", "1")
+    served, local = tmp_path / "served.wav", tmp_path / "local.wav"
+    out = run("say", "In her voice.", "--url", url, "--voice", "ada", "--out", str(served), *common)
+    assert out.returncode == 0, out.stderr
+    out = run("say", "In her voice.", "--local", "--voice", "ada", "--voices", str(voices), "--out", str(local),
+              "--device", "cpu", *common)
+    assert out.returncode == 0, out.stderr
+    assert served.read_bytes() == local.read_bytes()
+    bad = run("say", "Hi.", "--url", url, "--voice", "bob")
+    assert bad.returncode == 1 and "server error unknown_voice: unknown voice 'bob'; available: ada" in bad.stderr
+    cut = tmp_path / "cut.wav"
+    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "say", "A long answer. " * 40, "--url", url,
+                             "--out", str(cut), "--max-frames", "1500"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (not cut.exists() or cut.stat().st_size < 200_000) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the long request ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted; kept the" in err and "Traceback" not in err, err
+    with wave.open(str(cut)) as w:  # a whole header: the frames it counts are the bytes that follow it
+        n = w.getnframes()
+        assert n >= 200_000 // 2 - 100 and 44 + 2 * n == cut.stat().st_size and n < 1500 * 1920
 
 
 def test_demo_runs_server_and_client_end_to_end(tmp_path):

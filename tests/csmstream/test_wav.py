@@ -3,7 +3,7 @@ import wave
 import numpy as np
 import pytest
 
-from csmstream.wav import read_wav, write_wav
+from csmstream.wav import WavWriter, read_wav, write_wav
 
 
 def test_roundtrip_standard_wav(tmp_path):
@@ -19,3 +19,25 @@ def test_roundtrip_standard_wav(tmp_path):
 def test_rejects_non_int16(tmp_path):
     with pytest.raises(ValueError, match="1-D int16"):
         write_wav(tmp_path / "b.wav", [np.zeros(4, dtype=np.float32)])
+
+
+def test_a_writer_left_by_an_error_keeps_a_playable_file_of_what_arrived(tmp_path):
+    path = tmp_path / "cut.wav"
+    chunk = np.arange(100, dtype=np.int16)
+    with pytest.raises(KeyboardInterrupt), WavWriter(path, 8000) as w:
+        w.write(chunk)
+        w.write(chunk[::-1].copy())
+        raise KeyboardInterrupt
+    data, rate = read_wav(path)
+    assert rate == 8000 and w.samples == 200 and w.seconds == 0.025
+    assert np.array_equal(data, np.concatenate([chunk, chunk[::-1]]))
+
+
+def test_a_path_that_cannot_be_written_is_a_clear_error_at_open(tmp_path):
+    with pytest.raises(ValueError, match=f"cannot write {str(tmp_path)!r}: Is a directory"):
+        WavWriter(tmp_path)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot write .*: a file is in the way of its folder .*file'"):
+        WavWriter(tmp_path / "file" / "x.wav")
+    with pytest.raises(ValueError, match="sample_rate must be a positive integer"):
+        WavWriter(tmp_path / "ok.wav", 0)
