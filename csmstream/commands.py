@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -43,6 +44,12 @@ def serve(args) -> int:
         raise ValueError(f"--http-port must differ from --port (both {args.port})")
     if args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1 (prompt tokens), got {args.prefill_chunk}")
+    if not 0 <= args.shutdown_timeout < math.inf:  # (nan fails this too)
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    for flag, value in (("--max-connections-per-ip", args.max_connections_per_ip),
+                        ("--max-requests-per-minute", args.max_requests_per_minute)):
+        if value < 1:  # (0 would refuse every client)
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
 
@@ -270,6 +277,7 @@ def bench(args) -> int:
     from pathlib import Path
 
     from .benchtool import run_bench, table
+    from .transport.protocol import CHUNK_MS_RANGE
 
     if args.sweep:
         try:
@@ -280,6 +288,16 @@ def bench(args) -> int:
         levels = [args.concurrency]
     if not levels or min(levels) < 1 or args.requests < 1:
         raise ValueError("concurrency levels and --requests must be >= 1")
+    lo, hi = CHUNK_MS_RANGE
+    if not lo <= args.chunk_ms <= hi:  # (else every request fails at the server)
+        raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {args.chunk_ms}")
+    if not 0 < args.ttfa_threshold_ms < math.inf:
+        raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
+    try:  # the results' folder, before the run rather than after it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (FileExistsError: a file of that name)
+        raise ValueError(f"--out {args.out!r} cannot be the results' folder: "
+                         f"{'a file has that name' if isinstance(e, FileExistsError) else e.strerror or e}") from None
     texts = None
     if args.text_file:
         path = Path(args.text_file)

@@ -4,6 +4,7 @@ import sys
 import wave
 
 import httpx
+import pytest
 
 from csmstream.commands import free_port, wait_healthy
 
@@ -92,6 +93,32 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
         out = run("say", "hi", "--chunk-ms", "5", *where)
         assert out.returncode == 2 and "--chunk-ms must be in 20..1000, got 5" in out.stderr
         assert "cannot connect" not in out.stderr and "loaded" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds >= 0, got -1.0"),
+    (["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds >= 0, got nan"),
+    (["serve", "--max-connections-per-ip", "0"], "--max-connections-per-ip must be >= 1, got 0"),
+    (["serve", "--max-requests-per-minute", "0"], "--max-requests-per-minute must be >= 1, got 0"),
+    (["bench", "--chunk-ms", "5"], "--chunk-ms must be in 20..1000, got 5"),
+    (["bench", "--ttfa-threshold-ms", "-5"], "--ttfa-threshold-ms must be a number of milliseconds > 0, got -5.0"),
+    (["bench", "--out", "FILE"], "cannot be the results' folder: a file has that name"),
+])
+def test_bad_serve_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    """Each was accepted: a server that could never be stopped gently or refused every client, or a
+    bench that ran every request to fail at the server, or failed with a traceback after the run."""
+    from csmstream import benchtool, cli
+    from csmstream.transport import server
+
+    def reached(*args, **kwargs):
+        raise AssertionError(f"{argv} was accepted")
+
+    monkeypatch.setattr(server, "StreamServer", reached)
+    monkeypatch.setattr(benchtool, "run_bench", reached)
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    assert cli.main(argv + (["--device", "cpu"] if argv[0] == "serve" else [])) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bad_http_port_is_refused_before_loading():
