@@ -66,6 +66,7 @@ class Connection:
         self._rate = PerMinute(server.max_requests_per_minute)
         self._work = asyncio.Event()
         self.clock = PlaybackClock()  # the client's playback, for underrun accounting
+        self._input_timer: asyncio.TimerHandle | None = None  # closes open_job after its inactivity_timeout
 
     # -- reader ----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -78,7 +79,11 @@ class Connection:
                     raise
                 except Exception as e:  # a bug: this message fails, the connection and its requests go on
                     await report_bug(self, e, "this message")
+                finally:
+                    self._watch_input()
         finally:
+            if self._input_timer is not None:
+                self._input_timer.cancel()
             sender.cancel()
             try:
                 await sender
@@ -156,6 +161,29 @@ class Connection:
         self.jobs.append(job)
         srv.metrics.requests += 1
         self._work.set()
+
+    def _watch_input(self) -> None:
+        """After each message: an open text stream is closed once it has had no message for its
+        inactivity_timeout (a client that stalls or forgets final=true would otherwise hold the
+        words it sent, unspoken, and this connection's later requests, for ever)."""
+        if self._input_timer is not None:
+            self._input_timer.cancel()
+            self._input_timer = None
+        job = self.open_job
+        if job is not None and not job.cancelled:
+            self._input_timer = asyncio.get_running_loop().call_later(job.msg.inactivity_timeout, self._input_idle,
+                                                                      job)
+
+    def _input_idle(self, job: Job) -> None:
+        self._input_timer = None
+        if job is not self.open_job or job.cancelled:
+            return
+        log.info("request %s: no text for %g s (inactivity_timeout): closing its text stream; what it sent is "
+                 "spoken", job.rid, job.msg.inactivity_timeout)
+        self.server.metrics.error("input_timeout")
+        job.input_timed_out = True
+        job.close()
+        self.open_job = None
 
     async def _stream_text(self, msg) -> None:
         job = self.open_job
@@ -385,6 +413,8 @@ class Connection:
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         audio_ms, ttfa = self._account(job, cancelled, audio_ms)
+        if job.input_timed_out:
+            extra["input_timeout"] = True
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

@@ -48,7 +48,6 @@ from .job import Job
 log = logging.getLogger("csmstream.server")
 PATH = re.compile(r"^/v1/text-to-speech/([^/]+)/(stream-input|multi-stream-input)$")
 CHUNK_MS = 100
-INACTIVITY_S, MAX_INACTIVITY_S = 20.0, 180.0
 NO_ALIGNMENT = {"normalizedAlignment": None, "alignment": None}
 
 
@@ -101,7 +100,7 @@ class ElevenLabsBase(Connection):
         self.voice_id = unquote(PATH.match(url.path).group(1))
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.output_format = self.query.get("output_format", "pcm_24000")
-        self.inactivity = INACTIVITY_S
+        self.inactivity = protocol.INACTIVITY_S
         self.seed: int | None = None
         self.last_message = time.monotonic()
 
@@ -119,8 +118,9 @@ class ElevenLabsBase(Connection):
                 self.inactivity = float(raw)
             except ValueError:
                 self.inactivity = -1.0
-            if not 0 < self.inactivity <= MAX_INACTIVITY_S:
-                return f"inactivity_timeout must be a number of seconds in (0, {MAX_INACTIVITY_S:.0f}], got {raw!r:.40}"
+            if not 0 < self.inactivity <= protocol.MAX_INACTIVITY_S:
+                return (f"inactivity_timeout must be a number of seconds in (0, {protocol.MAX_INACTIVITY_S:.0f}], got "
+                        f"{raw!r:.40}")
         raw = self.query.get("seed")
         if raw is not None:
             self.seed = protocol.digits_value(raw, 10)
@@ -144,6 +144,9 @@ class ElevenLabsBase(Connection):
     async def _serve(self) -> None:
         await super().run()
 
+    def _watch_input(self) -> None:
+        pass  # (this socket's own _watch applies inactivity_timeout, from its URL)
+
     async def _watch(self) -> None:
         try:
             while True:
@@ -151,6 +154,8 @@ class ElevenLabsBase(Connection):
                 await self._idle(time.monotonic())
         except ConnectionClosed:
             pass  # the client left while being told it timed out
+        except Exception:  # a bug: say so (a silently dead watch would leave idle input open for ever)
+            log.exception("ElevenLabs inactivity watch failed; this connection's input no longer times out")
 
     async def _idle(self, now: float) -> None:
         raise NotImplementedError

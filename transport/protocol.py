@@ -46,6 +46,9 @@ DEFAULT_FORMAT = "pcm_24000"
 CHUNK_MS_RANGE = (20, 1000)
 DEFAULT_CHUNK_MS = 100
 DEFAULT_MAX_TEXT_CHARS = 5000
+# an open text stream (and an ElevenLabs socket's input) left this long without a message is closed:
+# its buffered text is spoken, then it ends (the default, and the most a client may ask for)
+INACTIVITY_S, MAX_INACTIVITY_S = 20.0, 180.0
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -69,6 +72,7 @@ class Generate:
     voice: str | None = None
     final: bool = True
     call_control_id: str | None = None  # send the audio into this phone call instead (serve --telnyx)
+    inactivity_timeout: float = INACTIVITY_S  # a text stream (final=false) with no message this long is closed
 
 
 @dataclass
@@ -244,6 +248,11 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     if ccid is not None and (not isinstance(ccid, str) or not ccid):
         raise bad("invalid_call_control_id", f"call_control_id must be a non-empty string, got {ccid!r:.60}")
     g.call_control_id = ccid
+    idle = msg.get("inactivity_timeout", INACTIVITY_S)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 < idle <= MAX_INACTIVITY_S:
+        raise bad("invalid_inactivity_timeout", f"inactivity_timeout must be a number of seconds in "
+                  f"(0, {MAX_INACTIVITY_S:.0f}], got {idle!r:.40}")
+    g.inactivity_timeout = float(idle)
     return g
 
 

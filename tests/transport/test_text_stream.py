@@ -157,6 +157,44 @@ def test_text_stream_protocol_errors(server):
     assert events[-1][0] == "done" and events[-1][1]["request_id"] == "s" and any(k == "audio" for k, _ in events)
 
 
+def test_a_text_stream_left_without_a_message_is_closed_and_what_it_sent_is_spoken(server):
+    """A client that stalls (or forgets final=true) held its words unspoken, and its connection, for
+    ever. After inactivity_timeout with no message the stream is closed as a flush would: its text
+    is spoken, and its done says input_timeout. Every message restarts the wait."""
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Sure, I can help", "final": False, "request_id": "stall",
+                                      "inactivity_timeout": 0.5, "seed": 3}))
+            for piece in (" with", " that"):  # each within the timeout: the stream stays open
+                await asyncio.sleep(0.3)
+                await ws.send(json.dumps({"text": piece}))
+            last = time.monotonic()
+            events = await collect(ws)
+            first = next(i for i, (kind, _) in enumerate(events) if kind == "audio")
+            await ws.send(json.dumps({"text": "Next one.", "request_id": "next", "max_audio_ms": 160}))
+            return last, events, first, await collect(ws)
+
+    last, events, first, after = asyncio.run(go())
+    kind, done = events[-1]
+    assert kind == "done" and done["request_id"] == "stall" and done["input_timeout"] is True, events[-1]
+    assert not done["cancelled"] and done["audio_ms"] > 0 and first == 0
+    parts = [r.text for r in server.srv.recent if r.tag.rid == "stall"]
+    assert parts == ["Sure, I can help with that"]  # every word it sent, none before the last piece
+    assert after[-1][0] == "done" and after[-1][1]["request_id"] == "next" and "input_timeout" not in after[-1][1]
+    assert server.srv.metrics.errors.get("input_timeout") == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 181, "5", True, 1e309])
+def test_a_bad_inactivity_timeout_is_refused(server, value):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Hi", "final": False, "inactivity_timeout": value}))
+            return json.loads(await ws.recv())
+
+    err = asyncio.run(go())["error"]
+    assert err["code"] == "invalid_inactivity_timeout" and "in (0, 180]" in err["message"]
+
+
 def _write_voice(d, name, text, rate=16000, channels=2, seconds=1.2):
     t = np.arange(int(rate * seconds)) / rate
     x = (np.sin(2 * np.pi * 220 * t) * 6000).astype(np.int16)
