@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
@@ -119,9 +120,12 @@ class Engine:
         _require_unicode(text, "text")
         if isinstance(speaker_id, bool) or not isinstance(speaker_id, Integral) or speaker_id < 0:
             raise ValueError(f"speaker_id must be an integer >= 0, got {speaker_id!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0 \
-                or not np.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        try:  # (any Real: numpy's isfinite refused ints past int64 and Fractions)
+            t = float(temperature) if isinstance(temperature, Real) and not isinstance(temperature, bool) else math.nan
+        except OverflowError:  # an integer past float's range: finite, and far past MAX_TEMPERATURE
+            t = MAX_TEMPERATURE
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r:.40}")
         cs = self.config.codebook_size
         if isinstance(topk, bool) or not isinstance(topk, Integral) or not 1 <= topk <= cs:
             raise ValueError(f"topk must be an integer in 1..{cs} (1 is greedy), got {topk!r}")
@@ -152,8 +156,8 @@ class Engine:
         seed = secrets.randbits(63) if seed is None else int(seed)
         if prefix is not None and prefix.kv is not None:
             tokens, mask = tokens[prefix.length :], mask[prefix.length :]  # the rest is copied in
-        temperature = min(max(float(temperature), MIN_TEMPERATURE), MAX_TEMPERATURE)  # see sampling.py
-        return tokens, mask, seed, temperature, int(topk), min(int(cap), room), prefix
+        t = min(max(t, MIN_TEMPERATURE), MAX_TEMPERATURE)  # what float32 holds: see sampling.py
+        return tokens, mask, seed, t, int(topk), min(int(cap), room), prefix
 
     def _context_codes(self, seg, i: int):
         if not isinstance(seg, Segment):

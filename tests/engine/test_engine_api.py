@@ -103,6 +103,10 @@ def test_temperatures_float32_cannot_hold_are_clamped_not_a_crash(tiny_engine):
         assert np.array_equal(run(temperature=t), greedy), t
     assert not np.array_equal(run(temperature=1e-3), greedy)  # (the check can see a non-greedy draw)
     assert np.array_equal(run(temperature=1e300), run(temperature=1e30))
+    assert np.array_equal(run(temperature=10**400), run(temperature=1e30))  # (an int past float's range)
+    from fractions import Fraction
+
+    assert np.array_equal(run(temperature=Fraction(9, 10)), run(temperature=0.9))  # any Real
     assert not np.array_equal(run(temperature=1e30), greedy)
 
 
