@@ -25,7 +25,9 @@ log = logging.getLogger("csmstream.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):  # (as PyTorch users pass it)
+        device = str(device)
     if not isinstance(device, str):
         raise ValueError(f"device must be a string: 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto":
@@ -41,7 +43,9 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):  # torch.bfloat16 for "bfloat16", and so on
+        dtype = next((name for name, dt in DTYPES.items() if dt == dtype), str(dtype))
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -58,8 +62,9 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
     Args:
         model: "tiny" (embedded, random weights, no download), a transformers-format checkpoint
             directory, or a hub id such as "sesame/csm-1b" (needs a network and an accepted licence).
-        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (or a torch.device).
+        dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16" (or that
+            torch.dtype).
         max_streams: concurrent streams (KV-cache slots); default 4 on CPU, 64 on GPU.
         cuda_graphs: on CUDA, capture the frame step and the streaming decode as one CUDA graph per
             batch bucket at load time (None: on unless env CSM_CUDA_GRAPHS=0). False runs the same
@@ -81,6 +86,9 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         max_streams = 64 if dev.type == "cuda" else 4
     if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= 1024:
         raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None (the default: env CSM_CUDA_GRAPHS), got "
+                         f"{cuda_graphs!r:.40}")
     t0 = time.perf_counter()
     if str(model) == "tiny":
         net, tok, name, codec = _load_tiny(dev, dt)

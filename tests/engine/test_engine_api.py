@@ -44,6 +44,8 @@ def test_any_valid_unicode_is_spoken(tiny_engine):
     (dict(device="cuda:0"), "no CUDA GPU is available"),
     (dict(dtype="int8"), "dtype 'int8' is not supported"),
     (dict(max_streams=0), "max_streams must be an integer"),
+    (dict(cuda_graphs="yes"), "cuda_graphs must be True, False or None"),
+    (dict(dtype="bf16"), "dtype 'bf16' is not supported; allowed: 'auto', 'float32', 'bfloat16', 'float16'"),
 ])
 def test_bad_load_arguments(kwargs, match):
     pytest.importorskip("torch")
@@ -53,6 +55,15 @@ def test_bad_load_arguments(kwargs, match):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match=match):
         csmstream.load("tiny", **kwargs)
+
+
+def test_torch_devices_and_dtypes_are_taken_as_their_names():
+    torch = pytest.importorskip("torch")
+    eng = csmstream.load("tiny", device=torch.device("cpu"), dtype=torch.float32, max_streams=1)
+    named = csmstream.load("tiny", device="cpu", dtype="float32", max_streams=1)
+    assert (eng.device, eng.dtype) == (named.device, named.dtype) == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="dtype 'torch.int8' is not supported"):
+        csmstream.load("tiny", device="cpu", dtype=torch.int8)
 
 
 def test_frames_are_int64_32_codes_and_capped(tiny_engine):
