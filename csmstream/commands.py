@@ -157,8 +157,9 @@ def say(args) -> int:
         try:
             stats = asyncio.run(_say(args, lambda chunk: wav.write(dec.decode(chunk))))
         except SesameConnectionError as e:
-            print(f"csm-stream: error: {e.message}\n  is a server running? start one with: csm-stream serve",
-                  file=sys.stderr)
+            hint = (f"kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else
+                    "is a server running? start one with: csm-stream serve")
+            print(f"csm-stream: error: {e.message}\n  {hint}", file=sys.stderr)
             return 1
         except SesameTTSError as e:
             print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)

@@ -4,8 +4,9 @@
     async for chunk in svc.stream_tts("Hello!", speaker_id=0):   # bytes, in the chosen format
         play(chunk)
 
-A server error raises SesameTTSError (with .code and .message); a dropped connection raises
-SesameConnectionError: a stream never ends silently short. `stream_speech_http` does the same over
+A server error raises SesameTTSError (with .code and .message); a dropped connection, or a
+request the server cancelled as it shut down, raises SesameConnectionError: a stream never ends
+silently short. `stream_speech_http` does the same over
 the OpenAI-compatible HTTP port (serve --http-port).
 """
 
@@ -78,6 +79,9 @@ class SesameWebSocketService:
                     raise SesameTTSError(err.get("code", "error"), err.get("message", ""), msg.get("request_id"))
                 if msg.get("done"):
                     self.last_done = msg
+                    if msg.get("cancelled") and msg.get("reason") == "server_shutdown":  # not this client's cancel
+                        raise SesameConnectionError(f"the server at {self.url} shut down before the request "
+                                                    f"finished ({msg.get('audio_ms')} ms of audio had been sent)")
                     return
             raise SesameConnectionError(f"connection to {self.url} closed before the request finished")
         except ConnectionClosed as e:
@@ -120,7 +124,8 @@ async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token:
                     err = r.json()["error"]
                 except (ValueError, KeyError, TypeError):
                     err = {"code": f"http_{r.status_code}", "message": r.text[:200]}
-                raise SesameTTSError(err.get("code") or "error", err.get("message") or "", r.headers.get("x-request-id"))
+                raise SesameTTSError(err.get("code") or "error", err.get("message") or "",
+                                     r.headers.get("x-request-id"))
             async for chunk in r.aiter_raw():
                 yield chunk
     except httpx.TransportError as e:  # refused, reset, or a body cut off unfinished

@@ -96,6 +96,11 @@ class Connection:
         return bool(self.jobs or self.playing)
 
     async def cancel_all(self) -> None:
+        """The server is stopping and its deadline has passed: cancel everything; each done says
+        reason "server_shutdown" (a client can tell it from its own cancel, and not take the audio
+        as whole)."""
+        for job in [*self.playing, *self.jobs]:
+            job.cancel_reason = "server_shutdown"
         await self._cancel(None, quiet=True)
 
     async def close_for_shutdown(self) -> None:
@@ -415,6 +420,8 @@ class Connection:
         audio_ms, ttfa = self._account(job, cancelled, audio_ms)
         if job.input_timed_out:
             extra["input_timeout"] = True
+        if cancelled and job.cancel_reason is not None:
+            extra["reason"] = job.cancel_reason
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

@@ -31,6 +31,7 @@ class Job:
         self.t_done = 0.0  # when its done message went out
         self.cancelled = False
         self.input_timed_out = False  # its text stream was closed by inactivity_timeout
+        self.cancel_reason: str | None = None  # why the server (not the client) cancelled it
         self.error: str | None = None
         self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
         self.src_sent = 0

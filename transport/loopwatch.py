@@ -91,7 +91,8 @@ class LoopWatch:
             self.cpu_seconds = time.thread_time() - self._cpu0
         return ["# HELP csm_event_loop_lag_milliseconds how late the event loop ran a callback that was due "
                 "(sampled every %g s)" % self.interval,
-                "# TYPE csm_event_loop_lag_milliseconds histogram", *self.lag_ms.lines("csm_event_loop_lag_milliseconds"),
+                "# TYPE csm_event_loop_lag_milliseconds histogram",
+                *self.lag_ms.lines("csm_event_loop_lag_milliseconds"),
                 "# HELP csm_event_loop_lag_max_milliseconds the largest lag of the last %g s" % self._window,
                 "# TYPE csm_event_loop_lag_max_milliseconds gauge",
                 f"csm_event_loop_lag_max_milliseconds {self.max_recent_ms():.2f}",

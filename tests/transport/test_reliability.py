@@ -309,6 +309,42 @@ def test_stop_deadline_cancels_what_is_left_with_a_done():
 
         events = asyncio.run(go())
         assert events[-1][0] == "done" and events[-1][1]["cancelled"] is True
+        assert events[-1][1]["reason"] == "server_shutdown"  # not the client's own cancel
+    finally:
+        rs.stop()
+
+
+def test_the_client_raises_when_the_server_shuts_down_mid_request_not_a_silent_short_stream():
+    """The project's client took a shutdown's done (cancelled: true) as the end of the audio: the
+    caller got a short stream and no error. Its own cancel still ends the stream quietly."""
+    from csmstream.transport.client import SesameConnectionError, SesameWebSocketService
+
+    rs = RunningServer(tiny(1)).start()
+    try:
+        async def own_cancel():
+            async with SesameWebSocketService(rs.url) as svc:
+                got = 0
+                async for chunk in svc.stream_tts("A long answer that is cut short. " * 10, request_id="mine"):
+                    got += len(chunk)
+                    if got == len(chunk):
+                        await svc.cancel("mine")
+                return got, svc.last_done
+
+        got, done = asyncio.run(own_cancel())
+        assert got > 0 and done["cancelled"] is True and "reason" not in done
+
+        async def shutdown():
+            svc, got = SesameWebSocketService(rs.url), 0
+            with pytest.raises(SesameConnectionError, match="shut down before the request finished") as e:
+                async for chunk in svc.stream_tts("A long answer that cannot finish in time. " * 10):
+                    got += len(chunk)
+                    if got == len(chunk):
+                        rs.loop.call_soon_threadsafe(lambda: rs.loop.create_task(rs.srv.stop(timeout=0.1)))
+            return got, svc.last_done, str(e.value)
+
+        got, done, message = asyncio.run(shutdown())
+        assert done["cancelled"] is True and done["reason"] == "server_shutdown"
+        assert f"({done['audio_ms']} ms of audio had been sent)" in message and done["audio_ms"] == got / 48
     finally:
         rs.stop()
 
