@@ -20,6 +20,7 @@ from typing import ClassVar
 from urllib.parse import parse_qsl
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from .pacer import Pacer
 from .telnyx_codecs import check
@@ -276,6 +277,19 @@ class TelnyxCall:
         self._wake.set()
 
     async def _writer(self) -> None:
+        """Send what the pacer has due. If sending fails (the socket dropped under it, or a bug),
+        the call can no longer be heard: it ends (its speakers are cut off and their generation
+        cancelled, heard() answers False, the handler returns) instead of going silent for ever."""
+        try:
+            await self._write_due()
+        except Exception as e:
+            if not self.ended.is_set():
+                dropped = isinstance(e, (OSError, ConnectionClosed))  # a hang-up the reader has not seen yet
+                log.log(logging.INFO if dropped else logging.ERROR, "telnyx stream %s: sending failed (%s: %s); "
+                        "ending the call's stream", self.call_control_id, type(e).__name__, e, exc_info=not dropped)
+                self._end()
+
+    async def _write_due(self) -> None:
         while not self.ended.is_set():
             for msg in self.pacer.pop_due(time.monotonic()):
                 await self._send(msg)

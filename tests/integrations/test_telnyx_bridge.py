@@ -213,6 +213,43 @@ def test_call_dropping_mid_utterance_cancels_generation(server, monkeypatch):
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 
+def test_a_call_whose_sending_fails_ends_instead_of_going_silent(server, monkeypatch, caplog):
+    """A send that raises (a bug, or a socket broken under the writer) killed the writer task
+    without a word: the call went silent for ever while its generation ran on, its speaker waited
+    and the stream stayed registered. Now the call ends: the utterance is cut off, generation is
+    cancelled, heard() answers False, the call leaves the registry and its handler returns."""
+    import logging
+
+    floor_frame_time(monkeypatch, server)
+    text = "This sentence will never be heard in full, because sending breaks. " * 5
+
+    async def go():
+        async with endpoint() as (url, registry, calls):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
+                await wait_until(lambda: len(sim.media_times()) >= 5)
+                call = registry.get("v2:call-1")
+
+                async def broken(msg):
+                    raise RuntimeError("injected: the send path is broken")
+
+                call.sock.send = broken
+                utt = await asyncio.wait_for(task, 10)
+                heard = await call.heard(utt, timeout=10)
+                await wait_until(lambda: calls == [call])  # the media handler returned
+                return utt, heard, registry.get("v2:call-1"), call
+
+    with caplog.at_level(logging.ERROR, logger="csmstream.telnyx"):
+        utt, heard, registered, call = asyncio.run(go())
+    assert utt.state == "cut_off" and heard is False and registered is None and call.ended.is_set()
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "sending failed (RuntimeError: injected" in record.getMessage() and record.exc_info
+    req = server.srv.recent[-1]
+    wait_finished(req)
+    assert req.reason == "cancelled" and req.frames < req.max_frames
+
+
 @pytest.mark.parametrize("bad", [
     "this is not json",
     json.dumps({"event": "hologram", "stream_id": "STREAM-1"}),
