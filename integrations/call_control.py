@@ -34,8 +34,8 @@ class TelnyxValidationError(TelnyxAPIError):
     """422: Telnyx rejected the request (e.g. 90045: streaming not possible in the call's state)."""
 
 
-def streaming_body(stream_url: str, codec: str = "PCMU", *, track: str = "inbound_track", sampling_rate: int | None = None,
-                   target_legs: str = "opposite", auth_token: str | None = None,
+def streaming_body(stream_url: str, codec: str = "PCMU", *, track: str = "inbound_track",
+                   sampling_rate: int | None = None, target_legs: str = "opposite", auth_token: str | None = None,
                    client_state: str | None = None) -> dict:
     if not isinstance(stream_url, str) or not stream_url.startswith(("ws://", "wss://")):
         raise ValueError(f"stream_url must be a ws:// or wss:// URL, got {stream_url!r}")

@@ -91,7 +91,8 @@ class TelnyxSimulator:
             chunk += 1
             said = speech[160 * (chunk - 1) : 160 * chunk]
             payload = base64.b64encode(said).decode() if len(said) == 160 else silence
-            await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",
+            await self.ws.send(json.dumps({"event": "media", "sequence_number": self._next_seq(),
+                                           "stream_id": "STREAM-1",
                                            "media": {"track": "inbound", "chunk": str(chunk),
                                                      "timestamp": str(20 * chunk), "payload": payload}}))
             self.caller_frames_sent += 1
