@@ -33,6 +33,10 @@ async def stream_to_call(conn, job) -> None:
         if not job.speaking.cancelled():
             raise
         utt = None
+    except Exception:
+        if not call.ended.is_set():
+            raise  # a bug: _stream_or_fail makes it this request's internal_error
+        utt = None  # the caller hung up before its audio could start: cut off, like a later hang-up
     sent_ms = 20.0 * (utt.frames if utt is not None else 0)
     if job.error and not job.cancelled:
         job.cancel()
