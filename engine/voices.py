@@ -59,14 +59,16 @@ def load_voices(directory: str | Path, engine) -> dict[str, Voice]:
         raise ValueError(f"voices directory {str(d)!r} does not exist")
     if engine.codec is None:
         raise ValueError("this model has no codec to encode voice prompts")
-    wavs = sorted(d.glob("*.wav"))
+    wavs = sorted(p for p in d.iterdir() if p.suffix.lower() == ".wav" and p.is_file())  # NAME.WAV too
     if not wavs:
         raise ValueError(f"voices directory {str(d)!r} has no NAME.wav files (each needs a NAME.txt transcript)")
     voices = {}
     for wav in wavs:
-        txt = wav.with_suffix(".txt")
-        if not txt.is_file():
-            raise ValueError(f"{wav}: missing transcript {txt.name} (the words spoken in the WAV)")
+        if wav.stem in voices:
+            raise ValueError(f"{wav}: a second voice named {wav.stem!r} (file names differ only in case)")
+        txt = _transcript(wav)
+        if txt is None:
+            raise ValueError(f"{wav}: missing transcript {wav.stem}.txt (the words spoken in the WAV)")
         try:  # (utf-8-sig: a byte-order mark, as Windows editors write, is not part of the words)
             text = txt.read_text(encoding="utf-8-sig").strip()
         except UnicodeDecodeError as e:
@@ -78,3 +80,12 @@ def load_voices(directory: str | Path, engine) -> dict[str, Voice]:
         voices[wav.stem] = Voice(wav.stem, text, codes)
         log.info("voice %r: %.1f s, %d frames", wav.stem, len(codes) * 0.08, len(codes))
     return voices
+
+
+def _transcript(wav: Path) -> Path | None:
+    """NAME.txt beside NAME.wav (the extension in any case), or None."""
+    exact = wav.with_suffix(".txt")
+    if exact.is_file():
+        return exact
+    return next((p for p in sorted(wav.parent.iterdir()) if p.stem == wav.stem and p.suffix.lower() == ".txt"
+                 and p.is_file()), None)
