@@ -1,7 +1,7 @@
 """Named voices: a directory of NAME.wav + NAME.txt pairs, encoded once into context codes.
 
-Each WAV (16-bit PCM, any sample rate, mono or stereo) is mixed to mono, resampled to 24 kHz and
-encoded with the model's codec; its transcript is NAME.txt. A request with "voice": NAME then
+Each WAV (8, 16, 24 or 32-bit PCM, any sample rate, mono or stereo) is mixed to mono, resampled
+to 24 kHz and encoded with the model's codec; its transcript is NAME.txt. A request with "voice": NAME then
 starts from that (text, codes) turn as context, so the model continues in that voice.
 """
 
@@ -31,17 +31,36 @@ class Voice:
         return len(self.codes) * 0.08
 
 
+def pcm_samples(raw: bytes, width: int) -> np.ndarray:
+    """Little-endian PCM of `width` bytes a sample (WAV's: 8-bit unsigned, 16/24/32-bit signed) ->
+    float32 on the int16 scale (24- and 32-bit keep their fraction: no rounding before resampling)."""
+    if width == 1:
+        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) * 256.0
+    if width == 2:
+        return np.frombuffer(raw, "<i2").astype(np.float32)
+    if width == 3:
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        return (np.where(v >= 1 << 23, v - (1 << 24), v) / 256.0).astype(np.float32)
+    if width == 4:
+        return (np.frombuffer(raw, "<i4") / 65536.0).astype(np.float32)
+    raise ValueError(f"{8 * width}-bit samples")
+
+
 def read_wav_24k_mono(path: Path) -> np.ndarray:
-    """16-bit PCM WAV at any rate -> int16 mono 24 kHz. ValueError naming the file otherwise."""
+    """PCM WAV (8, 16, 24 or 32-bit, any rate, any channels) -> int16 mono 24 kHz. ValueError naming
+    the file otherwise."""
     try:
         with wave.open(str(path), "rb") as w:
             width, ch, rate, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
             raw = w.readframes(n)
     except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a readable WAV file ({e})") from None
-    if width != 2:
-        raise ValueError(f"{path}: {8 * width}-bit samples; voices must be 16-bit PCM WAV")
-    x = np.frombuffer(raw, "<i2").astype(np.float32)
+        why = "; float WAVs are not read: export 16- or 24-bit PCM" if "unknown format: 3" in str(e) else ""
+        raise ValueError(f"{path}: not a readable WAV file ({e}){why}") from None
+    try:
+        x = pcm_samples(raw, width)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; voices must be 8, 16, 24 or 32-bit PCM WAV") from None
     if ch > 1:
         x = x[: len(x) // ch * ch].reshape(-1, ch).mean(axis=1)
     if x.size == 0:

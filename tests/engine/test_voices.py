@@ -44,3 +44,44 @@ def test_extensions_in_capitals_are_voices_too(tmp_path, eng):
     (tmp_path / "bob.TXT").unlink()
     with pytest.raises(ValueError, match=r"bob\.WAV: missing transcript bob\.txt"):
         load_voices(tmp_path, eng)
+
+
+def _wav(path, frames: bytes, width: int, rate: int = 16000, channels: int = 1, fmt: int = 1) -> None:
+    """A WAV file by hand (the wave module writes PCM only): fmt 1 is PCM, 3 is IEEE float."""
+    import struct
+
+    block = width * channels
+    head = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(frames), b"WAVE", b"fmt ", 16, fmt, channels, rate,
+                       rate * block, block, 8 * width, b"data", len(frames))
+    path.write_bytes(head + frames)
+
+
+def test_8_24_and_32_bit_pcm_voices_read_as_the_same_samples(tmp_path, eng):
+    """Recorders often write 24-bit (or 32-bit) PCM: such a voice was refused ("voices must be 16-bit
+    PCM"). The same int16 tone stored at each width reads back as those samples exactly (8-bit: to
+    what its 8 bits keep); a float WAV is refused saying what to export instead."""
+    import numpy as np
+
+    from csmstream.engine.voices import load_voices, read_wav_24k_mono
+
+    t = np.arange(4000) / 16000
+    x = (np.sin(2 * np.pi * 220 * t) * 9000).astype(np.int16)
+    _wav(tmp_path / "w16.wav", x.astype("<i2").tobytes(), 2)
+    _wav(tmp_path / "w32.wav", (x.astype(np.int64) << 16).astype("<i4").tobytes(), 4)
+    v24 = (x.astype(np.int64) << 8) & 0xFFFFFF
+    _wav(tmp_path / "w24.wav", np.stack([v24 & 255, (v24 >> 8) & 255, v24 >> 16], 1).astype(np.uint8).tobytes(), 3)
+    _wav(tmp_path / "w8.wav", ((x.astype(np.int64) >> 8) + 128).astype(np.uint8).tobytes(), 1)
+    want = read_wav_24k_mono(tmp_path / "w16.wav")
+    for name in ("w24", "w32"):
+        np.testing.assert_array_equal(read_wav_24k_mono(tmp_path / f"{name}.wav"), want)
+    _wav(tmp_path / "w8as16.wav", ((x >> 8).astype(np.int16) << 8).astype("<i2").tobytes(), 2)  # what 8 bits keep
+    np.testing.assert_array_equal(read_wav_24k_mono(tmp_path / "w8.wav"), read_wav_24k_mono(tmp_path / "w8as16.wav"))
+    (tmp_path / "w8as16.wav").unlink()
+    for name in ("w16", "w24", "w8"):
+        (tmp_path / f"{name}.txt").write_text("A tone.")
+    (tmp_path / "w32.wav").unlink()
+    voices = load_voices(tmp_path, eng)
+    np.testing.assert_array_equal(voices["w24"].codes, voices["w16"].codes)
+    _wav(tmp_path / "f32.wav", (x / 32768).astype("<f4").tobytes(), 4, fmt=3)
+    with pytest.raises(ValueError, match=r"f32\.wav: not a readable WAV file .*float WAVs are not read: export 16- or"):
+        read_wav_24k_mono(tmp_path / "f32.wav")
