@@ -172,6 +172,9 @@ class HttpApi:
             writer.write(out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
             await writer.drain()
             return keep
+        if req.method not in ("GET", "HEAD") and req.path in srv.PAGE_PATHS:
+            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: this page "
+                                      "answers GET (and HEAD)", keep, {"Allow": "GET, HEAD"})
         eleven = hs.ELEVENLABS_PATH.match(req.path) is not None
         if req.path != hs.SPEECH_PATH and not eleven:
             return await self._refuse(writer, 404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "

@@ -218,6 +218,8 @@ class StreamServer:
         return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
                 "waiting": w.queued() if w is not None else 0}
 
+    PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers
+
     def page(self, path: str) -> tuple[int, str, str] | None:
         """The plain GET pages (on the WebSocket port and the HTTP port): (status, content type,
         body), or None for any other path."""
