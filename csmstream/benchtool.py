@@ -63,7 +63,7 @@ def playback(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, fl
 
 
 async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int,
-                   token: str | None = None) -> CallResult:
+                   token: str | None = None, voice: str | None = None) -> CallResult:
     from websockets.asyncio.client import connect
 
     from .transport.client import SesameTTSError, stream_speech_http
@@ -78,17 +78,19 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
         durations.append(len(m) / bps / rate)
         r.chunk_bytes += len(m)
 
+    named = {} if voice is None else {"voice": voice}
     try:
         if url.startswith(("http://", "https://")):  # the OpenAI-compatible port: pieces as they arrive
             t0 = time.perf_counter()
-            async for m in stream_speech_http(url, text, token=token, format=fmt, chunk_ms=chunk_ms, seed=index):
+            async for m in stream_speech_http(url, text, token=token, format=fmt, chunk_ms=chunk_ms, seed=index,
+                                              **named):
                 got(m, time.perf_counter() - t0)
             r.total_ms = 1000 * (time.perf_counter() - t0)
         else:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
                 t0 = time.perf_counter()
-                await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index}))
+                await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index, **named}))
                 async for m in ws:
                     now = time.perf_counter() - t0
                     if isinstance(m, bytes):
@@ -122,7 +124,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
 
 
 async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
-                    progress: bool = True, token: str | None = None) -> list[CallResult]:
+                    progress: bool = True, token: str | None = None, voice: str | None = None) -> list[CallResult]:
     sem = asyncio.Semaphore(concurrency)
     done = 0
     results: list[CallResult] = []
@@ -130,7 +132,7 @@ async def run_level(url: str, texts: list[str], concurrency: int, requests: int,
     async def worker(i: int) -> None:
         nonlocal done
         async with sem:
-            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token)
+            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token, voice)
         results.append(res)
         done += 1
         if progress:
@@ -259,13 +261,16 @@ def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> i
 
 def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
               fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
-              ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None) -> dict:
+              ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None,
+              voice: str | None = None) -> dict:
+    """Run each concurrency level in turn; voice: a named voice of the server's for every request
+    (its time to first audio then includes the voice prompt)."""
     texts = texts or DEFAULT_TEXTS
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
         before = server_metrics(url, token)
-        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token))
+        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token, voice))
         after = server_metrics(url, token)
         results += level
         summaries[c] = summarize(level)

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttfa-threshold-ms", type=float, default=500.0, help="p95 TTFA bound for --sweep (500)")
     bench.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
     bench.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
+    bench.add_argument("--voice", default=None, metavar="NAME",
+                       help="a named voice of the server's (serve --voices) for every request: times first audio "
+                            "with a voice prompt (default: none)")
 
     demo = sub.add_parser("demo", help="start a server on the tiny model, stream a sentence, stop",
                           description="The end-to-end check: start 'csm-stream serve' in the background, "

@@ -314,7 +314,7 @@ def bench(args) -> int:
     print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}", file=sys.stderr)
     out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
                     chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms,
-                    token=args.token or os.environ.get(AUTH_ENV))
+                    token=args.token or os.environ.get(AUTH_ENV), voice=args.voice)
     print(table(out["summary"]))
     for c, summ in out["summary"].items():
         d = summ["drift"]

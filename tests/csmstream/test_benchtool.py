@@ -69,7 +69,12 @@ def test_bench_counts_g722_audio_at_its_own_bytes_per_ms(tmp_path, server):
 def test_the_bench_drives_the_http_port_like_the_websocket(tmp_path):
     import csmstream
 
-    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0).start()
+    from tests.transport.test_text_stream import _write_voice
+
+    (tmp_path / "voices").mkdir()
+    _write_voice(tmp_path / "voices", "ada", "A voice prompt.")
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0,
+                       voices_dir=str(tmp_path / "voices")).start()
     texts = ["Hello there, this is a test.", "Short one."]
     try:
         ws = run_bench(rs.url, concurrency=[1], requests=2, out_dir=tmp_path / "ws", progress=False, texts=texts)
@@ -77,8 +82,17 @@ def test_the_bench_drives_the_http_port_like_the_websocket(tmp_path):
                          texts=texts)
         bad = run_bench(rs.srv.speech_url, concurrency=[1], requests=1, out_dir=tmp_path / "bad", progress=False,
                         fmt="pcm_24000", chunk_ms=5)
+        voiced = [run_bench(url, concurrency=[1], requests=1, out_dir=tmp_path / "v", progress=False, texts=texts,
+                            voice="ada") for url in (rs.url, rs.srv.speech_url)]
+        contexts = [r.context[0].text for r in list(rs.srv.recent)[-2:]]
+        unknown = run_bench(rs.url, concurrency=[1], requests=1, out_dir=tmp_path / "u", progress=False, voice="bob")
     finally:
         rs.stop()
+    assert contexts == ["A voice prompt."] * 2  # --voice reached the server on both ports
+    for out in voiced:
+        (r,) = out["results"]
+        assert r.error is None and r.audio_ms > 0
+    assert unknown["results"][0].error.startswith("unknown_voice: unknown voice 'bob'; available: ada")
     by_ws, by_http = ({r.index: r for r in out["results"]} for out in (ws, http))
     for i in (0, 1):  # same seeds, same audio, whichever port
         r = by_http[i]
