@@ -355,6 +355,8 @@ class FastFrameStep:
         t0 = time.perf_counter()
         self.active.zero_()
         ways = {B: self.variants(B) for B in self.buckets}
+        log.info("capturing the frame step as CUDA graphs for batch buckets %s (%d variants to time) ...",
+                 self.buckets, sum(map(len, ways.values())))
         broken: dict[tuple[bool, bool, bool], str] = {}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -19,6 +19,7 @@ from .weights import (
     read_config,
     read_tensors,
     resolve,
+    shard_files,
 )
 
 log = logging.getLogger("csmstream.engine")
@@ -120,6 +121,8 @@ def _load_checkpoint(path: Path, dev, dt):
         cfg = CsmModelConfig.from_hf(hf)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    size = sum(f.stat().st_size for f in shard_files(path))
+    log.info("loading %s: %.2f GB of weights onto %s/%s ...", path, size / 1e9, dev, str(dt).removeprefix("torch."))
     tok = TextTokenizer.from_dir(path)
     if tok.vocab_size > cfg.text_vocab:
         raise CheckpointError(f"{path / 'tokenizer.json'}: {tok.vocab_size} tokens, but the model's "

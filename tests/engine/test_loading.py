@@ -14,7 +14,7 @@ def copy_ckpt(src, dst):
     return dst
 
 
-def test_sharded_checkpoint_loads_and_matches(checkpoint, checkpoint_engine, tmp_path):
+def test_sharded_checkpoint_loads_and_matches(checkpoint, checkpoint_engine, tmp_path, caplog):
     path, ref, tok = checkpoint
     sharded = tmp_path / "sharded"
     ref.save_pretrained(sharded, max_shard_size="2MB")
@@ -22,7 +22,10 @@ def test_sharded_checkpoint_loads_and_matches(checkpoint, checkpoint_engine, tmp
         shutil.copy(path / f, sharded / f)
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    eng = csmstream.load(str(sharded), device="cpu", max_streams=1)
+    with caplog.at_level("INFO", logger="csmstream.engine"):
+        eng = csmstream.load(str(sharded), device="cpu", max_streams=1)
+    size = sum(f.stat().st_size for f in sharded.glob("model-*.safetensors"))  # what the load says it reads
+    assert f"loading {sharded}: {size / 1e9:.2f} GB of weights onto cpu/float32 ..." in caplog.text
     a = np.stack(list(eng.frames("Hello there.", topk=1, max_frames=8)))
     b = np.stack(list(checkpoint_engine.frames("Hello there.", topk=1, max_frames=8)))
     np.testing.assert_array_equal(a, b)
