@@ -42,6 +42,18 @@ def engine_audio(text, speaker, seed):
     return np.concatenate(list(eng.stream(text, speaker, seed=seed)))
 
 
+@asynccontextmanager
+async def speaking(server, text, media):
+    """A simulated call speaking `text` (speak_text running as a task) once `media` messages of it
+    have arrived: yields (sim, task, registry, calls)."""
+    async with endpoint() as (url, registry, calls):
+        service = TelnyxService(registry, sesame_url=server.url)
+        async with TelnyxSimulator(url) as sim:
+            task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
+            await wait_until(lambda: len(sim.media_times()) >= media)
+            yield sim, task, service, registry, calls
+
+
 def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
     text = "Thanks for calling, how can I help?"
 
@@ -146,17 +158,13 @@ def test_interrupt_clears_cancels_generation_and_drops_the_rest(server, monkeypa
     text = "This is a long answer that the caller will interrupt halfway through. " * 6
 
     async def go():
-        async with endpoint() as (url, registry, _):
-            service = TelnyxService(registry, sesame_url=server.url)
-            async with TelnyxSimulator(url) as sim:
-                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
-                await wait_until(lambda: len(sim.media_times()) >= 15)
-                await service.interrupt("v2:call-1")
-                utt = await asyncio.wait_for(task, 10)
-                await wait_until(lambda: sim.cleared_at, 5)
-                await asyncio.sleep(0.3)  # anything still coming would arrive now
-                heard = await registry.get("v2:call-1").heard(utt, timeout=5)
-                return sim, utt, heard
+        async with speaking(server, text, 15) as (sim, task, service, registry, _):
+            await service.interrupt("v2:call-1")
+            utt = await asyncio.wait_for(task, 10)
+            await wait_until(lambda: sim.cleared_at, 5)
+            await asyncio.sleep(0.3)  # anything still coming would arrive now
+            heard = await registry.get("v2:call-1").heard(utt, timeout=5)
+            return sim, utt, heard
 
     sim, utt, heard = asyncio.run(go())
     assert len(sim.cleared_at) == 1 and utt.state == "cut_off" and heard is False
@@ -173,15 +181,11 @@ def test_nothing_is_sent_after_stop_and_generation_is_cancelled(server, monkeypa
     text = "A caller who hangs up while we are still talking to them. " * 5
 
     async def go():
-        async with endpoint() as (url, registry, calls):
-            service = TelnyxService(registry, sesame_url=server.url)
-            async with TelnyxSimulator(url) as sim:
-                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
-                await wait_until(lambda: len(sim.media_times()) >= 8)
-                await sim.stop()
-                utt = await asyncio.wait_for(task, 10)
-                await asyncio.sleep(0.3)
-                return sim, utt, registry
+        async with speaking(server, text, 8) as (sim, task, _, registry, _):
+            await sim.stop()
+            utt = await asyncio.wait_for(task, 10)
+            await asyncio.sleep(0.3)
+            return sim, utt, registry
 
     sim, utt, registry = asyncio.run(go())
     late = [m for t, m in sim.received if t > sim.stopped_at + 0.05]
@@ -224,21 +228,17 @@ def test_a_call_whose_sending_fails_ends_instead_of_going_silent(server, monkeyp
     text = "This sentence will never be heard in full, because sending breaks. " * 5
 
     async def go():
-        async with endpoint() as (url, registry, calls):
-            service = TelnyxService(registry, sesame_url=server.url)
-            async with TelnyxSimulator(url) as sim:
-                task = asyncio.create_task(service.speak_text("v2:call-1", text, CONFIG))
-                await wait_until(lambda: len(sim.media_times()) >= 5)
-                call = registry.get("v2:call-1")
+        async with speaking(server, text, 5) as (_, task, _, registry, calls):
+            call = registry.get("v2:call-1")
 
-                async def broken(msg):
-                    raise RuntimeError("injected: the send path is broken")
+            async def broken(msg):
+                raise RuntimeError("injected: the send path is broken")
 
-                call.sock.send = broken
-                utt = await asyncio.wait_for(task, 10)
-                heard = await call.heard(utt, timeout=10)
-                await wait_until(lambda: calls == [call])  # the media handler returned
-                return utt, heard, registry.get("v2:call-1"), call
+            call.sock.send = broken
+            utt = await asyncio.wait_for(task, 10)
+            heard = await call.heard(utt, timeout=10)
+            await wait_until(lambda: calls == [call])  # the media handler returned
+            return utt, heard, registry.get("v2:call-1"), call
 
     with caplog.at_level(logging.ERROR, logger="csmstream.telnyx"):
         utt, heard, registered, call = asyncio.run(go())
