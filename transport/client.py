@@ -12,13 +12,16 @@ the OpenAI-compatible HTTP port (serve --http-port).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws/generate"
+DRAIN_S = 10.0  # how long an abandoned request's cancel may take to come back before the connection is dropped
 
 
 class SesameTTSError(Exception):
@@ -44,6 +47,7 @@ class SesameWebSocketService:
         self.url, self.open_timeout = url, open_timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ws = None
+        self._lock = asyncio.Lock()  # one request at a time on a kept connection
         self.last_done: dict | None = None  # the most recent request's done message
 
     async def __aenter__(self) -> SesameWebSocketService:
@@ -64,9 +68,18 @@ class SesameWebSocketService:
 
     async def stream_tts(self, text: str, speaker_id: int = 0, **options) -> AsyncIterator[bytes]:
         """Yield audio chunks (bytes) for one request as they arrive. options: request_id, format,
-        chunk_ms, temperature, topk, seed, max_audio_ms, voice (see the protocol)."""
-        ws = self._ws or await self._connect()
+        chunk_ms, temperature, topk, seed, max_audio_ms, voice (see the protocol).
+
+        On a kept connection (`async with svc:`) requests run one at a time, in the order they are
+        made (several tasks may call this at once), and a caller that stops iterating early has its
+        request cancelled and the rest of its audio read off, so the next one starts clean."""
         own = self._ws is None
+        ws = await self._connect() if own else self._ws
+        lock = None if own else self._lock
+        if lock is not None:
+            await lock.acquire()
+        options.setdefault("request_id", f"py-{secrets.token_hex(6)}")
+        ended = False  # its done or error has been read
         try:
             await ws.send(json.dumps({"text": text, "speaker_id": speaker_id, **options}))
             async for message in ws:
@@ -74,6 +87,7 @@ class SesameWebSocketService:
                     yield message
                     continue
                 msg = json.loads(message)
+                ended = "error" in msg or bool(msg.get("done"))
                 if "error" in msg:
                     err = msg["error"]
                     raise SesameTTSError(err.get("code", "error"), err.get("message", ""), msg.get("request_id"))
@@ -83,12 +97,39 @@ class SesameWebSocketService:
                         raise SesameConnectionError(f"the server at {self.url} shut down before the request "
                                                     f"finished ({msg.get('audio_ms')} ms of audio had been sent)")
                     return
+            ended = True
             raise SesameConnectionError(f"connection to {self.url} closed before the request finished")
         except ConnectionClosed as e:
+            ended = True
             raise SesameConnectionError(f"connection to {self.url} dropped: {e}") from e
         finally:
-            if own:
-                await ws.close()
+            try:
+                if not own and not ended:
+                    await self._abandon(ws, options["request_id"])
+            finally:
+                if lock is not None:
+                    lock.release()
+                if own:
+                    await ws.close()
+
+    async def _abandon(self, ws, request_id: str) -> None:
+        """The caller left a request unfinished on a kept connection: cancel it and read its
+        remaining messages, so they are not taken for the next one's. The server answers the
+        cancel with exactly one of: the request's done, cancelled by it (no reason given), or, when
+        the request had already ended (its done or error then came first), a nothing_to_cancel
+        error."""
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                await ws.send(json.dumps({"cancel": True, "request_id": request_id}))
+                async for message in ws:
+                    if isinstance(message, bytes) or (msg := json.loads(message)).get("request_id") != request_id:
+                        continue
+                    if (msg.get("done") and msg.get("cancelled") and "reason" not in msg) \
+                            or msg.get("error", {}).get("code") == "nothing_to_cancel":
+                        return
+        except (ConnectionClosed, TimeoutError):
+            await ws.close()  # a connection left in an unknown state is not reused
+            self._ws = None
 
     async def cancel(self, request_id: str | None = None) -> None:
         """Cancel on the open connection (context-manager use only)."""

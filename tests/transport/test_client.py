@@ -55,6 +55,38 @@ def test_one_connection_many_requests(server):
     assert all(n == 500 * 48 for n in asyncio.run(go()))
 
 
+def test_a_kept_connection_serves_concurrent_callers_in_turn_and_survives_one_that_stops_early(server):
+    """Two tasks streaming on one kept connection: the second's recv raised websockets'
+    ConcurrencyError. And a caller that stopped iterating early left the rest of its audio and its
+    done in the socket, read by the next request as its own. Now callers take turns, and an
+    abandoned request is cancelled and read off: each request gets exactly its own audio (the
+    audio a connection of its own gets for the same request)."""
+    requests = [("First caller.", 1), ("Second caller.", 2), ("Third caller.", 3)]
+
+    async def alone(text, seed):
+        return b"".join([c async for c in SesameWebSocketService(server.url).stream_tts(text, seed=seed,
+                                                                                       max_audio_ms=800)])
+
+    async def go():
+        want = [await alone(t, s) for t, s in requests]
+        async with SesameWebSocketService(server.url) as svc:
+            async def take(text, seed):
+                return b"".join([c async for c in svc.stream_tts(text, seed=seed, max_audio_ms=800)])
+
+            together = await asyncio.gather(*(take(t, s) for t, s in requests))
+            early = svc.stream_tts("A long answer, abandoned after its first chunk. " * 5, seed=9)
+            first = await early.__anext__()
+            await early.aclose()  # (as a `break` out of `async for` does, when the generator is collected)
+            after = await take(*requests[0])
+        return want, together, first, after
+
+    want, together, first, after = asyncio.run(go())
+    assert [len(w) for w in want] == [800 * 48] * 3
+    assert together == want and len(first) == 4800 and after == want[0]
+    cancelled = [r for r in server.srv.recent if r.text.startswith("A long answer, abandoned")]
+    assert any(r.reason == "cancelled" for r in cancelled)  # (the server was told, not just left)
+
+
 def test_dropped_connection_raises_not_silent():
     async def handler(ws):
         await ws.recv()
