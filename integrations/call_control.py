@@ -9,6 +9,7 @@ carry Telnyx's own error codes and messages.
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 
 import httpx
 
@@ -70,7 +71,8 @@ async def start_streaming(call_control_id: str, stream_url: str, codec: str = "P
     if not call_control_id or not isinstance(call_control_id, str):
         raise ValueError(f"call_control_id must be a non-empty string, got {call_control_id!r}")
     body = streaming_body(stream_url, codec, **options)
-    url = f"{base_url.rstrip('/')}/calls/{call_control_id}/actions/streaming_start"
+    # (quoted: an id is one path segment; a "/" or "?" in it must not reach another endpoint)
+    url = f"{base_url.rstrip('/')}/calls/{quote(call_control_id, safe=':')}/actions/streaming_start"
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Accept": "application/json"}
     own = client is None
     client = client or httpx.AsyncClient(timeout=timeout)
@@ -81,12 +83,15 @@ async def start_streaming(call_control_id: str, stream_url: str, codec: str = "P
     finally:
         if own:
             await client.aclose()
-    if resp.is_success:
-        return resp.json().get("data", {}) if resp.content else {}
-    try:
-        errors = resp.json().get("errors", [])
+    try:  # Telnyx answers JSON; a proxy in between may not (an HTML 502, an empty 200)
+        payload = resp.json() if resp.content else None
     except ValueError:
-        errors = []
+        payload = None
+    if resp.is_success:  # streaming has started, whatever the body says
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return data if isinstance(data, dict) else {}
+    errors = payload.get("errors") if isinstance(payload, dict) else None
+    errors = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
     detail = "; ".join(f"{e.get('code')} {e.get('title')}: {e.get('detail')}" for e in errors) or resp.text[:200]
     cls = {401: TelnyxAuthError, 403: TelnyxAuthError, 422: TelnyxValidationError}.get(resp.status_code, TelnyxAPIError)
     raise cls(resp.status_code, errors, f"Telnyx streaming_start failed ({resp.status_code}): {detail}")

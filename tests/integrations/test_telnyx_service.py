@@ -59,9 +59,9 @@ class _Recorder(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.path, dict(self.headers), json.loads(body)))
         status, payload = self.replies.pop(0)
-        data = json.dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()  # bytes: sent as they are
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/html" if isinstance(payload, bytes) else "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -107,6 +107,25 @@ def test_start_streaming_errors_are_typed_with_telnyx_codes(telnyx_api, status, 
     with pytest.raises(exc) as e:
         asyncio.run(start_streaming("v2:abc", "wss://h/t", api_key="k", base_url=base))
     assert e.value.status == status and e.value.codes == [code] and errors[0]["detail"] in str(e.value)
+
+
+def test_start_streaming_survives_what_a_proxy_may_answer_and_quotes_the_call_id(telnyx_api):
+    """A body that is not Telnyx's JSON (an HTML 502 from a proxy, an empty or odd 200) raised a
+    bare ValueError or AttributeError; the call id went into the URL path unquoted, so one with a
+    "/" or "?" reached another endpoint."""
+    base, rec = telnyx_api
+    rec.replies += [(502, b"<html>Bad Gateway</html>"), (422, {"errors": ["not an object"]}), (200, b""),
+                    (200, [1, 2]), (200, {"data": {"result": "ok"}})]
+    with pytest.raises(TelnyxAPIError) as e:
+        asyncio.run(start_streaming("v2:abc", "wss://h/t", api_key="k", base_url=base))
+    assert e.value.status == 502 and "Bad Gateway" in str(e.value) and e.value.codes == []
+    with pytest.raises(TelnyxValidationError) as e:
+        asyncio.run(start_streaming("v2:abc", "wss://h/t", api_key="k", base_url=base))
+    assert e.value.status == 422 and e.value.codes == []
+    for _ in range(2):  # streaming started: the odd body is no failure
+        assert asyncio.run(start_streaming("v2:abc", "wss://h/t", api_key="k", base_url=base)) == {}
+    assert asyncio.run(start_streaming("v3:a/b?c#d", "wss://h/t", api_key="k", base_url=base)) == {"result": "ok"}
+    assert rec.seen[-1][0] == "/v2/calls/v3:a%2Fb%3Fc%23d/actions/streaming_start"
 
 
 def test_start_streaming_validates_before_calling(monkeypatch):
