@@ -86,11 +86,10 @@ class SesameWebSocketService:
                 if isinstance(message, bytes):
                     yield message
                     continue
-                msg = json.loads(message)
+                msg = _reply(message)
                 ended = "error" in msg or bool(msg.get("done"))
                 if "error" in msg:
-                    err = msg["error"]
-                    raise SesameTTSError(err.get("code", "error"), err.get("message", ""), msg.get("request_id"))
+                    raise _error(msg["error"], "error", msg.get("request_id"))
                 if msg.get("done"):
                     self.last_done = msg
                     if msg.get("cancelled") and msg.get("reason") == "server_shutdown":  # not this client's cancel
@@ -122,8 +121,9 @@ class SesameWebSocketService:
             async with asyncio.timeout(DRAIN_S):
                 await ws.send(json.dumps({"cancel": True, "request_id": request_id}))
                 async for message in ws:
-                    if isinstance(message, bytes) or (msg := json.loads(message)).get("request_id") != request_id:
+                    if isinstance(message, bytes) or _reply(message, None).get("request_id") != request_id:
                         continue
+                    msg = _reply(message)
                     if (msg.get("done") and msg.get("cancelled") and "reason" not in msg) \
                             or msg.get("error", {}).get("code") == "nothing_to_cancel":
                         return
@@ -139,6 +139,31 @@ class SesameWebSocketService:
         if request_id is not None:
             msg["request_id"] = request_id
         await self._ws.send(json.dumps(msg))
+
+
+_NOT_A_REPLY = object()
+
+
+def _reply(message: str, bad=_NOT_A_REPLY) -> dict:
+    """A server text message as the dict every csm-stream reply is; anything else (another kind of
+    server at that URL) is SesameTTSError invalid_reply, or `bad` when given."""
+    try:
+        msg = json.loads(message)
+    except ValueError:
+        msg = None
+    if isinstance(msg, dict):
+        return msg
+    if bad is not _NOT_A_REPLY:
+        return bad or {}
+    raise SesameTTSError("invalid_reply", f"the server sent a text message that is not a csm-stream reply: "
+                         f"{message[:120]!r}; is the URL a csm-stream endpoint?")
+
+
+def _error(err, code: str, request_id: str | None) -> SesameTTSError:
+    """SesameTTSError from an error object ({"code", "message"}; any other shape is its message)."""
+    if not isinstance(err, dict):
+        err = {"message": str(err)[:200]}
+    return SesameTTSError(str(err.get("code") or code), str(err.get("message") or ""), request_id)
 
 
 async def stream_sesame_tts(text: str, speaker_id: int = 0, url: str = DEFAULT_URL, **options) -> AsyncIterator[bytes]:
@@ -164,9 +189,8 @@ async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token:
                 try:
                     err = r.json()["error"]
                 except (ValueError, KeyError, TypeError):
-                    err = {"code": f"http_{r.status_code}", "message": r.text[:200]}
-                raise SesameTTSError(err.get("code") or "error", err.get("message") or "",
-                                     r.headers.get("x-request-id"))
+                    err = {"message": r.text[:200]}
+                raise _error(err, f"http_{r.status_code}", r.headers.get("x-request-id"))
             async for chunk in r.aiter_raw():
                 yield chunk
     except httpx.TransportError as e:  # refused, reset, or a body cut off unfinished

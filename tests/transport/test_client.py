@@ -106,6 +106,70 @@ def test_dropped_connection_raises_not_silent():
     assert len(got) == 1 and err.code == "connection"
 
 
+@pytest.mark.parametrize("reply, code, message", [
+    ("Welcome to the echo server", "invalid_reply", "not a csm-stream reply: 'Welcome to the echo server'"),
+    ("[1, 2]", "invalid_reply", "is the URL a csm-stream endpoint?"),
+    ('{"error": "quota exceeded"}', "error", "quota exceeded"),
+    ('{"error": {"message": "no code"}}', "error", "no code"),
+])
+def test_a_reply_that_is_not_csm_streams_is_a_typed_error(reply, code, message):
+    """Another kind of server at the URL (or a proxy's page) raised a bare ValueError or
+    AttributeError from inside the client; it is a SesameTTSError that says what came."""
+    async def handler(ws):
+        await ws.recv()
+        await ws.send(reply)
+        await ws.recv()  # (wait for the client to go)
+
+    async def go():
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            with pytest.raises(SesameTTSError) as e:
+                async for _ in SesameWebSocketService(f"ws://127.0.0.1:{port}/ws/generate").stream_tts("hi"):
+                    pass
+            return e.value
+
+    err = asyncio.run(go())
+    assert err.code == code and message in err.message and not isinstance(err, SesameConnectionError)
+
+
+@pytest.mark.parametrize("status, body, code, message", [
+    (502, b'{"error": "bad gateway"}', "http_502", "bad gateway"),  # a proxy's JSON: error is a string
+    (503, b"<html>down</html>", "http_503", "<html>down</html>"),
+])
+def test_the_http_client_types_a_proxys_error_page_too(status, body, code, message):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from csmstream.transport.client import stream_speech_http
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    async def go():
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/audio/speech"
+        with pytest.raises(SesameTTSError) as e:
+            async for _ in stream_speech_http(url, "hi"):
+                pass
+        return e.value
+
+    try:
+        err = asyncio.run(go())
+    finally:
+        httpd.shutdown()
+    assert (err.code, err.message) == (code, message)
+
+
 def test_unreachable_server_raises_connection_error():
     import socket
 
