@@ -51,6 +51,9 @@ class TelnyxService:
 
     async def _speak_text_websocket_sesame(self, call_control_id: str, text: str, agent_config: dict) -> Utterance:
         settings = agent_config.get("sesame_settings") or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, temperature, topk, seed, "
+                             f"url), got {type(settings).__name__}")
         speaker = settings.get("speaker_id", 0)
         call = await self.registry.wait_for(call_control_id, self.stream_wait)
         options = {k: settings[k] for k in ("temperature", "topk", "seed") if k in settings}

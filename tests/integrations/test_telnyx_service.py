@@ -35,6 +35,8 @@ def test_routing_by_provider_and_websocket_flag():
             await svc.speak_text("c3", "x", {"tts_provider": "polly"})
         with pytest.raises(ValueError, match="agent_config must be a dict"):
             await svc.speak_text("c3", "x", None)
+        with pytest.raises(ValueError, match=r"agent_config\['sesame_settings'\] must be a dict .*got str"):
+            await svc.speak_text("c3", "x", {"tts_provider": "sesame", "sesame_settings": "speaker 1"})
         return r
 
     assert asyncio.run(go()) == "played by the user's own path"
