@@ -6,8 +6,8 @@
 
 A server error raises SesameTTSError (with .code and .message); a dropped connection, or a
 request the server cancelled as it shut down, raises SesameConnectionError: a stream never ends
-silently short. `stream_speech_http` does the same over
-the OpenAI-compatible HTTP port (serve --http-port).
+silently short. `stream_speech_http` does the same over the OpenAI-compatible HTTP port (serve
+--http-port).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class SesameWebSocketService:
                     yield message
                     continue
                 msg = _reply(message)
+                if msg is None:
+                    raise SesameTTSError("invalid_reply", f"the server sent a text message that is not a csm-stream "
+                                         f"reply: {message[:120]!r}; is the URL a csm-stream endpoint?")
                 ended = "error" in msg or bool(msg.get("done"))
                 if "error" in msg:
                     raise _error(msg["error"], "error", msg.get("request_id"))
@@ -121,11 +124,12 @@ class SesameWebSocketService:
             async with asyncio.timeout(DRAIN_S):
                 await ws.send(json.dumps({"cancel": True, "request_id": request_id}))
                 async for message in ws:
-                    if isinstance(message, bytes) or _reply(message, None).get("request_id") != request_id:
+                    msg = (None if isinstance(message, bytes) else _reply(message)) or {}
+                    if msg.get("request_id") != request_id:
                         continue
-                    msg = _reply(message)
+                    err = msg.get("error")
                     if (msg.get("done") and msg.get("cancelled") and "reason" not in msg) \
-                            or msg.get("error", {}).get("code") == "nothing_to_cancel":
+                            or (isinstance(err, dict) and err.get("code") == "nothing_to_cancel"):
                         return
         except (ConnectionClosed, TimeoutError):
             await ws.close()  # a connection left in an unknown state is not reused
@@ -141,22 +145,14 @@ class SesameWebSocketService:
         await self._ws.send(json.dumps(msg))
 
 
-_NOT_A_REPLY = object()
-
-
-def _reply(message: str, bad=_NOT_A_REPLY) -> dict:
-    """A server text message as the dict every csm-stream reply is; anything else (another kind of
-    server at that URL) is SesameTTSError invalid_reply, or `bad` when given."""
+def _reply(message: str) -> dict | None:
+    """A server text message as the dict every csm-stream reply is, or None for anything else
+    (another kind of server at that URL)."""
     try:
         msg = json.loads(message)
     except ValueError:
-        msg = None
-    if isinstance(msg, dict):
-        return msg
-    if bad is not _NOT_A_REPLY:
-        return bad or {}
-    raise SesameTTSError("invalid_reply", f"the server sent a text message that is not a csm-stream reply: "
-                         f"{message[:120]!r}; is the URL a csm-stream endpoint?")
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 def _error(err, code: str, request_id: str | None) -> SesameTTSError:
