@@ -90,10 +90,10 @@ class LoopWatch:
         if self._task is not None and threading.get_ident() == self._thread:  # scraped on the loop: read it now
             self.cpu_seconds = time.thread_time() - self._cpu0
         return ["# HELP csm_event_loop_lag_milliseconds how late the event loop ran a callback that was due "
-                "(sampled every %g s)" % self.interval,
+                f"(sampled every {self.interval:g} s)",
                 "# TYPE csm_event_loop_lag_milliseconds histogram",
                 *self.lag_ms.lines("csm_event_loop_lag_milliseconds"),
-                "# HELP csm_event_loop_lag_max_milliseconds the largest lag of the last %g s" % self._window,
+                f"# HELP csm_event_loop_lag_max_milliseconds the largest lag of the last {self._window:g} s",
                 "# TYPE csm_event_loop_lag_max_milliseconds gauge",
                 f"csm_event_loop_lag_max_milliseconds {self.max_recent_ms():.2f}",
                 "# HELP csm_event_loop_cpu_seconds_total CPU time of the event loop's thread (all network work)",
