@@ -9,7 +9,7 @@ import time
 
 from . import __version__
 from .commands import TINY_NOTE
-from .transport.protocol import CHUNK_MS_RANGE, FORMATS
+from .transport.protocol import FORMATS
 
 SAY_FORMATS = list(FORMATS)  # the raw formats (pcm_*, ulaw_8000, alaw_8000, g722_16000)
 
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             return commands.demo(args)
         if args.command == "bench":
             return commands.bench(args)
-        lo, hi = CHUNK_MS_RANGE
-        if not lo <= args.chunk_ms <= hi:  # (before loading a model or connecting)
-            raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {args.chunk_ms}")
+        commands.check_chunk_ms(args.chunk_ms)  # (before loading a model or connecting)
         if args.voices is not None and not args.local:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:

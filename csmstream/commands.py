@@ -27,6 +27,15 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
+def check_chunk_ms(ms: int) -> None:
+    """--chunk-ms as the server accepts it, checked before any connection or model load."""
+    from .transport.protocol import CHUNK_MS_RANGE
+
+    lo, hi = CHUNK_MS_RANGE
+    if not lo <= ms <= hi:
+        raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {ms}")
+
+
 # -- serve -----------------------------------------------------------------------------------------
 def serve(args) -> int:
     from . import load
@@ -278,7 +287,6 @@ def bench(args) -> int:
     from pathlib import Path
 
     from .benchtool import run_bench, table
-    from .transport.protocol import CHUNK_MS_RANGE
 
     if args.sweep:
         try:
@@ -289,9 +297,7 @@ def bench(args) -> int:
         levels = [args.concurrency]
     if not levels or min(levels) < 1 or args.requests < 1:
         raise ValueError("concurrency levels and --requests must be >= 1")
-    lo, hi = CHUNK_MS_RANGE
-    if not lo <= args.chunk_ms <= hi:  # (else every request fails at the server)
-        raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {args.chunk_ms}")
+    check_chunk_ms(args.chunk_ms)  # (else every request fails at the server)
     if not 0 < args.ttfa_threshold_ms < math.inf:
         raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
     try:  # the results' folder, before the run rather than after it
