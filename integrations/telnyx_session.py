@@ -153,7 +153,7 @@ class TelnyxMediaSession:
         event = msg.get("event")
         handler = getattr(self, f"_on_{event}", None) if isinstance(event, str) else None
         if handler is None:
-            return [self._bad(f"unknown event {event!r}", text)]
+            return [self._bad(f"unknown event {event!r:.40}", text)]
         try:
             return handler(msg)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # (int(1e999): Overflow)

@@ -136,7 +136,7 @@ class Connection:
             return
         if msg.voice is not None and msg.voice not in srv.voices:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
-            await self._error("unknown_voice", f"unknown voice {msg.voice!r}; available: {known}", rid)
+            await self._error("unknown_voice", f"unknown voice {msg.voice!r:.60}; available: {known}", rid)
             return
         call = None
         if msg.call_control_id is not None:
@@ -145,7 +145,7 @@ class Connection:
                 why = ("this server has no phone-call endpoint (start it with csm-stream serve --telnyx)"
                        if srv.calls is None else "no live Telnyx media stream for that call; Telnyx connects "
                        "to /telnyx after streaming_start")
-                await self._error("unknown_call", f"unknown call {msg.call_control_id!r}: {why}", rid)
+                await self._error("unknown_call", f"unknown call {msg.call_control_id!r:.60}: {why}", rid)
                 return
         if any(j.rid == rid for j in self.jobs):
             await self._error("duplicate_request_id", f"request_id {rid!r} is already queued or running on this "

@@ -211,8 +211,9 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     g.speaker_id = sid
     fmt = msg.get("format", DEFAULT_FORMAT)
     if not isinstance(fmt, str) or fmt not in formats:
+        compressed = isinstance(fmt, str) and fmt in COMPRESSED_FORMATS  # (a list or dict cannot be looked up)
         where = (" (mp3, opus, aac and flac are sent by the HTTP and ElevenLabs endpoints; this one sends raw "
-                 "audio in chunks of exactly chunk_ms)") if fmt in COMPRESSED_FORMATS else ""
+                 "audio in chunks of exactly chunk_ms)") if compressed else ""
         raise bad("invalid_format", f"format must be one of {', '.join(formats)}, got {fmt!r:.40}{where}")
     g.format = fmt
     ms = msg.get("chunk_ms", DEFAULT_CHUNK_MS)

@@ -85,10 +85,12 @@ def test_every_telnyx_event_becomes_a_typed_event():
     ('{"event": "start", "start": {"call_control_id": "v2:x", "media_format": {"sample_rate": 1e999}}}',
      "malformed start"),  # int(inf) raises OverflowError
     ('{"event": "media", "sequence_number": 1' + "0" * 5000 + "}", "not JSON"),  # over Python's 4,300 digits
+    ('{"event": "' + "x" * 100_000 + '"}', "unknown event 'xxx"),
 ])
 def test_malformed_messages_are_events_not_exceptions(raw, reason):
     (ev,) = TelnyxMediaSession().receive(raw)
     assert isinstance(ev, BadMessage) and reason in ev.reason
+    assert len(ev.reason) < 200 and len(ev.raw) <= 200  # logged at WARNING: a flood is not copied into the log
 
 
 def test_media_before_start_and_bad_base64():

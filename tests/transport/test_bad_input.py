@@ -33,6 +33,8 @@ CASES = [
     ('{"text": "hi", "speaker_id": 1.5}', "invalid_speaker_id"),
     ('{"text": "hi", "format": "mp3_44100"}', "invalid_format"),
     ('{"text": "hi", "format": 8000}', "invalid_format"),
+    ('{"text": "hi", "format": []}', "invalid_format"),  # (unhashable: it cannot be looked up in a dict)
+    ('{"text": "hi", "format": {"rate": 8000}}', "invalid_format"),
     ('{"text": "hi", "chunk_ms": 10}', "invalid_chunk_ms"),
     ('{"text": "hi", "chunk_ms": 1001}', "invalid_chunk_ms"),
     ('{"text": "hi", "chunk_ms": "100"}', "invalid_chunk_ms"),
@@ -82,6 +84,21 @@ def test_error_messages_name_what_is_allowed(server):
     assert "pcm_24000" in fmt and "ulaw_8000" in fmt
     assert "20..1000" in chunk
     assert "non-empty string" in text
+
+
+def test_a_huge_name_is_quoted_short_in_its_error(server):
+    async def go():
+        async with connect(server.url) as ws:
+            out = []
+            for field in ("voice", "call_control_id"):
+                await ws.send(json.dumps({"text": "hi", field: "v" * 100_000}))
+                out.append(json.loads(await ws.recv())["error"])
+            return out
+
+    voice, call = asyncio.run(go())
+    assert voice["code"] == "unknown_voice" and call["code"] == "unknown_call"
+    for err in (voice, call):
+        assert "'vvvv" in err["message"] and len(err["message"]) < 300  # the name is quoted, cut to 60
 
 
 def test_unknown_fields_are_ignored(server):

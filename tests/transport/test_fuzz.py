@@ -20,18 +20,24 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=12)
 KEYS = ["text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed", "max_audio_ms",
-        "voice", "final", "cancel", "flush", "call_control_id"]
+        "voice", "final", "cancel", "flush", "call_control_id", "inactivity_timeout"]
 messages = st.one_of(
     st.text(max_size=200),
     json_values.map(lambda v: json.dumps(v, allow_nan=True)),
     st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6).map(lambda d: json.dumps(d, allow_nan=True)),
     st.binary(max_size=50),
 )
+# a valid request with one to three of its fields replaced by any JSON value: each field's check is
+# reached (in messages above, an earlier bad field usually refuses the message first)
+VALID = {"text": "Hello there.", "speaker_id": 1, "format": "ulaw_8000", "chunk_ms": 40, "temperature": 0.7,
+         "topk": 20, "seed": 3, "max_audio_ms": 500, "request_id": "r1", "final": True}
+near_valid = st.dictionaries(st.sampled_from(KEYS[1:]), json_values, min_size=1, max_size=3).map(
+    lambda d: json.dumps({**VALID, **d}, allow_nan=True))
 RESULTS = (protocol.Generate, protocol.Cancel, protocol.Append, protocol.Flush)
 
 
-@settings(max_examples=400, deadline=None)
-@given(messages, st.booleans())
+@settings(max_examples=600, deadline=None)
+@given(messages | near_valid, st.booleans())
 def test_protocol_parse_returns_a_message_or_a_protocol_error(raw, streaming):
     try:
         msg = protocol.parse(raw, streaming=streaming)
