@@ -40,7 +40,7 @@ async def stream_to_call(conn, job) -> None:
     sent_ms = 20.0 * (utt.frames if utt is not None else 0)
     if job.error and not job.cancelled:
         job.cancel()
-        await conn._error("generation_failed", job.error, job.rid)
+        await conn._error(job.error_code or "generation_failed", job.error, job.rid)
         return
     if job.cancelled or utt is None or utt.state == "cut_off":
         job.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame

@@ -299,8 +299,12 @@ class Connection:
             req.sink = ring
             srv.worker.submit(req)
         except (ValueError, RuntimeError) as e:
-            job.error = str(e)
             code = "invalid_request" if isinstance(e, ValueError) else "busy" if isinstance(e, Busy) else "unavailable"
+            job.error, job.error_code = str(e), code
+            if job.active or job.done_reqs:  # a later sentence: what the earlier ones generated plays out
+                job.parts.clear()            # first (source drains it), then _stream sends this error
+                job.event.set()
+                return False
             await self._error(code, str(e), job.rid)
             job.cancel()
             return False
@@ -325,7 +329,7 @@ class Connection:
         """The job's 24 kHz PCM as it is generated, in pieces of `unit` samples (shorter at the end
         of a sentence), sentence after sentence; ends when all is generated and read, on cancel, on
         error, or at max_audio_ms."""
-        while not job.cancelled and not job.error:
+        while not job.cancelled and (not job.error or job.active):  # (a refused sentence: the rest drains)
             await self._pump(job)
             if job.active:
                 req, ring = job.active[0]
@@ -342,15 +346,18 @@ class Connection:
                     yield pcm
                     continue
                 if req.finished:
-                    if req.reason == "error":
-                        job.error = req.error or "generation failed"
-                        return
                     if req.reason == "cancelled":  # by the server (shutting down)
                         job.cancelled = True
                         return
                     rest = ring.read_all()
                     if job.src_limit is not None:
                         rest = rest[: max(0, job.src_limit - job.src_sent)]
+                    if req.reason == "error":  # what it generated before failing still goes out, then the error
+                        if len(rest):
+                            job.src_sent += len(rest)
+                            yield rest
+                        job.error = req.error or "generation failed"
+                        return
                     job.active.popleft()
                     req.sink = None
                     if req.codes:
@@ -379,8 +386,10 @@ class Connection:
             for chunk in await enc.feed_async(pcm):
                 await self._send_audio(job, chunk)
         if job.error:
-            if not job.cancelled:  # submit errors were reported when they happened
-                await self._error("generation_failed", job.error, job.rid)
+            if not job.cancelled:  # (a refused first sentence was reported when it happened)
+                for chunk in enc.finish():  # what was generated before the failure is not lost
+                    await self._send_audio(job, chunk)
+                await self._error(job.error_code or "generation_failed", job.error, job.rid)
             return
         if job.cancelled:
             await self._done(job, cancelled=True)

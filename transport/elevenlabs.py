@@ -107,7 +107,7 @@ class ElevenLabsBase(Connection):
     def _check_url(self) -> str | None:
         """What is wrong with the URL, or None."""
         if self.output_format not in protocol.ALL_FORMATS:
-            return (f"output_format {self.output_format!r} is not supported; use one of "
+            return (f"output_format {self.output_format!r:.40} is not supported; use one of "
                     f"{', '.join(protocol.ALL_FORMATS)}")
         if not (self.voice_id in self.server.voices or protocol.digits_value(self.voice_id) is not None):
             known = ", ".join(sorted(self.server.voices)) or "none configured"
@@ -244,6 +244,19 @@ class ElevenLabsConnection(ElevenLabsBase):
         self._account(job, cancelled, audio_ms)
         await self.ws.send(json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT}))
         await self.ws.close(1000)
+
+    async def _stream_or_fail(self, job: Job) -> None:
+        """Stream the utterance; one that failed (refused as busy, or generation failed) has had its
+        error message, and then ends as every stream here does: isFinal, and the socket closes (with
+        1013, try again later, when the server was full; 1008 for a request the engine refused; 1011
+        for a failure). Without this the client waited for ever: its socket stayed open, and later
+        text was dropped."""
+        await super()._stream_or_fail(job)
+        if job.error and not self.finished:
+            self.finished = True
+            code = {"busy": 1013, "unavailable": 1013, "invalid_request": 1008}.get(job.error_code, 1011)
+            await self.ws.send(json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT}))
+            await self.ws.close(code, protocol.close_reason(job.error))
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)

@@ -89,8 +89,8 @@ class LoopWatch:
         """Prometheus text lines."""
         if self._task is not None and threading.get_ident() == self._thread:  # scraped on the loop: read it now
             self.cpu_seconds = time.thread_time() - self._cpu0
-        return ["# HELP csm_event_loop_lag_milliseconds how late the event loop ran a callback that was due "
-                f"(sampled every {self.interval:g} s)",
+        return [("# HELP csm_event_loop_lag_milliseconds how late the event loop ran a callback that was due "
+                 f"(sampled every {self.interval:g} s)"),
                 "# TYPE csm_event_loop_lag_milliseconds histogram",
                 *self.lag_ms.lines("csm_event_loop_lag_milliseconds"),
                 f"# HELP csm_event_loop_lag_max_milliseconds the largest lag of the last {self._window:g} s",

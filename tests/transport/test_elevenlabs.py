@@ -11,6 +11,7 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError
 
 from tests.servers import RunningServer, collect, floor_frame_time, wait_finished, wait_until
 from tests.transport.test_reliability import same_audio
@@ -78,6 +79,52 @@ def test_stream_input_flow(el):
     assert len(audio) > 16000 and len(audio) % 2 == 0  # over half a second of 16 kHz int16
     parts = [r.text for r in list(el.srv.recent)[-3:]]
     assert parts == ["Hello there.", "How are you doing today?", "I hope well."]
+
+
+@pytest.mark.parametrize("failure,code,close", [("busy", "busy", 1013), ("refused", "invalid_request", 1008),
+                                                ("bug", "internal_error", 1011)])
+def test_stream_input_that_fails_gets_its_error_then_isfinal_and_the_socket_closes(el, monkeypatch, failure, code,
+                                                                                   close):
+    """A stream refused as busy (or hit by a server bug) used to leave its client waiting for ever:
+    the error went out, but no isFinal, and the socket stayed open. Now it ends as every stream
+    here does; a failed second sentence keeps the first's audio whole."""
+    from csmstream.engine.worker import Busy
+
+    submit = el.srv.worker.submit
+
+    def failing(req):
+        if "FAIL" in req.text:
+            raise {"busy": Busy("all streams are busy (injected)"), "refused": ValueError("prompt too long (injected)"),
+                   "bug": TypeError("injected bug")}[failure]
+        return submit(req)
+
+    monkeypatch.setattr(el.srv.worker, "submit", failing)
+
+    async def go(text):
+        async with connect(url_of(el, "0/stream-input?seed=4")) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": text}))
+            await ws.send(json.dumps({"text": ""}))
+            audio, other, final = b"", [], None
+            with pytest.raises(ConnectionClosedError):  # (what websockets raises for a close code other than 1000)
+                while True:
+                    msg = json.loads(await ws.recv())
+                    if msg.get("isFinal"):
+                        final = msg
+                    elif msg.get("audio"):
+                        audio += base64.b64decode(msg["audio"])
+                    else:
+                        other.append(msg)
+            return audio, other, final, ws.close_code
+
+    for text, spoken in (("We FAIL at once. ", None), ("This one is fine. Then we FAIL. ", "This one is fine.")):
+        audio, other, final, closed = asyncio.run(asyncio.wait_for(go(text), 60))
+        assert [m["error"] for m in other] == [code] and final["isFinal"] is True and closed == close
+        if spoken is None:
+            assert audio == b""
+        else:  # refused: all of the first sentence; a bug cuts its stream where it struck
+            want = reference_pcm(spoken, 0, seed=4)
+            assert same_audio(audio, want if failure != "bug" else want[: len(audio)]) and audio
 
 
 def test_stream_input_seed_gives_the_engines_audio(el):

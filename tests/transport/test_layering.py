@@ -7,7 +7,8 @@ import sys
 MODULES = ["csmstream.transport.server", "csmstream.transport.client", "csmstream.transport.elevenlabs",
            "csmstream.transport.elevenlabs_multi", "csmstream.transport.http_server",
            "csmstream.integrations.telnyx_service", "csmstream.integrations.telnyx_bridge",
-           "csmstream.integrations.call_control", "csmstream.integrations.telnyx_listen", "csmstream.benchtool", "csmstream.cli"]
+           "csmstream.integrations.call_control", "csmstream.integrations.telnyx_listen", "csmstream.benchtool",
+           "csmstream.cli"]
 
 
 def test_transport_and_integrations_import_without_torch():

@@ -99,7 +99,8 @@ def test_the_audio_does_not_depend_on_how_the_pcm_was_cut():
     """The server feeds a sentence's end in a shorter piece: the same packets (the pages' serial
     number is random per stream, so the decoded audio is compared)."""
     one, two = whole_and_cut("opus_48000_64", signal(1.0, seed=3))
-    np.testing.assert_array_equal(sf.read(io.BytesIO(one), dtype="int16")[0], sf.read(io.BytesIO(two), dtype="int16")[0])
+    np.testing.assert_array_equal(sf.read(io.BytesIO(one), dtype="int16")[0],
+                                  sf.read(io.BytesIO(two), dtype="int16")[0])
     packets = [b"".join(p["body"] for p in pages(d)[2:]) for d in (one, two)]  # pages group them differently
     assert packets[0] == packets[1]
 

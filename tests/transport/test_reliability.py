@@ -91,9 +91,47 @@ def test_one_request_failing_in_the_engine_leaves_others_intact():
         bad, good = asyncio.run(go())
         assert bad[-1][0] == "error" and bad[-1][1]["error"]["code"] == "generation_failed"
         assert "injected fault" in bad[-1][1]["error"]["message"]
+        # the 3 frames made before the fault all went out first (none held back in the ring or encoder)
+        got = b"".join(v for k, v in bad if k == "audio")
+        assert same_audio(got, reference_pcm("This one will FAULT midway.", 1)[: 3 * 1920 * 2])
         assert good[-1][0] == "done"
         assert same_audio(b"".join(v for k, v in good if k == "audio"), reference_pcm("This one is fine.", 2))
         assert rs.srv.worker.alive
+    finally:
+        rs.stop()
+
+
+@pytest.mark.parametrize("refusal,code", [("busy", "busy"), ("stopped", "unavailable")])
+def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(monkeypatch, refusal, code):
+    """The engine refuses a request's second sentence (full, or stopping): the first sentence's
+    audio goes out to its last sample, then the error; the connection takes the next request."""
+    from csmstream.engine.worker import Busy
+
+    rs = RunningServer(tiny(2)).start()
+    submit = rs.srv.worker.submit
+
+    def refusing(req):
+        if "REFUSED" in req.text:
+            raise Busy("all streams are busy (injected)") if refusal == "busy" else RuntimeError("engine stopped")
+        return submit(req)
+
+    monkeypatch.setattr(rs.srv.worker, "submit", refusing)
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "The first sentence is fine. This one is REFUSED.", "seed": 4,
+                                          "request_id": "two"}))
+                first = await collect(ws)
+                await ws.send(json.dumps({"text": "Next one.", "seed": 2, "request_id": "next"}))
+                return first, await collect(ws)
+
+        first, after = asyncio.run(go())
+        assert [k for k, _ in first if k != "audio"] == ["error"]
+        assert first[-1][1]["error"]["code"] == code and first[-1][1]["request_id"] == "two"
+        got = b"".join(v for k, v in first if k == "audio")
+        assert same_audio(got, reference_pcm("The first sentence is fine.", 4))
+        assert after[-1][0] == "done"
+        assert same_audio(b"".join(v for k, v in after if k == "audio"), reference_pcm("Next one.", 2))
     finally:
         rs.stop()
 

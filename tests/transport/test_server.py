@@ -226,7 +226,7 @@ def test_queue_full_after_eight_waiting(server):
     async def go():
         async with connect(server.url) as ws:
             for i in range(10):
-                await ws.send(json.dumps({"text": "Queued request number %d. " % i * 4, "request_id": f"q{i}"}))
+                await ws.send(json.dumps({"text": f"Queued request number {i}. " * 4, "request_id": f"q{i}"}))
             errors, dones = [], []
             while len(errors) + len(dones) < 10:
                 m = await asyncio.wait_for(ws.recv(), 60)
