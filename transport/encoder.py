@@ -120,6 +120,12 @@ class AudioEncoder:
             self.bytes_out += n
         return out
 
+    def close(self) -> None:
+        """The request is over: free the codec's native state (FFmpeg's FLAC encoder alone holds
+        ~7.4 MB) now, not when the last reference to this object goes -- the server keeps its
+        latest requests for inspection. The counters (audio_ms) stay; feeding it again is an error."""
+        self._pending = bytearray()
+
     def ms_of(self, nbytes: int) -> float:
         """How much audio `nbytes` of this encoder's output hold, in milliseconds."""
         return 1000.0 * nbytes / (self.rate * BYTES_PER_SAMPLE[self.encoding])

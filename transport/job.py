@@ -92,14 +92,16 @@ class Job:
         self.event.set()
 
     def release(self) -> None:
-        """Drop the audio buffers (rings) once the job is over; the engine requests may live on in
-        the server's `recent` list for inspection without holding audio."""
+        """Drop the audio buffers (rings) and the codec's state once the job is over; the engine
+        requests (and through their tag, this job) live on in the server's `recent` list for
+        inspection without holding audio."""
         for r, _ in self.active:
             r.sink = None
             self.done_reqs.append(r)
         self.active.clear()
         for r in self.done_reqs:
             r.sink = None
+        self.encoder.close()
 
     def context_for_next(self) -> list[tuple[str, np.ndarray]]:
         """Earlier sentences whose codes are complete: finished history plus finished active ones."""

@@ -117,6 +117,10 @@ class Mp3Encoder(AudioEncoder):
         self._pending += bytes(self._lame.flush())
         return [self._take(len(self._pending))] if self._pending else []
 
+    def close(self) -> None:
+        super().close()
+        self._lame = None
+
     def ms_of(self, nbytes: int) -> float:
         # constant bitrate: a frame of B kbps holds exactly 8 * its bytes / B milliseconds (44.1 kHz
         # frames alternate padding bytes, so there it is exact on average, to a fraction of a ms)

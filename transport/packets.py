@@ -100,6 +100,11 @@ class PacketEncoder(AudioEncoder):
     def _wrap(self, packets: list[tuple[bytes, int]], first: bool, eos: bool) -> bytes:
         raise NotImplementedError
 
+    def close(self) -> None:
+        super().close()
+        self._ctx = None  # (PyAV frees the codec context with its last reference; a call still
+        self._packets = []  # running on a codec thread holds one until it returns)
+
     def _ms(self, packets: list[tuple[bytes, int]], eos: bool) -> float:
         """The audio these packets decode to."""
         return 1000.0 * sum(n for _, n in packets) / SOURCE_RATE

@@ -50,3 +50,18 @@ def test_a_client_hears_the_formats_audio_however_the_bytes_are_cut(fmt):
 def test_only_raw_formats_are_decoded_here():
     with pytest.raises(ValueError, match="a raw format is decoded here .*g722_16000.*got 'mp3_44100_128'"):
         AudioDecoder("mp3_44100_128")
+
+
+@pytest.mark.parametrize("fmt", ["pcm_16000", "ulaw_8000", "g722_16000", "mp3_24000_48", "opus_48000_32",
+                                 "aac_24000_64", "flac_24000"])
+def test_close_frees_the_codec_and_keeps_what_was_counted(fmt):
+    """Job.release() closes its encoder when the request ends: what it counted stays (the done
+    message and the metrics read audio_ms after), and closing twice is harmless."""
+    enc = encoder_for(fmt, 100)
+    out = b"".join(enc.feed(PCM)) + b"".join(enc.finish())
+    counted = enc.audio_ms
+    assert len(out) > 0 and counted > 900
+    enc.close()
+    enc.close()
+    assert enc.audio_ms == counted
+    assert getattr(enc, "_ctx", None) is None and getattr(enc, "_lame", None) is None

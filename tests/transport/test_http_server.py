@@ -153,6 +153,34 @@ def test_hanging_up_before_any_audio_is_noticed_without_waiting_for_a_write(http
     assert wait_finished(req) and req.reason == "cancelled" and req.frames <= 1
 
 
+def test_an_ended_request_holds_no_codec_state(http):
+    """The server keeps its latest 64 requests (`recent`) for inspection, and through them their
+    jobs; a FLAC encoder's FFmpeg context alone is ~7.4 MB, so 64 kept ones grew the process by over
+    half a gigabyte. Once a request has ended -- whole, or its client gone mid-stream -- no codec
+    context of its is alive."""
+    import gc
+
+    import av
+
+    def live_contexts():
+        gc.collect()
+        return sum(issubclass(type(o), av.CodecContext) for o in gc.get_objects())  # (type(): no __class__ lookups)
+
+    baseline = live_contexts()
+    for fmt in ("flac", "opus", "aac", "flac"):
+        r = httpx.post(http.srv.speech_url, content=speech_json(response_format=fmt, max_audio_ms=300), timeout=60)
+        assert r.status_code == 200 and len(r.content) > 100
+    body = speech_json(input="A long answer nobody will hear. " * 8, response_format="flac", request_id="gone")
+    with httpx.stream("POST", http.srv.speech_url, content=body, timeout=60) as r:
+        assert next(r.iter_raw())
+    req = next(q for q in reversed(http.srv.recent) if q.tag.rid == "gone")
+    assert wait_finished(req) and req.reason == "cancelled"
+    deadline = time.monotonic() + 10
+    while live_contexts() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_contexts() <= baseline
+
+
 # -- HTTP itself ---------------------------------------------------------------------------------
 def test_pipelined_requests_on_one_connection_are_answered_in_order(http):
     port = http.srv.http.port
