@@ -34,7 +34,7 @@ setup(
     description="Real-time streaming text-to-speech server for Sesame's CSM-1B",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # asyncio.timeout, Task.cancelling
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     package_data={"csmstream.kernels": ["tiles/*.json"]},  # measured GEMV tiles per GPU model (gemv_tiles.py)

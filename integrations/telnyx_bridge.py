@@ -326,8 +326,18 @@ class TelnyxCall:
             await task
         except asyncio.CancelledError:
             if not task.cancelled() or asyncio.current_task().cancelling():
-                raise  # we were cancelled ourselves, not interrupted
+                # we were cancelled ourselves (the request's client left), not interrupted: what is
+                # queued still plays, and the utterance ends there with its mark. Left "speaking", it
+                # refused every later utterance: the call could not be spoken into again.
+                self._queue_end()
+                raise
         return u
+
+    def _queue_end(self) -> None:
+        """The current utterance's tail and mark, after what is queued (nothing if it has ended)."""
+        for m in self.session.end_utterance():
+            self.pacer.push(m, getattr(m, "ms", 0.0))  # media; then the mark
+        self._wake.set()
 
     async def _feed(self, u: Utterance, chunks: AsyncIterable) -> None:
         try:
@@ -338,9 +348,7 @@ class TelnyxCall:
                 self._wake.set()
                 if u.state != "speaking":
                     break
-            for m in self.session.end_utterance():
-                self.pacer.push(m, getattr(m, "ms", 0.0))  # media; then the mark
-            self._wake.set()
+            self._queue_end()
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

@@ -30,7 +30,11 @@ async def stream_to_call(conn, job) -> None:
     try:
         utt = await job.speaking
     except asyncio.CancelledError:
-        if not job.speaking.cancelled():
+        # the speech task was cancelled on its own: the request is cut off. But when this sender is
+        # the one being cancelled (its client left), the speech task is cancelled with it, so it
+        # looks the same: swallowing that left the sender running, and the connection's handler
+        # waiting on it for ever (a socket, and one of its address's connection slots, held).
+        if not job.speaking.cancelled() or asyncio.current_task().cancelling():
             raise
         utt = None
     except Exception:

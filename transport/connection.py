@@ -25,6 +25,7 @@ from .ring import PcmRing
 
 log = logging.getLogger("csmstream.server")
 SAMPLES_PER_FRAME = 1920
+SENDER_STOP_S = 5.0  # how long a closing connection waits for its sender to stop
 FRAME_MS = 80
 
 
@@ -85,10 +86,13 @@ class Connection:
             if self._input_timer is not None:
                 self._input_timer.cancel()
             sender.cancel()
-            try:
-                await sender
-            except (asyncio.CancelledError, Exception):
-                pass
+            # bounded: a sender that ignored its cancel (a bug) must not keep this connection open
+            done, _ = await asyncio.wait({sender}, timeout=SENDER_STOP_S)
+            if not done:
+                log.error("a bug: this connection's sender ignored its cancel for %.0f s; the connection is "
+                          "released without it", SENDER_STOP_S)
+            elif not sender.cancelled():
+                sender.exception()  # (taken: the client leaving, or a bug already reported where it happened)
 
     @property
     def busy(self) -> bool:

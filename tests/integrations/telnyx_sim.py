@@ -18,6 +18,7 @@ import json
 import time
 
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 import numpy as np
 
@@ -137,8 +138,15 @@ class TelnyxSimulator:
     def _echo(self, name: str) -> None:
         self._pending_marks = [p for p in self._pending_marks if p[1] != name]
         self.marks_echoed.append(name)
-        asyncio.ensure_future(self.ws.send(json.dumps({"event": "mark", "sequence_number": self._next_seq(),
-                                                       "stream_id": "STREAM-1", "mark": {"name": name}})))
+        asyncio.ensure_future(self._send_quietly(json.dumps({"event": "mark", "sequence_number": self._next_seq(),
+                                                             "stream_id": "STREAM-1", "mark": {"name": name}})))
+
+    async def _send_quietly(self, text: str) -> None:
+        """A mark echoed after the call ended has no one to go to (Telnyx drops it too)."""
+        try:
+            await self.ws.send(text)
+        except ConnectionClosed:
+            pass
 
     async def send_raw(self, text) -> None:
         await self.ws.send(text)

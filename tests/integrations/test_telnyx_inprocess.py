@@ -83,6 +83,40 @@ def test_cancel_is_barge_in(phone_server, monkeypatch):
     assert req.reason == "cancelled" and req.frames < req.max_frames
 
 
+def test_an_agent_that_leaves_mid_speech_frees_its_connection_and_the_call_goes_on(phone_server, monkeypatch):
+    """The agent's socket closes while its request is speaking into a call. The sender, cancelled
+    inside the call's speech, used to take the speech's cancel for a barge-in and carry on, so the
+    connection's handler waited for it for ever: the socket and one of the address's connection
+    slots were held (64 such exits and the agent's address was refused). And the utterance was
+    left "speaking", so the call refused every later one (an internal_error)."""
+    floor_frame_time(monkeypatch, phone_server)
+    rs = phone_server
+
+    async def go():
+        async with sim(rs, "v2:call-left") as s:
+            await wait_until(lambda: rs.calls.get("v2:call-left") is not None)
+            before = len(rs.srv.connections)
+            ws = await connect(rs.url)
+            await wait_until(lambda: len(rs.srv.connections) == before + 1)
+            await ws.send(json.dumps({"text": "A long reply the agent walks away from. " * 6,
+                                      "call_control_id": "v2:call-left", "request_id": "left"}))
+            await wait_until(lambda: len(s.media_times()) >= 5)
+            await ws.close()
+            await wait_until(lambda: len(rs.srv.connections) == before, 10)
+            call_alive = not rs.calls.get("v2:call-left").ended.is_set()
+            async with connect(rs.url) as again:  # the call takes the next agent's request
+                await again.send(json.dumps({"text": "Still here.", "call_control_id": "v2:call-left",
+                                             "max_audio_ms": 300}))
+                done = await next_json(again)
+            return call_alive, done, list(s.marks_echoed)
+
+    call_alive, done, marks = asyncio.run(go())
+    assert call_alive and done["done"] is True and done["heard"] is True
+    assert marks[0] == "left"  # what was queued of the left request played, and it ended with its mark
+    req = next(r for r in reversed(rs.srv.recent) if r.tag.rid == "left")
+    assert wait_finished(req) and req.reason == "cancelled" and req.frames < req.max_frames
+
+
 def test_unknown_call_is_an_error_and_hangup_cancels(phone_server):
     rs = phone_server
 
