@@ -223,12 +223,15 @@ def _speak(args) -> int:
         raise ValueError(f"voices directory {args.voices!r} does not exist")
     if args.model == "tiny":
         print(TINY_NOTE, file=sys.stderr)
-    rate = 24_000
+    rate, enc = 24_000, None
     if args.format != "pcm_24000":  # what a client of that format hears, without a server
         from .transport.encoder import AudioDecoder, encoder_for
 
         enc, dec = encoder_for(args.format, 100), AudioDecoder(args.format)
         rate = dec.rate
+
+    def heard(pieces):  # the encoder's output decoded as such a client does
+        return [dec.decode(b) for b in pieces]
     with WavWriter(args.out, rate) as wav:  # (a path that cannot be written fails before the model loads)
         t0 = time.perf_counter()
         engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1,
@@ -242,19 +245,15 @@ def _speak(args) -> int:
                                      topk=args.topk, seed=args.seed, max_frames=args.max_frames):
                 if ttfa is None:
                     ttfa = time.perf_counter() - start
-                if args.format == "pcm_24000":
-                    wav.write(pcm)
-                else:
-                    for b in enc.feed(pcm):
-                        wav.write(dec.decode(b))
+                for piece in [pcm] if enc is None else heard(enc.feed(pcm)):
+                    wav.write(piece)
                 frames += len(pcm) // engine.samples_per_frame
                 audio_s = frames * engine.samples_per_frame / engine.sample_rate
                 if tty:  # a live progress line only on a terminal
                     print(f"\r  {frames:4d} frames  {audio_s:6.2f} s audio  "
                           f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
-            if args.format != "pcm_24000":
-                for b in enc.finish():
-                    wav.write(dec.decode(b))
+            for piece in [] if enc is None else heard(enc.finish()):
+                wav.write(piece)
         except KeyboardInterrupt:
             print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}", file=sys.stderr)
             return 130

@@ -197,7 +197,7 @@ async def _say(args, write):
         opts["seed"] = args.seed
     if args.max_frames is not None:
         opts["max_audio_ms"] = 80 * args.max_frames
-    if args.voice is not None:
+    if getattr(args, "voice", None) is not None:  # (demo's arguments have none)
         opts["voice"] = args.voice
     token = args.token or os.environ.get(AUTH_ENV)
     if args.url.startswith(("http://", "https://")):  # the OpenAI-compatible HTTP port
@@ -253,7 +253,6 @@ def demo(args) -> int:
     from .wav import WavWriter
 
     WavWriter(args.out).close()  # a path that cannot be written fails now, not after the server's start-up
-    args.voice = None
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--quantize", args.quantize] \

@@ -158,7 +158,7 @@ class CallRegistry:
         self._waiters.setdefault(call_control_id, []).append(entry)
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UnknownCall(f"no Telnyx media stream for call {call_control_id!r} connected within {timeout:.0f} s; "
                               "start streaming on the call (streaming_start) with this server's stream_url") from None
         finally:
@@ -300,7 +300,7 @@ class TelnyxCall:
             else:
                 try:
                     await asyncio.wait_for(self._wake.wait(), max(0.0, due - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _send(self, msg: str) -> None:

@@ -124,7 +124,7 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
     async def send(message) -> None:
         try:
             await asyncio.wait_for(ws.send(message), SEND_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SlowListener(f"slow_listener: took nothing for {SEND_TIMEOUT_S:.0f} s") from None
         if feed.overflow:
             raise SlowListener(f"slow_listener: more than {MAX_BEHIND} events behind")

@@ -418,7 +418,7 @@ class Connection:
         """Send one message of `job`'s; a client that does not take it within send_timeout is cut off."""
         try:
             await asyncio.wait_for(self.ws.send(message), self.server.send_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # the client stopped reading: do not buffer for it without bound; free its slot and drop it
             self._slow_reader(job.rid)
             job.cancel()

@@ -108,7 +108,7 @@ class HttpApi:
             async with asyncio.timeout(LINGER_S):
                 while await reader.read(READ_SIZE):
                     pass
-        except (OSError, RuntimeError, asyncio.TimeoutError):
+        except (OSError, RuntimeError, TimeoutError):
             pass
 
     @staticmethod
@@ -132,7 +132,7 @@ class HttpApi:
             try:
                 if not await self._read_more(reader, buf, deadline):
                     return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not buf:
                     return False  # idle keep-alive: close quietly
                 return await self._refuse(writer, 408, "request_timeout", f"the request head did not arrive in "
@@ -152,7 +152,7 @@ class HttpApi:
             try:
                 if not await self._read_more(reader, buf, deadline):
                     return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await self._refuse(writer, 408, "request_timeout", f"the body ({req.content_length} bytes) "
                                           f"did not arrive in {HEAD_TIMEOUT:.0f} s")
         body = bytes(buf[:req.content_length])
@@ -285,7 +285,7 @@ class SpeechStream(Connection):
         self.writer.write(data)
         try:
             await asyncio.wait_for(self.writer.drain(), self.server.send_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._slow_reader(self.rid)
             self._cut()
             raise _Gone from None
