@@ -17,7 +17,8 @@ generates its buffered text now; {"context_id", "close_context": true} ends its 
 sent is spoken to the end, then its {"isFinal": true, "contextId"} (a csm-stream extension,
 "immediate": true, stops it at once instead: a barge-in that also frees the engine slot);
 {"close_socket": true} closes every context that way and then the socket. Every reply carries
-"contextId"; every context ends with exactly one isFinal.
+"contextId"; every context ends with exactly one isFinal. A context that fails while its client is
+still writing its turn drops the rest of that turn's text, up to its flush or close_context.
 
 Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
 output_format (any /ws/generate format, or mp3_RATE_KBPS / opus_48000_KBPS as ElevenLabs names
@@ -62,13 +63,19 @@ class Stream(Job):
         self.clock = PlaybackClock()
         self.last_message = time.monotonic()
         self.has_words = False
+        self.mid_turn = False  # text came after the last flush (the client is still writing a turn)
         self.aligner = Aligner(self)
 
     def take(self, text: str) -> None:
         if not self.has_words and text.strip():
             self.has_words = True
             self.t_recv = time.perf_counter()
+        self.mid_turn = self.mid_turn or bool(text)
         self.add_text(text)
+
+    def flush_now(self) -> None:
+        self.mid_turn = False
+        super().flush_now()
 
     def alignment(self, chunk_ms: float) -> dict | None:
         """A chunk of `chunk_ms` goes out: the (estimated, see alignment.py) alignment of the

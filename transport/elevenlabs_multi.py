@@ -18,6 +18,7 @@ from .job import Job
 MAX_CONTEXTS = 5  # ElevenLabs' limit
 MAX_CONTEXT_ID = 128
 DEFAULT_CONTEXT = "default"
+MAX_FAILED = 64  # failed contexts remembered per connection (their late text is dropped; see _on_failed)
 
 
 class MultiContextConnection(ElevenLabsBase):
@@ -28,6 +29,9 @@ class MultiContextConnection(ElevenLabsBase):
         super().__init__(server, ws)
         self.contexts: dict[str, Stream] = {}  # live: opened, isFinal not yet sent
         self.tasks: set[asyncio.Task] = set()
+        # contexts that failed mid-turn (error, isFinal) -> when their client last wrote to them: the
+        # rest of that turn's text is dropped, not spoken as a new context (see _on_failed)
+        self.failed: dict[str, float] = {}
         self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
 
     async def _serve(self) -> None:
@@ -51,6 +55,8 @@ class MultiContextConnection(ElevenLabsBase):
         for job in self.contexts.values():
             if job.open and now - job.last_message >= self.inactivity:
                 job.close()  # its buffered text is still spoken, then isFinal
+        for cid in [c for c, t in self.failed.items() if now - t >= self.inactivity]:
+            del self.failed[cid]
         if not self.contexts and now - self.last_message >= self.inactivity:
             await self._time_out()
 
@@ -82,6 +88,9 @@ class MultiContextConnection(ElevenLabsBase):
             await self._error("invalid_message", why, cid=cid)
             return
         job = self.contexts.get(cid)
+        if job is None and cid in self.failed:
+            self._on_failed(cid, msg, now)
+            return
         if job is None and not text and not (msg.get("flush") is True or msg.get("close_context") is True):
             return  # {"text": ""} (with no context, or a closed one): a keep-alive; it opens nothing
         if job is None:
@@ -105,6 +114,16 @@ class MultiContextConnection(ElevenLabsBase):
             job.close()
         elif job.open and msg.get("flush") is True:
             job.flush_now()
+
+    def _on_failed(self, cid: str, msg: dict, now: float) -> None:
+        """A message for a context that failed (refused as busy, or its generation failed) while its
+        client was still writing its turn: the client has had the error and the context's isFinal.
+        Its text is the rest of that failed turn, so it is dropped (spoken as a new context it would
+        start mid-sentence and end with a second isFinal); the turn's flush or close_context ends
+        that, and the id opens a new context again. Nothing is sent: the error said so."""
+        del self.failed[cid]
+        if not (msg.get("flush") is True or msg.get("close_context") is True):
+            self.failed[cid] = now  # (re-inserted: the dict stays ordered by last message)
 
     async def _open(self, cid: str, text: str | None) -> Stream | None:
         if not text:  # a flush or close_context
@@ -144,6 +163,10 @@ class MultiContextConnection(ElevenLabsBase):
             job.release()
             if self.contexts.get(cid) is job:
                 del self.contexts[cid]
+                if job.error and job.open and job.mid_turn:
+                    self.failed[cid] = time.monotonic()
+                    while len(self.failed) > MAX_FAILED:
+                        del self.failed[next(iter(self.failed))]
             if job in self.jobs:
                 self.jobs.remove(job)
         await self._close_if_done()
@@ -167,6 +190,10 @@ class MultiContextConnection(ElevenLabsBase):
         self.server.metrics.error(code)
         if cid is None and rid is not None:
             cid = next((c for c, j in self.contexts.items() if j.rid == rid), None)
+        job = self.contexts.get(cid) if rid is not None and cid is not None else None
+        if job is not None and job.open and job.mid_turn:
+            message += (f" (context {cid!r} ends here with its isFinal; the rest of its text is dropped until its "
+                        "flush or close_context)")
         reply = {"error": code, "message": message}
         if cid is not None:
             reply["contextId"] = cid

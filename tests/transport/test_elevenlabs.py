@@ -288,6 +288,57 @@ def test_multi_a_server_bug_in_one_context_ends_it_with_an_error_and_isfinal(el,
     assert same_audio(audio["y"], reference_pcm("This one is fine.", 0, seed=4))
 
 
+def test_multi_the_rest_of_a_failed_turn_is_dropped_and_its_context_id_serves_the_next_turn(el, monkeypatch):
+    """A context refused as busy while its client was still writing its turn ends with its error
+    and isFinal. The text that follows for it is the rest of that turn: it used to open a new
+    context under the same id, which spoke the answer from mid-sentence and sent the id a second
+    isFinal. Now it is dropped until the turn's flush (or close_context), and then the id opens a
+    new context. A context refused after its client flushed keeps its id free at once."""
+    from csmstream.engine.worker import Busy
+
+    submit = el.srv.worker.submit
+
+    def failing(req):
+        if "FAIL" in req.text:
+            raise Busy("all streams are busy (injected)")
+        return submit(req)
+
+    monkeypatch.setattr(el.srv.worker, "submit", failing)
+
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=6")) as ws:
+            async def send(**m):
+                await ws.send(json.dumps(m))
+
+            await send(text=" ", context_id="x")
+            await send(text="We FAIL right here. And then", context_id="x")
+            failed = await read_contexts(ws, 1)
+            await send(text=" the rest of the turn. ", context_id="x")  # dropped
+            await send(text="", context_id="x")  # a keep-alive: also nothing
+            await send(context_id="x", flush=True)  # ends the failed turn
+            await send(text="A new turn. ", context_id="x", flush=True)
+            await send(context_id="x", close_context=True)
+            reused = await read_contexts(ws, 1)
+            await send(text="Zed will FAIL too. ", context_id="z", flush=True)  # flushed before it fails
+            flushed = await read_contexts(ws, 1)
+            await send(text="Zed goes on. ", context_id="z", flush=True)
+            await send(context_id="z", close_context=True)
+            after = await read_contexts(ws, 1)
+            await send(close_socket=True)
+            await ws.wait_closed()
+            return failed, reused, flushed, after
+
+    (a1, f1, o1, _), (a2, f2, o2, _), (a3, f3, o3, _), (a4, f4, o4, _) = asyncio.run(asyncio.wait_for(go(), 60))
+    assert a1 == {} and [f["contextId"] for f in f1] == ["x"]
+    assert [(m["error"], m["contextId"]) for m in o1] == [("busy", "x")]
+    assert "the rest of its text is dropped until its flush or close_context" in o1[0]["message"]
+    assert set(a2) == {"x"} and [f["contextId"] for f in f2] == ["x"] and o2 == []
+    assert same_audio(a2["x"], reference_pcm("A new turn.", 0, seed=6))
+    assert a3 == {} and [(m["error"], m["contextId"]) for m in o3] == [("busy", "z")]
+    assert "dropped" not in o3[0]["message"] and [f["contextId"] for f in f3] == ["z"]
+    assert set(a4) == {"z"} and o4 == [] and same_audio(a4["z"], reference_pcm("Zed goes on.", 0, seed=6))
+
+
 @pytest.mark.parametrize("tail", ["0/stream-input", "0/multi-stream-input"])
 def test_json_that_python_cannot_read_is_an_invalid_message_and_the_socket_goes_on(el, tail):
     """Nesting past json's recursion limit and an integer past Python's 4,300 digits raise other
