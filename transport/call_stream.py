@@ -42,9 +42,9 @@ async def stream_to_call(conn, job) -> None:
             raise  # a bug: _stream_or_fail makes it this request's internal_error
         utt = None  # the caller hung up before its audio could start: cut off, like a later hang-up
     sent_ms = 20.0 * (utt.frames if utt is not None else 0)
-    if job.error and not job.cancelled:
+    if job.error:  # its one error, never also a done (a refused first sentence got both)
         job.cancel()
-        await conn._error(job.error_code or "generation_failed", job.error, job.rid)
+        await conn._send_error(job)
         return
     if job.cancelled or utt is None or utt.state == "cut_off":
         job.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame

@@ -253,6 +253,10 @@ class Connection:
         except Exception as e:
             job.error = job.error or f"internal error ({type(e).__name__})"
             job.cancel()  # its engine requests stop at the next tick
+            if job.error_sent:  # (its client has had its one error already)
+                log.error("request %s failed inside the server after its error was sent", job.rid, exc_info=e)
+                return
+            job.error_sent = True
             await report_bug(self, e, f"request {job.rid}", job.rid)
 
     def _pop(self, job: Job) -> None:
@@ -309,6 +313,7 @@ class Connection:
                 job.parts.clear()            # first (source drains it), then _stream sends this error
                 job.event.set()
                 return False
+            job.error_sent = True
             await self._error(code, str(e), job.rid)
             job.cancel()
             return False
@@ -390,10 +395,10 @@ class Connection:
             for chunk in await enc.feed_async(pcm):
                 await self._send_audio(job, chunk)
         if job.error:
-            if not job.cancelled:  # (a refused first sentence was reported when it happened)
+            if not job.cancelled:
                 for chunk in enc.finish():  # what was generated before the failure is not lost
                     await self._send_audio(job, chunk)
-                await self._error(job.error_code or "generation_failed", job.error, job.rid)
+            await self._send_error(job)
             return
         if job.cancelled:
             await self._done(job, cancelled=True)
@@ -401,6 +406,14 @@ class Connection:
         for chunk in enc.finish():
             await self._send_audio(job, chunk)
         await self._done(job, cancelled=False)
+
+    async def _send_error(self, job: Job) -> None:
+        """End a failed request with its error, once: a refused first sentence had it at once, and a
+        request that failed and was then cancelled by its client still gets it (not nothing: that
+        client would wait for ever). A request ends with exactly one error or done."""
+        if not job.error_sent:
+            job.error_sent = True
+            await self._error(job.error_code or "generation_failed", job.error, job.rid)
 
     async def _send_audio(self, job: Job, chunk: bytes) -> None:
         if self.server.test_chunk_delay:

@@ -34,6 +34,7 @@ class Job:
         self.cancel_reason: str | None = None  # why the server (not the client) cancelled it
         self.error: str | None = None
         self.error_code: str | None = None  # its error's code, when it was refused (e.g. busy)
+        self.error_sent = False  # its error message has gone out (a refused first sentence's: at once)
         self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
         self.src_sent = 0
         self.call = None  # a phone call's media stream (serve --telnyx), when the request names one

@@ -117,6 +117,41 @@ def test_an_agent_that_leaves_mid_speech_frees_its_connection_and_the_call_goes_
     assert wait_finished(req) and req.reason == "cancelled" and req.frames < req.max_frames
 
 
+def test_a_call_request_refused_as_busy_gets_its_error_alone_and_the_call_goes_on(phone_server, monkeypatch):
+    """A request into a call refused by the engine (every slot and the queue full) used to get its
+    busy error and then a done (cancelled) as well: two ends for one request, so an agent counting
+    them took that done for its next request's. Now the error alone; the next request plays."""
+    from csmstream.engine.worker import Busy
+
+    rs = phone_server
+    submit = rs.srv.worker.submit
+
+    def refusing(req):
+        if "REFUSED" in req.text:
+            raise Busy("all streams are busy (injected)")
+        return submit(req)
+
+    monkeypatch.setattr(rs.srv.worker, "submit", refusing)
+
+    async def go():
+        async with sim(rs, "v2:call-busy") as s:
+            await wait_until(lambda: rs.calls.get("v2:call-busy") is not None)
+            async with connect(rs.url) as ws:
+                for rid, text in (("b1", "This one is REFUSED."), ("p2", "Then this one plays.")):
+                    await ws.send(json.dumps({"text": text, "call_control_id": "v2:call-busy", "request_id": rid,
+                                              "max_audio_ms": 400}))
+                got = [await next_json(ws), await next_json(ws)]
+                try:  # nothing more may come for either request
+                    got.append(await next_json(ws, timeout=0.5))
+                except TimeoutError:
+                    pass
+            return got, list(s.marks_echoed)
+
+    got, marks = asyncio.run(go())
+    assert [(m.get("error", {}).get("code"), m["request_id"]) for m in got] == [("busy", "b1"), (None, "p2")]
+    assert got[1]["done"] is True and got[1]["heard"] is True and marks[-1] == "p2"
+
+
 def test_unknown_call_is_an_error_and_hangup_cancels(phone_server):
     rs = phone_server
 

@@ -101,6 +101,46 @@ def test_one_request_failing_in_the_engine_leaves_others_intact():
         rs.stop()
 
 
+def test_a_request_that_fails_and_is_then_cancelled_still_ends_with_its_error(monkeypatch):
+    """The engine fails a request, and its client's cancel is handled while the audio made before
+    the failure is still going out. The request used to end with nothing at all (its error was
+    skipped as if already reported, and no done followed), so its client waited for ever. Now it
+    ends with exactly one message, its error, and the connection takes the next request."""
+    from csmstream.transport.connection import Connection
+
+    rs = RunningServer(tiny(2)).start()
+
+    def hook(req):
+        if "FAULT" in req.text and req.frames == 3:
+            raise ValueError("injected fault")
+
+    source = Connection.source
+
+    async def cancelled_at_the_failure(self, job, unit):
+        async for pcm in source(self, job, unit):
+            yield pcm
+            req = job.active[0][0] if job.active else None
+            if req is not None and req.finished and req.reason == "error" and not job.cancelled:
+                await self._cancel(job.rid)  # what the client's {"cancel": true} does, arriving now
+
+    monkeypatch.setattr(Connection, "source", cancelled_at_the_failure)
+    rs.srv.worker.fault_hook = hook
+    try:
+        async def go():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": "This one will FAULT midway.", "seed": 1, "request_id": "bad",
+                                          "chunk_ms": 200}))
+                await ws.send(json.dumps({"text": "Next one.", "seed": 2, "request_id": "next"}))
+                return await collect(ws, until_done=2)
+
+        events = asyncio.run(go())
+        ends = [(k, m["request_id"]) for k, m in events if k != "audio"]
+        assert ends == [("error", "bad"), ("done", "next")]
+        assert "injected fault" in next(m for k, m in events if k == "error")["error"]["message"]
+    finally:
+        rs.stop()
+
+
 @pytest.mark.parametrize("refusal,code", [("busy", "busy"), ("stopped", "unavailable")])
 def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(monkeypatch, refusal, code):
     """The engine refuses a request's second sentence (full, or stopping): the first sentence's
