@@ -175,6 +175,18 @@ class ElevenLabsBase(Connection):
                                        f"inactivity_timeout ({self.inactivity:g} s); the connection is closed"}))
         await self.ws.close(1008, "input timeout exceeded")
 
+    async def _decode(self, message, example: str) -> dict | None:
+        """The client's message as a JSON object, or None once it has been told (invalid_message)
+        what a message looks like; `example` is one."""
+        try:
+            msg = protocol.decode_json(message)
+        except (TypeError, ValueError):
+            msg = None
+        if not isinstance(msg, dict):
+            await self._error("invalid_message", f"messages are JSON objects like {example}")
+            return None
+        return msg
+
     def _new_job(self, text: str) -> Stream:
         named = self.voice_id in self.server.voices
         gen = protocol.Generate(text=text or " ", speaker_id=0 if named else protocol.digits_value(self.voice_id),
@@ -217,14 +229,13 @@ class ElevenLabsConnection(ElevenLabsBase):
         self.last_message = time.monotonic()
         if self.finished:
             return
-        try:
-            msg = protocol.decode_json(message)
-            if not isinstance(msg, dict) or not isinstance(msg.get("text", ""), str):
-                raise ValueError
-        except (TypeError, ValueError):
-            await self._error("invalid_message", 'messages are JSON objects like {"text": "Hello "}')
+        msg = await self._decode(message, '{"text": "Hello "}')
+        if msg is None:
             return
         text = msg.get("text", "")
+        if not isinstance(text, str):
+            await self._error("invalid_message", f"text must be a string, got {type(text).__name__}")
+            return
         if (why := protocol.text_problem(text)) is not None:
             await self._error("invalid_message", why)
             return

@@ -62,13 +62,8 @@ class MultiContextConnection(ElevenLabsBase):
 
     async def _on_message(self, message) -> None:
         self.last_message = now = time.monotonic()
-        try:
-            msg = protocol.decode_json(message)
-            if not isinstance(msg, dict):
-                raise ValueError
-        except (TypeError, ValueError):
-            await self._error("invalid_message",
-                              'messages are JSON objects like {"text": "Hello ", "context_id": "c1"}')
+        msg = await self._decode(message, '{"text": "Hello ", "context_id": "c1"}')
+        if msg is None:
             return
         if msg.get("close_socket") is True:
             self.closing = True

@@ -342,18 +342,21 @@ def test_multi_the_rest_of_a_failed_turn_is_dropped_and_its_context_id_serves_th
 @pytest.mark.parametrize("tail", ["0/stream-input", "0/multi-stream-input"])
 def test_json_that_python_cannot_read_is_an_invalid_message_and_the_socket_goes_on(el, tail):
     """Nesting past json's recursion limit and an integer past Python's 4,300 digits raise other
-    exceptions than a syntax error; both are the client's bad message, not a dead connection."""
+    exceptions than a syntax error; both are the client's bad message, not a dead connection. So are
+    JSON that is not an object, and text that is not a string: each error says what was expected."""
     async def go():
         async with connect(url_of(el, tail)) as ws:
             errs = []
-            for bad in ("[" * 100_000, '{"text": "hi", "n": 1' + "0" * 5000 + "}"):
+            for bad in ("[" * 100_000, '{"text": "hi", "n": 1' + "0" * 5000 + "}", "[1, 2]", '{"text": 5}'):
                 await ws.send(bad)
                 errs.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
             await ws.send(json.dumps({"text": "Still here. ", "flush": True}))
             return errs, json.loads(await asyncio.wait_for(ws.recv(), 30))
 
     errs, after = asyncio.run(go())
-    assert [e["error"] for e in errs] == ["invalid_message"] * 2
+    assert [e["error"] for e in errs] == ["invalid_message"] * 4
+    assert all("messages are JSON objects like {" in e["message"] for e in errs[:3])
+    assert errs[3]["message"] == "text must be a string, got int"
     assert after.get("audio")
 
 
