@@ -33,9 +33,12 @@ async def report_bug(conn, exc: Exception, what: str, rid: str | None = None) ->
     """A server bug hit while handling `what` (a request, a message): the log gets the traceback, the
     client an `internal_error` naming it, and `conn` goes on serving its other requests."""
     log.error("%s failed inside the server", what, exc_info=exc)
-    await conn._error("internal_error", f"the server failed on {what} ({type(exc).__name__}: {exc!s:.200}): a "
-                      "server bug, not a bad request; the server log has the traceback, and this connection goes "
-                      "on serving", rid)
+    await conn._error("internal_error", bug_message(exc, what), rid)
+
+
+def bug_message(exc: Exception, what: str) -> str:
+    return (f"the server failed on {what} ({type(exc).__name__}: {exc!s:.200}): a server bug, not a bad request; "
+            "the server log has the traceback, and this connection goes on serving")
 
 
 class PlaybackClock:
@@ -316,6 +319,15 @@ class Connection:
             job.error_sent = True
             await self._error(code, str(e), job.rid)
             job.cancel()
+            return False
+        except Exception as e:
+            if not (job.active or job.done_reqs):
+                raise  # the first sentence: _stream_or_fail makes it the request's internal_error
+            # a bug on a later sentence: like a refusal, the earlier sentences play out first
+            log.error("request %s: a later sentence failed inside the server", job.rid, exc_info=e)
+            job.error, job.error_code = bug_message(e, f"request {job.rid}"), "internal_error"
+            job.parts.clear()
+            job.event.set()
             return False
         job.parts.popleft()
         job.active.append((req, ring))

@@ -141,10 +141,11 @@ def test_a_request_that_fails_and_is_then_cancelled_still_ends_with_its_error(mo
         rs.stop()
 
 
-@pytest.mark.parametrize("refusal,code", [("busy", "busy"), ("stopped", "unavailable")])
+@pytest.mark.parametrize("refusal,code", [("busy", "busy"), ("stopped", "unavailable"), ("bug", "internal_error")])
 def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(monkeypatch, refusal, code):
-    """The engine refuses a request's second sentence (full, or stopping): the first sentence's
-    audio goes out to its last sample, then the error; the connection takes the next request."""
+    """The engine refuses a request's second sentence (full, or stopping), or handing it over hits a
+    server bug: the first sentence's audio goes out to its last sample, then the error; the
+    connection takes the next request. (A bug used to cut the audio where it struck.)"""
     from csmstream.engine.worker import Busy
 
     rs = RunningServer(tiny(2)).start()
@@ -152,7 +153,8 @@ def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(mo
 
     def refusing(req):
         if "REFUSED" in req.text:
-            raise Busy("all streams are busy (injected)") if refusal == "busy" else RuntimeError("engine stopped")
+            raise {"busy": Busy("all streams are busy (injected)"), "stopped": RuntimeError("engine stopped"),
+                   "bug": TypeError("injected bug")}[refusal]
         return submit(req)
 
     monkeypatch.setattr(rs.srv.worker, "submit", refusing)
@@ -168,6 +170,8 @@ def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(mo
         first, after = asyncio.run(go())
         assert [k for k, _ in first if k != "audio"] == ["error"]
         assert first[-1][1]["error"]["code"] == code and first[-1][1]["request_id"] == "two"
+        if refusal == "bug":
+            assert "TypeError: injected bug" in first[-1][1]["error"]["message"]
         got = b"".join(v for k, v in first if k == "audio")
         assert same_audio(got, reference_pcm("The first sentence is fine.", 4))
         assert after[-1][0] == "done"
