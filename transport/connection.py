@@ -62,6 +62,9 @@ class PlaybackClock:
 
 
 class Connection:
+    # what a client leaving raises while its request streams: not a bug (_stream_or_fail lets it through)
+    CLIENT_GONE: tuple[type[Exception], ...] = (ConnectionClosed,)
+
     def __init__(self, server, ws) -> None:
         self.server, self.ws = server, ws
         self.jobs: deque[Job] = deque()  # head: the one streaming now
@@ -251,7 +254,7 @@ class Connection:
         connection goes on with its next request. A client that left ends it as before."""
         try:
             await self._stream(job)
-        except ConnectionClosed:
+        except self.CLIENT_GONE:
             raise
         except Exception as e:
             job.error = job.error or f"internal error ({type(e).__name__})"

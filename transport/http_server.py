@@ -232,6 +232,8 @@ class SpeechStream(Connection):
     """One speech request's response: the Connection machinery (sentences, engine, encoder) with
     the audio written as chunked HTTP (raw bytes, or server-sent events)."""
 
+    CLIENT_GONE = (_Gone, ConnectionError)
+
     def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool,
                  client=None, *, chunked: bool = True) -> None:
         super().__init__(server, None)
@@ -254,8 +256,8 @@ class SpeechStream(Connection):
         job.close()
         self.jobs.append(job)
         try:
-            await self._stream(job)
-        except _Gone:
+            await self._stream_or_fail(job)  # a bug: this request's 500 (or its cut body), the server goes on
+        except self.CLIENT_GONE:
             pass
         finally:
             if not job.t_done and not job.error:  # cut short (hung up, not reading, server closing)

@@ -55,7 +55,8 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            505: "HTTP Version Not Supported"}
-STATUS_OF = {"busy": 503, "unavailable": 503, "generation_failed": 500}  # engine errors; others are 400
+# engine errors and server bugs; others are the client's (400)
+STATUS_OF = {"busy": 503, "unavailable": 503, "generation_failed": 500, "internal_error": 500}
 HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _DIGITS = re.compile(r"[0-9]+")  # (str.isdigit() also takes '²', which int() refuses)

@@ -195,6 +195,36 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(http):
     assert json.loads(b2)["status"] == "ok"
 
 
+def test_a_server_bug_is_a_500_that_says_so_and_the_connection_serves_on(http, monkeypatch):
+    """A bug on a request (here prepare raising, as tokenizers did on a lone surrogate) used to close
+    the connection without a response. Now: before any audio, a 500 internal_error naming it, and
+    the keep-alive connection answers its next request; on a later sentence, the audio made before
+    it goes out whole and the body is cut (how HTTP says a 200 failed)."""
+    from tests.transport.test_reliability import same_audio
+
+    prepare = http.srv.worker.prepare
+
+    def buggy(req):
+        if "BUG" in req.text:
+            raise TypeError("injected bug")
+        return prepare(req)
+
+    monkeypatch.setattr(http.srv.worker, "prepare", buggy)
+    port = http.srv.http.port
+    wire = (h11_request("POST", "/v1/audio/speech", speech_json(input="This BUG trips.")) +
+            h11_request("POST", "/v1/audio/speech", speech_json(input="Second one.", seed=3, response_format="pcm"),
+                        headers=[("Connection", "close")]))
+    (s1, h1, b1, c1), (s2, _, b2, c2) = read_responses(exchange(port, wire), ["POST", "POST"])
+    err = json.loads(b1)["error"]
+    assert (s1, c1, err["code"], err["type"]) == (500, True, "internal_error", "server_error")
+    assert "TypeError: injected bug" in err["message"] and h1["content-type"] == "application/json"
+    assert s2 == 200 and c2 and b2 == reference_pcm("Second one.", 0, seed=3)
+    wire = h11_request("POST", "/v1/audio/speech", speech_json(input="Fine first. Then a BUG.", seed=4,
+                                                               response_format="pcm"))
+    [(status, _, body, complete)] = read_responses(exchange(port, wire), ["POST"])
+    assert status == 200 and not complete and same_audio(body, reference_pcm("Fine first.", 0, seed=4))
+
+
 def test_an_http10_client_gets_the_audio_unchunked_and_ended_by_the_close(http):
     """HTTP/1.0 knows no chunked bodies (RFC 9112 §6.1: no Transfer-Encoding to a 1.0 request): the
     stream goes out as plain bytes and the server closes the connection after the last one, even
