@@ -79,15 +79,7 @@ class Connection:
     async def run(self) -> None:
         sender = asyncio.create_task(self._sender())
         try:
-            async for message in self.ws:
-                try:
-                    await self._on_message(message)
-                except ConnectionClosed:
-                    raise
-                except Exception as e:  # a bug: this message fails, the connection and its requests go on
-                    await report_bug(self, e, "this message")
-                finally:
-                    self._watch_input()
+            await self._receive()
         finally:
             if self._input_timer is not None:
                 self._input_timer.cancel()
@@ -99,6 +91,18 @@ class Connection:
                           "released without it", SENDER_STOP_S)
             elif not sender.cancelled():
                 sender.exception()  # (taken: the client leaving, or a bug already reported where it happened)
+
+    async def _receive(self) -> None:
+        """Each client message to _on_message, until the client closes."""
+        async for message in self.ws:
+            try:
+                await self._on_message(message)
+            except ConnectionClosed:
+                raise
+            except Exception as e:  # a bug: this message fails, the connection and its requests go on
+                await report_bug(self, e, "this message")
+            finally:
+                self._watch_input()
 
     @property
     def busy(self) -> bool:

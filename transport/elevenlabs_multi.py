@@ -36,8 +36,7 @@ class MultiContextConnection(ElevenLabsBase):
 
     async def _serve(self) -> None:
         try:
-            async for message in self.ws:
-                await self._on_message(message)
+            await self._receive()  # (a bug on one message is its internal_error; the contexts go on)
         finally:
             for t in list(self.tasks):
                 t.cancel()

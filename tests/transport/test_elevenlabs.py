@@ -338,6 +338,36 @@ def test_multi_the_rest_of_a_failed_turn_is_dropped_and_its_context_id_serves_th
     assert set(a4) == {"z"} and o4 == [] and same_audio(a4["z"], reference_pcm("Zed goes on.", 0, seed=6))
 
 
+def test_multi_a_server_bug_on_a_message_is_its_internal_error_and_the_socket_goes_on(el, monkeypatch):
+    """A bug while handling one message used to end the multi-context socket (close 1011) and every
+    context on it; stream-input and /ws/generate already answered internal_error and went on."""
+    from csmstream.transport import protocol
+
+    problem = protocol.text_problem
+
+    def buggy(text):
+        if "BUG" in text:
+            raise TypeError("injected bug")
+        return problem(text)
+
+    monkeypatch.setattr(protocol, "text_problem", buggy)
+
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=5")) as ws:
+            await ws.send(json.dumps({"text": "Kept going. ", "context_id": "a"}))
+            await ws.send(json.dumps({"text": "A BUG here. ", "context_id": "b"}))
+            await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+            out = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"close_socket": True}))
+            await ws.wait_closed()
+            return out, ws.close_code
+
+    (audio, finals, other, _), code = asyncio.run(asyncio.wait_for(go(), 60))
+    assert [m["error"] for m in other] == ["internal_error"] and "TypeError: injected bug" in other[0]["message"]
+    assert [f["contextId"] for f in finals] == ["a"] and code == 1000
+    assert same_audio(audio["a"], reference_pcm("Kept going.", 0, seed=5))
+
+
 @pytest.mark.parametrize("tail", ["0/stream-input", "0/multi-stream-input"])
 def test_json_that_python_cannot_read_is_an_invalid_message_and_the_socket_goes_on(el, tail):
     """Nesting past json's recursion limit and an integer past Python's 4,300 digits raise other
