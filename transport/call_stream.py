@@ -20,11 +20,23 @@ _LISTENING: set[asyncio.Task] = set()  # the loop holds tasks weakly: these wait
 
 async def stream_to_call(conn, job) -> None:
     call = job.call
+    source = conn.source(job, CALL_CHUNK)
+    first = await anext(source, None)
+    if first is None and (job.error or job.cancelled):
+        # refused, failed or cancelled before any audio: the call is not spoken into (no silent
+        # utterance and no mark for a request that is answered with its error)
+        await _end_unspoken(conn, job)
+        return
 
     async def pcm():
-        async for chunk in conn.source(job, CALL_CHUNK):
-            job.first_audio(conn.server.metrics)
-            yield chunk
+        try:
+            if first is not None:
+                job.first_audio(conn.server.metrics)
+                yield first
+            async for chunk in source:
+                yield chunk
+        finally:
+            await source.aclose()
 
     job.speaking = asyncio.create_task(call.speak(pcm(), name=job.rid))
     try:
@@ -41,21 +53,27 @@ async def stream_to_call(conn, job) -> None:
         if not call.ended.is_set():
             raise  # a bug: _stream_or_fail makes it this request's internal_error
         utt = None  # the caller hung up before its audio could start: cut off, like a later hang-up
-    sent_ms = 20.0 * (utt.frames if utt is not None else 0)
-    if job.error:  # its one error, never also a done (a refused first sentence got both)
-        job.cancel()
-        await conn._send_error(job)
+        await source.aclose()  # (speak never took pcm(), which would have closed it)
+    if job.error or job.cancelled or utt is None or utt.state == "cut_off":
+        await _end_unspoken(conn, job, 20.0 * (utt.frames if utt is not None else 0))
         return
-    if job.cancelled or utt is None or utt.state == "cut_off":
-        job.cancel()  # a hang-up or barge-in mid-generation stops the engine within one frame
-        await conn._done(job, cancelled=True, audio_ms=sent_ms, heard=False)
-        return
+    sent_ms = 20.0 * utt.frames
     # the utterance is queued at Telnyx: report done when the caller has heard it (or not); a
     # cancel until then is still a barge-in (connection._cancel looks in conn.playing)
     conn.playing.append(job)
     task = asyncio.create_task(_done_when_heard(conn, job, call, utt, sent_ms))
     _LISTENING.add(task)
     task.add_done_callback(_LISTENING.discard)
+
+
+async def _end_unspoken(conn, job, sent_ms: float = 0.0) -> None:
+    """A request whose audio was not (all) heard ends with exactly one message: its error, or a
+    done that says it was cut off (a hang-up or barge-in; generation stops within one frame)."""
+    job.cancel()
+    if job.error:
+        await conn._send_error(job)
+    else:
+        await conn._done(job, cancelled=True, audio_ms=sent_ms, heard=False)
 
 
 async def _done_when_heard(conn, job, call, utt, sent_ms: float) -> None:
