@@ -64,6 +64,19 @@ async def collect(ws, *, until_done=1):
     return events
 
 
+def fail_on(monkeypatch, worker, method: str, marker: str, exc: BaseException) -> None:
+    """Make `worker.<method>` (submit or prepare) raise `exc` for a request whose text contains
+    `marker` (a refusal or a bug injected into one sentence); every other request goes through."""
+    real = getattr(worker, method)
+
+    def failing(req):
+        if marker in req.text:
+            raise exc
+        return real(req)
+
+    monkeypatch.setattr(worker, method, failing)
+
+
 def wait_finished(req, timeout: float = 10.0) -> bool:
     """Poll (from a test thread) until the engine has finished `req`; returns whether it did."""
     t = time.monotonic()

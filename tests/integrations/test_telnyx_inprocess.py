@@ -14,7 +14,7 @@ from csmstream.integrations.telnyx_bridge import AUTH_HEADER
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import RunningServer, floor_frame_time, wait_finished, wait_until
+from tests.servers import RunningServer, fail_on, floor_frame_time, wait_finished, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +124,7 @@ def test_a_call_request_refused_as_busy_gets_its_error_alone_and_the_call_goes_o
     from csmstream.engine.worker import Busy
 
     rs = phone_server
-    submit = rs.srv.worker.submit
-
-    def refusing(req):
-        if "REFUSED" in req.text:
-            raise Busy("all streams are busy (injected)")
-        return submit(req)
-
-    monkeypatch.setattr(rs.srv.worker, "submit", refusing)
+    fail_on(monkeypatch, rs.srv.worker, "submit", "REFUSED", Busy("all streams are busy (injected)"))
 
     async def go():
         async with sim(rs, "v2:call-busy") as s:

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 
-from tests.servers import RunningServer, collect, floor_frame_time, wait_finished, wait_until
+from tests.servers import RunningServer, collect, fail_on, floor_frame_time, wait_finished, wait_until
 from tests.transport.test_reliability import same_audio
 from tests.transport.test_server import audio_of, reference_pcm
 
@@ -90,15 +90,9 @@ def test_stream_input_that_fails_gets_its_error_then_isfinal_and_the_socket_clos
     here does; a failed second sentence keeps the first's audio whole."""
     from csmstream.engine.worker import Busy
 
-    submit = el.srv.worker.submit
-
-    def failing(req):
-        if "FAIL" in req.text:
-            raise {"busy": Busy("all streams are busy (injected)"), "refused": ValueError("prompt too long (injected)"),
-                   "bug": TypeError("injected bug")}[failure]
-        return submit(req)
-
-    monkeypatch.setattr(el.srv.worker, "submit", failing)
+    fail_on(monkeypatch, el.srv.worker, "submit", "FAIL", {
+        "busy": Busy("all streams are busy (injected)"), "refused": ValueError("prompt too long (injected)"),
+        "bug": TypeError("injected bug")}[failure])
 
     async def go(text):
         async with connect(url_of(el, "0/stream-input?seed=4")) as ws:
@@ -261,14 +255,7 @@ def test_multi_contexts_are_independent_and_each_ends_with_one_isfinal(el):
 def test_multi_a_server_bug_in_one_context_ends_it_with_an_error_and_isfinal(el, monkeypatch):
     """A bug while streaming one context (prepare raising, as tokenizers did on a lone surrogate)
     ends that context with internal_error and its isFinal; the other context plays on."""
-    prepare = el.srv.worker.prepare
-
-    def buggy(req):
-        if "BUG" in req.text:
-            raise TypeError("injected bug")
-        return prepare(req)
-
-    monkeypatch.setattr(el.srv.worker, "prepare", buggy)
+    fail_on(monkeypatch, el.srv.worker, "prepare", "BUG", TypeError("injected bug"))
 
     async def go():
         async with connect(url_of(el, "0/multi-stream-input?seed=4")) as ws:
@@ -295,14 +282,7 @@ def test_multi_the_rest_of_a_failed_turn_is_dropped_and_its_context_id_serves_th
     new context. A context refused after its client flushed keeps its id free at once."""
     from csmstream.engine.worker import Busy
 
-    submit = el.srv.worker.submit
-
-    def failing(req):
-        if "FAIL" in req.text:
-            raise Busy("all streams are busy (injected)")
-        return submit(req)
-
-    monkeypatch.setattr(el.srv.worker, "submit", failing)
+    fail_on(monkeypatch, el.srv.worker, "submit", "FAIL", Busy("all streams are busy (injected)"))
 
     async def go():
         async with connect(url_of(el, "0/multi-stream-input?seed=6")) as ws:

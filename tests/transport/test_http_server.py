@@ -16,7 +16,7 @@ import pytest
 
 from csmstream.transport import http_server
 from csmstream.transport.encoder import AudioEncoder
-from tests.servers import RunningServer, floor_frame_time, wait_finished
+from tests.servers import RunningServer, fail_on, floor_frame_time, wait_finished
 from tests.transport.test_server import reference_pcm
 
 TEXT = "Streaming over plain HTTP."
@@ -202,14 +202,7 @@ def test_a_server_bug_is_a_500_that_says_so_and_the_connection_serves_on(http, m
     it goes out whole and the body is cut (how HTTP says a 200 failed)."""
     from tests.transport.test_reliability import same_audio
 
-    prepare = http.srv.worker.prepare
-
-    def buggy(req):
-        if "BUG" in req.text:
-            raise TypeError("injected bug")
-        return prepare(req)
-
-    monkeypatch.setattr(http.srv.worker, "prepare", buggy)
+    fail_on(monkeypatch, http.srv.worker, "prepare", "BUG", TypeError("injected bug"))
     port = http.srv.http.port
     wire = (h11_request("POST", "/v1/audio/speech", speech_json(input="This BUG trips.")) +
             h11_request("POST", "/v1/audio/speech", speech_json(input="Second one.", seed=3, response_format="pcm"),

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.servers import RunningServer, collect, floor_frame_time, wait_finished
+from tests.servers import RunningServer, collect, fail_on, floor_frame_time, wait_finished
 
 
 def reference_pcm(text, seed):
@@ -149,15 +149,9 @@ def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(mo
     from csmstream.engine.worker import Busy
 
     rs = RunningServer(tiny(2)).start()
-    submit = rs.srv.worker.submit
-
-    def refusing(req):
-        if "REFUSED" in req.text:
-            raise {"busy": Busy("all streams are busy (injected)"), "stopped": RuntimeError("engine stopped"),
-                   "bug": TypeError("injected bug")}[refusal]
-        return submit(req)
-
-    monkeypatch.setattr(rs.srv.worker, "submit", refusing)
+    fail_on(monkeypatch, rs.srv.worker, "submit", "REFUSED", {
+        "busy": Busy("all streams are busy (injected)"), "stopped": RuntimeError("engine stopped"),
+        "bug": TypeError("injected bug")}[refusal])
     try:
         async def go():
             async with connect(rs.url) as ws:
@@ -180,18 +174,11 @@ def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(mo
         rs.stop()
 
 
-def test_a_server_bug_on_one_request_is_an_internal_error_and_the_connection_goes_on():
+def test_a_server_bug_on_one_request_is_an_internal_error_and_the_connection_goes_on(monkeypatch):
     """A bug (here: prepare raising a TypeError, as tokenizers did on a lone surrogate) ends that
     request with an error naming it, not a sender that died silently with the client waiting."""
     rs = RunningServer(tiny(2)).start()
-    prepare = rs.srv.worker.prepare
-
-    def buggy(req):
-        if "BUG" in req.text:
-            raise TypeError("injected bug")
-        return prepare(req)
-
-    rs.srv.worker.prepare = buggy
+    fail_on(monkeypatch, rs.srv.worker, "prepare", "BUG", TypeError("injected bug"))
     try:
         async def go():
             async with connect(rs.url) as ws:
