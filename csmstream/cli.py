@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # per-connection handshake lines only with -v
-        logging.getLogger("csmstream.websockets").setLevel(logging.WARNING)
+    if not args.verbose:  # per-connection handshake lines (and httpx's line per request of say) only with -v
+        for name in ("csmstream.websockets", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2

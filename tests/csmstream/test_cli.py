@@ -230,6 +230,7 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
         out = run("say", "Over plain HTTP.", "--url", f"http://127.0.0.1:{http_port}/v1/audio/speech", "--out",
                   str(over_http), "--max-frames", "5")
         assert out.returncode == 0 and "first audio after" in out.stdout, out.stderr
+        assert "HTTP Request" not in out.stderr  # (httpx's INFO line per request: only with -v)
         with wave.open(str(over_http)) as w:
             assert w.getframerate() == 24000 and w.getnframes() == 400 * 24 == len(speech.content) // 2
         bad = run("say", "Hi.", "--url", f"http://127.0.0.1:{http_port}/v1/audio/speech", "--topk", "0")
