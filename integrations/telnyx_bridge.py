@@ -167,6 +167,12 @@ class CallRegistry:
                 ws.remove(entry)
 
 
+def _dropped(e: Exception) -> bool:
+    """The call's socket went away (websockets, an OS error, Starlette's WebSocketDisconnect), as
+    opposed to a bug."""
+    return isinstance(e, (OSError, ConnectionClosed)) or type(e).__name__ == "WebSocketDisconnect"
+
+
 class _TextSocket:
     """websockets (send / async for), Starlette (send_text / iter_text) or recv()-style objects."""
 
@@ -215,8 +221,10 @@ class TelnyxCall:
                     self._handle(ev)
                 if self.session.stopped:
                     break
-        except Exception as e:  # the socket dropped
-            log.info("telnyx stream %s ended: %s", self.call_control_id, e)
+        except Exception as e:  # the socket dropped (or a bug: the call cannot go on; say so, with its traceback)
+            dropped = _dropped(e)
+            log.log(logging.INFO if dropped else logging.ERROR, "telnyx stream %s ended: %s: %s", self.call_control_id,
+                    type(e).__name__, e, exc_info=not dropped)
         finally:
             self._end()
             writer.cancel()
@@ -284,7 +292,7 @@ class TelnyxCall:
             await self._write_due()
         except Exception as e:
             if not self.ended.is_set():
-                dropped = isinstance(e, (OSError, ConnectionClosed))  # a hang-up the reader has not seen yet
+                dropped = _dropped(e)  # a hang-up the reader has not seen yet
                 log.log(logging.INFO if dropped else logging.ERROR, "telnyx stream %s: sending failed (%s: %s); "
                         "ending the call's stream", self.call_control_id, type(e).__name__, e, exc_info=not dropped)
                 self._end()

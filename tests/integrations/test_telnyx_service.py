@@ -198,3 +198,48 @@ def test_bridge_runs_over_a_starlette_style_socket():
     # 100 ms in one message (media_ms 100), then the resampler's tail padded to a 20 ms frame
     assert sizes == [800, 160] and sent[-1] == {"event": "mark", "mark": {"name": "hello"}}
     assert heard and len(registry) == 0
+
+
+class WebSocketDisconnect(Exception):
+    """(Starlette's exception of that name, as receive_text raises it when the peer leaves.)"""
+
+
+class RecvStyle:
+    """A socket read with receive_text(); its last item, an exception, is raised."""
+
+    def __init__(self, incoming):
+        self.incoming, self.sent = list(incoming), []
+
+    async def send_text(self, text):
+        self.sent.append(json.loads(text))
+
+    async def receive_text(self):
+        await asyncio.sleep(0)
+        item = self.incoming.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+START = ('{"event": "start", "stream_id": "S", "start": {"call_control_id": "v2:q", '
+         '"media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}')
+
+
+@pytest.mark.parametrize("end,level", [(WebSocketDisconnect(1000), "INFO"), (ConnectionResetError("reset"), "INFO"),
+                                       (KeyError("injected bug"), "ERROR")])
+def test_a_call_ended_by_its_socket_is_info_and_by_a_bug_an_error_with_its_traceback(caplog, end, level):
+    """Both end the call (its speakers are cut off, heard() answers False); a bug used to be logged
+    like a hang-up, at INFO and without its traceback, so it went unseen."""
+    import logging
+
+    async def go():
+        call = TelnyxCall(RecvStyle([START, end]), CallRegistry())
+        await asyncio.wait_for(call.run(), 5)
+        return call
+
+    with caplog.at_level(logging.INFO, logger="csmstream.telnyx"):
+        call = asyncio.run(go())
+    assert call.ended.is_set()
+    [rec] = [r for r in caplog.records if "ended:" in r.getMessage()]
+    assert rec.levelname == level and type(end).__name__ in rec.getMessage()
+    assert bool(rec.exc_info) == (level == "ERROR")
