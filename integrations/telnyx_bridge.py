@@ -167,7 +167,7 @@ class CallRegistry:
                 ws.remove(entry)
 
 
-def _dropped(e: Exception) -> bool:
+def socket_gone(e: Exception) -> bool:
     """The call's socket went away (websockets, an OS error, Starlette's WebSocketDisconnect), as
     opposed to a bug."""
     return isinstance(e, (OSError, ConnectionClosed)) or type(e).__name__ == "WebSocketDisconnect"
@@ -222,9 +222,9 @@ class TelnyxCall:
                 if self.session.stopped:
                     break
         except Exception as e:  # the socket dropped (or a bug: the call cannot go on; say so, with its traceback)
-            dropped = _dropped(e)
-            log.log(logging.INFO if dropped else logging.ERROR, "telnyx stream %s ended: %s: %s", self.call_control_id,
-                    type(e).__name__, e, exc_info=not dropped)
+            gone = socket_gone(e)
+            log.log(logging.INFO if gone else logging.ERROR, "telnyx stream %s ended: %s: %s", self.call_control_id,
+                    type(e).__name__, e, exc_info=not gone)
         finally:
             self._end()
             writer.cancel()
@@ -292,9 +292,9 @@ class TelnyxCall:
             await self._write_due()
         except Exception as e:
             if not self.ended.is_set():
-                dropped = _dropped(e)  # a hang-up the reader has not seen yet
-                log.log(logging.INFO if dropped else logging.ERROR, "telnyx stream %s: sending failed (%s: %s); "
-                        "ending the call's stream", self.call_control_id, type(e).__name__, e, exc_info=not dropped)
+                gone = socket_gone(e)  # a hang-up the reader has not seen yet
+                log.log(logging.INFO if gone else logging.ERROR, "telnyx stream %s: sending failed (%s: %s); "
+                        "ending the call's stream", self.call_control_id, type(e).__name__, e, exc_info=not gone)
                 self._end()
 
     async def _write_due(self) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..kernels.resample import Resampler
 from ..transport.protocol import close_reason
-from .telnyx_bridge import CallRegistry, UnknownCall, query_items
+from .telnyx_bridge import CallRegistry, UnknownCall, query_items, socket_gone
 from .telnyx_session import CallerAudio, Dtmf, MarkPlayed, Stopped
 
 log = logging.getLogger("csmstream.telnyx")
@@ -159,6 +159,13 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
         log.warning("telnyx listen %s: %s; cut off", ccid, e)
         await _close(ws, 1008, str(e))
     except Exception as e:  # the listener left
-        log.info("telnyx listen %s: listener gone (%s)", ccid, type(e).__name__)
+        if socket_gone(e):
+            log.info("telnyx listen %s: listener gone (%s)", ccid, type(e).__name__)
+        else:  # a bug: the log gets its traceback, the listener a close saying so; the call goes on
+            log.error("telnyx listen %s: serving the listener failed", ccid, exc_info=e)
+            try:
+                await _close(ws, 1011, f"internal error ({type(e).__name__}); the server log has the traceback")
+            except Exception:
+                pass
     finally:
         call.listeners.remove(feed)

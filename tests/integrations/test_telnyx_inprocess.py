@@ -274,6 +274,46 @@ def test_the_agent_hears_the_caller_on_telnyx_listen(phone_server):
     assert stop == {"event": "stop"} and code == 1000
 
 
+def test_a_bug_serving_a_listener_closes_it_with_1011_and_the_call_goes_on(phone_server, monkeypatch, caplog):
+    """A bug while serving a listener used to end its socket as if the listener had left (a normal
+    close, an INFO line without the traceback). Now: 1011 and an ERROR with the traceback; the
+    call itself is untouched and still takes requests."""
+    import logging
+
+    from csmstream.integrations import telnyx_listen
+
+    class Broken:
+        def __init__(self, *a):
+            pass
+
+        def process(self, pcm):
+            raise ZeroDivisionError("injected bug")
+
+    monkeypatch.setattr(telnyx_listen, "Resampler", Broken)
+    rs = phone_server
+
+    async def go():
+        async with connect(listen_url(rs, "?call_control_id=v2:call-6&format=pcm_16000"),
+                           additional_headers={"Authorization": "Bearer ltok"}) as lw:
+            async with sim(rs, "v2:call-6") as s:
+                await wait_until(lambda: rs.calls.get("v2:call-6") is not None)
+                json.loads(await asyncio.wait_for(lw.recv(), 10))  # start
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await asyncio.wait_for(lw.recv(), 10)
+                async with connect(rs.url) as ws:
+                    await ws.send(json.dumps({"text": "Still on.", "call_control_id": "v2:call-6",
+                                              "max_audio_ms": 300}))
+                    done = await next_json(ws)
+                return lw.close_code, done, s.marks_echoed
+
+    with caplog.at_level(logging.INFO, logger="csmstream.telnyx"):
+        code, done, marks = asyncio.run(go())
+    assert code == 1011 and done["heard"] is True and len(marks) == 1
+    [rec] = [r for r in caplog.records if "serving the listener failed" in r.getMessage()]
+    assert rec.levelname == "ERROR" and rec.exc_info[0] is ZeroDivisionError
+
+
 @pytest.mark.parametrize("query,reason", [
     ("", "call_control_id is required"),
     ("?call_control_id=v2:nobody&wait=0.2", "no Telnyx media stream for call 'v2:nobody'"),
