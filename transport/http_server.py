@@ -20,7 +20,7 @@ import time
 
 from . import http_speech as hs
 from .alignment import Aligner, absolute_seconds
-from .connection import Connection
+from .connection import Connection, bug_message
 from .gate import PerMinute
 from .job import Job
 
@@ -195,6 +195,9 @@ class HttpApi:
                       else hs.parse_speech(body, **limits))
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
+        except Exception as e:  # a bug on this body: its 500 (not a connection closed without a word)
+            log.error("HTTP %s %s failed inside the server", req.method, req.path[:80], exc_info=e)
+            return await self._refuse(writer, 500, "internal_error", bug_message(e, "this request"), keep)
         srv.metrics.requests += 1
         chunked = req.version != "HTTP/1.0"  # 1.0 has no chunked bodies: the stream ends with the connection
         keep = keep and chunked

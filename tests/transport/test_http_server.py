@@ -199,7 +199,8 @@ def test_a_server_bug_is_a_500_that_says_so_and_the_connection_serves_on(http, m
     """A bug on a request (here prepare raising, as tokenizers did on a lone surrogate) used to close
     the connection without a response. Now: before any audio, a 500 internal_error naming it, and
     the keep-alive connection answers its next request; on a later sentence, the audio made before
-    it goes out whole and the body is cut (how HTTP says a 200 failed)."""
+    it goes out whole and the body is cut (how HTTP says a 200 failed). A bug reading the request's
+    body is its 500 too."""
     from tests.transport.test_reliability import same_audio
 
     fail_on(monkeypatch, http.srv.worker, "prepare", "BUG", TypeError("injected bug"))
@@ -216,6 +217,18 @@ def test_a_server_bug_is_a_500_that_says_so_and_the_connection_serves_on(http, m
                                                                response_format="pcm"))
     [(status, _, body, complete)] = read_responses(exchange(port, wire), ["POST"])
     assert status == 200 and not complete and same_audio(body, reference_pcm("Fine first.", 0, seed=4))
+    parse = http_server.hs.parse_speech  # and a bug reading the body: its 500, the next request answered
+
+    def bad_parse(body, **kw):
+        if b"BUG" in body:
+            raise TypeError("injected bug")
+        return parse(body, **kw)
+
+    monkeypatch.setattr(http_server.hs, "parse_speech", bad_parse)
+    wire = (h11_request("POST", "/v1/audio/speech", speech_json(input="A BUG in the body.")) +
+            h11_request("GET", "/healthz", headers=[("Connection", "close")]))
+    (s1, _, b1, _), (s2, _, _, c2) = read_responses(exchange(port, wire), ["POST", "GET"])
+    assert s1 == 500 and json.loads(b1)["error"]["code"] == "internal_error" and (s2, c2) == (200, True)
 
 
 def test_an_http10_client_gets_the_audio_unchunked_and_ended_by_the_close(http):
