@@ -31,6 +31,13 @@ class Pacer:
     def queued_ms(self) -> float:
         return sum(ms for _, ms in self._q)
 
+    def playback_end(self, now: float) -> float:
+        """When the caller's playback of everything sent and queued ends, if it plays in real time
+        from when its burst began: a fixed moment (perhaps past) once all is sent; while some is
+        still queued, at least `now` plus what is queued."""
+        sent_end = now if self._t0 is None else self._t0 + self._sent_ms / 1000
+        return max(now, sent_end) + self.queued_ms / 1000 if self._q else sent_end
+
     def clear(self) -> int:
         """Drop everything queued (barge-in); returns how many messages were dropped."""
         n = len(self._q)

@@ -29,6 +29,8 @@ from .telnyx_session import (BadMessage, CallerAudio, CallStarted, MarkPlayed, M
 
 log = logging.getLogger("csmstream.telnyx")
 AUTH_HEADER = "x-telnyx-streaming-auth-token"
+# a mark not back this long after its audio should have finished playing is taken as lost (heard: False)
+MARK_GRACE_S = 10.0
 
 
 class UnknownCall(LookupError):
@@ -100,6 +102,8 @@ class CallRegistry:
         "media_ms": ("csm_telnyx_media_milliseconds_total", "milliseconds of audio sent into calls"),
         "utterances": ("csm_telnyx_utterances_total", "utterances started"),
         "heard": ("csm_telnyx_utterances_heard_total", "utterances whose mark came back (heard to the end)"),
+        "marks_lost": ("csm_telnyx_marks_lost_total", ("utterances whose mark never came back (reported not heard "
+                                                       f"{MARK_GRACE_S:.0f} s after their audio's end)")),
         "clears": ("csm_telnyx_clears_total", "barge-ins: clear messages sent"),
         "bad_messages": ("csm_telnyx_bad_messages_total", "messages from Telnyx that were ignored as malformed"),
     }
@@ -364,8 +368,26 @@ class TelnyxCall:
 
     async def heard(self, u: Utterance, timeout: float | None = None) -> bool:
         """True once the caller has heard the whole utterance (its mark came back); False when it
-        was cut off or the call ended."""
-        return await asyncio.wait_for(asyncio.shield(self._heard[u.name]), timeout)
+        was cut off or the call ended. With a timeout, TimeoutError after it. Without, False also
+        when the mark has not come back MARK_GRACE_S after the audio queued for the caller should
+        have finished playing: a mark Telnyx lost must not leave the request waiting for ever."""
+        fut = self._heard[u.name]
+        if timeout is not None:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        while not fut.done():
+            now = time.monotonic()
+            wait = self.pacer.playback_end(now) + MARK_GRACE_S - now  # (later while audio is still queued)
+            if wait <= 0:
+                log.warning("telnyx call %s: the mark of utterance %r did not come back %.0f s after its audio "
+                            "ended; reporting it not heard", self.call_control_id, u.name, MARK_GRACE_S)
+                self._count("marks_lost")
+                fut.set_result(False)
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), wait)
+            except TimeoutError:
+                pass
+        return fut.result()
 
     async def interrupt(self) -> None:
         """Barge-in: stop the TTS feed, send `clear` now, drop what is queued."""

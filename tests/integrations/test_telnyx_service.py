@@ -243,3 +243,42 @@ def test_a_call_ended_by_its_socket_is_info_and_by_a_bug_an_error_with_its_trace
     [rec] = [r for r in caplog.records if "ended:" in r.getMessage()]
     assert rec.levelname == level and type(end).__name__ in rec.getMessage()
     assert bool(rec.exc_info) == (level == "ERROR")
+
+
+def test_a_mark_that_never_comes_back_is_reported_not_heard_after_the_audio_and_a_grace(monkeypatch, caplog):
+    """heard() used to wait for a mark for ever: a mark Telnyx lost (the stream still up) left the
+    request without its done. Without a timeout it now answers False MARK_GRACE_S after the queued
+    audio should have finished playing, counts it and says so; a mark in time is still True."""
+    import logging
+    import time
+
+    from csmstream.integrations import telnyx_bridge
+
+    monkeypatch.setattr(telnyx_bridge, "MARK_GRACE_S", 0.3)
+
+    async def go():
+        q = asyncio.Queue()
+        ws = StarletteLike(q)
+        registry = CallRegistry()
+        runner = asyncio.create_task(TelnyxCall(ws, registry).run())
+        await q.put(START)
+        call = await registry.wait_for("v2:q", 2)
+
+        async def pcm():
+            yield b"\x00\x10" * 4800  # 200 ms
+
+        t0 = time.monotonic()
+        lost = await asyncio.wait_for(call.heard(await call.speak(pcm(), name="lost")), 5)
+        waited = time.monotonic() - t0
+        kept = await call.speak(pcm(), name="kept")
+        await q.put('{"event": "mark", "mark": {"name": "kept"}}')
+        heard = await asyncio.wait_for(call.heard(kept), 5)
+        await q.put(None)
+        await runner
+        return lost, waited, heard, registry.counts["marks_lost"]
+
+    with caplog.at_level(logging.WARNING, logger="csmstream.telnyx"):
+        lost, waited, heard, n_lost = asyncio.run(go())
+    assert lost is False and heard is True and n_lost == 1
+    assert waited >= 0.2 + 0.3 - 0.05  # not before its audio could have played, plus the grace
+    assert any("mark of utterance 'lost' did not come back" in r.getMessage() for r in caplog.records)

@@ -190,6 +190,26 @@ def test_pacer_head_start_then_at_most_twice_real_time():
     assert p.next_due(t0 + 0.5) is None
 
 
+def test_pacer_knows_when_the_callers_playback_ends():
+    """Hand-checked: 1 s of audio queued at t=1000; the head start (100 ms) and 2x pacing release
+    it all by 1000.45 (popped every 10 ms, as the writer does), and its playback, started at 1000,
+    ends at 1001: a fixed moment once all is sent."""
+    p = Pacer(head_ms=100, speed=2.0)
+    assert p.playback_end(5.0) == 5.0  # nothing sent or queued
+    for i in range(50):
+        p.push(f"m{i}", 20.0)
+    assert p.playback_end(1000.0) == pytest.approx(1001.0)  # all queued: now + 1 s
+    p.pop_due(1000.0)
+    assert p.playback_end(1000.0) == pytest.approx(1001.0)  # 100 ms sent, 900 queued
+    for k in range(1, 46):
+        p.pop_due(1000.0 + k / 100)
+    assert len(p) == 0 and p.playback_end(1000.45) == pytest.approx(1001.0)  # all sent, still playing
+    assert p.playback_end(1003.0) == pytest.approx(1001.0)  # played out: still when it ended
+    p.push("late", 20.0)  # queued before that ends: the end of what was sent, plus what is queued
+    assert p.playback_end(1000.9) == pytest.approx(1001.0 + 0.02)
+    assert p.playback_end(1005.0) == pytest.approx(1005.0 + 0.02)  # (not sent yet: from now at the earliest)
+
+
 def test_pacer_clear_and_idle_restart():
     p = Pacer(head_ms=100, speed=2.0)
     for i in range(20):
