@@ -395,8 +395,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gemv_sweep.py needs a CUDA GPU; none is available here", file=sys.stderr)
         return 2
-    from csmstream.engine.config import CsmModelConfig
     from transformers import CsmConfig
+
+    from csmstream.engine.config import CsmModelConfig
 
     dev = torch.cuda.get_device_name()
     print(f"# {dev}, torch {torch.__version__}, {a.dtype}, {time.strftime('%Y-%m-%d')}", flush=True)

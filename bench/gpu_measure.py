@@ -80,9 +80,10 @@ def build_engine(config: str, device: str, dtype: torch.dtype, max_streams: int,
     from csmstream.engine.tokenizer import TextTokenizer
 
     if config == "csm-1b":
+        from transformers import CsmConfig, MimiConfig, MimiModel
+
         from csmstream.engine.config import CsmModelConfig
         from csmstream.engine.model import CSM
-        from transformers import CsmConfig, MimiConfig, MimiModel
 
         cfg = CsmModelConfig.from_hf(CsmConfig())
         torch.manual_seed(0)
@@ -458,8 +459,9 @@ def server_ttfa(eng, n: int, voices=None, warmup: int = 2) -> float | None:
     try:
         import asyncio
 
-        from csmstream.transport.server import StreamServer
         from websockets.asyncio.client import connect
+
+        from csmstream.transport.server import StreamServer
     except ImportError:
         return None
 
@@ -544,8 +546,7 @@ def live(eng, streams: int, seconds: float, max_prefill_s: float | None = None) 
 def profile(eng, tok_mask, n: int = 20) -> dict:
     """Where a batch-1 frame's time goes (CUDA): the kernels of n graph replays by total device
     time, and the host-side pieces of time to first audio (prefill, step, decode)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
+    from torch.profiler import ProfilerActivity, profile as tprofile
 
     gen = eng.gen
     fill_rows(gen, 1, tok_mask)

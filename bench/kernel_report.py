@@ -217,9 +217,9 @@ def _label(name: str, ints: dict, const: dict, dims: dict) -> str:
 
 def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: bool = False) -> dict:
     import torch
+    from transformers import CsmConfig
 
     from csmstream.engine.config import CsmModelConfig
-    from transformers import CsmConfig
 
     cfg = CsmModelConfig.from_hf(CsmConfig())
     dims = {"backbone": cfg.backbone.dim, "depth": cfg.depth.dim}

@@ -31,7 +31,6 @@ import time
 import numpy as np
 
 
-
 # -- the server (child process) ----------------------------------------------------------------------
 def serve(codec: str, speak: bool, compression: str | None = None) -> None:
     import csmstream

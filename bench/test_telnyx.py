@@ -51,10 +51,11 @@ def running():
 
 
 def test_first_media_and_clear_latency(benchmark, running):
+    from websockets.asyncio.server import serve
+
     from csmstream.integrations.telnyx_bridge import CallRegistry, handle_telnyx_media
     from csmstream.integrations.telnyx_service import TelnyxService
     from tests.integrations.telnyx_sim import TelnyxSimulator
-    from websockets.asyncio.server import serve
 
     rs, ref = running
     text = "Hello, and thanks for calling. How can I help you today? " * 3

@@ -20,7 +20,6 @@ from .model import CSM, Attend, KVCache
 from .rope import rope_table
 from .sampling import sample
 
-
 log = logging.getLogger("csmstream.engine")
 
 

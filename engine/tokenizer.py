@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, decoders, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 BOS_NAMES = ("<|begin_of_text|>", "<s>")
 EOS_NAMES = ("<|end_of_text|>", "</s>")

@@ -24,8 +24,16 @@ from websockets.exceptions import ConnectionClosed
 
 from .pacer import Pacer
 from .telnyx_codecs import check
-from .telnyx_session import (BadMessage, CallerAudio, CallStarted, MarkPlayed, MediaMessage, Stopped,
-                             TelnyxMediaSession, Utterance)
+from .telnyx_session import (
+    BadMessage,
+    CallerAudio,
+    CallStarted,
+    MarkPlayed,
+    MediaMessage,
+    Stopped,
+    TelnyxMediaSession,
+    Utterance,
+)
 
 log = logging.getLogger("csmstream.telnyx")
 AUTH_HEADER = "x-telnyx-streaming-auth-token"

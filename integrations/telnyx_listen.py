@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+
 import numpy as np
 
 from ..kernels.resample import Resampler

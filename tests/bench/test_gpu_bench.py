@@ -16,7 +16,6 @@ def test_sample_us_checks_the_kernel_and_times_both_paths():
 
 def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_generator(tiny_engine):
     from bench.gpu_measure import prefill_ms, prompt
-
     from csmstream.engine.generator import FrameGenerator
 
     gen = FrameGenerator(tiny_engine.model, rows=2, fast=True)
@@ -33,7 +32,6 @@ def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_gene
 
 def test_the_kept_variant_and_its_table_row(tiny_engine):
     from bench.gpu_measure import kept_variant, variants_row
-
     from csmstream.engine.generator import FrameGenerator
 
     step = FrameGenerator(tiny_engine.model, rows=2, fast=True).fast

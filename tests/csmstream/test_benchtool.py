@@ -68,7 +68,6 @@ def test_bench_counts_g722_audio_at_its_own_bytes_per_ms(tmp_path, server):
 
 def test_the_bench_drives_the_http_port_like_the_websocket(tmp_path):
     import csmstream
-
     from tests.transport.test_text_stream import _write_voice
 
     (tmp_path / "voices").mkdir()

@@ -17,7 +17,6 @@ from csmstream.engine.cuda_step import fold_setting, grouped_setting, pdl_settin
 from csmstream.engine.generator import FrameGenerator
 from csmstream.engine.prompt import build_prompt
 
-
 CUBLAS, FUSED, PDL, FOLD = (False, False, False), (True, False, False), (True, True, False), (True, False, True)
 
 

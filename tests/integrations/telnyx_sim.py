@@ -17,10 +17,9 @@ import base64
 import json
 import time
 
+import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-
-import numpy as np
 
 from csmstream.kernels.g711 import alaw_decode, ulaw_decode, ulaw_encode
 from tests import ffmpeg

@@ -12,8 +12,13 @@ import pytest
 from websockets.asyncio.server import serve
 from websockets.exceptions import InvalidStatus
 
-from csmstream.integrations.telnyx_bridge import (AUTH_HEADER, CallRegistry, handle_telnyx_media, stream_options,
-                                                  websockets_auth)
+from csmstream.integrations.telnyx_bridge import (
+    AUTH_HEADER,
+    CallRegistry,
+    handle_telnyx_media,
+    stream_options,
+    websockets_auth,
+)
 from csmstream.integrations.telnyx_service import TelnyxService
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler, resample_ref

@@ -10,8 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from csmstream.integrations.call_control import (TelnyxAPIError, TelnyxAuthError, TelnyxValidationError,
-                                                 start_streaming)
+from csmstream.integrations.call_control import TelnyxAPIError, TelnyxAuthError, TelnyxValidationError, start_streaming
 from csmstream.integrations.telnyx_bridge import CallRegistry, TelnyxCall, UnknownCall
 from csmstream.integrations.telnyx_service import TelnyxService
 

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from csmstream.integrations.pacer import Pacer
-from csmstream.integrations.telnyx_session import (BadMessage, CallerAudio, CallStarted, Connected, Dtmf,
-                                                   MarkPlayed, Stopped, TelnyxError, TelnyxMediaSession)
+from csmstream.integrations.telnyx_session import (
+    BadMessage,
+    CallerAudio,
+    CallStarted,
+    Connected,
+    Dtmf,
+    MarkPlayed,
+    Stopped,
+    TelnyxError,
+    TelnyxMediaSession,
+)
 from csmstream.kernels.g711 import alaw_encode, ulaw_encode
 from csmstream.kernels.resample import Resampler
 from tests import ffmpeg

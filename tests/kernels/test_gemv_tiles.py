@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from bench.gemv_sweep import sweep
-from csmstream.kernels import gemv_tiles
-from csmstream.kernels import triton_gemv as gv
+from csmstream.kernels import gemv_tiles, triton_gemv as gv
 from csmstream.kernels.int8 import quantize_int8
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import serve
 
-from csmstream.transport.client import (SesameConnectionError, SesameTTSError, SesameWebSocketService,
-                                        stream_sesame_tts)
+from csmstream.transport.client import SesameConnectionError, SesameTTSError, SesameWebSocketService, stream_sesame_tts
 
 
 def test_stream_tts_yields_the_audio_bytes(server):

@@ -4,8 +4,7 @@ exception escapes except the documented ProtocolError, and every reply is valid.
 import json
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from csmstream.integrations import telnyx_session as ts
 from csmstream.transport import protocol

@@ -9,11 +9,9 @@ import wave
 
 import h11
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from csmstream.transport import http_speech as hs
-from csmstream.transport import protocol
+from csmstream.transport import http_speech as hs, protocol
 
 
 def head(*lines: str) -> bytes:

@@ -12,8 +12,6 @@ from csmstream.transport.loopwatch import LoopWatch
 from csmstream.transport.metrics import parse
 
 
-
-
 def test_a_blocked_loop_is_one_late_wake_of_about_the_block_and_is_logged_once(caplog):
     caplog.set_level(logging.WARNING, "csmstream.loop")
 
