@@ -316,25 +316,22 @@ class Connection:
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
             srv.worker.submit(req)
-        except (ValueError, RuntimeError) as e:
-            code = "invalid_request" if isinstance(e, ValueError) else "busy" if isinstance(e, Busy) else "unavailable"
-            job.error, job.error_code = str(e), code
-            if job.active or job.done_reqs:  # a later sentence: what the earlier ones generated plays out
-                job.parts.clear()            # first (source drains it), then _stream sends this error
-                job.event.set()
-                return False
-            job.error_sent = True
-            await self._error(code, str(e), job.rid)
-            job.cancel()
-            return False
         except Exception as e:
-            if not (job.active or job.done_reqs):
-                raise  # the first sentence: _stream_or_fail makes it the request's internal_error
-            # a bug on a later sentence: like a refusal, the earlier sentences play out first
-            log.error("request %s: a later sentence failed inside the server", job.rid, exc_info=e)
-            job.error, job.error_code = bug_message(e, f"request {job.rid}"), "internal_error"
-            job.parts.clear()
-            job.event.set()
+            later = bool(job.active or job.done_reqs)
+            if isinstance(e, (ValueError, RuntimeError)):  # refused: a bad prompt, full, or stopping
+                job.error, job.error_code = str(e), ("invalid_request" if isinstance(e, ValueError) else
+                                                     "busy" if isinstance(e, Busy) else "unavailable")
+            elif later:  # a bug on a later sentence: handled like a refusal
+                log.error("request %s: a later sentence failed inside the server", job.rid, exc_info=e)
+                job.error, job.error_code = bug_message(e, f"request {job.rid}"), "internal_error"
+            else:
+                raise  # a bug on the first sentence: _stream_or_fail makes it the request's internal_error
+            if later:  # what the earlier sentences generated plays out first (source drains it), then
+                job.parts.clear()  # _stream sends this error
+                job.event.set()
+            else:
+                await self._send_error(job)
+                job.cancel()
             return False
         job.parts.popleft()
         job.active.append((req, ring))
