@@ -41,8 +41,6 @@ def serve(args) -> int:
     from . import load
     from .transport.server import StreamServer
 
-    if args.model == "tiny":
-        print(TINY_NOTE, file=sys.stderr)
     if args.max_text_chars < 1:
         raise ValueError(f"--max-text-chars must be >= 1, got {args.max_text_chars}")
     if not 0 <= args.port <= 65535:
@@ -61,6 +59,8 @@ def serve(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
+    if args.model == "tiny":  # (after the flags' checks: a typo's error is the last line, not lost above a note)
+        print(TINY_NOTE, file=sys.stderr)
 
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import wave
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+
+# suffixes of other audio containers: a WAV written under one of them plays as noise or not at all
+NOT_WAV = frozenset({".mp3", ".ogg", ".oga", ".opus", ".flac", ".aac", ".m4a", ".webm", ".ulaw", ".alaw", ".raw", ".pcm"})
 
 
 class WavWriter:
@@ -22,7 +27,13 @@ class WavWriter:
     def __init__(self, path: str | Path, sample_rate: int = 24_000) -> None:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        if str(path).endswith(("/", os.sep)):  # (Path drops the slash and would write a file by that name)
+            raise ValueError(f"cannot write {str(path)!r}: it names a folder; give a file name such as "
+                             f"{os.path.join(str(path), 'out.wav')!r}")
         self.path, self.rate, self.samples = Path(path), sample_rate, 0
+        if self.path.suffix.lower() in NOT_WAV:
+            raise ValueError(f"cannot write {str(self.path)!r}: this writes a WAV file, and "
+                             f"{self.path.suffix!r} names another format; use a .wav name")
         try:  # (opened here, not by wave.open: a Wave_write whose open failed raises again in __del__)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())

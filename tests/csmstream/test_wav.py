@@ -41,3 +41,16 @@ def test_a_path_that_cannot_be_written_is_a_clear_error_at_open(tmp_path):
         WavWriter(tmp_path / "file" / "x.wav")
     with pytest.raises(ValueError, match="sample_rate must be a positive integer"):
         WavWriter(tmp_path / "ok.wav", 0)
+
+
+def test_a_folder_path_or_another_formats_name_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"it names a folder; give a file name such as .*new/out\.wav"):
+        WavWriter(f"{tmp_path}/new/")
+    for name in ("x.mp3", "x.OPUS", "x.flac"):
+        with pytest.raises(ValueError, match=r"this writes a WAV file, and '\.\w+' names another format; use a .wav"):
+            WavWriter(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither a file named 'new' nor an empty x.mp3
+    w = WavWriter(tmp_path / "plain")  # no suffix at all is the caller's choice
+    w.close()
+    data, rate = read_wav(tmp_path / "plain")
+    assert rate == 24000 and data.size == 0
