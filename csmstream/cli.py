@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return commands.bench(args)
         commands.check_chunk_ms(args.chunk_ms)  # (before loading a model or connecting)
+        if not args.local:
+            commands.check_url(args.url)
         if args.voices is not None and not args.local:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:

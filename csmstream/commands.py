@@ -36,6 +36,21 @@ def check_chunk_ms(ms: int) -> None:
         raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {ms}")
 
 
+def check_url(url: str) -> None:
+    """--url as say and bench can use it: a WebSocket endpoint or the HTTP port's speech route,
+    checked before any connection (else each request fails with the client library's words)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+    except ValueError as e:
+        raise ValueError(f"--url {url!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+        raise ValueError(f"--url must be ws[s]://HOST:PORT/ws/generate or http[s]://HOST:HTTP_PORT/v1/audio/speech, "
+                         f"got {url!r}")
+
+
 # -- serve -----------------------------------------------------------------------------------------
 def serve(args) -> int:
     from . import load
@@ -166,8 +181,13 @@ def say(args) -> int:
         try:
             stats = asyncio.run(_say(args, lambda chunk: wav.write(dec.decode(chunk))))
         except SesameConnectionError as e:
-            hint = (f"kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else
-                    "is a server running? start one with: csm-stream serve")
+            if wav.samples:
+                hint = f"kept the {wav.seconds:.2f} s that arrived in {args.out}"
+            elif isinstance(e.__cause__, (OSError, TimeoutError)):  # nothing answered at that address
+                hint = "is a server running? start one with: csm-stream serve"
+            else:  # something answered, but refused the WebSocket handshake (a wrong path or port, auth)
+                hint = ("a server answered but refused the WebSocket: the endpoint is /ws/generate on serve's "
+                        "--port (the HTTP routes are on --http-port); with serve --auth-token, pass --token")
             print(f"csm-stream: error: {e.message}\n  {hint}", file=sys.stderr)
             return 1
         except SesameTTSError as e:
@@ -297,6 +317,7 @@ def bench(args) -> int:
     if not levels or min(levels) < 1 or args.requests < 1:
         raise ValueError("concurrency levels and --requests must be >= 1")
     check_chunk_ms(args.chunk_ms)  # (else every request fails at the server)
+    check_url(args.url)
     if not 0 < args.ttfa_threshold_ms < math.inf:
         raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
     try:  # the results' folder, before the run rather than after it
@@ -322,11 +343,14 @@ def bench(args) -> int:
                     token=args.token or os.environ.get(AUTH_ENV), voice=args.voice)
     print(table(out["summary"]))
     for c, summ in out["summary"].items():
-        d = summ["drift"]
-        if d["rss_growth_mb"] is not None or d["ttfa_last_tenth_p50"] is not None:
-            print(f"drift at concurrency {c}: TTFA p50 first tenth {d['ttfa_first_tenth_p50'] or 0:.0f} ms -> "
-                  f"last tenth {d['ttfa_last_tenth_p50'] or 0:.0f} ms; server memory {d['rss_before_mb']} -> "
-                  f"{d['rss_after_mb']} MB")
+        d, parts = summ["drift"], []
+        if d["ttfa_last_tenth_p50"] is not None:  # (None when no request of the level got audio)
+            parts.append(f"TTFA p50 first tenth {d['ttfa_first_tenth_p50']:.0f} ms -> "
+                         f"last tenth {d['ttfa_last_tenth_p50']:.0f} ms")
+        if d["rss_growth_mb"] is not None:
+            parts.append(f"server memory {d['rss_before_mb']} -> {d['rss_after_mb']} MB")
+        if parts:
+            print(f"drift at concurrency {c}: " + "; ".join(parts))
     errors = sum(s["errors"] for s in out["summary"].values())
     if args.sweep:
         best = out["best_concurrency"]

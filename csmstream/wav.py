@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-
 # suffixes of other audio containers: a WAV written under one of them plays as noise or not at all
-NOT_WAV = frozenset({".mp3", ".ogg", ".oga", ".opus", ".flac", ".aac", ".m4a", ".webm", ".ulaw", ".alaw", ".raw", ".pcm"})
+NOT_WAV = frozenset({".mp3", ".ogg", ".oga", ".opus", ".flac", ".aac", ".m4a", ".webm", ".ulaw", ".alaw", ".raw",
+                     ".pcm"})
 
 
 class WavWriter:

@@ -103,6 +103,8 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["bench", "--chunk-ms", "5"], "--chunk-ms must be in 20..1000, got 5"),
     (["bench", "--ttfa-threshold-ms", "-5"], "--ttfa-threshold-ms must be a number of milliseconds > 0, got -5.0"),
     (["bench", "--out", "FILE"], "cannot be the results' folder: a file has that name"),
+    (["bench", "--url", "ftp://host/x"], "--url must be ws[s]://HOST:PORT/ws/generate or http[s]://"),
+    (["bench", "--url", "ws://host:99999/ws/generate"], "is not a valid URL: Port out of range"),
 ])
 def test_bad_serve_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     """Each was accepted: a server that could never be stopped gently or refused every client, or a
@@ -152,6 +154,10 @@ def test_say_without_a_server_explains(tmp_path):
     out = run("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate", "--out", str(tmp_path / "x.wav"))
     assert out.returncode == 1
     assert "cannot connect" in out.stderr and "csm-stream serve" in out.stderr and "Traceback" not in out.stderr
+    for url in ("127.0.0.1:8765", "tcp://127.0.0.1:8765/ws/generate"):  # (a scheme left out or wrong)
+        out = run("say", "hi", "--url", url, "--out", str(tmp_path / "y.wav"))
+        assert out.returncode == 2 and f"--url must be ws[s]://HOST:PORT/ws/generate or http[s]://HOST:HTTP_PORT" \
+            f"/v1/audio/speech, got {url!r}" in out.stderr and "cannot connect" not in out.stderr
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -236,6 +242,10 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
             assert w.getframerate() == 24000 and w.getnframes() == 400 * 24 == len(speech.content) // 2
         bad = run("say", "Hi.", "--url", f"http://127.0.0.1:{http_port}/v1/audio/speech", "--topk", "0")
         assert bad.returncode == 1 and "server error invalid_topk: topk must be" in bad.stderr
+        wrong = run("say", "Hi.", "--url", f"ws://127.0.0.1:{http_port}/ws/generate")  # the HTTP port: a 404
+        assert wrong.returncode == 1 and "HTTP 404" in wrong.stderr and "is a server running" not in wrong.stderr
+        assert "a server answered but refused the WebSocket: the endpoint is /ws/generate on serve's --port" \
+            in wrong.stderr
         path = tmp_path / "say.wav"
         out = run("say", "Over the socket.", "--url", f"ws://127.0.0.1:{port}/ws/generate", "--out", str(path),
                   "--seed", "1", "--max-frames", "10", "--format", "pcm_16000")
@@ -298,3 +308,19 @@ def test_demo_runs_server_and_client_end_to_end(tmp_path):
     assert "first audio after" in out.stdout and "demo: server stopped" in out.stderr
     with wave.open(str(path)) as w:
         assert w.getnframes() == 8 * 1920
+
+
+def test_bench_prints_no_made_up_ttfa_drift_for_a_level_where_no_request_got_audio(tmp_path, capsys, monkeypatch):
+    """It printed 'TTFA p50 first tenth 0 ms -> last tenth 0 ms' for a level whose every request
+    failed (an unknown voice): a figure nobody measured."""
+    from csmstream import benchtool, cli
+    from csmstream.benchtool import CallResult, drift
+
+    failed = [CallResult(index=i, concurrency=2, chars=5, error="unknown_voice: unknown voice 'x'") for i in range(2)]
+    summary = {2: {"errors": 2, "drift": drift(failed, 100 * 2**20, 101 * 2**20)}}
+    monkeypatch.setattr(benchtool, "run_bench", lambda *a, **k: dict(summary=summary, files=[], results=failed))
+    monkeypatch.setattr(benchtool, "table", lambda s: "TABLE")
+    assert cli.main(["bench", "--concurrency", "2", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "drift at concurrency 2: server memory 100.0 -> 101.0 MB\n" in out.out and "TTFA" not in out.out
+    assert "2 request(s) failed; first: unknown_voice" in out.err
