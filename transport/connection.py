@@ -361,9 +361,11 @@ class Connection:
                 n = unit
                 if job.src_limit is not None:
                     n = min(n, job.src_limit - job.src_sent)
-                    if n <= 0:
-                        for r, _ in job.active:
-                            r.cancel()  # reached max_audio_ms: stop generating, end normally
+                    if n <= 0:  # reached max_audio_ms: stop generating, end normally
+                        for r, _ in job.active:  # (they count as its sentences: the log's, SSE usage's)
+                            r.cancel()
+                            job.done_reqs.append(r)
+                        job.active.clear()
                         return
                 pcm = ring.read(n)
                 if pcm is not None:

@@ -108,6 +108,13 @@ def test_wav_sse_and_ulaw_carry_the_same_audio(http):
     assert done["usage"]["output_tokens"] == len(want) // 2 // 1920  # audio frames
     assert done["usage"]["total_tokens"] == done["usage"]["input_tokens"] + done["usage"]["output_tokens"] > 0
 
+    # cut at max_audio_ms: the frames made still count (they were 0, and the log said "0 sentence(s)")
+    with httpx.stream("POST", http.srv.speech_url, timeout=60,
+                      content=speech_json(seed=5, stream_format="sse", max_audio_ms=400)) as r:
+        cut = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
+    assert cut["audio_ms"] == 400 and cut["usage"]["input_tokens"] == done["usage"]["input_tokens"]
+    assert cut["usage"]["output_tokens"] >= 5  # 400 ms: 5 frames sent, maybe a frame or two more made
+
     ulaw = httpx.post(http.srv.speech_url, content=speech_json(seed=5, response_format="ulaw_8000"), timeout=60)
     assert ulaw.headers["content-type"] == "audio/basic" and ulaw.headers["x-sample-rate"] == "8000"
     enc = AudioEncoder("ulaw_8000", 100)  # the /ws/generate encoder (tested against a float reference)
