@@ -476,7 +476,7 @@ class Connection:
         m = self.server.metrics
         audio_ms = job.encoder.audio_ms if audio_ms is None else audio_ms
         ttfa = 1000 * (job.t_first - job.t_recv) if job.t_first else None
-        reqs = job.done_reqs
+        reqs = job.done_reqs + [r for r, _ in job.active]  # (a cancelled request's sentences are still active)
         if cancelled:
             m.cancelled += 1
         else:

@@ -3,6 +3,8 @@ concurrency, cancel and disconnect."""
 
 import asyncio
 import json
+import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -165,7 +167,8 @@ def test_eight_concurrent_clients_get_complete_correct_audio(server):
         assert np.abs(got - want).max() <= 2
 
 
-def test_cancel_stops_within_one_frame_and_frees_the_slot(server, monkeypatch):
+def test_cancel_stops_within_one_frame_and_frees_the_slot(server, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="csmstream.server")
     floor_frame_time(monkeypatch, server)
     text = "This is a long request that we will interrupt. " * 8
 
@@ -188,6 +191,11 @@ def test_cancel_stops_within_one_frame_and_frees_the_slot(server, monkeypatch):
     assert wait_finished(req) and req.reason == "cancelled"
     assert req.frames - req.frames_at_cancel <= 1
     assert req.frames < req.max_frames
+    # its log line counts the sentence and frames it had (it said "0 sentence(s) ... 0 frames")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("request long: cancelled"))
+    m = re.fullmatch(r"request long: cancelled, \d+ ms audio in (\d+) sentence\(s\), ttfa [\d.]+ ms, (\d+) frames",
+                     line)
+    assert m and int(m[1]) == 1 and int(m[2]) >= 1, line
 
 
 def test_disconnect_frees_the_slot_within_one_frame(server, monkeypatch):
