@@ -74,6 +74,9 @@ def serve(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
+    from .engine.loader import check_load_args  # (the model's flags too, before the port is bound)
+
+    check_load_args(args.model, args.device, args.dtype, args.max_streams, args.cuda_graphs, args.quantize)
     if args.model == "tiny":  # (after the flags' checks: a typo's error is the last line, not lost above a note)
         print(TINY_NOTE, file=sys.stderr)
 

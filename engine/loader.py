@@ -16,6 +16,7 @@ from .tokenizer import TextTokenizer
 from .weights import (
     CheckpointError,
     build_state_dict,
+    check_source,
     read_config,
     read_tensors,
     resolve,
@@ -56,6 +57,31 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_load_args(model, device="auto", dtype="auto", max_streams=None, cuda_graphs=None, quantize=None):
+    """load()'s arguments checked without loading anything (a server checks them before it binds
+    its port): returns (device, dtype, max_streams, quantize) as load() will use them.
+
+    Raises:
+        ValueError: as load() does for a bad argument; CheckpointError for a local path that is
+            not a directory (a hub id is only fetched by load()).
+    """
+    if not isinstance(model, (str, Path)) or not str(model):
+        raise ValueError(f"model must be 'tiny', a checkpoint directory or a hub id, got {model!r}")
+    quantize = check_mode(quantize)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if max_streams is None:
+        max_streams = 64 if dev.type == "cuda" else 4
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= 1024:
+        raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None (the default: env CSM_CUDA_GRAPHS), got "
+                         f"{cuda_graphs!r:.40}")
+    if str(model) != "tiny":
+        check_source(str(model))
+    return dev, dt, max_streams, quantize
+
+
 def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
          max_streams: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None) -> Engine:
     """Load a CSM model and return an Engine.
@@ -78,18 +104,7 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
     Raises:
         ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint.
     """
-    if not isinstance(model, (str, Path)) or not str(model):
-        raise ValueError(f"model must be 'tiny', a checkpoint directory or a hub id, got {model!r}")
-    quantize = check_mode(quantize)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    if max_streams is None:
-        max_streams = 64 if dev.type == "cuda" else 4
-    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= 1024:
-        raise ValueError(f"max_streams must be an integer in 1..1024, got {max_streams!r}")
-    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True, False or None (the default: env CSM_CUDA_GRAPHS), got "
-                         f"{cuda_graphs!r:.40}")
+    dev, dt, max_streams, quantize = check_load_args(model, device, dtype, max_streams, cuda_graphs, quantize)
     t0 = time.perf_counter()
     if str(model) == "tiny":
         net, tok, name, codec = _load_tiny(dev, dt)

@@ -171,8 +171,12 @@ def _origin(name: str) -> str:
     return name
 
 
-def resolve(model: str) -> Path:
-    """A local directory, or a hub id fetched with huggingface_hub when a network and token allow."""
+def check_source(model: str) -> Path | None:
+    """The local checkpoint directory `model` names, or None for a hub id (nothing fetched yet).
+
+    Raises:
+        CheckpointError: `model` is a file, or neither a directory nor shaped like a hub id.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -183,6 +187,14 @@ def resolve(model: str) -> Path:
             f"{model!r}: no such directory, and not a hub id like 'sesame/csm-1b'. Pass 'tiny', a "
             "transformers-format checkpoint directory, or a hub id"
         )
+    return None
+
+
+def resolve(model: str) -> Path:
+    """A local directory, or a hub id fetched with huggingface_hub when a network and token allow."""
+    path = check_source(model)
+    if path is not None:
+        return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -100,6 +100,11 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds >= 0, got nan"),
     (["serve", "--max-connections-per-ip", "0"], "--max-connections-per-ip must be >= 1, got 0"),
     (["serve", "--max-requests-per-minute", "0"], "--max-requests-per-minute must be >= 1, got 0"),
+    (["serve", "--dtype", "int4"], "dtype 'int4' is not supported; allowed: 'auto', 'float32', 'bfloat16'"),
+    (["serve", "--max-streams", "0"], "max_streams must be an integer in 1..1024, got 0"),
+    (["serve", "--device", "tpu"], "device 'tpu' is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"),
+    (["serve", "--model", "FILE"], "is a file; pass the checkpoint directory that holds it"),
+    (["serve", "--model", "no/such/dir"], "'no/such/dir': no such directory, and not a hub id"),
     (["bench", "--chunk-ms", "5"], "--chunk-ms must be in 20..1000, got 5"),
     (["bench", "--ttfa-threshold-ms", "-5"], "--ttfa-threshold-ms must be a number of milliseconds > 0, got -5.0"),
     (["bench", "--out", "FILE"], "cannot be the results' folder: a file has that name"),
@@ -119,7 +124,7 @@ def test_bad_serve_and_bench_options_are_refused_before_any_work(argv, message, 
     monkeypatch.setattr(benchtool, "run_bench", reached)
     (tmp_path / "FILE").write_text("")
     argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
-    assert cli.main(argv + (["--device", "cpu"] if argv[0] == "serve" else [])) == 2
+    assert cli.main(argv + (["--device", "cpu"] if argv[0] == "serve" and "--device" not in argv else [])) == 2
     assert message in capsys.readouterr().err
 
 
