@@ -7,14 +7,14 @@ cut short still leaves a usable tile table for what it timed.
 
 For every projection of a decoder layer (backbone and depth decoder), every batch size and both
 weight formats (the model dtype, and int8 with a scale per row), it times: cuBLAS (F.linear plus the
-ops the fused kernel folds in: norm, SiLU·up, residual add, RoPE + cache write), the tiles `pick_tiles()` chooses, and each tile in a grid; each
-candidate's output is first checked against the PyTorch reference. Times are device time per call
-from CUDA-graph replays over enough weight copies to overflow the L2 cache, so the weights come from
-HBM as they do in a frame. It then adds the calls up into the GEMV time of one frame (backbone
-layers once, depth layers once per codebook) for cuBLAS, the picked tiles and the best tiles: the
-number to hold against the batch-1 frame target. The candidates are first compiled in parallel
-processes (--jobs; Triton's on-disk cache hands them to the timing run). On CPU (tests) it runs
-interpreted and times with the wall clock.
+ops the fused kernel folds in: norm, SiLU·up, residual add, RoPE + cache write), the tiles
+`pick_tiles()` chooses, and each tile in a grid; each candidate's output is first checked against
+the PyTorch reference. Times are device time per call from CUDA-graph replays over enough weight
+copies to overflow the L2 cache, so the weights come from HBM as they do in a frame. It then adds
+the calls up into the GEMV time of one frame (backbone layers once, depth layers once per codebook)
+for cuBLAS, the picked tiles and the best tiles: the number to hold against the batch-1 frame
+target. The candidates are first compiled in parallel processes (--jobs; Triton's on-disk cache
+hands them to the timing run). On CPU (tests) it runs interpreted and times with the wall clock.
 """
 
 from __future__ import annotations

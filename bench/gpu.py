@@ -219,12 +219,13 @@ def table(res: dict) -> str:
         rows.append(f"| a draw at batch {r['batch']}: one kernel / torch.topk path | {r['one_kernel_us']:.1f} / "
                     f"{r['topk_path_us']:.1f} µs |")
         if "one_kernel_w1_us" in r:
-            rows.append(f"| a draw at batch {r['batch']}: one kernel with 1 / 2 / 4 warps | {r['one_kernel_w1_us']:.1f} / "
-                        f"{r['one_kernel_w2_us']:.1f} / {r['one_kernel_us']:.1f} µs |")
+            rows.append(f"| a draw at batch {r['batch']}: one kernel with 1 / 2 / 4 warps | "
+                        f"{r['one_kernel_w1_us']:.1f} / {r['one_kernel_w2_us']:.1f} / {r['one_kernel_us']:.1f} µs |")
         if "one_kernel_ways16_us" in r:
-            rows.append(f"| a draw at batch {r['batch']}: threshold by bisection / 4 / 8 / 16 ways a step (16 at 2 warps) "
-                        f"| {r['one_kernel_us']:.1f} / {r['one_kernel_ways4_us']:.1f} / {r['one_kernel_ways8_us']:.1f} / "
-                        f"{r['one_kernel_ways16_us']:.1f} ({r['one_kernel_ways16_w2_us']:.1f}) µs |")
+            rows.append(f"| a draw at batch {r['batch']}: threshold by bisection / 4 / 8 / 16 ways a step "
+                        f"(16 at 2 warps) | {r['one_kernel_us']:.1f} / {r['one_kernel_ways4_us']:.1f} / "
+                        f"{r['one_kernel_ways8_us']:.1f} / {r['one_kernel_ways16_us']:.1f} "
+                        f"({r['one_kernel_ways16_w2_us']:.1f}) µs |")
     for r in res.get("buckets", {}).get("rows", []):
         rows.append(f"| bucket {r['batch']} | step {f(r['step_ms'])} ms, tick {f(r['tick_ms'])} ms, "
                     f"{r['realtime_streams']} real-time streams |")

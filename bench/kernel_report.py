@@ -295,7 +295,7 @@ def table(res: dict) -> str:
              (f"{'B':>3} {'path':<9} {'kernel':<12} {'serves':<24} {'constexprs':<52} {'warps':>5} {'regs':>4} "
               f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'ld128':>6} {'async':>5} {'atom':>4}")]
     for k in res["kernels"]:
-        ld128 = "%d/%d" % tuple(k["loads_128"])
+        ld128 = "/".join(str(int(n)) for n in k["loads_128"])
         c = ",".join(f"{a}={v if isinstance(v, str) else int(v)}" for a, v in k["constexprs"].items()
                      if not a.startswith(("ADD", "ROPE", "SWIGLU")) and (a, v) != ("ROW_DIV", 1))
         lines.append(f"{k['bucket']:>3} {_path(k['fused'], k.get('pdl')):<9} {k['kernel']:<12} "

@@ -5,15 +5,16 @@
 A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
 routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
 its start, then a caller media frame every 20 ms, and reads everything the server sends
-(counting the audio in its media). Unless --listen-only, every call also has speech playing into
-it all the time, a clip fed at real time in 100 ms chunks (what the engine's sink does, minus the
+(counting the audio in its media). Unless --listen-only, every call also has speech playing into it
+all the time, a clip fed at real time in 100 ms chunks (what the engine's sink does, minus the
 model, whose work is on its own thread or GPU), so both directions run: 20 ms frames in, 100 ms
-media messages out (media_ms), the worst case of a conversation. Before and after each measured window it reads the child's /metrics: the loop
-thread's CPU (csm_event_loop_cpu_seconds_total), its lag histogram and largest lag (a gauge over
-the last 10 s: measure windows of 10 s or more, or it reaches back before the window), the calls
-and frames counted. Per N it prints the loop's share of a core, the share per call, the lag, and
-audio out per call per second (1000 ms when every call gets its audio in real time), and the
-calls a core would carry at that cost. `--json FILE` writes the rows.
+media messages out (media_ms), the worst case of a conversation. Before and after each measured
+window it reads the child's /metrics: the loop thread's CPU (csm_event_loop_cpu_seconds_total), its
+lag histogram and largest lag (a gauge over the last 10 s: measure windows of 10 s or more, or it
+reaches back before the window), the calls and frames counted. Per N it prints the loop's share of a
+core, the share per call, the lag, and audio out per call per second (1000 ms when every call gets
+its audio in real time), and the calls a core would carry at that cost. `--json FILE` writes the
+rows.
 """
 
 from __future__ import annotations
@@ -155,9 +156,9 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
         while running:
             seq += 1
             for i, ws in enumerate(conns):
-                await ws.send('{"event": "media", "sequence_number": "%d", "stream_id": "s%d", "media": {"track": '
-                              '"inbound", "chunk": "%d", "timestamp": "%d", "payload": "%s"}}'
-                              % (seq, i, seq, 20 * seq, payload))
+                await ws.send(f'{{"event": "media", "sequence_number": "{seq}", "stream_id": "s{i}", "media": '
+                              f'{{"track": "inbound", "chunk": "{seq}", "timestamp": "{20 * seq}", '
+                              f'"payload": "{payload}"}}}}')
             due += 0.02
             late = max(late, loop.time() - due)
             await asyncio.sleep(max(0.0, due - loop.time()))
@@ -181,7 +182,8 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
             "active_calls": after["csm_telnyx_calls_active"],
             "loop_cpu_share": round(loop_cpu, 4), "per_call_share": round(loop_cpu / n, 6),
             "calls_per_core": int(n / loop_cpu) if loop_cpu > 0 else None,
-            "process_cpu_share": round((after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]) / wall, 4),
+            "process_cpu_share": round(
+                (after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]) / wall, 4),
             "lag_p99": lag_quantile(before, after, 0.99), "lag_max_ms": after["csm_event_loop_lag_max_milliseconds"],
             "caller_frames_per_call_s": round((after["csm_telnyx_caller_frames_total"]
                                                - before["csm_telnyx_caller_frames_total"]) / n / wall, 1),
@@ -208,21 +210,22 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if compression not in (None, "deflate"):
         raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
-                             + ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression
-                                                                      else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
+    argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rows = []
     try:
         line = child.stdout.readline()
         if not line.strip().isdigit():
             raise RuntimeError(f"the server did not start (exit {child.poll()})")
         port = int(line)
-        progress(f"server on port {port} (pid {child.pid}); {'speech in both directions' if speak else 'caller audio only'}, "
-                 f"{codec}, permessage-deflate {compression or 'off'}")
+        directions = "speech in both directions" if speak else "caller audio only"
+        progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
+                 f"permessage-deflate {compression or 'off'}")
         payload = caller_payload(codec)
         for n in calls:
-            rows.append(dict(asyncio.run(run_calls(port, n, seconds, codec, payload)), compression=compression or "off"))
+            row = asyncio.run(run_calls(port, n, seconds, codec, payload))
+            rows.append(dict(row, compression=compression or "off"))
             wait_idle(port)
             progress(row_text(rows[-1]))
     finally:
@@ -232,8 +235,9 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
 
 
 def row_text(r: dict) -> str:
-    return (f"{r['calls']:4d} calls: loop {100 * r['loop_cpu_share']:5.1f}% of a core ({100 * r['per_call_share']:.3f}% "
-            f"a call -> ~{r['calls_per_core']} calls a core); lag p99 {r['lag_p99']}, max {r['lag_max_ms']:.0f} ms; "
+    return (f"{r['calls']:4d} calls: loop {100 * r['loop_cpu_share']:5.1f}% of a core "
+            f"({100 * r['per_call_share']:.3f}% a call -> ~{r['calls_per_core']} calls a core); "
+            f"lag p99 {r['lag_p99']}, max {r['lag_max_ms']:.0f} ms; "
             f"audio out {r['audio_out_ms_per_call_s']:.0f} ms/s a call (1000 = real time), caller frames in "
             f"{r['caller_frames_per_call_s']}/s; load process {100 * r['load_cpu_share']:.0f}% CPU, "
             f"{r['load_late_ms']:.0f} ms late at worst")
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--calls", default="25,50,100", help="comma-separated numbers of concurrent calls (default 25,50,100)")
+    ap.add_argument("--calls", default="25,50,100",
+                    help="comma-separated numbers of concurrent calls (default 25,50,100)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per N (default 10)")
     ap.add_argument("--codec", default="PCMU", choices=["PCMU", "PCMA", "G722", "L16"],
                     help="the calls' bidirectional codec (L16 at 16 kHz; default PCMU)")

@@ -234,11 +234,12 @@ def test_websocket_frame_on_the_loop(benchmark, running, what, compression):
     _, ref = running
     pcm = np.concatenate(list(ref.stream(TEXT, 0, seed=1, max_frames=20)))  # what the server sends here
     if what == "pcm_chunk":
-        frames = [Frame(Opcode.BINARY, pcm[i : i + 2400].astype("<i2").tobytes()) for i in range(0, len(pcm) - 2400, 2400)]
+        frames = [Frame(Opcode.BINARY, pcm[i : i + 2400].astype("<i2").tobytes())
+                  for i in range(0, len(pcm) - 2400, 2400)]
     else:
         coded = ulaw_encode(Resampler(24000, 8000).process(pcm)).tobytes()
-        frames = [Frame(Opcode.TEXT, ('{"event": "media", "media": {"payload": "%s"}}'
-                                  % base64.b64encode(coded[i : i + 160]).decode()).encode())
+        frames = [Frame(Opcode.TEXT, json.dumps({"event": "media", "media": {
+                            "payload": base64.b64encode(coded[i : i + 160]).decode()}}).encode())
                   for i in range(0, len(coded) - 160, 160)]
     ext = [PerMessageDeflate(False, False, 12, 12, {"memLevel": 5})] if compression == "deflate" else []
     sizes = [len(f.serialize(mask=False, extensions=ext)) for f in frames]

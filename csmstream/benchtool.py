@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import json
 import sys
 import time
@@ -53,7 +54,7 @@ def playback(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, fl
         return 0, 0.0
     end = arrivals_s[0]
     n, dry = 0, 0.0
-    for t, d in zip(arrivals_s, durations_s):
+    for t, d in zip(arrivals_s, durations_s, strict=True):
         if t > end + 1e-4:
             n += 1
             dry += t - end
@@ -113,7 +114,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
     r.arrivals_ms = [round(1000 * t, 3) for t in arrivals]
     if arrivals:
         r.ttfa_ms = 1000 * arrivals[0]
-        r.gaps_ms = [round(1000 * (b - a), 3) for a, b in zip(arrivals, arrivals[1:])]
+        r.gaps_ms = [round(1000 * (b - a), 3) for a, b in itertools.pairwise(arrivals)]
         r.max_gap_ms = max(r.gaps_ms, default=0.0)
         n, dry = playback(arrivals, durations)
         r.underruns, r.underrun_ms = n, 1000 * dry

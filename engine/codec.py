@@ -116,7 +116,8 @@ def check_audio(audio, what: str = "audio") -> np.ndarray:
     if audio.size == 0:
         raise ValueError(f"{what} is empty; give at least one 80 ms frame (1920 samples at 24 kHz)")
     if audio.size > MAX_CONTEXT_SECONDS * SAMPLE_RATE:
-        raise ValueError(f"{what} is {audio.size / SAMPLE_RATE:.1f} s; at most {MAX_CONTEXT_SECONDS} s of context is allowed")
+        raise ValueError(f"{what} is {audio.size / SAMPLE_RATE:.1f} s; at most {MAX_CONTEXT_SECONDS} s of context "
+                         "is allowed")
     if audio.dtype == np.int16:
         return audio.astype(np.float32) / 32768.0
     if not np.issubdtype(audio.dtype, np.floating):

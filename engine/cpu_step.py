@@ -65,8 +65,8 @@ class CpuFrameStep:
 
         frames = np.empty((len(rows), self.n), np.int64)
         frame_step(rows, self.h, self.pos, self.counter, self.seed, self.temp, self.topk, self.gtable, self.c0_t,
-                   self.audio_embed, self.vocab, self.blayers, self.bdims, self.bnorm, self.bcos, self.bsin, self.bcache,
-                   self.depth, self.dlayers, self.ddims, frames)
+                   self.audio_embed, self.vocab, self.blayers, self.bdims, self.bnorm, self.bcos, self.bsin,
+                   self.bcache, self.depth, self.dlayers, self.ddims, frames)
         return torch.from_numpy(frames)
 
     def depth_only(self, h: torch.Tensor, c0: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,

@@ -62,7 +62,7 @@ class DepthLoop:
         """One token per row at position p. x [B, Dd] -> normed output [B, Dd]."""
         h, kv, hd, D, eps = self.h, self.kv, self.hd, self.dim, self.eps
         rot = self.rot[p]  # [1, hd/2]
-        for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views):
+        for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views, strict=True):
             qkv = (F.rms_norm(x, (D,), an, eps) @ wqkv).view(B, h + 2 * kv, hd)
             apply_rope_(qkv[:, : h + kv], rot)
             slot, keys, vals = lv[p]
@@ -77,7 +77,7 @@ class DepthLoop:
         """Positions 0 (backbone state) and 1 (codebook 0), causal. x [B, 2, Dd] -> [B, Dd] of pos 1."""
         h, kv, hd, D, eps = self.h, self.kv, self.hd, self.dim, self.eps
         rot = self.rot[:2]  # [2, 1, hd/2]
-        for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views):
+        for (an, wqkv, wo, fn, w13, w2, ffn), lv in zip(self.layers, views, strict=True):
             qkv = (F.rms_norm(x, (D,), an, eps) @ wqkv).view(B, 2, h + 2 * kv, hd)
             apply_rope_(qkv[:, :, : h + kv], rot)
             lv[0][0].copy_(qkv[:, 0, h:])

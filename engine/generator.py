@@ -83,7 +83,8 @@ class FrameGenerator:
         self.fast = None
         required = fast is not None
         if fast is None:
-            fast = dev.type == "cuda" and os.environ.get("CSM_FAST_STEP", "1").strip().lower() not in ("0", "false", "off")
+            switch = os.environ.get("CSM_FAST_STEP", "1").strip().lower()
+            fast = dev.type == "cuda" and switch not in ("0", "false", "off")
         if fast:
             self.fast = build_fast_step(self, graphs, required=required)
         # with the fast step, prompts go in at fixed padded lengths (one CUDA graph each; eagerly

@@ -133,7 +133,7 @@ def _dot_guess(K: int, N: int, mats: int) -> tuple[int, ...]:
     return bn, bk, 4, 1, splits, 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_name(index: int) -> str:
     """torch.cuda.get_device_name, once per device: the key of its built-in tile table."""
     return torch.cuda.get_device_name(index)

@@ -51,7 +51,7 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, acc = [], 0
-        for b, c in zip(self.buckets, self.counts):
+        for b, c in zip(self.buckets, self.counts[:-1], strict=True):  # (the last count: +Inf)
             acc += c
             out.append(f'{name}_bucket{{le="{b}"}} {acc}')
         out.append(f'{name}_bucket{{le="+Inf"}} {self.n}')

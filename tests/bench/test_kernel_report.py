@@ -211,7 +211,8 @@ def test_the_qkv_kernel_splits_k_with_and_without_the_folded_attention(tmp_path)
 import json, torch
 from bench.kernel_report import compile_only, resources
 from csmstream.kernels import triton_gemv as G
-x, nw, w = torch.zeros(1, 1024, dtype=torch.bfloat16), torch.ones(1024, dtype=torch.bfloat16), torch.zeros(1536, 1024, dtype=torch.bfloat16)
+x, nw = torch.zeros(1, 1024, dtype=torch.bfloat16), torch.ones(1024, dtype=torch.bfloat16)
+w = torch.zeros(1536, 1024, dtype=torch.bfloat16)
 cache, cos = torch.zeros(1, 32, 4, 128, dtype=torch.bfloat16), torch.zeros(32, 64)
 rope = (8, cos, cos, torch.zeros(1, dtype=torch.long), cache)
 attend = (torch.zeros(1, 1024, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int32))

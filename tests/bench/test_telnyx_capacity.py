@@ -17,10 +17,12 @@ def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured
     assert "G722" in lines[0] and "5 calls" in lines[1]
 
 
-@pytest.mark.parametrize("kw,message", [({"calls": [0]}, "calls must be whole numbers >= 1"),
-                                        ({"calls": [1], "codec": "OPUS"}, "codec must be PCMU, PCMA, G722 or L16"),
-                                        ({"calls": [1], "seconds": 0}, "seconds must be > 0"),
-                                        ({"calls": [1], "compression": "gzip"}, "compression must be None or 'deflate'")])
+@pytest.mark.parametrize("kw,message", [
+    ({"calls": [0]}, "calls must be whole numbers >= 1"),
+    ({"calls": [1], "codec": "OPUS"}, "codec must be PCMU, PCMA, G722 or L16"),
+    ({"calls": [1], "seconds": 0}, "seconds must be > 0"),
+    ({"calls": [1], "compression": "gzip"}, "compression must be None or 'deflate'"),
+])
 def test_bad_arguments_are_refused_before_a_server_starts(kw, message):
     with pytest.raises(ValueError, match=message):
         cap.measure(**kw)

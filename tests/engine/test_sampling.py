@@ -47,8 +47,10 @@ def test_noise_is_deterministic_and_keyed_by_every_part():
     codes = torch.arange(2048)
     base = gumbel(torch.tensor(1), torch.tensor(0), 0, codes)
     assert torch.equal(base, gumbel(torch.tensor(1), torch.tensor(0), 0, codes))
-    for other in (gumbel(torch.tensor(2), torch.tensor(0), 0, codes), gumbel(torch.tensor(1 << 40), torch.tensor(0), 0, codes),
-                  gumbel(torch.tensor(1), torch.tensor(1), 0, codes), gumbel(torch.tensor(1), torch.tensor(0), 1, codes)):
+    for other in (gumbel(torch.tensor(2), torch.tensor(0), 0, codes),
+                  gumbel(torch.tensor(1 << 40), torch.tensor(0), 0, codes),
+                  gumbel(torch.tensor(1), torch.tensor(1), 0, codes),
+                  gumbel(torch.tensor(1), torch.tensor(0), 1, codes)):
         assert (other != base).float().mean() > 0.99  # seed (low and high half), counter, codebook
     assert (base[1:] != base[:-1]).float().mean() > 0.99  # and the code id
     # the table holds Gumbel quantiles: its mean and spread are the distribution's

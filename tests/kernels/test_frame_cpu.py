@@ -42,7 +42,7 @@ def test_kernel_frames_equal_eager_loop_batched(tiny_engine):
         if not use_kernel:
             g.cpu = None
         try:
-            for row, ((tok, mask), (seed, temp, k)) in enumerate(zip(prompts, settings)):
+            for row, ((tok, mask), (seed, temp, k)) in enumerate(zip(prompts, settings, strict=True)):
                 g.prefill(row, torch.from_numpy(tok), torch.from_numpy(mask), seed=seed, temperature=temp, topk=k)
             out = torch.stack([g.step(0, 3, 50) for _ in range(6)])
         finally:

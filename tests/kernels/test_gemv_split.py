@@ -99,4 +99,5 @@ def test_a_device_where_split_k_sums_wrong_runs_every_gemv_unsplit(small_check, 
         assert unsplit_if_unsafe((4, 16, 4, 2, 3), "cpu") == (4, 16, 4, 2)
         assert unsplit_if_unsafe((4, 16, 4, 1, 5), "cpu") == (4, 16, 4, 1)
     assert sum("split-K GEMV tiles give wrong sums on cpu" in r.message for r in caplog.records) == 1
-    assert unsplit_if_unsafe((8, 32, 2), "cpu") == (8, 32, 2) and unsplit_if_unsafe((8, 32, 2, 1, 1), "cpu") == (8, 32, 2, 1, 1)
+    assert unsplit_if_unsafe((8, 32, 2), "cpu") == (8, 32, 2)
+    assert unsplit_if_unsafe((8, 32, 2, 1, 1), "cpu") == (8, 32, 2, 1, 1)

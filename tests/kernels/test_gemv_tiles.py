@@ -115,7 +115,8 @@ def test_staged_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
     assert gv.tile_args((8, 16, 4)) == (8, 16, 4, 1, 1, 0)
     g = torch.Generator().manual_seed(3)
     x, a, w = torch.randn(2, 24, generator=g), torch.randn(2, 40, generator=g), torch.randn(24, 40, generator=g)
-    torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24)), gv.matvec_add_ref(x.clone(), w, a),
+    torch.testing.assert_close(gv.matvec_add_(x.clone(), w, a, tiles=gv.pick_tiles(2, 40, 24)),
+                               gv.matvec_add_ref(x.clone(), w, a),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"tiles must be \(BLOCK_N, BLOCK_K, num_warps\[, stages\[, splits\[, dot"):
         gv.matvec_add_(x.clone(), w, a, tiles=(8, 16))
@@ -127,8 +128,9 @@ def test_split_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
     left at zero (the next launch, or the next replay of a graph, starts from them)."""
     monkeypatch.setattr(gemv_tiles, "_loaded", {})
     path = tmp_path / "tiles.json"
-    path.write_text(json.dumps({"cases": [dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 8, 4, 1, 4]),
-                                          dict(rows=2, K=40, cols=12, mats=2, int8=False, best_tiles=[4, 16, 4, 2, 3])]}))
+    path.write_text(json.dumps({"cases": [
+        dict(rows=2, K=40, cols=24, mats=1, int8=False, best_tiles=[8, 8, 4, 1, 4]),
+        dict(rows=2, K=40, cols=12, mats=2, int8=False, best_tiles=[4, 16, 4, 2, 3])]}))
     monkeypatch.setenv("CSM_GEMV_TILES", str(path))
     assert gv.pick_tiles(2, 40, 24) == (8, 8, 4, 1, 4) and gv.pick_tiles(2, 40, 12, 2) == (4, 16, 4, 2, 3)
     g = torch.Generator().manual_seed(5)
@@ -138,7 +140,8 @@ def test_split_tiles_from_the_table_are_picked_and_run(tmp_path, monkeypatch):
                                gv.matvec_add_ref(x.clone(), w, a), rtol=1e-5, atol=1e-5)
     assert work.parts.numel() == 3 * 2 * 24  # five K tiles split four ways: 2 + 2 + 1, three programs
     nw = torch.rand(40, generator=g) + 0.5
-    torch.testing.assert_close(gv.norm_matvec(a, nw, w, 1e-5, swiglu=True, tiles=gv.pick_tiles(2, 40, 12, 2), work=work),
+    torch.testing.assert_close(gv.norm_matvec(a, nw, w, 1e-5, swiglu=True, tiles=gv.pick_tiles(2, 40, 12, 2),
+                                              work=work),
                                gv.norm_matvec_ref(a, nw, w, 1e-5, swiglu=True), rtol=1e-5, atol=1e-5)
     assert not work.counts.any()
 

@@ -213,13 +213,12 @@ def test_a_scale_must_come_with_int8_weights_and_fit_them():
         norm_matvec(x, nw, qw.q, 1e-5, scale=qw.scale[:4])
 
 
-@pytest.mark.parametrize(("B", "dtype", "int8", "tiles"), [(1, torch.float32, False, None), (3, torch.float32, True, None),
-                                                          (2, torch.bfloat16, False, None), (5, torch.float32, False, (4, 16, 1)),
-                                                          (1, torch.float32, False, (2, 64, 4)),
-                                                          (3, torch.float32, True, (8, 16, 4, 1, 3)),
-                                                          (2, torch.bfloat16, False, (4, 16, 2, 2, 2)),
-                                                          (3, torch.float32, True, (16, 16, 4, 1, 2, 1)),
-                                                          (2, torch.bfloat16, False, (16, 16, 4, 2, 1, 1))])
+@pytest.mark.parametrize(("B", "dtype", "int8", "tiles"), [
+    (1, torch.float32, False, None), (3, torch.float32, True, None), (2, torch.bfloat16, False, None),
+    (5, torch.float32, False, (4, 16, 1)), (1, torch.float32, False, (2, 64, 4)),
+    (3, torch.float32, True, (8, 16, 4, 1, 3)), (2, torch.bfloat16, False, (4, 16, 2, 2, 2)),
+    (3, torch.float32, True, (16, 16, 4, 1, 2, 1)), (2, torch.bfloat16, False, (16, 16, 4, 2, 1, 1)),
+])
 def test_qkv_with_rope_and_cache_write_equals_the_unfused_pair(B, dtype, int8, tiles):
     """norm_matvec(rope=...) against the unfused pair it replaces (norm_matvec, then
     triton_ops.rope_store_) bit for bit, and against the PyTorch references (rope_store_ref): same
@@ -286,17 +285,19 @@ def test_qkv_with_rope_writes_rows_of_one_sequence_to_its_cache_row():
     assert torch.equal(cache[:, 2:], before[:, 2:])
 
 
-@pytest.mark.parametrize(("B", "C", "dtype", "tiles"), [(1, 1, torch.float32, (8, 32, 4)), (2, 1, torch.float32, (8, 32, 4)),
-                                                        (3, 3, torch.float32, (8, 32, 4)), (2, 1, torch.bfloat16, (8, 32, 4)),
-                                                        (1, 1, torch.float32, (32, 16, 4, 1, 4)),
-                                                        (2, 1, torch.float32, (16, 16, 4, 1, 2, 1))])
+@pytest.mark.parametrize(("B", "C", "dtype", "tiles"), [
+    (1, 1, torch.float32, (8, 32, 4)), (2, 1, torch.float32, (8, 32, 4)), (3, 3, torch.float32, (8, 32, 4)),
+    (2, 1, torch.bfloat16, (8, 32, 4)), (1, 1, torch.float32, (32, 16, 4, 1, 4)),
+    (2, 1, torch.float32, (16, 16, 4, 1, 2, 1)),
+])
 def test_attention_folded_into_the_qkv_kernel_equals_the_separate_kernel(B, C, dtype, tiles):
     """norm_matvec(rope=..., attend=(out, counter)): the last program attends for every row, over its
     cache positions [0, pos]; the qkv output and the cache are the plain rope call's bit for bit,
     out is decode_attention's over that cache (the depth decoder's shape: 8 heads on 2 kv heads;
     C = 1: two rows at positions 0 and 1 of one sequence, as its first pass), and the counter is
     back at 0. With split K only the program that writes a tile (its last split) counts towards the
-    last (6 tiles of 4 splits: were all 24 programs to count, no count would reach the fold on time). Compiled on a GPU (bench/gpu_session.sh) the fold's cross-program reads are real."""
+    last (6 tiles of 4 splits: were all 24 programs to count, no count would reach the fold on time).
+    Compiled on a GPU (bench/gpu_session.sh) the fold's cross-program reads are real."""
     from csmstream.kernels.triton_attn import decode_attention
 
     g = gen(B * 10 + C)

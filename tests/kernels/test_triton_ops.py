@@ -91,7 +91,8 @@ def test_the_draw_also_writes_the_drawn_codes_embedding(D):
     g = torch.Generator().manual_seed(D)
     B, C = 5, 256
     logits = torch.randn(B, C + 3, generator=g).to(device())
-    args = [t.to(device()) for t in (torch.full((B,), 0.8), torch.full((B,), 20), torch.arange(B), torch.ones(B).long())]
+    args = [t.to(device())
+            for t in (torch.full((B,), 0.8), torch.full((B,), 20), torch.arange(B), torch.ones(B).long())]
     table = torch.randn(C + 3, D, generator=g).to(device(), torch.bfloat16)  # rows past C: never drawn
     x = torch.full((B + 1, D), 7.0, device=device(), dtype=torch.bfloat16)
     want = triton_ops.sample(logits, *args, 3, gumbel_table(device()), C)

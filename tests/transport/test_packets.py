@@ -29,7 +29,7 @@ def with_length(flac: bytes, samples: int) -> bytes:
     stream of unknown length, which the FLAC format allows and FFmpeg reads)."""
     v = int.from_bytes(flac[18:26], "big")
     assert v & ((1 << 36) - 1) == 0  # unknown, as a stream must say
-    return flac[:18] + ((v | samples)).to_bytes(8, "big") + flac[26:]
+    return flac[:18] + (v | samples).to_bytes(8, "big") + flac[26:]
 
 
 def sf_read(data: bytes) -> np.ndarray:
