@@ -260,11 +260,14 @@ def _speak(args) -> int:
         except KeyboardInterrupt:
             print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}", file=sys.stderr)
             return 130
+        finally:
+            if not wav.samples:  # nothing made: a file already at that path stays as it was
+                wav.discard()
     wall = time.perf_counter() - start
     if tty:
         print(file=sys.stderr)
     if wav.samples == 0:
-        print("csm-stream: the model ended speech before the first frame; nothing written but an empty WAV",
+        print(f"csm-stream: the model ended speech before the first frame; {args.out} was not written",
               file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {wav.seconds:.2f} s of audio in {wall:.2f} s "

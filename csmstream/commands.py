@@ -194,14 +194,19 @@ def say(args) -> int:
             print(f"csm-stream: error: {e.message}\n  {hint}", file=sys.stderr)
             return 1
         except SesameTTSError as e:
-            print(f"csm-stream: server error {e.code}: {e.message}", file=sys.stderr)
+            kept = f"\n  kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else ""
+            print(f"csm-stream: server error {e.code}: {e.message}{kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s that arrived in {args.out}",
                   file=sys.stderr)
             return 130
+        finally:
+            if not wav.samples:  # nothing arrived: a file already at that path stays as it was
+                wav.discard()
     if wav.samples == 0:
-        print("csm-stream: the server sent no audio (the model ended speech at once)", file=sys.stderr)
+        print(f"csm-stream: the server sent no audio (the model ended speech at once); {args.out} was not written",
+              file=sys.stderr)
         return 1
     total = stats["total"]
     print(f"wrote {args.out}: {wav.seconds:.2f} s of audio in {total:.2f} s; first audio after "
@@ -275,7 +280,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 def demo(args) -> int:
     from .wav import WavWriter
 
-    WavWriter(args.out).close()  # a path that cannot be written fails now, not after the server's start-up
+    WavWriter(args.out).discard()  # a path that cannot be written fails now, not after the server's start-up
     port = args.port or free_port()
     cmd = [sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--quantize", args.quantize] \

@@ -19,6 +19,10 @@ class WavWriter:
     written chunk by chunk; closing it, however the writing ended, leaves a playable file of what
     arrived. Use as a context manager.
 
+    The audio goes to a hidden `.NAME.part` beside the path, which close() renames over it in one
+    step: a reader never sees a half-written file, and a run that ends with nothing (discard(), or
+    an exception before the first chunk) leaves whatever file was at the path as it was.
+
     Raises:
         ValueError: the path cannot be written (a directory, no permission, ...), a chunk is not 1-D
             int16, or the sample rate is not a positive integer.
@@ -34,14 +38,18 @@ class WavWriter:
         if self.path.suffix.lower() in NOT_WAV:
             raise ValueError(f"cannot write {str(self.path)!r}: this writes a WAV file, and "
                              f"{self.path.suffix!r} names another format; use a .wav name")
+        self._part = self.path.with_name(f".{self.path.name}.part")
         try:  # (opened here, not by wave.open: a Wave_write whose open failed raises again in __del__)
+            if self.path.is_dir():
+                raise IsADirectoryError(21, "Is a directory")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+            self._file = open(self._part, "wb")  # noqa: SIM115 (closed by close())
         except FileExistsError:  # (mkdir: a file where a folder of the path should be)
             raise ValueError(f"cannot write {str(self.path)!r}: a file is in the way of its folder "
                              f"{str(self.path.parent)!r}") from None
         except OSError as e:  # IsADirectoryError, PermissionError, NotADirectoryError, ...
             raise ValueError(f"cannot write {str(self.path)!r}: {e.strerror or e}") from None
+        self._open = True
         w = wave.open(self._file, "wb")
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -60,16 +68,33 @@ class WavWriter:
         return self.samples / self.rate
 
     def close(self) -> None:
+        """Finish the header and put the file at its path (a second call does nothing)."""
+        if self._end():
+            os.replace(self._part, self.path)
+
+    def discard(self) -> None:
+        """Drop what was written: the path keeps whatever file it had (a second call does nothing)."""
+        if self._end():
+            self._part.unlink(missing_ok=True)
+
+    def _end(self) -> bool:
+        if not self._open:
+            return False
+        self._open = False
         try:
-            self._w.close()  # (the header's lengths are set here; a second close does nothing)
+            self._w.close()  # (the header's lengths are set here)
         finally:
             self._file.close()
+        return True
 
     def __enter__(self) -> WavWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and not self.samples:  # failed before any audio: nothing to keep
+            self.discard()
+        else:
+            self.close()
 
 
 def write_wav(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int = 24_000) -> int:

@@ -4,6 +4,7 @@ import sys
 import wave
 
 import httpx
+import numpy as np
 import pytest
 
 from csmstream.commands import free_port, wait_healthy
@@ -155,10 +156,16 @@ def test_a_bench_text_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
     assert f"--text-file {str(path)!r} is not UTF-8 text (invalid continuation byte at byte 3)" in out.stderr
 
 
-def test_say_without_a_server_explains(tmp_path):
+def test_say_without_a_server_explains_and_leaves_an_earlier_file_alone(tmp_path):
+    from csmstream.wav import write_wav
+
+    write_wav(tmp_path / "x.wav", [np.arange(480, dtype=np.int16)])  # last run's output
+    earlier = (tmp_path / "x.wav").read_bytes()
     out = run("say", "hi", "--url", f"ws://127.0.0.1:{free_port()}/ws/generate", "--out", str(tmp_path / "x.wav"))
     assert out.returncode == 1
     assert "cannot connect" in out.stderr and "csm-stream serve" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "x.wav").read_bytes() == earlier  # (it was emptied to a 44-byte header)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.wav"]
     for url in ("127.0.0.1:8765", "tcp://127.0.0.1:8765/ws/generate"):  # (a scheme left out or wrong)
         out = run("say", "hi", "--url", url, "--out", str(tmp_path / "y.wav"))
         assert out.returncode == 2 and f"--url must be ws[s]://HOST:PORT/ws/generate or http[s]://HOST:HTTP_PORT" \
@@ -294,8 +301,9 @@ def _say_in_a_voice_and_interrupted(tmp_path, port, voices):
     cut = tmp_path / "cut.wav"
     proc = subprocess.Popen([sys.executable, "-m", "csmstream", "say", "A long answer. " * 40, "--url", url,
                              "--out", str(cut), "--max-frames", "1500"], stderr=subprocess.PIPE, text=True)
+    part = tmp_path / ".cut.wav.part"  # (the audio goes here until the WAV is complete, then takes cut's name)
     deadline = time.monotonic() + 120
-    while (not cut.exists() or cut.stat().st_size < 200_000) and proc.poll() is None and time.monotonic() < deadline:
+    while (not part.exists() or part.stat().st_size < 200_000) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the long request ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
@@ -304,6 +312,7 @@ def _say_in_a_voice_and_interrupted(tmp_path, port, voices):
     with wave.open(str(cut)) as w:  # a whole header: the frames it counts are the bytes that follow it
         n = w.getnframes()
         assert n >= 200_000 // 2 - 100 and 44 + 2 * n == cut.stat().st_size and n < 1500 * 1920
+    assert not part.exists()
 
 
 def test_demo_runs_server_and_client_end_to_end(tmp_path):

@@ -54,3 +54,25 @@ def test_a_folder_path_or_another_formats_name_is_refused_and_nothing_is_written
     w.close()
     data, rate = read_wav(tmp_path / "plain")
     assert rate == 24000 and data.size == 0
+
+
+def test_the_file_appears_whole_at_close_and_a_run_with_nothing_leaves_an_earlier_file_alone(tmp_path):
+    path = tmp_path / "say.wav"
+    write_wav(path, [np.arange(100, dtype=np.int16)])
+    earlier = path.read_bytes()
+    w = WavWriter(path, 8000)
+    w.write(np.ones(50, np.int16))
+    assert path.read_bytes() == earlier  # while writing, readers still see the earlier, whole file
+    w.close()
+    data, rate = read_wav(path)
+    assert rate == 8000 and np.array_equal(data, np.ones(50, np.int16))
+    again = path.read_bytes()
+    WavWriter(path).discard()  # (a writability check, as `demo` makes one)
+    with pytest.raises(ConnectionError), WavWriter(path) as w:
+        raise ConnectionError("the server went away before any audio")
+    assert path.read_bytes() == again  # neither emptied it
+    with pytest.raises(ConnectionError), WavWriter(path) as w:
+        w.write(np.full(7, 3, np.int16))
+        raise ConnectionError("after some audio")
+    assert np.array_equal(read_wav(path)[0], np.full(7, 3, np.int16))  # what arrived is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["say.wav"]  # no .part left behind
