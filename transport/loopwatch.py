@@ -38,6 +38,9 @@ class LoopWatch:
         self._cpu0 = 0.0
         self._thread: int | None = None
         self._warned = float("-inf")
+        # True until the server is ready: loading and warming the model hold the GIL in bursts, and a
+        # lag then delays no stream (none is served yet), so it is noted at INFO, not warned of
+        self.starting = False
 
     def start(self) -> LoopWatch:
         """Start watching the running loop (call from a coroutine on it)."""
@@ -71,6 +74,10 @@ class LoopWatch:
         self._trim(now)
         if lag_ms > self.warn_ms and now - self._warned >= self.warn_every:
             self._warned = now
+            if self.starting:
+                log.info("event loop blocked for %.0f ms during start-up (the model's load and warm-up run in "
+                         "this process; no stream is served yet)", lag_ms)
+                return
             log.warning("event loop blocked for %.0f ms (every stream's audio waited that long); loop CPU %.1f s "
                         "so far -- too many connections for one process, or blocking work on the loop", lag_ms,
                         self.cpu_seconds)

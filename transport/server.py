@@ -100,6 +100,7 @@ class StreamServer:
                                max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20,
                                compression=self.compression,
                                logger=logging.getLogger("csmstream.websockets"))
+        self.loop_watch.starting = True
         self.loop_watch.start()
         log.info("listening on ws://%s:%d/ws/generate (/healthz says 503 until the model is ready)",
                  self.host, self.port)
@@ -136,6 +137,7 @@ class StreamServer:
             log.info("audio codecs warmed up in %.2fs%s", time.perf_counter() - t0,
                      f"; no codec library for {', '.join(missing)} (those formats get an error)" if missing else "")
         self.ready = True
+        self.loop_watch.starting = False  # from now on a blocked loop delays streams: warned of
         log.info("ready: %r", self.engine)
         return self
 

@@ -98,3 +98,26 @@ def test_metrics_page_has_the_loop_and_process_cpu():
         assert p["csm_event_loop_cpu_seconds_total"] <= p["process_cpu_seconds_total"]
     assert second["csm_event_loop_lag_milliseconds_count"] > first["csm_event_loop_lag_milliseconds_count"]
     assert second["process_cpu_seconds_total"] >= first["process_cpu_seconds_total"] > 0
+
+
+def test_a_block_during_start_up_is_noted_at_info_and_one_after_is_warned_of(caplog):
+    """The model's load blocked the loop for ~100 ms at every start and was logged as a WARNING that
+    every stream's audio waited, when no stream was served yet."""
+    caplog.set_level(logging.INFO, "csmstream.loop")
+
+    async def go():
+        w = LoopWatch(interval=0.01, warn_ms=50, warn_every=0)
+        w.starting = True
+        w.start()
+        await asyncio.sleep(0.05)
+        time.sleep(0.12)  # the model loading
+        await asyncio.sleep(0.05)
+        w.starting = False  # ready
+        time.sleep(0.12)  # a stream-delaying block
+        await asyncio.sleep(0.05)
+        await w.stop()
+
+    asyncio.run(go())
+    blocked = [(r.levelno, r.getMessage()) for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert [level for level, _ in blocked] == [logging.INFO, logging.WARNING], blocked
+    assert "during start-up" in blocked[0][1] and "every stream's audio waited" in blocked[1][1]
