@@ -362,10 +362,8 @@ class Connection:
                 if job.src_limit is not None:
                     n = min(n, job.src_limit - job.src_sent)
                     if n <= 0:  # reached max_audio_ms: stop generating, end normally
-                        for r, _ in job.active:  # (they count as its sentences: the log's, SSE usage's)
+                        for r, _ in job.active:
                             r.cancel()
-                            job.done_reqs.append(r)
-                        job.active.clear()
                         return
                 pcm = ring.read(n)
                 if pcm is not None:
@@ -476,7 +474,7 @@ class Connection:
         m = self.server.metrics
         audio_ms = job.encoder.audio_ms if audio_ms is None else audio_ms
         ttfa = 1000 * (job.t_first - job.t_recv) if job.t_first else None
-        reqs = job.done_reqs + [r for r, _ in job.active]  # (a cancelled request's sentences are still active)
+        reqs = job.sentences
         if cancelled:
             m.cancelled += 1
         else:

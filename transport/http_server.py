@@ -333,7 +333,7 @@ class SpeechStream(Connection):
     def _closing(self, job: Job, audio_ms: float, ttfa: float | None) -> bytes:
         """What ends a complete body: the SSE done event, or the rest of a with-timestamps object."""
         if self.speech.sse:
-            reqs = job.done_reqs
+            reqs = job.sentences
             n_in, n_out = sum(r.prompt_len for r in reqs), sum(r.frames for r in reqs)
             return self._piece_of_body(hs.sse({"type": "speech.audio.done", "usage": {
                 "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},

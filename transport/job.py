@@ -73,6 +73,13 @@ class Job:
         return self.done_reqs[-1] if self.done_reqs else None
 
     @property
+    def sentences(self) -> list[GenRequest]:
+        """Every engine request of this job so far: the finished and read ones, then those still
+        active (a request cancelled or cut at max_audio_ms ends with its last ones active; only
+        finished ones are aligned, but all of them count in the log and the usage)."""
+        return self.done_reqs + [r for r, _ in self.active]
+
+    @property
     def generated(self) -> bool:
         """All text is in and every sentence has finished generating."""
         return not self.open and not self.parts and all(r.finished for r, _ in self.active)
