@@ -235,7 +235,8 @@ def _speak(args) -> int:
 
     def heard(pieces):  # the encoder's output decoded as such a client does
         return [dec.decode(b) for b in pieces]
-    with WavWriter(args.out, rate) as wav:  # (a path that cannot be written fails before the model loads)
+    # (a path that cannot be written fails before the model loads; if nothing is made, an earlier file there stays)
+    with WavWriter(args.out, rate, keep_empty=False) as wav:
         t0 = time.perf_counter()
         engine = load(args.model, device=args.device, dtype=args.dtype, max_streams=1,
                       cuda_graphs=args.cuda_graphs, quantize=args.quantize)
@@ -260,9 +261,6 @@ def _speak(args) -> int:
         except KeyboardInterrupt:
             print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}", file=sys.stderr)
             return 130
-        finally:
-            if not wav.samples:  # nothing made: a file already at that path stays as it was
-                wav.discard()
     wall = time.perf_counter() - start
     if tty:
         print(file=sys.stderr)

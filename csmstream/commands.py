@@ -180,7 +180,8 @@ def say(args) -> int:
 
     dec = AudioDecoder(args.format)  # G.711/G.722 decoded: the WAV is what a client of the format hears
     AudioDecoder(args.format).decode(bytes(480))  # (its numba kernel compiled now, not between two chunks)
-    with WavWriter(args.out, dec.rate) as wav:  # (a path that cannot be written fails before connecting)
+    # (a path that cannot be written fails before connecting; if nothing arrives, an earlier file there stays)
+    with WavWriter(args.out, dec.rate, keep_empty=False) as wav:
         try:
             stats = asyncio.run(_say(args, lambda chunk: wav.write(dec.decode(chunk))))
         except SesameConnectionError as e:
@@ -201,9 +202,6 @@ def say(args) -> int:
             print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s that arrived in {args.out}",
                   file=sys.stderr)
             return 130
-        finally:
-            if not wav.samples:  # nothing arrived: a file already at that path stays as it was
-                wav.discard()
     if wav.samples == 0:
         print(f"csm-stream: the server sent no audio (the model ended speech at once); {args.out} was not written",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import wave
 from collections.abc import Iterable
@@ -20,28 +21,29 @@ class WavWriter:
     arrived. Use as a context manager.
 
     The audio goes to a hidden `.NAME.part` beside the path, which close() renames over it in one
-    step: a reader never sees a half-written file, and a run that ends with nothing (discard(), or
-    an exception before the first chunk) leaves whatever file was at the path as it was.
+    step: a reader never sees a half-written file, and a run that ends with nothing (discard(), an
+    exception before the first chunk, or any close with keep_empty=False) leaves whatever file was
+    at the path as it was.
 
     Raises:
         ValueError: the path cannot be written (a directory, no permission, ...), a chunk is not 1-D
             int16, or the sample rate is not a positive integer.
     """
 
-    def __init__(self, path: str | Path, sample_rate: int = 24_000) -> None:
+    def __init__(self, path: str | Path, sample_rate: int = 24_000, *, keep_empty: bool = True) -> None:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
         if str(path).endswith(("/", os.sep)):  # (Path drops the slash and would write a file by that name)
             raise ValueError(f"cannot write {str(path)!r}: it names a folder; give a file name such as "
                              f"{os.path.join(str(path), 'out.wav')!r}")
-        self.path, self.rate, self.samples = Path(path), sample_rate, 0
+        self.path, self.rate, self.samples, self.keep_empty = Path(path), sample_rate, 0, keep_empty
         if self.path.suffix.lower() in NOT_WAV:
             raise ValueError(f"cannot write {str(self.path)!r}: this writes a WAV file, and "
                              f"{self.path.suffix!r} names another format; use a .wav name")
         self._part = self.path.with_name(f".{self.path.name}.part")
         try:  # (opened here, not by wave.open: a Wave_write whose open failed raises again in __del__)
             if self.path.is_dir():
-                raise IsADirectoryError(21, "Is a directory")
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self._part, "wb")  # noqa: SIM115 (closed by close())
         except FileExistsError:  # (mkdir: a file where a folder of the path should be)
@@ -49,7 +51,6 @@ class WavWriter:
                              f"{str(self.path.parent)!r}") from None
         except OSError as e:  # IsADirectoryError, PermissionError, NotADirectoryError, ...
             raise ValueError(f"cannot write {str(self.path)!r}: {e.strerror or e}") from None
-        self._open = True
         w = wave.open(self._file, "wb")
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -68,8 +69,11 @@ class WavWriter:
         return self.samples / self.rate
 
     def close(self) -> None:
-        """Finish the header and put the file at its path (a second call does nothing)."""
-        if self._end():
+        """Finish the header and put the file at its path, unless it is empty and keep_empty is
+        False: then discard() (a second call does nothing)."""
+        if not self.samples and not self.keep_empty:
+            self.discard()
+        elif self._end():
             os.replace(self._part, self.path)
 
     def discard(self) -> None:
@@ -78,9 +82,9 @@ class WavWriter:
             self._part.unlink(missing_ok=True)
 
     def _end(self) -> bool:
-        if not self._open:
+        """Close the part file (True), or False if it already was."""
+        if self._file.closed:
             return False
-        self._open = False
         try:
             self._w.close()  # (the header's lengths are set here)
         finally:
