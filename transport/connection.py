@@ -29,11 +29,11 @@ SENDER_STOP_S = 5.0  # how long a closing connection waits for its sender to sto
 FRAME_MS = 80
 
 
-async def report_bug(conn, exc: Exception, what: str, rid: str | None = None) -> None:
+async def report_bug(conn, exc: Exception, what: str, rid: str | None = None, note: str = "") -> None:
     """A server bug hit while handling `what` (a request, a message): the log gets the traceback, the
-    client an `internal_error` naming it, and `conn` goes on serving its other requests."""
+    client an `internal_error` naming it (and `note`), and `conn` goes on serving its other requests."""
     log.error("%s failed inside the server", what, exc_info=exc)
-    await conn._error("internal_error", bug_message(exc, what), rid)
+    await conn._error("internal_error", bug_message(exc, what) + note, rid)
 
 
 def bug_message(exc: Exception, what: str) -> str:
@@ -131,9 +131,14 @@ class Connection:
 
     async def _on_message(self, message) -> None:
         srv = self.server
+        limits = {"max_text_chars": srv.max_text_chars, "topk_max": srv.engine.config.codebook_size}
         try:
-            msg = protocol.parse(message, max_text_chars=srv.max_text_chars,
-                                 topk_max=srv.engine.config.codebook_size, streaming=self.open_job is not None)
+            msg = protocol.parse(message, **limits, streaming=self.open_job is not None)
+            failed = self._failed_stream()
+            if failed is not None and isinstance(msg, (protocol.Append, protocol.Flush)) \
+                    and msg.request_id not in (None, failed.rid):
+                self.open_job = None  # a new request_id: not the rest of the failed turn, a new request
+                msg = protocol.parse(message, **limits)
         except protocol.ProtocolError as e:
             await self._error(e.code, e.message, e.request_id)
             return
@@ -189,13 +194,20 @@ class Connection:
             self._input_timer.cancel()
             self._input_timer = None
         job = self.open_job
-        if job is not None and not job.cancelled:
+        if job is not None and (not job.cancelled or job.error is not None):
             self._input_timer = asyncio.get_running_loop().call_later(job.msg.inactivity_timeout, self._input_idle,
                                                                       job)
 
     def _input_idle(self, job: Job) -> None:
         self._input_timer = None
-        if job is not self.open_job or job.cancelled:
+        if job is not self.open_job:
+            return
+        if job.error is not None:  # its request ended in an error: stop dropping the rest of its text
+            log.info("request %s: no text for %g s (inactivity_timeout): its failed text stream is closed", job.rid,
+                     job.msg.inactivity_timeout)
+            self.open_job = None
+            return
+        if job.cancelled:
             return
         log.info("request %s: no text for %g s (inactivity_timeout): closing its text stream; what it sent is "
                  "spoken", job.rid, job.msg.inactivity_timeout)
@@ -204,8 +216,43 @@ class Connection:
         job.close()
         self.open_job = None
 
+    def _failed_stream(self) -> Job | None:
+        """The open text stream, if its request has already ended in an error (refused, or its
+        generation failed) while its client may still be sending the rest of that turn."""
+        job = self.open_job
+        return job if job is not None and job.error is not None else None
+
+    def _stream_note(self, job: Job) -> str:
+        """What a failed request's error adds when it is the open text stream: what becomes of the
+        text its client is still sending."""
+        if job is not self.open_job:
+            return ""
+        return (f"; text stream {job.rid!r} ends here: its further text is dropped (each message answered with "
+                "stream_failed) until final=true, flush or cancel; a message with a new request_id starts a new "
+                "request")
+
+    async def _drop_text(self, job: Job, msg) -> None:
+        """Text for a stream whose request ended in an error: the rest of that turn, dropped (spoken as
+        a new request it would start mid-sentence). Once the error is out each such message is
+        answered, so a client that took the error as the stream's end and sent a new request
+        without a request_id is told, not left waiting for audio that never comes."""
+        closes = isinstance(msg, protocol.Flush) or msg.final
+        if closes:
+            self.open_job = None
+        if not job.error_sent:
+            return  # (it still plays what it made before failing; its error, which says this, follows)
+        after = ("the stream is closed now: the next message starts a new request" if closes else
+                 "its further text is dropped too, until final=true, flush or cancel; a message with a new "
+                 "request_id starts a new request")
+        await self._error("stream_failed", f"text stream {job.rid!r} ended with its error "
+                          f"({job.error_code or 'generation_failed'}), so this text was dropped; {after}",
+                          msg.request_id)
+
     async def _stream_text(self, msg) -> None:
         job = self.open_job
+        if job.error is not None:
+            await self._drop_text(job, msg)
+            return
         if msg.request_id is not None and msg.request_id != job.rid:
             await self._error("invalid_request_id", f"text stream {job.rid!r} is open; its text must go to it "
                               "(omit request_id, or close it with {\"flush\": true} first)", msg.request_id)
@@ -222,11 +269,19 @@ class Connection:
         self.open_job = None
 
     async def _cancel(self, rid: str | None, quiet: bool = False) -> None:
+        failed = self._failed_stream()
+        if failed is not None and rid in (None, failed.rid):
+            self.open_job = None  # its request has ended; the cancel ends its text stream too
+        else:
+            failed = None
         targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
         if not targets:
             if quiet:
                 return
             what = f"request {rid!r} is not running or queued" if rid else "no request is running or queued"
+            if failed is not None:
+                what = (f"request {failed.rid!r} has already ended with its error; its text stream is closed now "
+                        "(the next message starts a new request)")
             await self._error("nothing_to_cancel", f"nothing to cancel: {what}", rid)
             return
         for j in targets:
@@ -267,7 +322,7 @@ class Connection:
                 log.error("request %s failed inside the server after its error was sent", job.rid, exc_info=e)
                 return
             job.error_sent = True
-            await report_bug(self, e, f"request {job.rid}", job.rid)
+            await report_bug(self, e, f"request {job.rid}", job.rid, self._stream_note(job))
 
     def _pop(self, job: Job) -> None:
         job.release()
@@ -429,7 +484,7 @@ class Connection:
         client would wait for ever). A request ends with exactly one error or done."""
         if not job.error_sent:
             job.error_sent = True
-            await self._error(job.error_code or "generation_failed", job.error, job.rid)
+            await self._error(job.error_code or "generation_failed", job.error + self._stream_note(job), job.rid)
 
     async def _send_audio(self, job: Job, chunk: bytes) -> None:
         if self.server.test_chunk_delay:

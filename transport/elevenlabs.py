@@ -154,6 +154,9 @@ class ElevenLabsBase(Connection):
     def _watch_input(self) -> None:
         pass  # (this socket's own _watch applies inactivity_timeout, from its URL)
 
+    def _stream_note(self, job: Job) -> str:
+        return ""  # (a failed stream here ends its socket, or its context: see each _error)
+
     async def _watch(self) -> None:
         try:
             while True:

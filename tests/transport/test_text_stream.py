@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import RunningServer, collect
+from tests.servers import RunningServer, collect, fail_on
 
 REPLY = ("Sure, I can help with that. Your order shipped on Monday. "
          "It should arrive by Friday afternoon. Anything else?")
@@ -182,6 +182,71 @@ def test_a_text_stream_left_without_a_message_is_closed_and_what_it_sent_is_spok
     assert parts == ["Sure, I can help with that"]  # every word it sent, none before the last piece
     assert after[-1][0] == "done" and after[-1][1]["request_id"] == "next" and "input_timeout" not in after[-1][1]
     assert server.srv.metrics.errors.get("input_timeout") == 1
+
+
+async def _ends(ws, t=1.0):
+    """The JSON messages that come within `t` s of each other (audio is counted, not kept)."""
+    out, audio = [], 0
+    try:
+        while True:
+            m = await asyncio.wait_for(ws.recv(), t)
+            if isinstance(m, bytes):
+                audio += 1
+            else:
+                out.append(json.loads(m))
+    except TimeoutError:
+        return out, audio
+
+
+@pytest.mark.parametrize("then", ["plain", "new_id", "cancel", "idle"])
+def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_new_request(server, monkeypatch,
+                                                                                          then):
+    """A text stream refused (here busy) while its client is still writing: the rest of that turn is
+    dropped, not spoken mid-sentence as a new request. It used to be dropped in silence until
+    final/flush: a client that took the error as the end and sent its next request with no
+    request_id waited for ever; a new request_id was told the failed stream was 'open'; a cancel
+    answered nothing_to_cancel and left it open; and inactivity_timeout never closed it. Now each
+    dropped message is answered (stream_failed), and a new request_id, a cancel, final or the
+    timeout ends it."""
+    from csmstream.engine.worker import Busy
+
+    fail_on(monkeypatch, server.srv.worker, "submit", "REFUSED", Busy("all streams are busy (injected)"))
+    nxt = f"next-{then}"
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "This is REFUSED. And then", "final": False, "request_id": "r1",
+                                      "inactivity_timeout": 0.5 if then == "idle" else 20}))
+            first, _ = await _ends(ws, 0.3)
+            steps = []
+            if then == "plain":  # the next answer, sent as a new request without a request_id
+                await ws.send(json.dumps({"text": "Hello there.", "speaker_id": 0}))
+                steps.append(await _ends(ws))
+                await ws.send(json.dumps({"text": " the end.", "final": True}))  # the turn's end: closes it
+                steps.append(await _ends(ws))
+            elif then == "cancel":
+                await ws.send(json.dumps({"cancel": True}))
+                steps.append(await _ends(ws))
+            elif then == "idle":
+                await asyncio.sleep(1.0)  # past inactivity_timeout with no message
+            await ws.send(json.dumps({"text": "Next one.", "request_id": nxt, "seed": 2, "max_audio_ms": 320}))
+            return first, steps, await collect(ws)
+
+    first, steps, after = asyncio.run(go())
+    assert [(m["error"]["code"], m["request_id"]) for m in first] == [("busy", "r1")]
+    assert "text stream 'r1' ends here" in first[0]["error"]["message"]
+    codes = [[(m["error"]["code"], m["request_id"]) for m in got] for got, _ in steps]
+    assert all(audio == 0 for _, audio in steps)  # nothing of the failed turn is spoken
+    assert codes == {"plain": [[("stream_failed", None)], [("stream_failed", None)]],
+                     "cancel": [[("nothing_to_cancel", None)]]}.get(then, [])
+    if then == "plain":
+        assert "text stream 'r1' ended with its error (busy)" in steps[0][0][0]["error"]["message"]
+        assert "closed now" in steps[1][0][0]["error"]["message"]
+    if then == "cancel":
+        assert "text stream is closed now" in steps[0][0][0]["error"]["message"]
+    assert [k for k, _ in after if k != "audio"] == ["done"] and after[-1][1]["request_id"] == nxt
+    assert after[-1][1]["audio_ms"] == 320 and not after[-1][1]["cancelled"]
+    assert [r.text for r in server.srv.recent if r.tag.rid == nxt] == ["Next one."]
 
 
 @pytest.mark.parametrize("value", [0, -1, 181, "5", True, 1e309])
