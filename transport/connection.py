@@ -134,10 +134,10 @@ class Connection:
         limits = {"max_text_chars": srv.max_text_chars, "topk_max": srv.engine.config.codebook_size}
         try:
             msg = protocol.parse(message, **limits, streaming=self.open_job is not None)
-            failed = self._failed_stream()
-            if failed is not None and isinstance(msg, (protocol.Append, protocol.Flush)) \
-                    and msg.request_id not in (None, failed.rid):
-                self.open_job = None  # a new request_id: not the rest of the failed turn, a new request
+            ended = self._ended_stream()
+            if ended is not None and isinstance(msg, (protocol.Append, protocol.Flush)) \
+                    and msg.request_id not in (None, ended.rid):
+                self.open_job = None  # a new request_id: not the rest of the ended turn, a new request
                 msg = protocol.parse(message, **limits)
         except protocol.ProtocolError as e:
             await self._error(e.code, e.message, e.request_id)
@@ -194,7 +194,7 @@ class Connection:
             self._input_timer.cancel()
             self._input_timer = None
         job = self.open_job
-        if job is not None and (not job.cancelled or job.error is not None):
+        if job is not None:
             self._input_timer = asyncio.get_running_loop().call_later(job.msg.inactivity_timeout, self._input_idle,
                                                                       job)
 
@@ -202,12 +202,10 @@ class Connection:
         self._input_timer = None
         if job is not self.open_job:
             return
-        if job.error is not None:  # its request ended in an error: stop dropping the rest of its text
-            log.info("request %s: no text for %g s (inactivity_timeout): its failed text stream is closed", job.rid,
-                     job.msg.inactivity_timeout)
+        if self._ended_stream() is job:  # its request has ended: stop dropping the rest of its text
+            log.info("request %s: no text for %g s (inactivity_timeout): the text stream of this ended request is "
+                     "closed", job.rid, job.msg.inactivity_timeout)
             self.open_job = None
-            return
-        if job.cancelled:
             return
         log.info("request %s: no text for %g s (inactivity_timeout): closing its text stream; what it sent is "
                  "spoken", job.rid, job.msg.inactivity_timeout)
@@ -216,11 +214,11 @@ class Connection:
         job.close()
         self.open_job = None
 
-    def _failed_stream(self) -> Job | None:
-        """The open text stream, if its request has already ended in an error (refused, or its
-        generation failed) while its client may still be sending the rest of that turn."""
+    def _ended_stream(self) -> Job | None:
+        """The open text stream, if its request has already ended (refused, failed, or cut at
+        max_audio_ms) or is ending, while its client may still be sending the rest of that turn."""
         job = self.open_job
-        return job if job is not None and job.error is not None else None
+        return job if job is not None and (job.error is not None or job.t_done or job.cancelled) else None
 
     def _stream_note(self, job: Job) -> str:
         """What a failed request's error adds when it is the open text stream: what becomes of the
@@ -228,29 +226,31 @@ class Connection:
         if job is not self.open_job:
             return ""
         return (f"; text stream {job.rid!r} ends here: its further text is dropped (each message answered with "
-                "stream_failed) until final=true, flush or cancel; a message with a new request_id starts a new "
+                "stream_ended) until final=true, flush or cancel; a message with a new request_id starts a new "
                 "request")
 
     async def _drop_text(self, job: Job, msg) -> None:
-        """Text for a stream whose request ended in an error: the rest of that turn, dropped (spoken as
-        a new request it would start mid-sentence). Once the error is out each such message is
-        answered, so a client that took the error as the stream's end and sent a new request
-        without a request_id is told, not left waiting for audio that never comes."""
+        """Text for a stream whose request has ended: the rest of that turn, dropped (spoken as a new
+        request it would start mid-sentence). Once the request's error or done is out, each piece of
+        text is answered, so a client that took that as the stream's end and sent a new request
+        without a request_id is told, not left waiting for audio that never comes; a bare flush,
+        the turn's end, closes it without a reply (nothing was dropped)."""
         closes = isinstance(msg, protocol.Flush) or msg.final
         if closes:
             self.open_job = None
-        if not job.error_sent:
-            return  # (it still plays what it made before failing; its error, which says this, follows)
+        if isinstance(msg, protocol.Flush) or not (job.error_sent or job.t_done):
+            return  # (before its end is out: the error or done that follows covers this text)
+        how = (f" with its error ({job.error_code or 'generation_failed'})" if job.error is not None else
+               " at max_audio_ms" if job.src_limit is not None and job.src_sent >= job.src_limit else "")
         after = ("the stream is closed now: the next message starts a new request" if closes else
                  "its further text is dropped too, until final=true, flush or cancel; a message with a new "
                  "request_id starts a new request")
-        await self._error("stream_failed", f"text stream {job.rid!r} ended with its error "
-                          f"({job.error_code or 'generation_failed'}), so this text was dropped; {after}",
+        await self._error("stream_ended", f"text stream {job.rid!r} has ended{how}, so this text was dropped; {after}",
                           msg.request_id)
 
     async def _stream_text(self, msg) -> None:
         job = self.open_job
-        if job.error is not None:
+        if self._ended_stream() is job:
             await self._drop_text(job, msg)
             return
         if msg.request_id is not None and msg.request_id != job.rid:
@@ -269,19 +269,19 @@ class Connection:
         self.open_job = None
 
     async def _cancel(self, rid: str | None, quiet: bool = False) -> None:
-        failed = self._failed_stream()
-        if failed is not None and rid in (None, failed.rid):
+        ended = self._ended_stream()
+        if ended is not None and rid in (None, ended.rid):
             self.open_job = None  # its request has ended; the cancel ends its text stream too
         else:
-            failed = None
+            ended = None
         targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
         if not targets:
             if quiet:
                 return
             what = f"request {rid!r} is not running or queued" if rid else "no request is running or queued"
-            if failed is not None:
-                what = (f"request {failed.rid!r} has already ended with its error; its text stream is closed now "
-                        "(the next message starts a new request)")
+            if ended is not None:
+                what = (f"request {ended.rid!r} has already ended; its text stream is closed now (the next message "
+                        "starts a new request)")
             await self._error("nothing_to_cancel", f"nothing to cancel: {what}", rid)
             return
         for j in targets:

@@ -198,7 +198,7 @@ async def _ends(ws, t=1.0):
         return out, audio
 
 
-@pytest.mark.parametrize("then", ["plain", "new_id", "cancel", "idle"])
+@pytest.mark.parametrize("then", ["plain", "new_id", "cancel", "flush", "idle"])
 def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_new_request(server, monkeypatch,
                                                                                           then):
     """A text stream refused (here busy) while its client is still writing: the rest of that turn is
@@ -206,8 +206,8 @@ def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_ne
     final/flush: a client that took the error as the end and sent its next request with no
     request_id waited for ever; a new request_id was told the failed stream was 'open'; a cancel
     answered nothing_to_cancel and left it open; and inactivity_timeout never closed it. Now each
-    dropped message is answered (stream_failed), and a new request_id, a cancel, final or the
-    timeout ends it."""
+    dropped piece of text is answered (stream_ended), and a new request_id, a cancel, final, flush
+    or the timeout ends it."""
     from csmstream.engine.worker import Busy
 
     fail_on(monkeypatch, server.srv.worker, "submit", "REFUSED", Busy("all streams are busy (injected)"))
@@ -227,6 +227,9 @@ def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_ne
             elif then == "cancel":
                 await ws.send(json.dumps({"cancel": True}))
                 steps.append(await _ends(ws))
+            elif then == "flush":  # the turn's end: closes it, with nothing to answer
+                await ws.send(json.dumps({"flush": True}))
+                steps.append(await _ends(ws))
             elif then == "idle":
                 await asyncio.sleep(1.0)  # past inactivity_timeout with no message
             await ws.send(json.dumps({"text": "Next one.", "request_id": nxt, "seed": 2, "max_audio_ms": 320}))
@@ -237,16 +240,37 @@ def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_ne
     assert "text stream 'r1' ends here" in first[0]["error"]["message"]
     codes = [[(m["error"]["code"], m["request_id"]) for m in got] for got, _ in steps]
     assert all(audio == 0 for _, audio in steps)  # nothing of the failed turn is spoken
-    assert codes == {"plain": [[("stream_failed", None)], [("stream_failed", None)]],
-                     "cancel": [[("nothing_to_cancel", None)]]}.get(then, [])
+    assert codes == {"plain": [[("stream_ended", None)], [("stream_ended", None)]],
+                     "cancel": [[("nothing_to_cancel", None)]], "flush": [[]]}.get(then, [])
     if then == "plain":
-        assert "text stream 'r1' ended with its error (busy)" in steps[0][0][0]["error"]["message"]
+        assert "text stream 'r1' has ended with its error (busy)" in steps[0][0][0]["error"]["message"]
         assert "closed now" in steps[1][0][0]["error"]["message"]
     if then == "cancel":
         assert "text stream is closed now" in steps[0][0][0]["error"]["message"]
     assert [k for k, _ in after if k != "audio"] == ["done"] and after[-1][1]["request_id"] == nxt
     assert after[-1][1]["audio_ms"] == 320 and not after[-1][1]["cancelled"]
     assert [r.text for r in server.srv.recent if r.tag.rid == nxt] == ["Next one."]
+
+
+def test_a_text_stream_cut_at_max_audio_ms_drops_the_rest_of_its_turn_and_says_so(server):
+    """max_audio_ms ends the request (its done) while its client is still writing: the text that
+    follows used to go to the ended request in silence, a new request without a request_id too."""
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "The first sentence is long enough. And", "final": False,
+                                      "request_id": "cut", "max_audio_ms": 160, "seed": 1}))
+            first = await collect(ws)
+            await ws.send(json.dumps({"text": "Hello there."}))
+            dropped = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"text": "Next one.", "request_id": "after-cut", "max_audio_ms": 160}))
+            return first, dropped, await collect(ws)
+
+    first, dropped, after = asyncio.run(go())
+    assert first[-1][0] == "done" and first[-1][1]["audio_ms"] == 160 and not first[-1][1]["cancelled"]
+    assert dropped["error"]["code"] == "stream_ended" and dropped["request_id"] is None
+    assert "text stream 'cut' has ended at max_audio_ms" in dropped["error"]["message"]
+    assert after[-1][0] == "done" and after[-1][1]["request_id"] == "after-cut"
+    assert [r.text for r in server.srv.recent if r.tag.rid == "after-cut"] == ["Next one."]
 
 
 @pytest.mark.parametrize("value", [0, -1, 181, "5", True, 1e309])
