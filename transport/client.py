@@ -3,6 +3,8 @@
     svc = SesameWebSocketService("ws://127.0.0.1:8765/ws/generate")
     async for chunk in svc.stream_tts("Hello!", speaker_id=0):   # bytes, in the chosen format
         play(chunk)
+    async for chunk in svc.stream_text(llm_tokens()):            # text as it is written
+        play(chunk)
 
 A server error raises SesameTTSError (with .code and .message); a dropped connection, or a
 request the server cancelled as it shut down, raises SesameConnectionError: a stream never ends
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -73,15 +75,42 @@ class SesameWebSocketService:
         On a kept connection (`async with svc:`) requests run one at a time, in the order they are
         made (several tasks may call this at once), and a caller that stops iterating early has its
         request cancelled and the rest of its audio read off, so the next one starts clean."""
+        if options.get("final") is False:
+            raise ValueError("stream_tts sends one whole text (final=false would leave it waiting for more); "
+                             "for text as it is written, such as an LLM's tokens, use stream_text()")
+        async for chunk in self._request({"text": text, "speaker_id": speaker_id, **options}, None):
+            yield chunk
+
+    async def stream_text(self, pieces: Iterable[str] | AsyncIterable[str], speaker_id: int = 0,
+                          **options) -> AsyncIterator[bytes]:
+        """Speak text as it is written: `pieces` (strings, e.g. an LLM's tokens, from an iterable
+        or an async iterable) go to the server as one text stream while its audio comes back, so
+        the first sentence plays while the rest is still being written. Options as for stream_tts,
+        plus inactivity_timeout (s; a keep-alive goes out while `pieces` is slower than that).
+
+        The stream closes when `pieces` ends. If `pieces` raises, the request is cancelled and
+        the exception comes out here; a server error raises SesameTTSError as stream_tts does (and
+        what was still being written is not sent)."""
+        idle = options.get("inactivity_timeout", 20.0)
+        opening = {"text": " ", "speaker_id": speaker_id, **options, "final": False}
+        async for chunk in self._request(opening, lambda ws, rid: _write_pieces(ws, rid, pieces, idle)):
+            yield chunk
+
+    async def _request(self, first: dict, writer) -> AsyncIterator[bytes]:
+        """One request: send `first`, run `writer(ws, request_id)` (the rest of a text stream) beside
+        the reader, yield its audio until its done."""
         own = self._ws is None
         ws = await self._connect() if own else self._ws
         lock = None if own else self._lock
         if lock is not None:
             await lock.acquire()
-        options.setdefault("request_id", f"py-{secrets.token_hex(6)}")
-        ended = False  # its done or error has been read
+        rid = first.setdefault("request_id", f"py-{secrets.token_hex(6)}")
+        ended = False  # its done or error has been read, and nothing of it can follow
+        task = None
         try:
-            await ws.send(json.dumps({"text": text, "speaker_id": speaker_id, **options}))
+            await ws.send(json.dumps(first))
+            if writer is not None:
+                task = asyncio.create_task(writer(ws, rid))
             async for message in ws:
                 if isinstance(message, bytes):
                     yield message
@@ -90,11 +119,19 @@ class SesameWebSocketService:
                 if msg is None:
                     raise SesameTTSError("invalid_reply", f"the server sent a text message that is not a csm-stream "
                                          f"reply: {message[:120]!r}; is the URL a csm-stream endpoint?")
-                ended = "error" in msg or bool(msg.get("done"))
                 if "error" in msg:
+                    # (a text stream may not end with an error, e.g. text_too_long, and pieces
+                    # written after it are answered: _abandon in finally ends it and reads them off)
+                    ended = task is None
                     raise _error(msg["error"], "error", msg.get("request_id"))
                 if msg.get("done"):
+                    # a text stream's done may come before the server has read all its pieces (at
+                    # max_audio_ms, a cancel): their answers are read off too
+                    ended = task is None or (task.done() and not msg.get("cancelled") and not msg.get("input_timeout")
+                                             and first.get("max_audio_ms") is None)
                     self.last_done = msg
+                    if task is not None and task.done() and not task.cancelled() and task.exception():
+                        raise task.exception()  # pieces failed: the writer cancelled the request
                     if msg.get("cancelled") and msg.get("reason") == "server_shutdown":  # not this client's cancel
                         raise SesameConnectionError(f"the server at {self.url} shut down before the request "
                                                     f"finished ({msg.get('audio_ms')} ms of audio had been sent)")
@@ -106,8 +143,13 @@ class SesameWebSocketService:
             raise SesameConnectionError(f"connection to {self.url} dropped: {e}") from e
         finally:
             try:
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
+                elif task is not None and not task.cancelled():
+                    task.exception()  # (taken: raised above, or outweighed by the error being raised)
                 if not own and not ended:
-                    await self._abandon(ws, options["request_id"])
+                    await self._abandon(ws, rid)
             finally:
                 if lock is not None:
                     lock.release()
@@ -143,6 +185,41 @@ class SesameWebSocketService:
         if request_id is not None:
             msg["request_id"] = request_id
         await self._ws.send(json.dumps(msg))
+
+
+async def _write_pieces(ws, rid: str, pieces, idle: float) -> None:
+    """A text stream's pieces, one message each, then its flush; a keep-alive ({"text": ""}) when
+    the next piece is slower than half of inactivity_timeout. A piece that is not a string, or
+    `pieces` raising, cancels the request (its done comes back) and is re-raised."""
+    it = pieces.__aiter__() if hasattr(pieces, "__aiter__") else _aiter(pieces)
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(it))
+            try:
+                while not (await asyncio.wait({nxt}, timeout=idle / 2))[0]:
+                    await ws.send(json.dumps({"text": ""}))
+            finally:
+                if not nxt.done():
+                    nxt.cancel()
+            try:
+                piece = nxt.result()
+            except StopAsyncIteration:
+                break
+            if not isinstance(piece, str):
+                raise TypeError(f"stream_text pieces must be strings, got {type(piece).__name__}")
+            if piece:
+                await ws.send(json.dumps({"text": piece}))
+        await ws.send(json.dumps({"flush": True, "request_id": rid}))
+    except ConnectionClosed:
+        raise
+    except Exception:
+        await ws.send(json.dumps({"cancel": True, "request_id": rid}))
+        raise
+
+
+async def _aiter(pieces: Iterable[str]):
+    for piece in pieces:
+        yield piece
 
 
 def _reply(message: str) -> dict | None:

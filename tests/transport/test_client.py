@@ -8,6 +8,7 @@ import pytest
 from websockets.asyncio.server import serve
 
 from csmstream.transport.client import SesameConnectionError, SesameTTSError, SesameWebSocketService, stream_sesame_tts
+from tests.servers import fail_on
 
 
 def test_stream_tts_yields_the_audio_bytes(server):
@@ -194,3 +195,184 @@ def test_error_reply_is_json_with_request_id(server):
 
     msg = asyncio.run(go())
     assert msg["request_id"] == "mine" and msg["error"]["code"] == "invalid_text"
+
+
+REPLY = "Sure, I can help with that. Your order shipped on Monday. Anything else?"
+
+
+def _close(a: bytes, b: bytes) -> bool:
+    """Equal length and within 2 LSB (a batched Mimi decode may move a sample by float rounding)."""
+    x, y = np.frombuffer(a, "<i2").astype(int), np.frombuffer(b, "<i2").astype(int)
+    return len(x) == len(y) > 0 and np.abs(x - y).max() <= 2
+
+
+def _tokens(text, n=5):
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+def test_stream_text_plays_the_first_sentence_while_the_rest_is_still_being_written(server):
+    """The pieces go out while audio comes back: the generator below does not write its second half
+    until audio has arrived (were the pieces sent only after the first audio, or the audio read only
+    after the last piece, it would wait for ever). The audio is that of the whole text sent at once."""
+    first_audio = asyncio.Event()
+
+    async def llm():
+        toks = _tokens(REPLY)
+        for i, t in enumerate(toks):
+            if i == len(toks) // 2:
+                await asyncio.wait_for(first_audio.wait(), 30)
+            await asyncio.sleep(0.005)
+            yield t
+
+    async def go():
+        want = b"".join([c async for c in SesameWebSocketService(server.url).stream_tts(REPLY, seed=7)])
+        got = []
+        async with SesameWebSocketService(server.url) as svc:
+            async for c in svc.stream_text(llm(), seed=7, request_id="st-1"):
+                got.append(c)
+                first_audio.set()
+            done = svc.last_done
+            after = b"".join([c async for c in svc.stream_tts("Next one.", seed=2, max_audio_ms=400)])
+        return want, b"".join(got), done, after
+
+    want, got, done, after = asyncio.run(go())
+    assert _close(got, want)
+    assert done["request_id"] == "st-1" and not done["cancelled"] and "input_timeout" not in done
+    assert [r.text for r in server.srv.recent if r.tag.rid == "st-1"] == \
+        ["Sure, I can help with that.", "Your order shipped on Monday.", "Anything else?"]
+    assert len(after) == 400 * 48
+
+
+def test_stream_text_keeps_a_slow_writer_s_stream_open(server):
+    """Pieces slower than inactivity_timeout: keep-alives hold the stream open (without them the
+    server closes it and each later piece would be a request of its own)."""
+    async def slow():
+        for t in ["Hello there, ", "this is ", "a slow writer."]:
+            await asyncio.sleep(0.7)
+            yield t
+
+    async def go():
+        svc = SesameWebSocketService(server.url)
+        n = sum([len(c) async for c in svc.stream_text(slow(), inactivity_timeout=0.5, request_id="st-slow")])
+        return n, svc.last_done
+
+    n, done = asyncio.run(go())
+    assert n > 0 and "input_timeout" not in done and not done["cancelled"]
+    assert [r.text for r in server.srv.recent if r.tag.rid == "st-slow"] == ["Hello there, this is a slow writer."]
+
+
+@pytest.mark.parametrize("how", ["raises", "not_str", "server_refuses", "max_audio_ms"])
+def test_stream_text_that_ends_early_raises_and_leaves_a_kept_connection_clean(server, monkeypatch, how):
+    """The writer fails (its exception comes out, the request is cancelled), the server refuses a
+    sentence (SesameTTSError), or max_audio_ms ends the request while pieces are still coming: in
+    every case the next request on the same connection gets exactly its own audio."""
+    from csmstream.engine.worker import Busy
+
+    fail_on(monkeypatch, server.srv.worker, "submit", "REFUSED", Busy("all streams are busy (injected)"))
+
+    async def pieces():
+        if how == "server_refuses":  # refused at once; the burst after it is answered (stream_ended)
+            yield "REFUSED here. "
+            for t in _tokens("And it goes on for a while longer. " * 20, 2):
+                yield t
+            return
+        yield "The first sentence is fine. A second one. "
+        await asyncio.sleep(0.3)
+        if how == "raises":
+            raise RuntimeError("the LLM failed")
+        if how == "not_str":
+            yield 5
+        for t in _tokens("And it goes on for a while longer. " * 3):
+            await asyncio.sleep(0.01)
+            yield t
+
+    async def go():
+        want = b"".join([c async for c in SesameWebSocketService(server.url).stream_tts("Next one.", seed=2)])
+        async with SesameWebSocketService(server.url) as svc:
+            got = 0
+            try:
+                opts = {"max_audio_ms": 240} if how == "max_audio_ms" else {}
+                async for c in svc.stream_text(pieces(), seed=3, **opts):
+                    got += len(c)
+                err = None
+            except Exception as e:
+                err = e
+            after = b"".join([c async for c in svc.stream_tts("Next one.", seed=2)])
+        return want, got, err, after
+
+    want, got, err, after = asyncio.run(go())
+    if how == "raises":
+        assert isinstance(err, RuntimeError) and str(err) == "the LLM failed"
+    elif how == "not_str":
+        assert isinstance(err, TypeError) and "must be strings, got int" in str(err)
+    elif how == "server_refuses":
+        assert isinstance(err, SesameTTSError) and err.code == "busy"
+    else:
+        assert err is None and got == 240 * 48
+    assert _close(after, want)
+
+
+def test_stream_tts_refuses_final_false():
+    async def go():
+        async for _ in SesameWebSocketService("ws://127.0.0.1:9/ws/generate").stream_tts("Hi", final=False):
+            pass
+
+    with pytest.raises(ValueError, match="use stream_text"):
+        asyncio.run(go())
+
+
+@pytest.mark.parametrize("end", ["error", "done_at_max_audio_ms"])
+def test_stream_text_reads_off_the_answers_to_pieces_the_server_got_after_the_end(end):
+    """A scripted server that answers a text stream's second piece, after the request has ended,
+    the way csm-stream does (stream_ended): that answer must not be read as the next request's.
+    The client's cancel after such an end is answered with nothing_to_cancel."""
+    seen = []
+
+    async def handler(ws):
+        opening = json.loads(await ws.recv())
+        rid = opening["request_id"]
+        seen.append(opening)
+        await ws.recv()  # the first piece
+        if end == "error":
+            await ws.send(json.dumps({"error": {"code": "busy", "message": "full"}, "request_id": rid}))
+        else:
+            await ws.send(b"\x00\x00" * 2400)
+            await ws.send(json.dumps({"done": True, "request_id": rid, "audio_ms": 100.0, "ttfa_ms": 1.0,
+                                      "cancelled": False}))
+        while True:
+            msg = json.loads(await ws.recv())
+            seen.append(msg)
+            if msg.get("cancel"):
+                break
+            if "text" in msg:  # a piece of the ended stream: answered as the server does
+                await ws.send(json.dumps({"error": {"code": "stream_ended", "message": "dropped"}, "request_id": None}))
+        await ws.send(json.dumps({"error": {"code": "nothing_to_cancel", "message": "ended"}, "request_id": rid}))
+        nxt = json.loads(await ws.recv())
+        await ws.send(b"\x01\x00" * 2400)
+        await ws.send(json.dumps({"done": True, "request_id": nxt["request_id"], "audio_ms": 100.0, "ttfa_ms": 1.0,
+                                  "cancelled": False}))
+        await ws.wait_closed()
+
+    async def pieces():
+        yield "One. "
+        yield "Two. "  # the server answers this one after the end
+        await asyncio.sleep(0.2)  # (the end comes back while the writer waits here)
+        yield "Three."
+
+    async def go():
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            async with SesameWebSocketService(f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/ws/generate") as svc:
+                opts = {"max_audio_ms": 100} if end != "error" else {}
+                try:
+                    async for _ in svc.stream_text(pieces(), **opts):
+                        pass
+                    err = None
+                except SesameTTSError as e:
+                    err = e
+                return err, b"".join([c async for c in svc.stream_tts("Next.")])
+
+    err, after = asyncio.run(go())
+    assert (err.code if err else None) == ("busy" if end == "error" else None)
+    assert after == b"\x01\x00" * 2400
+    assert seen[0]["final"] is False and seen[-1] == {"cancel": True, "request_id": seen[0]["request_id"]}
+    assert not any(m.get("text") == "Three." for m in seen)  # the writer stopped at the end
