@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "as it arrives, and print time to first audio, total time, "
                                      "real-time factor and the largest gap between chunks. With --local, "
                                      "generate in this process instead (no server).")
-    say.add_argument("text", help="what to say")
+    say.add_argument("text", help="what to say; - reads it from standard input: over a ws:// URL it is spoken "
+                                  "as it arrives (pipe an LLM in), else read whole first")
     say.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
                      help="server endpoint (default: ws://127.0.0.1:8765/ws/generate); an http:// URL such as "
                           "http://127.0.0.1:8766/v1/audio/speech uses the OpenAI-compatible HTTP port")
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:
             raise ValueError("--voice with --local needs --voices DIR (the NAME.wav + NAME.txt prompts to load)")
+        if args.text == commands.STDIN and (args.local or args.url.startswith(("http://", "https://"))):
+            args.text = commands.read_stdin_text()
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         print(f"csm-stream: error: {e}", file=sys.stderr)

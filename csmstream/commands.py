@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -228,6 +230,9 @@ async def _say(args, write):
     token = args.token or os.environ.get(AUTH_ENV)
     if args.url.startswith(("http://", "https://")):  # the OpenAI-compatible HTTP port
         source = stream_speech_http(args.url, args.text, args.speaker, token=token, **opts)
+    elif args.text == STDIN:  # spoken as it arrives: one text stream
+        source = SesameWebSocketService(args.url, token=token).stream_text(await stdin_text_stream(), args.speaker,
+                                                                           **opts)
     else:
         source = SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts)
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
@@ -250,6 +255,76 @@ async def _say(args, write):
         print(file=sys.stderr)
     total = time.perf_counter() - t0
     return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=chunks)
+
+
+STDIN = "-"  # say -: the text comes on standard input
+NO_TEXT = "say -: standard input held no text to say"
+
+
+def read_stdin_text() -> str:
+    """say - with --local or an http:// URL: all of standard input, read before anything starts."""
+    if sys.stdin.isatty():
+        print("reading what to say from standard input; end it with Ctrl-D", file=sys.stderr)
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"say -: standard input is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(NO_TEXT)
+    return text
+
+
+async def stdin_text_stream():
+    """say - over a WebSocket: standard input as it arrives (each read's text), so a program piped
+    in (an LLM) is spoken while it still writes. Waits for the first text that is not blank (none:
+    ValueError, before anything is sent); returns an async iterator of the pieces from there. A
+    daemon thread reads, so a read that blocks never holds up the exit."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # (the loop has closed: say is over)
+
+    def pump() -> None:
+        dec = codecs.getincrementaldecoder("utf-8")()
+        try:  # (os.read: a read blocked in sys.stdin's buffer holds its lock, and the exit aborts on it)
+            while data := os.read(fd, 65536):
+                if text := dec.decode(data):
+                    put(text)
+            dec.decode(b"", final=True)
+            put(None)
+        except UnicodeDecodeError as e:
+            put(ValueError(f"say -: standard input is not UTF-8 text ({e})"))
+        except Exception as e:  # (an unreadable standard input)
+            put(e)
+
+    async def pieces():
+        while (item := await queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    if sys.stdin.isatty():
+        print("reading what to say from standard input, spoken as it comes; end it with Ctrl-D", file=sys.stderr)
+    fd = sys.stdin.fileno()
+    threading.Thread(target=pump, name="say-stdin", daemon=True).start()
+    it = pieces()
+    head = ""
+    async for piece in it:
+        head += piece
+        if head.strip():
+            break
+    if not head.strip():
+        raise ValueError(NO_TEXT)
+
+    async def rest():
+        yield head
+        async for piece in it:
+            yield piece
+    return rest()
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -338,3 +338,46 @@ def test_bench_prints_no_made_up_ttfa_drift_for_a_level_where_no_request_got_aud
     out = capsys.readouterr()
     assert "drift at concurrency 2: server memory 100.0 -> 101.0 MB\n" in out.out and "TTFA" not in out.out
     assert "2 request(s) failed; first: unknown_voice" in out.err
+
+
+def test_say_dash_speaks_standard_input_as_it_arrives(tmp_path, server):
+    """say - over a WebSocket: a program piped in (an LLM) is spoken while it still writes. The
+    second half is written only once the server has the first sentence: read whole, it would never
+    get there. The WAV holds exactly the audio of that one request's sentences."""
+    import time
+
+    path = tmp_path / "piped.wav"
+    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "say", "-", "--url", server.url, "--out", str(path),
+                             "--seed", "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"Sure, I can help with that. Your")
+        proc.stdin.flush()
+        first = None
+        deadline = time.monotonic() + 60
+        while first is None and time.monotonic() < deadline and proc.poll() is None:
+            first = next((r for r in list(server.srv.recent) if r.text == "Sure, I can help with that."), None)
+            time.sleep(0.02)
+        assert first is not None, "the first sentence never reached the server while standard input was open"
+        out, err = proc.communicate(" order shipped on Monday. Caf\u00e9 au lait.\n".encode(), timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"first audio after" in out
+    reqs = [r for r in server.srv.recent if r.tag is first.tag]
+    assert [r.text for r in reqs] == ["Sure, I can help with that.", "Your order shipped on Monday.",
+                                      "Caf\u00e9 au lait."]
+    with wave.open(str(path)) as w:
+        assert w.getnframes() == sum(r.frames for r in reqs) * 1920
+
+
+@pytest.mark.parametrize("data, why", [(b"  \n\t", "standard input held no text to say"),
+                                       (b"Caf\xe9 au lait.", "standard input is not UTF-8 text")])
+@pytest.mark.parametrize("where", ["ws", "http", "local"])
+def test_say_dash_refuses_blank_or_undecodable_input_before_any_work(tmp_path, data, why, where):
+    url = {"ws": f"ws://127.0.0.1:{free_port()}/ws/generate", "http": f"http://127.0.0.1:{free_port()}/v1/audio/speech"}
+    args = ["--local", "--device", "cpu"] if where == "local" else ["--url", url[where]]
+    out = subprocess.run([sys.executable, "-m", "csmstream", "say", "-", *args, "--out", str(tmp_path / "x.wav")],
+                         input=data, capture_output=True, timeout=120)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and f"csm-stream: error: say -: {why}" in err and "Traceback" not in err
+    assert "cannot connect" not in err and "loaded Engine" not in err and not (tmp_path / "x.wav").exists()
