@@ -19,6 +19,7 @@ from .sentences import SentenceSplitter
 
 CONTEXT_SENTENCES = 4  # at most this many earlier sentences as context (prefill cost stays bounded)
 REPEAT_GUARD = 12  # the same frame ~1 s in a row: a stuck, run-on sentence is stopped
+SETTLE_S = 0.2  # a text stream quiet this long after a sentence's end: that end is taken (splitter.settle)
 
 
 class Job:
@@ -47,12 +48,31 @@ class Job:
         self.history: list[tuple[str, np.ndarray]] = []  # (sentence, codes) generated so far
         self.done_reqs: list[GenRequest] = []
         self.n_parts = 0
+        self._settle: asyncio.TimerHandle | None = None  # takes the sentence the text paused after
 
     # -- text --------------------------------------------------------------------------------------
     def add_text(self, text: str) -> None:
         self.chars += len(text)
         self.parts.extend(self.splitter.push(text))
         self.event.set()
+        if self._settle is not None and not text.strip():
+            return  # (a keep-alive, or a space: the pause goes on)
+        self._unsettle()
+        if self.splitter.may_settle:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settled)
+
+    def _unsettle(self) -> None:
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
+
+    def _settled(self) -> None:
+        """The text paused after what may be a sentence's end: the splitter decides without the next
+        piece, so a reply that stops there is spoken now (its next piece may be seconds away)."""
+        self._settle = None
+        if self.open and not self.cancelled:
+            self.parts.extend(self.splitter.settle())
+            self.event.set()
 
     def flush_now(self) -> None:
         """Generate what is buffered now, even mid-sentence; the stream stays open."""
@@ -60,6 +80,7 @@ class Job:
         self.event.set()
 
     def close(self) -> None:
+        self._unsettle()
         self.parts.extend(self.splitter.flush())
         self.open = False
         self.event.set()
@@ -107,6 +128,7 @@ class Job:
             r.sink = None
             self.done_reqs.append(r)
         self.active.clear()
+        self._unsettle()
         for r in self.done_reqs:
             r.sink = None
         self.encoder.close()

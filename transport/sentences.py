@@ -8,6 +8,13 @@ something that can start a sentence -- so a terminator at the very end of the bu
 next piece. Not an end: known abbreviations (Dr., e.g., U.S., a.m.), single-letter initials,
 list markers ("1. "), decimals, prices, times, URLs and e-mail addresses (no space after their
 dots), and an ellipsis or abbreviation followed by a lowercase word. A line break ends a sentence.
+When the text pauses (no piece for a moment), `settle()` takes a terminator at the very end as a
+sentence end after all, unless only the next piece could tell (an abbreviation, an initial, a list
+marker, a number or dotted name with nothing after the dot yet): a reply that stops after its first
+sentence is spoken at once, not when the next piece comes. Only a pause can make streamed text
+split where the whole text would not (before a lowercase word: "Well... maybe").
+Punctuation that comes alone ("...", a stray "?") is not a sentence to speak: it goes before the
+next sentence, and is dropped at the very end.
 Text without sentence punctuation is split at the first clause mark (, ; : –) past `clause_chars`,
 else at the last space before `max_chars`, so a long run never waits for its end. Inside a
 sentence, any run of whitespace becomes one space.
@@ -50,6 +57,7 @@ class SentenceSplitter:
             raise ValueError(f"need 20 <= clause_chars <= max_chars, got {clause_chars}, {max_chars}")
         self.max_chars, self.clause_chars = max_chars, clause_chars
         self._buf = ""
+        self._carry = ""  # punctuation that came alone ("...", a stray "?"): put before the next sentence
 
     @property
     def pending(self) -> str:
@@ -61,9 +69,45 @@ class SentenceSplitter:
 
     def flush(self) -> list[str]:
         out = self._take(final=True)
-        rest = _squash(self._buf)
-        self._buf = ""
+        rest = self._speakable(_squash(self._buf))
+        self._buf = self._carry = ""  # (punctuation left alone at the end: nothing to say)
         return out + ([rest] if rest else [])
+
+    @property
+    def may_settle(self) -> bool:
+        """The buffer ends in a terminator (or its closing quote): settle() may take a sentence."""
+        end = self._buf.rstrip()[-1:]
+        return bool(end) and end in _TERMINATORS + _CLOSERS
+
+    def settle(self) -> list[str]:
+        """The sentence that ends the buffer, if the text has paused there (see the module doc)."""
+        text = self._buf.rstrip(" \t")
+        spaced, j = len(text) < len(self._buf), len(text)
+        i = j
+        while i > 0 and (text[i - 1] in _TERMINATORS or text[i - 1] in _CLOSERS):
+            i -= 1
+        t = next((k for k in range(i, j) if text[k] in _TERMINATORS), None)
+        if t is None or not text[:t].strip() or not self._is_break(text, t, j, "X"):
+            return []  # (X: any next word that is not lowercase)
+        if not spaced and text[t] == "." and t == i:  # "3." may go on "50", "example." "com", "me@x." "org"
+            word = text[:t].rsplit(None, 1)[-1]
+            if word[-1].isdigit() or any(c in word for c in ".@/:"):
+                return []
+        if not spaced and text[t:j].endswith("..") and not text[t:j].endswith("..."):
+            return []  # an ellipsis on its way
+        sentence = self._speakable(_squash(text[:j]))
+        self._buf = ""
+        return [sentence] if sentence else []
+
+    def _speakable(self, sentence: str) -> str | None:
+        """`sentence` with any punctuation carried before it, or None (carried on) when it has no
+        letter or digit: "." or "..." alone is not a sentence to speak (the model would make noise
+        of it), so it goes with the next one."""
+        if not any(c.isalnum() for c in sentence):
+            self._carry = f"{self._carry} {sentence}".strip()
+            return None
+        sentence, self._carry = f"{self._carry} {sentence}".strip(), ""
+        return sentence
 
     def _take(self, final: bool) -> list[str]:
         out = []
@@ -71,7 +115,7 @@ class SentenceSplitter:
             cut = self._find_break(final)
             if cut is None:
                 break
-            sentence = _squash(self._buf[:cut])
+            sentence = self._speakable(_squash(self._buf[:cut]))
             self._buf = self._buf[cut:].lstrip()
             if sentence:
                 out.append(sentence)

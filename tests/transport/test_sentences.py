@@ -87,6 +87,12 @@ CASES = [
     ("Ok.", ["Ok."]),
     ("", []),
     ("   ", []),
+    # punctuation alone is not spoken: it goes before the next sentence, or is dropped at the end
+    ("Hello. . . World", ["Hello.", ". . World"]),
+    ("Okay. ... Sure.", ["Okay.", "... Sure."]),
+    ("Hi! ?? Yes.", ["Hi!", "?? Yes."]),
+    ("Thanks. ...", ["Thanks."]),
+    ("...", []),
 ]
 
 LONG_NO_PUNCT = ("so what we can do is move your appointment to next week and then we will call you back "
@@ -141,3 +147,62 @@ def test_whitespace_runs_inside_a_sentence_become_one_space():
     got = [s for piece in ["Hello there,", "  how", " are\t", "you?  ", " I am  fine,", " thank you.\n\nBye."]
            for s in sp.push(piece)]
     assert got + sp.flush() == want
+
+
+@pytest.mark.parametrize("buf, settled", [
+    ("Sure, I can help with that.", "Sure, I can help with that."),  # an LLM's " Your" is still to come
+    ("Sure, I can help with that.  ", "Sure, I can help with that."),
+    ("Really?!", "Really?!"),
+    ('He said "stop."', 'He said "stop."'),
+    ("(see above).", "(see above)."),
+    ("Well...", "Well..."),
+    ("Well..", None),  # the third dot may be on its way
+    ("Wait\u2026", "Wait\u2026"),
+    ("It costs $3. ", "It costs $3."),  # a space after it: the number has ended
+    ("It costs $3.", None),  # "$3.50" may follow
+    ("Go to www.example.", None),  # ".com" may follow
+    ("Write to jane@mail.", None),  # ".org" may follow
+    ("See https://example.", None),
+    ("Ask Dr.", None),  # an abbreviation: "Smith" may follow
+    ("Ask Dr. ", None),
+    ("J.", None),  # an initial
+    ("U.S.", None),
+    ("1.", None),  # a list marker
+    ("No terminator yet", None),
+    ("", None),
+])
+def test_a_pause_after_a_sentence_end_settles_it_unless_only_the_next_piece_can_tell(buf, settled):
+    s = SentenceSplitter()
+    assert s.push(buf) == []  # (push alone waits for the next piece)
+    assert s.may_settle == (buf.strip() != "" and buf.rstrip()[-1] in ".!?\u2026\"')")
+    assert s.settle() == ([settled] if settled else [])
+    assert s.pending == ("" if settled else buf)
+
+
+@pytest.mark.parametrize("text,want", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_a_pause_after_every_piece_only_splits_where_the_whole_text_does_or_before_a_lowercase_word(text, want):
+    """The worst case of a stream that pauses: settle() after every piece. No character is lost or
+    moved (punctuation alone at the very end aside), and every sentence boundary is the whole
+    text's, or comes before a lowercase word (where only the next piece could have told: "Well...
+    maybe"), or inside a run of punctuation ("Really?" then "!")."""
+    def bounds(parts):  # where each sentence but the last ends, counted in characters without spaces
+        out, n = set(), 0
+        for p in parts[:-1]:
+            n += len(p.replace(" ", ""))
+            out.add(n)
+        return out
+
+    punct = ".!?\u2026\"')]}\u00bb\u201d\u2019"
+
+    rng = random.Random(len(text) + 1)
+    for _ in range(3):
+        s, got, i = SentenceSplitter(), [], 0
+        while i < len(text):
+            n = rng.randint(1, 8)
+            got += s.push(text[i : i + n])
+            got += s.settle()
+            i += n
+        got += s.flush()
+        joined = "".join(want).replace(" ", "")
+        assert "".join(got).replace(" ", "") == joined
+        assert all(joined[b].islower() or joined[b] in punct for b in bounds(got) - bounds(want)), (got, want)

@@ -252,6 +252,26 @@ def test_a_failed_text_stream_drops_the_rest_of_its_turn_and_never_swallows_a_ne
     assert [r.text for r in server.srv.recent if r.tag.rid == nxt] == ["Next one."]
 
 
+def test_a_reply_that_pauses_after_a_sentence_is_spoken_before_its_next_piece(server):
+    """An LLM that stops after its first sentence (a tool call, a slow token): that sentence used to
+    wait for the next piece, which shows whether the "." ended it; now a pause of SETTLE_S settles
+    it. Its audio comes while the stream is still open, and the whole reply is the two sentences."""
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Sure, I can help with that", "final": False, "request_id": "pause",
+                                      "seed": 4, "inactivity_timeout": 60}))
+            await ws.send(json.dumps({"text": "."}))
+            first = await asyncio.wait_for(ws.recv(), 15)  # no more text until audio has come
+            await ws.send(json.dumps({"text": " Your order shipped.", "final": True}))
+            return first, await collect(ws)
+
+    first, rest = asyncio.run(go())
+    assert isinstance(first, bytes)
+    assert rest[-1][0] == "done" and not rest[-1][1]["cancelled"]
+    assert [r.text for r in server.srv.recent if r.tag.rid == "pause"] == ["Sure, I can help with that.",
+                                                                          "Your order shipped."]
+
+
 def test_a_text_stream_cut_at_max_audio_ms_drops_the_rest_of_its_turn_and_says_so(server):
     """max_audio_ms ends the request (its done) while its client is still writing: the text that
     follows used to go to the ended request in silence, a new request without a request_id too."""
