@@ -91,7 +91,12 @@ class SesameWebSocketService:
         The stream closes when `pieces` ends. If `pieces` raises, the request is cancelled and
         the exception comes out here; a server error raises SesameTTSError as stream_tts does (and
         what was still being written is not sent)."""
+        if isinstance(pieces, (str, bytes)):
+            raise TypeError("stream_text takes pieces of text (an iterable of str, e.g. an LLM's tokens); for one "
+                            "whole text use stream_tts")
         idle = options.get("inactivity_timeout", 20.0)
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not idle > 0:
+            idle = 20.0  # (the server refuses the value and says why; the keep-alives just need a period)
         opening = {"text": " ", "speaker_id": speaker_id, **options, "final": False}
         async for chunk in self._request(opening, lambda ws, rid: _write_pieces(ws, rid, pieces, idle)):
             yield chunk

@@ -312,13 +312,17 @@ def test_stream_text_that_ends_early_raises_and_leaves_a_kept_connection_clean(s
     assert _close(after, want)
 
 
-def test_stream_tts_refuses_final_false():
-    async def go():
-        async for _ in SesameWebSocketService("ws://127.0.0.1:9/ws/generate").stream_tts("Hi", final=False):
+def test_stream_tts_refuses_final_false_and_stream_text_a_whole_string():
+    svc = SesameWebSocketService("ws://127.0.0.1:9/ws/generate")  # (refused before connecting)
+
+    async def drain(gen):
+        async for _ in gen:
             pass
 
     with pytest.raises(ValueError, match="use stream_text"):
-        asyncio.run(go())
+        asyncio.run(drain(svc.stream_tts("Hi", final=False)))
+    with pytest.raises(TypeError, match="for one whole text use stream_tts"):
+        asyncio.run(drain(svc.stream_text("Hi there.")))
 
 
 @pytest.mark.parametrize("end", ["error", "done_at_max_audio_ms"])
