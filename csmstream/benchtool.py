@@ -5,6 +5,10 @@ playback buffer from the moment the first chunk arrives. Per request: time to fi
 time, real-time factor, every inter-chunk gap, underruns (the buffer ran dry after playback started)
 and their total duration, and the REST-style baseline the seed replaces -- the same request played
 only once its last byte has arrived (generate everything, then send), measured in the same run.
+
+With `tokens_per_s` each text is typed out as an LLM would write it -- word by word at that rate, on
+one text stream (final=false, then flush) -- and times count from its first word: the time to
+first audio a voice agent feels, with the sentence pipelining in the path.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import csv
 import itertools
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,8 +68,22 @@ def playback(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, fl
     return n, dry
 
 
+def words(text: str) -> list[str]:
+    """`text` as an LLM's tokens, roughly: each word with the space before it."""
+    return re.findall(r"\s*\S+", text) or [text]
+
+
+async def type_out(ws, pieces: list[str], t0: float, tokens_per_s: float) -> None:
+    """Send `pieces` (the first is already out, at t0) one every 1/tokens_per_s s, then flush."""
+    for k, piece in enumerate(pieces, 1):
+        await asyncio.sleep(max(0.0, t0 + k / tokens_per_s - time.perf_counter()))
+        await ws.send(json.dumps({"text": piece}))
+    await ws.send(json.dumps({"flush": True}))
+
+
 async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int,
-                   token: str | None = None, voice: str | None = None) -> CallResult:
+                   token: str | None = None, voice: str | None = None,
+                   tokens_per_s: float | None = None) -> CallResult:
     from websockets.asyncio.client import connect
 
     from .transport.client import SesameTTSError, stream_speech_http
@@ -91,18 +110,27 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
                 t0 = time.perf_counter()
-                await ws.send(json.dumps({"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index, **named}))
-                async for m in ws:
-                    now = time.perf_counter() - t0
-                    if isinstance(m, bytes):
-                        got(m, now)
-                        continue
-                    msg = json.loads(m)
-                    if "error" in msg:
-                        r.error = f"{msg['error'].get('code')}: {msg['error'].get('message')}"
-                    else:
-                        r.total_ms = 1000 * now
-                    break
+                opening = {"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index, **named}
+                toks = words(text) if tokens_per_s else []
+                if toks:
+                    opening.update(text=toks[0], final=False)
+                await ws.send(json.dumps(opening))
+                typing = asyncio.create_task(type_out(ws, toks[1:], t0, tokens_per_s)) if toks else None
+                try:
+                    async for m in ws:
+                        now = time.perf_counter() - t0
+                        if isinstance(m, bytes):
+                            got(m, now)
+                            continue
+                        msg = json.loads(m)
+                        if "error" in msg:
+                            r.error = f"{msg['error'].get('code')}: {msg['error'].get('message')}"
+                        else:
+                            r.total_ms = 1000 * now
+                        break
+                finally:
+                    if typing is not None:
+                        typing.cancel()
     except SesameTTSError as e:
         r.error = f"{e.code}: {e.message}"
         return r
@@ -125,7 +153,8 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
 
 
 async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
-                    progress: bool = True, token: str | None = None, voice: str | None = None) -> list[CallResult]:
+                    progress: bool = True, token: str | None = None, voice: str | None = None,
+                    tokens_per_s: float | None = None) -> list[CallResult]:
     sem = asyncio.Semaphore(concurrency)
     done = 0
     results: list[CallResult] = []
@@ -133,7 +162,8 @@ async def run_level(url: str, texts: list[str], concurrency: int, requests: int,
     async def worker(i: int) -> None:
         nonlocal done
         async with sem:
-            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token, voice)
+            res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token, voice,
+                                 tokens_per_s)
         results.append(res)
         done += 1
         if progress:
@@ -263,21 +293,24 @@ def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> i
 def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
               fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
               ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None,
-              voice: str | None = None) -> dict:
+              voice: str | None = None, tokens_per_s: float | None = None) -> dict:
     """Run each concurrency level in turn; voice: a named voice of the server's for every request
-    (its time to first audio then includes the voice prompt)."""
+    (its time to first audio then includes the voice prompt); tokens_per_s: type each text out
+    word by word at that rate on a text stream (times count from its first word)."""
     texts = texts or DEFAULT_TEXTS
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
         before = server_metrics(url, token)
-        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token, voice))
+        level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token, voice,
+                                      tokens_per_s))
         after = server_metrics(url, token)
         results += level
         summaries[c] = summarize(level)
         rss = [None if m is None else m.get("csm_process_resident_bytes") for m in (before, after)]
         summaries[c]["drift"] = drift(level, *(None if b is None else int(b) for b in rss))
         summaries[c]["server"] = server_load(before, after)
+        summaries[c]["tokens_per_s"] = tokens_per_s
     best = best_level(summaries, ttfa_threshold_ms)
     files = write_outputs(Path(out_dir), results, summaries, best)
     return {"summary": summaries, "best_concurrency": best, "files": [str(p) for p in files], "results": results}

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttfa-threshold-ms", type=float, default=500.0, help="p95 TTFA bound for --sweep (500)")
     bench.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
     bench.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
+    bench.add_argument("--tokens-per-s", type=float, default=None, metavar="N",
+                       help="type each text out word by word at N words a second on a text stream, as an LLM "
+                            "writes it; times count from its first word (default: each text sent whole)")
     bench.add_argument("--voice", default=None, metavar="NAME",
                        help="a named voice of the server's (serve --voices) for every request: times first audio "
                             "with a voice prompt (default: none)")

@@ -399,6 +399,12 @@ def bench(args) -> int:
         raise ValueError("concurrency levels and --requests must be >= 1")
     check_chunk_ms(args.chunk_ms)  # (else every request fails at the server)
     check_url(args.url)
+    if args.tokens_per_s is not None:
+        if not 0 < args.tokens_per_s <= 10_000:
+            raise ValueError(f"--tokens-per-s must be a rate in (0, 10000] words a second, got {args.tokens_per_s}")
+        if args.url.startswith(("http://", "https://")):
+            raise ValueError("--tokens-per-s types text out on a WebSocket text stream: give a ws://.../ws/generate "
+                             "--url (the HTTP endpoint takes each text whole)")
     if not 0 < args.ttfa_threshold_ms < math.inf:
         raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
     try:  # the results' folder, before the run rather than after it
@@ -418,10 +424,11 @@ def bench(args) -> int:
         texts = [line.strip() for line in lines if line.strip()]
         if not texts:
             raise ValueError(f"--text-file {str(path)!r} has no non-empty lines")
-    print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}", file=sys.stderr)
+    typed = "" if args.tokens_per_s is None else f", typed at {args.tokens_per_s:g} words/s (timed from the first)"
+    print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}{typed}", file=sys.stderr)
     out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
                     chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms,
-                    token=args.token or os.environ.get(AUTH_ENV), voice=args.voice)
+                    token=args.token or os.environ.get(AUTH_ENV), voice=args.voice, tokens_per_s=args.tokens_per_s)
     print(table(out["summary"]))
     for c, summ in out["summary"].items():
         d, parts = summ["drift"], []

@@ -121,3 +121,30 @@ def test_cli_bench_prints_tables_and_writes_files(tmp_path, server):
     assert out.returncode == 0, out.stderr
     assert "p50/p95/p99/max" in out.stdout and "highest concurrency" in out.stdout and "of a core" in out.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "ttfa.png").exists()
+
+
+def test_bench_types_texts_out_word_by_word_like_an_llm(tmp_path, server):
+    """--tokens-per-s: each text goes out on one text stream, a word every 1/rate s; the server gets
+    it in pieces yet splits and speaks it as the whole text (same seed, same audio length), and
+    first audio cannot come before the first sentence's last word was typed."""
+    texts = ["Hello there, this is a test. Short one."]
+    whole = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "whole", progress=False,
+                      texts=texts)
+    typed = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "typed", progress=False,
+                      texts=texts, tokens_per_s=20)
+    (w,), (t,) = whole["results"], typed["results"]
+    assert t.error is None and t.audio_ms == w.audio_ms > 0
+    assert t.ttfa_ms >= 1000 * 5 / 20  # "test." is the 6th word: typed 5 intervals after the first
+    assert typed["summary"][1]["tokens_per_s"] == 20 and whole["summary"][1]["tokens_per_s"] is None
+    sentences = [r.text for r in list(server.srv.recent)[-2:]]
+    assert sentences == ["Hello there, this is a test.", "Short one."]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens-per-s", "0"], "--tokens-per-s must be a rate in (0, 10000] words a second, got 0.0"),
+    (["--tokens-per-s", "5", "--url", "http://127.0.0.1:9/v1/audio/speech"], "give a ws://.../ws/generate --url"),
+])
+def test_cli_bench_refuses_a_bad_typing_rate_before_any_request(tmp_path, args, message):
+    out = subprocess.run([sys.executable, "-m", "csmstream", "bench", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
