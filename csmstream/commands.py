@@ -198,6 +198,9 @@ def say(args) -> int:
             return 1
         except SesameTTSError as e:
             kept = f"\n  kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else ""
+            if e.code == "text_too_long" and args.text == STDIN:
+                kept += ("\n  say - sends standard input as one request; the server takes so many characters a "
+                         "request (serve --max-text-chars)")
             print(f"csm-stream: server error {e.code}: {e.message}{kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

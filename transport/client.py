@@ -206,6 +206,8 @@ async def _write_pieces(ws, rid: str, pieces, idle: float) -> None:
             finally:
                 if not nxt.done():
                     nxt.cancel()
+                elif not nxt.cancelled():
+                    nxt.exception()  # (taken below; or, cancelled as it ended, never read: no warning)
             try:
                 piece = nxt.result()
             except StopAsyncIteration:
