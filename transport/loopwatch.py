@@ -38,9 +38,22 @@ class LoopWatch:
         self._cpu0 = 0.0
         self._thread: int | None = None
         self._warned = float("-inf")
-        # True until the server is ready: loading and warming the model hold the GIL in bursts, and a
-        # lag then delays no stream (none is served yet), so it is noted at INFO, not warned of
-        self.starting = False
+        self._starting = False
+        self._ready_at = float("-inf")  # (time.monotonic) when starting last went False
+
+    @property
+    def starting(self) -> bool:
+        """True until the server is ready: loading and warming the model hold the GIL in bursts, and
+        a lag then delays no stream (none is served yet), so it is noted at INFO, not warned of. A
+        stall mostly before the server was ready is start-up too, though the loop wakes from it (and
+        measures it) just after."""
+        return self._starting
+
+    @starting.setter
+    def starting(self, value: bool) -> None:
+        if self._starting and not value:
+            self._ready_at = time.monotonic()
+        self._starting = value
 
     def start(self) -> LoopWatch:
         """Start watching the running loop (call from a coroutine on it)."""
@@ -69,12 +82,13 @@ class LoopWatch:
 
     def record(self, lag_ms: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        startup = self._starting or now - lag_ms / 2000 < self._ready_at  # (most of the stall was before ready)
         self.lag_ms.observe(lag_ms)
         self._recent.append((now, lag_ms))
         self._trim(now)
         if lag_ms > self.warn_ms and now - self._warned >= self.warn_every:
             self._warned = now
-            if self.starting:
+            if startup:
                 log.info("event loop blocked for %.0f ms during start-up (the model's load and warm-up run in "
                          "this process; no stream is served yet)", lag_ms)
                 return
