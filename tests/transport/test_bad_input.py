@@ -26,6 +26,8 @@ CASES = [
     ('{"text": null}', "invalid_text"),
     ('{"text": "caf\\u00e9 a\\ud800b"}', "invalid_text"),  # a lone surrogate: no UTF-8 form, no tokens
     ('{"text": "\\udfff\\ud83d"}', "invalid_text"),  # both halves, in the wrong order
+    ('{"text": "..."}', "invalid_text"),  # nothing to speak: it was a done with no audio
+    ('{"text": "\\ud83d\\udc4d!"}', "invalid_text"),  # an emoji alone
     (json.dumps({"text": "x" * 5001}), "text_too_long"),
     ('{"text": "hi", "speaker_id": -1}', "invalid_speaker_id"),
     ('{"text": "hi", "speaker_id": "0"}', "invalid_speaker_id"),

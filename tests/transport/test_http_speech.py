@@ -107,6 +107,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"model": "x"}', "invalid_input", '"input" must be a non-empty string'),
     (b'{"input": "   "}', "invalid_input", "non-empty"),
     (b'{"input": 5}', "invalid_input", "non-empty"),
+    (b'{"input": "?!"}', "invalid_text", "nothing to speak"),  # (it was a 200 with no audio)
     (b'{"input": "Hi.", "model": 3}', "invalid_model", "ignored"),
     (b'{"input": "Hi.", "response_format": "wma"}', "invalid_format", "aac, flac"),
     (b'{"input": "Hi.", "response_format": "aiff"}', "invalid_format", "one of wav, pcm"),
