@@ -264,9 +264,17 @@ STDIN = "-"  # say -: the text comes on standard input
 NO_TEXT = "say -: standard input held no text to say"
 
 
+def _stdin():
+    """sys.stdin, or ValueError when the process has none (started with it
+    closed)."""
+    if sys.stdin is None:
+        raise ValueError("say -: this process has no standard input to read the text from")
+    return sys.stdin
+
+
 def read_stdin_text() -> str:
     """say - with --local or an http:// URL: all of standard input, read before anything starts."""
-    if sys.stdin.isatty():
+    if _stdin().isatty():
         print("reading what to say from standard input; end it with Ctrl-D", file=sys.stderr)
     try:
         text = sys.stdin.buffer.read().decode("utf-8")
@@ -310,7 +318,7 @@ async def stdin_text_stream():
                 raise item
             yield item
 
-    if sys.stdin.isatty():
+    if _stdin().isatty():
         print("reading what to say from standard input, spoken as it comes; end it with Ctrl-D", file=sys.stderr)
     fd = sys.stdin.fileno()
     threading.Thread(target=pump, name="say-stdin", daemon=True).start()

@@ -381,3 +381,13 @@ def test_say_dash_refuses_blank_or_undecodable_input_before_any_work(tmp_path, d
     err = out.stderr.decode()
     assert out.returncode == 2 and f"csm-stream: error: say -: {why}" in err and "Traceback" not in err
     assert "cannot connect" not in err and "loaded Engine" not in err and not (tmp_path / "x.wav").exists()
+
+
+def test_say_dash_without_a_standard_input_says_so():
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "csmstream", "say", "-", "--url",
+                          f"ws://127.0.0.1:{free_port()}/ws/generate"], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: os.close(0))  # (started with it closed: sys.stdin is None)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "say -: this process has no standard input to read the text from" in out.stderr
