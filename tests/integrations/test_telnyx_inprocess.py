@@ -433,3 +433,34 @@ def test_metrics_count_the_calls_their_audio_both_ways_and_barge_ins(phone_serve
     assert s.caller_frames_sent - 1 <= delta("csm_telnyx_caller_frames_total") <= s.caller_frames_sent
     assert s.caller_frames_sent > 10
     assert delta("csm_telnyx_bad_messages_total") == 0 and not s.problems
+
+
+def test_an_agent_streams_its_llm_tokens_into_the_call_with_the_python_client(phone_server):
+    """The voice agent's whole path: tokens as its LLM writes them, through stream_text, into a live
+    call; the reply is spoken sentence by sentence and the done says the caller heard it all."""
+    from csmstream.transport.client import SesameWebSocketService
+
+    rs = phone_server
+    reply = "Sure, I can help with that. Your order shipped on Monday."
+
+    async def llm():
+        for word in reply.split(" "):
+            await asyncio.sleep(0.02)
+            yield word + " "
+
+    async def go():
+        async with sim(rs, "v2:call-llm") as s:
+            await wait_until(lambda: rs.calls.get("v2:call-llm") is not None)
+            async with SesameWebSocketService(rs.url) as svc:
+                back = [c async for c in svc.stream_text(llm(), call_control_id="v2:call-llm", seed=1,
+                                                         request_id="llm-1")]
+                done = svc.last_done
+            return s, back, done
+
+    s, back, done = asyncio.run(go())
+    assert back == []  # the audio went to the call, not to the agent
+    assert done["request_id"] == "llm-1" and done["heard"] is True and not done["cancelled"]
+    assert not s.problems and s.marks_echoed == ["llm-1"]
+    assert done["audio_ms"] == pytest.approx(len(s.audio) / 8, abs=0.1) and len(s.audio) > 0
+    assert [r.text for r in rs.srv.recent if r.tag.rid == "llm-1"] == ["Sure, I can help with that.",
+                                                                      "Your order shipped on Monday."]
