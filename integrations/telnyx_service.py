@@ -8,12 +8,16 @@
 `agent_config["tts_provider"] == "sesame"` with `use_websocket_tts` (default true) streams from a
 csm-stream server into the call's media stream; every other provider goes to the handler
 registered for it: `async handler(call_control_id, text, agent_config)`.
+
+`text` may also be an LLM's output as it is written (an iterable or async iterable of str): the
+sesame route speaks it as it comes, first sentence first (one text stream); another provider's
+handler gets it joined, once it has all come.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
 from ..transport.client import DEFAULT_URL, SesameWebSocketService
 from .telnyx_bridge import CallRegistry, UnknownCall
@@ -33,10 +37,15 @@ class TelnyxService:
     def register_provider(self, name: str, handler: Handler) -> None:
         self.providers[name] = handler
 
-    async def speak_text(self, call_control_id: str, text: str, agent_config: dict):
-        """Speak `text` on the call with the provider the agent is configured for."""
+    async def speak_text(self, call_control_id: str, text: str | Iterable[str] | AsyncIterable[str],
+                         agent_config: dict):
+        """Speak `text` (or its pieces as an LLM writes them) on the call with the provider the agent
+        is configured for."""
         if not isinstance(agent_config, dict):
             raise ValueError(f"agent_config must be a dict, got {type(agent_config).__name__}")
+        if not isinstance(text, str) and not isinstance(text, (Iterable, AsyncIterable)):
+            raise ValueError(f"text must be a str or pieces of text (an iterable or async iterable of str), got "
+                             f"{type(text).__name__}")
         provider = agent_config.get("tts_provider")
         if provider == "sesame" and agent_config.get("use_websocket_tts", True):
             return await self._speak_text_websocket_sesame(call_control_id, text, agent_config)
@@ -47,6 +56,8 @@ class TelnyxService:
             raise ValueError(f"no TTS handler for tts_provider={provider!r} (use_websocket_tts="
                              f"{agent_config.get('use_websocket_tts')!r}); available: {known}. Register one with "
                              "TelnyxService(providers={name: handler})")
+        if not isinstance(text, str):  # (a handler of the seed's kind takes the whole text)
+            text = await _joined(text)
         return await handler(call_control_id, text, agent_config)
 
     async def _speak_text_websocket_sesame(self, call_control_id: str, text: str, agent_config: dict) -> Utterance:
@@ -59,7 +70,9 @@ class TelnyxService:
         options = {k: settings[k] for k in ("temperature", "topk", "seed") if k in settings}
         svc = SesameWebSocketService(settings.get("url", self.sesame_url))
         # 24 kHz PCM in 20 ms chunks: each one becomes one 20 ms media message as it arrives
-        chunks = svc.stream_tts(text, speaker, format="pcm_24000", chunk_ms=20, **options)
+        opts = {"format": "pcm_24000", "chunk_ms": 20, **options}
+        chunks = (svc.stream_tts(text, speaker, **opts) if isinstance(text, str) else
+                  svc.stream_text(text, speaker, **opts))  # (an LLM's pieces: spoken as they come)
         utt = await call.speak(chunks)
         log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames)
         return utt
@@ -70,3 +83,15 @@ class TelnyxService:
         if call is None:
             raise UnknownCall(f"no live media stream for call {call_control_id!r}")
         await call.interrupt()
+
+
+async def _joined(pieces: Iterable[str] | AsyncIterable[str]) -> str:
+    """All of `pieces`, as one text."""
+    if isinstance(pieces, AsyncIterable):
+        parts = [p async for p in pieces]
+    else:
+        parts = list(pieces)
+    bad = [p for p in parts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"pieces of text must be str, got {type(bad[0]).__name__}")
+    return "".join(parts)

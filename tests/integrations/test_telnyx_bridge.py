@@ -129,6 +129,33 @@ def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
     assert t[-1] - t[0] >= 0.5 * cum[-1] - 0.100 - secs[-1]
 
 
+def test_speak_text_takes_an_llms_pieces_and_plays_them_as_they_come(server):
+    """speak_text with the text as an LLM writes it (an async iterable): one text stream, spoken
+    as it comes; a one-sentence reply gives exactly the audio of that sentence sent whole."""
+    text = "Thanks for calling, how can I help?"
+
+    async def llm():
+        for word in text.split(" "):
+            await asyncio.sleep(0.01)
+            yield word + " "
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                utt = await service.speak_text("v2:call-1", llm(), CONFIG)
+                heard = await registry.get("v2:call-1").heard(utt, timeout=30)
+                return sim, heard
+
+    sim, heard = asyncio.run(go())
+    assert heard and not sim.problems
+    r = Resampler(24000, 8000)
+    pcm = engine_audio(text, 1, 9)
+    want = ulaw_encode(np.concatenate([r.process(pcm), r.flush()])).tobytes()
+    got = bytes(sim.audio)
+    assert got[: len(want)] == want and set(got[len(want):]) <= {0xFF} and len(got) - len(want) < 160
+
+
 def test_g722_call_gets_wideband_audio_exactly_as_ffmpeg_encodes_it(server):
     """An HD call (stream_bidirectional_codec G722): 16 kHz audio, byte for byte FFmpeg's G.722 of
     the engine's audio resampled to 16 kHz (then silence to the frame's end), and what the caller

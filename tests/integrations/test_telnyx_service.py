@@ -42,6 +42,32 @@ def test_routing_by_provider_and_websocket_flag():
     assert calls == [("elevenlabs", "c1", "hi"), ("sesame_rest", "c2", "yo")]
 
 
+def test_another_provider_gets_an_llms_pieces_joined_once_they_have_all_come():
+    got = []
+
+    async def eleven(ccid, text, cfg):
+        got.append(text)
+
+    async def pieces():
+        for p in ["Hello ", "there, ", "caller."]:
+            await asyncio.sleep(0)
+            yield p
+
+    svc = TelnyxService(CallRegistry(), providers={"elevenlabs": eleven})
+    cfg = {"tts_provider": "elevenlabs"}
+
+    async def go():
+        await svc.speak_text("c1", pieces(), cfg)
+        await svc.speak_text("c1", ["Sync ", "pieces."], cfg)
+        with pytest.raises(ValueError, match="pieces of text must be str, got NoneType"):
+            await svc.speak_text("c1", ["ok", None], cfg)
+        with pytest.raises(ValueError, match="text must be a str or pieces of text"):
+            await svc.speak_text("c1", 5, cfg)
+
+    asyncio.run(go())
+    assert got == ["Hello there, caller.", "Sync pieces."]
+
+
 def test_sesame_route_needs_a_connected_call():
     svc = TelnyxService(CallRegistry(), stream_wait=0.05)
 
