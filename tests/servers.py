@@ -64,6 +64,13 @@ async def collect(ws, *, until_done=1):
     return events
 
 
+async def as_written(text: str, every: float = 0.01):
+    """`text` as an LLM writes it: word by word (each with a space after it), one every `every` s."""
+    for word in text.split(" "):
+        await asyncio.sleep(every)
+        yield word + " "
+
+
 def fail_on(monkeypatch, worker, method: str, marker: str, exc: BaseException) -> None:
     """Make `worker.<method>` (submit or prepare) raise `exc` for a request whose text contains
     `marker` (a refusal or a bug injected into one sentence); every other request goes through."""

@@ -24,7 +24,7 @@ from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler, resample_ref
 from tests import ffmpeg
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import floor_frame_time, wait_finished, wait_until
+from tests.servers import as_written, floor_frame_time, wait_finished, wait_until
 
 CONFIG = {"tts_provider": "sesame", "use_websocket_tts": True, "sesame_settings": {"speaker_id": 1, "seed": 9}}
 
@@ -134,16 +134,11 @@ def test_speak_text_takes_an_llms_pieces_and_plays_them_as_they_come(server):
     as it comes; a one-sentence reply gives exactly the audio of that sentence sent whole."""
     text = "Thanks for calling, how can I help?"
 
-    async def llm():
-        for word in text.split(" "):
-            await asyncio.sleep(0.01)
-            yield word + " "
-
     async def go():
         async with endpoint() as (url, registry, _):
             service = TelnyxService(registry, sesame_url=server.url)
             async with TelnyxSimulator(url) as sim:
-                utt = await service.speak_text("v2:call-1", llm(), CONFIG)
+                utt = await service.speak_text("v2:call-1", as_written(text), CONFIG)
                 heard = await registry.get("v2:call-1").heard(utt, timeout=30)
                 return sim, heard
 

@@ -14,7 +14,7 @@ from csmstream.integrations.telnyx_bridge import AUTH_HEADER
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler
 from tests.integrations.telnyx_sim import TelnyxSimulator
-from tests.servers import RunningServer, fail_on, floor_frame_time, wait_finished, wait_until
+from tests.servers import RunningServer, as_written, fail_on, floor_frame_time, wait_finished, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -443,16 +443,11 @@ def test_an_agent_streams_its_llm_tokens_into_the_call_with_the_python_client(ph
     rs = phone_server
     reply = "Sure, I can help with that. Your order shipped on Monday."
 
-    async def llm():
-        for word in reply.split(" "):
-            await asyncio.sleep(0.02)
-            yield word + " "
-
     async def go():
         async with sim(rs, "v2:call-llm") as s:
             await wait_until(lambda: rs.calls.get("v2:call-llm") is not None)
             async with SesameWebSocketService(rs.url) as svc:
-                back = [c async for c in svc.stream_text(llm(), call_control_id="v2:call-llm", seed=1,
+                back = [c async for c in svc.stream_text(as_written(reply, 0.02), call_control_id="v2:call-llm", seed=1,
                                                          request_id="llm-1")]
                 done = svc.last_done
             return s, back, done
