@@ -264,22 +264,27 @@ STDIN = "-"  # say -: the text comes on standard input
 NO_TEXT = "say -: standard input held no text to say"
 
 
-def _stdin():
-    """sys.stdin, or ValueError when the process has none (started with it
-    closed)."""
+def _stdin(hint: str):
+    """sys.stdin (on a terminal, `hint` says what to type), or ValueError when the process has none
+    (started with it closed)."""
     if sys.stdin is None:
         raise ValueError("say -: this process has no standard input to read the text from")
+    if sys.stdin.isatty():
+        print(f"reading what to say from standard input{hint}; end it with Ctrl-D", file=sys.stderr)
     return sys.stdin
+
+
+def _not_utf8(e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"say -: standard input is not UTF-8 text ({e})")
 
 
 def read_stdin_text() -> str:
     """say - with --local or an http:// URL: all of standard input, read before anything starts."""
-    if _stdin().isatty():
-        print("reading what to say from standard input; end it with Ctrl-D", file=sys.stderr)
+    stdin = _stdin("")
     try:
-        text = sys.stdin.buffer.read().decode("utf-8")
+        text = stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"say -: standard input is not UTF-8 text ({e})") from None
+        raise _not_utf8(e) from None
     if not text.strip():
         raise ValueError(NO_TEXT)
     return text
@@ -308,7 +313,7 @@ async def stdin_text_stream():
             dec.decode(b"", final=True)
             put(None)
         except UnicodeDecodeError as e:
-            put(ValueError(f"say -: standard input is not UTF-8 text ({e})"))
+            put(_not_utf8(e))
         except Exception as e:  # (an unreadable standard input)
             put(e)
 
@@ -318,9 +323,7 @@ async def stdin_text_stream():
                 raise item
             yield item
 
-    if _stdin().isatty():
-        print("reading what to say from standard input, spoken as it comes; end it with Ctrl-D", file=sys.stderr)
-    fd = sys.stdin.fileno()
+    fd = _stdin(", spoken as it comes").fileno()
     threading.Thread(target=pump, name="say-stdin", daemon=True).start()
     it = pieces()
     head = ""

@@ -16,6 +16,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from .sentences import speaks
+
 # format name -> (sample rate, encoding)
 FORMATS: dict[str, tuple[int, str]] = {
     "pcm_24000": (24000, "pcm"),
@@ -201,7 +203,7 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
         raise bad("invalid_text", f"text must be a non-empty string, got {text!r:.40}")
     if (why := text_problem(text)) is not None:
         raise bad("invalid_text", why)
-    if not opening and not any(c.isalnum() for c in text):  # (a stream may open with its first "...")
+    if not opening and not speaks(text):  # (a stream may open with its first "...")
         raise bad("invalid_text", f"text has nothing to speak, got {text!r:.40}: it needs a letter or digit "
                   "(punctuation and symbols alone are not spoken)")
     if len(text) > max_text_chars:

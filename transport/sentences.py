@@ -43,6 +43,11 @@ def _squash(text: str) -> str:
     return " ".join(text.split())
 
 
+def speaks(text: str) -> bool:
+    """`text` has something to say: a letter or digit (punctuation and symbols alone are not spoken)."""
+    return any(c.isalnum() for c in text)
+
+
 def _word_before(text: str, end: int) -> str:
     """The token (letters, digits, dots) ending just before text[end]."""
     i = end
@@ -103,7 +108,7 @@ class SentenceSplitter:
         """`sentence` with any punctuation carried before it, or None (carried on) when it has no
         letter or digit: "." or "..." alone is not a sentence to speak (the model would make noise
         of it), so it goes with the next one."""
-        if not any(c.isalnum() for c in sentence):
+        if not speaks(sentence):
             self._carry = f"{self._carry} {sentence}".strip()
             return None
         sentence, self._carry = f"{self._carry} {sentence}".strip(), ""
