@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
-from . import __version__
+from . import __version__, logs
 from .commands import TINY_NOTE
 from .transport.protocol import FORMATS
 
@@ -50,6 +51,15 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
                    help="cap on 80 ms frames (default: scales with the text length)")
 
 
+def _log_args(p: argparse.ArgumentParser, defaults: bool = False) -> None:
+    """-v and --log-format, before the command or after it (a command's copy sets them only when given)."""
+    d = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **d)
+    p.add_argument("--log-format", choices=logs.FORMATS, **(d or {"default": os.environ.get(logs.ENV) or "text"}),
+                   help=f"text: readable lines; json: one JSON object a line (time, level, logger, message, "
+                        f"request_id, ...) for a log collector (default: ${logs.ENV} or text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csm-stream",
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'csm-stream COMMAND --help' for a command's options. Quick start: "
                "'csm-stream serve' in one terminal, 'csm-stream say \"Hello\"' in another.")
     parser.add_argument("--version", action="version", version=f"csm-stream {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _log_args(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the streaming server (/ws/generate, /healthz, /metrics)",
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "until the model is ready, then 200; /metrics gives Prometheus text.\n"
                                        "Stop with Ctrl-C or SIGTERM.",
                            epilog=GPU_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _log_args(serve)
     _model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
                                                           "0.0.0.0 for all interfaces)")
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "as it arrives, and print time to first audio, total time, "
                                      "real-time factor and the largest gap between chunks. With --local, "
                                      "generate in this process instead (no server).")
+    _log_args(say)
     say.add_argument("text", help="what to say; - reads it from standard input: over a ws:// URL it is spoken "
                                   "as it arrives (pipe an LLM in), else read whole first")
     say.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
@@ -150,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "its audio in real time. Prints p50/p95/p99/max tables, writes results.json, "
                                        "results.csv and PNG plots to --out, and reports the REST-style baseline "
                                        "(play only after the whole utterance arrived) from the same run.")
+    _log_args(bench)
     bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
                        help="server endpoint: ws://HOST:PORT/ws/generate (default: ws://127.0.0.1:8765/ws/generate), "
                             "or http://HOST:HTTP_PORT/v1/audio/speech for the OpenAI-compatible port")
@@ -177,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="The end-to-end check: start 'csm-stream serve' in the background, "
                                       "wait for /healthz, stream a sentence with 'say', write the WAV, "
                                       "print the figures, and stop the server cleanly.")
+    _log_args(demo)
     demo.add_argument("-o", "--out", default="out/demo.wav", help="output WAV path (default: out/demo.wav)")
     demo.add_argument("--text", default=DEMO_TEXT, help="sentence to speak")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
@@ -188,11 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # per-connection handshake lines (and httpx's line per request of say) only with -v
-        for name in ("csmstream.websockets", "httpx"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        logs.configure(logs.check_format(args.log_format), args.verbose)
+    except ValueError as e:  # a bad $CSM_LOG_FORMAT (the flag's choices are checked by argparse)
+        parser.error(str(e))
     if args.command is None:
         parser.print_help()
         return 2
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             args.text = commands.read_stdin_text()
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
-        print(f"csm-stream: error: {e}", file=sys.stderr)
+        logs.notice(f"csm-stream: error: {e}", logging.ERROR)
         return 2
     except KeyboardInterrupt:
         return 130

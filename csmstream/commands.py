@@ -16,6 +16,8 @@ import time
 import urllib.error
 import urllib.request
 
+from .logs import notice
+
 TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
              "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
 
@@ -80,7 +82,7 @@ def serve(args) -> int:
 
     check_load_args(args.model, args.device, args.dtype, args.max_streams, args.cuda_graphs, args.quantize)
     if args.model == "tiny":  # (after the flags' checks: a typo's error is the last line, not lost above a note)
-        print(TINY_NOTE, file=sys.stderr)
+        notice(TINY_NOTE)
 
     def make_engine():
         return load(args.model, device=args.device, dtype=args.dtype, max_streams=args.max_streams,
@@ -107,27 +109,24 @@ def serve(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await srv.start()
-        print(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)", file=sys.stderr,
-              flush=True)
+        notice(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)")
         if srv.speech_url:
-            print(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)",
-                  file=sys.stderr, flush=True)
+            notice(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)")
         if args.telnyx:
             fmt = routes["/telnyx"][0].media_format
-            print(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
+            notice(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
                   f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
                   f"{'required' if routes['/telnyx'][1] else 'NOT configured'}); the caller's audio for the agent "
-                  f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...", file=sys.stderr, flush=True)
+                  f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...")
         await stop.wait()
-        print(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)",
-              file=sys.stderr, flush=True)
+        notice(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)")
         await srv.stop(args.shutdown_timeout)
 
     try:
         _run_loop(main())
     except OSError as e:  # port in use, bad address
         ports = f"{args.port}" + (f" / HTTP {args.http_port}" if args.http_port is not None else "")
-        print(f"csm-stream: error: cannot serve on {args.host} port {ports}: {e.strerror or e}", file=sys.stderr)
+        notice(f"csm-stream: error: cannot serve on {args.host} port {ports}: {e.strerror or e}", logging.ERROR)
         return 1
     return 0
 

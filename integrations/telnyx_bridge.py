@@ -262,14 +262,15 @@ class TelnyxCall:
             self.started.set()
             log.info("telnyx call %s: media stream %s started (caller %s %d Hz; we send %s %d Hz)",
                      ev.call_control_id, ev.stream_id, ev.encoding, ev.sample_rate, self.session.codec,
-                     self.session.sample_rate)
+                     self.session.sample_rate, extra={"call_control_id": ev.call_control_id})
         elif isinstance(ev, MarkPlayed):
             f = self._heard.get(ev.name)
             if f is not None and not f.done():
                 f.set_result(ev.heard)
                 self._count("heard", int(ev.heard))
         elif isinstance(ev, Stopped):
-            log.info("telnyx call %s: stream stopped", self.call_control_id)
+            log.info("telnyx call %s: stream stopped", self.call_control_id,
+                     extra={"call_control_id": self.call_control_id})
             self._end()
         for listen in list(self.listeners):
             listen(ev)
@@ -387,7 +388,8 @@ class TelnyxCall:
             wait = self.pacer.playback_end(now) + MARK_GRACE_S - now  # (later while audio is still queued)
             if wait <= 0:
                 log.warning("telnyx call %s: the mark of utterance %r did not come back %.0f s after its audio "
-                            "ended; reporting it not heard", self.call_control_id, u.name, MARK_GRACE_S)
+                            "ended; reporting it not heard", self.call_control_id, u.name, MARK_GRACE_S,
+                            extra={"call_control_id": self.call_control_id})
                 self._count("marks_lost")
                 fut.set_result(False)
                 break

@@ -74,7 +74,8 @@ class TelnyxService:
         chunks = (svc.stream_tts(text, speaker, **opts) if isinstance(text, str) else
                   svc.stream_text(text, speaker, **opts))  # (an LLM's pieces: spoken as they come)
         utt = await call.speak(chunks)
-        log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames)
+        log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames,
+                 extra={"call_control_id": call_control_id})
         return utt
 
     async def interrupt(self, call_control_id: str) -> None:

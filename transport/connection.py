@@ -204,11 +204,11 @@ class Connection:
             return
         if self._ended_stream() is job:  # its request has ended: stop dropping the rest of its text
             log.info("request %s: no text for %g s (inactivity_timeout): the text stream of this ended request is "
-                     "closed", job.rid, job.msg.inactivity_timeout)
+                     "closed", job.rid, job.msg.inactivity_timeout, extra={"request_id": job.rid})
             self.open_job = None
             return
         log.info("request %s: no text for %g s (inactivity_timeout): closing its text stream; what it sent is "
-                 "spoken", job.rid, job.msg.inactivity_timeout)
+                 "spoken", job.rid, job.msg.inactivity_timeout, extra={"request_id": job.rid})
         self.server.metrics.error("input_timeout")
         job.input_timed_out = True
         job.close()
@@ -293,7 +293,7 @@ class Connection:
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)
-        log.info("request %s: error %s: %s", rid, code, message)
+        log.info("request %s: error %s: %s", rid, code, message, extra={"request_id": rid, "code": code})
         await self.ws.send(protocol.error(code, message, rid))
 
     # -- sender ----------------------------------------------------------------------------------
@@ -511,7 +511,8 @@ class Connection:
 
     def _slow_reader(self, rid: str) -> None:
         self.server.metrics.error("slow_reader")
-        log.warning("request %s: client not reading for %.0f s; cancelling and closing", rid, self.server.send_timeout)
+        log.warning("request %s: client not reading for %.0f s; cancelling and closing", rid, self.server.send_timeout,
+                    extra={"request_id": rid, "code": "slow_reader"})
 
     async def _done(self, job: Job, *, cancelled: bool, audio_ms: float | None = None, **extra) -> None:
         audio_ms, ttfa = self._account(job, cancelled, audio_ms)
@@ -537,8 +538,10 @@ class Connection:
         m.audio_seconds += audio_ms / 1000
         if reqs and reqs[-1].t_end and reqs[0].t_start and audio_ms > 0:
             m.rtf.observe((reqs[-1].t_end - reqs[0].t_start) / (audio_ms / 1000))
-        log.info("request %s: %s, %.0f ms audio in %d sentence(s), ttfa %s ms, %d frames", job.rid,
-                 "cancelled" if cancelled else "done", audio_ms, len(reqs),
-                 "-" if ttfa is None else f"{ttfa:.1f}", sum(r.frames for r in reqs))
+        frames, outcome = sum(r.frames for r in reqs), "cancelled" if cancelled else "done"
+        log.info("request %s: %s, %.0f ms audio in %d sentence(s), ttfa %s ms, %d frames", job.rid, outcome, audio_ms,
+                 len(reqs), "-" if ttfa is None else f"{ttfa:.1f}", frames,
+                 extra={"request_id": job.rid, "outcome": outcome, "audio_ms": round(audio_ms, 1),
+                        "ttfa_ms": None if ttfa is None else round(ttfa, 1), "sentences": len(reqs), "frames": frames})
         job.t_done = time.perf_counter()
         return audio_ms, ttfa

@@ -120,7 +120,7 @@ class HttpApi:
 
     async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None) -> bool:
         self.server.metrics.error(code)
-        log.info("http %d %s: %s", status, code, message)
+        log.info("http %d %s: %s", status, code, message, extra={"status": status, "code": code})
         writer.write(hs.error_response(status, code, message, keep_alive=keep, extra=extra))
         await writer.drain()
         return keep
@@ -367,7 +367,7 @@ class SpeechStream(Connection):
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)
-        log.info("request %s: error %s: %s", self.rid, code, message)
+        log.info("request %s: error %s: %s", self.rid, code, message, extra={"request_id": self.rid, "code": code})
         if self.gone:
             return
         if not self.started:
