@@ -4,6 +4,9 @@
     eng = csmstream.load("tiny")          # or a checkpoint directory, or "sesame/csm-1b"
     for codes in eng.frames("Hello there."):  # np.int64 (32,), one per 80 ms frame
         ...
+    async with csmstream.Streamer(eng) as tts:  # many concurrent streams, one batched step a frame
+        async for pcm in tts.stream("Hi."):     # np.int16, 1920 samples a frame
+            ...
 
 Heavy modules (torch, transformers) load on first use, not at import.
 """
@@ -13,19 +16,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "Segment", "CheckpointError", "__version__"]
+__all__ = ["load", "Engine", "Segment", "CheckpointError", "Streamer", "Busy", "GenerationError", "StreamerClosed",
+           "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine.engine import Engine
     from .engine.loader import load
     from .engine.prompt import Segment
     from .engine.weights import CheckpointError
+    from .streamer import Busy, GenerationError, Streamer, StreamerClosed
 
 _LAZY = {
     "load": ("csmstream.engine.loader", "load"),
     "Engine": ("csmstream.engine.engine", "Engine"),
     "Segment": ("csmstream.engine.prompt", "Segment"),
     "CheckpointError": ("csmstream.engine.weights", "CheckpointError"),
+    "Streamer": ("csmstream.streamer", "Streamer"),  # many streams of one engine, batched (embedded use)
+    "Busy": ("csmstream.streamer", "Busy"),
+    "GenerationError": ("csmstream.streamer", "GenerationError"),
+    "StreamerClosed": ("csmstream.streamer", "StreamerClosed"),
 }
 
 
