@@ -8,10 +8,17 @@ import time
 
 
 class RunningServer:
-    def __init__(self, engine_or_factory, **kw):
+    """loop: "uvloop" (the default: `serve` runs on it) or "asyncio"."""
+
+    def __init__(self, engine_or_factory, loop: str = "uvloop", **kw):
         from csmstream.transport.server import StreamServer
 
         self.srv = StreamServer(engine_or_factory, port=0, **kw)
+        self._loop_factory = None
+        if loop == "uvloop":
+            import uvloop
+
+            self._loop_factory = uvloop.new_event_loop
         self._ready = threading.Event()
         self._error = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -30,7 +37,8 @@ class RunningServer:
             await self._stop.wait()
             await self.srv.stop()
 
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            runner.run(main())
 
     def start(self, timeout=120):
         self._thread.start()

@@ -33,6 +33,14 @@ PAGES = ("POST /v1/audio/speech (OpenAI), POST /v1/text-to-speech/{voice_id}[/st
          "(ElevenLabs), GET /healthz, /metrics, /voices")
 
 
+def put(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """writer.write, but to a connection the client has already reset: ConnectionResetError, as a
+    read would say (uvloop raises RuntimeError there, plain asyncio drops the bytes with a warning)."""
+    if writer.transport.is_closing():
+        raise ConnectionResetError("the client closed the connection")
+    writer.write(data)
+
+
 class _Gone(Exception):
     """The client hung up or stopped reading."""
 
@@ -121,7 +129,7 @@ class HttpApi:
     async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None) -> bool:
         self.server.metrics.error(code)
         log.info("http %d %s: %s", status, code, message, extra={"status": status, "code": code})
-        writer.write(hs.error_response(status, code, message, keep_alive=keep, extra=extra))
+        put(writer, hs.error_response(status, code, message, keep_alive=keep, extra=extra))
         await writer.drain()
         return keep
 
@@ -147,7 +155,7 @@ class HttpApi:
             return await self._refuse(writer, e.status, e.code, e.message)
         del buf[:end + 4]
         if len(buf) < req.content_length and "100-continue" in (req.headers.get("Expect") or "").lower():
-            writer.write(hs.response_head(100, {}))  # curl waits for this before sending a larger body
+            put(writer, hs.response_head(100, {}))  # curl waits for this before sending a larger body
         while len(buf) < req.content_length:
             try:
                 if not await self._read_more(reader, buf, deadline):
@@ -169,7 +177,7 @@ class HttpApi:
         page = srv.page(req.path) if req.method in ("GET", "HEAD") else None
         if page is not None:
             out = hs.response(page[0], page[2].encode(), page[1], keep_alive=keep)
-            writer.write(out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
+            put(writer, out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
             await writer.drain()
             return keep
         if req.method not in ("GET", "HEAD") and req.path in srv.PAGE_PATHS:
@@ -224,7 +232,10 @@ class HttpApi:
         """While a response streams: end of input means the client hung up; anything else it sends
         (a pipelined request) is kept for after."""
         while len(buf) <= hs.MAX_HEAD_BYTES + hs.MAX_BODY_BYTES:
-            data = await reader.read(READ_SIZE)
+            try:
+                data = await reader.read(READ_SIZE)
+            except ConnectionError:  # a reset (not an orderly close): gone all the same
+                data = b""
             if not data:
                 stream.client_gone()
                 return
@@ -287,8 +298,8 @@ class SpeechStream(Connection):
     async def _write(self, data: bytes) -> None:
         if self.gone:
             raise _Gone
-        self.writer.write(data)
         try:
+            put(self.writer, data)
             await asyncio.wait_for(self.writer.drain(), self.server.send_timeout)
         except TimeoutError:
             self._slow_reader(self.rid)

@@ -5,7 +5,9 @@ own record of each request."""
 
 import base64
 import json
+import logging
 import socket
+import struct
 import threading
 import time
 
@@ -158,6 +160,37 @@ def test_hanging_up_before_any_audio_is_noticed_without_waiting_for_a_write(http
             time.sleep(0.005)
     req = next(q for q in reversed(http.srv.recent) if q.tag.rid == "impatient")
     assert wait_finished(req) and req.reason == "cancelled" and req.frames <= 1
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_that_resets_the_connection_mid_stream_is_gone_not_a_server_bug(loop, monkeypatch, caplog):
+    """A hang-up with a TCP reset (SO_LINGER 0) rather than a FIN: the read side fails instead of
+    ending, and uvloop refuses writes to the closed transport with a RuntimeError. Either way it
+    is the client leaving: the generation is cancelled, nothing is logged as a server bug."""
+    import csmstream
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), loop=loop, http_port=0).start()
+    try:
+        floor_frame_time(monkeypatch, rs, 0.02)
+        for n in range(3):  # (the reset can land while the server writes or while it waits)
+            rid = f"reset-{n}"
+            with socket.create_connection(("127.0.0.1", rs.srv.http.port), timeout=30) as s:
+                s.sendall(h11_request("POST", "/v1/audio/speech", speech_json(
+                    input="A long answer nobody will hear. " * 8, response_format="pcm", request_id=rid)))
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+                time.sleep(0.05 * n)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            req = next(q for q in reversed(rs.srv.recent) if q.tag.rid == rid)
+            assert wait_finished(req) and req.reason == "cancelled" and req.frames < req.max_frames
+        deadline = time.monotonic() + 10
+        while rs.srv.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not rs.srv.connections
+        assert rs.srv.metrics.errors["internal_error"] == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert httpx.post(rs.srv.speech_url, content=speech_json(max_audio_ms=300), timeout=60).status_code == 200
+    finally:
+        rs.stop()
 
 
 def test_an_ended_request_holds_no_codec_state(http):
