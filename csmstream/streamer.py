@@ -50,6 +50,11 @@ class Streamer:
         """engine: from `csmstream.load()`; its max_streams is how many streams run at once.
         prefill_chunk: prompt positions prefilled at a time between two ticks (>= 1).
         max_waiting: streams that may wait for a slot beyond those (default 4 x max_streams)."""
+        from .engine.engine import Engine
+
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be an Engine from csmstream.load(), got {type(engine).__name__} "
+                            "(e.g. Streamer(csmstream.load('tiny')))")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 prompt position, got {prefill_chunk}")
         if max_waiting is not None and max_waiting < 0:

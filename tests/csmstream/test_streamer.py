@@ -132,6 +132,8 @@ def test_bad_arguments_and_a_full_queue_are_refused_at_once(engine):
         tts.start()
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         csmstream.Streamer(engine, prefill_chunk=0)
+    with pytest.raises(TypeError, match=r"engine must be an Engine from csmstream.load\(\), got str"):
+        csmstream.Streamer("tiny")
 
 
 def test_a_failed_generation_yields_what_was_made_then_says_why(engine):
