@@ -65,6 +65,7 @@ class Stream(Job):
         self.has_words = False
         self.mid_turn = False  # text came after the last flush (the client is still writing a turn)
         self.aligner = Aligner(self)
+        self.context_id: str | None = None  # multi-stream-input: the context it is
 
     def take(self, text: str) -> None:
         if not self.has_words and text.strip():

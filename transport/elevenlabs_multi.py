@@ -33,6 +33,7 @@ class MultiContextConnection(ElevenLabsBase):
         # rest of that turn's text is dropped, not spoken as a new context (see _on_failed)
         self.failed: dict[str, float] = {}
         self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
+        self.finals_sending = 0  # isFinals on their way: their contexts are detached, not yet ended
 
     async def _serve(self) -> None:
         try:
@@ -47,16 +48,13 @@ class MultiContextConnection(ElevenLabsBase):
     def _clock_of(self, job: Stream) -> PlaybackClock:
         return job.clock
 
-    def _context_of(self, job: Job) -> str | None:
-        return next((c for c, j in self.contexts.items() if j is job), None)
-
     async def _idle(self, now: float) -> None:
         for job in self.contexts.values():
             if job.open and now - job.last_message >= self.inactivity:
                 job.close()  # its buffered text is still spoken, then isFinal
         for cid in [c for c, t in self.failed.items() if now - t >= self.inactivity]:
             del self.failed[cid]
-        if not self.contexts and now - self.last_message >= self.inactivity:
+        if not self.contexts and not self.finals_sending and now - self.last_message >= self.inactivity:
             await self._time_out()
 
     async def _on_message(self, message) -> None:
@@ -139,6 +137,7 @@ class MultiContextConnection(ElevenLabsBase):
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per context", cid=cid)
             return None
         job = self._new_job(text)
+        job.context_id = cid
         self.contexts[cid] = job
         task = asyncio.create_task(self._play(cid, job))
         self.tasks.add(task)
@@ -155,26 +154,38 @@ class MultiContextConnection(ElevenLabsBase):
             return  # the client is gone; the connection's handler cancels the rest
         finally:
             job.release()
-            if self.contexts.get(cid) is job:
-                del self.contexts[cid]
-                if job.error and job.open and job.mid_turn:
-                    self.failed[cid] = time.monotonic()
-                    while len(self.failed) > MAX_FAILED:
-                        del self.failed[next(iter(self.failed))]
+            self._detach(job)  # (the client left before its isFinal)
             if job in self.jobs:
                 self.jobs.remove(job)
         await self._close_if_done()
 
+    def _detach(self, job: Stream) -> None:
+        """The context's isFinal goes now: from here its id names no live context, so the client's
+        next message for it (which may come as soon as it reads that isFinal) opens a new one -- or,
+        after a failure mid-turn, is the rest of that turn (_on_failed)."""
+        cid = job.context_id
+        if self.contexts.get(cid) is job:
+            del self.contexts[cid]
+            if job.error and job.open and job.mid_turn:
+                self.failed[cid] = time.monotonic()
+                while len(self.failed) > MAX_FAILED:
+                    del self.failed[next(iter(self.failed))]
+
     async def _close_if_done(self) -> None:
-        if self.closing and not self.contexts:
+        if self.closing and not self.contexts and not self.finals_sending:
             await self.ws.close(1000)
 
     async def _final(self, job: Stream) -> None:
-        await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
-                                                "contextId": self._context_of(job)}))
+        self._detach(job)
+        self.finals_sending += 1  # (close_socket waits for it: the socket closes after the last isFinal)
+        try:
+            await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
+                                                    "contextId": job.context_id}))
+        finally:
+            self.finals_sending -= 1
 
     def _audio(self, job: Stream, chunk: bytes) -> dict:
-        return {**super()._audio(job, chunk), "contextId": self._context_of(job)}
+        return {**super()._audio(job, chunk), "contextId": job.context_id}
 
     async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
         self._account(job, cancelled, audio_ms)

@@ -454,6 +454,67 @@ def test_barge_in_stops_one_context_at_once_and_not_the_other(monkeypatch):
         rs.stop()
 
 
+def test_multi_a_context_id_is_free_the_moment_its_isfinal_is_out(el, monkeypatch):
+    """A client may reuse a context_id as soon as it reads that context's isFinal. The server used
+    to forget the context only once its task resumed after sending the isFinal, so a quick enough
+    client (or a busy loop: it failed in CI under uvloop) had its new turn taken for the ended
+    context's: `context_closed`, or text silently dropped and a context that never ended. Here the
+    server's bookkeeping after each isFinal is made slow on purpose."""
+    from csmstream.transport.elevenlabs_multi import MultiContextConnection
+
+    final = MultiContextConnection._final
+
+    async def final_then_dawdle(self, job):
+        await final(self, job)
+        await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(MultiContextConnection, "_final", final_then_dawdle)
+
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=7")) as ws:
+            turns = []
+            for text in ("First turn. ", "Second turn. ", "Third turn. "):
+                await ws.send(json.dumps({"text": text, "context_id": "x", "flush": True}))
+                await ws.send(json.dumps({"context_id": "x", "close_context": True}))
+                turns.append(await read_contexts(ws, 1, timeout=30))  # the next turn goes at once
+            await ws.send(json.dumps({"close_socket": True}))
+            await ws.wait_closed()
+            return turns, ws.close_code
+
+    turns, code = asyncio.run(go())
+    for (audio, finals, other, _), text in zip(turns, ("First turn.", "Second turn.", "Third turn."), strict=True):
+        assert other == [] and [f["contextId"] for f in finals] == ["x"]
+        assert same_audio(audio["x"], reference_pcm(text, 0, seed=7))
+    assert code == 1000
+
+
+def test_multi_close_socket_waits_for_every_isfinal_on_its_way(el, monkeypatch):
+    """close_socket closes the socket after the last context's isFinal: also when the isFinals are
+    slow to go out (a context is forgotten as its isFinal starts out, not once it is sent)."""
+    from csmstream.transport.elevenlabs_multi import MultiContextConnection
+
+    send_timed = MultiContextConnection._send_timed
+
+    async def slow_finals(self, job, message):  # a's at once, b's after 0.3 s, c's after 0.6 s
+        if isinstance(message, str) and '"isFinal": true' in message:
+            await asyncio.sleep(0.3 * "abc".index(job.context_id))
+        await send_timed(self, job, message)
+
+    monkeypatch.setattr(MultiContextConnection, "_send_timed", slow_finals)
+
+    async def go():
+        async with connect(url_of(el, "0/multi-stream-input?seed=8")) as ws:
+            for c in "abc":
+                await ws.send(json.dumps({"text": f"Context {c}. ", "context_id": c, "flush": True}))
+            await ws.send(json.dumps({"close_socket": True}))
+            audio, finals, other, _ = await read_contexts(ws, 3, timeout=30)
+            await ws.wait_closed()
+            return finals, other, ws.close_code
+
+    finals, other, code = asyncio.run(go())
+    assert sorted(f["contextId"] for f in finals) == ["a", "b", "c"] and other == [] and code == 1000
+
+
 def test_multi_bad_messages_get_clear_errors_and_the_contexts_go_on(el):
     async def go():
         async with connect(url_of(el, "0/multi-stream-input?seed=5")) as ws:
