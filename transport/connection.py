@@ -166,11 +166,11 @@ class Connection:
                        "to /telnyx after streaming_start")
                 await self._error("unknown_call", f"unknown call {msg.call_control_id!r:.60}: {why}", rid)
                 return
-        if any(j.rid == rid for j in self.jobs):
+        if any(j.rid == rid and not j.answered for j in self.jobs):
             await self._error("duplicate_request_id", f"request_id {rid!r} is already queued or running on this "
                               "connection; use a new id per request", rid)
             return
-        if len(self.jobs) > srv.max_waiting:
+        if sum(not j.answered for j in self.jobs) > srv.max_waiting:
             await self._error("queue_full", f"{srv.max_waiting} requests are already waiting on this connection; "
                               "wait for a done message before sending more", rid)
             return
@@ -238,7 +238,7 @@ class Connection:
         closes = isinstance(msg, protocol.Flush) or msg.final
         if closes:
             self.open_job = None
-        if isinstance(msg, protocol.Flush) or not (job.error_sent or job.t_done):
+        if isinstance(msg, protocol.Flush) or not job.answered:
             return  # (before its end is out: the error or done that follows covers this text)
         how = (f" with its error ({job.error_code or 'generation_failed'})" if job.error is not None else
                " at max_audio_ms" if job.src_limit is not None and job.src_sent >= job.src_limit else "")

@@ -50,6 +50,12 @@ class Job:
         self.n_parts = 0
         self._settle: asyncio.TimerHandle | None = None  # takes the sentence the text paused after
 
+    @property
+    def answered(self) -> bool:
+        """Its one done or error has gone out (or is going): for its client it has ended, though
+        the sender may not have moved on from it yet. Its request_id is free again."""
+        return self.error_sent or bool(self.t_done)
+
     # -- text --------------------------------------------------------------------------------------
     def add_text(self, text: str) -> None:
         self.chars += len(text)

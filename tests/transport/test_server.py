@@ -230,6 +230,34 @@ def test_cancel_one_request_id_keeps_the_others(server):
     assert [(d["request_id"], d["cancelled"]) for d in dones] == [("a", False), ("b", True), ("c", False)]
 
 
+def test_a_request_id_is_free_again_the_moment_its_done_is_out(server, monkeypatch):
+    """A client that reuses its request_id once it has the done (one id per conversation turn, say)
+    is not told it is a duplicate: the server used to forget the request only after its sender
+    resumed from sending that done, so a quick client (or a busy loop) got duplicate_request_id.
+    Here the server's bookkeeping after each done is made slow on purpose."""
+    from csmstream.transport.connection import Connection
+
+    done = Connection._done
+
+    async def done_then_dawdle(self, job, **kwargs):
+        await done(self, job, **kwargs)
+        await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(Connection, "_done", done_then_dawdle)
+
+    async def go():
+        async with connect(server.url) as ws:
+            turns = []
+            for n in range(3):
+                await ws.send(json.dumps({"text": f"Turn {n}.", "request_id": "turn", "max_audio_ms": 400}))
+                turns.append(await collect(ws))  # the next goes the moment this one's done is read
+            return turns
+
+    for events in run(go()):
+        assert [k for k, _ in events if k != "audio"] == ["done"], events
+        assert events[-1][1]["request_id"] == "turn" and not events[-1][1]["cancelled"]
+
+
 def test_queue_full_after_eight_waiting(server):
     async def go():
         async with connect(server.url) as ws:
