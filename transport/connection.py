@@ -274,7 +274,8 @@ class Connection:
             self.open_job = None  # its request has ended; the cancel ends its text stream too
         else:
             ended = None
-        targets = [j for j in [*self.playing, *self.jobs] if not j.cancelled and (rid is None or j.rid == rid)]
+        targets = [j for j in [*self.playing, *self.jobs]
+                   if not j.cancelled and not j.answered and (rid is None or j.rid == rid)]
         if not targets:
             if quiet:
                 return

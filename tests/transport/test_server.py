@@ -233,8 +233,9 @@ def test_cancel_one_request_id_keeps_the_others(server):
 def test_a_request_id_is_free_again_the_moment_its_done_is_out(server, monkeypatch):
     """A client that reuses its request_id once it has the done (one id per conversation turn, say)
     is not told it is a duplicate: the server used to forget the request only after its sender
-    resumed from sending that done, so a quick client (or a busy loop) got duplicate_request_id.
-    Here the server's bookkeeping after each done is made slow on purpose."""
+    resumed from sending that done, so a quick client (or a busy loop) got duplicate_request_id,
+    and a cancel sent at once was taken for that request and never answered. Here the server's
+    bookkeeping after each done is made slow on purpose."""
     from csmstream.transport.connection import Connection
 
     done = Connection._done
@@ -251,11 +252,16 @@ def test_a_request_id_is_free_again_the_moment_its_done_is_out(server, monkeypat
             for n in range(3):
                 await ws.send(json.dumps({"text": f"Turn {n}.", "request_id": "turn", "max_audio_ms": 400}))
                 turns.append(await collect(ws))  # the next goes the moment this one's done is read
+                await ws.send(json.dumps({"cancel": True, "request_id": "turn"} if n else {"cancel": True}))
+                turns.append(await collect(ws))
             return turns
 
-    for events in run(go()):
+    turns = run(go())
+    for events in turns[::2]:
         assert [k for k, _ in events if k != "audio"] == ["done"], events
         assert events[-1][1]["request_id"] == "turn" and not events[-1][1]["cancelled"]
+    for [(kind, msg)] in turns[1::2]:  # (not taken for the request that has had its done)
+        assert kind == "error" and msg["error"]["code"] == "nothing_to_cancel", msg
 
 
 def test_queue_full_after_eight_waiting(server):
