@@ -57,8 +57,13 @@ class Engine:
         self.prefixes = PrefixCache()  # KV of pinned voice turns (engine.pin_voice)
 
     def __repr__(self) -> str:
-        q = ", quantize=int8-depth" if getattr(self.model, "depth_int8", None) is not None else ""
+        q = "" if self.quantize == "none" else f", quantize={self.quantize}"
         return f"Engine({self.name!r}, device={self.device}, dtype={self.dtype}{q}, streams={self.max_streams})"
+
+    @property
+    def quantize(self) -> str:
+        """"int8-depth" when the depth decoder's weights are int8 (load(quantize=...)), else "none"."""
+        return "int8-depth" if getattr(self.model, "depth_int8", None) is not None else "none"
 
     # -- public API ---------------------------------------------------------------------------
     def frames(self, text: str, speaker_id: int = 0, *, context: Iterable[Segment] = (),

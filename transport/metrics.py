@@ -23,6 +23,27 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def build_info(engine) -> list[str]:
+    """csm_build_info, always 1, labelled with what this process runs: the package version and the
+    engine's model, device, dtype, quantization and slots (to tell deployments apart on a dashboard)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("csm-stream")
+    except PackageNotFoundError:  # (run from a source tree that was never installed)
+        ver = "unknown"
+    labels = {"version": ver, "model": engine.name, "device": engine.device,
+              "dtype": str(engine.dtype).removeprefix("torch."), "quantize": engine.quantize,
+              "max_streams": engine.max_streams}
+    body = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+    return ["# HELP csm_build_info what this server runs (labels); always 1", "# TYPE csm_build_info gauge",
+            f"csm_build_info{{{body}}} 1"]
+
+
 def parse(text: str) -> dict[str, float]:
     """Prometheus text (as /metrics writes it) -> {sample name with its labels: value}."""
     out = {}

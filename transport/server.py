@@ -30,7 +30,7 @@ from .encoder import warm_codecs
 from .gate import Gate
 from .http_server import HttpApi
 from .loopwatch import LoopWatch
-from .metrics import Metrics
+from .metrics import Metrics, build_info
 from .spoken import SpokenCache
 
 log = logging.getLogger("csmstream.server")
@@ -136,6 +136,8 @@ class StreamServer:
             missing = await self._loop.run_in_executor(None, warm_codecs)  # nothing compiles on the loop later
             log.info("audio codecs warmed up in %.2fs%s", time.perf_counter() - t0,
                      f"; no codec library for {', '.join(missing)} (those formats get an error)" if missing else "")
+        info = build_info(self.engine)
+        self.metrics.sources.append(lambda: info)
         self.ready = True
         self.loop_watch.starting = False  # from now on a blocked loop delays streams: warned of
         log.info("ready: %r", self.engine)

@@ -294,6 +294,11 @@ def test_health_metrics_and_unknown_path(server):
                  "csm_ttfa_milliseconds_bucket", "csm_real_time_factor_count", "csm_buffer_underruns_total",
                  "csm_errors_total", "csm_prefilling_requests", "csm_prefill_tokens_total"):
         assert name in text
+    import csmstream
+
+    info = f'csm_build_info{{version="{csmstream.__version__}",model="tiny",device="cpu",dtype="float32",' \
+           f'quantize="none",max_streams="{server.srv.engine.max_streams}"}} 1'
+    assert info in text.splitlines()
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(base + "/nope")
     assert e.value.code == 404
@@ -358,3 +363,19 @@ def test_an_unknown_compression_is_refused():
 
     with pytest.raises(ValueError, match="compression must be None or 'deflate'"):
         StreamServer(lambda: None, compression="gzip")
+
+
+def test_build_info_labels_escape_what_the_prometheus_text_format_requires():
+    """A checkpoint path is a label value: its backslashes, quotes and newlines are escaped as the
+    exposition format says (\\\\, \\", \\n), so one odd path cannot break the whole /metrics page."""
+    from types import SimpleNamespace
+
+    from csmstream.transport.metrics import build_info
+
+    engine = SimpleNamespace(name='C:\\models\\"csm"\nv2', device="cuda:0", dtype="torch.bfloat16",
+                             quantize="int8-depth", max_streams=64)
+    help_, type_, sample = build_info(engine)
+    assert help_.startswith("# HELP csm_build_info ") and type_ == "# TYPE csm_build_info gauge"
+    assert sample.endswith('} 1') and '\n' not in sample
+    assert 'model="C:\\\\models\\\\\\"csm\\"\\nv2",device="cuda:0",dtype="bfloat16",quantize="int8-depth",' \
+           'max_streams="64"}' in sample
