@@ -32,6 +32,8 @@ from collections import deque
 
 from .engine.worker import Busy, EngineWorker, GenRequest
 
+DEFAULT_CHUNK_MS = 100
+
 __all__ = ["Streamer", "Stream", "Busy", "GenerationError", "StreamerClosed"]
 
 
@@ -101,14 +103,23 @@ class Streamer:
 
     # -- streams ---------------------------------------------------------------------------------
     def stream(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
-               seed: int | None = None, max_frames: int | None = None) -> Stream:
+               seed: int | None = None, max_frames: int | None = None, format: str | None = None,
+               chunk_ms: int | None = None) -> Stream:
         """Speech as int16 PCM, 24 kHz mono, 1920 samples an 80 ms frame, batched with the other
-        streams; arguments and their errors are those of `Engine.stream()`."""
+        streams; arguments and their errors are those of `Engine.stream()`.
+
+        format: instead, bytes in that format (any of /ws/generate's and the HTTP port's:
+        "ulaw_8000" for a phone, "pcm_16000", "g722_16000", "mp3_44100_128", ...) in chunks of
+        `chunk_ms` (20..1000, default 100), each exactly that long but the last, as the server
+        sends them."""
         if self.engine.codec is None:
             raise ValueError("this engine has no codec; stream() needs one to turn codes into audio (frames() "
                              "gives the codes)")
-        return self._submit(Stream(self, codes=False), text, speaker_id, context, temperature, topk, seed,
-                            max_frames)
+        if format is None and chunk_ms is not None:
+            raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
+        encoder = None if format is None else _encoder(format, DEFAULT_CHUNK_MS if chunk_ms is None else chunk_ms)
+        return self._submit(Stream(self, codes=False, encoder=encoder), text, speaker_id, context, temperature,
+                            topk, seed, max_frames)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None) -> Stream:
@@ -143,6 +154,18 @@ class Streamer:
                 pass
 
 
+def _encoder(fmt, chunk_ms):
+    from .transport.encoder import encoder_for
+    from .transport.protocol import ALL_FORMATS, CHUNK_MS_RANGE
+
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
+    lo, hi = CHUNK_MS_RANGE
+    if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, int) or not lo <= chunk_ms <= hi:
+        raise ValueError(f"chunk_ms must be an integer from {lo} to {hi}, got {chunk_ms!r}")
+    return encoder_for(fmt, chunk_ms)
+
+
 def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()
@@ -168,12 +191,15 @@ class _Mailbox:
 class Stream:
     """One stream of a Streamer: iterate it (for / async for); close() or aclose() to stop early."""
 
-    def __init__(self, streamer: Streamer, codes: bool) -> None:
+    def __init__(self, streamer: Streamer, codes: bool, encoder=None) -> None:
         self.codes = codes  # yields codes (frames()) rather than PCM (stream())
         self.req: GenRequest | None = None
         self._box = _Mailbox()
         self._taken = 0  # codes yielded (frames())
         self._stopped = False  # the consumer ended it early
+        self._encoder = encoder  # stream(format=...): PCM becomes these chunks (on the consumer's side)
+        self._out: deque[bytes] = deque()  # encoded chunks not yet yielded
+        self._flushed = False  # the encoder's last (short) chunk is out
 
     def __repr__(self) -> str:
         req = self.req
@@ -186,17 +212,31 @@ class Stream:
         return self.req.frames
 
     def _next(self):
-        """The next frame if one is ready; None if not yet; raises StopIteration at the end."""
+        """The next frame (or chunk) if one is ready; None if not yet; raises StopIteration at the end."""
+        if self._out:
+            return self._out.popleft()
+        box = self._box
         for _ in range(2):  # once more after seeing the end: frames written just before it
             done = self.req.finished
             if self.codes:
                 if self._taken < len(self.req.codes):
                     self._taken += 1
                     return self.req.codes[self._taken - 1]
-            elif self._box.chunks:
-                return self._box.chunks.popleft()
+            elif self._encoder is None:
+                if box.chunks:
+                    return box.chunks.popleft()
+            else:
+                while not self._out and box.chunks:
+                    self._out.extend(self._encoder.feed(box.chunks.popleft()))
+                if self._out:
+                    return self._out.popleft()
             if not done:
                 return None
+        if self._encoder is not None and not self._flushed:  # (after a failure too: nothing made is lost)
+            self._flushed = True
+            self._out.extend(self._encoder.finish())
+            if self._out:
+                return self._out.popleft()
         reason = self.req.reason
         if reason == "error":
             raise GenerationError(self.req.error or "generation failed")
@@ -249,6 +289,7 @@ class Stream:
             if self.req is not None and not self.req.finished:
                 self.req.cancel()
             self._box.chunks.clear()
+            self._out.clear()
 
     async def aclose(self) -> None:
         self.close()

@@ -164,3 +164,39 @@ def test_closing_the_streamer_ends_running_streams_after_what_they_made(engine):
             rest.append(codes)
     assert len(first) + len(rest) == s.frames_made < 400
     _all_free(engine)
+
+
+def test_a_format_gives_the_servers_chunks_of_the_same_audio_and_keeps_what_was_made_on_a_failure(engine):
+    from csmstream.transport.encoder import encoder_for
+
+    def encoded(pcm_frames, fmt, chunk_ms):
+        enc = encoder_for(fmt, chunk_ms)
+        return b"".join(enc.feed(np.concatenate(pcm_frames)) + enc.finish())
+
+    text = "Hello there, how are you today?"
+    pcm = list(engine.stream(text, seed=3, max_frames=12))
+    with csmstream.Streamer(engine) as tts:
+        chunks = list(tts.stream(text, seed=3, max_frames=12, format="ulaw_8000", chunk_ms=20))
+        assert all(isinstance(c, bytes) for c in chunks)
+        assert {len(c) for c in chunks[:-1]} == {160} and 0 < len(chunks[-1]) <= 160  # 20 ms of 8 kHz mu-law
+        assert b"".join(chunks) == encoded(pcm, "ulaw_8000", 20)  # (one stream alone: the engine's very PCM)
+
+        def fail_at_frame_5(req):
+            if req.frames == 4:
+                raise OSError("gone")
+
+        tts._worker.fault_hook = fail_at_frame_5
+        got = []
+        with pytest.raises(csmstream.GenerationError, match="OSError: gone"):
+            for chunk in tts.stream(text, seed=3, max_frames=12, format="pcm_16000", chunk_ms=100):
+                got.append(chunk)
+        tts._worker.fault_hook = None
+        assert b"".join(got) == encoded(pcm[:4], "pcm_16000", 100)  # the 4 frames made, to the last sample
+
+        with pytest.raises(ValueError, match="format must be one of pcm_24000, .*got 'wav'"):
+            tts.stream(text, format="wav")
+        with pytest.raises(ValueError, match="chunk_ms must be an integer from 20 to 1000, got 5"):
+            tts.stream(text, format="ulaw_8000", chunk_ms=5)
+        with pytest.raises(ValueError, match="chunk_ms goes with format"):
+            tts.stream(text, chunk_ms=20)
+    _all_free(engine)
