@@ -118,13 +118,13 @@ class Streamer:
         if format is None and chunk_ms is not None:
             raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
         encoder = None if format is None else _encoder(format, DEFAULT_CHUNK_MS if chunk_ms is None else chunk_ms)
-        return self._submit(Stream(self, codes=False, encoder=encoder), text, speaker_id, context, temperature,
+        return self._submit(Stream(codes=False, encoder=encoder), text, speaker_id, context, temperature,
                             topk, seed, max_frames)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None) -> Stream:
         """The audio codes, np.int64 (32,) an 80 ms frame (no audio decoded), batched like stream()."""
-        return self._submit(Stream(self, codes=True), text, speaker_id, context, temperature, topk, seed,
+        return self._submit(Stream(codes=True), text, speaker_id, context, temperature, topk, seed,
                             max_frames)
 
     def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames) -> Stream:
@@ -191,7 +191,7 @@ class _Mailbox:
 class Stream:
     """One stream of a Streamer: iterate it (for / async for); close() or aclose() to stop early."""
 
-    def __init__(self, streamer: Streamer, codes: bool, encoder=None) -> None:
+    def __init__(self, codes: bool, encoder=None) -> None:
         self.codes = codes  # yields codes (frames()) rather than PCM (stream())
         self.req: GenRequest | None = None
         self._box = _Mailbox()
