@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws/generate"
 DRAIN_S = 10.0  # how long an abandoned request's cancel may take to come back before the connection is dropped
@@ -43,23 +44,38 @@ class SesameConnectionError(SesameTTSError):
 
 class SesameWebSocketService:
     """Streams TTS from a csm-stream server. One connection per stream_tts() call unless used as
-    an async context manager (`async with svc: ...`), which keeps one connection open."""
+    an async context manager (`async with svc: ...`), which keeps one connection open: if it drops
+    (a server restart, a proxy's idle timeout), the request on it raises SesameConnectionError and
+    the next one opens a new connection."""
 
     def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0, token: str | None = None) -> None:
         self.url, self.open_timeout = url, open_timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ws = None
+        self._kept = False  # inside `async with`: requests share one connection (reopened if it dropped)
         self._lock = asyncio.Lock()  # one request at a time on a kept connection
         self.last_done: dict | None = None  # the most recent request's done message
 
     async def __aenter__(self) -> SesameWebSocketService:
         self._ws = await self._connect()
+        self._kept = True
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self._kept = False
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+
+    async def _kept_connection(self):
+        """The kept connection, opened again if it has closed since (nothing of this request has
+        been sent yet, so nothing is lost or sent twice). Called holding the lock."""
+        if self._ws is None or self._ws.state is not State.OPEN:
+            if self._ws is not None:
+                await self._ws.close()  # (already closed or closing: this only tidies up)
+            self._ws = None
+            self._ws = await self._connect()
+        return self._ws
 
     async def _connect(self):
         try:
@@ -104,11 +120,16 @@ class SesameWebSocketService:
     async def _request(self, first: dict, writer) -> AsyncIterator[bytes]:
         """One request: send `first`, run `writer(ws, request_id)` (the rest of a text stream) beside
         the reader, yield its audio until its done."""
-        own = self._ws is None
-        ws = await self._connect() if own else self._ws
+        own = not self._kept
         lock = None if own else self._lock
         if lock is not None:
             await lock.acquire()
+        try:
+            ws = await self._connect() if own else await self._kept_connection()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         rid = first.setdefault("request_id", f"py-{secrets.token_hex(6)}")
         ended = False  # its done or error has been read, and nothing of it can follow
         task = None
@@ -184,8 +205,10 @@ class SesameWebSocketService:
 
     async def cancel(self, request_id: str | None = None) -> None:
         """Cancel on the open connection (context-manager use only)."""
-        if self._ws is None:
+        if not self._kept:
             raise RuntimeError("cancel() needs an open connection: use `async with service:`")
+        if self._ws is None or self._ws.state is not State.OPEN:
+            return  # (it dropped: nothing runs on it; the next request opens a new one)
         msg = {"cancel": True}
         if request_id is not None:
             msg["request_id"] = request_id

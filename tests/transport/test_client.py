@@ -87,6 +87,31 @@ def test_a_kept_connection_serves_concurrent_callers_in_turn_and_survives_one_th
     assert any(r.reason == "cancelled" for r in cancelled)  # (the server was told, not just left)
 
 
+def test_a_kept_connection_that_drops_fails_its_request_and_the_next_one_reconnects(server):
+    """A voice agent keeps one connection for a whole call; a server restart or a proxy's idle
+    timeout drops it. The request running on it raises SesameConnectionError (never ends silently
+    short); every later request used to fail the same way on the dead socket, until the caller
+    built a new service. Now the next request opens a new connection."""
+    async def go():
+        async with SesameWebSocketService(server.url) as svc:
+            first = [c async for c in svc.stream_tts("Before the drop.", seed=1, max_audio_ms=400)]
+            svc._ws.transport.abort()  # dropped between two requests
+            await asyncio.sleep(0.05)
+            second = [c async for c in svc.stream_tts("After the drop.", seed=2, max_audio_ms=400)]
+            got = []
+            with pytest.raises(SesameConnectionError, match="dropped"):
+                async for c in svc.stream_tts("A long answer, cut off by the network. " * 4, seed=3):
+                    got.append(c)
+                    svc._ws.transport.abort()  # dropped mid-request
+            await svc.cancel()  # (nothing runs on a dropped connection: no error)
+            third = [c async for c in svc.stream_tts("And after that one.", seed=4, max_audio_ms=400)]
+            return first, second, got, third
+
+    first, second, got, third = asyncio.run(go())
+    assert [sum(map(len, x)) for x in (first, second, third)] == [400 * 48] * 3
+    assert len(got) == 1
+
+
 def test_dropped_connection_raises_not_silent():
     async def handler(ws):
         await ws.recv()
