@@ -5,7 +5,8 @@ A JSON line has "time" (UTC, ISO 8601 to the millisecond), "level", "logger" and
 the record's own fields (`extra=`: "request_id", "status", "code", "call_control_id", ...), then
 "exc" with the traceback when there is one. In that mode everything else that would reach standard
 error is made such a line too: `serve`'s notices to its operator (`notice`), Python warnings,
-transformers' messages (it has its own handler otherwise) and an exception that ends the process.
+transformers' messages (it has its own handler otherwise) and an exception that ends the process
+or a thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime
 import json
 import logging
 import sys
+import threading
 
 FORMATS = ("text", "json")
 ENV = "CSM_LOG_FORMAT"
@@ -62,6 +64,7 @@ def configure(fmt: str = "text", verbose: bool = False) -> None:
     if _json:
         _route_transformers()
         sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
 
 
 def notice(text: str, level: int = logging.INFO) -> None:
@@ -79,6 +82,14 @@ def _route_transformers() -> None:
 
     tf_logging.disable_default_handler()
     tf_logging.enable_propagation()
+
+
+def _log_uncaught_in_thread(args) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("csmstream").critical("uncaught %s in thread %s: %s", args.exc_type.__name__,
+                                            args.thread.name if args.thread else "?", args.exc_value,
+                                            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _log_uncaught(kind, exc, tb) -> None:

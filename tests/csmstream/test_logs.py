@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -49,16 +50,16 @@ def test_a_record_s_field_never_overwrites_the_four_fixed_ones():
 def restore_logging():
     """configure() changes process-wide state: put back the root handlers, hooks and transformers' handler."""
     root = logging.getLogger()
-    saved = root.handlers[:], root.level, sys.excepthook
+    saved = root.handlers[:], root.level, sys.excepthook, threading.excepthook
     quiet = {name: logging.getLogger(name).level for name in logs.QUIET}
     tf_root = logging.getLogger("transformers")
     tf_saved = tf_root.handlers[:], tf_root.propagate
     yield
-    root.handlers[:], (level, hook) = saved[0], saved[1:]
+    root.handlers[:], (level, hook, thread_hook) = saved[0], saved[1:]
     root.setLevel(level)
     for name, was in quiet.items():
         logging.getLogger(name).setLevel(was)
-    sys.excepthook = hook
+    sys.excepthook, threading.excepthook = hook, thread_hook
     logging.captureWarnings(False)
     logs._json = False
     tf_root.handlers[:], tf_root.propagate = tf_saved
@@ -80,6 +81,13 @@ def test_json_mode_makes_every_line_on_standard_error_parse(restore_logging, cap
         raise RuntimeError("the engine thread died")
     except RuntimeError:
         sys.excepthook(*sys.exc_info())
+
+    def crash():
+        raise OSError("a codec thread failed")
+
+    worker = threading.Thread(target=crash, name="codec-1")
+    worker.start()
+    worker.join()
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = [json.loads(line) for line in captured.err.splitlines()]  # (a line that is not JSON fails here)
@@ -91,7 +99,9 @@ def test_json_mode_makes_every_line_on_standard_error_parse(restore_logging, cap
     assert got[3][:2] == ("WARNING", "py.warnings") and "UserWarning: an old argument" in got[3][2]
     assert got[4] == ("WARNING", "transformers.configuration_utils", "Model config: pad_token_id ...")
     assert got[5] == ("CRITICAL", "csmstream", "uncaught RuntimeError: the engine thread died")
-    assert "RuntimeError: the engine thread died" in lines[5]["exc"] and len(lines) == 6
+    assert "RuntimeError: the engine thread died" in lines[5]["exc"]
+    assert got[6] == ("CRITICAL", "csmstream", "uncaught OSError in thread codec-1: a codec thread failed")
+    assert "OSError: a codec thread failed" in lines[6]["exc"] and len(lines) == 7
 
 
 def test_text_mode_prints_notices_as_they_are_and_logs_readable_lines(restore_logging, capsys):
