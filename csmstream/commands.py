@@ -115,9 +115,9 @@ def serve(args) -> int:
         if args.telnyx:
             fmt = routes["/telnyx"][0].media_format
             notice(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
-                  f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
-                  f"{'required' if routes['/telnyx'][1] else 'NOT configured'}); the caller's audio for the agent "
-                  f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...")
+                   f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
+                   f"{'required' if routes['/telnyx'][1] else 'NOT configured'}); the caller's audio for the agent "
+                   f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...")
         await stop.wait()
         notice(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)")
         await srv.stop(args.shutdown_timeout)
