@@ -26,6 +26,14 @@ def alone(engine):
     return codes, pcm
 
 
+def _fail_after_4_frames(message):
+    """A worker fault hook: the request fails as its fifth frame is taken (after 4 were made)."""
+    def hook(req):
+        if req.frames == 4:
+            raise OSError(message)
+    return hook
+
+
 def _all_free(engine, timeout=10.0):
     deadline = time.monotonic() + timeout
     while len(engine._free) < engine.max_streams:
@@ -138,11 +146,7 @@ def test_bad_arguments_and_a_full_queue_are_refused_at_once(engine):
 
 def test_a_failed_generation_yields_what_was_made_then_says_why(engine):
     with csmstream.Streamer(engine) as tts:
-        def fail_at_frame_5(req):
-            if req.frames == 4:
-                raise OSError("the device fell over")
-
-        tts._worker.fault_hook = fail_at_frame_5
+        tts._worker.fault_hook = _fail_after_4_frames("the device fell over")
         got = []
         with pytest.raises(csmstream.GenerationError, match="generation failed: OSError: the device fell over"):
             for pcm in tts.stream("A long answer that goes on and on.", seed=1, max_frames=100):
@@ -181,11 +185,7 @@ def test_a_format_gives_the_servers_chunks_of_the_same_audio_and_keeps_what_was_
         assert {len(c) for c in chunks[:-1]} == {160} and 0 < len(chunks[-1]) <= 160  # 20 ms of 8 kHz mu-law
         assert b"".join(chunks) == encoded(pcm, "ulaw_8000", 20)  # (one stream alone: the engine's very PCM)
 
-        def fail_at_frame_5(req):
-            if req.frames == 4:
-                raise OSError("gone")
-
-        tts._worker.fault_hook = fail_at_frame_5
+        tts._worker.fault_hook = _fail_after_4_frames("gone")
         got = []
         with pytest.raises(csmstream.GenerationError, match="OSError: gone"):
             for chunk in tts.stream(text, seed=3, max_frames=12, format="pcm_16000", chunk_ms=100):
