@@ -32,8 +32,6 @@ from collections import deque
 
 from .engine.worker import Busy, EngineWorker, GenRequest
 
-DEFAULT_CHUNK_MS = 100
-
 __all__ = ["Streamer", "Stream", "Busy", "GenerationError", "StreamerClosed"]
 
 
@@ -117,7 +115,7 @@ class Streamer:
                              "gives the codes)")
         if format is None and chunk_ms is not None:
             raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
-        encoder = None if format is None else _encoder(format, DEFAULT_CHUNK_MS if chunk_ms is None else chunk_ms)
+        encoder = None if format is None else _encoder(format, chunk_ms)
         return self._submit(Stream(codes=False, encoder=encoder), text, speaker_id, context, temperature,
                             topk, seed, max_frames)
 
@@ -155,9 +153,11 @@ class Streamer:
 
 
 def _encoder(fmt, chunk_ms):
+    """stream(format=...)'s encoder; chunk_ms None is the server's default."""
     from .transport.encoder import encoder_for
-    from .transport.protocol import ALL_FORMATS, CHUNK_MS_RANGE
+    from .transport.protocol import ALL_FORMATS, CHUNK_MS_RANGE, DEFAULT_CHUNK_MS
 
+    chunk_ms = DEFAULT_CHUNK_MS if chunk_ms is None else chunk_ms
     if fmt not in ALL_FORMATS:
         raise ValueError(f"format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
     lo, hi = CHUNK_MS_RANGE
