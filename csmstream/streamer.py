@@ -13,7 +13,9 @@ turns: N callers cost N steps a frame. A Streamer runs the server's engine threa
 (engine/worker.py) instead: every tick ONE batched step for all the streams it holds (on the H200, a
 step for 64 rows took 8.1 ms, one row's 6.5), with prompts prefilled in chunks between ticks so a
 newcomer never stalls the others. Each stream yields what `Engine.stream()` (or `frames()`) yields
-alone, the same codes for the same seed.
+alone, the same codes for the same seed. With `sentences=True` a paragraph (or a document) is
+spoken as the server speaks it: one generation a sentence, each with the sentences before it as
+context -- the same audio as /ws/generate sends for the same text and seed.
 
 A stream is an iterator and an async iterator (and a context manager that closes it): use either,
 from any thread or event loop. It is validated when made (ValueError, the engine's message); `Busy`
@@ -27,20 +29,11 @@ raises `StreamerClosed`.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections import deque
 
 from .engine.worker import Busy, EngineWorker, GenRequest
+from .stream import GenerationError, Stream, StreamerClosed, _Sentences
 
 __all__ = ["Streamer", "Stream", "Busy", "GenerationError", "StreamerClosed"]
-
-
-class GenerationError(RuntimeError):
-    """The engine failed this stream (the message says how); the frames before it were yielded."""
-
-
-class StreamerClosed(RuntimeError):
-    """The Streamer was closed while this stream was running; the frames before it were yielded."""
 
 
 class Streamer:
@@ -102,14 +95,20 @@ class Streamer:
     # -- streams ---------------------------------------------------------------------------------
     def stream(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None, format: str | None = None,
-               chunk_ms: int | None = None) -> Stream:
+               chunk_ms: int | None = None, sentences: bool = False) -> Stream:
         """Speech as int16 PCM, 24 kHz mono, 1920 samples an 80 ms frame, batched with the other
         streams; arguments and their errors are those of `Engine.stream()`.
 
         format: instead, bytes in that format (any of /ws/generate's and the HTTP port's:
         "ulaw_8000" for a phone, "pcm_16000", "g722_16000", "mp3_44100_128", ...) in chunks of
         `chunk_ms` (20..1000, default 100), each exactly that long but the last, as the server
-        sends them."""
+        sends them.
+
+        sentences: speak the text sentence by sentence, as the server does: each sentence is
+        its own generation with the sentences before it (up to 4, as many as fit the window) as
+        context after `context`, so the voice carries on; sentence i of a seeded stream has seed
+        + i, and max_frames bounds the whole stream. For paragraphs and longer: one generation
+        of a long text drifts and is cut at the model's window."""
         if self.engine.codec is None:
             raise ValueError("this engine has no codec; stream() needs one to turn codes into audio (frames() "
                              "gives the codes)")
@@ -117,21 +116,28 @@ class Streamer:
             raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
         encoder = None if format is None else _encoder(format, chunk_ms)
         return self._submit(Stream(codes=False, encoder=encoder), text, speaker_id, context, temperature,
-                            topk, seed, max_frames)
+                            topk, seed, max_frames, sentences)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
-               seed: int | None = None, max_frames: int | None = None) -> Stream:
-        """The audio codes, np.int64 (32,) an 80 ms frame (no audio decoded), batched like stream()."""
+               seed: int | None = None, max_frames: int | None = None, sentences: bool = False) -> Stream:
+        """The audio codes, np.int64 (32,) an 80 ms frame (no audio decoded), batched like stream()
+        (`sentences` as there)."""
         return self._submit(Stream(codes=True), text, speaker_id, context, temperature, topk, seed,
-                            max_frames)
+                            max_frames, sentences)
 
-    def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames) -> Stream:
+    def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames,
+                sentences) -> Stream:
         if not self._started or self._closed:
             raise RuntimeError("this Streamer is not running: use `with Streamer(engine) as tts:` (or `async "
                                "with`), or call start() first" + ("; it was closed" if self._closed else ""))
         box = stream._box
-        req = GenRequest(text, speaker_id, context=context, temperature=temperature, topk=topk, seed=seed,
-                         max_frames=max_frames, sink=None if stream.codes else box, keep_codes=stream.codes, tag=box)
+        opts = dict(speaker_id=speaker_id, temperature=temperature, topk=topk, sink=None if stream.codes else box,
+                    tag=box)
+        if sentences:
+            stream._plan = _Sentences(self._worker, text, context, seed, max_frames, opts)
+            stream.req = stream._plan.first()
+            return stream
+        req = GenRequest(text, context=context, seed=seed, max_frames=max_frames, keep_codes=stream.codes, **opts)
         stream.req = self._worker.submit(req)  # ValueError, Busy, or RuntimeError if the thread died
         return stream
 
@@ -169,144 +175,3 @@ def _encoder(fmt, chunk_ms):
 def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()
-
-
-class _Mailbox:
-    """What the engine thread hands a stream: its PCM (the request's sink) and the wake-ups. The
-    request holds this, not the Stream, so a Stream its consumer drops is freed (and cancelled)."""
-
-    __slots__ = ("chunks", "ready", "loop", "event")
-
-    def __init__(self) -> None:
-        self.chunks: deque = deque()  # PCM written, not yet yielded
-        self.ready = threading.Event()  # set each tick the request changed: a thread consumer waits on it
-        self.loop: asyncio.AbstractEventLoop | None = None  # an async consumer's loop, once it iterates
-        self.event: asyncio.Event | None = None
-
-    def write(self, samples) -> int:
-        self.chunks.append(samples)  # (a fresh array each frame; deque appends are thread-safe)
-        return len(samples)
-
-
-class Stream:
-    """One stream of a Streamer: iterate it (for / async for); close() or aclose() to stop early."""
-
-    def __init__(self, codes: bool, encoder=None) -> None:
-        self.codes = codes  # yields codes (frames()) rather than PCM (stream())
-        self.req: GenRequest | None = None
-        self._box = _Mailbox()
-        self._taken = 0  # codes yielded (frames())
-        self._stopped = False  # the consumer ended it early
-        self._encoder = encoder  # stream(format=...): PCM becomes these chunks (on the consumer's side)
-        self._out: deque[bytes] = deque()  # encoded chunks not yet yielded
-        self._flushed = False  # the encoder's last (short) chunk is out
-
-    def __repr__(self) -> str:
-        req = self.req
-        state = "stopped" if self._stopped else (req.reason or "running") if req is not None else "new"
-        return f"Stream({'frames' if self.codes else 'pcm'}, {req.frames if req else 0} frames, {state})"
-
-    @property
-    def frames_made(self) -> int:
-        """Frames generated so far."""
-        return self.req.frames
-
-    def _next(self):
-        """The next frame (or chunk) if one is ready; None if not yet; raises StopIteration at the end."""
-        if self._out:
-            return self._out.popleft()
-        box = self._box
-        for _ in range(2):  # once more after seeing the end: frames written just before it
-            done = self.req.finished
-            if self.codes:
-                if self._taken < len(self.req.codes):
-                    self._taken += 1
-                    return self.req.codes[self._taken - 1]
-            elif self._encoder is None:
-                if box.chunks:
-                    return box.chunks.popleft()
-            else:
-                while not self._out and box.chunks:
-                    self._out.extend(self._encoder.feed(box.chunks.popleft()))
-                if self._out:
-                    return self._out.popleft()
-            if not done:
-                return None
-        if self._encoder is not None and not self._flushed:  # (after a failure too: nothing made is lost)
-            self._flushed = True
-            self._out.extend(self._encoder.finish())
-            if self._out:
-                return self._out.popleft()
-        reason = self.req.reason
-        if reason == "error":
-            raise GenerationError(self.req.error or "generation failed")
-        if reason == "cancelled" and not self._stopped:
-            raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.req.frames} frames made)")
-        raise StopIteration
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self):
-        if self._stopped:
-            raise StopIteration
-        box = self._box
-        while True:
-            box.ready.clear()  # clear, then look: a tick in between sets it again
-            item = self._next()
-            if item is not None:
-                return item
-            box.ready.wait()
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self):
-        if self._stopped:
-            raise StopAsyncIteration
-        box = self._box
-        if box.event is None:
-            box.event = asyncio.Event()
-            box.loop = asyncio.get_running_loop()  # (after the event: the engine thread reads both)
-        while True:
-            box.event.clear()
-            try:
-                item = self._next()
-            except StopIteration:
-                raise StopAsyncIteration from None
-            if item is not None:
-                return item
-            try:
-                await box.event.wait()
-            except BaseException:  # the consuming task was cancelled: so is the generation
-                self.close()
-                raise
-
-    def close(self) -> None:
-        """Stop generating (at the next tick) and free the slot; the iteration ends."""
-        if not self._stopped:
-            self._stopped = True
-            if self.req is not None and not self.req.finished:
-                self.req.cancel()
-            self._box.chunks.clear()
-            self._out.clear()
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def __enter__(self) -> Stream:  # `with tts.stream(...) as s:` closes it however the block ends
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # dropped unfinished (a `break` out of the loop): free its slot
-        req = self.__dict__.get("req")
-        if req is not None and not req.finished:
-            req.cancel()

@@ -20,7 +20,7 @@ from ..engine.prompt import Segment
 from ..engine.worker import Busy
 from . import protocol
 from .gate import PerMinute
-from .job import Job
+from .job import Job, fit_history
 from .ring import PcmRing
 
 log = logging.getLogger("csmstream.server")
@@ -353,22 +353,12 @@ class Connection:
             cap = min(cap, max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME)))
         v = srv.voices.get(job.msg.voice)
         voice = [Segment(job.msg.speaker_id, v.text, codes=v.codes)] if v is not None else []
-        history = job.context_for_next()
-        window = srv.engine.gen.max_seq_len
+
+        def make(history):
+            return job.new_request(text, voice + [Segment(job.msg.speaker_id, t, codes=c) for t, c in history], cap)
+
         try:
-            while True:
-                ctx = voice + [Segment(job.msg.speaker_id, t, codes=c) for t, c in history]
-                req = job.new_request(text, ctx, cap)
-                try:
-                    srv.worker.prepare(req)
-                except ValueError:
-                    if not history:
-                        raise
-                    history = history[1:]  # the prompt does not fit at all: drop the oldest sentence
-                    continue
-                if not history or req.prompt_len + cap <= window:
-                    break
-                history = history[1:]
+            req = fit_history(make, srv.worker.prepare, job.context_for_next(), srv.engine.gen.max_seq_len)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
             srv.worker.submit(req)
@@ -390,6 +380,7 @@ class Connection:
                 job.cancel()
             return False
         job.parts.popleft()
+        job.n_parts += 1
         job.active.append((req, ring))
         srv.recent.append(req)
         return True

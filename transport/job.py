@@ -145,9 +145,31 @@ class Job:
         return done[-CONTEXT_SENTENCES:]
 
     def new_request(self, text: str, context: list, max_frames: int) -> GenRequest:
+        """The request for the next sentence (sentence i of a seeded request has seed + i; the
+        caller counts it in n_parts once it is submitted)."""
         m = self.msg
         seed = None if m.seed is None else m.seed + self.n_parts
-        self.n_parts += 1
         return GenRequest(text=text, speaker_id=m.speaker_id, context=context, temperature=m.temperature,
                           topk=m.topk, seed=seed, tag=self, keep_codes=True, max_repeats=REPEAT_GUARD,
                           max_frames=max_frames, chunk_s=m.chunk_ms / 1000)
+
+
+def fit_history(make, prepare, history: list, window: int) -> GenRequest:
+    """A sentence's request with as much of the reply so far as fits: `make(history)` builds it
+    with those earlier (text, codes) sentences as context, `prepare(req)` checks it (ValueError: the
+    prompt does not fit the model's `window`). The oldest sentence is dropped until the prompt is
+    accepted and leaves room for the sentence's cap (the max_frames it was made with); with no
+    history left, prepare's ValueError goes up."""
+    while True:
+        req = make(history)
+        cap = req.max_frames
+        try:
+            prepare(req)
+        except ValueError:
+            if not history:
+                raise
+            history = history[1:]  # the prompt does not fit at all: drop the oldest sentence
+            continue
+        if not history or req.prompt_len + cap <= window:
+            return req
+        history = history[1:]

@@ -103,7 +103,8 @@ def test_next_sentence_uses_the_previous_one_as_exact_context(server):
 
 def test_long_text_streams_to_the_end_within_the_window():
     """24 sentences on an engine whose window (200 positions) cannot hold them all: every sentence
-    is generated, with the context trimmed from the oldest sentence so each prompt fits."""
+    is generated, with the context trimmed from the oldest sentence so each prompt fits (sentence i
+    still has seed + i)."""
     import csmstream
     from csmstream.engine.generator import FrameGenerator
 
@@ -114,7 +115,7 @@ def test_long_text_streams_to_the_end_within_the_window():
     try:
         async def go():
             async with connect(rs.url) as ws:
-                await ws.send(json.dumps({"text": text, "request_id": "long24"}))
+                await ws.send(json.dumps({"text": text, "request_id": "long24", "seed": 3}))
                 return await collect(ws)
 
         events = asyncio.run(go())
@@ -127,6 +128,7 @@ def test_long_text_streams_to_the_end_within_the_window():
     assert all(r.prompt_len + r.max_frames <= 200 for r in parts)
     assert max(len(r.context) for r in parts) >= 2  # context was used...
     assert min(len(r.context) for r in parts[5:]) < 4  # ...and trimmed to fit
+    assert [r.seed for r in parts] == [3 + i for i in range(24)]
     total = sum(r.frames for r in parts) * 1920 / 24
     assert events[-1][1]["audio_ms"] == pytest.approx(total, abs=0.1)
 
