@@ -1,6 +1,6 @@
 """A Streamer's stream (csmstream/streamer.py): what the engine thread hands it each tick (its
-mailbox), how it is read (iteration from a thread or an event loop), and, with sentences=True,
-the sentences it speaks one generation after another."""
+mailbox) and how it is read (iteration from a thread or an event loop). It is one generation, or
+with a plan (csmstream/plan.py: sentences=True, stream_text) one generation a sentence."""
 
 from __future__ import annotations
 
@@ -8,80 +8,19 @@ import asyncio
 import threading
 from collections import deque
 
-import numpy as np
-
 from .engine.worker import GenRequest
+from .plan import WAIT, GenerationError, SentencePlan
 
-
-class GenerationError(RuntimeError):
-    """The engine failed this stream (the message says how); the frames before it were yielded."""
+GOOD_ENDS = ("eos", "max_frames", "guard")  # a sentence that ended so: the next one follows
 
 
 class StreamerClosed(RuntimeError):
     """The Streamer was closed while this stream was running; the frames before it were yielded."""
 
 
-class _Sentences:
-    """stream(sentences=True): the text's sentences, each one generation (GenRequest) with the
-    earlier ones as context, submitted when the one before has finished (its codes are the next
-    one's context)."""
-
-    def __init__(self, worker, text, context, seed, max_frames, opts) -> None:
-        from .transport.sentences import split_sentences
-
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}")
-        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
-                                       or max_frames < 1):
-            raise ValueError(f"max_frames must be an integer >= 1 or None, got {max_frames!r}")
-        self.parts = split_sentences(text)
-        if not self.parts:
-            raise ValueError("text has nothing to speak: no letter or digit in it")
-        self.worker, self.context, self.opts = worker, list(context or ()), opts
-        self.seed, self.budget = seed, max_frames
-        self.history: list = []  # (sentence, codes) generated so far
-        self.done = 0  # sentences submitted
-        self.frames_before = 0  # frames of the sentences before the current one
-
-    def first(self) -> GenRequest:
-        return self._submit(0)  # its ValueError, Busy: the caller's, at once
-
-    def _submit(self, made: int) -> GenRequest:
-        """Submit the next sentence, `made` frames into the stream."""
-        from .engine.prompt import Segment
-        from .transport.job import CONTEXT_SENTENCES, REPEAT_GUARD, fit_history
-
-        text, i, spk = self.parts[self.done], self.done, self.opts["speaker_id"]
-        cap = self.worker.engine.config.default_max_frames(len(text))
-        if self.budget is not None:
-            cap = min(cap, self.budget - made)
-
-        def make(history):
-            ctx = self.context + [Segment(spk, t, codes=c) for t, c in history]
-            return GenRequest(text, context=ctx, seed=None if self.seed is None else self.seed + i, max_frames=cap,
-                              keep_codes=True, max_repeats=REPEAT_GUARD, **self.opts)
-
-        req = fit_history(make, self.worker.prepare, self.history[-CONTEXT_SENTENCES:],
-                          self.worker.engine.gen.max_seq_len)
-        self.worker.submit(req)
-        self.done += 1
-        return req
-
-    def next(self, req: GenRequest) -> GenRequest | None:
-        """After `req` (the current sentence) ended well and was all read: the next sentence's
-        request, submitted; None when there is none, or the max_frames budget is spent (asked
-        again, None again). Raises GenerationError when the engine refuses it."""
-        made = self.frames_before + req.frames
-        if self.done == len(self.parts) or (self.budget is not None and made >= self.budget):
-            return None
-        if req.codes:
-            self.history.append((req.text, np.stack(req.codes)))
-        try:
-            nxt = self._submit(made)
-        except (ValueError, RuntimeError) as e:  # (Busy is a RuntimeError)
-            raise GenerationError(f"sentence {self.done + 1} of {len(self.parts)} was refused: {e}") from e
-        self.frames_before = made
-        return nxt
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class _Mailbox:
@@ -91,7 +30,7 @@ class _Mailbox:
     __slots__ = ("chunks", "ready", "loop", "event")
 
     def __init__(self) -> None:
-        self.chunks: deque = deque()  # PCM written, not yet yielded
+        self.chunks: deque = deque()  # PCM written, not yet yielded (the sentences' in order)
         self.ready = threading.Event()  # set each tick the request changed: a thread consumer waits on it
         self.loop: asyncio.AbstractEventLoop | None = None  # an async consumer's loop, once it iterates
         self.event: asyncio.Event | None = None
@@ -100,9 +39,15 @@ class _Mailbox:
         self.chunks.append(samples)  # (a fresh array each frame; deque appends are thread-safe)
         return len(samples)
 
-
-_ENDED = object()  # Stream._take: the current request is over and all of it was taken
-GOOD_ENDS = ("eos", "max_frames", "guard")  # a sentence that ended so: the next one follows
+    def wake(self) -> None:
+        """From any thread (the text source's): the consumer looks again."""
+        self.ready.set()
+        loop, event = self.loop, self.event
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(_set_all, [event])
+            except RuntimeError:  # that loop is closed: nobody awaits on it any more
+                pass
 
 
 class Stream:
@@ -110,91 +55,135 @@ class Stream:
 
     def __init__(self, codes: bool, encoder=None) -> None:
         self.codes = codes  # yields codes (frames()) rather than PCM (stream())
-        self.req: GenRequest | None = None
+        self.req: GenRequest | None = None  # the request generating now (or the last one)
         self._box = _Mailbox()
-        self._taken = 0  # codes yielded (frames())
+        self._reqs: deque[GenRequest] = deque()  # frames(): requests whose codes are not all taken
+        self._taken = 0  # codes taken from the first of them
         self._stopped = False  # the consumer ended it early
         self._encoder = encoder  # stream(format=...): PCM becomes these chunks (on the consumer's side)
         self._out: deque[bytes] = deque()  # encoded chunks not yet yielded
         self._flushed = False  # the encoder's last (short) chunk is out
-        self._plan: _Sentences | None = None  # sentences=True: the sentences after the current one
+        self._plan: SentencePlan | None = None  # sentences: what comes after the current one
         self._failed: GenerationError | None = None  # a later sentence the engine refused
+        self._async_source = None  # stream_text's async iterable, read once an event loop iterates
+
+    def _begin(self, req: GenRequest) -> None:
+        self.req = req
+        if self.codes:
+            self._reqs.append(req)
 
     def __repr__(self) -> str:
         req = self.req
-        state = "stopped" if self._stopped else (req.reason or "running") if req is not None else "new"
-        return f"Stream({'frames' if self.codes else 'pcm'}, {req.frames if req else 0} frames, {state})"
+        state = "stopped" if self._stopped else (req.reason or "running") if req is not None else "waiting for text"
+        return f"Stream({'frames' if self.codes else 'pcm'}, {self.frames_made} frames, {state})"
 
     @property
     def frames_made(self) -> int:
         """Frames generated so far (all sentences')."""
-        return self.req.frames + (self._plan.frames_before if self._plan is not None else 0)
+        plan, req = self._plan, self.req
+        if plan is None:
+            return req.frames if req is not None else 0
+        return plan.made + (req.frames if req is not None and req is not plan.counted else 0)
 
+    # -- reading ---------------------------------------------------------------------------------
     def _next(self):
         """The next frame (or chunk) if one is ready; None if not yet; raises StopIteration at the end."""
-        while True:
-            item = self._take()
-            if item is not _ENDED:
-                return item
-            if not self._advance():
-                return self._end()
+        self._advance()
+        over = self._over()  # (looked at before taking: what was written before the end is taken)
+        item = self._take()
+        if item is not None:
+            return item
+        return self._end() if over else None
 
-    def _advance(self) -> bool:
-        """The current request has ended and all of it was taken: with sentences=True, go on to the
-        next sentence (True), unless it ended badly, the stream was closed, or it was the last."""
-        if self._plan is None or self._stopped or self._failed is not None or self.req.reason not in GOOD_ENDS:
-            return False
+    def _advance(self) -> None:
+        """With a plan: once the current sentence has finished generating well, count it and submit
+        the next one (so it generates while the current one's audio is still being read)."""
+        plan = self._plan
+        if plan is None or self._stopped or self._failed is not None or plan.exhausted:
+            return
+        req = self.req
+        if plan.error is not None or plan.closed:  # the text source failed, or the Streamer closed: stop
+            plan.exhausted = True  # here (what was made is still read)
+            if req is not None:
+                req.cancel()
+            return
+        if req is not None:
+            if not req.finished:
+                return
+            if req.reason not in GOOD_ENDS:
+                plan.exhausted = True
+                return
+            plan.finished(req)
         try:
-            req = self._plan.next(self.req)
+            nxt = plan.next()
         except GenerationError as e:
             self._failed = e
+            return
+        if nxt is not None and nxt is not WAIT:
+            self._begin(nxt)
+            if self._stopped:  # closed from another thread meanwhile
+                nxt.cancel()
+
+    def _over(self) -> bool:
+        """No more frames will be written for this stream."""
+        req, plan = self.req, self._plan
+        if req is not None and not req.finished:
             return False
-        if req is None:
-            return False
-        self.req, self._taken = req, 0
-        if self._stopped:  # closed from another thread meanwhile
-            req.cancel()
-        return True
+        if plan is None or self._stopped or self._failed is not None:
+            return True
+        return plan.exhausted
 
     def _take(self):
-        """The current request's next frame (or chunk): None if not yet, _ENDED once it has ended
-        and everything it made was taken."""
         if self._out:
             return self._out.popleft()
-        box = self._box
-        for _ in range(2):  # once more after seeing the end: frames written just before it
-            done = self.req.finished
-            if self.codes:
-                if self._taken < len(self.req.codes):
+        if self.codes:
+            while self._reqs:
+                head = self._reqs[0]
+                done = head.finished  # (before looking: codes are appended before it is set)
+                if self._taken < len(head.codes):
                     self._taken += 1
-                    return self.req.codes[self._taken - 1]
-            elif self._encoder is None:
-                if box.chunks:
-                    return box.chunks.popleft()
-            else:
-                while not self._out and box.chunks:
-                    self._out.extend(self._encoder.feed(box.chunks.popleft()))
-                if self._out:
-                    return self._out.popleft()
-            if not done:
-                return None
-        return _ENDED
+                    return head.codes[self._taken - 1]
+                if not done:
+                    return None
+                self._reqs.popleft()
+                self._taken = 0
+            return None
+        chunks = self._box.chunks
+        if self._encoder is None:
+            return chunks.popleft() if chunks else None
+        while not self._out and chunks:
+            self._out.extend(self._encoder.feed(chunks.popleft()))
+        return self._out.popleft() if self._out else None
 
     def _end(self):
-        """After the last request: the encoder's tail, then how the stream ended."""
+        """After the last frame: the encoder's tail, then how the stream ended."""
         if self._encoder is not None and not self._flushed:  # (after a failure too: nothing made is lost)
             self._flushed = True
             self._out.extend(self._encoder.finish())
             if self._out:
                 return self._out.popleft()
+        plan, req = self._plan, self.req
+        if self._stopped:
+            raise StopIteration
+        if plan is not None and plan.error is not None:
+            raise plan.error
         if self._failed is not None:
             raise self._failed
-        reason = self.req.reason
-        if reason == "error":
-            raise GenerationError(self.req.error or "generation failed")
-        if reason == "cancelled" and not self._stopped:
-            raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.req.frames} frames made)")
+        if req is not None and req.reason == "error":
+            raise GenerationError(req.error or "generation failed")
+        if (req is not None and req.reason == "cancelled") or (plan is not None and plan.closed):
+            raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.frames_made} frames made)")
         raise StopIteration
+        if req is not None and req.reason == "error":
+            raise GenerationError(req.error or "generation failed")
+        if (req.reason == "cancelled" or (plan is not None and plan.closed)) and not self._stopped:
+            raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.frames_made} frames made)")
+        raise StopIteration
+
+    def _wait_s(self) -> float | None:
+        """How long to sleep before looking again with nothing woken: until a text pause counts."""
+        plan = self._plan
+        return plan.settle_in() if plan is not None else None
 
     def __iter__(self) -> Stream:
         return self
@@ -202,13 +191,15 @@ class Stream:
     def __next__(self):
         if self._stopped:
             raise StopIteration
+        if self._async_source is not None:
+            raise TypeError("this stream reads an async iterable of text: iterate it with `async for`")
         box = self._box
         while True:
             box.ready.clear()  # clear, then look: a tick in between sets it again
             item = self._next()
             if item is not None:
                 return item
-            box.ready.wait()
+            box.ready.wait(self._wait_s())
 
     def __aiter__(self) -> Stream:
         return self
@@ -220,6 +211,8 @@ class Stream:
         if box.event is None:
             box.event = asyncio.Event()
             box.loop = asyncio.get_running_loop()  # (after the event: the engine thread reads both)
+        if self._async_source is not None:
+            self._plan.read_on_loop(self._async_source)
         while True:
             box.event.clear()
             try:
@@ -229,19 +222,30 @@ class Stream:
             if item is not None:
                 return item
             try:
-                await box.event.wait()
+                wait = self._wait_s()
+                if wait is None:
+                    await box.event.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(box.event.wait(), wait)
+                    except TimeoutError:
+                        pass
             except BaseException:  # the consuming task was cancelled: so is the generation
                 self.close()
                 raise
 
+    # -- ending early ----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop generating (at the next tick) and free the slot; the iteration ends."""
         if not self._stopped:
             self._stopped = True
+            if self._plan is not None:
+                self._plan.stop()
             if self.req is not None and not self.req.finished:
                 self.req.cancel()
             self._box.chunks.clear()
             self._out.clear()
+            self._reqs.clear()
 
     async def aclose(self) -> None:
         self.close()
@@ -259,6 +263,9 @@ class Stream:
         self.close()
 
     def __del__(self) -> None:  # dropped unfinished (a `break` out of the loop): free its slot
+        plan = self.__dict__.get("_plan")
+        if plan is not None:
+            plan.stop()
         req = self.__dict__.get("req")
         if req is not None and not req.finished:
             req.cancel()

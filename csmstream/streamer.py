@@ -29,9 +29,11 @@ raises `StreamerClosed`.
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from .engine.worker import Busy, EngineWorker, GenRequest
-from .stream import GenerationError, Stream, StreamerClosed, _Sentences
+from .plan import GenerationError, SentencePlan
+from .stream import Stream, StreamerClosed, _set_all
 
 __all__ = ["Streamer", "Stream", "Busy", "GenerationError", "StreamerClosed"]
 
@@ -55,6 +57,7 @@ class Streamer:
         self.engine = engine
         self._worker = EngineWorker(engine, self._notify, prefill_chunk=prefill_chunk, max_waiting=max_waiting)
         self._started = self._closed = False
+        self._plans: weakref.WeakSet[SentencePlan] = weakref.WeakSet()  # streams of sentences, to end on close
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._started else "not started"
@@ -72,6 +75,8 @@ class Streamer:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the engine thread: streams still running end with StreamerClosed (blocks until then)."""
         if self._started and not self._closed:
+            for plan in list(self._plans):  # streams between sentences, or waiting for text
+                plan.shutdown()
             self._worker.stop(timeout)
         self._closed = True
 
@@ -109,14 +114,8 @@ class Streamer:
         context after `context`, so the voice carries on; sentence i of a seeded stream has seed
         + i, and max_frames bounds the whole stream. For paragraphs and longer: one generation
         of a long text drifts and is cut at the model's window."""
-        if self.engine.codec is None:
-            raise ValueError("this engine has no codec; stream() needs one to turn codes into audio (frames() "
-                             "gives the codes)")
-        if format is None and chunk_ms is not None:
-            raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
-        encoder = None if format is None else _encoder(format, chunk_ms)
-        return self._submit(Stream(codes=False, encoder=encoder), text, speaker_id, context, temperature,
-                            topk, seed, max_frames, sentences)
+        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id, context, temperature, topk,
+                            seed, max_frames, sentences)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None, sentences: bool = False) -> Stream:
@@ -125,20 +124,72 @@ class Streamer:
         return self._submit(Stream(codes=True), text, speaker_id, context, temperature, topk, seed,
                             max_frames, sentences)
 
-    def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames,
-                sentences) -> Stream:
+    def stream_text(self, pieces, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
+                    seed: int | None = None, max_frames: int | None = None, format: str | None = None,
+                    chunk_ms: int | None = None, codes: bool = False) -> Stream:
+        """Text as it is written (an LLM's tokens): `pieces` is an iterable of str (read by a
+        thread of its own, so a blocking one never holds up the audio) or an async iterable (read
+        on the event loop that iterates the stream: use `async for`). Each sentence is spoken as
+        soon as it is complete -- a sentence end the text pauses after for 0.2 s counts, as on the
+        server -- as with sentences=True; the stream ends when the pieces do and all is spoken.
+        If the pieces raise, the sentence speaking is stopped, what was made is yielded, then
+        that exception. codes=True: the frames' codes instead of audio. The other arguments are
+        stream()'s, checked now (ValueError)."""
+        if isinstance(pieces, (str, bytes)):
+            raise ValueError("pieces must be an iterable of str pieces as they are written, not one "
+                             f"{type(pieces).__name__}: for a whole text use stream(text, sentences=True)")
+        is_async = hasattr(pieces, "__aiter__")
+        if not is_async and not hasattr(pieces, "__iter__"):
+            raise ValueError(f"pieces must be an iterable or an async iterable of str, got {type(pieces).__name__}")
+        stream = Stream(codes=True) if codes else self._pcm_stream(format, chunk_ms)
+        if codes and (format is not None or chunk_ms is not None):
+            raise ValueError("format and chunk_ms are for audio: with codes=True the frames' codes come")
+        plan = self._plan(stream, speaker_id, context, temperature, topk, seed, max_frames)
+        plan.open = True
+        plan.probe()
+        if is_async:
+            stream._async_source = pieces
+        else:
+            plan.read_in_thread(pieces)
+        return stream
+
+    def _pcm_stream(self, format, chunk_ms) -> Stream:
+        if self.engine.codec is None:
+            raise ValueError("this engine has no codec to turn codes into audio (frames(), or stream_text with "
+                             "codes=True, give the codes)")
+        if format is None and chunk_ms is not None:
+            raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
+        return Stream(codes=False, encoder=None if format is None else _encoder(format, chunk_ms))
+
+    def _running(self) -> None:
         if not self._started or self._closed:
             raise RuntimeError("this Streamer is not running: use `with Streamer(engine) as tts:` (or `async "
                                "with`), or call start() first" + ("; it was closed" if self._closed else ""))
+
+    def _plan(self, stream: Stream, speaker_id, context, temperature, topk, seed, max_frames) -> SentencePlan:
+        self._running()
         box = stream._box
         opts = dict(speaker_id=speaker_id, temperature=temperature, topk=topk, sink=None if stream.codes else box,
                     tag=box)
+        stream._plan = plan = SentencePlan(self._worker, context, seed, max_frames, opts, box.wake)
+        self._plans.add(plan)
+        return plan
+
+    def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames,
+                sentences) -> Stream:
         if sentences:
-            stream._plan = _Sentences(self._worker, text, context, seed, max_frames, opts)
-            stream.req = stream._plan.first()
+            plan = self._plan(stream, speaker_id, context, temperature, topk, seed, max_frames)
+            plan.whole(text)
+            try:
+                stream._begin(plan.next())
+            except GenerationError as e:  # the first sentence: refused at once, as a single request is
+                raise e.__cause__ from None
             return stream
-        req = GenRequest(text, context=context, seed=seed, max_frames=max_frames, keep_codes=stream.codes, **opts)
-        stream.req = self._worker.submit(req)  # ValueError, Busy, or RuntimeError if the thread died
+        self._running()
+        box = stream._box
+        req = GenRequest(text, speaker_id, context=context, temperature=temperature, topk=topk, seed=seed,
+                         max_frames=max_frames, sink=None if stream.codes else box, keep_codes=stream.codes, tag=box)
+        stream._begin(self._worker.submit(req))  # ValueError, Busy, or RuntimeError if the thread died
         return stream
 
     @staticmethod
@@ -172,6 +223,3 @@ def _encoder(fmt, chunk_ms):
     return encoder_for(fmt, chunk_ms)
 
 
-def _set_all(events: list[asyncio.Event]) -> None:
-    for event in events:
-        event.set()

@@ -53,6 +53,8 @@ class GenRequest:
     keep_codes: bool = False  # keep every frame's codes in `codes` (context for the next sentence)
     max_repeats: int = 0  # > 0: stop ("guard") when the same frame repeats this many times in a row
     chunk_s: float = 0.0  # the consumer sends audio in chunks of this many seconds (for its lead)
+    continues: bool = False  # a later sentence of a reply already playing: never refused for a full queue,
+    # and admitted before newcomers (its listener is waiting for it; theirs have heard nothing yet)
     # engine-side state
     frames: int = 0
     finished: bool = False
@@ -170,7 +172,7 @@ class EngineWorker:
         with self._gate:
             if self._ended or not self.alive:
                 raise RuntimeError("the engine thread is not running")
-            if self.queued() >= self.max_waiting + free:
+            if not req.continues and self.queued() >= self.max_waiting + free:
                 raise Busy(f"all {self.engine.max_streams} streams are busy and {self.max_waiting} requests are "
                            "already waiting; retry shortly")
             req.t_submit = time.perf_counter()
@@ -229,9 +231,16 @@ class EngineWorker:
         changed: list[GenRequest] = []
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                req = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if req.continues:  # ahead of the newcomers, behind the continuations already waiting
+                i = 0
+                while i < len(self._waiting) and self._waiting[i].continues:
+                    i += 1
+                self._waiting.insert(i, req)
+            else:
+                self._waiting.append(req)
         # cancellations first, so their slots are reused this tick
         for req in list(self._active.values()):
             if req._cancel:

@@ -361,6 +361,7 @@ class Connection:
             req = fit_history(make, srv.worker.prepare, job.context_for_next(), srv.engine.gen.max_seq_len)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
+            req.continues = job.n_parts > 0  # its reply is playing: not refused, nor queued behind newcomers
             srv.worker.submit(req)
         except Exception as e:
             later = bool(job.active or job.done_reqs)

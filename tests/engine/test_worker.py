@@ -202,3 +202,22 @@ def test_a_temperature_float32_cannot_hold_costs_the_batch_nothing(engine):
     assert np.array_equal(np.stack(a.codes), alone)
     greedy = np.stack(list(engine.frames(b.text, seed=2, max_frames=12, topk=1)))
     assert np.array_equal(np.stack(b.codes), greedy)
+
+
+def test_a_later_sentence_of_a_playing_reply_is_admitted_before_newcomers(engine):
+    """Every slot busy, two newcomers waiting; then the next sentence of a reply that is playing
+    comes: the first slot that frees goes to it (its listener is waiting), and a second
+    continuation queues behind it, still ahead of the newcomers."""
+    w = EngineWorker(engine, prefill_chunk=512)
+    playing = [_queue(w, GenRequest(f"Caller {i} speaks.", seed=i, max_frames=8 + i)) for i in range(4)]
+    _ticks_until(w, lambda: w.stats.active == 4)
+    new = [_queue(w, GenRequest(f"Newcomer {i}.", seed=9, max_frames=2)) for i in range(2)]
+    nxt = _queue(w, GenRequest("The next sentence.", seed=5, max_frames=2, continues=True))
+    nxt2 = _queue(w, GenRequest("And the one after.", seed=6, max_frames=2, continues=True))
+    w._tick()
+    assert [id(r) for r in w._waiting] == [id(r) for r in (nxt, nxt2, *new)]
+    _ticks_until(w, lambda: playing[0].finished)  # one slot frees...
+    _ticks_until(w, lambda: nxt.t_start or any(r.t_start for r in new))
+    assert nxt.t_start and not any(r.t_start for r in new)  # ...and the continuation has it
+    _ticks_until(w, lambda: all(r.finished for r in [*playing, nxt, nxt2, *new]))
+    assert nxt2.t_start < min(r.t_start for r in new)

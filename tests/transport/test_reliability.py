@@ -141,17 +141,15 @@ def test_a_request_that_fails_and_is_then_cancelled_still_ends_with_its_error(mo
         rs.stop()
 
 
-@pytest.mark.parametrize("refusal,code", [("busy", "busy"), ("stopped", "unavailable"), ("bug", "internal_error")])
+@pytest.mark.parametrize("refusal,code", [("stopped", "unavailable"), ("bug", "internal_error")])
 def test_a_later_sentence_refused_plays_the_earlier_ones_whole_then_the_error(monkeypatch, refusal, code):
-    """The engine refuses a request's second sentence (full, or stopping), or handing it over hits a
-    server bug: the first sentence's audio goes out to its last sample, then the error; the
-    connection takes the next request. (A bug used to cut the audio where it struck.)"""
-    from csmstream.engine.worker import Busy
-
+    """The engine refuses a request's second sentence (it is stopping; a full queue never refuses a
+    later sentence), or handing it over hits a server bug: the first sentence's audio goes out to
+    its last sample, then the error; the connection takes the next request. (A bug used to cut the
+    audio where it struck.)"""
     rs = RunningServer(tiny(2)).start()
     fail_on(monkeypatch, rs.srv.worker, "submit", "REFUSED", {
-        "busy": Busy("all streams are busy (injected)"), "stopped": RuntimeError("engine stopped"),
-        "bug": TypeError("injected bug")}[refusal])
+        "stopped": RuntimeError("engine stopped"), "bug": TypeError("injected bug")}[refusal])
     try:
         async def go():
             async with connect(rs.url) as ws:

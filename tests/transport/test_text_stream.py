@@ -129,6 +129,7 @@ def test_long_text_streams_to_the_end_within_the_window():
     assert max(len(r.context) for r in parts) >= 2  # context was used...
     assert min(len(r.context) for r in parts[5:]) < 4  # ...and trimmed to fit
     assert [r.seed for r in parts] == [3 + i for i in range(24)]
+    assert [r.continues for r in parts] == [False] + [True] * 23  # later ones: never refused as busy
     total = sum(r.frames for r in parts) * 1920 / 24
     assert events[-1][1]["audio_ms"] == pytest.approx(total, abs=0.1)
 

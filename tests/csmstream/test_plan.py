@@ -1,9 +1,11 @@
-"""Streamer.stream/frames(sentences=True): a text spoken sentence by sentence, each sentence one
-generation with the sentences before it as context -- checked against the same chain built by
-hand with Engine.frames/stream, and against the server's /ws/generate for the same text and seed."""
+"""Streams of sentences (csmstream/plan.py): Streamer.stream/frames(sentences=True) speak a whole
+text sentence by sentence, each sentence one generation with the sentences before it as context --
+checked against the same chain built by hand with Engine.frames/stream, and against the server's
+/ws/generate for the same text and seed; stream_text takes the text in pieces as an LLM writes it."""
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
@@ -123,7 +125,8 @@ def test_a_later_sentence_the_engine_refuses_ends_the_stream_after_the_earlier_o
         want = np.stack(list(engine.frames(first, context=ctx, seed=SEED)))
         s = tts.frames(text, seed=SEED, context=ctx, sentences=True)
         got = []
-        with pytest.raises(csmstream.GenerationError, match=rf"sentence 2 of {len(split_sentences(text))} was refused: .*window"):
+        refused = rf"sentence 2 of {len(split_sentences(text))} was refused: .*window"
+        with pytest.raises(csmstream.GenerationError, match=refused):
             for c in s:
                 got.append(c)
     assert len(want) == 5 and np.array_equal(np.stack(got), want)
@@ -156,3 +159,145 @@ def test_a_text_with_no_sentence_to_speak_is_refused_when_the_stream_is_made(eng
         with pytest.raises(ValueError, match="max_frames must be an integer >= 1"):
             tts.frames("Hello.", sentences=True, max_frames=0)
         assert tts.stats.requests == 0
+
+
+def test_a_later_sentence_is_never_refused_for_a_full_queue_and_goes_before_newcomers(engine):
+    """Both slots busy and no queue (max_waiting=0): the next sentence of a stream that is playing
+    still goes in (at the first free slot), while a newcomer is refused with Busy."""
+    want = by_hand(engine, TEXT, 0, SEED)[0]
+    with csmstream.Streamer(engine, max_waiting=0) as tts:
+        a = tts.frames(TEXT, seed=SEED, sentences=True)
+        b = tts.frames("Another caller holds the other slot.", seed=1, max_frames=2000)
+        got = [next(a) for _ in range(len(want[0]))]
+        _poll(lambda: a.req.finished)
+        c = tts.frames("A newcomer takes the slot that freed.", seed=2, max_frames=2000)
+        _poll(lambda: c.req.frames > 0)  # both slots busy again, nobody waiting
+        got.append(next(a))  # hands a's second sentence over: it waits for a slot, not refused
+        with pytest.raises(csmstream.Busy):
+            tts.frames("Yet another newcomer.", seed=3)
+        b.close()  # a slot frees: the second sentence has it
+        got += list(a)
+        c.close()
+    assert np.array_equal(np.stack(got), np.concatenate(want))
+
+
+def _poll(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+# -- stream_text: the text in pieces -------------------------------------------------------------
+def words(text):
+    for w in text.split(" "):
+        yield w + " "
+
+
+async def awords(text):
+    for w in text.split(" "):
+        await asyncio.sleep(0)
+        yield w + " "
+
+
+def test_text_in_pieces_is_spoken_as_the_whole_text_is_from_a_thread_or_an_event_loop(engine):
+    want = np.concatenate(by_hand(engine, TEXT, 1, SEED)[0])
+
+    async def from_loop(tts):
+        codes = [c async for c in tts.stream_text(awords(TEXT), 1, seed=SEED, codes=True)]
+        chunks = [c async for c in tts.stream_text(awords(TEXT), 1, seed=SEED, format="ulaw_8000", chunk_ms=20)]
+        return codes, chunks
+
+    with csmstream.Streamer(engine) as tts:
+        got = np.stack(list(tts.stream_text(words(TEXT), 1, seed=SEED, codes=True)))
+        whole = b"".join(tts.stream(TEXT, 1, seed=SEED, sentences=True, format="ulaw_8000", chunk_ms=20))
+        codes, chunks = asyncio.run(from_loop(tts))
+    assert np.array_equal(got, want) and np.array_equal(np.stack(codes), want)
+    assert all(len(c) == 160 for c in chunks[:-1]) and b"".join(chunks) == whole
+
+
+def test_a_sentence_is_spoken_while_the_source_still_holds_back_the_rest(engine):
+    """The source gives one sentence, then blocks until the consumer has heard audio: its sentence
+    end counts once the text pauses (as on the server), so the audio comes without the rest."""
+    heard = threading.Event()
+    timed_out = []
+
+    def source():
+        yield "Hello there, how are you today?"
+        timed_out.append(not heard.wait(30))  # (30 s: only if the sentence waited for more text)
+        yield " It shipped this morning."
+
+    with csmstream.Streamer(engine) as tts:
+        n = 0
+        for _ in tts.stream_text(source(), seed=SEED, codes=True):
+            heard.set()
+            n += 1
+    assert timed_out == [False]
+    assert n == sum(len(c) for c in by_hand(engine, "Hello there, how are you today? It shipped this morning.", 0,
+                                            SEED)[0])
+
+
+def test_a_source_that_fails_stops_the_stream_after_what_was_made_then_raises_its_error(engine):
+    first = len(by_hand(engine, TEXT, 0, SEED)[0][0])
+    made = threading.Event()
+
+    def source():
+        yield split_sentences(TEXT)[0] + " And then"
+        made.wait(30)
+        raise OSError("the LLM's connection dropped")
+
+    with csmstream.Streamer(engine) as tts:
+        got = []
+        with pytest.raises(OSError, match="connection dropped"):
+            for c in tts.stream_text(source(), seed=SEED, codes=True):
+                got.append(c)
+                if len(got) == first:
+                    made.set()
+        assert len(got) == first and tts.stats.requests == 1  # "And then" was never spoken
+        deadline = time.monotonic() + 10
+        while len(engine._free) < engine.max_streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(engine._free) == engine.max_streams
+
+
+def test_closing_the_streamer_ends_a_stream_waiting_for_text_instead_of_leaving_it_hanging(engine):
+    async def main():
+        async def stalled():
+            yield "Hi there."
+            await asyncio.sleep(3600)
+            yield "never"
+
+        async with csmstream.Streamer(engine) as tts:
+            s = tts.stream_text(stalled(), seed=1, codes=True)
+            frames = [await s.__anext__()]  # its first sentence is under way
+
+            async def rest():
+                async for c in s:
+                    frames.append(c)
+
+            task = asyncio.create_task(rest())
+            while not s.req.finished:  # the first sentence is all spoken: now it waits for text
+                await asyncio.sleep(0.01)
+        with pytest.raises(csmstream.StreamerClosed):
+            await asyncio.wait_for(task, 10)
+        return frames, s.req.frames
+
+    frames, made = asyncio.run(main())
+    assert len(frames) == made > 0
+
+
+def test_bad_pieces_and_arguments_are_refused_with_what_is_allowed(engine):
+    with csmstream.Streamer(engine) as tts:
+        with pytest.raises(ValueError, match="not one str: for a whole text use stream"):
+            tts.stream_text("Hello there.")
+        with pytest.raises(ValueError, match="iterable or an async iterable of str, got int"):
+            tts.stream_text(5)
+        with pytest.raises(ValueError, match="temperature"):
+            tts.stream_text(words("Hi."), temperature=-1)
+        with pytest.raises(ValueError, match="with codes=True the frames' codes come"):
+            tts.stream_text(words("Hi."), codes=True, format="ulaw_8000")
+        with pytest.raises(TypeError, match="each piece of text must be a str, got bytes"):
+            list(tts.stream_text(iter(["Hello. ", b"there"]), codes=True))
+        with pytest.raises(TypeError, match="iterate it with `async for`"):
+            next(tts.stream_text(awords("Hi."), codes=True))
+        assert tts.stats.requests <= 1  # (the bytes piece came after a sentence that may have started)
