@@ -10,6 +10,7 @@ import time
 
 from . import __version__, logs
 from .commands import TINY_NOTE
+from .stdin_text import STDIN, read_stdin_text, stdin_pieces
 from .transport.protocol import FORMATS
 
 SAY_FORMATS = list(FORMATS)  # the raw formats (pcm_*, ulaw_8000, alaw_8000, g722_16000)
@@ -136,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "real-time factor and the largest gap between chunks. With --local, "
                                      "generate in this process instead (no server).")
     _log_args(say)
-    say.add_argument("text", help="what to say; - reads it from standard input: over a ws:// URL it is spoken "
-                                  "as it arrives (pipe an LLM in), else read whole first")
+    say.add_argument("text", help="what to say; - reads it from standard input: over a ws:// URL or with --local "
+                                  "it is spoken as it arrives (pipe an LLM in); to an http:// URL it is read whole "
+                                  "first")
     say.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
                      help="server endpoint (default: ws://127.0.0.1:8765/ws/generate); an http:// URL such as "
                           "http://127.0.0.1:8766/v1/audio/speech uses the OpenAI-compatible HTTP port")
@@ -225,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:
             raise ValueError("--voice with --local needs --voices DIR (the NAME.wav + NAME.txt prompts to load)")
-        if args.text == commands.STDIN and (args.local or args.url.startswith(("http://", "https://"))):
-            args.text = commands.read_stdin_text()
+        if args.text == STDIN and args.local:  # spoken as it arrives; its first text before the model loads
+            args.text = stdin_pieces()
+        elif args.text == STDIN and args.url.startswith(("http://", "https://")):
+            args.text = read_stdin_text()
         return _speak(args) if args.local else commands.say(args)
     except ValueError as e:  # bad arguments, bad checkpoints: one clear line, no traceback
         logs.notice(f"csm-stream: error: {e}", logging.ERROR)
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def _speak(args) -> int:
     from pathlib import Path
 
-    from . import load
+    from . import GenerationError, Streamer, load
     from .wav import WavWriter
 
     if args.voices is not None and not Path(args.voices).is_dir():  # (before the model loads)
@@ -263,23 +267,35 @@ def _speak(args) -> int:
         context = () if args.voice is None else (_local_voice(args, engine),)
         start, tty = time.perf_counter(), sys.stderr.isatty()
         ttfa, frames = None, 0
-        try:
-            for pcm in engine.stream(args.text, args.speaker, context=context, temperature=args.temperature,
-                                     topk=args.topk, seed=args.seed, max_frames=args.max_frames):
-                if ttfa is None:
-                    ttfa = time.perf_counter() - start
-                for piece in [pcm] if enc is None else heard(enc.feed(pcm)):
+        opts = dict(context=context, temperature=args.temperature, topk=args.topk, seed=args.seed,
+                    max_frames=args.max_frames)
+        with Streamer(engine) as tts:  # sentence by sentence, as the server speaks a text
+            stream = (tts.stream(args.text, args.speaker, sentences=True, **opts) if isinstance(args.text, str)
+                      else tts.stream_text(args.text, args.speaker, **opts))  # (say -: as it arrives)
+            try:
+                for pcm in stream:
+                    if ttfa is None:
+                        ttfa = time.perf_counter() - start
+                    for piece in [pcm] if enc is None else heard(enc.feed(pcm)):
+                        wav.write(piece)
+                    frames += len(pcm) // engine.samples_per_frame
+                    audio_s = frames * engine.samples_per_frame / engine.sample_rate
+                    if tty:  # a live progress line only on a terminal
+                        print(f"\r  {frames:4d} frames  {audio_s:6.2f} s audio  "
+                              f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr,
+                              flush=True)
+            except KeyboardInterrupt:
+                print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}",
+                      file=sys.stderr)
+                return 130
+            except (GenerationError, ValueError, OSError) as e:  # a later sentence refused, stdin gone bad
+                for piece in [] if enc is None else heard(enc.finish()):
                     wav.write(piece)
-                frames += len(pcm) // engine.samples_per_frame
-                audio_s = frames * engine.samples_per_frame / engine.sample_rate
-                if tty:  # a live progress line only on a terminal
-                    print(f"\r  {frames:4d} frames  {audio_s:6.2f} s audio  "
-                          f"rtf {(time.perf_counter() - start) / audio_s:5.2f}", end="", file=sys.stderr, flush=True)
-            for piece in [] if enc is None else heard(enc.finish()):
-                wav.write(piece)
-        except KeyboardInterrupt:
-            print(f"\ncsm-stream: interrupted; kept the {wav.seconds:.2f} s made so far in {args.out}", file=sys.stderr)
-            return 130
+                kept = f"; kept the {wav.seconds:.2f} s made before it in {args.out}" if wav.samples else ""
+                print(f"\ncsm-stream: error: {e}{kept}", file=sys.stderr)
+                return 1
+        for piece in [] if enc is None else heard(enc.finish()):
+            wav.write(piece)
     wall = time.perf_counter() - start
     if tty:
         print(file=sys.stderr)

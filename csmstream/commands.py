@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import math
 import os
@@ -11,12 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 from .logs import notice
+from .stdin_text import STDIN, stdin_text_stream
 
 TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
              "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
@@ -257,87 +256,6 @@ async def _say(args, write):
         print(file=sys.stderr)
     total = time.perf_counter() - t0
     return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=chunks)
-
-
-STDIN = "-"  # say -: the text comes on standard input
-NO_TEXT = "say -: standard input held no text to say"
-
-
-def _stdin(hint: str):
-    """sys.stdin (on a terminal, `hint` says what to type), or ValueError when the process has none
-    (started with it closed)."""
-    if sys.stdin is None:
-        raise ValueError("say -: this process has no standard input to read the text from")
-    if sys.stdin.isatty():
-        print(f"reading what to say from standard input{hint}; end it with Ctrl-D", file=sys.stderr)
-    return sys.stdin
-
-
-def _not_utf8(e: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"say -: standard input is not UTF-8 text ({e})")
-
-
-def read_stdin_text() -> str:
-    """say - with --local or an http:// URL: all of standard input, read before anything starts."""
-    stdin = _stdin("")
-    try:
-        text = stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(e) from None
-    if not text.strip():
-        raise ValueError(NO_TEXT)
-    return text
-
-
-async def stdin_text_stream():
-    """say - over a WebSocket: standard input as it arrives (each read's text), so a program piped
-    in (an LLM) is spoken while it still writes. Waits for the first text that is not blank (none:
-    ValueError, before anything is sent); returns an async iterator of the pieces from there. A
-    daemon thread reads, so a read that blocks never holds up the exit."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass  # (the loop has closed: say is over)
-
-    def pump() -> None:
-        dec = codecs.getincrementaldecoder("utf-8")()
-        try:  # (os.read: a read blocked in sys.stdin's buffer holds its lock, and the exit aborts on it)
-            while data := os.read(fd, 65536):
-                if text := dec.decode(data):
-                    put(text)
-            dec.decode(b"", final=True)
-            put(None)
-        except UnicodeDecodeError as e:
-            put(_not_utf8(e))
-        except Exception as e:  # (an unreadable standard input)
-            put(e)
-
-    async def pieces():
-        while (item := await queue.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    fd = _stdin(", spoken as it comes").fileno()
-    threading.Thread(target=pump, name="say-stdin", daemon=True).start()
-    it = pieces()
-    head = ""
-    async for piece in it:
-        head += piece
-        if head.strip():
-            break
-    if not head.strip():
-        raise ValueError(NO_TEXT)
-
-    async def rest():
-        yield head
-        async for piece in it:
-            yield piece
-    return rest()
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ step for 64 rows took 8.1 ms, one row's 6.5), with prompts prefilled in chunks b
 newcomer never stalls the others. Each stream yields what `Engine.stream()` (or `frames()`) yields
 alone, the same codes for the same seed. With `sentences=True` a paragraph (or a document) is
 spoken as the server speaks it: one generation a sentence, each with the sentences before it as
-context -- the same audio as /ws/generate sends for the same text and seed.
+context -- the same audio as /ws/generate sends for the same text and seed; `stream_text` takes
+the text in pieces as an LLM writes it and speaks each sentence once it is complete.
 
 A stream is an iterator and an async iterator (and a context manager that closes it): use either,
 from any thread or event loop. It is validated when made (ValueError, the engine's message); `Busy`

@@ -370,6 +370,41 @@ def test_say_dash_speaks_standard_input_as_it_arrives(tmp_path, server):
         assert w.getnframes() == sum(r.frames for r in reqs) * 1920
 
 
+def test_say_dash_local_speaks_standard_input_as_it_arrives(tmp_path):
+    """say - --local: the same, in-process. The rest is written only once the first sentence's audio
+    is in the WAV being written (its .part file has grown); the WAV is what the Streamer makes of
+    the whole text, sentence by sentence, for that seed."""
+    import time
+
+    import numpy as np
+
+    import csmstream
+    from csmstream.wav import read_wav
+
+    path = tmp_path / "local.wav"
+    part = tmp_path / ".local.wav.part"
+    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "say", "-", "--local", "--device", "cpu", "--out",
+                             str(path), "--seed", "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"Sure, I can help with that. Your")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size > 44) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.02)
+        assert part.exists() and part.stat().st_size > 44, "no audio while standard input was open"
+        out, err = proc.communicate(b" order shipped on Monday.\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    got, rate = read_wav(path)
+    with csmstream.Streamer(csmstream.load("tiny", device="cpu", max_streams=1)) as tts:
+        want = np.concatenate(list(tts.stream("Sure, I can help with that. Your order shipped on Monday.", seed=5,
+                                              sentences=True)))
+    assert rate == 24000 and np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("data, why", [(b"  \n\t", "standard input held no text to say"),
                                        (b"Caf\xe9 au lait.", "standard input is not UTF-8 text")])
 @pytest.mark.parametrize("where", ["ws", "http", "local"])
