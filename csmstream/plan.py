@@ -53,7 +53,8 @@ class SentencePlan:
         self.counted: GenRequest | None = None  # the last request whose frames are in `made`
         self.exhausted = False  # no sentence will follow
         self._lock = threading.Lock()  # (the source's thread feeds the text while the consumer takes it)
-        self._last_piece = 0.0
+        self._last_piece = 0.0  # when the last piece with text came
+        self._settle_tried = -1.0  # the _last_piece a pause was last taken after (not again until more text)
         self._task: asyncio.Task | None = None
 
     # -- the text ---------------------------------------------------------------------------------
@@ -93,8 +94,8 @@ class SentencePlan:
         SETTLE_S; None: nothing waits on a pause)."""
         from .transport.job import SETTLE_S
 
-        if not self.open or not self.splitter.may_settle:
-            return None
+        if not self.open or not self.splitter.may_settle or self._settle_tried == self._last_piece:
+            return None  # (nothing to settle, or settled already and it was no end, as in "Dr.")
         return max(0.0, self._last_piece + SETTLE_S - time.monotonic())
 
     def read_in_thread(self, pieces) -> None:
@@ -164,6 +165,7 @@ class SentencePlan:
             due = self.settle_in()
             if due is not None and due <= 0:
                 self.parts.extend(self.splitter.settle())
+                self._settle_tried = self._last_piece
             if not self.parts:
                 if self.open:
                     return WAIT

@@ -237,6 +237,41 @@ def test_a_sentence_is_spoken_while_the_source_still_holds_back_the_rest(engine)
                                             SEED)[0])
 
 
+def test_a_pause_after_what_may_not_end_a_sentence_is_waited_out_without_spinning(engine, monkeypatch):
+    """"Please ask Dr." pauses: the pause settles nothing (the next word tells), and the consumer
+    then sleeps until text comes -- it does not poll the plan in a loop -- and "Dr. Smith" stays
+    one sentence."""
+    from csmstream.plan import SentencePlan
+
+    calls = []
+    real = SentencePlan.next
+    monkeypatch.setattr(SentencePlan, "next", lambda self: (calls.append(1), real(self))[1])
+    go = threading.Event()
+    text = "Hello there. Please ask Dr. Smith about it."
+
+    def source():
+        yield "Hello there. Please ask Dr."
+        go.wait(30)
+        yield " Smith about it."
+
+    want = by_hand(engine, text, 0, SEED)[0]
+    with csmstream.Streamer(engine) as tts:
+        s = tts.stream_text(source(), seed=SEED, codes=True)
+        frames = []
+        reader = threading.Thread(target=lambda: frames.extend(s))
+        reader.start()
+        _poll(lambda: len(frames) == len(want[0]) and s.req.finished)  # "Hello there." is all spoken
+        time.sleep(0.6)  # the pause is taken (after 0.2 s): "Dr." may go on, so no sentence yet
+        before = len(calls)
+        time.sleep(0.5)
+        idle_calls = len(calls) - before
+        go.set()
+        reader.join(60)
+    assert idle_calls < 5  # (a loop polling the plan would make thousands)
+    assert [len(w) for w in want] == [len(want[0]), len(frames) - len(want[0])]
+    assert np.array_equal(np.stack(frames), np.concatenate(want))
+
+
 def test_a_source_that_fails_stops_the_stream_after_what_was_made_then_raises_its_error(engine):
     first = len(by_hand(engine, TEXT, 0, SEED)[0][0])
     made = threading.Event()
