@@ -175,6 +175,7 @@ class SentencePlan:
         try:
             req = self._fit(text)
             req.continues = self.submitted > 0  # the stream is playing: not refused, nor queued behind newcomers
+            req.more = bool(self.parts) or self.open  # its slot is kept a moment for the next sentence
             self.worker.submit(req)
         except (ValueError, RuntimeError) as e:  # (Busy is a RuntimeError)
             if isinstance(e, Busy) and not self.submitted:

@@ -55,6 +55,8 @@ class GenRequest:
     chunk_s: float = 0.0  # the consumer sends audio in chunks of this many seconds (for its lead)
     continues: bool = False  # a later sentence of a reply already playing: never refused for a full queue,
     # and admitted before newcomers (its listener is waiting for it; theirs have heard nothing yet)
+    more: bool = False  # its reply goes on after it: once it ends well, its slot is kept for the next
+    # sentence for reserve_s (newcomers wait that long), so a busy server puts no gap inside a reply
     # engine-side state
     frames: int = 0
     finished: bool = False
@@ -97,6 +99,9 @@ class WorkerStats:
     prefill_chunks: int = 0
 
 
+RESERVE_S = 0.1  # a slot freed by a sentence whose reply goes on is kept this long for the next sentence
+
+
 class Busy(RuntimeError):
     """Every slot is taken and the waiting queue is full: try again shortly."""
 
@@ -129,6 +134,9 @@ class EngineWorker:
         self._waiting: deque[GenRequest] = deque()
         self._active: dict[int, GenRequest] = {}  # row -> request
         self._prefilling: deque[tuple[GenRequest, PrefillJob]] = deque()  # admitted, prompt going in
+        self.reserve_s = RESERVE_S
+        self._held_back = False  # this tick a newcomer waited for a kept slot
+        self._reserved: deque[float] = deque()  # until when each slot freed by a reply that goes on is kept
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> EngineWorker:
@@ -258,13 +266,14 @@ class EngineWorker:
             self._step(changed)
         if changed:
             self.notify(changed)
-        return bool(self._active or self._waiting or self._prefilling)
+        return bool(self._active or self._prefilling or (self._waiting and not self._held_back))
 
     def _prefill_work(self, changed: list) -> None:
         """Prompts go in chunk by chunk, oldest first: one chunk for sure, then more while their
         estimated cost fits what the playing calls can spare (PrefillBudget.allowance)."""
         e, budget = self.engine, self.budget
         now = time.perf_counter()
+        self._held_back = False
         allowance = budget.allowance([lead(r.frames, now - r.t_first_audio, r.chunk_s)
                                       for r in self._active.values() if r.sink is not None and r.t_first_audio])
         spent, first = 0.0, True
@@ -274,6 +283,9 @@ class EngineWorker:
                 n = min(job.remaining, budget.chunk_tokens)
             elif self._waiting and (held := len(self._active) + len(self._prefilling)) < e.max_streams:
                 req, job = self._waiting[0], None
+                if not req.continues and held + self._kept(now) >= e.max_streams:
+                    self._held_back = True  # (so the thread idles, not spins, while they are kept)
+                    return  # the free slots are kept for replies that go on (their next sentence is coming)
                 n = min(len(req._prepared[0]), budget.chunk_tokens)
                 if not first and not budget.can_grow(held + 1):
                     return
@@ -287,6 +299,8 @@ class EngineWorker:
                 except RuntimeError:  # slots held by direct Engine.frames users: try again next tick
                     return
                 self._waiting.popleft()
+                if req.continues and self._reserved:
+                    self._reserved.popleft()  # (the slot kept for it, or for another reply's: one is used)
                 req._row = row
                 job = PrefillJob(e, row, req._prepared, audio=e.codec is not None and req.sink is not None)
                 self._prefilling.append((req, job))
@@ -373,7 +387,15 @@ class EngineWorker:
         mine = set(self._active).union(req._row for req, _ in self._prefilling)
         return {r: float_to_int16(w) for r, w in self.engine._decode_rows(dev_codes, lo, rows, mine).items()}
 
+    def _kept(self, now: float) -> int:
+        """Free slots still kept for the next sentence of a reply that goes on."""
+        while self._reserved and self._reserved[0] <= now:
+            self._reserved.popleft()
+        return len(self._reserved)
+
     def _finish(self, req: GenRequest, reason: str, changed: list, error: str | None = None) -> None:
+        if req._row >= 0 and req.more and reason in ("eos", "max_frames", "guard"):
+            self._reserved.append(time.perf_counter() + self.reserve_s)
         if req._row >= 0:
             self._active.pop(req._row, None)
             self.engine._release(req._row)

@@ -362,6 +362,7 @@ class Connection:
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
             req.continues = job.n_parts > 0  # its reply is playing: not refused, nor queued behind newcomers
+            req.more = len(job.parts) > 1 or job.open  # its slot is kept a moment for the next sentence
             srv.worker.submit(req)
         except Exception as e:
             later = bool(job.active or job.done_reqs)

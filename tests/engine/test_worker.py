@@ -221,3 +221,36 @@ def test_a_later_sentence_of_a_playing_reply_is_admitted_before_newcomers(engine
     assert nxt.t_start and not any(r.t_start for r in new)  # ...and the continuation has it
     _ticks_until(w, lambda: all(r.finished for r in [*playing, nxt, nxt2, *new]))
     assert nxt2.t_start < min(r.t_start for r in new)
+
+
+def test_a_slot_freed_by_a_reply_that_goes_on_is_kept_for_its_next_sentence(engine):
+    """A sentence whose reply goes on (more=True) ends: a newcomer waiting does not get its slot
+    while the next sentence is on its way (the slot is kept reserve_s); that sentence takes it. A
+    kept slot nobody claims in time goes to the newcomer; a reply's last sentence keeps nothing."""
+    w = EngineWorker(engine, prefill_chunk=512)
+    w.reserve_s = 3600.0  # (kept until claimed, for this part)
+    playing = [_queue(w, GenRequest(f"Caller {i} speaks.", seed=i, max_frames=4 if i == 0 else 400, more=i == 0))
+               for i in range(4)]
+    _ticks_until(w, lambda: w.stats.active == 4)
+    newcomer = _queue(w, GenRequest("A newcomer.", seed=9, max_frames=400))
+    _ticks_until(w, lambda: playing[0].finished)
+    for _ in range(5):
+        w._tick()
+    assert newcomer._row < 0 and len(engine._free) == 1  # the freed slot waits for the next sentence
+    nxt = _queue(w, GenRequest("The next sentence.", seed=5, max_frames=2, continues=True))  # more=False: the last
+    _ticks_until(w, lambda: nxt._row >= 0 or nxt.finished)
+    assert newcomer._row < 0
+    _ticks_until(w, lambda: nxt.finished)
+    _ticks_until(w, lambda: newcomer._row >= 0, limit=5)  # the last sentence kept nothing: the newcomer is in
+    playing[1].more = True
+    w.reserve_s = 0.05
+    late = _queue(w, GenRequest("Another newcomer.", seed=8, max_frames=400))
+    playing[1].cancel()  # (a cancelled sentence keeps nothing either)
+    _ticks_until(w, lambda: late._row >= 0 or late.finished, limit=5)
+    playing[2].more, playing[2].max_frames = True, playing[2].frames + 1  # ends well at its next frame
+    third = _queue(w, GenRequest("A third newcomer.", seed=7, max_frames=2))
+    _ticks_until(w, lambda: playing[2].finished)
+    w._tick()
+    assert third._row < 0  # kept...
+    time.sleep(0.06)
+    _ticks_until(w, lambda: third._row >= 0 or third.finished, limit=5)  # ...until reserve_s passed unclaimed
