@@ -7,6 +7,8 @@
     async with csmstream.Streamer(eng) as tts:  # many concurrent streams, one batched step a frame
         async for pcm in tts.stream("Hi."):     # np.int16, 1920 samples a frame
             ...
+        async for pcm in tts.stream_text(llm_pieces()):  # text as it is written, sentence by sentence
+            ...
 
 Heavy modules (torch, transformers) load on first use, not at import.
 """
