@@ -26,9 +26,15 @@ def engine():
     return csmstream.load("tiny", device="cpu", max_streams=2)
 
 
+_BY_HAND: dict = {}  # (text, speaker, seed, pcm) -> by_hand's result without a context: computed once
+
+
 def by_hand(engine, text, speaker, seed, context=(), pcm=False, keep=4):
     """The chain by hand: sentence i generated alone (Engine.frames / stream) with seed + i and the
     last `keep` sentences before it (their codes) as context after `context`."""
+    key = (id(engine), text, speaker, seed, pcm)
+    if not context and keep == 4 and key in _BY_HAND:
+        return _BY_HAND[key]
     codes, audio, history = [], [], []
     for i, sentence in enumerate(split_sentences(text)):
         ctx = list(context) + [Segment(speaker, t, codes=c) for t, c in history[-keep:]] if keep else list(context)
@@ -37,6 +43,8 @@ def by_hand(engine, text, speaker, seed, context=(), pcm=False, keep=4):
             audio.append(np.concatenate(list(engine.stream(sentence, speaker, context=ctx, seed=seed + i))))
         history.append((sentence, c))
         codes.append(c)
+    if not context and keep == 4:
+        _BY_HAND[key] = codes, audio
     return codes, audio
 
 
