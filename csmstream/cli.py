@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "WAV at their rate: what a phone hears. With --local, the same encoding is applied "
                           "in-process")
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
-    say.add_argument("--local", action="store_true", help="generate in-process with --model (no server), sentence by sentence as a "
-                     "server speaks a text: the same audio for the same --seed")
+    say.add_argument("--local", action="store_true",
+                     help="generate in-process with --model (no server), sentence by sentence as a server speaks "
+                          "a text: the same audio for the same --seed")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
     say.add_argument("--voice", default=None, metavar="NAME",
                      help="a named voice: one of the server's (serve --voices; GET /voices on its HTTP port "

@@ -42,10 +42,13 @@ __all__ = ["Streamer", "Stream", "Busy", "GenerationError", "StreamerClosed"]
 class Streamer:
     """The engine thread for one engine: `start()`/`close()`, or use it as a (async) context manager."""
 
-    def __init__(self, engine, *, prefill_chunk: int = 512, max_waiting: int | None = None) -> None:
+    def __init__(self, engine, *, prefill_chunk: int = 512, max_waiting: int | None = None,
+                 voices=None) -> None:
         """engine: from `csmstream.load()`; its max_streams is how many streams run at once.
         prefill_chunk: prompt positions prefilled at a time between two ticks (>= 1).
-        max_waiting: streams that may wait for a slot beyond those (default 4 x max_streams)."""
+        max_waiting: streams that may wait for a slot beyond those (default 4 x max_streams).
+        voices: a directory of named voices, NAME.wav + NAME.txt pairs as for `serve --voices`:
+        encoded now, their prompts' KV cached (engine.pin_voice); a stream picks one with voice=NAME."""
         from .engine.engine import Engine
 
         if not isinstance(engine, Engine):
@@ -56,6 +59,13 @@ class Streamer:
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
+        self.voices: dict = {}  # name -> engine.voices.Voice
+        if voices is not None:
+            from .engine.voices import load_voices
+
+            self.voices = load_voices(voices, engine)  # (ValueError naming what is wrong with the directory)
+            for v in self.voices.values():
+                engine.pin_voice(v.text, v.codes)
         self._worker = EngineWorker(engine, self._notify, prefill_chunk=prefill_chunk, max_waiting=max_waiting)
         self._started = self._closed = False
         self._plans: weakref.WeakSet[SentencePlan] = weakref.WeakSet()  # streams of sentences, to end on close
@@ -101,7 +111,7 @@ class Streamer:
     # -- streams ---------------------------------------------------------------------------------
     def stream(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None, format: str | None = None,
-               chunk_ms: int | None = None, sentences: bool = False) -> Stream:
+               chunk_ms: int | None = None, sentences: bool = False, voice: str | None = None) -> Stream:
         """Speech as int16 PCM, 24 kHz mono, 1920 samples an 80 ms frame, batched with the other
         streams; arguments and their errors are those of `Engine.stream()`.
 
@@ -114,20 +124,25 @@ class Streamer:
         its own generation with the sentences before it (up to 4, as many as fit the window) as
         context after `context`, so the voice carries on; sentence i of a seeded stream has seed
         + i, and max_frames bounds the whole stream. For paragraphs and longer: one generation
-        of a long text drifts and is cut at the model's window."""
-        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id, context, temperature, topk,
-                            seed, max_frames, sentences)
+        of a long text drifts and is cut at the model's window.
+
+        voice: one of this Streamer's voices (voices=DIR): its turn goes first in the context, as
+        the server puts it for a request's "voice"."""
+        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id,
+                            self._with_voice(voice, speaker_id, context), temperature, topk, seed, max_frames,
+                            sentences)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
-               seed: int | None = None, max_frames: int | None = None, sentences: bool = False) -> Stream:
+               seed: int | None = None, max_frames: int | None = None, sentences: bool = False,
+               voice: str | None = None) -> Stream:
         """The audio codes, np.int64 (32,) an 80 ms frame (no audio decoded), batched like stream()
         (`sentences` as there)."""
-        return self._submit(Stream(codes=True), text, speaker_id, context, temperature, topk, seed,
-                            max_frames, sentences)
+        return self._submit(Stream(codes=True), text, speaker_id, self._with_voice(voice, speaker_id, context),
+                            temperature, topk, seed, max_frames, sentences)
 
     def stream_text(self, pieces, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                     seed: int | None = None, max_frames: int | None = None, format: str | None = None,
-                    chunk_ms: int | None = None, codes: bool = False) -> Stream:
+                    chunk_ms: int | None = None, codes: bool = False, voice: str | None = None) -> Stream:
         """Text as it is written (an LLM's tokens): `pieces` is an iterable of str (read by a
         thread of its own, so a blocking one never holds up the audio) or an async iterable (read
         on the event loop that iterates the stream: use `async for`). Each sentence is spoken as
@@ -145,7 +160,8 @@ class Streamer:
         stream = Stream(codes=True) if codes else self._pcm_stream(format, chunk_ms)
         if codes and (format is not None or chunk_ms is not None):
             raise ValueError("format and chunk_ms are for audio: with codes=True the frames' codes come")
-        plan = self._plan(stream, speaker_id, context, temperature, topk, seed, max_frames)
+        plan = self._plan(stream, speaker_id, self._with_voice(voice, speaker_id, context), temperature, topk, seed,
+                          max_frames)
         plan.open = True
         plan.probe()
         if is_async:
@@ -153,6 +169,19 @@ class Streamer:
         else:
             plan.read_in_thread(pieces)
         return stream
+
+    def _with_voice(self, voice, speaker_id, context):
+        """`context` with the named voice's turn first (as the server puts it), or as it was."""
+        if voice is None:
+            return context
+        v = self.voices.get(voice) if isinstance(voice, str) else None
+        if v is None:
+            have = (f"has {', '.join(sorted(self.voices))}" if self.voices else
+                    "has none: Streamer(engine, voices=DIR) loads NAME.wav + NAME.txt pairs")
+            raise ValueError(f"unknown voice {voice!r}; this Streamer {have}")
+        from .engine.prompt import Segment
+
+        return [Segment(speaker_id, v.text, codes=v.codes), *(context or ())]
 
     def _pcm_stream(self, format, chunk_ms) -> Stream:
         if self.engine.codec is None:

@@ -196,6 +196,43 @@ def _poll(cond, timeout=30.0):
         time.sleep(0.005)
 
 
+def test_a_named_voice_is_the_servers_voice_for_the_same_text_and_seed(engine, tmp_path):
+    """Streamer(engine, voices=DIR) + voice=NAME: the voice's turn opens each sentence's context,
+    its KV cached, and the audio is what /ws/generate sends with "voice" for that text and seed."""
+    from websockets.asyncio.client import connect
+
+    from csmstream.wav import write_wav
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    t = np.arange(16000) / 16000
+    write_wav(voices / "ada.wav", [(8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)], 16000)
+    (voices / "ada.txt").write_text("A short voice prompt.")
+    with csmstream.Streamer(engine, voices=voices) as tts:
+        hits = engine.prefixes.hits
+        mine = b"".join(tts.stream(TEXT, 1, seed=SEED, voice="ada", sentences=True, format="pcm_16000"))
+        assert sorted(tts.voices) == ["ada"] and engine.prefixes.hits - hits >= 2  # (its KV, cached at the first)
+        plain = b"".join(tts.stream(TEXT, 1, seed=SEED, sentences=True, format="pcm_16000"))
+        with pytest.raises(ValueError, match="unknown voice 'bob'; this Streamer has ada"):
+            tts.stream("Hi.", voice="bob")
+    with csmstream.Streamer(engine) as tts, pytest.raises(ValueError, match="has none: Streamer.engine, voices=DIR"):
+        tts.frames("Hi.", voice="ada")
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), warmup=False, voices_dir=str(voices))
+    rs.start()
+    try:
+        async def ask():
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": TEXT, "speaker_id": 1, "seed": SEED, "voice": "ada",
+                                          "format": "pcm_16000"}))
+                return await collect(ws)
+
+        events = asyncio.run(ask())
+    finally:
+        rs.stop()
+    theirs = b"".join(m for kind, m in events if kind == "audio")
+    assert events[-1][0] == "done" and len(mine) > 16000 and mine == theirs and mine != plain
+
+
 # -- stream_text: the text in pieces -------------------------------------------------------------
 def words(text):
     for w in text.split(" "):
