@@ -426,3 +426,31 @@ def test_say_dash_without_a_standard_input_says_so():
                          preexec_fn=lambda: os.close(0))  # (started with it closed: sys.stdin is None)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "say -: this process has no standard input to read the text from" in out.stderr
+
+
+def test_say_local_keeps_what_was_made_when_a_later_sentence_is_refused(tmp_path, monkeypatch, capsys):
+    """--local: the engine refuses the second sentence (here: its prompt made to fail, as one over
+    the model's window does); the first sentence's audio stays in the WAV, exit 1 says why."""
+    import numpy as np
+
+    import csmstream
+    from csmstream import cli
+    from csmstream.plan import SentencePlan
+    from csmstream.wav import read_wav
+
+    real = SentencePlan._fit
+
+    def fit(self, text):
+        if text.startswith("Then"):
+            raise ValueError("prompt (text + context) is 9999 positions; the model's window is 2048")
+        return real(self, text)
+
+    monkeypatch.setattr(SentencePlan, "_fit", fit)
+    path = tmp_path / "cut.wav"
+    assert cli.main(["say", "First this. Then that.", "--local", "--device", "cpu", "--seed", "3", "--out",
+                     str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: sentence 2 of 2 was refused: prompt (text + context) is 9999 positions" in err
+    got, rate = read_wav(path)
+    want = np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream("First this.", seed=3)))
+    assert rate == 24000 and np.array_equal(got, want) and f"kept the {len(want) / 24000:.2f} s" in err
