@@ -260,6 +260,10 @@ def _speak(args) -> int:
 
     def heard(pieces):  # the encoder's output decoded as such a client does
         return [dec.decode(b) for b in pieces]
+
+    def finish(wav) -> None:  # the encoder's last (short) chunk
+        for piece in [] if enc is None else heard(enc.finish()):
+            wav.write(piece)
     # (a path that cannot be written fails before the model loads; if nothing is made, an earlier file there stays)
     with WavWriter(args.out, rate, keep_empty=False) as wav:
         t0 = time.perf_counter()
@@ -291,13 +295,11 @@ def _speak(args) -> int:
                       file=sys.stderr)
                 return 130
             except (GenerationError, ValueError, OSError) as e:  # a later sentence refused, stdin gone bad
-                for piece in [] if enc is None else heard(enc.finish()):
-                    wav.write(piece)
+                finish(wav)
                 kept = f"; kept the {wav.seconds:.2f} s made before it in {args.out}" if wav.samples else ""
                 print(f"\ncsm-stream: error: {e}{kept}", file=sys.stderr)
                 return 1
-        for piece in [] if enc is None else heard(enc.finish()):
-            wav.write(piece)
+        finish(wav)
     wall = time.perf_counter() - start
     if tty:
         print(file=sys.stderr)

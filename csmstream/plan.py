@@ -197,12 +197,11 @@ class SentencePlan:
 
     def _request(self, text: str, i: int, cap: int, history: list) -> GenRequest:
         from .engine.prompt import Segment
-        from .transport.job import REPEAT_GUARD
+        from .transport.job import sentence_request
 
         spk = self.opts["speaker_id"]
         ctx = self.context + [Segment(spk, t, codes=c) for t, c in history]
-        return GenRequest(text, context=ctx, seed=None if self.seed is None else self.seed + i, max_frames=cap,
-                          keep_codes=True, max_repeats=REPEAT_GUARD, **self.opts)
+        return sentence_request(text, ctx, self.seed, i, cap, **self.opts)
 
 
 def _segment(speaker_id, text, codes):

@@ -394,9 +394,9 @@ class EngineWorker:
         return len(self._reserved)
 
     def _finish(self, req: GenRequest, reason: str, changed: list, error: str | None = None) -> None:
-        if req._row >= 0 and req.more and reason in ("eos", "max_frames", "guard"):
-            self._reserved.append(time.perf_counter() + self.reserve_s)
         if req._row >= 0:
+            if req.more and reason in ("eos", "max_frames", "guard"):
+                self._reserved.append(time.perf_counter() + self.reserve_s)
             self._active.pop(req._row, None)
             self.engine._release(req._row)
             req._row = -1

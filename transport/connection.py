@@ -357,15 +357,15 @@ class Connection:
         def make(history):
             return job.new_request(text, voice + [Segment(job.msg.speaker_id, t, codes=c) for t, c in history], cap)
 
+        later = job.n_parts > 0  # a later sentence: its reply is playing
         try:
             req = fit_history(make, srv.worker.prepare, job.context_for_next(), srv.engine.gen.max_seq_len)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
-            req.continues = job.n_parts > 0  # its reply is playing: not refused, nor queued behind newcomers
+            req.continues = later  # not refused, nor queued behind newcomers
             req.more = len(job.parts) > 1 or job.open  # its slot is kept a moment for the next sentence
             srv.worker.submit(req)
         except Exception as e:
-            later = bool(job.active or job.done_reqs)
             if isinstance(e, (ValueError, RuntimeError)):  # refused: a bad prompt, full, or stopping
                 job.error, job.error_code = str(e), ("invalid_request" if isinstance(e, ValueError) else
                                                      "busy" if isinstance(e, Busy) else "unavailable")

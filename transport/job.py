@@ -145,13 +145,17 @@ class Job:
         return done[-CONTEXT_SENTENCES:]
 
     def new_request(self, text: str, context: list, max_frames: int) -> GenRequest:
-        """The request for the next sentence (sentence i of a seeded request has seed + i; the
-        caller counts it in n_parts once it is submitted)."""
+        """The request for the next sentence (the caller counts it in n_parts once it is submitted)."""
         m = self.msg
-        seed = None if m.seed is None else m.seed + self.n_parts
-        return GenRequest(text=text, speaker_id=m.speaker_id, context=context, temperature=m.temperature,
-                          topk=m.topk, seed=seed, tag=self, keep_codes=True, max_repeats=REPEAT_GUARD,
-                          max_frames=max_frames, chunk_s=m.chunk_ms / 1000)
+        return sentence_request(text, context, m.seed, self.n_parts, max_frames, speaker_id=m.speaker_id,
+                                temperature=m.temperature, topk=m.topk, tag=self, chunk_s=m.chunk_ms / 1000)
+
+
+def sentence_request(text: str, context: list, seed: int | None, i: int, max_frames: int, **fields) -> GenRequest:
+    """Sentence i of a reply: seed + i when seeded, its codes kept (the next sentences' context),
+    stopped by the repeat guard; `fields` are the reply's own (speaker_id, temperature, ...)."""
+    return GenRequest(text=text, context=context, seed=None if seed is None else seed + i, max_frames=max_frames,
+                      keep_codes=True, max_repeats=REPEAT_GUARD, **fields)
 
 
 def fit_history(make, prepare, history: list, window: int) -> GenRequest:
