@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate in-process with --model (no server), sentence by sentence as a server speaks "
                           "a text: the same audio for the same --seed")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
+    say.add_argument("--max-request-chars", type=int, default=5000, metavar="N",
+                     help="the characters the server takes a request (its serve --max-text-chars; default: "
+                          "5000): a longer text, or standard input past that, goes as back-to-back requests "
+                          "cut at sentence ends")
     say.add_argument("--voice", default=None, metavar="NAME",
                      help="a named voice: one of the server's (serve --voices; GET /voices on its HTTP port "
                           "lists them), or with --local one of --voices DIR (default: none)")
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         commands.check_chunk_ms(args.chunk_ms)  # (before loading a model or connecting)
         if not args.local:
             commands.check_url(args.url)
+            if args.max_request_chars < 1:
+                raise ValueError(f"--max-request-chars must be >= 1, got {args.max_request_chars}")
         if args.voices is not None and not args.local:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -16,6 +17,8 @@ import urllib.request
 
 from .logs import notice
 from .stdin_text import STDIN, stdin_text_stream
+
+log = logging.getLogger("csmstream.say")
 
 TINY_NOTE = ("note: 'tiny' is an embedded random-weight model: its audio is noise-like. It proves the "
              "pipeline, not the voice; pass --model /path/to/csm-1b for speech.")
@@ -196,9 +199,9 @@ def say(args) -> int:
             return 1
         except SesameTTSError as e:
             kept = f"\n  kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else ""
-            if e.code == "text_too_long" and args.text == STDIN:
-                kept += ("\n  say - sends standard input as one request; the server takes so many characters a "
-                         "request (serve --max-text-chars)")
+            if e.code == "text_too_long":
+                kept += (f"\n  say cuts the text into requests of at most {args.max_request_chars} characters "
+                         "(--max-request-chars); this server takes fewer (its serve --max-text-chars)")
             print(f"csm-stream: server error {e.code}: {e.message}{kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -219,6 +222,7 @@ def say(args) -> int:
 async def _say(args, write):
     """Stream args.text from the server, handing each chunk to `write` as it arrives; returns the
     timing figures."""
+    from .text_parts import TextParts
     from .transport.client import SesameWebSocketService, stream_speech_http
 
     opts = dict(format=args.format, chunk_ms=args.chunk_ms, temperature=args.temperature, topk=args.topk)
@@ -229,13 +233,14 @@ async def _say(args, write):
     if getattr(args, "voice", None) is not None:  # (demo's arguments have none)
         opts["voice"] = args.voice
     token = args.token or os.environ.get(AUTH_ENV)
-    if args.url.startswith(("http://", "https://")):  # the OpenAI-compatible HTTP port
-        source = stream_speech_http(args.url, args.text, args.speaker, token=token, **opts)
-    elif args.text == STDIN:  # spoken as it arrives: one text stream
-        source = SesameWebSocketService(args.url, token=token).stream_text(await stdin_text_stream(), args.speaker,
-                                                                           **opts)
-    else:
-        source = SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts)
+    http = args.url.startswith(("http://", "https://"))  # the OpenAI-compatible HTTP port
+    limit = args.max_request_chars
+    if args.text != STDIN and len(args.text) <= limit:  # one request
+        source = (stream_speech_http(args.url, args.text, args.speaker, token=token, **opts) if http else
+                  SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts))
+    else:  # standard input (over a WebSocket, spoken as it arrives) or a long text: requests of `limit` characters
+        parts = TextParts(await stdin_text_stream() if args.text == STDIN else _one(args.text), limit)
+        source = _in_parts(parts, args, opts, token, http)
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
     chunks = 0
     t0 = time.perf_counter()
@@ -256,6 +261,43 @@ async def _say(args, write):
         print(file=sys.stderr)
     total = time.perf_counter() - t0
     return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=chunks)
+
+
+async def _one(text: str):
+    yield text
+
+
+async def _in_parts(parts, args, opts: dict, token: str | None, http: bool):
+    """The audio of `parts`, one request each, in turn on one connection: part k with seed + the
+    sentences before it, and what is left of max_audio_ms."""
+    from .transport import protocol
+    from .transport.client import SesameWebSocketService, stream_speech_http
+
+    rate, enc = protocol.FORMATS[args.format]
+    per_ms = rate * protocol.BYTES_PER_SAMPLE[enc] / 1000
+    seed, budget, heard = opts.get("seed"), opts.get("max_audio_ms"), 0
+    svc = None if http else SesameWebSocketService(args.url, token=token)
+    async with contextlib.AsyncExitStack() as stack:
+        if svc is not None:
+            await stack.enter_async_context(svc)
+        while (part := await parts.next_part()) is not None:
+            o = dict(opts)
+            if seed is not None:
+                o["seed"] = seed + parts.sentences
+            if budget is not None:
+                if budget - heard / per_ms < 80:  # (less than a frame left)
+                    break
+                o["max_audio_ms"] = int(budget - heard / per_ms)
+            if parts.parts > 1:
+                log.info("say: request %d, after %d sentences", parts.parts, parts.sentences)
+            if http:
+                text = "".join([piece async for piece in part])
+                source = stream_speech_http(args.url, text, args.speaker, token=token, **o)
+            else:
+                source = svc.stream_text(part, args.speaker, **o)
+            async for chunk in source:
+                heard += len(chunk)
+                yield chunk
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -282,6 +324,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 def demo(args) -> int:
+    from .transport import protocol
     from .wav import WavWriter
 
     WavWriter(args.out).discard()  # a path that cannot be written fails now, not after the server's start-up
@@ -298,6 +341,7 @@ def demo(args) -> int:
               flush=True)
         args.url = f"ws://127.0.0.1:{port}/ws/generate"
         args.format, args.chunk_ms, args.token = "pcm_24000", 100, None
+        args.max_request_chars = protocol.DEFAULT_MAX_TEXT_CHARS  # (the server's: demo starts it so)
         return say(args)
     except RuntimeError as e:
         print(f"csm-stream: demo failed: {e}", file=sys.stderr)

@@ -454,3 +454,90 @@ def test_say_local_keeps_what_was_made_when_a_later_sentence_is_refused(tmp_path
     got, rate = read_wav(path)
     want = np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream("First this.", seed=3)))
     assert rate == 24000 and np.array_equal(got, want) and f"kept the {len(want) / 24000:.2f} s" in err
+
+
+def _long_text(seed: int, n: int) -> tuple[str, list[str]]:
+    import random
+
+    rng = random.Random(seed)
+    words = "amber birch cedar dahlia elm fern ginkgo hazel iris juniper laurel maple".split()
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 7))).capitalize() + "." for _ in range(n)]
+    return " ".join(sentences), sentences
+
+
+def _packed(sentences: list[str], limit: int) -> list[list[str]]:
+    """The requests a text must go as: its sentences packed greedily, each request's text (with
+    the space after each sentence but the text's last) at most `limit` characters."""
+    out, cur, size = [], [], 0
+    for i, s in enumerate(sentences):
+        need = len(s) + (i < len(sentences) - 1)
+        if cur and size + need > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += need
+    return out + [cur]
+
+
+def _requests_of(srv, sentences: list[str]) -> list[list]:
+    """The engine requests the server made for these sentences, grouped by client request."""
+    reqs = [r for r in srv.recent if r.text in set(sentences)]
+    groups: list[list] = []
+    for r in reqs:
+        if not groups or groups[-1][0].tag is not r.tag:
+            groups.append([])
+        groups[-1].append(r)
+    return groups
+
+
+def test_say_dash_speaks_a_text_longer_than_the_server_takes_as_back_to_back_requests(tmp_path, server,
+                                                                                       monkeypatch):
+    """Standard input past the server's --max-text-chars used to stop at text_too_long. Now it goes as
+    requests cut at sentence ends (each as full as the limit allows), with sentence i on seed + i
+    across them as in one request, and the WAV holds all of their audio."""
+    monkeypatch.setattr(server.srv, "max_text_chars", 150)
+    text, sentences = _long_text(1, 10)
+    assert len(text) > 2 * 150  # (three requests at least)
+    path = tmp_path / "long.wav"
+    cmd = [sys.executable, "-m", "csmstream", "say", "-", "--url", server.url, "--out", str(path), "--seed", "11"]
+    old = subprocess.run(cmd + ["--max-request-chars", "5000"], input=text.encode(), capture_output=True, timeout=120)
+    assert old.returncode == 1 and b"server error text_too_long" in old.stderr
+    assert b"(--max-request-chars); this server takes fewer" in old.stderr  # what to do about it
+    done = subprocess.run(cmd + ["--max-request-chars", "150"], input=text.encode(), capture_output=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr.decode()
+    groups = _requests_of(server.srv, sentences)[-len(_packed(sentences, 150)):]
+    assert [[r.text for r in g] for g in groups] == _packed(sentences, 150)
+    reqs = [r for g in groups for r in g]
+    assert [r.seed for r in reqs] == [11 + i for i in range(len(sentences))]
+    with wave.open(str(path)) as w:
+        assert w.getnframes() == sum(r.frames for r in reqs) * 1920
+
+
+def test_say_a_long_text_to_the_http_port_goes_as_several_requests(tmp_path):
+    """The same cut for a long TEXT argument to the OpenAI-compatible port, with --max-frames
+    bounding the whole text, not each request."""
+    import csmstream
+    from tests.servers import RunningServer
+
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0, max_text_chars=150).start()
+    try:
+        text, sentences = _long_text(2, 8)
+        path = tmp_path / "long.wav"
+        cmd = [sys.executable, "-m", "csmstream", "say", text, "--url", rs.srv.speech_url, "--out", str(path),
+               "--seed", "4", "--max-request-chars", "150"]
+        done = subprocess.run(cmd, capture_output=True, timeout=180)
+        assert done.returncode == 0, done.stderr.decode()
+        groups = _requests_of(rs.srv, sentences)
+        assert [[r.text for r in g] for g in groups] == _packed(sentences, 150)
+        reqs = [r for g in groups for r in g]
+        assert [r.seed for r in reqs] == [4 + i for i in range(len(sentences))]
+        with wave.open(str(path)) as w:
+            assert w.getnframes() == sum(r.frames for r in reqs) * 1920
+        frames = sum(r.frames for r in reqs)
+        capped = subprocess.run(cmd + ["--max-frames", str(frames // 2)], capture_output=True, timeout=180)
+        assert capped.returncode == 0, capped.stderr.decode()
+        with wave.open(str(path)) as w:
+            assert w.getnframes() == frames // 2 * 1920
+    finally:
+        rs.stop()
