@@ -59,6 +59,7 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6",
                 "matplotlib>=3.7", "openai>=1.40", "elevenlabs>=2.70,<3",
                 "soundfile>=0.12",  # independent MP3 and Ogg Opus decoders (libsndfile: mpg123, libogg + libopus)
+                "trustme>=1.1",  # a throwaway CA and server certificate for the TLS tests
                 "ruff==0.17.5"],  # tests/test_style.py: pinned, as each release adds rules
         "bench": ["matplotlib>=3.7"],  # plots of `csm-stream bench`
     },

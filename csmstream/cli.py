@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompt (voice, context) never holds up the calls already playing (default: 512)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
+    serve.add_argument("--tls-cert", default=None, metavar="PEM",
+                       help="serve TLS on both ports (wss://, https://) with this PEM certificate chain (the "
+                            "server's certificate first); e.g. for a Telnyx stream_url with no proxy in front "
+                            "(default: plain ws://, http://; TLS left to a proxy such as deploy/nginx.conf)")
+    serve.add_argument("--tls-key", default=None, metavar="PEM",
+                       help="the certificate's unencrypted PEM private key (default: inside the --tls-cert file)")
     serve.add_argument("--auth-token", default=None,
                        help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz "
                             "(default: $CSM_AUTH_TOKEN; unset = open)")
@@ -153,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate in-process with --model (no server), sentence by sentence as a server speaks "
                           "a text: the same audio for the same --seed")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
+    say.add_argument("--cafile", default=None, metavar="PEM",
+                     help="trust the CA certificate(s) in this PEM file for a wss:// or https:// --url (a server "
+                          "with a private CA's certificate; default: the system's, or $SSL_CERT_FILE)")
     say.add_argument("--max-request-chars", type=int, default=5000, metavar="N",
                      help="the characters the server takes a request (its serve --max-text-chars; default: "
                           "5000): a longer text, or standard input past that, goes as back-to-back requests "
@@ -231,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             commands.check_url(args.url)
             if args.max_request_chars < 1:
                 raise ValueError(f"--max-request-chars must be >= 1, got {args.max_request_chars}")
+            if args.cafile is not None:
+                from .transport.tls import client_context
+
+                args.ssl_context = client_context(args.cafile)
+        elif args.cafile is not None:
+            raise ValueError("--cafile is for a server's wss:// or https:// --url; --local makes the audio here")
         if args.voices is not None and not args.local:
             raise ValueError("--voices DIR is for --local; a server has its own (serve --voices): give --voice NAME")
         if args.local and args.voice is not None and args.voices is None:

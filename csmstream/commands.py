@@ -80,6 +80,13 @@ def serve(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
+    if args.tls_key is not None and args.tls_cert is None:
+        raise ValueError("--tls-key needs --tls-cert (the certificate it belongs to)")
+    ssl_context = None
+    if args.tls_cert is not None:
+        from .transport.tls import server_context
+
+        ssl_context = server_context(args.tls_cert, args.tls_key)
     from .engine.loader import check_load_args  # (the model's flags too, before the port is bound)
 
     check_load_args(args.model, args.device, args.dtype, args.max_streams, args.cuda_graphs, args.quantize)
@@ -105,21 +112,23 @@ def serve(args) -> int:
                            max_connections_per_ip=args.max_connections_per_ip,
                            max_requests_per_minute=args.max_requests_per_minute,
                            prefill_chunk=args.prefill_chunk, http_port=args.http_port,
-                           compression=None if args.ws_compression == "off" else args.ws_compression)
+                           compression=None if args.ws_compression == "off" else args.ws_compression,
+                           ssl_context=ssl_context)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await srv.start()
-        notice(f"csm-stream: serving {srv.url} (health: http://{args.host}:{srv.port}/healthz)")
+        web = "https" if ssl_context is not None else "http"
+        notice(f"csm-stream: serving {srv.url} (health: {web}://{args.host}:{srv.port}/healthz)")
         if srv.speech_url:
             notice(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)")
         if args.telnyx:
             fmt = routes["/telnyx"][0].media_format
-            notice(f"csm-stream: Telnyx media streams on ws://{args.host}:{srv.port}/telnyx "
+            notice(f"csm-stream: Telnyx media streams on {srv.scheme}://{args.host}:{srv.port}/telnyx "
                    f"({fmt['codec']} at {fmt['sampling_rate']} Hz unless the URL says ?codec=...; auth token "
                    f"{'required' if routes['/telnyx'][1] else 'NOT configured'}); the caller's audio for the agent "
-                   f"on ws://{args.host}:{srv.port}/telnyx/listen?call_control_id=...")
+                   f"on {srv.scheme}://{args.host}:{srv.port}/telnyx/listen?call_control_id=...")
         await stop.wait()
         notice(f"csm-stream: shutting down (running requests get up to {args.shutdown_timeout:.0f} s)")
         await srv.stop(args.shutdown_timeout)
@@ -188,13 +197,8 @@ def say(args) -> int:
         try:
             stats = asyncio.run(_say(args, lambda chunk: wav.write(dec.decode(chunk))))
         except SesameConnectionError as e:
-            if wav.samples:
-                hint = f"kept the {wav.seconds:.2f} s that arrived in {args.out}"
-            elif isinstance(e.__cause__, (OSError, TimeoutError)):  # nothing answered at that address
-                hint = "is a server running? start one with: csm-stream serve"
-            else:  # something answered, but refused the WebSocket handshake (a wrong path or port, auth)
-                hint = ("a server answered but refused the WebSocket: the endpoint is /ws/generate on serve's "
-                        "--port (the HTTP routes are on --http-port); with serve --auth-token, pass --token")
+            hint = (f"kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples
+                    else _connect_hint(e, args.url))
             print(f"csm-stream: error: {e.message}\n  {hint}", file=sys.stderr)
             return 1
         except SesameTTSError as e:
@@ -219,6 +223,29 @@ def say(args) -> int:
     return 0
 
 
+def _connect_hint(e, url: str) -> str:
+    """What to check when `say` got nothing from `url`."""
+    tls = url.startswith(("wss:", "https:"))
+    if "CERTIFICATE_VERIFY_FAILED" in e.message:
+        return ("the server's TLS certificate is not trusted here: pass --cafile CA.pem (the CA that signed it), "
+                "or set SSL_CERT_FILE")
+    if tls and ("WRONG_VERSION_NUMBER" in e.message or isinstance(e.__cause__, ConnectionResetError)):
+        return ("the server does not speak TLS here (it does with serve --tls-cert): use ws:// (http:// for the "
+                "HTTP port)")
+    if not tls and any(m in e.message for m in ("did not receive a valid HTTP response", "without sending a response")):
+        port = "--http-port (the --port takes WebSockets)" if url.startswith("http:") else "--port"
+        return (f"the server closed the connection without an answer: is this serve's {port}? One that serves TLS "
+                "(serve --tls-cert) needs wss:// (https:// for the HTTP port)")
+    if isinstance(e.__cause__, (OSError, TimeoutError)):  # nothing answered at that address
+        return "is a server running? start one with: csm-stream serve"
+    if url.startswith(("http:", "https:")):
+        return ("a server answered but not as csm-stream's HTTP port does: the speech endpoint is "
+                "/v1/audio/speech on serve's --http-port")
+    # something answered, but refused the WebSocket handshake (a wrong path or port, auth)
+    return ("a server answered but refused the WebSocket: the endpoint is /ws/generate on serve's --port (the HTTP "
+            "routes are on --http-port); with serve --auth-token, pass --token")
+
+
 async def _say(args, write):
     """Stream args.text from the server, handing each chunk to `write` as it arrives; returns the
     timing figures."""
@@ -233,14 +260,15 @@ async def _say(args, write):
     if getattr(args, "voice", None) is not None:  # (demo's arguments have none)
         opts["voice"] = args.voice
     token = args.token or os.environ.get(AUTH_ENV)
+    conn = dict(token=token, ssl_context=getattr(args, "ssl_context", None))  # (--cafile's; demo has none)
     http = args.url.startswith(("http://", "https://"))  # the OpenAI-compatible HTTP port
     limit = args.max_request_chars
     if args.text != STDIN and len(args.text) <= limit:  # one request
-        source = (stream_speech_http(args.url, args.text, args.speaker, token=token, **opts) if http else
-                  SesameWebSocketService(args.url, token=token).stream_tts(args.text, args.speaker, **opts))
+        source = (stream_speech_http(args.url, args.text, args.speaker, **conn, **opts) if http else
+                  SesameWebSocketService(args.url, **conn).stream_tts(args.text, args.speaker, **opts))
     else:  # standard input (over a WebSocket, spoken as it arrives) or a long text: requests of `limit` characters
         parts = TextParts(await stdin_text_stream() if args.text == STDIN else _one(args.text), limit)
-        source = _in_parts(parts, args, opts, token, http)
+        source = _in_parts(parts, args, opts, conn, http)
     tty = sys.stderr.isatty()  # a live progress line only on a terminal
     chunks = 0
     t0 = time.perf_counter()
@@ -267,7 +295,7 @@ async def _one(text: str):
     yield text
 
 
-async def _in_parts(parts, args, opts: dict, token: str | None, http: bool):
+async def _in_parts(parts, args, opts: dict, conn: dict, http: bool):
     """The audio of `parts`, one request each, in turn on one connection: part k with seed + the
     sentences before it, and what is left of max_audio_ms."""
     from .transport import protocol
@@ -276,7 +304,7 @@ async def _in_parts(parts, args, opts: dict, token: str | None, http: bool):
     rate, enc = protocol.FORMATS[args.format]
     per_ms = rate * protocol.BYTES_PER_SAMPLE[enc] / 1000
     seed, budget, heard = opts.get("seed"), opts.get("max_audio_ms"), 0
-    svc = None if http else SesameWebSocketService(args.url, token=token)
+    svc = None if http else SesameWebSocketService(args.url, **conn)
     async with contextlib.AsyncExitStack() as stack:
         if svc is not None:
             await stack.enter_async_context(svc)
@@ -292,7 +320,7 @@ async def _in_parts(parts, args, opts: dict, token: str | None, http: bool):
                 log.info("say: request %d, after %d sentences", parts.parts, parts.sentences)
             if http:
                 text = "".join([piece async for piece in part])
-                source = stream_speech_http(args.url, text, args.speaker, token=token, **o)
+                source = stream_speech_http(args.url, text, args.speaker, **conn, **o)
             else:
                 source = svc.stream_text(part, args.speaker, **o)
             async for chunk in source:

@@ -48,8 +48,11 @@ class SesameWebSocketService:
     (a server restart, a proxy's idle timeout), the request on it raises SesameConnectionError and
     the next one opens a new connection."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0, token: str | None = None) -> None:
-        self.url, self.open_timeout = url, open_timeout
+    def __init__(self, url: str = DEFAULT_URL, *, open_timeout: float = 10.0, token: str | None = None,
+                 ssl_context=None) -> None:
+        """ssl_context: an ssl.SSLContext for a wss:// URL (e.g. transport/tls.client_context(CAFILE)
+        for a private CA's certificate); None: the system's trust store (and $SSL_CERT_FILE)."""
+        self.url, self.open_timeout, self.ssl_context = url, open_timeout, ssl_context
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ws = None
         self._kept = False  # inside `async with`: requests share one connection (reopened if it dropped)
@@ -79,10 +82,11 @@ class SesameWebSocketService:
 
     async def _connect(self):
         try:
+            tls = {} if self.ssl_context is None or not self.url.startswith("wss:") else {"ssl": self.ssl_context}
             return await connect(self.url, open_timeout=self.open_timeout, max_size=None,
-                                 additional_headers=self.headers)
+                                 additional_headers=self.headers, **tls)
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
-            raise SesameConnectionError(f"cannot connect to {self.url}: {e}") from e
+            raise SesameConnectionError(f"cannot connect to {self.url}: {str(e) or type(e).__name__}") from e
 
     async def stream_tts(self, text: str, speaker_id: int = 0, **options) -> AsyncIterator[bytes]:
         """Yield audio chunks (bytes) for one request as they arrive. options: request_id, format,
@@ -276,16 +280,17 @@ async def stream_sesame_tts(text: str, speaker_id: int = 0, url: str = DEFAULT_U
 
 
 async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token: str | None = None,
-                             timeout: float = 60.0, **options) -> AsyncIterator[bytes]:
+                             timeout: float = 60.0, ssl_context=None, **options) -> AsyncIterator[bytes]:
     """Stream a text's audio from the OpenAI-compatible HTTP endpoint (serve --http-port), e.g.
     url="http://127.0.0.1:8766/v1/audio/speech"; options as for stream_tts (format -> the
-    response format). Bytes as they arrive (any length); the same errors as the WebSocket client."""
+    response format; ssl_context as for SesameWebSocketService). Bytes as they arrive (any
+    length); the same errors as the WebSocket client."""
     import httpx
 
     body = {"input": text, "speaker_id": speaker_id, "response_format": options.pop("format", "pcm_24000"), **options}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client, \
+        async with httpx.AsyncClient(timeout=timeout, verify=ssl_context or True) as client, \
                 client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -297,4 +302,4 @@ async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token:
             async for chunk in r.aiter_raw():
                 yield chunk
     except httpx.TransportError as e:  # refused, reset, or a body cut off unfinished
-        raise SesameConnectionError(f"{url}: {e or type(e).__name__}") from e
+        raise SesameConnectionError(f"{url}: {str(e) or type(e).__name__}") from e

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 
-from . import http_speech as hs
+from . import http_speech as hs, tls
 from .alignment import Aligner, absolute_seconds
 from .connection import Connection, bug_message
 from .gate import PerMinute
@@ -53,9 +53,16 @@ class HttpApi:
         self._rate: dict[str, PerMinute] = {}  # per address (requests per minute)
 
     async def start(self) -> HttpApi:
-        self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE)
-        log.info("listening on http://%s:%d%s (OpenAI-compatible speech)", self.host, self.port, hs.SPEECH_PATH)
+        ctx = self.server.ssl_context
+        self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE, ssl=ctx,
+                                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if ctx else None)
+        log.info("listening on %s (OpenAI-compatible speech)", self.url)
         return self
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.server.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{hs.SPEECH_PATH}"
 
     @property
     def port(self) -> int:

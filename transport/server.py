@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from ..engine.worker import EngineWorker, GenRequest
-from . import elevenlabs, protocol
+from . import elevenlabs, protocol, tls
 from .connection import Connection
 from .encoder import warm_codecs
 from .gate import Gate
@@ -51,7 +51,8 @@ class StreamServer:
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
-                 prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None) -> None:
+                 prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None,
+                 ssl_context=None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -72,6 +73,8 @@ class StreamServer:
             raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
         self.compression = compression
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
+        self.ssl_context = ssl_context  # an ssl.SSLContext (transport/tls.py): both ports speak TLS (wss://, https://)
+        self.scheme = "wss" if ssl_context is not None else "ws"
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
         self.route_sockets: set = set()  # open connections of the extra routes (/telnyx, /telnyx/listen)
@@ -98,12 +101,12 @@ class StreamServer:
         self._loop = asyncio.get_running_loop()
         self._ws = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
                                max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20,
-                               compression=self.compression,
+                               compression=self.compression, ssl=self.ssl_context,
+                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if self.ssl_context else None,
                                logger=logging.getLogger("csmstream.websockets"))
         self.loop_watch.starting = True
         self.loop_watch.start()
-        log.info("listening on ws://%s:%d/ws/generate (/healthz says 503 until the model is ready)",
-                 self.host, self.port)
+        log.info("listening on %s (/healthz says 503 until the model is ready)", self.url)
         try:
             if self.http_port is not None:
                 self.http = await HttpApi(self, self.host, self.http_port).start()
@@ -183,12 +186,12 @@ class StreamServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/ws/generate"
+        return f"{self.scheme}://{self.host}:{self.port}/ws/generate"
 
     @property
     def speech_url(self) -> str | None:
         """The OpenAI-compatible endpoint, when an HTTP port is served."""
-        return f"http://{self.host}:{self.http.port}/v1/audio/speech" if self.http is not None else None
+        return self.http.url if self.http is not None else None
 
     def next_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"

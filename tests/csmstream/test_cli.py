@@ -111,11 +111,17 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["bench", "--out", "FILE"], "cannot be the results' folder: a file has that name"),
     (["bench", "--url", "ftp://host/x"], "--url must be ws[s]://HOST:PORT/ws/generate or http[s]://"),
     (["bench", "--url", "ws://host:99999/ws/generate"], "is not a valid URL: Port out of range"),
+    (["serve", "--tls-cert", "FILE"], "not a PEM certificate chain with its PEM private key"),
+    (["serve", "--tls-cert", "no/cert.pem"], "--tls-cert 'no/cert.pem': no such file"),
+    (["serve", "--tls-key", "FILE"], "--tls-key needs --tls-cert (the certificate it belongs to)"),
+    (["say", "hi", "--cafile", "no/ca.pem"], "--cafile 'no/ca.pem': no such file"),
+    (["say", "hi", "--cafile", "FILE"], "no PEM certificate in it"),
+    (["say", "hi", "--local", "--cafile", "FILE"], "--cafile is for a server's wss:// or https:// --url"),
 ])
-def test_bad_serve_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+def test_bad_serve_say_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     """Each was accepted: a server that could never be stopped gently or refused every client, or a
     bench that ran every request to fail at the server, or failed with a traceback after the run."""
-    from csmstream import benchtool, cli
+    from csmstream import benchtool, cli, commands
     from csmstream.transport import server
 
     def reached(*args, **kwargs):
@@ -123,6 +129,8 @@ def test_bad_serve_and_bench_options_are_refused_before_any_work(argv, message, 
 
     monkeypatch.setattr(server, "StreamServer", reached)
     monkeypatch.setattr(benchtool, "run_bench", reached)
+    monkeypatch.setattr(cli, "_speak", reached)
+    monkeypatch.setattr(commands, "say", reached)
     (tmp_path / "FILE").write_text("")
     argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
     assert cli.main(argv + (["--device", "cpu"] if argv[0] == "serve" and "--device" not in argv else [])) == 2

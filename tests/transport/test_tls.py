@@ -1,0 +1,144 @@
+"""serve --tls-cert/--tls-key: wss:// and https:// on the server's own ports (transport/tls.py),
+checked with a throwaway CA (trustme) against a plain server's audio for the same request; bad
+certificate files are refused with the file named, before any work; clients that speak plain
+text, distrust the certificate or never finish their handshake are dropped while the server
+goes on serving."""
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+import urllib.request
+
+import pytest
+import trustme
+
+from csmstream.transport import tls
+from csmstream.transport.client import SesameConnectionError, SesameWebSocketService, stream_speech_http
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a certificate for 127.0.0.1 it signed, and their files."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {name: str(d / f"{name}.pem") for name in ("ca", "cert", "key", "both", "other_key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    cert.private_key_and_cert_chain_pem.write_to_path(files["both"])
+    ca.issue_cert("elsewhere.example").private_key_pem.write_to_path(files["other_key"])
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki):
+    import csmstream
+    from tests.servers import RunningServer
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tls, "HANDSHAKE_TIMEOUT_S", 1.0)  # (read when the listeners start)
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0,
+                       ssl_context=tls.server_context(pki["cert"], pki["key"])).start()
+    yield rs
+    rs.stop()
+    mp.undo()
+
+
+async def _ws_audio(url: str, ctx=None, **opts) -> bytes:
+    svc = SesameWebSocketService(url, ssl_context=ctx)
+    return b"".join([c async for c in svc.stream_tts("Hello over TLS.", 0, seed=3, **opts)])
+
+
+async def _http_audio(url: str, ctx=None) -> bytes:
+    return b"".join([c async for c in stream_speech_http(url, "Hello over TLS.", 0, seed=3, ssl_context=ctx)])
+
+
+def test_wss_and_https_carry_the_same_audio_as_a_plain_server(tls_server, server, pki):
+    assert tls_server.url.startswith("wss://127.0.0.1:") and tls_server.srv.speech_url.startswith("https://127.0.0.1:")
+    ctx = tls.client_context(pki["ca"])
+    want = asyncio.run(_ws_audio(server.url))  # the plain server (tests/conftest.py), same tiny weights
+    assert len(want) > 4800
+    assert asyncio.run(_ws_audio(tls_server.url, ctx)) == want
+    assert asyncio.run(_http_audio(tls_server.srv.speech_url, ctx)) == want
+    health = f"https://127.0.0.1:{tls_server.srv.port}/healthz"
+    with urllib.request.urlopen(health, context=ctx, timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+def test_clients_that_cannot_speak_to_it_are_dropped_and_it_keeps_serving(tls_server, pki, monkeypatch):
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with pytest.raises(SesameConnectionError, match="CERTIFICATE_VERIFY_FAILED"):  # no CA given: not trusted
+        asyncio.run(_ws_audio(tls_server.url))
+    with pytest.raises(SesameConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(_http_audio(tls_server.srv.speech_url))
+    with pytest.raises(SesameConnectionError, match="cannot connect"):  # plain text to a TLS port
+        asyncio.run(_ws_audio(tls_server.url.replace("wss://", "ws://")))
+    # a client that opens TCP and never says a word is dropped after the handshake timeout
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10)
+              for port in (tls_server.srv.port, tls_server.srv.http.port)]
+    t0 = time.monotonic()
+    for s in silent:
+        with s:
+            assert s.recv(1) == b""  # closed by the server
+    assert time.monotonic() - t0 < 8
+    assert len(asyncio.run(_ws_audio(tls_server.url, tls.client_context(pki["ca"])))) > 4800
+
+
+def test_bad_certificate_files_are_refused_naming_the_file(pki, tmp_path):
+    assert isinstance(tls.server_context(pki["both"]), ssl.SSLContext)  # the key inside the certificate file
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        ((pki["cert"], pki["other_key"]), "the key does not belong to the certificate"),
+        ((pki["cert"], None), "not a PEM certificate chain with its PEM private key"),
+        ((str(junk), pki["key"]), "not a PEM certificate chain"),
+        ((str(tmp_path / "nope.pem"), None), "--tls-cert '.*nope.pem': no such file"),
+        ((pki["cert"], str(tmp_path)), "--tls-key '.*': no such file"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tls.server_context(*args)
+    with pytest.raises(ValueError, match="--cafile '.*junk.pem': no PEM certificate in it"):
+        tls.client_context(str(junk))
+
+
+def test_an_encrypted_key_is_refused_not_asked_for(pki, tmp_path):
+    """OpenSSL would prompt on the terminal for the passphrase (a server under systemd would hang)."""
+    from cryptography.hazmat.primitives import serialization
+
+    with open(pki["key"], "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ValueError, match="the key is encrypted; give an unencrypted PEM key"):
+        tls.server_context(pki["cert"], str(locked))
+
+
+def test_say_trusts_the_servers_ca_with_cafile_and_says_what_to_do_without_it(tls_server, pki, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import wave
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    for url in (tls_server.url, tls_server.srv.speech_url):
+        path = tmp_path / "tls.wav"
+        cmd = [sys.executable, "-m", "csmstream", "say", "Hello over TLS.", "--url", url, "--seed", "3",
+               "--out", str(path)]
+        out = subprocess.run(cmd + ["--cafile", pki["ca"]], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        with wave.open(str(path)) as w:
+            assert w.getnframes() > 2400
+        path.unlink()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in out.stderr
+        assert "the server's TLS certificate is not trusted here: pass --cafile CA.pem" in out.stderr
+        assert not path.exists()
+    out = subprocess.run([sys.executable, "-m", "csmstream", "say", "Hi.", "--url",
+                          tls_server.url.replace("wss://", "ws://"), "--out", str(tmp_path / "x.wav")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "One that serves TLS (serve --tls-cert) needs wss://" in out.stderr
