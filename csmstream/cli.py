@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest text accepted per request (default: 5000)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM",
                        help="serve TLS on both ports (wss://, https://) with this PEM certificate chain (the "
-                            "server's certificate first); e.g. for a Telnyx stream_url with no proxy in front "
+                            "server's certificate first); e.g. for a Telnyx stream_url with no proxy in front. "
+                            "SIGHUP loads it (and --tls-key) again: a renewed certificate, no restart "
                             "(default: plain ws://, http://; TLS left to a proxy such as deploy/nginx.conf)")
     serve.add_argument("--tls-key", default=None, metavar="PEM",
                        help="the certificate's unencrypted PEM private key (default: inside the --tls-cert file)")

@@ -118,6 +118,8 @@ def serve(args) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if ssl_context is not None:
+            loop.add_signal_handler(signal.SIGHUP, _reload_tls, ssl_context, args.tls_cert, args.tls_key)
         await srv.start()
         web = "https" if ssl_context is not None else "http"
         notice(f"csm-stream: serving {srv.url} (health: {web}://{args.host}:{srv.port}/healthz)")
@@ -177,6 +179,20 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
     accept_listener = (lambda headers: token_ok(headers, listen_token)) if listen_token else None
     handler.media_format = default
     return {"/telnyx": (handler, accept), "/telnyx/listen": (listener, accept_listener)}, registry
+
+
+def _reload_tls(ctx, cert: str, key: str | None) -> None:
+    """SIGHUP with --tls-cert: a renewed certificate (and key) from the same paths, for the
+    handshakes from now on; a file that will not do is logged and the certificate in use kept."""
+    from .transport import tls
+
+    log_tls = logging.getLogger("csmstream.tls")
+    try:
+        tls.reload(ctx, cert, key)
+    except (ValueError, OSError) as e:
+        log_tls.error("SIGHUP: kept the TLS certificate in use: %s", e)
+        return
+    log_tls.info("SIGHUP: reloaded the TLS certificate from %s%s", cert, f" and its key from {key}" if key else "")
 
 
 def _query(ws) -> str:

@@ -48,6 +48,15 @@ def server_context(cert: str, key: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def reload(ctx: ssl.SSLContext, cert: str, key: str | None = None) -> None:
+    """Load the certificate and key again into the live `ctx` (serve's SIGHUP: a renewed
+    certificate, no restart). They are checked on a fresh context first: on a ValueError the
+    live one is left as it was. Connections already open keep their session; new handshakes get
+    the new certificate."""
+    server_context(cert, key)
+    ctx.load_cert_chain(cert, key, password=_no_passphrase)
+
+
 def client_context(cafile: str) -> ssl.SSLContext:
     """A client's TLS context that trusts the certificates in `cafile` (PEM), as well as the
     system's: for a server whose certificate a private CA signed."""

@@ -549,3 +549,65 @@ def test_say_a_long_text_to_the_http_port_goes_as_several_requests(tmp_path):
             assert w.getnframes() == frames // 2 * 1920
     finally:
         rs.stop()
+
+
+def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
+    """A certificate is renewed every few weeks: SIGHUP loads it again from the same paths without a
+    restart; a file that will not do is logged and the certificate in use kept."""
+    import ssl
+    import time
+    import urllib.request
+
+    import trustme
+
+    from csmstream.transport.tls import client_context
+
+    cert, key, log = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "serve.log"
+
+    def issue(name: str) -> str:  # a new CA and a certificate it signed at --tls-cert/--tls-key; the CA's file
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    def trusted(cafile: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=client_context(cafile),
+                                        timeout=5) as r:
+                return r.status == 200
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                return False
+            raise
+
+    def until(check, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
+            time.sleep(0.2)
+
+    first = issue("first_ca.pem")
+    port = free_port()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
+                                 "--tls-cert", str(cert), "--tls-key", str(key)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        until(lambda: "csm-stream: serving wss://" in log.read_text() and trusted(first), "never served TLS")
+        second = issue("second_ca.pem")
+        assert trusted(first) and not trusted(second)  # the files alone change nothing
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: "SIGHUP: reloaded the TLS certificate" in log.read_text(), "no reload")
+        assert trusted(second) and not trusted(first)
+        cert.write_text("renewal went wrong\n")
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: "SIGHUP: kept the TLS certificate in use" in log.read_text(), "no refusal")
+        assert "not a PEM certificate chain" in log.read_text() and trusted(second)
+        out = run("say", "Still here.", "--url", f"wss://127.0.0.1:{port}/ws/generate", "--cafile", second,
+                  "--out", str(tmp_path / "tls.wav"), "--max-frames", "5")
+        assert out.returncode == 0, out.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text()
