@@ -30,12 +30,13 @@ BYTES_PER_SECOND = {"PCMU": 8000, "PCMA": 8000, "G722": 8000, "L16": None}  # L1
 class TelnyxSimulator:
     def __init__(self, url: str, call_control_id: str = "v2:call-1", *, headers: dict | None = None,
                  encoding: str = "PCMU", send_caller_audio: bool = True, codec: str = "PCMU",
-                 sampling_rate: int = 8000, caller_pcm=None) -> None:
+                 sampling_rate: int = 8000, caller_pcm=None, ssl=None) -> None:
         """encoding: the caller's audio (caller_pcm, 8 kHz int16, is sent as PCMU, then silence);
         codec, sampling_rate: the bidirectional stream's (what streaming_start asked for: what
         we must receive)."""
         self.caller_pcm = caller_pcm
         self.url, self.ccid, self.headers = url, call_control_id, headers or {}
+        self.ssl = ssl  # an ssl.SSLContext for a wss:// url
         self.encoding, self.send_caller_audio = encoding, send_caller_audio
         self.codec, self.rate = codec, sampling_rate
         self.bytes_per_second = BYTES_PER_SECOND[codec] or 2 * sampling_rate
@@ -59,7 +60,7 @@ class TelnyxSimulator:
         return str(self._seq)
 
     async def __aenter__(self) -> TelnyxSimulator:
-        self.ws = await connect(self.url, additional_headers=self.headers)
+        self.ws = await connect(self.url, additional_headers=self.headers, **({"ssl": self.ssl} if self.ssl else {}))
         await self.ws.send(json.dumps({"event": "connected", "version": "1.0.0"}))
         await self.ws.send(json.dumps({
             "event": "start", "sequence_number": self._next_seq(), "stream_id": "STREAM-1",

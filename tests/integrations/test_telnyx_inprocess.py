@@ -459,3 +459,39 @@ def test_an_agent_streams_its_llm_tokens_into_the_call_with_the_python_client(ph
     assert done["audio_ms"] == pytest.approx(len(s.audio) / 8, abs=0.1) and len(s.audio) > 0
     assert [r.text for r in rs.srv.recent if r.tag.rid == "llm-1"] == ["Sure, I can help with that.",
                                                                       "Your order shipped on Monday."]
+
+
+def test_a_call_over_tls_plays_and_reports_heard(tmp_path):
+    """serve --telnyx --tls-cert: Telnyx's wss:// stream_url reaches /telnyx with no proxy in front,
+    and an agent's request over wss:// plays into the call as over plain ws://."""
+    import trustme
+
+    import csmstream
+    from csmstream.transport.tls import client_context, server_context
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trust = client_context(str(tmp_path / "ca.pem"))
+    routes, calls = telnyx_routes("PCMU", "tok")
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), routes=routes, calls=calls,
+                       ssl_context=server_context(str(tmp_path / "both.pem"))).start()
+    try:
+        assert rs.url.startswith("wss://")
+
+        async def go():
+            async with TelnyxSimulator(rs.url.replace("/ws/generate", "/telnyx"), "v2:tls-1",
+                                       headers={AUTH_HEADER: "tok"}, ssl=trust) as s:
+                await wait_until(lambda: calls.get("v2:tls-1") is not None)
+                async with connect(rs.url, ssl=trust) as ws:
+                    await ws.send(json.dumps({"text": "Over TLS into the call.", "call_control_id": "v2:tls-1",
+                                              "request_id": "t1", "seed": 2}))
+                    done = await next_json(ws)
+                return s, done
+
+        s, done = asyncio.run(go())
+    finally:
+        rs.stop()
+    assert done["done"] and done["heard"] is True and not done["cancelled"] and not s.problems
+    assert s.marks_echoed == ["t1"] and len(s.audio) > 0
+    assert done["audio_ms"] == pytest.approx(len(s.audio) / 8, abs=0.1)
