@@ -83,7 +83,7 @@ async def type_out(ws, pieces: list[str], t0: float, tokens_per_s: float) -> Non
 
 async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int,
                    token: str | None = None, voice: str | None = None,
-                   tokens_per_s: float | None = None) -> CallResult:
+                   tokens_per_s: float | None = None, ssl_context=None) -> CallResult:
     from websockets.asyncio.client import connect
 
     from .transport.client import SesameTTSError, stream_speech_http
@@ -102,13 +102,15 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
     try:
         if url.startswith(("http://", "https://")):  # the OpenAI-compatible port: pieces as they arrive
             t0 = time.perf_counter()
-            async for m in stream_speech_http(url, text, token=token, format=fmt, chunk_ms=chunk_ms, seed=index,
+            async for m in stream_speech_http(url, text, token=token, ssl_context=ssl_context, format=fmt,
+                                              chunk_ms=chunk_ms, seed=index,
                                               **named):
                 got(m, time.perf_counter() - t0)
             r.total_ms = 1000 * (time.perf_counter() - t0)
         else:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            async with connect(url, max_size=None, open_timeout=30, additional_headers=headers) as ws:
+            tls = {"ssl": ssl_context} if ssl_context is not None and url.startswith("wss:") else {}
+            async with connect(url, max_size=None, open_timeout=30, additional_headers=headers, **tls) as ws:
                 t0 = time.perf_counter()
                 opening = {"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index, **named}
                 toks = words(text) if tokens_per_s else []
@@ -154,7 +156,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
 
 async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
                     progress: bool = True, token: str | None = None, voice: str | None = None,
-                    tokens_per_s: float | None = None) -> list[CallResult]:
+                    tokens_per_s: float | None = None, ssl_context=None) -> list[CallResult]:
     sem = asyncio.Semaphore(concurrency)
     done = 0
     results: list[CallResult] = []
@@ -163,7 +165,7 @@ async def run_level(url: str, texts: list[str], concurrency: int, requests: int,
         nonlocal done
         async with sem:
             res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token, voice,
-                                 tokens_per_s)
+                                 tokens_per_s, ssl_context)
         results.append(res)
         done += 1
         if progress:
@@ -239,7 +241,7 @@ def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: di
     return paths + draw_all(out_dir, results, summary_by_level)
 
 
-def server_metrics(url: str, token: str | None = None) -> dict[str, float] | None:
+def server_metrics(url: str, token: str | None = None, ssl_context=None) -> dict[str, float] | None:
     """The server's /metrics, parsed (None when unavailable)."""
     import time
     import urllib.request
@@ -250,7 +252,7 @@ def server_metrics(url: str, token: str | None = None) -> dict[str, float] | Non
     http = (base.split("/v1/")[0] if "/v1/audio/speech" in base else base.split("/ws/")[0]) + "/metrics"
     try:
         req = urllib.request.Request(http, headers={"Authorization": f"Bearer {token}"} if token else {})
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=ssl_context if http.startswith("https:") else None) as r:
             out = parse(r.read().decode())
     except (OSError, ValueError):
         return None
@@ -293,7 +295,7 @@ def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> i
 def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
               fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
               ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None,
-              voice: str | None = None, tokens_per_s: float | None = None) -> dict:
+              voice: str | None = None, tokens_per_s: float | None = None, ssl_context=None) -> dict:
     """Run each concurrency level in turn; voice: a named voice of the server's for every request
     (its time to first audio then includes the voice prompt); tokens_per_s: type each text out
     word by word at that rate on a text stream (times count from its first word)."""
@@ -301,10 +303,10 @@ def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[st
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
-        before = server_metrics(url, token)
+        before = server_metrics(url, token, ssl_context)
         level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token, voice,
-                                      tokens_per_s))
-        after = server_metrics(url, token)
+                                      tokens_per_s, ssl_context))
+        after = server_metrics(url, token, ssl_context)
         results += level
         summaries[c] = summarize(level)
         rss = [None if m is None else m.get("csm_process_resident_bytes") for m in (before, after)]

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
                        help="server endpoint: ws://HOST:PORT/ws/generate (default: ws://127.0.0.1:8765/ws/generate), "
                             "or http://HOST:HTTP_PORT/v1/audio/speech for the OpenAI-compatible port")
+    bench.add_argument("--cafile", default=None, metavar="PEM",
+                       help="trust the CA certificate(s) in this PEM file for a wss:// or https:// --url (a server "
+                            "with a private CA's certificate; default: the system's, or $SSL_CERT_FILE)")
     bench.add_argument("--concurrency", type=int, default=4, help="concurrent callers (default: 4)")
     bench.add_argument("--sweep", default=None, metavar="N,N,...",
                        help="run these concurrency levels in turn (e.g. 1,2,4,8,16) and report the highest with "

@@ -278,6 +278,11 @@ def bench(args) -> int:
                              "--url (the HTTP endpoint takes each text whole)")
     if not 0 < args.ttfa_threshold_ms < math.inf:
         raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
+    ssl_context = None
+    if args.cafile is not None:
+        from .transport.tls import client_context
+
+        ssl_context = client_context(args.cafile)
     try:  # the results' folder, before the run rather than after it
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (FileExistsError: a file of that name)
@@ -299,7 +304,8 @@ def bench(args) -> int:
     print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}{typed}", file=sys.stderr)
     out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
                     chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms,
-                    token=args.token or os.environ.get(AUTH_ENV), voice=args.voice, tokens_per_s=args.tokens_per_s)
+                    token=args.token or os.environ.get(AUTH_ENV), voice=args.voice, tokens_per_s=args.tokens_per_s,
+                    ssl_context=ssl_context)
     print(table(out["summary"]))
     for c, summ in out["summary"].items():
         d, parts = summ["drift"], []

@@ -117,6 +117,7 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["say", "hi", "--cafile", "no/ca.pem"], "--cafile 'no/ca.pem': no such file"),
     (["say", "hi", "--cafile", "FILE"], "no PEM certificate in it"),
     (["say", "hi", "--local", "--cafile", "FILE"], "--cafile is for a server's wss:// or https:// --url"),
+    (["bench", "--cafile", "FILE"], "no PEM certificate in it"),
 ])
 def test_bad_serve_say_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     """Each was accepted: a server that could never be stopped gently or refused every client, or a

@@ -142,3 +142,17 @@ def test_say_trusts_the_servers_ca_with_cafile_and_says_what_to_do_without_it(tl
                           tls_server.url.replace("wss://", "ws://"), "--out", str(tmp_path / "x.wav")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "One that serves TLS (serve --tls-cert) needs wss://" in out.stderr
+
+
+def test_bench_over_tls_with_cafile_reads_the_audio_and_the_servers_metrics(tls_server, pki, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    out = subprocess.run([sys.executable, "-m", "csmstream", "bench", "--url", tls_server.url, "--cafile", pki["ca"],
+                          "--concurrency", "2", "--requests", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    calls = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(calls) == 2 and all(c["error"] is None and c["audio_ms"] > 0 for c in calls)
+    assert "server memory" in out.stdout  # /metrics was read over https with the CA too
