@@ -116,7 +116,9 @@ def serve(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if ssl_context is not None:
-            loop.add_signal_handler(signal.SIGHUP, _reload_tls, ssl_context, args.tls_cert, args.tls_key)
+            loop.add_signal_handler(signal.SIGHUP, _reload_tls, srv, args.tls_cert, args.tls_key)
+        if ssl_context is not None:
+            _note_expiry(srv, args.tls_cert)
         await srv.start()
         web = "https" if ssl_context is not None else "http"
         notice(f"csm-stream: serving {srv.url} (health: {web}://{args.host}:{srv.port}/healthz)")
@@ -177,18 +179,33 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
     return {"/telnyx": (handler, accept), "/telnyx/listen": (listener, accept_listener)}, registry
 
 
-def _reload_tls(ctx, cert: str, key: str | None) -> None:
+def _reload_tls(srv, cert: str, key: str | None) -> None:
     """SIGHUP with --tls-cert: a renewed certificate (and key) from the same paths, for the
     handshakes from now on; a file that will not do is logged and the certificate in use kept."""
     from .transport import tls
 
+    try:
+        tls.reload(srv.ssl_context, cert, key)
+    except (ValueError, OSError) as e:
+        logging.getLogger("csmstream.tls").error("SIGHUP: kept the TLS certificate in use: %s", e)
+        return
+    logging.getLogger("csmstream.tls").info("SIGHUP: reloaded the TLS certificate from %s%s", cert,
+                                            f" and its key from {key}" if key else "")
+    _note_expiry(srv, cert)
+
+
+def _note_expiry(srv, cert: str) -> None:
+    """Log when the served certificate expires (a WARNING within tls.WARN_DAYS), and put it on /metrics."""
+    from .transport import tls
+
     log_tls = logging.getLogger("csmstream.tls")
     try:
-        tls.reload(ctx, cert, key)
-    except (ValueError, OSError) as e:
-        log_tls.error("SIGHUP: kept the TLS certificate in use: %s", e)
+        srv.tls_not_after, line, warn = tls.expiry_note(cert)
+    except (ValueError, OSError) as e:  # (it loaded, so this is only the expiry's reading)
+        srv.tls_not_after = None
+        log_tls.warning("cannot tell when the TLS certificate expires: %s", e)
         return
-    log_tls.info("SIGHUP: reloaded the TLS certificate from %s%s", cert, f" and its key from {key}" if key else "")
+    log_tls.log(logging.WARNING if warn else logging.INFO, "%s", line)
 
 
 def _query(ws) -> str:

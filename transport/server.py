@@ -75,6 +75,7 @@ class StreamServer:
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
         self.ssl_context = ssl_context  # an ssl.SSLContext (transport/tls.py): both ports speak TLS (wss://, https://)
         self.scheme = "wss" if ssl_context is not None else "ws"
+        self.tls_not_after: float | None = None  # when the certificate expires (Unix time), on /metrics
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
         self.route_sockets: set = set()  # open connections of the extra routes (/telnyx, /telnyx/listen)
@@ -85,6 +86,7 @@ class StreamServer:
         self.metrics = Metrics()
         self.loop_watch = LoopWatch()  # the event loop's lag and CPU, on /metrics
         self.metrics.sources.append(self.loop_watch.lines)
+        self.metrics.sources.append(self._tls_lines)
         if calls is not None and hasattr(calls, "metric_lines"):
             self.metrics.sources.append(calls.metric_lines)
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
@@ -240,6 +242,14 @@ class StreamServer:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render(
                 self.worker.stats if self.worker else None, self.healthy, self.health())
         return None
+
+    def _tls_lines(self) -> list[str]:
+        if self.tls_not_after is None:
+            return []
+        return ["# HELP csm_tls_certificate_not_after_seconds when the served TLS certificate expires (Unix time; "
+                "alert on it minus time())",
+                "# TYPE csm_tls_certificate_not_after_seconds gauge",
+                f"csm_tls_certificate_not_after_seconds {self.tls_not_after:.0f}"]
 
     def tune_socket(self, sock) -> None:
         """Cap a connection's kernel send buffer (socket_send_buffer), so a client that stops

@@ -5,10 +5,15 @@ raised before anything starts: never a prompt for a key's passphrase, never a tr
 
 from __future__ import annotations
 
+import calendar
 import os
+import re
 import ssl
+import time
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens TCP and never finishes its TLS handshake is dropped then
+WARN_DAYS = 14  # serve warns when its certificate expires sooner than this
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----")
 
 
 def _file(flag: str, path: str) -> str:
@@ -67,3 +72,57 @@ def client_context(cafile: str) -> ssl.SSLContext:
     except ssl.SSLError as e:
         raise ValueError(f"--cafile {cafile!r}: no PEM certificate in it ({e.reason or e})") from None
     return ctx
+
+
+def not_after(cert: str) -> float:
+    """When the first certificate of a PEM file (the server's own, in a chain) expires, as a Unix
+    time: read from its DER (Certificate > TBSCertificate > Validity > notAfter), so no X.509
+    library is needed. ValueError when the file holds no certificate this can read."""
+    with open(cert, encoding="ascii", errors="replace") as f:
+        m = _PEM.search(f.read())
+    if m is None:
+        raise ValueError(f"{cert!r}: no PEM certificate in it")
+    der = ssl.PEM_cert_to_DER_cert(m.group(0))
+    try:
+        _, i, _ = _tlv(der, 0)  # Certificate
+        tag, i, _ = _tlv(der, i)  # TBSCertificate
+        tag, j, n = _tlv(der, i)
+        if tag == 0xA0:  # [0] version, then the serial number
+            tag, j, n = _tlv(der, j + n)
+        for _ in range(3):  # serial number, signature algorithm, issuer
+            j += n
+            tag, j, n = _tlv(der, j)
+        if tag != 0x30:
+            raise ValueError("no validity")
+        tag, j, n = _tlv(der, j)  # notBefore
+        tag, j, n = _tlv(der, j + n)  # notAfter
+        stamp = der[j:j + n].decode("ascii")
+    except (IndexError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cert!r}: cannot read its certificate's expiry ({e})") from None
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: years 1950-2049
+        year = int(stamp[:2])
+        stamp = f"{1900 + year if year >= 50 else 2000 + year}{stamp[2:]}"
+    elif tag != 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
+        raise ValueError(f"{cert!r}: its notAfter is not a time (tag {tag:#x})")
+    return float(calendar.timegm(time.strptime(stamp.rstrip("Z")[:14], "%Y%m%d%H%M%S")))
+
+
+def _tlv(der: bytes, i: int) -> tuple[int, int, int]:
+    """The DER element at i: (tag, where its content starts, its length)."""
+    tag, n = der[i], der[i + 1]
+    i += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(der[i:i + k], "big")
+        i += k
+    return tag, i, n
+
+
+def expiry_note(cert: str, now: float | None = None) -> tuple[float, str, bool]:
+    """(notAfter, a line for the log, whether to warn: it expires within WARN_DAYS or has)."""
+    end = not_after(cert)
+    days = (end - (time.time() if now is None else now)) / 86400
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(end))
+    if days < 0:
+        return end, f"the TLS certificate in {cert} EXPIRED on {when}: clients will refuse it", True
+    return end, f"the TLS certificate in {cert} is valid until {when} ({days:.0f} days)", days < WARN_DAYS

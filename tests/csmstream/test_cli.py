@@ -554,7 +554,9 @@ def test_say_a_long_text_to_the_http_port_goes_as_several_requests(tmp_path):
 
 def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
     """A certificate is renewed every few weeks: SIGHUP loads it again from the same paths without a
-    restart; a file that will not do is logged and the certificate in use kept."""
+    restart; a file that will not do is logged and the certificate in use kept. When each one
+    expires is logged (a WARNING when soon) and on /metrics."""
+    import datetime
     import ssl
     import time
     import urllib.request
@@ -565,9 +567,9 @@ def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
 
     cert, key, log = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "serve.log"
 
-    def issue(name: str) -> str:  # a new CA and a certificate it signed at --tls-cert/--tls-key; the CA's file
+    def issue(name: str, not_after) -> str:  # a new CA and a certificate it signed at --tls-cert/--tls-key; its CA
         ca = trustme.CA()
-        leaf = ca.issue_cert("127.0.0.1")
+        leaf = ca.issue_cert("127.0.0.1", not_after=not_after)
         leaf.cert_chain_pems[0].write_to_path(str(cert))
         leaf.private_key_pem.write_to_path(str(key))
         ca.cert_pem.write_to_path(str(tmp_path / name))
@@ -589,18 +591,32 @@ def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
             time.sleep(0.2)
 
-    first = issue("first_ca.pem")
+    def metric() -> float:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=client_context(current),
+                                    timeout=5) as r:
+            line = next(x for x in r.read().decode().splitlines() if x.startswith("csm_tls_certificate_not_after"))
+        return float(line.split()[1])
+
+    soon = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=5)
+    first = current = issue("first_ca.pem", soon)
     port = free_port()
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
                                  "--tls-cert", str(cert), "--tls-key", str(key)], stdout=subprocess.DEVNULL, stderr=err)
     try:
         until(lambda: "csm-stream: serving wss://" in log.read_text() and trusted(first), "never served TLS")
-        second = issue("second_ca.pem")
+        assert f"WARNING csmstream.tls: the TLS certificate in {cert} is valid until " \
+               f"{soon:%Y-%m-%d %H:%M} UTC (5 days)" in log.read_text()  # (expires soon: a warning)
+        assert metric() == soon.timestamp()
+        second = issue("second_ca.pem", datetime.datetime(2031, 6, 1, 12, 0))
         assert trusted(first) and not trusted(second)  # the files alone change nothing
         proc.send_signal(signal.SIGHUP)
         until(lambda: "SIGHUP: reloaded the TLS certificate" in log.read_text(), "no reload")
         assert trusted(second) and not trusted(first)
+        current = second
+        assert metric() == datetime.datetime(2031, 6, 1, 12, 0, tzinfo=datetime.UTC).timestamp()
+        assert f"INFO csmstream.tls: the TLS certificate in {cert} is valid until 2031-06-01 12:00 UTC" \
+            in log.read_text()
         cert.write_text("renewal went wrong\n")
         proc.send_signal(signal.SIGHUP)
         until(lambda: "SIGHUP: kept the TLS certificate in use" in log.read_text(), "no refusal")

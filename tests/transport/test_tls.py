@@ -156,3 +156,36 @@ def test_bench_over_tls_with_cafile_reads_the_audio_and_the_servers_metrics(tls_
     calls = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(calls) == 2 and all(c["error"] is None and c["audio_ms"] > 0 for c in calls)
     assert "server memory" in out.stdout  # /metrics was read over https with the CA too
+
+
+def test_not_after_reads_the_certificates_expiry_as_an_x509_library_does(tmp_path):
+    """UTCTime (years to 2049) and GeneralizedTime (2050 on) notAfter, the server's certificate
+    first in a chain or after its key; cryptography's parse is the reference."""
+    import datetime
+
+    from cryptography import x509
+
+    ca = trustme.CA()
+    cases = [None, datetime.datetime(2051, 3, 4, 5, 6, 7), datetime.datetime(2027, 1, 2, 3, 4, 5),
+             datetime.datetime(2049, 12, 31, 23, 59, 59)]
+    for i, end in enumerate(cases):
+        leaf = ca.issue_cert("127.0.0.1", **({} if end is None else {"not_after": end}))
+        want = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).not_valid_after_utc.timestamp()
+        for blob in (leaf.private_key_and_cert_chain_pem, leaf.cert_chain_pems[0]):
+            path = tmp_path / f"{i}.pem"
+            blob.write_to_path(str(path))
+            assert tls.not_after(str(path)) == want
+    path = tmp_path / "soon.pem"
+    ca.issue_cert("127.0.0.1", not_after=datetime.datetime(2030, 1, 10)).cert_chain_pems[0].write_to_path(str(path))
+    at = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC).timestamp()
+    assert tls.expiry_note(str(path), now=at)[1:] == (
+        f"the TLS certificate in {path} is valid until 2030-01-10 00:00 UTC (9 days)", True)
+    assert tls.expiry_note(str(path), now=at - 30 * 86400)[2] is False
+    end, line, warn = tls.expiry_note(str(path), now=at + 10 * 86400)
+    assert warn and line == f"the TLS certificate in {path} EXPIRED on 2030-01-10 00:00 UTC: clients will refuse it"
+    (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match="cannot read its certificate's expiry"):
+        tls.not_after(str(tmp_path / "junk.pem"))
+    (tmp_path / "text.pem").write_text("hello\n")
+    with pytest.raises(ValueError, match="no PEM certificate in it"):
+        tls.not_after(str(tmp_path / "text.pem"))
