@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .transport.protocol import BYTES_PER_SAMPLE, FORMATS
+from .transport.protocol import byte_rate
 
 DEFAULT_TEXTS = [
     "Thanks for calling. How can I help you today?",
@@ -87,15 +87,15 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
     from websockets.asyncio.client import connect
 
     from .transport.client import SesameTTSError, stream_speech_http
+    from .transport.tls import connect_options
 
-    rate, enc = FORMATS[fmt]
-    bps = BYTES_PER_SAMPLE[enc]
+    per_s = byte_rate(fmt)
     r = CallResult(index, concurrency, len(text))
     arrivals, durations = [], []
 
     def got(m: bytes, now: float) -> None:
         arrivals.append(now)
-        durations.append(len(m) / bps / rate)
+        durations.append(len(m) / per_s)
         r.chunk_bytes += len(m)
 
     named = {} if voice is None else {"voice": voice}
@@ -109,8 +109,8 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
             r.total_ms = 1000 * (time.perf_counter() - t0)
         else:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            tls = {"ssl": ssl_context} if ssl_context is not None and url.startswith("wss:") else {}
-            async with connect(url, max_size=None, open_timeout=30, additional_headers=headers, **tls) as ws:
+            async with connect(url, max_size=None, open_timeout=30, additional_headers=headers,
+                               **connect_options(url, ssl_context)) as ws:
                 t0 = time.perf_counter()
                 opening = {"text": text, "format": fmt, "chunk_ms": chunk_ms, "seed": index, **named}
                 toks = words(text) if tokens_per_s else []

@@ -52,6 +52,13 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
                    help="cap on 80 ms frames (default: scales with the text length)")
 
 
+def _cafile_arg(p: argparse.ArgumentParser) -> None:
+    """--cafile, for the commands that connect to a server (say, bench)."""
+    p.add_argument("--cafile", default=None, metavar="PEM",
+                   help="trust the CA certificate(s) in this PEM file for a wss:// or https:// --url (a server "
+                        "with a private CA's certificate; default: the system's, or $SSL_CERT_FILE)")
+
+
 def _log_args(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     """-v and --log-format, before the command or after it (a command's copy sets them only when given)."""
     d = {} if defaults else {"default": argparse.SUPPRESS}
@@ -160,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate in-process with --model (no server), sentence by sentence as a server speaks "
                           "a text: the same audio for the same --seed")
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
-    say.add_argument("--cafile", default=None, metavar="PEM",
-                     help="trust the CA certificate(s) in this PEM file for a wss:// or https:// --url (a server "
-                          "with a private CA's certificate; default: the system's, or $SSL_CERT_FILE)")
+    _cafile_arg(say)
     say.add_argument("--max-request-chars", type=int, default=5000, metavar="N",
                      help="the characters the server takes a request (its serve --max-text-chars; default: "
                           "5000): a longer text, or standard input past that, goes as back-to-back requests "
@@ -184,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--url", default="ws://127.0.0.1:8765/ws/generate",
                        help="server endpoint: ws://HOST:PORT/ws/generate (default: ws://127.0.0.1:8765/ws/generate), "
                             "or http://HOST:HTTP_PORT/v1/audio/speech for the OpenAI-compatible port")
-    bench.add_argument("--cafile", default=None, metavar="PEM",
-                       help="trust the CA certificate(s) in this PEM file for a wss:// or https:// --url (a server "
-                            "with a private CA's certificate; default: the system's, or $SSL_CERT_FILE)")
+    _cafile_arg(bench)
     bench.add_argument("--concurrency", type=int, default=4, help="concurrent callers (default: 4)")
     bench.add_argument("--sweep", default=None, metavar="N,N,...",
                        help="run these concurrency levels in turn (e.g. 1,2,4,8,16) and report the highest with "

@@ -120,8 +120,7 @@ def serve(args) -> int:
         if ssl_context is not None:
             _note_expiry(srv, args.tls_cert)
         await srv.start()
-        web = "https" if ssl_context is not None else "http"
-        notice(f"csm-stream: serving {srv.url} (health: {web}://{args.host}:{srv.port}/healthz)")
+        notice(f"csm-stream: serving {srv.url} (health: {srv.web_scheme}://{args.host}:{srv.port}/healthz)")
         if srv.speech_url:
             notice(f"csm-stream: OpenAI-compatible speech on {srv.speech_url} (POST; streams as it generates)")
         if args.telnyx:

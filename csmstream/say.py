@@ -133,13 +133,10 @@ async def _in_parts(parts, args, opts: dict, conn: dict, http: bool):
     from .transport import protocol
     from .transport.client import SesameWebSocketService, stream_speech_http
 
-    rate, enc = protocol.FORMATS[args.format]
-    per_ms = rate * protocol.BYTES_PER_SAMPLE[enc] / 1000
+    per_ms = protocol.byte_rate(args.format) / 1000
     seed, budget, heard = opts.get("seed"), opts.get("max_audio_ms"), 0
     svc = None if http else SesameWebSocketService(args.url, **conn)
-    async with contextlib.AsyncExitStack() as stack:
-        if svc is not None:
-            await stack.enter_async_context(svc)
+    async with svc or contextlib.nullcontext():  # (a WebSocket: one kept connection for all the parts)
         while (part := await parts.next_part()) is not None:
             o = dict(opts)
             if seed is not None:

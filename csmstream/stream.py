@@ -8,10 +8,8 @@ import asyncio
 import threading
 from collections import deque
 
-from .engine.worker import GenRequest
+from .engine.worker import GOOD_ENDS, GenRequest
 from .plan import WAIT, GenerationError, SentencePlan
-
-GOOD_ENDS = ("eos", "max_frames", "guard")  # a sentence that ended so: the next one follows
 
 
 class StreamerClosed(RuntimeError):

@@ -100,6 +100,7 @@ class WorkerStats:
 
 
 RESERVE_S = 0.1  # a slot freed by a sentence whose reply goes on is kept this long for the next sentence
+GOOD_ENDS = ("eos", "max_frames", "guard")  # a sentence that ended so: its reply's next one follows
 
 
 class Busy(RuntimeError):
@@ -395,7 +396,7 @@ class EngineWorker:
 
     def _finish(self, req: GenRequest, reason: str, changed: list, error: str | None = None) -> None:
         if req._row >= 0:
-            if req.more and reason in ("eos", "max_frames", "guard"):
+            if req.more and reason in GOOD_ENDS:
                 self._reserved.append(time.perf_counter() + self.reserve_s)
             self._active.pop(req._row, None)
             self.engine._release(req._row)

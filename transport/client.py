@@ -23,6 +23,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
+from .tls import connect_options
+
 DEFAULT_URL = "ws://127.0.0.1:8765/ws/generate"
 DRAIN_S = 10.0  # how long an abandoned request's cancel may take to come back before the connection is dropped
 
@@ -82,9 +84,8 @@ class SesameWebSocketService:
 
     async def _connect(self):
         try:
-            tls = {} if self.ssl_context is None or not self.url.startswith("wss:") else {"ssl": self.ssl_context}
             return await connect(self.url, open_timeout=self.open_timeout, max_size=None,
-                                 additional_headers=self.headers, **tls)
+                                 additional_headers=self.headers, **connect_options(self.url, self.ssl_context))
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
             raise SesameConnectionError(f"cannot connect to {self.url}: {str(e) or type(e).__name__}") from e
 

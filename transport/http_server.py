@@ -61,8 +61,7 @@ class HttpApi:
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.server.ssl_context is not None else "http"
-        return f"{scheme}://{self.host}:{self.port}{hs.SPEECH_PATH}"
+        return f"{self.server.web_scheme}://{self.host}:{self.port}{hs.SPEECH_PATH}"
 
     @property
     def port(self) -> int:

@@ -54,6 +54,12 @@ INACTIVITY_S, MAX_INACTIVITY_S = 20.0, 180.0
 MAX_REQUEST_ID_CHARS = 128
 
 
+def byte_rate(fmt: str) -> float:
+    """Bytes a second of a raw format's audio (FORMATS)."""
+    rate, enc = FORMATS[fmt]
+    return rate * BYTES_PER_SAMPLE[enc]
+
+
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(message)

@@ -74,7 +74,7 @@ class StreamServer:
         self.compression = compression
         self.http_port = http_port  # also serve plain HTTP (POST /v1/audio/speech) there; None = not
         self.ssl_context = ssl_context  # an ssl.SSLContext (transport/tls.py): both ports speak TLS (wss://, https://)
-        self.scheme = "wss" if ssl_context is not None else "ws"
+        self.scheme, self.web_scheme = ("wss", "https") if ssl_context is not None else ("ws", "http")
         self.tls_not_after: float | None = None  # when the certificate expires (Unix time), on /metrics
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams

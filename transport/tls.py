@@ -62,6 +62,12 @@ def reload(ctx: ssl.SSLContext, cert: str, key: str | None = None) -> None:
     ctx.load_cert_chain(cert, key, password=_no_passphrase)
 
 
+def connect_options(url: str, ctx: ssl.SSLContext | None) -> dict:
+    """websockets' connect() keyword for `ctx` (a client context), or none: for a ws:// URL, or
+    when the system's trust store will do."""
+    return {"ssl": ctx} if ctx is not None and url.startswith("wss:") else {}
+
+
 def client_context(cafile: str) -> ssl.SSLContext:
     """A client's TLS context that trusts the certificates in `cafile` (PEM), as well as the
     system's: for a server whose certificate a private CA signed."""
