@@ -308,20 +308,40 @@ def _say_in_a_voice_and_interrupted(tmp_path, port, voices):
     bad = run("say", "Hi.", "--url", url, "--voice", "bob")
     assert bad.returncode == 1 and "server error unknown_voice: unknown voice 'bob'; available: ada" in bad.stderr
     cut = tmp_path / "cut.wav"
-    proc = subprocess.Popen([sys.executable, "-m", "csmstream", "say", "A long answer. " * 40, "--url", url,
-                             "--out", str(cut), "--max-frames", "1500"], stderr=subprocess.PIPE, text=True)
+    # started as a shell in a terminal starts it, with Ctrl-C's SIGINT at its default: a test run started in the
+    # background (`make test &`, nohup) ignores SIGINT, a child inherits that, and a Python started so never gets
+    # a KeyboardInterrupt (a test that ran an event loop's signal handlers in this worker may have reset it)
+    argv = ["csmstream", "say", "A long answer. " * 40, "--url", url, "--out", str(cut), "--max-frames", "1500"]
+    proc = subprocess.Popen([sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                             f"signal.default_int_handler); sys.argv = {argv!r}; runpy.run_module('csmstream', "
+                             "run_name='__main__')"], stderr=subprocess.PIPE, text=True)
     part = tmp_path / ".cut.wav.part"  # (the audio goes here until the WAV is complete, then takes cut's name)
     deadline = time.monotonic() + 120
     while (not part.exists() or part.stat().st_size < 200_000) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the long request ended before it could be interrupted"
+    how = _signal_masks(proc.pid)  # (if it does not stop: whether it ignored or caught the signal)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "interrupted; kept the" in err and "Traceback" not in err, err
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"say went on for 30 s after SIGINT; before it: {how}, in this test process "
+                             f"{signal.getsignal(signal.SIGINT)}") from None
+    assert proc.returncode == 130 and "interrupted; kept the" in err and "Traceback" not in err, (err, how)
     with wave.open(str(cut)) as w:  # a whole header: the frames it counts are the bytes that follow it
         n = w.getnframes()
         assert n >= 200_000 // 2 - 100 and 44 + 2 * n == cut.stat().st_size and n < 1500 * 1920
     assert not part.exists()
+
+
+def _signal_masks(pid: int) -> str:
+    """The SigIgn and SigCgt lines of a Linux process's status (bit 2 from the right: SIGINT)."""
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        return "(no /proc)"
+    return "; ".join(line for line in lines if line.startswith(("SigIgn", "SigCgt")))
 
 
 def test_demo_runs_server_and_client_end_to_end(tmp_path):
