@@ -147,6 +147,8 @@ async def _in_parts(parts, args, opts: dict, conn: dict, http: bool):
                 o["max_audio_ms"] = int(budget - heard / per_ms)
             if parts.parts > 1:
                 log.info("say: request %d, after %d sentences", parts.parts, parts.sentences)
+                if not http:  # its first sentences hear the last ones of the part before (one voice throughout)
+                    o["continue_previous"] = True
             if http:
                 text = "".join([piece async for piece in part])
                 source = stream_speech_http(args.url, text, args.speaker, **conn, **o)

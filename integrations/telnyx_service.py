@@ -12,10 +12,16 @@ registered for it: `async handler(call_control_id, text, agent_config)`.
 `text` may also be an LLM's output as it is written (an iterable or async iterable of str): the
 sesame route speaks it as it comes, first sentence first (one text stream); another provider's
 handler gets it joined, once it has all come.
+
+`sesame_settings["continue_previous"] = True` keeps the agent's voice from turn to turn: the call's
+utterances then go over one connection kept for the call (opened at its first, closed when the
+call ends or by aclose()), each asking the server for continue_previous, so every turn hears the
+agent's last sentences as context.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
@@ -33,6 +39,9 @@ class TelnyxService:
         self.registry, self.sesame_url = registry, sesame_url
         self.providers: dict[str, Handler] = dict(providers or {})
         self.stream_wait = stream_wait
+        self._kept: dict[tuple[str, str], SesameWebSocketService] = {}  # (call, url) -> its kept connection
+        self._opening = asyncio.Lock()  # (made on first use by the loop that uses it)
+        self._closers: set[asyncio.Task] = set()
 
     def register_provider(self, name: str, handler: Handler) -> None:
         self.providers[name] = handler
@@ -64,19 +73,56 @@ class TelnyxService:
         settings = agent_config.get("sesame_settings") or {}
         if not isinstance(settings, dict):
             raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, temperature, topk, seed, "
+                             f"continue_previous, "
                              f"url), got {type(settings).__name__}")
         speaker = settings.get("speaker_id", 0)
+        keep = settings.get("continue_previous", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"agent_config['sesame_settings']['continue_previous'] must be true or false, got "
+                             f"{keep!r:.40}")
         call = await self.registry.wait_for(call_control_id, self.stream_wait)
         options = {k: settings[k] for k in ("temperature", "topk", "seed") if k in settings}
-        svc = SesameWebSocketService(settings.get("url", self.sesame_url))
+        url = settings.get("url", self.sesame_url)
+        svc = await self._call_connection(call, url) if keep else SesameWebSocketService(url)
         # 24 kHz PCM in 20 ms chunks: each one becomes one 20 ms media message as it arrives
         opts = {"format": "pcm_24000", "chunk_ms": 20, **options}
+        if keep:
+            opts["continue_previous"] = True
         chunks = (svc.stream_tts(text, speaker, **opts) if isinstance(text, str) else
                   svc.stream_text(text, speaker, **opts))  # (an LLM's pieces: spoken as they come)
         utt = await call.speak(chunks)
         log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames,
                  extra={"call_control_id": call_control_id})
         return utt
+
+    async def _call_connection(self, call, url: str) -> SesameWebSocketService:
+        """The connection kept for this call's utterances to `url`: opened at the first, closed when
+        the call ends."""
+        key = (call.call_control_id, url)
+        async with self._opening:  # (two first utterances at once: one connection)
+            svc = self._kept.get(key)
+            if svc is None:
+                svc = await SesameWebSocketService(url).__aenter__()
+                self._kept[key] = svc
+                task = asyncio.get_running_loop().create_task(self._close_at_end(call, key, svc))
+                self._closers.add(task)
+                task.add_done_callback(self._closers.discard)
+        return svc
+
+    async def _close_at_end(self, call, key, svc: SesameWebSocketService) -> None:
+        try:
+            await call.ended.wait()
+        finally:  # (the call ended, or aclose() cancelled this)
+            if self._kept.get(key) is svc:
+                del self._kept[key]
+            await svc.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        """Close the connections kept for calls (continue_previous); the service can go on after."""
+        tasks = list(self._closers)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def interrupt(self, call_control_id: str) -> None:
         """Barge-in on the call: cancel its TTS, clear Telnyx's queue."""

@@ -91,7 +91,9 @@ class SesameWebSocketService:
 
     async def stream_tts(self, text: str, speaker_id: int = 0, **options) -> AsyncIterator[bytes]:
         """Yield audio chunks (bytes) for one request as they arrive. options: request_id, format,
-        chunk_ms, temperature, topk, seed, max_audio_ms, voice (see the protocol).
+        chunk_ms, temperature, topk, seed, max_audio_ms, voice, continue_previous (see the protocol;
+        continue_previous=True hears the connection's previous request as context, so it needs a
+        kept connection).
 
         On a kept connection (`async with svc:`) requests run one at a time, in the order they are
         made (several tasks may call this at once), and a caller that stops iterating early has its
@@ -126,6 +128,9 @@ class SesameWebSocketService:
         """One request: send `first`, run `writer(ws, request_id)` (the rest of a text stream) beside
         the reader, yield its audio until its done."""
         own = not self._kept
+        if own and first.get("continue_previous"):
+            raise ValueError("continue_previous=True continues the request before it on the same connection; "
+                             "keep one open with `async with service:` (each request here opens its own)")
         lock = None if own else self._lock
         if lock is not None:
             await lock.acquire()

@@ -11,6 +11,7 @@ from collections import deque
 
 import numpy as np
 
+from ..engine.prompt import Segment
 from ..engine.worker import GenRequest
 from . import protocol
 from .encoder import SOURCE_RATE, encoder_for
@@ -46,6 +47,8 @@ class Job:
         self.parts: deque[str] = deque()  # sentences ready to generate
         self.active: deque[tuple[GenRequest, PcmRing]] = deque()  # submitted, in order; head streams
         self.history: list[tuple[str, np.ndarray]] = []  # (sentence, codes) generated so far
+        self.before: list | None = None  # continue_previous: the earlier request's sentences (Segments), once taken
+        self.continued = 0  # how many of them its first sentence had as context
         self.done_reqs: list[GenRequest] = []
         self.n_parts = 0
         self._settle: asyncio.TimerHandle | None = None  # takes the sentence the text paused after
@@ -143,6 +146,12 @@ class Job:
         """Earlier sentences whose codes are complete: finished history plus finished active ones."""
         done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.finished and r.codes]
         return done[-CONTEXT_SENTENCES:]
+
+    def spoken(self) -> list[Segment]:
+        """Its last sentences with complete codes, as context for a later request (continue_previous):
+        the earlier request's ones it continued first, so a run of short requests keeps its voice."""
+        own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
+        return ((self.before or []) + own)[-CONTEXT_SENTENCES:]
 
     def new_request(self, text: str, context: list, max_frames: int) -> GenRequest:
         """The request for the next sentence (the caller counts it in n_parts once it is submitted)."""

@@ -81,6 +81,7 @@ class Generate:
     final: bool = True
     call_control_id: str | None = None  # send the audio into this phone call instead (serve --telnyx)
     inactivity_timeout: float = INACTIVITY_S  # a text stream (final=false) with no message this long is closed
+    continue_previous: bool = False  # the connection's last sentences (an earlier request's) are its context
 
 
 @dataclass
@@ -265,6 +266,10 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
         raise bad("invalid_inactivity_timeout", f"inactivity_timeout must be a number of seconds in "
                   f"(0, {MAX_INACTIVITY_S:.0f}], got {idle!r:.40}")
     g.inactivity_timeout = float(idle)
+    cont = msg.get("continue_previous", False)
+    if not isinstance(cont, bool):
+        raise bad("invalid_continue_previous", f"continue_previous must be true or false, got {cont!r:.40}")
+    g.continue_previous = cont
     return g
 
 

@@ -539,6 +539,8 @@ def test_say_dash_speaks_a_text_longer_than_the_server_takes_as_back_to_back_req
     assert [[r.text for r in g] for g in groups] == _packed(sentences, 150)
     reqs = [r for g in groups for r in g]
     assert [r.seed for r in reqs] == [11 + i for i in range(len(sentences))]
+    # each sentence heard the four before it, across the requests too (continue_previous), as in one request
+    assert [[seg.text for seg in r.context] for r in reqs] == [sentences[max(0, i - 4):i] for i in range(len(reqs))]
     with wave.open(str(path)) as w:
         assert w.getnframes() == sum(r.frames for r in reqs) * 1920
 

@@ -151,6 +151,36 @@ def test_speak_text_takes_an_llms_pieces_and_plays_them_as_they_come(server):
     assert got[: len(want)] == want and set(got[len(want):]) <= {0xFF} and len(got) - len(want) < 160
 
 
+def test_continue_previous_keeps_one_connection_for_the_call_and_each_turn_hears_the_last(server):
+    """sesame_settings continue_previous: the call's turns go over one kept connection and each one
+    hears the turn before it as context (the agent keeps its voice); the connection closes when
+    the call ends. Without it, a turn opens its own connection and hears nothing, as before."""
+    turns = ["Thanks for calling the bakery.", "What would you like to order today?", "A plain turn again."]
+    keep = {**CONFIG, "sesame_settings": {**CONFIG["sesame_settings"], "continue_previous": True}}
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            with pytest.raises(ValueError, match=r"\['continue_previous'\] must be true or false, got 1"):
+                await service.speak_text("v2:call-1", "Hi.", {**CONFIG, "sesame_settings": {"continue_previous": 1}})
+            sockets = []
+            async with TelnyxSimulator(url) as sim:
+                for text, config in zip(turns, (keep, keep, CONFIG), strict=True):
+                    utt = await service.speak_text("v2:call-1", text, config)
+                    assert await registry.get("v2:call-1").heard(utt, timeout=30)
+                    sockets += [svc._ws for svc in service._kept.values()]
+                (svc,) = service._kept.values()
+                continued = svc.last_done["continued"]
+            await wait_until(lambda: not service._kept)  # the call ended: its connection is closed
+            return sim, sockets, svc, continued
+
+    sim, sockets, svc, continued = asyncio.run(go())
+    assert not sim.problems and len(sockets) == 3 and len(set(map(id, sockets))) == 1 and svc._ws is None
+    assert continued == 1
+    reqs = {r.text: r for r in server.srv.recent if r.text in turns}
+    assert [[s.text for s in reqs[t].context] for t in turns] == [[], [turns[0]], []]
+
+
 def test_g722_call_gets_wideband_audio_exactly_as_ffmpeg_encodes_it(server):
     """An HD call (stream_bidirectional_codec G722): 16 kHz audio, byte for byte FFmpeg's G.722 of
     the engine's audio resampled to 16 kHz (then silence to the frame's end), and what the caller

@@ -1,0 +1,142 @@
+"""continue_previous on /ws/generate: a request hears the sentences the connection generated last
+as context (CSM keeps a voice only across audio it hears), as the later sentences of one request
+hear the earlier ones. The expectation is built with the Python API: the earlier request's
+sentences generated in turn (sentence i on seed + i, after the ones before it), then the new
+one with them as context."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.servers import collect
+
+A = "The first turn is here. It has two sentences."
+A_PARTS = ["The first turn is here.", "It has two sentences."]
+B = "And this one follows it."
+A_MSG = {"text": A, "speaker_id": 0, "seed": 7}
+B_MSG = {"text": B, "speaker_id": 1, "seed": 20, "continue_previous": True}
+
+_REF = {}
+
+
+def _reference():
+    """B's audio with A's sentences as context, and alone, from the Python API."""
+    if not _REF:
+        import csmstream
+        from csmstream import Segment
+
+        eng = csmstream.load("tiny", device="cpu", max_streams=1)
+        context = []
+        for i, text in enumerate(A_PARTS):
+            codes = np.stack(list(eng.frames(text, 0, context=list(context), seed=7 + i)))
+            context.append(Segment(0, text, codes=codes))
+        _REF["b_after_a"] = _pcm(eng.stream(B, 1, context=context, seed=20))
+        _REF["b_alone"] = _pcm(eng.stream(B, 1, seed=20))
+    return _REF
+
+
+def _pcm(chunks) -> bytes:
+    return np.concatenate(list(chunks)).astype("<i2").tobytes()
+
+
+def _audio(events) -> bytes:
+    return b"".join(b for kind, b in events if kind == "audio")
+
+
+def _done(events) -> dict:
+    kind, msg = events[-1]
+    assert kind == "done", msg
+    return msg
+
+
+def test_a_request_continues_the_one_before_it_on_its_connection(server):
+    ref = _reference()
+    assert ref["b_after_a"] != ref["b_alone"]  # (the context changes what is generated)
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps(A_MSG))
+            first = await collect(ws)
+            await ws.send(json.dumps(B_MSG))
+            second = await collect(ws)
+        async with connect(server.url) as ws:  # a new connection: nothing before it, nothing shared
+            await ws.send(json.dumps(B_MSG))
+            fresh = await collect(ws)
+            await ws.send(json.dumps({**B_MSG, "continue_previous": False}))
+            plain = await collect(ws)
+        return first, second, fresh, plain
+
+    first, second, fresh, plain = asyncio.run(go())
+    assert "continued" not in _done(first)  # (only a request that asks is told)
+    assert _audio(second) == ref["b_after_a"] and _done(second)["continued"] == 2
+    assert _audio(fresh) == ref["b_alone"] and _done(fresh)["continued"] == 0
+    assert _audio(plain) == ref["b_alone"] and "continued" not in _done(plain)
+
+
+def test_queued_without_waiting_it_still_hears_the_whole_request_before_it(server):
+    """B sent right behind A: its first sentence starts as soon as A is all generated (A still
+    playing), with all of A's sentences as context."""
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({**A_MSG, "request_id": "a"}))
+            await ws.send(json.dumps({**B_MSG, "request_id": "b"}))
+            events = await collect(ws, until_done=2)
+        i = next(k for k, (kind, m) in enumerate(events) if kind == "done")
+        return events[: i + 1], events[i + 1:]
+
+    first, second = asyncio.run(go())
+    assert _done(first)["request_id"] == "a" and _done(second)["request_id"] == "b"
+    assert _audio(second) == _reference()["b_after_a"] and _done(second)["continued"] == 2
+
+
+def test_the_context_is_the_last_sentences_of_every_request_before(server):
+    """A run of one-sentence requests: each hears the last four sentences spoken on the connection,
+    across requests, as one long request's sentences hear the ones before them."""
+    texts = [f"Short turn number {w}." for w in ("one", "two", "three", "four", "five", "six")]
+
+    async def go():
+        async with connect(server.url) as ws:
+            for i, t in enumerate(texts):
+                await ws.send(json.dumps({"text": t, "request_id": f"run{i}", "seed": i, "continue_previous": True}))
+                assert _done(await collect(ws))["continued"] == min(i, 4)
+
+    asyncio.run(go())
+    reqs = {r.tag.rid: r for r in server.srv.recent if r.tag is not None and str(r.tag.rid).startswith("run")}
+    for i, t in enumerate(texts):
+        assert [s.text for s in reqs[f"run{i}"].context] == texts[max(0, i - 4):i]
+        assert reqs[f"run{i}"].text == t
+
+
+def test_a_bad_continue_previous_is_one_clear_error_and_the_connection_serves_on(server):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Hello.", "continue_previous": "yes", "request_id": "x"}))
+            bad = json.loads(await ws.recv())
+            await ws.send(json.dumps({"text": "Hello.", "max_audio_ms": 160}))
+            return bad, await collect(ws)
+
+    bad, after = asyncio.run(go())
+    assert bad == {"error": {"code": "invalid_continue_previous",
+                             "message": "continue_previous must be true or false, got 'yes'"}, "request_id": "x"}
+    assert _done(after)["cancelled"] is False and _audio(after)
+
+
+def test_the_python_client_continues_on_a_kept_connection_only(server):
+    from csmstream.transport.client import SesameWebSocketService
+
+    async def go():
+        svc = SesameWebSocketService(server.url)
+        with pytest.raises(ValueError, match="continue_previous=True continues the request before it on the same "
+                                             "connection; keep one open with `async with service:`"):
+            async for _ in svc.stream_tts(B, 1, seed=20, continue_previous=True):
+                pass
+        async with svc:
+            _ = [c async for c in svc.stream_tts(A, 0, seed=7)]
+            after = b"".join([c async for c in svc.stream_tts(B, 1, seed=20, continue_previous=True)])
+            return after, svc.last_done
+
+    after, done = asyncio.run(go())
+    assert after == _reference()["b_after_a"] and done["continued"] == 2
