@@ -116,7 +116,7 @@ class Bench:
         return {"graphs_ms": ms, **gm.kept_variant(eng.gen.fast)}
 
     def ttfa(self):
-        return gm.ttfa(self.engine("one"), self.a.ttfa_requests, min(2, self.a.warmup))
+        return gm.ttfa(self.engine("one"), self.a.ttfa_requests, min(2, self.a.warmup), self.a.continue_turns)
 
     def prefill(self):
         eng = self.engine("one")
@@ -275,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=3, help="untimed repetitions before each timing")
     ap.add_argument("--check-frames", type=int, default=12, help="frames compared in the checks")
     ap.add_argument("--ttfa-requests", type=int, default=10, help="timed requests per time-to-first-audio figure")
+    ap.add_argument("--continue-turns", type=int, default=5,
+                    help="timed whole turns (~6 s each) for the continue_previous time to first audio; 0 skips it "
+                         "(the CPU dry run: its frames are interpreted one by one)")
     ap.add_argument("--positions", type=_ints, default=[64, 512, 1024, 2000],
                     help="positions of the 'context' stage (capped to leave the timed steps in the window)")
     ap.add_argument("--sample-batches", type=_ints, default=[1, 16, 256], help="batches of the 'sample' stage")
@@ -297,8 +300,8 @@ def main(argv=None) -> int:
     for name in ("iters", "check_frames", "ttfa_requests"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.warmup < 0 or a.streams < 0 or not a.seconds > 0:
-        ap.error("--warmup and --streams must be >= 0 and --seconds > 0")
+    if a.warmup < 0 or a.streams < 0 or a.continue_turns < 0 or not a.seconds > 0:
+        ap.error("--warmup, --streams and --continue-turns must be >= 0 and --seconds > 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU; none is available here (--device cpu --config micro is the "
               "dry run)", file=sys.stderr)

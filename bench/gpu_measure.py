@@ -453,9 +453,11 @@ def worker_ttfa(eng, n: int, voice=None, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
-def server_ttfa(eng, n: int, voices=None, warmup: int = 2) -> float | None:
+def server_ttfa(eng, n: int, voices=None, warmup: int = 2, *, continued: bool = False) -> float | None:
     """Median ms from a request sent over the real websockets server to its first audio chunk
-    received (None where websockets is missing)."""
+    received (None where websockets is missing). continued: each request whole (its sentence to
+    its cap) with continue_previous, so from the second on it hears the ones before as context
+    (a voice agent's turns on one connection); n >= 1 of them are timed, after the first."""
     try:
         import asyncio
 
@@ -472,8 +474,11 @@ def server_ttfa(eng, n: int, voices=None, warmup: int = 2) -> float | None:
         await srv.start()
         try:
             async with connect(srv.url) as ws:
-                for i in range(n + warmup):
+                for i in range(n + max(warmup, int(continued))):
                     msg = {"text": REPLY, "seed": i, "max_audio_ms": 160}  # two frames: the first 100 ms chunk
+                    if continued:
+                        del msg["max_audio_ms"]  # (a cut sentence is not context: its codes never complete)
+                        msg["continue_previous"] = True
                     if voices:
                         msg["voice"] = next(iter(voices))
                     t0 = time.perf_counter()
@@ -484,8 +489,11 @@ def server_ttfa(eng, n: int, voices=None, warmup: int = 2) -> float | None:
                         if isinstance(m, bytes) and first is None:
                             first = time.perf_counter()
                         elif isinstance(m, str) and "done" in m:
+                            done = json.loads(m)
                             break
-                    if i >= warmup:
+                    if continued and i and not done.get("continued"):
+                        raise RuntimeError(f"turn {i} heard no turn before it: {done}")
+                    if i >= max(warmup, int(continued)):
                         result.append((first - t0) * 1e3)
         finally:
             await srv.stop()
@@ -494,9 +502,10 @@ def server_ttfa(eng, n: int, voices=None, warmup: int = 2) -> float | None:
     return statistics.median(result)
 
 
-def ttfa(eng, n: int, warmup: int = 2) -> dict:
+def ttfa(eng, n: int, warmup: int = 2, continue_turns: int = 0) -> dict:
     """Time to first audio, in the engine thread and over the server, plain and with a 10 s named
-    voice (uncached, then its prefix pinned)."""
+    voice (uncached, then its prefix pinned), and over the server for turns that continue the ones
+    before them."""
     from csmstream.engine.voices import Voice
 
     voice = np.random.default_rng(0).integers(0, eng.config.codebook_size, (125, eng.config.num_codebooks))
@@ -506,6 +515,8 @@ def ttfa(eng, n: int, warmup: int = 2) -> dict:
     out["ttfa_worker_voice_cached_ms"] = worker_ttfa(eng, n, voice, warmup)
     out["ttfa_server_ms"] = server_ttfa(eng, n, warmup=warmup)
     out["ttfa_server_voice_ms"] = server_ttfa(eng, n, {"v": Voice("v", VOICE_TEXT, voice)}, warmup)
+    if continue_turns:  # turns of ~6 s that each hear up to 4 before them (continue_previous): a longer prompt
+        out["ttfa_server_continue_ms"] = server_ttfa(eng, continue_turns, warmup=warmup, continued=True)
     return out
 
 

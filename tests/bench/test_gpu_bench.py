@@ -79,6 +79,16 @@ def test_a_failing_stage_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch
     assert "| stage sample | FAILED (traceback in the JSON) |" in capsys.readouterr().out
 
 
+def test_the_continue_previous_ttfa_times_turns_that_each_heard_the_one_before():
+    """server_ttfa(continued=True) on tiny over the real server: every turn after the first must
+    come back with a done saying it continued (else it raises: not the figure it claims)."""
+    import csmstream
+    from bench.gpu_measure import server_ttfa
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    assert server_ttfa(eng, 2, warmup=0, continued=True) > 0
+
+
 def test_bad_arguments_say_what_is_allowed(tmp_path, capsys):
     import pytest
 
@@ -86,7 +96,8 @@ def test_bad_arguments_say_what_is_allowed(tmp_path, capsys):
 
     for args, says in ((["--stages", "batch1,nope"], "the stages are batch1, context, check, profile"),
                        (["--iters", "0"], "--iters must be >= 1"),
-                       (["--buckets", "1,x"], "expected integers separated by commas")):
+                       (["--buckets", "1,x"], "expected integers separated by commas"),
+                       (["--continue-turns", "-1"], "--continue-turns must be >= 0")):
         with pytest.raises(SystemExit) as e:
             main(["--device", "cpu", *args, "--json", str(tmp_path / "x.json")])
         assert e.value.code == 2 and says in capsys.readouterr().err
