@@ -40,7 +40,7 @@ class TelnyxService:
         self.providers: dict[str, Handler] = dict(providers or {})
         self.stream_wait = stream_wait
         self._kept: dict[tuple[str, str], SesameWebSocketService] = {}  # (call, url) -> its kept connection
-        self._opening = asyncio.Lock()  # (made on first use by the loop that uses it)
+        self._opening = asyncio.Lock()  # one first connection per call (asyncio binds it to a loop on first wait)
         self._closers: set[asyncio.Task] = set()
 
     def register_provider(self, name: str, handler: Handler) -> None:
@@ -73,8 +73,7 @@ class TelnyxService:
         settings = agent_config.get("sesame_settings") or {}
         if not isinstance(settings, dict):
             raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, temperature, topk, seed, "
-                             f"continue_previous, "
-                             f"url), got {type(settings).__name__}")
+                             f"continue_previous, url), got {type(settings).__name__}")
         speaker = settings.get("speaker_id", 0)
         keep = settings.get("continue_previous", False)
         if not isinstance(keep, bool):
