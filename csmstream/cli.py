@@ -247,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             commands.check_url(args.url)
             if args.max_request_chars < 1:
                 raise ValueError(f"--max-request-chars must be >= 1, got {args.max_request_chars}")
-            if args.cafile is not None:
-                from .transport.tls import client_context
-
-                args.ssl_context = client_context(args.cafile)
+            args.ssl_context = commands.client_tls(args.cafile)
         elif args.cafile is not None:
             raise ValueError("--cafile is for a server's wss:// or https:// --url; --local makes the audio here")
         if args.voices is not None and not args.local:

@@ -117,7 +117,6 @@ def serve(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         if ssl_context is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls, srv, args.tls_cert, args.tls_key)
-        if ssl_context is not None:
             _note_expiry(srv, args.tls_cert)
         await srv.start()
         notice(f"csm-stream: serving {srv.url} (health: {srv.web_scheme}://{args.host}:{srv.port}/healthz)")
@@ -143,6 +142,7 @@ def serve(args) -> int:
 
 
 TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
+log_tls = logging.getLogger("csmstream.tls")
 
 
 def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = None, l16_byteorder: str = "big",
@@ -178,6 +178,15 @@ def telnyx_routes(codec: str, token: str | None, sampling_rate: int | None = Non
     return {"/telnyx": (handler, accept), "/telnyx/listen": (listener, accept_listener)}, registry
 
 
+def client_tls(cafile: str | None):
+    """--cafile (say, bench) as a client's ssl.SSLContext; None: the system's trust store."""
+    if cafile is None:
+        return None
+    from .transport.tls import client_context
+
+    return client_context(cafile)
+
+
 def _reload_tls(srv, cert: str, key: str | None) -> None:
     """SIGHUP with --tls-cert: a renewed certificate (and key) from the same paths, for the
     handshakes from now on; a file that will not do is logged and the certificate in use kept."""
@@ -186,10 +195,9 @@ def _reload_tls(srv, cert: str, key: str | None) -> None:
     try:
         tls.reload(srv.ssl_context, cert, key)
     except (ValueError, OSError) as e:
-        logging.getLogger("csmstream.tls").error("SIGHUP: kept the TLS certificate in use: %s", e)
+        log_tls.error("SIGHUP: kept the TLS certificate in use: %s", e)
         return
-    logging.getLogger("csmstream.tls").info("SIGHUP: reloaded the TLS certificate from %s%s", cert,
-                                            f" and its key from {key}" if key else "")
+    log_tls.info("SIGHUP: reloaded the TLS certificate from %s%s", cert, f" and its key from {key}" if key else "")
     _note_expiry(srv, cert)
 
 
@@ -197,7 +205,6 @@ def _note_expiry(srv, cert: str) -> None:
     """Log when the served certificate expires (a WARNING within tls.WARN_DAYS), and put it on /metrics."""
     from .transport import tls
 
-    log_tls = logging.getLogger("csmstream.tls")
     try:
         srv.tls_not_after, line, warn = tls.expiry_note(cert)
     except (ValueError, OSError) as e:  # (it loaded, so this is only the expiry's reading)
@@ -294,11 +301,7 @@ def bench(args) -> int:
                              "--url (the HTTP endpoint takes each text whole)")
     if not 0 < args.ttfa_threshold_ms < math.inf:
         raise ValueError(f"--ttfa-threshold-ms must be a number of milliseconds > 0, got {args.ttfa_threshold_ms}")
-    ssl_context = None
-    if args.cafile is not None:
-        from .transport.tls import client_context
-
-        ssl_context = client_context(args.cafile)
+    ssl_context = client_tls(args.cafile)
     try:  # the results' folder, before the run rather than after it
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (FileExistsError: a file of that name)

@@ -364,9 +364,7 @@ class Connection:
         if job.msg.continue_previous and job.before is None:
             job.before = self._spoken_before(job)
         try:
-            history = job.spoken() if job.msg.continue_previous else \
-                [Segment(job.msg.speaker_id, t, codes=c) for t, c in job.context_for_next()]
-            req = fit_history(make, srv.worker.prepare, history, srv.engine.gen.max_seq_len)
+            req = fit_history(make, srv.worker.prepare, job.spoken(), srv.engine.gen.max_seq_len)
             if not later and job.before:
                 job.continued = len(req.context) - len(voice)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)

@@ -53,9 +53,8 @@ class HttpApi:
         self._rate: dict[str, PerMinute] = {}  # per address (requests per minute)
 
     async def start(self) -> HttpApi:
-        ctx = self.server.ssl_context
-        self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE, ssl=ctx,
-                                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if ctx else None)
+        self._srv = await asyncio.start_server(self._client, self.host, self.requested_port, limit=READ_SIZE,
+                                               **tls.server_options(self.server.ssl_context))
         log.info("listening on %s (OpenAI-compatible speech)", self.url)
         return self
 

@@ -148,8 +148,9 @@ class Job:
         return done[-CONTEXT_SENTENCES:]
 
     def spoken(self) -> list[Segment]:
-        """Its last sentences with complete codes, as context for a later request (continue_previous):
-        the earlier request's ones it continued first, so a run of short requests keeps its voice."""
+        """Its last sentences with complete codes, after those of the request it continued
+        (continue_previous), if any: the context of its next sentence, and of a later request
+        that continues it (so a run of short requests keeps its voice)."""
         own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
         return ((self.before or []) + own)[-CONTEXT_SENTENCES:]
 

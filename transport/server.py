@@ -103,8 +103,7 @@ class StreamServer:
         self._loop = asyncio.get_running_loop()
         self._ws = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
                                max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20,
-                               compression=self.compression, ssl=self.ssl_context,
-                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S if self.ssl_context else None,
+                               compression=self.compression, **tls.server_options(self.ssl_context),
                                logger=logging.getLogger("csmstream.websockets"))
         self.loop_watch.starting = True
         self.loop_watch.start()

@@ -62,6 +62,12 @@ def reload(ctx: ssl.SSLContext, cert: str, key: str | None = None) -> None:
     ctx.load_cert_chain(cert, key, password=_no_passphrase)
 
 
+def server_options(ctx: ssl.SSLContext | None) -> dict:
+    """The listening socket's keywords (asyncio, websockets' serve) for a server context, or plain
+    TCP: a client that never finishes its handshake is dropped after HANDSHAKE_TIMEOUT_S."""
+    return {"ssl": ctx, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if ctx is not None else {}
+
+
 def connect_options(url: str, ctx: ssl.SSLContext | None) -> dict:
     """websockets' connect() keyword for `ctx` (a client context), or none: for a ws:// URL, or
     when the system's trust store will do."""
