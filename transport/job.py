@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 
 from ..engine.prompt import Segment
-from ..engine.worker import GenRequest
+from ..engine.worker import GOOD_ENDS, GenRequest
 from . import protocol
 from .encoder import SOURCE_RATE, encoder_for
 from .ring import PcmRing
@@ -143,8 +143,10 @@ class Job:
         self.encoder.close()
 
     def context_for_next(self) -> list[tuple[str, np.ndarray]]:
-        """Earlier sentences whose codes are complete: finished history plus finished active ones."""
-        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.finished and r.codes]
+        """Earlier sentences whose codes are complete: finished history plus active ones that ended
+        well (not one cut short by a cancel, an error or max_audio_ms: its audio stops mid-word)."""
+        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active
+                               if r.finished and r.reason in GOOD_ENDS and r.codes]
         return done[-CONTEXT_SENTENCES:]
 
     def spoken(self) -> list[Segment]:
