@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept permessage-deflate when a WebSocket client offers it: fewer bytes for "
                             "base64-in-JSON clients (ElevenLabs, Telnyx), at a zlib pass per message on the "
                             "event loop; audio hardly compresses (default: off)")
+    serve.add_argument("--elevenlabs-continue-previous", action="store_true",
+                       help="ElevenLabs multi-stream-input sockets: each new context hears the last sentences "
+                            "generated on its socket as context (/ws/generate's continue_previous), so a voice "
+                            "agent's turns keep one voice; a socket's ?continue_previous=false turns it off "
+                            "(default: off, each context starts afresh)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM/SIGINT, seconds to let running requests finish (default: 10)")
     serve.add_argument("--voices", default=None, metavar="DIR",

@@ -110,7 +110,8 @@ def serve(args) -> int:
                            max_requests_per_minute=args.max_requests_per_minute,
                            prefill_chunk=args.prefill_chunk, http_port=args.http_port,
                            compression=None if args.ws_compression == "off" else args.ws_compression,
-                           ssl_context=ssl_context)
+                           ssl_context=ssl_context,
+                           elevenlabs_continue_previous=args.elevenlabs_continue_previous)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,9 +24,13 @@ Both: voice_id is a named voice (serve --voices) or a speaker number; query para
 output_format (any /ws/generate format, or mp3_RATE_KBPS / opus_48000_KBPS as ElevenLabs names
 them; pcm_24000 when not given), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
-nothing open is closed) and seed (reproducible audio); model_id and other ElevenLabs settings are
-accepted and ignored. The alignment (characters with start times and durations, which clients such
-as pipecat turn into the words the caller heard) is estimated per sentence: see alignment.py.
+nothing open is closed), seed (reproducible audio) and continue_previous (true | false; default:
+serve --elevenlabs-continue-previous, else false: on multi-stream-input a new context hears the
+sentences of the context that generated last, so a voice agent's turns keep one voice; its isFinal
+then says "continued": N; stream-input holds one utterance, so nothing comes before it); model_id
+and other ElevenLabs settings are accepted and ignored. The alignment (characters with start times
+and durations, which clients such as pipecat turn into the words the caller heard) is estimated per
+sentence: see alignment.py.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class ElevenLabsBase(Connection):
         self.output_format = self.query.get("output_format", "pcm_24000")
         self.inactivity = protocol.INACTIVITY_S
         self.seed: int | None = None
+        self.continue_previous = server.elevenlabs_continue_previous  # ?continue_previous= overrides it
         self.last_message = time.monotonic()
 
     def _check_url(self) -> str | None:
@@ -134,6 +139,11 @@ class ElevenLabsBase(Connection):
             self.seed = protocol.digits_value(raw, 10)
             if self.seed is None or self.seed >= 2**32:
                 return f"seed must be an integer in 0..4294967295, got {raw!r:.40}"
+        raw = self.query.get("continue_previous")
+        if raw is not None:
+            if raw.lower() not in ("true", "false"):
+                return f"continue_previous must be true or false, got {raw!r:.40}"
+            self.continue_previous = raw.lower() == "true"
         return None
 
     async def run(self) -> None:
@@ -196,7 +206,7 @@ class ElevenLabsBase(Connection):
         gen = protocol.Generate(text=text or " ", speaker_id=0 if named else protocol.digits_value(self.voice_id),
                                 request_id=self.server.next_request_id(), format=self.output_format,
                                 chunk_ms=CHUNK_MS, voice=self.voice_id if named else None, final=False,
-                                seed=self.seed)
+                                seed=self.seed, continue_previous=self.continue_previous)
         job = Stream(gen, gen.request_id)
         job.take(text)
         self.jobs.append(job)
@@ -210,6 +220,15 @@ class ElevenLabsBase(Connection):
 
     async def _deliver(self, job: Job, chunk: bytes) -> None:
         await self._send_timed(job, json.dumps(self._audio(job, chunk)))
+
+    @staticmethod
+    def _final_message(job: Job, **fields) -> dict:
+        """A stream's isFinal; with continue_previous, "continued": how many earlier sentences its
+        first one heard (a csm-stream extension, as on /ws/generate's done)."""
+        final = {"audio": None, "isFinal": True, **NO_ALIGNMENT, **fields}
+        if job.msg.continue_previous:
+            final["continued"] = job.continued
+        return final
 
 
 class ElevenLabsConnection(ElevenLabsBase):
@@ -264,7 +283,7 @@ class ElevenLabsConnection(ElevenLabsBase):
     async def _done(self, job, *, cancelled: bool, audio_ms=None, **extra) -> None:
         self.finished = True
         self._account(job, cancelled, audio_ms)
-        await self.ws.send(json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT}))
+        await self.ws.send(json.dumps(self._final_message(job)))
         await self.ws.close(1000)
 
     async def _stream_or_fail(self, job: Job) -> None:
@@ -277,7 +296,7 @@ class ElevenLabsConnection(ElevenLabsBase):
         if job.error and not self.finished:
             self.finished = True
             code = {"busy": 1013, "unavailable": 1013, "invalid_request": 1008}.get(job.error_code, 1011)
-            await self.ws.send(json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT}))
+            await self.ws.send(json.dumps(self._final_message(job)))
             await self.ws.close(code, protocol.close_reason(job.error))
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:

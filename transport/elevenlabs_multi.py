@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import protocol
 from .connection import PlaybackClock
-from .elevenlabs import NO_ALIGNMENT, ElevenLabsBase, Stream
+from .elevenlabs import ElevenLabsBase, Stream
 from .job import Job
 
 MAX_CONTEXTS = 5  # ElevenLabs' limit
@@ -34,6 +34,7 @@ class MultiContextConnection(ElevenLabsBase):
         self.failed: dict[str, float] = {}
         self.closing = False  # close_socket: no new contexts; the socket closes when the last ends
         self.finals_sending = 0  # isFinals on their way: their contexts are detached, not yet ended
+        self.spoken_at = 0.0  # when the sentences in self.spoken (an ended context's) finished generating
 
     async def _serve(self) -> None:
         try:
@@ -47,6 +48,16 @@ class MultiContextConnection(ElevenLabsBase):
 
     def _clock_of(self, job: Stream) -> PlaybackClock:
         return job.clock
+
+    def _spoken_before(self, job: Job) -> list:
+        """continue_previous here: contexts run side by side, and a voice agent opens one per turn
+        (leaving the last one open, or closing it), so a new context hears the context that most
+        recently finished a sentence, live or ended: the turn before it."""
+        said, at = self.spoken, self.spoken_at
+        for other in self.contexts.values():
+            if other is not job and (t := other.ended_at()) > at:
+                said, at = other.spoken(), t
+        return list(said)
 
     async def _idle(self, now: float) -> None:
         for job in self.contexts.values():
@@ -153,6 +164,8 @@ class MultiContextConnection(ElevenLabsBase):
         except ConnectionClosed:
             return  # the client is gone; the connection's handler cancels the rest
         finally:
+            if (t := job.ended_at()) > self.spoken_at:  # (for a continue_previous context to come)
+                self.spoken, self.spoken_at = job.spoken(), t
             job.release()
             self._detach(job)  # (the client left before its isFinal)
             if job in self.jobs:
@@ -179,8 +192,7 @@ class MultiContextConnection(ElevenLabsBase):
         self._detach(job)
         self.finals_sending += 1  # (close_socket waits for it: the socket closes after the last isFinal)
         try:
-            await self._send_timed(job, json.dumps({"audio": None, "isFinal": True, **NO_ALIGNMENT,
-                                                    "contextId": job.context_id}))
+            await self._send_timed(job, json.dumps(self._final_message(job, contextId=job.context_id)))
         finally:
             self.finals_sending -= 1
 

@@ -149,6 +149,11 @@ class Job:
                                if r.finished and r.reason in GOOD_ENDS and r.codes]
         return done[-CONTEXT_SENTENCES:]
 
+    def ended_at(self) -> float:
+        """When its latest sentence that ended well finished generating (0.0: none has yet)."""
+        return max((r.t_end for r in self.sentences if r.finished and r.reason in GOOD_ENDS and r.codes),
+                   default=0.0)
+
     def spoken(self) -> list[Segment]:
         """Its last sentences with complete codes, after those of the request it continued
         (continue_previous), if any: the context of its next sentence, and of a later request

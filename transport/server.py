@@ -52,7 +52,7 @@ class StreamServer:
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
                  prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None,
-                 ssl_context=None) -> None:
+                 ssl_context=None, elevenlabs_continue_previous: bool = False) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -67,6 +67,8 @@ class StreamServer:
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
+        # an ElevenLabs socket's default for its ?continue_previous= (their protocol has no such field)
+        self.elevenlabs_continue_previous = elevenlabs_continue_previous
         # permessage-deflate: off unless asked for ("deflate"); audio does not compress, and zlib on
         # every message costs the event loop more than any other part of sending it
         if compression not in (None, "deflate"):

@@ -243,7 +243,8 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
     http_port = free_port()
     voices = _voice_dir(tmp_path / "voices")
     proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
-                             "--http-port", str(http_port), "--ws-compression", "deflate", "--voices", str(voices)],
+                             "--http-port", str(http_port), "--ws-compression", "deflate", "--voices", str(voices),
+                             "--elevenlabs-continue-previous"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, timeout=120)
@@ -251,6 +252,7 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
 
         with connect(f"ws://127.0.0.1:{port}/ws/generate") as ws:  # --ws-compression deflate reached the server
             assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+        assert _elevenlabs_turns_continued(port) == [0, 1]  # --elevenlabs-continue-previous reached the server
         speech = httpx.post(f"http://127.0.0.1:{http_port}/v1/audio/speech", timeout=60,
                             json={"input": "Over plain HTTP.", "response_format": "pcm", "max_audio_ms": 400})
         assert speech.status_code == 200 and len(speech.content) == 400 * 48
@@ -288,6 +290,23 @@ def test_serve_then_say_over_the_socket_then_clean_stop(tmp_path):
     assert proc.returncode == 0, err
     assert "shutting down" in err and "stopped" in err
     assert f"OpenAI-compatible speech on http://127.0.0.1:{http_port}/v1/audio/speech" in err
+
+
+def _elevenlabs_turns_continued(port) -> list:
+    """Two turns on one ElevenLabs multi-stream-input socket: what each isFinal says it continued."""
+    import json
+
+    from websockets.sync.client import connect
+
+    finals = []
+    with connect(f"ws://127.0.0.1:{port}/v1/text-to-speech/0/multi-stream-input?output_format=ulaw_8000") as ws:
+        for cid in ("one", "two"):
+            for msg in ({"text": "A short turn. "}, {"close_context": True}):
+                ws.send(json.dumps({**msg, "context_id": cid}))
+            while not (reply := json.loads(ws.recv(timeout=60))).get("isFinal"):
+                assert "audio" in reply, reply
+            finals.append(reply.get("continued"))
+    return finals
 
 
 def _say_in_a_voice_and_interrupted(tmp_path, port, voices):

@@ -140,3 +140,91 @@ def test_the_python_client_continues_on_a_kept_connection_only(server):
 
     after, done = asyncio.run(go())
     assert after == _reference()["b_after_a"] and done["continued"] == 2
+
+
+# -- ElevenLabs' multi-stream-input: a voice agent opens a context per turn --------------------------
+
+EL_SEED = 7  # the socket's ?seed=: sentence i of every context is generated on seed 7 + i
+
+
+def _el_reference():
+    """B (speaker 0, the socket's seed) after A's sentences, and alone, from the Python API."""
+    if "el_after_a" not in _REF:
+        import csmstream
+        from csmstream import Segment
+
+        eng = csmstream.load("tiny", device="cpu", max_streams=1)
+        context = []
+        for i, text in enumerate(A_PARTS):
+            codes = np.stack(list(eng.frames(text, 0, context=list(context), seed=EL_SEED + i)))
+            context.append(Segment(0, text, codes=codes))
+        _REF["el_after_a"] = _pcm(eng.stream(B, 0, context=context, seed=EL_SEED))
+        _REF["el_alone"] = _pcm(eng.stream(B, 0, seed=EL_SEED))
+    return _REF
+
+
+def _el_url(server, query: str = "") -> str:
+    return server.url.replace("/ws/generate", f"/v1/text-to-speech/0/multi-stream-input?seed={EL_SEED}{query}")
+
+
+async def _el_turn(ws, cid: str, text: str, end: str = "close_context") -> None:
+    """A turn as pipecat's ElevenLabs service sends one: open the context, its text, then flush
+    (the context is left open) or close_context."""
+    for msg in ({"text": " "}, {"text": text + " "}, {end: True}):
+        await ws.send(json.dumps({**msg, "context_id": cid}))
+
+
+def _context_reqs(server, cid: str) -> list:
+    return [r for r in server.srv.recent if getattr(r.tag, "context_id", None) == cid]
+
+
+def test_a_new_elevenlabs_context_hears_the_turn_before_it_left_open_or_ended(server):
+    from tests.servers import wait_until
+    from tests.transport.test_elevenlabs import read_contexts
+
+    ref = _el_reference()
+    assert ref["el_after_a"] != ref["el_alone"]
+
+    async def go():
+        async with connect(_el_url(server, "&continue_previous=true")) as ws:
+            await _el_turn(ws, "open-1", A, end="flush")  # left open, as pipecat leaves a turn's context
+            await wait_until(lambda: len([r for r in _context_reqs(server, "open-1") if r.finished]) == 2, 60)
+            await _el_turn(ws, "open-2", B)
+            audio, finals, other, _ = await read_contexts(ws, 1)
+            # open-1 is still open, open-2 has ended; open-2 generated last, so open-3 hears it
+            await _el_turn(ws, "open-3", B)
+            _, third_final, more, _ = await read_contexts(ws, 1)
+            await ws.send(json.dumps({"context_id": "open-1", "close_context": True}))
+            _, first_final, rest, _ = await read_contexts(ws, 1)
+        return audio["open-2"], finals + third_final + first_final, other + more + rest
+
+    second, finals, other = asyncio.run(go())
+    assert other == []
+    assert second == ref["el_after_a"]
+    assert [(f["contextId"], f["continued"]) for f in finals] == [("open-2", 2), ("open-3", 3), ("open-1", 0)]
+    [third] = _context_reqs(server, "open-3")
+    assert [s.text for s in third.context] == A_PARTS + [B]
+
+
+def test_elevenlabs_contexts_start_afresh_unless_the_socket_or_the_server_says(server):
+    from tests.transport.test_elevenlabs import read_contexts
+
+    async def two_turns(query: str, tag: str):
+        async with connect(_el_url(server, query)) as ws:
+            await _el_turn(ws, f"{tag}-a", A)
+            await read_contexts(ws, 1)
+            await _el_turn(ws, f"{tag}-b", B)
+            audio, [final], _, _ = await read_contexts(ws, 1)
+        return audio[f"{tag}-b"], final
+
+    ref = _el_reference()
+    audio, final = asyncio.run(two_turns("", "plain"))
+    assert audio == ref["el_alone"] and "continued" not in final  # (ElevenLabs' own isFinal, unchanged)
+    server.srv.elevenlabs_continue_previous = True  # serve --elevenlabs-continue-previous
+    try:
+        audio, final = asyncio.run(two_turns("", "default-on"))
+        assert audio == ref["el_after_a"] and final["continued"] == 2
+        audio, final = asyncio.run(two_turns("&continue_previous=false", "off"))
+        assert audio == ref["el_alone"] and "continued" not in final
+    finally:
+        server.srv.elevenlabs_continue_previous = False

@@ -211,6 +211,7 @@ def test_opus_output_is_whole_ogg_pages_a_message_timed_by_what_they_decode_to(e
     ("9" * 5000 + "/stream-input", "voice_id"),  # past the 4,300 digits int() reads
     ("0/multi-stream-input?seed=" + "9" * 5000, "seed"),
     ("0/stream-input?seed=" + "%E2%82%AC" * 40, "seed"),  # 40 euro signs: 120 bytes quoted, > a close frame's 123
+    ("0/multi-stream-input?continue_previous=yes", "continue_previous must be true or false"),
 ])
 def test_a_bad_url_is_refused_with_what_is_allowed(el, tail, word):
     async def go():
