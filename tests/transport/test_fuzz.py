@@ -19,7 +19,7 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=12)
 KEYS = ["text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed", "max_audio_ms",
-        "voice", "final", "cancel", "flush", "call_control_id", "inactivity_timeout"]
+        "voice", "final", "cancel", "flush", "call_control_id", "inactivity_timeout", "continue_previous"]
 messages = st.one_of(
     st.text(max_size=200),
     json_values.map(lambda v: json.dumps(v, allow_nan=True)),
