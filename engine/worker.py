@@ -57,6 +57,8 @@ class GenRequest:
     # and admitted before newcomers (its listener is waiting for it; theirs have heard nothing yet)
     more: bool = False  # its reply goes on after it: once it ends well, its slot is kept for the next
     # sentence for reserve_s (newcomers wait that long), so a busy server puts no gap inside a reply
+    capped: bool = False  # max_frames is the caller's budget (what is left of a reply's max_audio_ms or
+    # max_frames), below the sentence's own cap: reaching it cuts the sentence short (see `whole`)
     # engine-side state
     frames: int = 0
     finished: bool = False
@@ -83,6 +85,13 @@ class GenRequest:
     @property
     def cancelled(self) -> bool:
         return self._cancel
+
+    @property
+    def whole(self) -> bool:
+        """It has ended by itself (end of speech, its own frame cap, the repeat guard), not cut
+        short by a cancel, an error or a caller's budget: its codes are a whole utterance, fit to be
+        heard as context (a cut one ends mid-word)."""
+        return self.finished and (self.reason in ("eos", "guard") or (self.reason == "max_frames" and not self.capped))
 
 
 @dataclass

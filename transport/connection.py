@@ -351,7 +351,7 @@ class Connection:
         srv = self.server
         text = job.parts[0]
         # the per-sentence cap scales with the sentence; max_audio_ms bounds the whole request
-        cap = srv.engine.config.default_max_frames(len(text))
+        cap = own = srv.engine.config.default_max_frames(len(text))
         if job.src_limit is not None:
             cap = min(cap, max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME)))
         v = srv.voices.get(job.msg.voice)
@@ -365,6 +365,7 @@ class Connection:
             job.before = self._spoken_before(job)
         try:
             req = fit_history(make, srv.worker.prepare, job.spoken(), srv.engine.gen.max_seq_len)
+            req.capped = cap < own  # what is left of max_audio_ms ends it, not its own cap
             if not later and job.before:
                 job.continued = len(req.context) - len(voice)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
@@ -452,7 +453,7 @@ class Connection:
                         return
                     job.active.popleft()
                     req.sink = None
-                    if req.codes:
+                    if req.codes and req.whole:  # (one cut at max_audio_ms is no context)
                         job.history.append((req.text, np.stack(req.codes)))
                     job.done_reqs.append(req)
                     if len(rest):

@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 
 from ..engine.prompt import Segment
-from ..engine.worker import GOOD_ENDS, GenRequest
+from ..engine.worker import GenRequest
 from . import protocol
 from .encoder import SOURCE_RATE, encoder_for
 from .ring import PcmRing
@@ -143,16 +143,14 @@ class Job:
         self.encoder.close()
 
     def context_for_next(self) -> list[tuple[str, np.ndarray]]:
-        """Earlier sentences whose codes are complete: finished history plus active ones that ended
-        well (not one cut short by a cancel, an error or max_audio_ms: its audio stops mid-word)."""
-        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active
-                               if r.finished and r.reason in GOOD_ENDS and r.codes]
+        """Earlier sentences whose codes are complete: its history plus the active ones generated
+        whole (GenRequest.whole: not one cut short by a cancel, an error or max_audio_ms)."""
+        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.whole and r.codes]
         return done[-CONTEXT_SENTENCES:]
 
     def ended_at(self) -> float:
-        """When its latest sentence that ended well finished generating (0.0: none has yet)."""
-        return max((r.t_end for r in self.sentences if r.finished and r.reason in GOOD_ENDS and r.codes),
-                   default=0.0)
+        """When its latest sentence generated whole finished (0.0: none has yet)."""
+        return max((r.t_end for r in self.sentences if r.whole and r.codes), default=0.0)
 
     def spoken(self) -> list[Segment]:
         """Its last sentences with complete codes, after those of the request it continued

@@ -34,7 +34,9 @@ def _reference():
             codes = np.stack(list(eng.frames(text, 0, context=list(context), seed=7 + i)))
             context.append(Segment(0, text, codes=codes))
         _REF["b_after_a"] = _pcm(eng.stream(B, 1, context=context, seed=20))
+        _REF["b_after_a0"] = _pcm(eng.stream(B, 1, context=context[:1], seed=20))
         _REF["b_alone"] = _pcm(eng.stream(B, 1, seed=20))
+        _REF["a0_ms"] = 80 * len(context[0].codes)
     return _REF
 
 
@@ -108,6 +110,27 @@ def test_the_context_is_the_last_sentences_of_every_request_before(server):
     for i, t in enumerate(texts):
         assert [s.text for s in reqs[f"run{i}"].context] == texts[max(0, i - 4):i]
         assert reqs[f"run{i}"].text == t
+
+
+@pytest.mark.parametrize("whole", [0, 1])
+def test_a_sentence_cut_at_max_audio_ms_is_not_context(server, whole):
+    """max_audio_ms ends A 160 ms into its first sentence (whose frames are capped when it is
+    submitted), or into its second (capped or cancelled, as the reading goes): B hears only the
+    sentences before the cut, whose audio was whole."""
+    ref = _reference()
+    limit = (ref["a0_ms"] if whole else 0) + 160
+
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({**A_MSG, "max_audio_ms": limit}))
+            first = await collect(ws)
+            await ws.send(json.dumps(B_MSG))
+            return first, await collect(ws)
+
+    first, second = asyncio.run(go())
+    assert len(_audio(first)) == limit * 48
+    assert _done(second)["continued"] == whole
+    assert _audio(second) == (ref["b_after_a0"] if whole else ref["b_alone"])
 
 
 def test_a_bad_continue_previous_is_one_clear_error_and_the_connection_serves_on(server):

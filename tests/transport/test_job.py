@@ -15,10 +15,11 @@ def _codes(n: int, fill: int) -> list:
     return [np.full(4, fill, dtype=np.int64) for _ in range(n)]
 
 
-def _ended(text: str, reason: str, fill: int, frames: int = 3) -> GenRequest:
-    req = GenRequest(text=text, keep_codes=True)
+def _ended(text: str, reason: str, fill: int, frames: int = 3, capped: bool = False) -> GenRequest:
+    req = GenRequest(text=text, keep_codes=True, capped=capped)
     req.codes = _codes(frames, fill)
     req.reason, req.finished = reason, True
+    req.t_end = 100.0 + fill  # (later sentences end later)
     return req
 
 
@@ -32,6 +33,7 @@ def test_finished_sentences_count_in_order_and_cut_ones_do_not():
     for text, reason, fill in (("Two.", "eos", 2), ("Three.", "max_frames", 3), ("Four.", "guard", 4),
                                ("Cut.", "cancelled", 5), ("Failed.", "error", 6)):
         job.active.append((_ended(text, reason, fill), None))
+    job.active.append((_ended("Out of max_audio_ms.", "max_frames", 8, capped=True), None))
     running = GenRequest(text="Still going.", keep_codes=True)
     running.codes = _codes(2, 7)
     job.active.append((running, None))
@@ -41,6 +43,7 @@ def test_finished_sentences_count_in_order_and_cut_ones_do_not():
     assert all(s.speaker_id == 2 for s in said)
     assert [int(s.codes[0, 0]) for s in said] == [1, 2, 3, 4]
     assert [len(s.codes) for s in said] == [2, 3, 3, 3]
+    assert job.ended_at() == max(r.t_end for r, _ in list(job.active)[:3])  # (the whole ones')
 
 
 def test_the_sentences_it_continued_come_first_and_only_the_last_four_are_kept():
