@@ -146,12 +146,13 @@ class SentencePlan:
 
     # -- the sentences ----------------------------------------------------------------------------
     def finished(self, req: GenRequest) -> None:
-        """`req`, a sentence, has ended well: count it, and keep it as context for the next ones."""
+        """`req`, a sentence, has ended well: count it, and keep it as context for the next ones
+        (unless the max_frames budget cut it: nothing follows it then, and it is no context)."""
         if req is self.counted:
             return
         self.counted = req
         self.made += req.frames
-        if req.codes:
+        if req.codes and req.whole:
             self.history.append((req.text, np.stack(req.codes)))
 
     def next(self):
@@ -189,11 +190,13 @@ class SentencePlan:
     def _fit(self, text: str) -> GenRequest:
         from .transport.job import CONTEXT_SENTENCES, fit_history
 
-        cap = self.worker.engine.config.default_max_frames(len(text))
+        cap = own = self.worker.engine.config.default_max_frames(len(text))
         if self.budget is not None:
             cap = min(cap, self.budget - self.made)
-        return fit_history(lambda history: self._request(text, self.submitted, cap, history), self.worker.prepare,
-                           self.history[-CONTEXT_SENTENCES:], self.worker.engine.gen.max_seq_len)
+        req = fit_history(lambda history: self._request(text, self.submitted, cap, history), self.worker.prepare,
+                          self.history[-CONTEXT_SENTENCES:], self.worker.engine.gen.max_seq_len)
+        req.capped = cap < own  # what is left of max_frames ends it, not its own cap
+        return req
 
     def _request(self, text: str, i: int, cap: int, history: list) -> GenRequest:
         from .engine.prompt import Segment

@@ -8,6 +8,8 @@ import asyncio
 import threading
 from collections import deque
 
+import numpy as np
+
 from .engine.worker import GOOD_ENDS, GenRequest
 from .plan import WAIT, GenerationError, SentencePlan
 
@@ -49,7 +51,8 @@ class _Mailbox:
 
 
 class Stream:
-    """One stream of a Streamer: iterate it (for / async for); close() or aclose() to stop early."""
+    """One stream of a Streamer: iterate it (for / async for); close() or aclose() to stop early;
+    `spoken` is what a next turn continues (its context=) to keep the voice."""
 
     def __init__(self, codes: bool, encoder=None) -> None:
         self.codes = codes  # yields codes (frames()) rather than PCM (stream())
@@ -64,6 +67,7 @@ class Stream:
         self._plan: SentencePlan | None = None  # sentences: what comes after the current one
         self._failed: GenerationError | None = None  # a later sentence the engine refused
         self._async_source = None  # stream_text's async iterable, read once an event loop iterates
+        self._given: list = []  # the caller's context= turns (not a voice='s): what `spoken` continues
 
     def _begin(self, req: GenRequest) -> None:
         self.req = req
@@ -82,6 +86,26 @@ class Stream:
         if plan is None:
             return req.frames if req is not None else 0
         return plan.made + (req.frames if req is not None and req is not plan.counted else 0)
+
+    @property
+    def spoken(self) -> list:
+        """What a next turn continues, so it keeps this voice (CSM keeps a voice only across audio
+        it hears as context): the last sentences (up to 4) of this stream generated whole, as
+        csmstream.Segment with their codes, after the context= turns it continued. Pass it as the
+        next stream's context=, as /ws/generate's continue_previous does across requests. A
+        sentence cut short (close(), an error, the max_frames budget) is not among them, nor is a
+        voice= turn (give voice= again: it goes first). Read once the stream has ended (earlier:
+        what has been generated whole by then)."""
+        from .engine.prompt import Segment
+        from .transport.job import CONTEXT_SENTENCES
+
+        plan, req, given = self._plan, self.req, self._given
+        if plan is not None and given:
+            given = plan.context[len(plan.context) - len(given):]  # (their audio encoded once, by the plan)
+        own = [Segment(plan.opts["speaker_id"], t, codes=c) for t, c in plan.history] if plan is not None else []
+        if req is not None and req.whole and req.codes and (plan is None or req is not plan.counted):
+            own.append(Segment(req.speaker_id, req.text, codes=np.stack(req.codes)))
+        return (list(given) + own)[-CONTEXT_SENTENCES:]
 
     # -- reading ---------------------------------------------------------------------------------
     def _next(self):
@@ -170,11 +194,6 @@ class Stream:
         if req is not None and req.reason == "error":
             raise GenerationError(req.error or "generation failed")
         if (req is not None and req.reason == "cancelled") or (plan is not None and plan.closed):
-            raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.frames_made} frames made)")
-        raise StopIteration
-        if req is not None and req.reason == "error":
-            raise GenerationError(req.error or "generation failed")
-        if (req.reason == "cancelled" or (plan is not None and plan.closed)) and not self._stopped:
             raise StreamerClosed(f"the Streamer was closed while this stream ran ({self.frames_made} frames made)")
         raise StopIteration
 

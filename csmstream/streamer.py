@@ -128,17 +128,16 @@ class Streamer:
 
         voice: one of this Streamer's voices (voices=DIR): its turn goes first in the context, as
         the server puts it for a request's "voice"."""
-        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id,
-                            self._with_voice(voice, speaker_id, context), temperature, topk, seed, max_frames,
-                            sentences)
+        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id, context, voice, temperature,
+                            topk, seed, max_frames, sentences)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None, sentences: bool = False,
                voice: str | None = None) -> Stream:
         """The audio codes, np.int64 (32,) an 80 ms frame (no audio decoded), batched like stream()
         (`sentences` as there)."""
-        return self._submit(Stream(codes=True), text, speaker_id, self._with_voice(voice, speaker_id, context),
-                            temperature, topk, seed, max_frames, sentences)
+        return self._submit(Stream(codes=True), text, speaker_id, context, voice, temperature, topk, seed,
+                            max_frames, sentences)
 
     def stream_text(self, pieces, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                     seed: int | None = None, max_frames: int | None = None, format: str | None = None,
@@ -160,8 +159,7 @@ class Streamer:
         stream = Stream(codes=True) if codes else self._pcm_stream(format, chunk_ms)
         if codes and (format is not None or chunk_ms is not None):
             raise ValueError("format and chunk_ms are for audio: with codes=True the frames' codes come")
-        plan = self._plan(stream, speaker_id, self._with_voice(voice, speaker_id, context), temperature, topk, seed,
-                          max_frames)
+        plan = self._plan(stream, speaker_id, context, voice, temperature, topk, seed, max_frames)
         plan.open = True
         plan.probe()
         if is_async:
@@ -170,8 +168,11 @@ class Streamer:
             plan.read_in_thread(pieces)
         return stream
 
-    def _with_voice(self, voice, speaker_id, context):
-        """`context` with the named voice's turn first (as the server puts it), or as it was."""
+    def _with_voice(self, voice, speaker_id, stream: Stream, context):
+        """`context` with the named voice's turn first (as the server puts it), or as it was; the
+        stream notes the caller's turns (Stream.spoken continues them)."""
+        if isinstance(context, (list, tuple)):
+            stream._given = list(context)
         if voice is None:
             return context
         v = self.voices.get(voice) if isinstance(voice, str) else None
@@ -196,8 +197,9 @@ class Streamer:
             raise RuntimeError("this Streamer is not running: use `with Streamer(engine) as tts:` (or `async "
                                "with`), or call start() first" + ("; it was closed" if self._closed else ""))
 
-    def _plan(self, stream: Stream, speaker_id, context, temperature, topk, seed, max_frames) -> SentencePlan:
+    def _plan(self, stream: Stream, speaker_id, context, voice, temperature, topk, seed, max_frames) -> SentencePlan:
         self._running()
+        context = self._with_voice(voice, speaker_id, stream, context)
         box = stream._box
         opts = dict(speaker_id=speaker_id, temperature=temperature, topk=topk, sink=None if stream.codes else box,
                     tag=box)
@@ -205,10 +207,10 @@ class Streamer:
         self._plans.add(plan)
         return plan
 
-    def _submit(self, stream: Stream, text, speaker_id, context, temperature, topk, seed, max_frames,
+    def _submit(self, stream: Stream, text, speaker_id, context, voice, temperature, topk, seed, max_frames,
                 sentences) -> Stream:
         if sentences:
-            plan = self._plan(stream, speaker_id, context, temperature, topk, seed, max_frames)
+            plan = self._plan(stream, speaker_id, context, voice, temperature, topk, seed, max_frames)
             plan.whole(text)
             try:
                 stream._begin(plan.next())
@@ -216,9 +218,12 @@ class Streamer:
                 raise e.__cause__ from None
             return stream
         self._running()
+        context = self._with_voice(voice, speaker_id, stream, context)
         box = stream._box
+        # its codes are kept (stream.spoken); a max_frames given is the caller's budget (capped)
         req = GenRequest(text, speaker_id, context=context, temperature=temperature, topk=topk, seed=seed,
-                         max_frames=max_frames, sink=None if stream.codes else box, keep_codes=stream.codes, tag=box)
+                         max_frames=max_frames, sink=None if stream.codes else box, keep_codes=True, tag=box,
+                         capped=max_frames is not None)
         stream._begin(self._worker.submit(req))  # ValueError, Busy, or RuntimeError if the thread died
         return stream
 
