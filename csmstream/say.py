@@ -15,6 +15,7 @@ from .stdin_text import STDIN, stdin_text_stream
 
 log = logging.getLogger("csmstream.say")
 AUTH_ENV = "CSM_AUTH_TOKEN"
+PREVIOUS_CHARS = 2000  # previous_text over HTTP: its end is enough (the server looks at its last sentences)
 
 
 def say(args) -> int:
@@ -135,6 +136,7 @@ async def _in_parts(parts, args, opts: dict, conn: dict, http: bool):
 
     per_ms = protocol.byte_rate(args.format) / 1000
     seed, budget, heard = opts.get("seed"), opts.get("max_audio_ms"), 0
+    before = ""  # (over HTTP: the text of the parts before, as previous_text)
     svc = None if http else SesameWebSocketService(args.url, **conn)
     async with svc or contextlib.nullcontext():  # (a WebSocket: one kept connection for all the parts)
         while (part := await parts.next_part()) is not None:
@@ -149,9 +151,11 @@ async def _in_parts(parts, args, opts: dict, conn: dict, http: bool):
                 log.info("say: request %d, after %d sentences", parts.parts, parts.sentences)
                 if not http:  # its first sentences hear the last ones of the part before (one voice throughout)
                     o["continue_previous"] = True
-            if http:
+            if http:  # previous_text ("" at first, so the server remembers it): the same voice throughout
                 text = "".join([piece async for piece in part])
-                source = stream_speech_http(args.url, text, args.speaker, **conn, **o)
+                source = stream_speech_http(args.url, text, args.speaker, **conn, **o,
+                                            previous_text=before[-PREVIOUS_CHARS:])
+                before = f"{before} {text}"[-PREVIOUS_CHARS:]  # (a space: a part's last sentence stays one)
             else:
                 source = svc.stream_text(part, args.speaker, **o)
             async for chunk in source:

@@ -19,7 +19,10 @@ the base URL; the audio streams back as it is generated instead of arriving all 
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
 - `speed` must be 1 and `instructions` empty: CSM has neither control.
 - csm-stream's own fields pass through: speaker_id, temperature, topk, seed, max_audio_ms,
-  chunk_ms, request_id (checked exactly as on /ws/generate).
+  chunk_ms, request_id (checked exactly as on /ws/generate); and `previous_text`, as ElevenLabs'
+  REST has it (below): a request that sends it ("" on a first one) is remembered, and the
+  sentences of it found among this client's remembered ones are its context (one voice across
+  requests: `say` of a long text to this port sends it).
 Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
@@ -171,10 +174,12 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     if msg.get("instructions") not in (None, ""):
         raise bad("unsupported_instructions", "instructions are not available: CSM takes no style prompt; use a "
                   "named voice, or earlier turns over /ws/generate, to steer it")
+    previous = _previous_text(msg)
     req = {k: msg[k] for k in PASSED_THROUGH if k in msg}
     req.update(text=text, format=RESPONSE_FORMATS[fmt])
     _voice(req, msg.get("voice"), voices, "OpenAI's")
-    return Speech(_generate(req, max_text_chars, topk_max), wav=fmt == "wav", sse=stream == "sse")
+    return Speech(_generate(req, max_text_chars, topk_max), wav=fmt == "wav", sse=stream == "sse",
+                  continues=previous is not None, previous_text=previous)
 
 
 def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
@@ -196,10 +201,7 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     if fmt not in protocol.ALL_FORMATS:
         raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here; use one "
                         f"of {', '.join(protocol.ALL_FORMATS)}")
-    previous = msg.get("previous_text")
-    if previous is not None and not isinstance(previous, str):
-        raise HttpError(400, "invalid_previous_text", f'"previous_text" must be a string (the text spoken before '
-                        f"this request), got {type(previous).__name__}")
+    previous = _previous_text(msg)
     req = {"text": text, "format": fmt}
     if msg.get("seed") is not None:
         req["seed"] = msg["seed"]
@@ -217,6 +219,16 @@ def _json_object(body: bytes, example: str) -> dict:
     if not isinstance(msg, dict):
         raise HttpError(400, "invalid_message", f"the body must be a JSON object, got {type(msg).__name__}")
     return msg
+
+
+def _previous_text(msg: dict) -> str | None:
+    """The body's previous_text (the text spoken before this request), or None; HttpError (400)
+    when it is not a string."""
+    previous = msg.get("previous_text")
+    if previous is not None and not isinstance(previous, str):
+        raise HttpError(400, "invalid_previous_text", f'"previous_text" must be a string (the text spoken before '
+                        f"this request), got {type(previous).__name__}")
+    return previous
 
 
 def _voice(req: dict, voice, voices, whose: str) -> None:

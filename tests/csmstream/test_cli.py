@@ -582,6 +582,8 @@ def test_say_a_long_text_to_the_http_port_goes_as_several_requests(tmp_path):
         assert [[r.text for r in g] for g in groups] == _packed(sentences, 150)
         reqs = [r for g in groups for r in g]
         assert [r.seed for r in reqs] == [4 + i for i in range(len(sentences))]
+        # each sentence heard the four before it, across the requests too (previous_text), as in one request
+        assert [[seg.text for seg in r.context] for r in reqs] == [sentences[max(0, i - 4):i] for i in range(len(reqs))]
         with wave.open(str(path)) as w:
             assert w.getnframes() == sum(r.frames for r in reqs) * 1920
         frames = sum(r.frames for r in reqs)

@@ -129,6 +129,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
     (b'{"input": "Hi.", "chunk_ms": 5}', "invalid_chunk_ms", "20..1000"),
     (b'{"input": "Hi.", "request_id": ""}', "invalid_request_id", "non-empty"),
     (b'{"input": "' + b"a" * 30 + b'"}', "text_too_long", "at most 20"),
+    (b'{"input": "Hi.", "previous_text": ["Hello."]}', "invalid_previous_text", "must be a string"),
 ])
 def test_bad_openai_bodies_say_what_is_wrong_and_what_is_allowed(body, code, says):
     with pytest.raises(hs.HttpError) as e:
@@ -140,7 +141,8 @@ def test_bad_openai_bodies_say_what_is_wrong_and_what_is_allowed(body, code, say
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=6)
-FIELDS = ["input", "model", "voice", "response_format", "stream_format", "speed", "instructions", *hs.PASSED_THROUGH]
+FIELDS = ["input", "model", "voice", "response_format", "stream_format", "speed", "instructions", "previous_text",
+          *hs.PASSED_THROUGH]
 
 
 @settings(max_examples=400, deadline=None)
@@ -154,6 +156,8 @@ def test_any_json_object_is_a_request_or_a_400_that_says_why(body):
     else:
         assert isinstance(s.gen, protocol.Generate) and s.gen.text == body["input"] and s.gen.text.strip()
         assert s.gen.format in protocol.ALL_FORMATS and s.gen.speaker_id >= 0
+        previous = body.get("previous_text")
+        assert s.continues == isinstance(previous, str) and s.previous_text == previous
 
 
 def test_the_unknown_voice_message_lists_no_voices_when_none_exist():
