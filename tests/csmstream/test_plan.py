@@ -196,11 +196,8 @@ def _poll(cond, timeout=30.0):
         time.sleep(0.005)
 
 
-def test_a_named_voice_is_the_servers_voice_for_the_same_text_and_seed(engine, tmp_path):
-    """Streamer(engine, voices=DIR) + voice=NAME: the voice's turn opens each sentence's context,
-    its KV cached, and the audio is what /ws/generate sends with "voice" for that text and seed."""
-    from websockets.asyncio.client import connect
-
+def ada_voice_dir(tmp_path):
+    """A voices directory with one voice, "ada": a second of a 220 Hz tone and its transcript."""
     from csmstream.wav import write_wav
 
     voices = tmp_path / "voices"
@@ -208,6 +205,15 @@ def test_a_named_voice_is_the_servers_voice_for_the_same_text_and_seed(engine, t
     t = np.arange(16000) / 16000
     write_wav(voices / "ada.wav", [(8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)], 16000)
     (voices / "ada.txt").write_text("A short voice prompt.")
+    return voices
+
+
+def test_a_named_voice_is_the_servers_voice_for_the_same_text_and_seed(engine, tmp_path):
+    """Streamer(engine, voices=DIR) + voice=NAME: the voice's turn opens each sentence's context,
+    its KV cached, and the audio is what /ws/generate sends with "voice" for that text and seed."""
+    from websockets.asyncio.client import connect
+
+    voices = ada_voice_dir(tmp_path)
     with csmstream.Streamer(engine, voices=voices) as tts:
         hits = engine.prefixes.hits
         mine = b"".join(tts.stream(TEXT, 1, seed=SEED, voice="ada", sentences=True, format="pcm_16000"))

@@ -10,7 +10,7 @@ import pytest
 import csmstream
 from csmstream import Segment
 from csmstream.transport.sentences import split_sentences
-from tests.csmstream.test_plan import SEED, TEXT, by_hand
+from tests.csmstream.test_plan import SEED, TEXT, ada_voice_dir, by_hand
 from tests.servers import RunningServer, collect
 
 NEXT = "Is there anything else? Have a good day."
@@ -91,13 +91,7 @@ def test_a_named_voice_is_not_spoken_and_the_server_continues_the_same_way(engin
 
     from websockets.asyncio.client import connect
 
-    from csmstream.wav import write_wav
-
-    voices = tmp_path / "voices"
-    voices.mkdir()
-    t = np.arange(16000) / 16000
-    write_wav(voices / "ada.wav", [(8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)], 16000)
-    (voices / "ada.txt").write_text("A short voice prompt.")
+    voices = ada_voice_dir(tmp_path)
     with csmstream.Streamer(engine, voices=voices) as tts:
         first = tts.stream(TEXT, 1, seed=SEED, voice="ada", sentences=True, format="pcm_16000")
         _ = b"".join(first)
