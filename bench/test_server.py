@@ -4,6 +4,7 @@
 
 - time to first audio over the socket vs the engine's own (same text, same seed, alternately);
 - time to first audio over the OpenAI-compatible HTTP endpoint vs the socket (alternately);
+- a kept connection's turns with continue_previous (4 earlier sentences heard) vs without;
 - 8 concurrent streams: each stream's real-time factor (wall time / audio time);
 - the SPSC ring: one write + one read of a 2,400-sample chunk;
 - one outgoing WebSocket frame (a 100 ms PCM chunk of /ws/generate, a Telnyx media message) with
@@ -216,6 +217,51 @@ def test_text_stream_first_sentence_to_first_audio(benchmark, running):
     print(f"\ntext stream: first sentence complete -> first audio {s_ms:.1f} ms; engine time to 2 frames "
           f"{e_ms:.1f} ms ({s_ms - e_ms:+.1f} ms)")
     benchmark.pedantic(lambda: asyncio.run(one(0)), rounds=3)  # streamed text to first audio
+
+
+async def turn_ttfa(ws, seed: int, continue_previous: bool) -> tuple[float, dict]:
+    """One turn (TEXT, whole: no max_audio_ms, whose cut sentence would be no context) on a kept
+    connection: (seconds to its first audio, its done)."""
+    t0 = time.perf_counter()
+    await ws.send(json.dumps({"text": TEXT, "seed": seed, "continue_previous": continue_previous}))
+    first = None
+    while True:
+        m = await ws.recv()
+        if isinstance(m, bytes):
+            first = first or time.perf_counter() - t0
+        else:
+            done = json.loads(m)
+            assert done.get("done"), done
+            return first, done
+
+
+def test_ttfa_continue_previous_vs_fresh_turns(benchmark, running):
+    """A voice agent's turns on a kept /ws/generate connection, with continue_previous (each turn's
+    first sentence hears the last 4: a longer prompt) against without, on two connections used in
+    turn: what keeping the voice costs in time to first audio."""
+    rs, _ = running
+
+    async def side_by_side(n):
+        cont, fresh = [], []
+        async with connect(rs.url) as a, connect(rs.url) as b:
+            for i in range(n):
+                t, done = await turn_ttfa(a, i, True)
+                assert done["continued"] == min(i, 4)  # (it heard what it claims to)
+                cont.append(t)
+                fresh.append((await turn_ttfa(b, i, False))[0])
+        return cont, fresh
+
+    async def pair():  # a new connection: a turn, then one that continues it
+        async with connect(rs.url) as ws:
+            await turn_ttfa(ws, 0, False)
+            await turn_ttfa(ws, 1, True)
+
+    cont, fresh = asyncio.run(side_by_side(14))
+    c_ms, f_ms = 1000 * float(np.median(cont[6:])), 1000 * float(np.median(fresh[6:]))  # (4 heard from turn 4 on)
+    benchmark.extra_info.update(continue_ttfa_ms=c_ms, fresh_ttfa_ms=f_ms)
+    print(f"\nTTFA of a turn on a kept connection: continue_previous (4 sentences heard) {c_ms:.1f} ms, "
+          f"fresh {f_ms:.1f} ms ({c_ms - f_ms:+.1f} ms)")
+    benchmark.pedantic(lambda: asyncio.run(pair()), rounds=3)  # a turn, then one that continues it
 
 
 @pytest.mark.parametrize("what", ["pcm_chunk", "telnyx_media"])
