@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--token", default=None, help="server auth token (default: $CSM_AUTH_TOKEN)")
     _cafile_arg(say)
     say.add_argument("--max-request-chars", type=int, default=5000, metavar="N",
-                     help="the characters the server takes a request (its serve --max-text-chars; default: "
-                          "5000): a longer text, or standard input past that, goes as back-to-back requests "
-                          "cut at sentence ends")
+                     help="the characters the server takes a request (its serve --max-text-chars, which say "
+                          "learns from its /healthz when it says; default: 5000): a longer text, or standard "
+                          "input past that, goes as back-to-back requests cut at sentence ends")
     say.add_argument("--voice", default=None, metavar="NAME",
                      help="a named voice: one of the server's (serve --voices; GET /voices on its HTTP port "
                           "lists them), or with --local one of --voices DIR (default: none)")

@@ -16,6 +16,8 @@ from .stdin_text import STDIN, stdin_text_stream
 log = logging.getLogger("csmstream.say")
 AUTH_ENV = "CSM_AUTH_TOKEN"
 PREVIOUS_CHARS = 2000  # previous_text over HTTP: its end is enough (the server looks at its last sentences)
+ASK_LIMIT_ABOVE = 200  # a longer text (or standard input): say first asks the server's /healthz what it takes
+LIMIT_TIMEOUT_S = 3.0
 
 
 def say(args) -> int:
@@ -38,7 +40,8 @@ def say(args) -> int:
             kept = f"\n  kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else ""
             if e.code == "text_too_long":
                 kept += (f"\n  say cuts the text into requests of at most {args.max_request_chars} characters "
-                         "(--max-request-chars); this server takes fewer (its serve --max-text-chars)")
+                         "(--max-request-chars, as the server's /healthz did not say its limit); this server takes "
+                         "fewer (its serve --max-text-chars)")
             print(f"csm-stream: server error {e.code}: {e.message}{kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -96,6 +99,8 @@ async def _say(args, write):
     conn = dict(token=token, ssl_context=getattr(args, "ssl_context", None))  # (--cafile's; demo has none)
     http = args.url.startswith(("http://", "https://"))  # the OpenAI-compatible HTTP port
     limit = args.max_request_chars
+    if args.text == STDIN or len(args.text) > ASK_LIMIT_ABOVE:  # (a short text fits any server)
+        limit = min(limit, await _server_limit(args.url, conn) or limit)
     if args.text != STDIN and len(args.text) <= limit:  # one request
         source = (stream_speech_http(args.url, args.text, args.speaker, **conn, **opts) if http else
                   SesameWebSocketService(args.url, **conn).stream_tts(args.text, args.speaker, **opts))
@@ -122,6 +127,28 @@ async def _say(args, write):
         print(file=sys.stderr)
     total = time.perf_counter() - t0
     return dict(ttfa=(first or t0) - t0, total=total, max_gap=max_gap, chunks=chunks)
+
+
+async def _server_limit(url: str, conn: dict) -> int | None:
+    """The characters the server takes a request (max_text_chars on its /healthz, on the URL's host
+    and port), or None when it does not say (an older server, a proxy that routes only the
+    endpoint): say then cuts at --max-request-chars."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    parts = urlsplit(url)
+    health = f"{'https' if parts.scheme in ('wss', 'https') else 'http'}://{parts.netloc}/healthz"
+    try:
+        async with httpx.AsyncClient(timeout=LIMIT_TIMEOUT_S, verify=conn.get("ssl_context") or True) as client:
+            n = (await client.get(health)).json().get("max_text_chars")
+    except (httpx.HTTPError, ValueError, AttributeError) as e:  # (not JSON, or not an object)
+        log.debug("say: %s did not give the server's limit (%s); cutting at --max-request-chars", health, e)
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return None
+    log.debug("say: the server takes %d characters a request", n)
+    return n
 
 
 async def _one(text: str):

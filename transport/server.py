@@ -226,7 +226,8 @@ class StreamServer:
         status = "ok" if self.healthy else ("stopping" if self.stopping else
                                             "engine thread died" if w is not None and w.died else "warming up")
         return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
-                "waiting": w.queued() if w is not None else 0}
+                "waiting": w.queued() if w is not None else 0,
+                "max_text_chars": self.max_text_chars}  # (what one request may hold: say cuts longer texts so)
 
     PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers
 

@@ -541,18 +541,22 @@ def _requests_of(srv, sentences: list[str]) -> list[list]:
 def test_say_dash_speaks_a_text_longer_than_the_server_takes_as_back_to_back_requests(tmp_path, server,
                                                                                        monkeypatch):
     """Standard input past the server's --max-text-chars used to stop at text_too_long. Now it goes as
-    requests cut at sentence ends (each as full as the limit allows), with sentence i on seed + i
-    across them as in one request, and the WAV holds all of their audio."""
+    requests cut at sentence ends (each as full as the limit allows, which say learns from the
+    server's /healthz), with sentence i on seed + i across them as in one request, and the WAV
+    holds all of their audio."""
     monkeypatch.setattr(server.srv, "max_text_chars", 150)
     text, sentences = _long_text(1, 10)
     assert len(text) > 2 * 150  # (three requests at least)
     path = tmp_path / "long.wav"
     cmd = [sys.executable, "-m", "csmstream", "say", "-", "--url", server.url, "--out", str(path), "--seed", "11"]
-    old = subprocess.run(cmd + ["--max-request-chars", "5000"], input=text.encode(), capture_output=True, timeout=120)
+    health = server.srv.health
+    with monkeypatch.context() as m:  # a server whose /healthz does not say (an older one): say cuts at 5,000
+        m.setattr(server.srv, "health", lambda: {k: v for k, v in health().items() if k != "max_text_chars"})
+        old = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=120)
     assert old.returncode == 1 and b"server error text_too_long" in old.stderr
-    assert b"(--max-request-chars); this server takes fewer" in old.stderr  # what to do about it
-    done = subprocess.run(cmd + ["--max-request-chars", "150"], input=text.encode(), capture_output=True,
-                          timeout=180)
+    assert b"(--max-request-chars, as the server's /healthz did not say its limit); this server takes fewer" \
+        in old.stderr  # what to do about it
+    done = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=180)
     assert done.returncode == 0, done.stderr.decode()
     groups = _requests_of(server.srv, sentences)[-len(_packed(sentences, 150)):]
     assert [[r.text for r in g] for g in groups] == _packed(sentences, 150)

@@ -288,6 +288,10 @@ def test_health_metrics_and_unknown_path(server):
     base = server.url.replace("ws://", "http://").replace("/ws/generate", "")
     with urllib.request.urlopen(base + "/healthz") as r:
         assert r.status == 200
+        health = json.loads(r.read())
+    assert set(health) == {"status", "max_streams", "active", "free_slots", "waiting", "max_text_chars"}
+    assert health["status"] == "ok" and health["max_text_chars"] == server.srv.max_text_chars
+    assert health["free_slots"] + health["active"] == health["max_streams"] == server.srv.engine.max_streams
     with urllib.request.urlopen(base + "/metrics") as r:
         text = r.read().decode()
     for name in ("csm_requests_total", "csm_active_streams", "csm_frames_per_second",
