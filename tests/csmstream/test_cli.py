@@ -675,3 +675,41 @@ def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert proc.returncode == 0 and "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("body, want", [
+    (b'{"status": "ok", "max_text_chars": 321}', 321),
+    (b'{"status": "ok"}', None),  # an older server
+    (b'{"max_text_chars": true}', None),
+    (b'{"max_text_chars": 0}', None),
+    (b"[1, 2]", None),
+    (b"<html>a proxy's page</html>", None),
+])
+def test_say_reads_the_servers_limit_from_healthz_or_goes_without(body, want):
+    """What say makes of a /healthz (csmstream.say._server_limit): the limit when it is a count of
+    characters, None (cut at --max-request-chars) for anything else, or when nothing answers."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from csmstream.say import _server_limit
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        assert asyncio.run(_server_limit(f"ws://127.0.0.1:{port}/ws/generate", {})) == want
+        assert asyncio.run(_server_limit(f"http://127.0.0.1:{port}/v1/audio/speech", {})) == want
+    finally:
+        httpd.shutdown()
+    assert asyncio.run(_server_limit(f"ws://127.0.0.1:{free_port()}/ws/generate", {})) is None  # nothing there
