@@ -125,3 +125,36 @@ def floor_frame_time(monkeypatch, rs: RunningServer, seconds: float = 0.01) -> N
         return out
 
     monkeypatch.setattr(gen, "step", step_at_least)
+
+
+class CannedHttp:
+    """A plain HTTP server on a free loopback port that answers every GET and POST with one canned
+    response (a proxy's page, an older server's /healthz): `with CannedHttp(200, b"{}") as port:`."""
+
+    def __init__(self, status: int, body: bytes, only_path: str | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Page(BaseHTTPRequestHandler):
+            def _answer(self):
+                if self.command == "POST":
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                found = only_path is None or self.path == only_path
+                self.send_response(status if found else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+
+    def __enter__(self) -> int:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self.httpd.server_address[1]
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

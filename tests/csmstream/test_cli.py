@@ -689,27 +689,11 @@ def test_say_reads_the_servers_limit_from_healthz_or_goes_without(body, want):
     """What say makes of a /healthz (csmstream.say._server_limit): the limit when it is a count of
     characters, None (cut at --max-request-chars) for anything else, or when nothing answers."""
     import asyncio
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from csmstream.say import _server_limit
+    from tests.servers import CannedHttp
 
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/healthz" else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        port = httpd.server_address[1]
+    with CannedHttp(200, body, only_path="/healthz") as port:
         assert asyncio.run(_server_limit(f"ws://127.0.0.1:{port}/ws/generate", {})) == want
         assert asyncio.run(_server_limit(f"http://127.0.0.1:{port}/v1/audio/speech", {})) == want
-    finally:
-        httpd.shutdown()
     assert asyncio.run(_server_limit(f"ws://127.0.0.1:{free_port()}/ws/generate", {})) is None  # nothing there

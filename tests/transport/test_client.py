@@ -162,36 +162,18 @@ def test_a_reply_that_is_not_csm_streams_is_a_typed_error(reply, code, message):
     (503, b"<html>down</html>", "http_503", "<html>down</html>"),
 ])
 def test_the_http_client_types_a_proxys_error_page_too(status, body, code, message):
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from csmstream.transport.client import stream_speech_http
+    from tests.servers import CannedHttp
 
-    class Proxy(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-
-    async def go():
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/audio/speech"
+    async def go(port):
+        url = f"http://127.0.0.1:{port}/v1/audio/speech"
         with pytest.raises(SesameTTSError) as e:
             async for _ in stream_speech_http(url, "hi"):
                 pass
         return e.value
 
-    try:
-        err = asyncio.run(go())
-    finally:
-        httpd.shutdown()
+    with CannedHttp(status, body) as port:
+        err = asyncio.run(go(port))
     assert (err.code, err.message) == (code, message)
 
 
