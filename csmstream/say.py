@@ -39,9 +39,9 @@ def say(args) -> int:
         except SesameTTSError as e:
             kept = f"\n  kept the {wav.seconds:.2f} s that arrived in {args.out}" if wav.samples else ""
             if e.code == "text_too_long":
-                kept += (f"\n  say cuts the text into requests of at most {args.max_request_chars} characters "
-                         "(--max-request-chars, as the server's /healthz did not say its limit); this server takes "
-                         "fewer (its serve --max-text-chars)")
+                kept += (f"\n  say asks a server's /healthz for its limit before a text of over {ASK_LIMIT_ABOVE} "
+                         f"characters, and cuts at --max-request-chars ({args.max_request_chars}) when it does not "
+                         "say; this server takes fewer (its serve --max-text-chars)")
             print(f"csm-stream: server error {e.code}: {e.message}{kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -554,8 +554,7 @@ def test_say_dash_speaks_a_text_longer_than_the_server_takes_as_back_to_back_req
         m.setattr(server.srv, "health", lambda: {k: v for k, v in health().items() if k != "max_text_chars"})
         old = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=120)
     assert old.returncode == 1 and b"server error text_too_long" in old.stderr
-    assert b"(--max-request-chars, as the server's /healthz did not say its limit); this server takes fewer" \
-        in old.stderr  # what to do about it
+    assert b"cuts at --max-request-chars (5000) when it does not say; this server takes fewer" in old.stderr
     done = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=180)
     assert done.returncode == 0, done.stderr.decode()
     groups = _requests_of(server.srv, sentences)[-len(_packed(sentences, 150)):]
