@@ -11,8 +11,6 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
-
 from .engine.worker import Busy, GenRequest
 
 WAIT = object()  # SentencePlan.next(): no sentence complete yet, but more text is coming
@@ -152,8 +150,8 @@ class SentencePlan:
             return
         self.counted = req
         self.made += req.frames
-        if req.codes and req.whole:
-            self.history.append((req.text, np.stack(req.codes)))
+        if (said := req.heard()) is not None:
+            self.history.append(said)
 
     def next(self):
         """The next sentence's request, submitted; WAIT while its text is still coming; None when
@@ -188,14 +186,13 @@ class SentencePlan:
         return req
 
     def _fit(self, text: str) -> GenRequest:
-        from .transport.job import CONTEXT_SENTENCES, fit_history
+        from .transport.job import CONTEXT_SENTENCES, fit_history, sentence_cap
 
-        cap = own = self.worker.engine.config.default_max_frames(len(text))
-        if self.budget is not None:
-            cap = min(cap, self.budget - self.made)
+        left = None if self.budget is None else self.budget - self.made
+        cap, capped = sentence_cap(self.worker.engine.config, text, left)
         req = fit_history(lambda history: self._request(text, self.submitted, cap, history), self.worker.prepare,
                           self.history[-CONTEXT_SENTENCES:], self.worker.engine.gen.max_seq_len)
-        req.capped = cap < own  # what is left of max_frames ends it, not its own cap
+        req.capped = capped
         return req
 
     def _request(self, text: str, i: int, cap: int, history: list) -> GenRequest:

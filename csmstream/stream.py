@@ -8,8 +8,6 @@ import asyncio
 import threading
 from collections import deque
 
-import numpy as np
-
 from .engine.worker import GOOD_ENDS, GenRequest
 from .plan import WAIT, GenerationError, SentencePlan
 
@@ -103,8 +101,8 @@ class Stream:
         if plan is not None and given:
             given = plan.context[len(plan.context) - len(given):]  # (their audio encoded once, by the plan)
         own = [Segment(plan.opts["speaker_id"], t, codes=c) for t, c in plan.history] if plan is not None else []
-        if req is not None and req.whole and req.codes and (plan is None or req is not plan.counted):
-            own.append(Segment(req.speaker_id, req.text, codes=np.stack(req.codes)))
+        if req is not None and (plan is None or req is not plan.counted) and (said := req.heard()) is not None:
+            own.append(Segment(req.speaker_id, said[0], codes=said[1]))
         return (list(given) + own)[-CONTEXT_SENTENCES:]
 
     # -- reading ---------------------------------------------------------------------------------

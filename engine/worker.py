@@ -93,6 +93,11 @@ class GenRequest:
         heard as context (a cut one ends mid-word)."""
         return self.finished and (self.reason in ("eos", "guard") or (self.reason == "max_frames" and not self.capped))
 
+    def heard(self) -> tuple[str, np.ndarray] | None:
+        """(text, codes [frames, 32]) when it was generated whole with its codes kept: what a later
+        sentence or request may hear as context; None otherwise."""
+        return (self.text, np.stack(self.codes)) if self.whole and self.codes else None
+
 
 @dataclass
 class WorkerStats:

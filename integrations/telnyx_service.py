@@ -39,8 +39,9 @@ class TelnyxService:
         self.registry, self.sesame_url = registry, sesame_url
         self.providers: dict[str, Handler] = dict(providers or {})
         self.stream_wait = stream_wait
-        self._kept: dict[tuple[str, str], SesameWebSocketService] = {}  # (call, url) -> its kept connection
-        self._opening = asyncio.Lock()  # one first connection per call (asyncio binds it to a loop on first wait)
+        # (call, url) -> its kept connection, as the task that opens it: the call's utterances share
+        # one, and calls open theirs side by side
+        self._kept: dict[tuple[str, str], asyncio.Task] = {}
         self._closers: set[asyncio.Task] = set()
 
     def register_provider(self, name: str, handler: Handler) -> None:
@@ -98,21 +99,28 @@ class TelnyxService:
         """The connection kept for this call's utterances to `url`: opened at the first, closed when
         the call ends."""
         key = (call.call_control_id, url)
-        async with self._opening:  # (two first utterances at once: one connection)
-            svc = self._kept.get(key)
-            if svc is None:
-                svc = await SesameWebSocketService(url).__aenter__()
-                self._kept[key] = svc
-                task = asyncio.get_running_loop().create_task(self._close_at_end(call, key, svc))
-                self._closers.add(task)
-                task.add_done_callback(self._closers.discard)
+        opening = self._kept.get(key)
+        if opening is None:  # (two first utterances at once: one connection)
+            opening = self._kept[key] = asyncio.get_running_loop().create_task(self._open(call, key, url))
+            opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # (its failure is its waiters')
+        return await asyncio.shield(opening)  # (a waiter cancelled leaves the opening to the others)
+
+    async def _open(self, call, key, url: str) -> SesameWebSocketService:
+        try:
+            svc = await SesameWebSocketService(url).__aenter__()
+        except BaseException:
+            del self._kept[key]  # (not opened: the call's next utterance tries again)
+            raise
+        task = asyncio.get_running_loop().create_task(self._close_at_end(call, key, svc, asyncio.current_task()))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
         return svc
 
-    async def _close_at_end(self, call, key, svc: SesameWebSocketService) -> None:
+    async def _close_at_end(self, call, key, svc: SesameWebSocketService, opening: asyncio.Task) -> None:
         try:
             await call.ended.wait()
         finally:  # (the call ended, or aclose() cancelled this)
-            if self._kept.get(key) is svc:
+            if self._kept.get(key) is opening:
                 del self._kept[key]
             await svc.__aexit__(None, None, None)
 

@@ -13,14 +13,13 @@ import math
 import time
 from collections import deque
 
-import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from ..engine.prompt import Segment
 from ..engine.worker import Busy
 from . import protocol
 from .gate import PerMinute
-from .job import Job, fit_history
+from .job import Job, fit_history, sentence_cap
 from .ring import PcmRing
 
 log = logging.getLogger("csmstream.server")
@@ -351,9 +350,8 @@ class Connection:
         srv = self.server
         text = job.parts[0]
         # the per-sentence cap scales with the sentence; max_audio_ms bounds the whole request
-        cap = own = srv.engine.config.default_max_frames(len(text))
-        if job.src_limit is not None:
-            cap = min(cap, max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME)))
+        left = None if job.src_limit is None else max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME))
+        cap, capped = sentence_cap(srv.engine.config, text, left)
         v = srv.voices.get(job.msg.voice)
         voice = [Segment(job.msg.speaker_id, v.text, codes=v.codes)] if v is not None else []
 
@@ -365,7 +363,7 @@ class Connection:
             job.before = self._spoken_before(job)
         try:
             req = fit_history(make, srv.worker.prepare, job.spoken(), srv.engine.gen.max_seq_len)
-            req.capped = cap < own  # what is left of max_audio_ms ends it, not its own cap
+            req.capped = capped
             if not later and job.before:
                 job.continued = len(req.context) - len(voice)
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
@@ -453,8 +451,8 @@ class Connection:
                         return
                     job.active.popleft()
                     req.sink = None
-                    if req.codes and req.whole:  # (one cut at max_audio_ms is no context)
-                        job.history.append((req.text, np.stack(req.codes)))
+                    if (said := req.heard()) is not None:  # (one cut at max_audio_ms is no context)
+                        job.history.append(said)
                     job.done_reqs.append(req)
                     if len(rest):
                         job.src_sent += len(rest)
@@ -533,8 +531,7 @@ class Connection:
             extra["input_timeout"] = True
         if cancelled and job.cancel_reason is not None:
             extra["reason"] = job.cancel_reason
-        if job.msg.continue_previous:
-            extra["continued"] = job.continued
+        extra.update(job.continued_field())
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

@@ -223,12 +223,9 @@ class ElevenLabsBase(Connection):
 
     @staticmethod
     def _final_message(job: Job, **fields) -> dict:
-        """A stream's isFinal; with continue_previous, "continued": how many earlier sentences its
-        first one heard (a csm-stream extension, as on /ws/generate's done)."""
-        final = {"audio": None, "isFinal": True, **NO_ALIGNMENT, **fields}
-        if job.msg.continue_previous:
-            final["continued"] = job.continued
-        return final
+        """A stream's isFinal; with continue_previous, "continued" (a csm-stream extension, as on
+        /ws/generate's done)."""
+        return {"audio": None, "isFinal": True, **NO_ALIGNMENT, **fields, **job.continued_field()}
 
 
 class ElevenLabsConnection(ElevenLabsBase):

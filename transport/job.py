@@ -145,7 +145,7 @@ class Job:
     def context_for_next(self) -> list[tuple[str, np.ndarray]]:
         """Earlier sentences whose codes are complete: its history plus the active ones generated
         whole (GenRequest.whole: not one cut short by a cancel, an error or max_audio_ms)."""
-        done = self.history + [(r.text, np.stack(r.codes)) for r, _ in self.active if r.whole and r.codes]
+        done = self.history + [said for r, _ in self.active if (said := r.heard()) is not None]
         return done[-CONTEXT_SENTENCES:]
 
     def ended_at(self) -> float:
@@ -159,6 +159,11 @@ class Job:
         own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
         return ((self.before or []) + own)[-CONTEXT_SENTENCES:]
 
+    def continued_field(self) -> dict:
+        """For its done (or isFinal): {"continued": N}, how many earlier sentences its first one
+        heard, when it asked for continue_previous; else nothing."""
+        return {"continued": self.continued} if self.msg.continue_previous else {}
+
     def new_request(self, text: str, context: list, max_frames: int) -> GenRequest:
         """The request for the next sentence (the caller counts it in n_parts once it is submitted)."""
         m = self.msg
@@ -171,6 +176,14 @@ def sentence_request(text: str, context: list, seed: int | None, i: int, max_fra
     stopped by the repeat guard; `fields` are the reply's own (speaker_id, temperature, ...)."""
     return GenRequest(text=text, context=context, seed=None if seed is None else seed + i, max_frames=max_frames,
                       keep_codes=True, max_repeats=REPEAT_GUARD, **fields)
+
+
+def sentence_cap(config, text: str, left: int | None) -> tuple[int, bool]:
+    """A sentence's frame cap, and whether it is capped (GenRequest.capped): its own, which scales
+    with its length, or `left` of the reply's budget (max_audio_ms, max_frames) when that is less:
+    reaching it then cuts the sentence short."""
+    own = config.default_max_frames(len(text))
+    return (left, True) if left is not None and left < own else (own, False)
 
 
 def fit_history(make, prepare, history: list, window: int) -> GenRequest:

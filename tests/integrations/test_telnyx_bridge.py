@@ -168,8 +168,8 @@ def test_continue_previous_keeps_one_connection_for_the_call_and_each_turn_hears
                 for text, config in zip(turns, (keep, keep, CONFIG), strict=True):
                     utt = await service.speak_text("v2:call-1", text, config)
                     assert await registry.get("v2:call-1").heard(utt, timeout=30)
-                    sockets += [svc._ws for svc in service._kept.values()]
-                (svc,) = service._kept.values()
+                    sockets += [opened.result()._ws for opened in service._kept.values()]
+                (svc,) = [opened.result() for opened in service._kept.values()]
                 continued = svc.last_done["continued"]
             await wait_until(lambda: not service._kept)  # the call ended: its connection is closed
             return sim, sockets, svc, continued
