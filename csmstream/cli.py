@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--voices", default=None, metavar="DIR",
                        help="named voices: NAME.wav + NAME.txt pairs, encoded at start-up; requests pick one "
                             "with \"voice\": \"NAME\"; GET /voices lists them")
+    serve.add_argument("--default-voice", default=None, metavar="NAME",
+                       help="the voice (one of --voices) of every /ws/generate and OpenAI request that names "
+                            "none, so every caller hears one voice (default: none, such a request has no voice "
+                            "prompt and CSM picks a voice anew)")
+    serve.add_argument("--voice-alias", action="append", default=None, metavar="ALIAS=NAME",
+                       help="let clients name a voice of --voices by a name they already send: OpenAI's "
+                            "(alloy=ada) or an ElevenLabs voice id; repeat it or join pairs with commas "
+                            "(alloy=ada,nova=ben); GET /voices lists them")
     serve.add_argument("--telnyx", action="store_true",
                        help="also serve /telnyx for Telnyx media streams; /ws/generate requests with "
                             "\"call_control_id\" then play into that call (in-process, lowest latency)")

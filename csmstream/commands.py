@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from .logs import notice
 from .say import AUTH_ENV, say  # noqa: F401  (the say command lives in say.py; cli calls commands.say)
@@ -77,6 +78,7 @@ def serve(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
+    aliases = _voice_flags(args)
     if args.tls_key is not None and args.tls_cert is None:
         raise ValueError("--tls-key needs --tls-cert (the certificate it belongs to)")
     ssl_context = None
@@ -111,7 +113,8 @@ def serve(args) -> int:
                            prefill_chunk=args.prefill_chunk, http_port=args.http_port,
                            compression=None if args.ws_compression == "off" else args.ws_compression,
                            ssl_context=ssl_context,
-                           elevenlabs_continue_previous=args.elevenlabs_continue_previous)
+                           elevenlabs_continue_previous=args.elevenlabs_continue_previous,
+                           voice_aliases=aliases, default_voice=args.default_voice)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -140,6 +143,28 @@ def serve(args) -> int:
         notice(f"csm-stream: error: cannot serve on {args.host} port {ports}: {e.strerror or e}", logging.ERROR)
         return 1
     return 0
+
+
+def _voice_flags(args) -> dict[str, str]:
+    """--voice-alias pairs, checked with --default-voice against the --voices directory's NAME.wav
+    files before the model loads (the server checks them again once the voices are encoded)."""
+    from .engine.voices import parse_aliases
+
+    aliases = parse_aliases(args.voice_alias)
+    wanted = ([("--default-voice", args.default_voice)] if args.default_voice is not None else []) + \
+        [(f"--voice-alias {a}={t}", t) for a, t in aliases.items()]
+    if wanted and args.voices is None:
+        raise ValueError(f"{wanted[0][0]} needs --voices DIR (the NAME.wav + NAME.txt voices it names)")
+    if wanted:
+        names = sorted(p.stem for p in Path(args.voices).iterdir() if p.suffix.lower() == ".wav" and p.is_file())
+        for flag, name in wanted:
+            if name not in names:
+                raise ValueError(f"{flag}: {args.voices} has no voice {name!r} (its voices: "
+                                 f"{', '.join(names) or 'none'})")
+        taken = sorted(set(aliases) & set(names))
+        if taken:
+            raise ValueError(f"--voice-alias {taken[0]}=...: {taken[0]!r} is already a voice's own name")
+    return aliases
 
 
 TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"

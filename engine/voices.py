@@ -108,3 +108,39 @@ def _transcript(wav: Path) -> Path | None:
         return exact
     return next((p for p in sorted(wav.parent.iterdir()) if p.stem == wav.stem and p.suffix.lower() == ".txt"
                  and p.is_file()), None)
+
+
+def with_aliases(voices: dict[str, Voice], aliases: dict[str, str] | None = None,
+                 default: str | None = None) -> dict[str, Voice]:
+    """The voices plus each alias as another key for its target's `Voice` (so a client's voice
+    name, OpenAI's "alloy" or an ElevenLabs voice id, can mean one of these). ValueError saying what
+    is wrong when an alias or the default does not name one of `voices`, or an alias is a voice's
+    own name."""
+    out = dict(voices)
+    known = ", ".join(sorted(voices)) or "none are loaded"
+    if default is not None and default not in voices:
+        raise ValueError(f"default voice {default!r}: no such voice (voices: {known})")
+    for alias, target in (aliases or {}).items():
+        if not isinstance(alias, str) or not alias or not isinstance(target, str):
+            raise ValueError(f"voice alias {alias!r} -> {target!r}: both must be non-empty names")
+        if alias in voices:
+            raise ValueError(f"voice alias {alias!r} is already a voice's own name; pick another alias")
+        if target not in voices:
+            raise ValueError(f"voice alias {alias!r} -> {target!r}: no such voice (voices: {known})")
+        out[alias] = voices[target]
+    return out
+
+
+def parse_aliases(specs) -> dict[str, str]:
+    """`ALIAS=VOICE` pairs, several in one spec joined by commas ("alloy=ada,nova=ben"), into
+    {alias: voice}; ValueError naming the bad pair."""
+    aliases: dict[str, str] = {}
+    for spec in specs or ():
+        for pair in spec.split(","):
+            alias, sep, target = (s.strip() for s in pair.partition("="))
+            if not (sep and alias and target):
+                raise ValueError(f"voice alias {pair.strip()!r}: write ALIAS=VOICE, e.g. alloy=ada (a client's "
+                                 "voice name = one of the --voices)")
+            if aliases.setdefault(alias, target) != target:
+                raise ValueError(f"voice alias {alias!r} is given twice, for {aliases[alias]!r} and {target!r}")
+    return aliases

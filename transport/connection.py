@@ -157,6 +157,7 @@ class Connection:
             known = ", ".join(sorted(srv.voices)) or "none are configured"
             await self._error("unknown_voice", f"unknown voice {msg.voice!r:.60}; available: {known}", rid)
             return
+        msg.voice = srv.voice_name(msg.voice)  # an alias's voice; the server's default for none
         call = None
         if msg.call_control_id is not None:
             call = srv.calls.get(msg.call_control_id) if srv.calls is not None else None

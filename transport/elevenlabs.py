@@ -20,7 +20,8 @@ sent is spoken to the end, then its {"isFinal": true, "contextId"} (a csm-stream
 "contextId"; every context ends with exactly one isFinal. A context that fails while its client is
 still writing its turn drops the rest of that turn's text, up to its flush or close_context.
 
-Both: voice_id is a named voice (serve --voices) or a speaker number; query parameters
+Both: voice_id is a named voice (serve --voices), an alias of one (serve --voice-alias: the voice id
+an ElevenLabs client already sends, mapped to a voice here) or a speaker number; query parameters
 output_format (any /ws/generate format, or mp3_RATE_KBPS / opus_48000_KBPS as ElevenLabs names
 them; pcm_24000 when not given), inactivity_timeout (seconds, default 20, at most 180: input
 left that long without a message is closed -- its buffered text is still spoken -- and a socket with
@@ -205,8 +206,8 @@ class ElevenLabsBase(Connection):
         named = self.voice_id in self.server.voices
         gen = protocol.Generate(text=text or " ", speaker_id=0 if named else protocol.digits_value(self.voice_id),
                                 request_id=self.server.next_request_id(), format=self.output_format,
-                                chunk_ms=CHUNK_MS, voice=self.voice_id if named else None, final=False,
-                                seed=self.seed, continue_previous=self.continue_previous)
+                                chunk_ms=CHUNK_MS, voice=self.server.voice_name(self.voice_id) if named else None,
+                                final=False, seed=self.seed, continue_previous=self.continue_previous)
         job = Stream(gen, gen.request_id)
         job.take(text)
         self.jobs.append(job)

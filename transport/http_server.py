@@ -205,7 +205,7 @@ class HttpApi:
             limits = {"voices": srv.voices, "max_text_chars": srv.max_text_chars,
                       "topk_max": srv.engine.config.codebook_size}
             speech = (hs.parse_elevenlabs(req.path, req.query, body, **limits) if eleven
-                      else hs.parse_speech(body, **limits))
+                      else hs.parse_speech(body, **limits, default_voice=srv.default_voice))
         except hs.HttpError as e:
             return await self._refuse(writer, e.status, e.code, e.message, keep)
         except Exception as e:  # a bug on this body: its 500 (not a connection closed without a word)

@@ -8,8 +8,9 @@ the base URL; the audio streams back as it is generated instead of arriving all 
                             "response_format": "pcm", "stream_format": "audio" | "sse"}
 
 - `input`: the text (required). `model` is accepted and ignored (one model per server).
-- `voice`: a named voice (serve --voices) or a speaker number ("0", "1", or an integer);
-  OpenAI's own voice names (alloy, ...) are refused with the list of what exists.
+- `voice`: a named voice (serve --voices), an alias of one (serve --voice-alias alloy=ada) or a
+  speaker number ("0", "1", or an integer); other names, OpenAI's own (alloy, ...) among them, are
+  refused with the list of what exists; none (or null) is the server's --default-voice, if any.
 - `response_format`: `wav` (default; 24 kHz 16-bit mono, streamed with open-ended sizes), `pcm`
   (raw 24 kHz 16-bit little-endian, as OpenAI's pcm), `mp3` (24 kHz mono, 48 kbps), `opus` (Ogg
   Opus, 32 kbps), `aac` (ADTS, 64 kbps), `flac` (lossless), or any /ws/generate format
@@ -147,8 +148,9 @@ class Speech:
 
 
 def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS,
-                 topk_max: int = 2048) -> Speech:
-    """An OpenAI speech request body -> Speech, or HttpError (400) saying what is wrong."""
+                 topk_max: int = 2048, default_voice: str | None = None) -> Speech:
+    """An OpenAI speech request body -> Speech, or HttpError (400) saying what is wrong. A body
+    with no "voice" gets `default_voice` (a name in `voices`; None: no voice prompt)."""
     def bad(code: str, message: str) -> HttpError:
         return HttpError(400, code, message)
 
@@ -177,7 +179,8 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     previous = _previous_text(msg)
     req = {k: msg[k] for k in PASSED_THROUGH if k in msg}
     req.update(text=text, format=RESPONSE_FORMATS[fmt])
-    _voice(req, msg.get("voice"), voices, "OpenAI's")
+    voice = msg.get("voice")
+    _voice(req, default_voice if voice is None else voice, voices, "OpenAI's")
     return Speech(_generate(req, max_text_chars, topk_max), wav=fmt == "wav", sse=stream == "sse",
                   continues=previous is not None, previous_text=previous)
 
@@ -234,13 +237,14 @@ def _previous_text(msg: dict) -> str | None:
 def _voice(req: dict, voice, voices, whose: str) -> None:
     """A named voice, or a speaker number ("0", 1), into the request; HttpError if neither."""
     if isinstance(voice, str) and voice in voices:
-        req["voice"] = voice
+        req["voice"] = voices[voice].name  # (an alias's voice: the name its requests are remembered by)
     elif voice is not None:
         sid = protocol.digits_value(voice) if isinstance(voice, str) else voice
         if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
             known = ", ".join(sorted(voices)) or "none are configured"
             raise HttpError(400, "unknown_voice", f"unknown voice {voice!r:.40}: use a named voice ({known}) or a "
-                            f'speaker number such as "0" ({whose} voice names do not exist here)')
+                            f'speaker number such as "0" ({whose} voice names exist here only as the server maps them: '
+                            f"serve --voice-alias NAME=VOICE)")
         if req.setdefault("speaker_id", sid) != sid:
             raise HttpError(400, "invalid_speaker_id", f"voice {voice!r:.40} and speaker_id {req['speaker_id']!r:.20} "
                             "disagree; send one of them")

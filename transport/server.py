@@ -23,6 +23,7 @@ from itertools import count
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from ..engine.voices import with_aliases
 from ..engine.worker import EngineWorker, GenRequest
 from . import elevenlabs, protocol, tls
 from .connection import Connection
@@ -52,12 +53,18 @@ class StreamServer:
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
                  prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None,
-                 ssl_context=None, elevenlabs_continue_previous: bool = False) -> None:
+                 ssl_context=None, elevenlabs_continue_previous: bool = False,
+                 voice_aliases: dict[str, str] | None = None, default_voice: str | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
-        self.voices = dict(voices or {})  # name -> engine.voices.Voice (text, codes)
+        self.voices = dict(voices or {})  # name -> engine.voices.Voice (text, codes); aliases too
         self.voices_dir = voices_dir  # NAME.wav + NAME.txt pairs, encoded at start-up
+        # a client's voice names for the server's voices (OpenAI's "alloy" -> "ada"), and the voice of
+        # a /ws/generate or OpenAI request that names none (None: no voice prompt)
+        self.voice_aliases, self.default_voice = dict(voice_aliases or {}), default_voice
+        if voices_dir is None:  # (else checked once the directory is loaded, in start())
+            self.voices = with_aliases(self.voices, self.voice_aliases, default_voice)
         # extra WebSocket endpoints: path -> (async handler(ws), accept(headers) -> bool), e.g. /telnyx
         self.routes = dict(routes or {})
         # live phone calls by call_control_id (an object with .get(id) -> call sink), or None
@@ -123,7 +130,11 @@ class StreamServer:
                 from ..engine.voices import load_voices
 
                 self.voices.update(await self._loop.run_in_executor(None, load_voices, self.voices_dir, self.engine))
-                log.info("voices: %s", ", ".join(sorted(self.voices)) or "none")
+                self.voices = with_aliases(self.voices, self.voice_aliases, self.default_voice)
+                own = ", ".join(sorted(n for n, v in self.voices.items() if n == v.name)) or "none"
+                aliases = ", ".join(f"{a}={t}" for a, t in self.voice_aliases.items())
+                log.info("voices: %s%s%s", own, f"; aliases: {aliases}" if aliases else "",
+                         f"; default: {self.default_voice}" if self.default_voice else "")
             for v in self.voices.values():  # their prompts' KV is computed once, then copied per request
                 self.engine.pin_voice(v.text, v.codes)
         except BaseException:
@@ -229,6 +240,22 @@ class StreamServer:
                 "waiting": w.queued() if w is not None else 0,
                 "max_text_chars": self.max_text_chars}  # (what one request may hold: say cuts longer texts so)
 
+    def voice_name(self, requested: str | None) -> str | None:
+        """The voice a request's `voice` means: a voice's own name for an alias, the default for
+        None; a name the server does not know is returned as it is, for the caller to refuse."""
+        if requested is None:
+            return self.default_voice
+        v = self.voices.get(requested)
+        return requested if v is None else v.name
+
+    def _voice_entry(self, name: str, v) -> dict:
+        entry = {"name": name, "text": v.text, "seconds": round(v.seconds, 2)}
+        if name != v.name:
+            entry["alias_of"] = v.name
+        if name == self.default_voice:
+            entry["default"] = True
+        return entry
+
     PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers
 
     def page(self, path: str) -> tuple[int, str, str] | None:
@@ -237,8 +264,8 @@ class StreamServer:
         if path == "/healthz":
             return 200 if self.healthy else 503, "application/json", json.dumps(self.health()) + "\n"
         if path == "/voices":
-            body = json.dumps({"voices": [{"name": v.name, "text": v.text, "seconds": round(v.seconds, 2)}
-                                          for v in self.voices.values()]})
+            body = json.dumps({"voices": [self._voice_entry(name, v) for name, v in self.voices.items()],
+                               "default": self.default_voice})
             return 200, "application/json", body + "\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render(

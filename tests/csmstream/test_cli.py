@@ -118,6 +118,13 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["say", "hi", "--cafile", "FILE"], "no PEM certificate in it"),
     (["say", "hi", "--local", "--cafile", "FILE"], "--cafile is for a server's wss:// or https:// --url"),
     (["bench", "--cafile", "FILE"], "no PEM certificate in it"),
+    (["serve", "--default-voice", "ada"], "--default-voice needs --voices DIR"),
+    (["serve", "--voice-alias", "alloy=ada"], "--voice-alias alloy=ada needs --voices DIR"),
+    (["serve", "--voices", "VOICES", "--default-voice", "carl"], "has no voice 'carl' (its voices: ada)"),
+    (["serve", "--voices", "VOICES", "--voice-alias", "alloy=carl"], "--voice-alias alloy=carl: "),
+    (["serve", "--voices", "VOICES", "--voice-alias", "alloy"], "voice alias 'alloy': write ALIAS=VOICE"),
+    (["serve", "--voices", "VOICES", "--voice-alias", "alloy=ada, alloy=ben"], "'alloy' is given twice"),
+    (["serve", "--voices", "VOICES", "--voice-alias", "ada=ada"], "'ada' is already a voice's own name"),
 ])
 def test_bad_serve_say_and_bench_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     """Each was accepted: a server that could never be stopped gently or refused every client, or a
@@ -133,7 +140,9 @@ def test_bad_serve_say_and_bench_options_are_refused_before_any_work(argv, messa
     monkeypatch.setattr(cli, "_speak", reached)
     monkeypatch.setattr(commands, "say", reached)
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    (tmp_path / "VOICES").mkdir()
+    (tmp_path / "VOICES" / "ada.wav").write_bytes(b"")  # (its name is all that is read before the model loads)
+    argv = [str(tmp_path / a) if a in ("FILE", "VOICES") else a for a in argv]
     assert cli.main(argv + (["--device", "cpu"] if argv[0] == "serve" and "--device" not in argv else [])) == 2
     assert message in capsys.readouterr().err
 

@@ -1,5 +1,6 @@
 """Named voices' transcripts: read as the UTF-8 text they are, or refused with the file named."""
 
+import numpy as np
 import pytest
 
 from tests.transport.test_text_stream import _write_voice
@@ -85,3 +86,20 @@ def test_8_24_and_32_bit_pcm_voices_read_as_the_same_samples(tmp_path, eng):
     _wav(tmp_path / "f32.wav", (x / 32768).astype("<f4").tobytes(), 4, fmt=3)
     with pytest.raises(ValueError, match=r"f32\.wav: not a readable WAV file .*float WAVs are not read: export 16- or"):
         read_wav_24k_mono(tmp_path / "f32.wav")
+
+
+def test_aliases_are_pairs_joined_by_commas_and_each_names_one_voice():
+    from csmstream.engine.voices import Voice, parse_aliases, with_aliases
+
+    assert parse_aliases(None) == {} and parse_aliases([]) == {}
+    assert parse_aliases(["alloy=ada, nova = ben", "echo=ada", "alloy=ada"]) == {"alloy": "ada", "nova": "ben",
+                                                                                  "echo": "ada"}
+    for bad, msg in ((["alloy"], "write ALIAS=VOICE"), (["=ada"], "write ALIAS=VOICE"), (["alloy="], "ALIAS=VOICE"),
+                     (["alloy=ada,"], "write ALIAS=VOICE"), (["alloy=ada", "alloy=ben"], "given twice")):
+        with pytest.raises(ValueError, match=msg):
+            parse_aliases(bad)
+    ada = Voice("ada", "Hi.", np.zeros((2, 32), np.int64))
+    both = with_aliases({"ada": ada}, {"alloy": "ada", "echo": "ada"}, "ada")
+    assert list(both) == ["ada", "alloy", "echo"] and all(v is ada for v in both.values())
+    with pytest.raises(ValueError, match="no such voice"):
+        with_aliases({}, None, "ada")

@@ -8,6 +8,7 @@ import json
 import wave
 
 import h11
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -68,8 +69,16 @@ def test_any_bytes_parse_or_raise_http_error(raw):
 
 
 # -- OpenAI bodies ---------------------------------------------------------------------------------
+def named(*names, **aliases):
+    """A server's voices dict: each name's Voice (no real codes: parsing never reads them), and each
+    alias=name as another key for it, as engine.voices.with_aliases makes it."""
+    from csmstream.engine.voices import Voice, with_aliases
+
+    return with_aliases({n: Voice(n, f"{n} speaking.", np.zeros((1, 32), np.int64)) for n in names}, aliases)
+
+
 def speech(body, voices=("anna",), **kw):
-    return hs.parse_speech(json.dumps(body).encode(), voices=set(voices), **kw)
+    return hs.parse_speech(json.dumps(body).encode(), voices=named(*voices), **kw)
 
 
 def test_a_minimal_openai_request_is_a_wav_of_speaker_0():
@@ -133,7 +142,7 @@ def test_openai_fields_and_csm_stream_extensions_map_onto_a_request(body, want):
 ])
 def test_bad_openai_bodies_say_what_is_wrong_and_what_is_allowed(body, code, says):
     with pytest.raises(hs.HttpError) as e:
-        hs.parse_speech(body, voices={"anna"}, max_text_chars=20)
+        hs.parse_speech(body, voices=named("anna"), max_text_chars=20)
     assert (e.value.status, e.value.code) == (400, code)
     assert says in e.value.message
 
@@ -150,7 +159,7 @@ FIELDS = ["input", "model", "voice", "response_format", "stream_format", "speed"
     ["Hi.", "anna", "0", "pcm", "wav", "sse", "mp3", 1, 1.0]), max_size=8))
 def test_any_json_object_is_a_request_or_a_400_that_says_why(body):
     try:
-        s = hs.parse_speech(json.dumps(body).encode(), voices={"anna"})
+        s = hs.parse_speech(json.dumps(body).encode(), voices=named("anna"))
     except hs.HttpError as e:
         assert e.status == 400 and e.code and e.message
     else:
@@ -163,6 +172,26 @@ def test_any_json_object_is_a_request_or_a_400_that_says_why(body):
 def test_the_unknown_voice_message_lists_no_voices_when_none_exist():
     with pytest.raises(hs.HttpError, match="none are configured"):
         speech({"input": "Hi.", "voice": "nova"}, voices=())
+
+
+def test_an_alias_is_its_voice_and_a_body_without_a_voice_gets_the_default():
+    """serve --voice-alias / --default-voice: an alias becomes the voice's own name (the one its
+    requests are remembered by); no voice, or null, the default; a speaker number stays itself."""
+    voices = named("anna", "ben", alloy="anna", nova="ben")
+
+    def gen(**body):
+        return hs.parse_speech(json.dumps({"input": "Hi.", **body}).encode(), voices=voices, default_voice="ben").gen
+
+    got = [(g.voice, g.speaker_id) for g in (gen(voice="alloy"), gen(voice="nova"), gen(voice="anna"), gen(),
+                                             gen(voice=None), gen(voice="1"), gen(voice=2))]
+    assert got == [("anna", 0), ("ben", 0), ("anna", 0), ("ben", 0), ("ben", 0), (None, 1), (None, 2)]
+    # with no default a body without a voice has none, as before
+    assert hs.parse_speech(b'{"input": "Hi."}', voices=voices).gen.voice is None
+    with pytest.raises(hs.HttpError, match="alloy, anna, ben, nova"):  # the aliases are listed with the voices
+        hs.parse_speech(b'{"input": "Hi.", "voice": "shimmer"}', voices=voices)
+    eleven_gen = hs.parse_elevenlabs("/v1/text-to-speech/21m00Tcm4TlvDq8ikWAM/stream", "", b'{"text": "Hi."}',
+                                     voices=named("anna", **{"21m00Tcm4TlvDq8ikWAM": "anna"})).gen
+    assert (eleven_gen.voice, eleven_gen.speaker_id) == ("anna", 0)
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -222,7 +251,7 @@ def test_every_ws_format_is_a_response_format():
 
 # -- ElevenLabs' REST text-to-speech ---------------------------------------------------------------
 def eleven(path="/v1/text-to-speech/0/stream", query="output_format=pcm_16000", voices=(), **body):
-    return hs.parse_elevenlabs(path, query, json.dumps(body).encode(), voices=dict.fromkeys(voices))
+    return hs.parse_elevenlabs(path, query, json.dumps(body).encode(), voices=named(*voices))
 
 
 def test_elevenlabs_rest_maps_onto_a_generate_request():
