@@ -8,9 +8,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from tests.interp import set_overflow_checks
+        from tests.interp import patch_once, set_overflow_checks
 
         set_overflow_checks(False)  # checks the interpreter computes and never asserts (tests/interp.py)
+        patch_once()  # and its language patching redone for every helper call inside a kernel
 
 
 @pytest.fixture(scope="session")

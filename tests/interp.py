@@ -1,13 +1,25 @@
-"""Triton's interpreter (TRITON_INTERPRET=1: how the CPU tests run the GPU kernels) redoes every
-integer add, subtract and multiply in int64 to check it for int32 overflow, then hands the check
-to a device assert that it drops unless its `debug` option is on, which nothing turns on (Triton
-3.9). A quarter of the time of an interpreted frame went to checks that could never fail; the
-tests run without them (tests/conftest.py). tests/kernels/test_interpreter.py shows that nothing
-was checked: an overflowing multiply wraps with the checks on as with them off."""
+"""Two costs of Triton's interpreter (TRITON_INTERPRET=1: how the CPU tests run the GPU kernels)
+that buy nothing, and the tests' way around each (tests/conftest.py turns both on; Triton 3.9):
+
+- It redoes every integer add, subtract and multiply in int64 to check it for int32 overflow, then
+  hands the check to a device assert that it drops unless its `debug` option is on, which nothing
+  turns on. A quarter of the time of an interpreted frame went to checks that could never fail;
+  `set_overflow_checks(False)`. tests/kernels/test_interpreter.py shows that nothing was checked:
+  an overflowing multiply wraps with the checks on as with them off.
+- A launch swaps `triton.language`'s functions for interpreted ones for its run (`_patch_lang`,
+  which walks the modules' members with `inspect.getmembers`), and every call of a `@triton.jit`
+  helper inside the kernel (ours, and the combine functions of `tl.max`, `tl.sum`, ...) walks them
+  again, once per program: ~60,000 walks, about half the time of an interpreted frame step, to
+  patch what the launch had patched already. `patch_once()`: a launch patches `triton.language`
+  and `triton.language.core` both (all the interpreter ever patches), and the helper calls inside
+  it patch nothing more. The kernels compute exactly what they did (the test file above checks).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import types
 
 
 def overflow_checks() -> bool | None:
@@ -37,3 +49,51 @@ def _builder():
     if not dataclasses.is_dataclass(options) or not hasattr(options, "sanitize_overflow"):
         return None
     return builder
+
+
+_state = threading.local()  # .covered: a launch on this thread has patched the language modules
+
+
+def patch_once() -> bool:
+    """Make a launch's `_patch_lang` cover the helpers it calls (above). Returns whether it is on
+    (False: an interpreter without `_patch_lang`, left as it is). Idempotent."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    patch = getattr(interpreter, "_patch_lang", None)
+    if patch is None:
+        return False
+    if getattr(patch, "patches_once", False):
+        return True
+    both = types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core})  # what a helper may see
+
+    class Covered:  # a helper's call inside a launch: nothing to undo
+        def restore(self) -> None:
+            pass
+
+    def patch_lang(fn):
+        if getattr(_state, "covered", False):
+            return Covered()
+        scope = patch(both)
+        _state.covered = True
+        restore = scope.restore
+
+        def restore_and_leave() -> None:
+            _state.covered = False
+            restore()
+
+        scope.restore = restore_and_leave
+        return scope
+
+    patch_lang.patches_once, patch_lang.original = True, patch
+    interpreter._patch_lang = patch_lang
+    return True
+
+
+def patch_every_time() -> None:
+    """Back to Triton's own `_patch_lang` (for the test that compares the two)."""
+    from triton.runtime import interpreter
+
+    interpreter._patch_lang = getattr(interpreter._patch_lang, "original", interpreter._patch_lang)

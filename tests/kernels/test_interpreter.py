@@ -37,3 +37,66 @@ def test_the_overflow_checks_are_off_and_never_asserted_when_on():
     finally:
         set_overflow_checks(False)
     assert overflow_checks() is False
+
+
+@triton.jit
+def _scaled(x, s):
+    return x * s  # a helper: each call inside a launch used to patch the language again
+
+
+@triton.jit
+def _rowmax_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    row = tl.program_id(0)
+    x = tl.load(x_ptr + row * N + tl.arange(0, N))
+    y = _scaled(_scaled(x, 2.0), 0.5)  # two helper calls a program
+    best = tl.argmax(y, axis=0)  # a reduction with a @triton.jit combine function (triton.language.standard)
+    tl.store(out_ptr + row, tl.max(y, axis=0) + tl.where(best >= 0, best, 0).to(tl.float32))
+
+
+def _rowmax(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0])
+    _rowmax_kernel[(x.shape[0],)](x, out, N=x.shape[1])
+    return out
+
+
+def test_a_launch_patches_the_language_once_and_computes_what_it_did():
+    """tests/interp.patch_once: one `_patch_lang` walk a launch (Triton's own: one more for every
+    helper and combine-function call of every program), the same results, and triton.language and
+    its core module as they were once the launch is over (Triton's own leaves the patches of a
+    helper's walk behind, which this test then puts back)."""
+    from triton.runtime import interpreter
+
+    from tests.interp import patch_every_time, patch_once
+
+    x = torch.randn(6, 16)
+    want = x.max(dim=1).values + x.argmax(dim=1).float()
+    assert getattr(interpreter._patch_lang, "patches_once", False)  # tests/conftest.py
+    patch_every_time()
+    original, walks = interpreter._patch_lang, []
+    modules = (tl, tl.core, tl.math, tl.core.tensor)
+    before = [dict(vars(m)) for m in modules]
+
+    def counted(fn):
+        walks.append(fn)
+        return original(fn)
+
+    try:
+        interpreter._patch_lang = counted
+        assert patch_once() is True
+        once = _rowmax(x)
+        assert len(walks) == 1
+        changed = [{k for k, v in vars(m).items() if b.get(k) is not v} for m, b in zip(modules, before, strict=True)]
+        assert changed == [set()] * 4
+        patch_every_time()  # back to `counted` over Triton's own
+        walks.clear()
+        every = _rowmax(x)
+        assert len(walks) > 6 * 3  # the launch, then each of six programs' helper and combine calls
+    finally:
+        for m, b in zip(modules, before, strict=True):
+            for k, v in b.items():
+                if vars(m).get(k) is not v:
+                    setattr(m, k, v)
+        interpreter._patch_lang = original
+        patch_once()
+    torch.testing.assert_close(once, want)
+    assert torch.equal(once, every)
