@@ -65,6 +65,13 @@ def read_wav_24k_mono(path: Path) -> np.ndarray:
         x = x[: len(x) // ch * ch].reshape(-1, ch).mean(axis=1)
     if x.size == 0:
         raise ValueError(f"{path}: no audio")
+    return to_24k(x, rate)
+
+
+def to_24k(x: np.ndarray, rate: int) -> np.ndarray:
+    """Mono samples on the int16 scale (int16, or float keeping a fraction) at `rate` -> int16 at
+    24 kHz, the codec's rate (resampled whole, its filter's tail flushed)."""
+    x = np.asarray(x, np.float32)
     if rate != SAMPLE_RATE:
         r = Resampler(rate, SAMPLE_RATE)
         x = np.concatenate([r.process_float(x), r.flush_float()])

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from ..engine.prompt import Segment
 from ..engine.worker import Busy
 from . import protocol
+from .context import encode_turns
 from .gate import PerMinute
 from .job import Job, fit_history, sentence_cap
 from .ring import PcmRing
@@ -176,6 +177,13 @@ class Connection:
                               "wait for a done message before sending more", rid)
             return
         job = Job(msg, rid)
+        if msg.context:  # the client's turns, encoded off the loop (this connection's next messages wait)
+            try:
+                job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
+                                                                               srv.engine)
+            except ValueError as e:
+                await self._error("invalid_context", str(e), rid)
+                return
         job.call = call
         job.add_text(msg.text)
         if msg.final:
@@ -363,10 +371,10 @@ class Connection:
         if job.msg.continue_previous and job.before is None:
             job.before = self._spoken_before(job)
         try:
-            req = fit_history(make, srv.worker.prepare, job.spoken(), srv.engine.gen.max_seq_len)
+            req = fit_history(make, srv.worker.prepare, job.heard_by_next(), srv.engine.gen.max_seq_len)
             req.capped = capped
             if not later and job.before:
-                job.continued = len(req.context) - len(voice)
+                job.continued = max(0, len(req.context) - len(voice) - len(job.context))
             ring = PcmRing(req.max_frames * SAMPLES_PER_FRAME)
             req.sink = ring
             req.continues = later  # not refused, nor queued behind newcomers

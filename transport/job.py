@@ -49,6 +49,7 @@ class Job:
         self.history: list[tuple[str, np.ndarray]] = []  # (sentence, codes) generated so far
         self.before: list | None = None  # continue_previous: the earlier request's sentences (Segments), once taken
         self.continued = 0  # how many of them its first sentence had as context
+        self.context: list[Segment] = []  # the client's own turns ("context"), encoded: heard before its sentences
         self.done_reqs: list[GenRequest] = []
         self.n_parts = 0
         self._settle: asyncio.TimerHandle | None = None  # takes the sentence the text paused after
@@ -158,6 +159,16 @@ class Job:
         that continues it (so a run of short requests keeps its voice)."""
         own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
         return ((self.before or []) + own)[-CONTEXT_SENTENCES:]
+
+    def heard_by_next(self) -> list[Segment]:
+        """The context of its next sentence: `spoken()` with the client's own turns placed after
+        the sentences it continued and before its own (the order they were said in: the agent's
+        last reply, the caller's answer, then this reply)."""
+        said = self.spoken()
+        if not self.context:
+            return said
+        own = min(len(said), len(self.context_for_next()))
+        return said[:len(said) - own] + self.context + said[len(said) - own:]
 
     def continued_field(self) -> dict:
         """For its done (or isFinal): {"continued": N}, how many earlier sentences its first one

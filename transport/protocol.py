@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from . import context as ctx
 from .sentences import speaks
 
 # format name -> (sample rate, encoding)
@@ -82,6 +83,7 @@ class Generate:
     call_control_id: str | None = None  # send the audio into this phone call instead (serve --telnyx)
     inactivity_timeout: float = INACTIVITY_S  # a text stream (final=false) with no message this long is closed
     continue_previous: bool = False  # the connection's last sentences (an earlier request's) are its context
+    context: list | None = None  # the client's own earlier turns (context.Turn), heard before the reply
 
 
 @dataclass
@@ -270,6 +272,8 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     if not isinstance(cont, bool):
         raise bad("invalid_continue_previous", f"continue_previous must be true or false, got {cont!r:.40}")
     g.continue_previous = cont
+    if msg.get("context") is not None:
+        g.context = ctx.parse_turns(msg["context"], bad, max_text_chars, text_problem)
     return g
 
 

@@ -1,13 +1,14 @@
 """Property-based fuzzing of the message protocol and the Telnyx session: whatever arrives, no
 exception escapes except the documented ProtocolError, and every reply is valid."""
 
+import base64
 import json
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from csmstream.integrations import telnyx_session as ts
-from csmstream.transport import protocol
+from csmstream.transport import context as ctx, protocol
 
 # text around the UTF-16 surrogates (which st.text leaves out): JSON's \uD800-\uDFFF escapes decode to
 # lone surrogates unless a high one is followed by a low one
@@ -19,7 +20,7 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=12)
 KEYS = ["text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed", "max_audio_ms",
-        "voice", "final", "cancel", "flush", "call_control_id", "inactivity_timeout", "continue_previous"]
+        "voice", "final", "cancel", "flush", "call_control_id", "inactivity_timeout", "continue_previous", "context"]
 messages = st.one_of(
     st.text(max_size=200),
     json_values.map(lambda v: json.dumps(v, allow_nan=True)),
@@ -68,6 +69,43 @@ def test_text_is_refused_exactly_when_it_holds_a_lone_surrogate_or_nothing_to_sp
         return
     assert not lone and not mute and msg.text == decoded
     msg.text.encode("utf-8")
+
+
+# a request's context turns: each field valid or not, the audio any bytes in base64 (or not base64)
+_turn_audio = st.binary(max_size=2000).map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=20)
+_wild_turn = st.fixed_dictionaries({}, optional={
+    "speaker_id": st.integers(-1, 3) | json_values, "text": st.sampled_from(["Hi there.", "", " "]) | json_values,
+    "audio": _turn_audio | json_values, "audio_format": st.sampled_from([*ctx.AUDIO_FORMATS, "mp3", ""]) | json_values,
+})
+# ...and turns that are valid but for their audio's length (8 kHz: 80 ms is 640 bytes of G.711, 1,280 of PCM)
+_fair_turn = st.builds(lambda sid, fmt, audio: {"speaker_id": sid, "text": "Hi there.", "audio_format": fmt,
+                                                "audio": base64.b64encode(audio).decode()},
+                       st.integers(0, 3), st.sampled_from(["ulaw_8000", "alaw_8000", "pcm_8000"]),
+                       st.binary(min_size=600, max_size=1400))
+_turns = st.lists(_fair_turn | _wild_turn, max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_turns | json_values)
+def test_context_turns_parse_to_decoded_audio_or_an_invalid_context_error(turns):
+    raw = json.dumps({"text": "Hello there.", "context": turns}, allow_nan=True)
+    try:
+        msg = protocol.parse(raw)
+    except protocol.ProtocolError as e:
+        assert (e.code == "invalid_context" and e.message.startswith("context")) or turns is None, e.code
+        return
+    got = msg.context
+    assert (got is None) == (turns is None)
+    if got is None:
+        return
+    assert 1 <= len(got) == len(turns) <= ctx.MAX_TURNS and sum(t.seconds for t in got) <= ctx.MAX_SECONDS
+    for t, sent in zip(got, turns, strict=True):
+        assert t.pcm.dtype == np.int16 and t.seconds >= ctx.MIN_SECONDS and t.text.strip() and t.speaker_id >= 0
+        fmt = sent.get("audio_format", ctx.DEFAULT_AUDIO_FORMAT)
+        raw_audio = base64.b64decode(sent["audio"])
+        assert t.rate == ctx.AUDIO_FORMATS[fmt] and len(t.pcm) == len(raw_audio) // (2 if fmt.startswith("pcm") else 1)
+        if fmt.startswith("pcm"):
+            assert t.pcm.tobytes() == raw_audio  # little-endian 16-bit, as sent
 
 
 EVENTS = ["connected", "start", "media", "mark", "dtmf", "stop", "error", "clear", "bogus"]

@@ -1,0 +1,136 @@
+"""A /ws/generate request's own context turns ("context": the caller's words and audio, earlier
+turns of the conversation): the reply is the Python API's for the same turns as `Segment`s with
+audio (the engine encodes them itself there), every sentence hears them, they sit between the
+sentences a continue_previous request continues and its own, and a bad turn is one clear error."""
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.servers import RunningServer, collect
+
+TEXT, SEED = "Nice to meet you.", 3
+
+
+def _tone(hz: float, seconds: float, rate: int = 24000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * hz * t) * 7000).astype(np.int16)
+
+
+def _b64(pcm: np.ndarray) -> str:
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+
+
+def _pcm(chunks) -> bytes:
+    return np.concatenate(list(chunks)).astype("<i2").tobytes()
+
+
+@pytest.fixture(scope="module")
+def rs():
+    import csmstream
+
+    server = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2)).start()
+    yield server
+    server.stop()
+
+
+def _requests(rs, bodies: list[dict]) -> list[list]:
+    async def go():
+        out = []
+        async with connect(rs.url) as ws:
+            for body in bodies:
+                await ws.send(json.dumps(body))
+                out.append(await collect(ws))
+        return out
+
+    return asyncio.run(go())
+
+
+def _audio(events) -> bytes:
+    return b"".join(b for k, b in events if k == "audio")
+
+
+def _reqs(rs, rid: str) -> list:
+    return sorted((r for r in rs.srv.recent if r.tag.rid == rid), key=lambda r: r.t_submit)
+
+
+def test_the_reply_is_the_python_apis_with_the_same_turns_as_segments(rs):
+    import csmstream
+    from csmstream import Segment
+
+    caller, agent = _tone(180, 1.2), _tone(330, 0.6)
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    turns = [Segment(1, "Hello, is this the front desk?", audio=caller), Segment(0, "It is.", audio=agent)]
+    want = _pcm(eng.stream(TEXT, 0, context=turns, seed=SEED))
+    assert want != _pcm(eng.stream(TEXT, 0, seed=SEED))
+    [events] = _requests(rs, [{"text": TEXT, "seed": SEED, "request_id": "ctx", "context": [
+        {"speaker_id": 1, "text": "Hello, is this the front desk?", "audio": _b64(caller)},
+        {"speaker_id": 0, "text": "It is.", "audio": _b64(agent), "audio_format": "pcm_24000"}]}])
+    assert events[-1][0] == "done" and _audio(events) == want
+
+
+def test_every_format_is_decoded_and_resampled_to_the_codecs_rate(rs):
+    """pcm_16000 and G.711 turns: the codes the request heard are the codec's for the audio decoded
+    by the reference G.711 decoder (kernels/g711's *_ref) and taken to 24 kHz."""
+    import csmstream
+    from csmstream.engine.voices import to_24k
+    from csmstream.kernels.g711 import alaw_decode_ref, alaw_encode_ref, ulaw_decode_ref, ulaw_encode_ref
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    wide, narrow = _tone(200, 0.7, 16000), _tone(300, 0.5, 8000)
+    ulaw, alaw = ulaw_encode_ref(narrow), alaw_encode_ref(narrow)
+    turns = [{"speaker_id": 1, "text": "Sixteen.", "audio": _b64(wide), "audio_format": "pcm_16000"},
+             {"speaker_id": 1, "text": "Mu law.", "audio": base64.b64encode(ulaw.tobytes()).decode(),
+              "audio_format": "ulaw_8000"},
+             {"speaker_id": 2, "text": "A law.", "audio": base64.b64encode(alaw.tobytes()).decode(),
+              "audio_format": "alaw_8000"}]
+    [events] = _requests(rs, [{"text": TEXT, "seed": SEED, "request_id": "fmt", "context": turns}])
+    assert events[-1][0] == "done"
+    [req] = _reqs(rs, "fmt")
+    want = [eng.codec.encode_context(to_24k(x, rate)) for x, rate in
+            ((wide, 16000), (ulaw_decode_ref(ulaw), 8000), (alaw_decode_ref(alaw), 8000))]
+    assert [(s.speaker_id, s.text) for s in req.context] == [(1, "Sixteen."), (1, "Mu law."), (2, "A law.")]
+    assert all(np.array_equal(got.codes, w) for got, w in zip(req.context, want, strict=True))
+    assert not np.array_equal(want[1], want[2])  # (mu-law and A-law round the tone differently)
+
+
+def test_every_sentence_hears_the_turns_between_the_continued_sentences_and_its_own(rs):
+    first, second = "The first sentence is here.", "And the second one follows."
+    caller = {"speaker_id": 1, "text": "Go on then.", "audio": _b64(_tone(150, 0.8))}
+    a, b = _requests(rs, [{"text": "We opened at nine. We close at five.", "seed": 1, "request_id": "a"},
+                          {"text": f"{first} {second}", "seed": 2, "request_id": "b", "continue_previous": True,
+                           "context": [caller]}])
+    assert a[-1][0] == "done" and b[-1][0] == "done" and b[-1][1]["continued"] == 2
+    heard = [[(s.speaker_id, s.text) for s in r.context] for r in _reqs(rs, "b")]
+    assert heard == [[(0, "We opened at nine."), (0, "We close at five."), (1, "Go on then.")],
+                     [(0, "We opened at nine."), (0, "We close at five."), (1, "Go on then."), (0, first)]]
+
+
+@pytest.mark.parametrize("context, message", [
+    ("hello", "context must be a non-empty list of turns"),
+    ([], "got an empty list"),
+    ([{"text": "Hi.", "audio": "AAAA"}] * 9, "at most 8 are allowed"),
+    (["Hi."], "context[0] must be an object"),
+    ([{"speaker_id": -1, "text": "Hi.", "audio": "AAAA"}], "context[0].speaker_id must be an integer >= 0"),
+    ([{"text": " ", "audio": "AAAA"}], "context[0].text must be a non-empty string"),
+    ([{"text": "Hi."}], "context[0].audio must be the turn's audio as a base64 string (pcm_24000)"),
+    ([{"text": "Hi.", "audio": "not base64!"}], "context[0].audio is not valid base64"),
+    ([{"text": "Hi.", "audio": base64.b64encode(b"abc").decode(), "audio_format": "pcm_8000"}],
+     "context[0].audio is 3 bytes: pcm_8000 is 16-bit little-endian PCM"),
+    ([{"text": "Hi.", "audio": base64.b64encode(bytes(400)).decode(), "audio_format": "ulaw_8000"}],
+     "context[0].audio is 50 ms of ulaw_8000; a turn needs at least 80 ms"),
+    ([{"text": "Hi.", "audio": "AAAA", "audio_format": "mp3"}], "audio_format must be one of pcm_8000"),
+    ([{"text": "Hi.", "audio": base64.b64encode(bytes(8000 * 31)).decode(), "audio_format": "ulaw_8000"}],
+     "context holds 31.0 s of audio; at most 30 s"),
+])
+def test_a_bad_turn_is_one_clear_error_and_the_connection_serves_on(rs, context, message):
+    bad, good = _requests(rs, [{"text": TEXT, "request_id": "bad", "context": context},
+                               {"text": "Still here.", "request_id": "good"}])
+    [(kind, err)] = bad
+    assert kind == "error" and err["error"]["code"] == "invalid_context" and err["request_id"] == "bad"
+    assert message in err["error"]["message"]
+    assert good[-1][0] == "done" and good[-1][1]["request_id"] == "good"
