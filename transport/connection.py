@@ -177,10 +177,12 @@ class Connection:
                               "wait for a done message before sending more", rid)
             return
         job = Job(msg, rid)
-        if msg.context:  # the client's turns, encoded off the loop (this connection's next messages wait)
+        if msg.context:  # the client's turns, encoded off the loop, CONTEXT_ENCODERS at a time (this
+            # connection's next messages wait)
             try:
-                job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
-                                                                               srv.engine)
+                async with srv.context_encoders:
+                    job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
+                                                                                   srv.engine)
             except ValueError as e:
                 await self._error("invalid_context", str(e), rid)
                 return

@@ -36,6 +36,7 @@ from .spoken import SpokenCache
 
 log = logging.getLogger("csmstream.server")
 
+CONTEXT_ENCODERS = 2
 MAX_MESSAGE_BYTES = 1 << 20  # larger client messages close the connection with 1009
 MAX_WAITING = 8
 
@@ -100,6 +101,10 @@ class StreamServer:
             self.metrics.sources.append(calls.metric_lines)
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
         self.spoken = SpokenCache()  # recent sentences' codes per client and voice (ElevenLabs' previous_text)
+        # requests' own context turns are encoded on worker threads, this many at a time (more would
+        # only take CPU, or the GPU, from the engine thread, and the executor's threads from the rest
+        # of the server; the others wait their turn on the loop)
+        self.context_encoders = asyncio.Semaphore(CONTEXT_ENCODERS)
         self.ready = False
         self.worker: EngineWorker | None = None
         self._ws = None

@@ -134,3 +134,39 @@ def test_a_bad_turn_is_one_clear_error_and_the_connection_serves_on(rs, context,
     assert kind == "error" and err["error"]["code"] == "invalid_context" and err["request_id"] == "bad"
     assert message in err["error"]["message"]
     assert good[-1][0] == "done" and good[-1][1]["request_id"] == "good"
+
+
+def test_at_most_two_requests_encode_their_turns_at_a_time(rs, monkeypatch):
+    """Four connections send a request with context at once: their turns are encoded two at a time
+    (server.CONTEXT_ENCODERS), on worker threads, and every request is answered."""
+    import threading
+    import time
+
+    from csmstream.transport import connection
+    from csmstream.transport.server import CONTEXT_ENCODERS
+
+    real, lock, running, most = connection.encode_turns, threading.Lock(), [0], [0]
+
+    def slow(turns, engine):
+        assert threading.current_thread() is not rs._thread  # not on the event loop's thread
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return real(turns, engine)
+
+    monkeypatch.setattr(connection, "encode_turns", slow)
+    turn = {"speaker_id": 1, "text": "Hello.", "audio": _b64(_tone(200, 0.3))}
+
+    async def one(i):
+        async with connect(rs.url) as ws:
+            await ws.send(json.dumps({"text": "Hi.", "request_id": f"c{i}", "context": [turn], "max_audio_ms": 200}))
+            return (await collect(ws))[-1]
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    ends = asyncio.run(go())
+    assert [e[0] for e in ends] == ["done"] * 4 and most[0] == CONTEXT_ENCODERS == 2
