@@ -264,6 +264,53 @@ def test_ttfa_continue_previous_vs_fresh_turns(benchmark, running):
     benchmark.pedantic(lambda: asyncio.run(pair()), rounds=3)  # a turn, then one that continues it
 
 
+def test_ttfa_with_the_callers_turn_as_context_vs_without(benchmark, running):
+    """A reply that hears the caller's last words ("context": 2 s of 8 kHz mu-law, as a phone call
+    carries them) against the same reply without, alternating on one connection: what decoding,
+    resampling and encoding the turn (transport/context.py) and the longer prompt cost in time to
+    first audio."""
+    import base64
+
+    from csmstream.kernels.g711 import ulaw_encode
+
+    rs, _ = running
+    t = np.arange(16000) / 8000
+    caller = base64.b64encode(ulaw_encode((np.sin(2 * np.pi * 180 * t) * 6000).astype(np.int16)).tobytes()).decode()
+    turn = [{"speaker_id": 1, "text": "Hi, I'd like to move my booking to Friday, please.", "audio": caller,
+             "audio_format": "ulaw_8000"}]
+
+    async def ttfa(ws, seed, context):
+        t0, first = time.perf_counter(), None
+        await ws.send(json.dumps({"text": TEXT, "seed": seed, "max_audio_ms": 400,
+                                  **({"context": context} if context else {})}))
+        while True:
+            m = await ws.recv()
+            if isinstance(m, bytes):
+                first = first or time.perf_counter() - t0
+            else:
+                assert json.loads(m).get("done"), m
+                return first
+
+    async def side_by_side(n):
+        with_ctx, without = [], []
+        async with connect(rs.url) as ws:
+            for i in range(n):
+                with_ctx.append(await ttfa(ws, i, turn))
+                without.append(await ttfa(ws, i, None))
+        return with_ctx, without
+
+    async def one():
+        async with connect(rs.url) as ws:
+            await ttfa(ws, 0, turn)
+
+    w, wo = asyncio.run(side_by_side(12))
+    w_ms, wo_ms = 1000 * float(np.median(w[2:])), 1000 * float(np.median(wo[2:]))
+    benchmark.extra_info.update(context_ttfa_ms=w_ms, plain_ttfa_ms=wo_ms)
+    print(f"\nTTFA with the caller's 2 s turn as context {w_ms:.1f} ms, without {wo_ms:.1f} ms "
+          f"({w_ms - wo_ms:+.1f} ms)")
+    benchmark.pedantic(lambda: asyncio.run(one()), rounds=3)
+
+
 @pytest.mark.parametrize("what", ["pcm_chunk", "telnyx_media"])
 @pytest.mark.parametrize("compression", ["off", "deflate"])
 def test_websocket_frame_on_the_loop(benchmark, running, what, compression):
