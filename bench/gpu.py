@@ -20,7 +20,9 @@ raises is recorded with its traceback and the next one runs. Stages (default: al
   int8     batch 1 again with the depth decoder in int8;
   ttfa     time to first audio: engine thread (submit -> first 100 ms of PCM) and the real server
            (request sent -> first 100 ms chunk received, when websockets is installed), with and
-           without a 10 s named-voice prompt (prefix cache);
+           without a 10 s named-voice prompt (prefix cache); turns that continue the ones before
+           (--continue-turns); a reply hearing a caller's 2 s phone turn ("context"), and that
+           turn's decode + codec encode alone;
   prefill  the prefill alone: graph replay, the same padded prefill eagerly, the plain eager one;
   sample   a frame's 32 draws: the one-kernel draw against torch.topk + argmax, per batch, and
            the kernel with 1, 2 and 4 warps, and its threshold by bisection or 4, 8, 16 ways a step;

@@ -453,11 +453,13 @@ def worker_ttfa(eng, n: int, voice=None, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
-def server_ttfa(eng, n: int, voices=None, warmup: int = 2, *, continued: bool = False) -> float | None:
+def server_ttfa(eng, n: int, voices=None, warmup: int = 2, *, continued: bool = False,
+                context: list | None = None) -> float | None:
     """Median ms from a request sent over the real websockets server to its first audio chunk
     received (None where websockets is missing). continued: each request whole (its sentence to
     its cap) with continue_previous, so from the second on it hears the ones before as context
-    (a voice agent's turns on one connection); n >= 1 of them are timed, after the first."""
+    (a voice agent's turns on one connection); n >= 1 of them are timed, after the first.
+    context: the request's own turns ("context", transport/context.py), encoded per request."""
     try:
         import asyncio
 
@@ -481,6 +483,8 @@ def server_ttfa(eng, n: int, voices=None, warmup: int = 2, *, continued: bool = 
                         msg["continue_previous"] = True
                     if voices:
                         msg["voice"] = next(iter(voices))
+                    if context:
+                        msg["context"] = context
                     t0 = time.perf_counter()
                     await ws.send(json.dumps(msg))
                     first = None
@@ -517,7 +521,34 @@ def ttfa(eng, n: int, warmup: int = 2, continue_turns: int = 0) -> dict:
     out["ttfa_server_voice_ms"] = server_ttfa(eng, n, {"v": Voice("v", VOICE_TEXT, voice)}, warmup)
     if continue_turns:  # turns of ~6 s that each hear up to 4 before them (continue_previous): a longer prompt
         out["ttfa_server_continue_ms"] = server_ttfa(eng, continue_turns, warmup=warmup, continued=True)
+    turn, encode_ms = caller_turn(eng, n)  # a reply that hears the caller's 2 s of phone audio
+    out["context_encode_ms"] = encode_ms
+    out["ttfa_server_context_ms"] = server_ttfa(eng, n, warmup=warmup, context=[turn])
     return out
+
+
+def caller_turn(eng, n: int) -> tuple[dict, float]:
+    """A caller's 2 s turn as a request's "context" carries it (8 kHz mu-law, base64), and the
+    median ms of decoding and encoding it with the engine's codec (transport/context.py)."""
+    import base64
+
+    from csmstream.kernels.g711 import ulaw_encode
+    from csmstream.transport import context as ctx, protocol
+
+    t = np.arange(16000) / 8000
+    audio = ulaw_encode((np.sin(2 * np.pi * 180 * t) * 6000).astype(np.int16)).tobytes()
+    turn = {"speaker_id": 1, "text": "Hi, I'd like to move my booking to Friday, please.",
+            "audio": base64.b64encode(audio).decode(), "audio_format": "ulaw_8000"}
+
+    def bad(code, message):
+        return ValueError(message)
+
+    times = []
+    for _ in range(max(3, n)):
+        t0 = time.perf_counter()
+        ctx.encode_turns(ctx.parse_turns([turn], bad, 1000, protocol.text_problem), eng)  # (codes back on the host)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return turn, statistics.median(times[1:])
 
 
 def live(eng, streams: int, seconds: float, max_prefill_s: float | None = None) -> dict:

@@ -42,7 +42,8 @@ def test_the_dry_run_runs_every_stage_and_writes_every_result(tmp_path):
         f"topk{k}{s}": 1.0 for s in ("", "_fused_gemv", "_int8_depth") for k in (1, 50, 2048)}
     assert [r["batch"] for r in rest["buckets"]["rows"]] == [1, 2]
     assert all(v["all_finished_ok"] for v in rest["live"].values())
-    assert all(rest["ttfa"][k] > 0 for k in ("ttfa_worker_ms", "ttfa_server_ms", "ttfa_server_voice_ms"))
+    assert all(rest["ttfa"][k] > 0 for k in ("ttfa_worker_ms", "ttfa_server_ms", "ttfa_server_voice_ms",
+                                             "context_encode_ms", "ttfa_server_context_ms"))
     # the copied package is setup.py's mapping: csmstream/ with each subsystem folder inside
     tree = ast.parse((ROOT / "setup.py").read_text())
     subsystems = next(ast.literal_eval(n.value) for n in ast.walk(tree)
