@@ -9,7 +9,8 @@ takes them as `Segment`s; on /ws/generate a request carries them as
 
 oldest first: at most MAX_TURNS turns and MAX_SECONDS of audio in all, each turn's audio 80 ms (one
 frame) or more, in one of AUDIO_FORMATS (raw little-endian 16-bit PCM at those rates, or G.711 at
-8 kHz as a phone call carries it; pcm_24000 when not given). `parse_turns` checks and decodes them
+8 kHz as a phone call carries it; pcm_24000 when not given), within the socket's 1 MiB a message
+(base64 makes that ~16 s of pcm_24000; 30 s of ulaw_8000 is 320 KB). `parse_turns` checks and decodes them
 on the event loop (sans I/O, no model); the server encodes them with the model's codec off the loop
 (`encode_turns`) before the request is queued.
 """
