@@ -93,7 +93,8 @@ class SesameWebSocketService:
         """Yield audio chunks (bytes) for one request as they arrive. options: request_id, format,
         chunk_ms, temperature, topk, seed, max_audio_ms, voice, continue_previous (see the protocol;
         continue_previous=True hears the connection's previous request as context, so it needs a
-        kept connection).
+        kept connection), context (earlier turns with their audio, each made by
+        `csmstream.transport.context.turn(speaker_id, text, audio, audio_format)`).
 
         On a kept connection (`async with svc:`) requests run one at a time, in the order they are
         made (several tasks may call this at once), and a caller that stops iterating early has its

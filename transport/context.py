@@ -106,6 +106,19 @@ def _decode(raw: bytes, fmt: str, where: str, fail) -> np.ndarray:
     return (ulaw_decode if fmt.startswith("ulaw") else alaw_decode)(raw)
 
 
+def turn(speaker_id: int, text: str, audio, audio_format: str = DEFAULT_AUDIO_FORMAT) -> dict:
+    """One turn as a request's "context" carries it, for a client: `audio` is the format's bytes,
+    or for a pcm_* format an int16 array (e.g. what it recorded of the caller, at that rate)."""
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}")
+    if isinstance(audio, np.ndarray):
+        if not audio_format.startswith("pcm_") or audio.dtype != np.int16:
+            raise ValueError("an array is sent as int16 PCM: give an int16 array with a pcm_* audio_format, or bytes")
+        audio = audio.astype("<i2").tobytes()
+    return {"speaker_id": speaker_id, "text": text, "audio": base64.b64encode(bytes(audio)).decode("ascii"),
+            "audio_format": audio_format}
+
+
 def _short(value) -> str:
     if isinstance(value, (list, dict)):
         return f"an empty {type(value).__name__}" if not value else f"a {type(value).__name__}"

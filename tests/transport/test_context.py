@@ -170,3 +170,17 @@ def test_at_most_two_requests_encode_their_turns_at_a_time(rs, monkeypatch):
 
     ends = asyncio.run(go())
     assert [e[0] for e in ends] == ["done"] * 4 and most[0] == CONTEXT_ENCODERS == 2
+
+
+def test_a_clients_turn_helper_round_trips_through_the_parser():
+    from csmstream.transport import context as ctx, protocol
+
+    pcm = _tone(220, 0.5, 16000)
+    raw = json.dumps({"text": "Hi.", "context": [ctx.turn(1, "Yes.", pcm, "pcm_16000"),
+                                                 ctx.turn(0, "Ok.", bytes(800), "ulaw_8000")]})
+    a, b = protocol.parse(raw).context
+    assert (a.speaker_id, a.text, a.rate) == (1, "Yes.", 16000) and np.array_equal(a.pcm, pcm)
+    assert (b.rate, len(b.pcm)) == (8000, 800) and np.all(b.pcm == b.pcm[0])  # silence in mu-law: one level
+    for bad in ((pcm, "ulaw_8000"), (pcm.astype(np.float32), "pcm_16000"), (b"", "mp3_44100_128")):
+        with pytest.raises(ValueError):
+            ctx.turn(0, "x", *bad)
