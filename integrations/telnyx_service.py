@@ -16,7 +16,9 @@ handler gets it joined, once it has all come.
 `sesame_settings["continue_previous"] = True` keeps the agent's voice from turn to turn: the call's
 utterances then go over one connection kept for the call (opened at its first, closed when the
 call ends or by aclose()), each asking the server for continue_previous, so every turn hears the
-agent's last sentences as context.
+agent's last sentences as context. `sesame_settings` also passes `voice` (a named voice of the
+server's) and `context` (the caller's last words with their audio, e.g. what /telnyx/listen gave,
+as transport/context.turn() makes them) through to the request, for the server to check.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from ..transport.client import DEFAULT_URL, SesameWebSocketService
 from .telnyx_bridge import CallRegistry, UnknownCall
 from .telnyx_session import Utterance
+
+PASSED_SETTINGS = ("temperature", "topk", "seed", "voice", "context")  # sesame_settings a request carries as they are
 
 log = logging.getLogger("csmstream.telnyx")
 Handler = Callable[[str, str, dict], Awaitable[object]]
@@ -73,15 +77,15 @@ class TelnyxService:
     async def _speak_text_websocket_sesame(self, call_control_id: str, text: str, agent_config: dict) -> Utterance:
         settings = agent_config.get("sesame_settings") or {}
         if not isinstance(settings, dict):
-            raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, temperature, topk, seed, "
-                             f"continue_previous, url), got {type(settings).__name__}")
+            raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, "
+                             f"{', '.join(PASSED_SETTINGS)}, continue_previous, url), got {type(settings).__name__}")
         speaker = settings.get("speaker_id", 0)
         keep = settings.get("continue_previous", False)
         if not isinstance(keep, bool):
             raise ValueError(f"agent_config['sesame_settings']['continue_previous'] must be true or false, got "
                              f"{keep!r:.40}")
         call = await self.registry.wait_for(call_control_id, self.stream_wait)
-        options = {k: settings[k] for k in ("temperature", "topk", "seed") if k in settings}
+        options = {k: settings[k] for k in PASSED_SETTINGS if k in settings}
         url = settings.get("url", self.sesame_url)
         svc = await self._call_connection(call, url) if keep else SesameWebSocketService(url)
         # 24 kHz PCM in 20 ms chunks: each one becomes one 20 ms media message as it arrives

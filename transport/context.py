@@ -108,13 +108,15 @@ def _decode(raw: bytes, fmt: str, where: str, fail) -> np.ndarray:
 
 def turn(speaker_id: int, text: str, audio, audio_format: str = DEFAULT_AUDIO_FORMAT) -> dict:
     """One turn as a request's "context" carries it, for a client: `audio` is the format's bytes,
-    or for a pcm_* format an int16 array (e.g. what it recorded of the caller, at that rate)."""
+    or an array of them (e.g. what it recorded of the caller): int16 samples for a pcm_* format,
+    uint8 G.711 bytes for ulaw_8000 / alaw_8000."""
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}")
     if isinstance(audio, np.ndarray):
-        if not audio_format.startswith("pcm_") or audio.dtype != np.int16:
-            raise ValueError("an array is sent as int16 PCM: give an int16 array with a pcm_* audio_format, or bytes")
-        audio = audio.astype("<i2").tobytes()
+        want = np.int16 if audio_format.startswith("pcm_") else np.uint8
+        if audio.dtype != want:
+            raise ValueError(f"{audio_format} audio as an array is {np.dtype(want).name}, got {audio.dtype.name}")
+        audio = audio.astype("<i2" if want is np.int16 else np.uint8).tobytes()
     return {"speaker_id": speaker_id, "text": text, "audio": base64.b64encode(bytes(audio)).decode("ascii"),
             "audio_format": audio_format}
 

@@ -181,6 +181,30 @@ def test_continue_previous_keeps_one_connection_for_the_call_and_each_turn_hears
     assert [[s.text for s in reqs[t].context] for t in turns] == [[], [turns[0]], []]
 
 
+def test_the_callers_turn_in_sesame_settings_is_the_replys_context(server):
+    """sesame_settings context (the caller's words with their 8 kHz audio, as the call carried
+    them) reaches the server with the call's utterance: the reply heard that turn, then played."""
+    from csmstream.kernels.g711 import ulaw_encode
+    from csmstream.transport.context import turn
+
+    t = np.arange(4000) / 8000
+    caller = turn(1, "Can I move my booking?", ulaw_encode((np.sin(2 * np.pi * 190 * t) * 6000).astype(np.int16)),
+                  "ulaw_8000")
+    config = {**CONFIG, "sesame_settings": {**CONFIG["sesame_settings"], "context": [caller]}}
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                utt = await service.speak_text("v2:call-1", "Of course, which day?", config)
+                return sim, await registry.get("v2:call-1").heard(utt, timeout=30)
+
+    sim, heard = asyncio.run(go())
+    assert not sim.problems and heard
+    [req] = [r for r in server.srv.recent if r.text == "Of course, which day?"]
+    assert [(s.speaker_id, s.text, len(s.codes)) for s in req.context] == [(1, "Can I move my booking?", 7)]
+
+
 def test_g722_call_gets_wideband_audio_exactly_as_ffmpeg_encodes_it(server):
     """An HD call (stream_bidirectional_codec G722): 16 kHz audio, byte for byte FFmpeg's G.722 of
     the engine's audio resampled to 16 kHz (then silence to the frame's end), and what the caller
