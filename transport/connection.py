@@ -181,11 +181,14 @@ class Connection:
             # connection's next messages wait)
             try:
                 async with srv.context_encoders:
+                    t0 = time.perf_counter()
                     job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
                                                                                    srv.engine)
             except ValueError as e:
                 await self._error("invalid_context", str(e), rid)
                 return
+            srv.metrics.context_turns += len(job.context)
+            srv.metrics.context_seconds += time.perf_counter() - t0
         job.call = call
         job.add_text(msg.text)
         if msg.final:

@@ -91,6 +91,8 @@ class Metrics:
         self.open_connections = 0
         self.underruns = 0
         self.audio_seconds = 0.0
+        self.context_turns = 0  # requests' own context turns encoded (transport/context.py)
+        self.context_seconds = 0.0  # worker-thread seconds spent decoding and encoding them
         self.errors: Counter[str] = Counter()
         self.ttfa_ms = Histogram(TTFA_BUCKETS_MS)
         self.rtf = Histogram(RTF_BUCKETS)
@@ -120,6 +122,10 @@ class Metrics:
         metric("csm_buffer_underruns_total", "counter",
                "times a stream had to wait for audio after its client's playback would have run dry",
                self.underruns)
+        metric("csm_context_turns_total", "counter", "context turns sent with requests, encoded with the codec",
+               self.context_turns)
+        metric("csm_context_encode_seconds_total", "counter", "seconds spent encoding requests' context turns "
+               "(worker threads; a request's first audio waits for its turns)", f"{self.context_seconds:.6f}")
         if health is not None:
             metric("csm_free_slots", "gauge", "generation slots free now (for load balancers)", health["free_slots"])
             metric("csm_max_streams", "gauge", "generation slots in all", health["max_streams"])

@@ -6,6 +6,7 @@ sentences a continue_previous request continues and its own, and a bad turn is o
 import asyncio
 import base64
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -61,9 +62,16 @@ def _reqs(rs, rid: str) -> list:
 def test_the_reply_is_the_python_apis_with_the_same_turns_as_segments(rs):
     import csmstream
     from csmstream import Segment
+    from csmstream.transport.metrics import parse
+
+    def scrape():
+        page = urllib.request.urlopen(rs.url.replace("ws://", "http://").replace("/ws/generate", "/metrics"))
+        m = parse(page.read().decode())
+        return m["csm_context_turns_total"], m["csm_context_encode_seconds_total"]
 
     caller, agent = _tone(180, 1.2), _tone(330, 0.6)
     eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    turns_before, seconds_before = scrape()
     turns = [Segment(1, "Hello, is this the front desk?", audio=caller), Segment(0, "It is.", audio=agent)]
     want = _pcm(eng.stream(TEXT, 0, context=turns, seed=SEED))
     assert want != _pcm(eng.stream(TEXT, 0, seed=SEED))
@@ -71,6 +79,8 @@ def test_the_reply_is_the_python_apis_with_the_same_turns_as_segments(rs):
         {"speaker_id": 1, "text": "Hello, is this the front desk?", "audio": _b64(caller)},
         {"speaker_id": 0, "text": "It is.", "audio": _b64(agent), "audio_format": "pcm_24000"}]}])
     assert events[-1][0] == "done" and _audio(events) == want
+    turns_after, seconds_after = scrape()  # /metrics counts the turns and the time their encoding took
+    assert turns_after - turns_before == 2 and seconds_after > seconds_before
 
 
 def test_every_format_is_decoded_and_resampled_to_the_codecs_rate(rs):
