@@ -189,6 +189,7 @@ class Connection:
                 return
             srv.metrics.context_turns += len(job.context)
             srv.metrics.context_seconds += time.perf_counter() - t0
+            msg.context = None  # (their decoded audio is not needed any more: up to ~1 MB a request)
         job.call = call
         job.add_text(msg.text)
         if msg.final:
