@@ -156,13 +156,17 @@ def test_at_most_two_requests_encode_their_turns_at_a_time(rs, monkeypatch):
     from csmstream.transport.server import CONTEXT_ENCODERS
 
     real, lock, running, most = connection.encode_turns, threading.Lock(), [0], [0]
+    two_in = threading.Event()
 
     def slow(turns, engine):
         assert threading.current_thread() is not rs._thread  # not on the event loop's thread
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.3)
+            if running[0] >= 2:
+                two_in.set()
+        two_in.wait(10)  # the first two wait for each other, however slowly the connections come in
+        time.sleep(0.2)  # (room for a third to get in, were the bound broken)
         with lock:
             running[0] -= 1
         return real(turns, engine)
