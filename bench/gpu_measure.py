@@ -521,24 +521,26 @@ def ttfa(eng, n: int, warmup: int = 2, continue_turns: int = 0) -> dict:
     out["ttfa_server_voice_ms"] = server_ttfa(eng, n, {"v": Voice("v", VOICE_TEXT, voice)}, warmup)
     if continue_turns:  # turns of ~6 s that each hear up to 4 before them (continue_previous): a longer prompt
         out["ttfa_server_continue_ms"] = server_ttfa(eng, continue_turns, warmup=warmup, continued=True)
-    turn, encode_ms = caller_turn(eng, n)  # a reply that hears the caller's 2 s of phone audio
-    out["context_encode_ms"] = encode_ms
+    turn = caller_turn()  # a reply that hears the caller's 2 s of phone audio
+    out["context_encode_ms"] = context_encode_ms(eng, turn, n)
     out["ttfa_server_context_ms"] = server_ttfa(eng, n, warmup=warmup, context=[turn])
     return out
 
 
-def caller_turn(eng, n: int) -> tuple[dict, float]:
-    """A caller's 2 s turn as a request's "context" carries it (8 kHz mu-law, base64), and the
-    median ms of decoding and encoding it with the engine's codec (transport/context.py)."""
-    import base64
-
+def caller_turn() -> dict:
+    """A caller's 2 s turn as a request's "context" carries it: 8 kHz mu-law, as a phone call does."""
     from csmstream.kernels.g711 import ulaw_encode
-    from csmstream.transport import context as ctx, protocol
+    from csmstream.transport.context import turn
 
     t = np.arange(16000) / 8000
-    audio = ulaw_encode((np.sin(2 * np.pi * 180 * t) * 6000).astype(np.int16)).tobytes()
-    turn = {"speaker_id": 1, "text": "Hi, I'd like to move my booking to Friday, please.",
-            "audio": base64.b64encode(audio).decode(), "audio_format": "ulaw_8000"}
+    return turn(1, "Hi, I'd like to move my booking to Friday, please.",
+                ulaw_encode((np.sin(2 * np.pi * 180 * t) * 6000).astype(np.int16)), "ulaw_8000")
+
+
+def context_encode_ms(eng, turn: dict, n: int) -> float:
+    """Median ms of decoding one context turn and encoding it with the engine's codec
+    (transport/context.py; the codes come back on the host)."""
+    from csmstream.transport import context as ctx, protocol
 
     def bad(code, message):
         return ValueError(message)
@@ -546,9 +548,9 @@ def caller_turn(eng, n: int) -> tuple[dict, float]:
     times = []
     for _ in range(max(3, n)):
         t0 = time.perf_counter()
-        ctx.encode_turns(ctx.parse_turns([turn], bad, 1000, protocol.text_problem), eng)  # (codes back on the host)
+        ctx.encode_turns(ctx.parse_turns([turn], bad, 1000, protocol.text_problem), eng)
         times.append((time.perf_counter() - t0) * 1e3)
-    return turn, statistics.median(times[1:])
+    return statistics.median(times[1:])
 
 
 def live(eng, streams: int, seconds: float, max_prefill_s: float | None = None) -> dict:

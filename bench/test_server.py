@@ -269,15 +269,10 @@ def test_ttfa_with_the_callers_turn_as_context_vs_without(benchmark, running):
     carries them) against the same reply without, alternating on one connection: what decoding,
     resampling and encoding the turn (transport/context.py) and the longer prompt cost in time to
     first audio."""
-    import base64
-
-    from csmstream.kernels.g711 import ulaw_encode
+    from bench.gpu_measure import caller_turn
 
     rs, _ = running
-    t = np.arange(16000) / 8000
-    caller = base64.b64encode(ulaw_encode((np.sin(2 * np.pi * 180 * t) * 6000).astype(np.int16)).tobytes()).decode()
-    turn = [{"speaker_id": 1, "text": "Hi, I'd like to move my booking to Friday, please.", "audio": caller,
-             "audio_format": "ulaw_8000"}]
+    turn = [caller_turn()]
 
     async def ttfa(ws, seed, context):
         t0, first = time.perf_counter(), None

@@ -155,20 +155,21 @@ class Job:
 
     def spoken(self) -> list[Segment]:
         """Its last sentences with complete codes, after those of the request it continued
-        (continue_previous), if any: the context of its next sentence, and of a later request
-        that continues it (so a run of short requests keeps its voice)."""
-        own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
-        return ((self.before or []) + own)[-CONTEXT_SENTENCES:]
+        (continue_previous), if any: the context of a later request that continues it (so a run
+        of short requests keeps its voice)."""
+        return self._said()
 
     def heard_by_next(self) -> list[Segment]:
         """The context of its next sentence: `spoken()` with the client's own turns placed after
         the sentences it continued and before its own (the order they were said in: the agent's
         last reply, the caller's answer, then this reply)."""
-        said = self.spoken()
-        if not self.context:
-            return said
-        own = min(len(said), len(self.context_for_next()))
-        return said[:len(said) - own] + self.context + said[len(said) - own:]
+        return self._said(self.context)
+
+    def _said(self, between: list = ()) -> list[Segment]:
+        own = [Segment(self.msg.speaker_id, t, codes=c) for t, c in self.context_for_next()]
+        said = ((self.before or []) + own)[-CONTEXT_SENTENCES:]
+        cut = len(said) - min(len(said), len(own))  # where its own sentences start
+        return said[:cut] + list(between) + said[cut:]
 
     def continued_field(self) -> dict:
         """For its done (or isFinal): {"continued": N}, how many earlier sentences its first one
