@@ -277,46 +277,90 @@ def test_cancel_storm_does_not_disturb_another_client(server):
     assert same_audio(b"".join(v for k, v in events if k == "audio"), reference_pcm("Calm and steady.", 8))
 
 
-def _random_message(rnd: random.Random) -> str:
+# a session's audio format, and how many bytes a millisecond of it is
+FORMATS = {"pcm_24000": 48, "pcm_16000": 32, "pcm_8000": 16, "ulaw_8000": 8, "alaw_8000": 8, "g722_16000": 8,
+           "pcm_22050": 44.1}
+
+
+def _turns(rnd: random.Random) -> list:
+    """A request's `context`: a caller's µ-law turn, a 24 kHz one before it, or a broken turn."""
+    from csmstream.transport.context import turn
+
+    caller = turn(1, "Could you move my booking?", np.full(1600, 0xFF, np.uint8), "ulaw_8000")
+    agent = turn(0, "Sure.", (np.sin(np.arange(4800) / 7) * 3000).astype(np.int16))
+    broken = {"speaker_id": 1, "text": "x", "audio": "!!", "audio_format": "ulaw_8000"}
+    return rnd.choice([[caller], [agent, caller], [], [broken]])
+
+
+def _random_message(rnd: random.Random, fmt: str) -> str:
     """One message of a client that does anything in any order: requests whole or streamed, with
-    and without ids (reused ones too), appends, flushes, cancels, bad messages."""
+    and without ids (reused ones too), continuing the connection's voice, with the caller's turn as
+    context; appends, flushes, cancels, bad messages. Every request is in the session's `fmt`."""
     kind = rnd.random()
     if kind < 0.35:
         msg = {"text": rnd.choice(["Hello.", "Hi there. How are you?", "One", "A b c."]),
                "max_audio_ms": rnd.choice([100, 400, 1200]), "chunk_ms": rnd.choice([20, 100, 500]),
-               "final": rnd.random() < 0.7}
+               "final": rnd.random() < 0.7, "format": fmt}
         if rnd.random() < 0.7:
             msg["request_id"] = f"r{rnd.randint(0, 3)}"
+        if rnd.random() < 0.3:
+            msg["continue_previous"] = True
+        if rnd.random() < 0.15:
+            msg["context"] = _turns(rnd)
     elif kind < 0.5:
         msg = {"cancel": True, **({"request_id": f"r{rnd.randint(0, 3)}"} if rnd.random() < 0.5 else {})}
     elif kind < 0.6:
         msg = {"flush": True}
-    elif kind < 0.75:
-        msg = {"text": " and more", "final": rnd.random() < 0.5}
+    elif kind < 0.75:  # (with no text stream open, a request of its own)
+        msg = {"text": " and more", "final": rnd.random() < 0.5, "format": fmt}
     else:
-        return rnd.choice(["junk", '{"text": 5}', '{"text": "x", "topk": 0}', '{"text": "\\ud800"}', "[" * 5000])
+        return rnd.choice(["junk", '{"text": 5}', '{"text": "x", "topk": 0}', '{"text": "\\ud800"}', "[" * 5000,
+                           '{"text": "hi", "context": 5}'])
     return json.dumps(msg)
 
 
+def _audio_accounted(got: list, fmt: str) -> list:
+    """Each request's audio comes before its `done`, in turn with the others on the connection: the
+    bytes since the previous `done` are what this one's `audio_ms` says (where no error came
+    between: an error may end a request with audio out or none). Returns the mismatches."""
+    bad, pending, clean = [], 0, True
+    for m in got:
+        if isinstance(m, bytes):
+            pending += len(m)
+            continue
+        d = json.loads(m)
+        if "error" in d:
+            clean = False
+        elif d.get("done"):
+            if clean and abs(pending - d["audio_ms"] * FORMATS[fmt]) > 2 * FORMATS[fmt] + 2:
+                bad.append((pending, d))
+            pending, clean = 0, True
+    return bad
+
+
 def test_random_message_sequences_never_close_a_connection_hang_or_leak(caplog):
-    """Twelve clients at once send random sequences of messages, then cancel and ask for one more
-    request: every connection still answers it, nothing is logged as a server error, and once
-    they are gone the engine is idle and every audio buffer is freed."""
+    """Twelve clients at once send random sequences of messages, then cancel or flush and ask for
+    one more request: every connection still answers it, every request's audio adds up to what its
+    `done` says, nothing is logged as a server error, and once they are gone the engine is idle and
+    every audio buffer is freed."""
     rs = RunningServer(tiny(4)).start()
     baseline = live_rings()
     try:
         async def session(seed):
             rnd = random.Random(seed)
+            fmt = rnd.choice(sorted(FORMATS))
+            got = []
             async with connect(rs.url) as ws:
                 for _ in range(rnd.randint(4, 14)):
-                    await ws.send(_random_message(rnd))
+                    await ws.send(_random_message(rnd, fmt))
                     if rnd.random() < 0.3:
                         await asyncio.sleep(rnd.random() * 0.2)
-                await ws.send(json.dumps({"cancel": True}))
-                last = json.dumps({"text": "Still here.", "request_id": "last", "max_audio_ms": 300})
+                await ws.send(json.dumps({"cancel": True} if rnd.random() < 0.6 else {"flush": True}))
+                last = json.dumps({"text": "Still here.", "request_id": "last", "max_audio_ms": 300, "format": fmt})
                 await ws.send(last)
                 while True:
                     m = await asyncio.wait_for(ws.recv(), 60)
+                    got.append(m)
                     if isinstance(m, bytes) or (d := json.loads(m)).get("request_id") != "last":
                         continue
                     if d.get("error", {}).get("code") in ("busy", "queue_full"):  # what a client retries
@@ -324,14 +368,15 @@ def test_random_message_sequences_never_close_a_connection_hang_or_leak(caplog):
                         await ws.send(last)
                         continue
                     if "done" in d or "error" in d:
-                        return d
+                        return d, _audio_accounted(got, fmt)
 
         async def go():
             return await asyncio.gather(*(session(s) for s in range(12)))
 
         with caplog.at_level(logging.WARNING):
             ends = asyncio.run(go())
-        assert [e.get("done") and not e["cancelled"] and e["audio_ms"] > 0 for e in ends] == [True] * 12, ends
+        assert [e.get("done") and not e["cancelled"] and e["audio_ms"] > 0 for e, _ in ends] == [True] * 12, ends
+        assert [bad for _, bad in ends] == [[]] * 12
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         t = time.monotonic()
         while (rs.srv.worker.stats.active or rs.srv.worker.queued()) and time.monotonic() - t < 10:
