@@ -8,12 +8,11 @@ import asyncio
 import json
 import logging
 import random
-import time
 
 from websockets.asyncio.client import connect
 
 from tests.servers import RunningServer
-from tests.transport.test_reliability import live_rings, tiny
+from tests.transport.test_reliability import assert_idle_and_freed, live_rings, tiny
 
 CONTEXTS = ["a", "b", "c", "d", "e", "f", None]  # six ids and the default: one more than a socket holds
 BAD = ["junk", '{"text": 5}', '{"context_id": 5, "text": "a"}', '{"text": "\\ud800"}', "[" * 3000, '{"flush": "yes"}',
@@ -85,10 +84,6 @@ def test_random_message_sequences_end_every_context_with_its_isfinal_and_close_c
         assert [(e["code"], e["unanswered"], e["unfinished"]) for e in ends] == [(1000, set(), [])] * 8, ends
         assert sum(e["audio"] for e in ends) >= 8  # (contexts did play)
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        t = time.monotonic()
-        while (rs.srv.worker.stats.active or rs.srv.worker.queued()) and time.monotonic() - t < 10:
-            time.sleep(0.05)
-        assert rs.srv.worker.stats.active == 0 and rs.srv.worker.queued() == 0
-        assert live_rings() <= baseline
+        assert_idle_and_freed(rs, baseline)
     finally:
         rs.stop()

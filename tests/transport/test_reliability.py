@@ -45,6 +45,15 @@ def live_rings():
     return sum(type(o) is PcmRing for o in gc.get_objects())
 
 
+def assert_idle_and_freed(rs, baseline: int) -> None:
+    """Once its clients are gone, the server's engine is idle within 10 s and no audio ring is left."""
+    t = time.monotonic()
+    while (rs.srv.worker.stats.active or rs.srv.worker.queued()) and time.monotonic() - t < 10:
+        time.sleep(0.05)
+    assert rs.srv.worker.stats.active == 0 and rs.srv.worker.queued() == 0
+    assert live_rings() <= baseline
+
+
 def test_more_clients_than_slots_wait_or_get_busy_never_hang():
     rs = RunningServer(tiny(2), max_engine_waiting=2).start()
     baseline = live_rings()
@@ -378,11 +387,7 @@ def test_random_message_sequences_never_close_a_connection_hang_or_leak(caplog):
         assert [e.get("done") and not e["cancelled"] and e["audio_ms"] > 0 for e, _ in ends] == [True] * 12, ends
         assert [bad for _, bad in ends] == [[]] * 12
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        t = time.monotonic()
-        while (rs.srv.worker.stats.active or rs.srv.worker.queued()) and time.monotonic() - t < 10:
-            time.sleep(0.05)
-        assert rs.srv.worker.stats.active == 0 and rs.srv.worker.queued() == 0
-        assert live_rings() <= baseline
+        assert_idle_and_freed(rs, baseline)
     finally:
         rs.stop()
 
