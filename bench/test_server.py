@@ -219,11 +219,12 @@ def test_text_stream_first_sentence_to_first_audio(benchmark, running):
     benchmark.pedantic(lambda: asyncio.run(one(0)), rounds=3)  # streamed text to first audio
 
 
-async def turn_ttfa(ws, seed: int, continue_previous: bool) -> tuple[float, dict]:
-    """One turn (TEXT, whole: no max_audio_ms, whose cut sentence would be no context) on a kept
-    connection: (seconds to its first audio, its done)."""
+async def turn_ttfa(ws, seed: int, **fields) -> tuple[float, dict]:
+    """One turn (TEXT with the request's other `fields`; for continue_previous whole: no
+    max_audio_ms, whose cut sentence would be no context) on a kept connection: (seconds to its
+    first audio, its done)."""
     t0 = time.perf_counter()
-    await ws.send(json.dumps({"text": TEXT, "seed": seed, "continue_previous": continue_previous}))
+    await ws.send(json.dumps({"text": TEXT, "seed": seed, **fields}))
     first = None
     while True:
         m = await ws.recv()
@@ -245,16 +246,16 @@ def test_ttfa_continue_previous_vs_fresh_turns(benchmark, running):
         cont, fresh = [], []
         async with connect(rs.url) as a, connect(rs.url) as b:
             for i in range(n):
-                t, done = await turn_ttfa(a, i, True)
+                t, done = await turn_ttfa(a, i, continue_previous=True)
                 assert done["continued"] == min(i, 4)  # (it heard what it claims to)
                 cont.append(t)
-                fresh.append((await turn_ttfa(b, i, False))[0])
+                fresh.append((await turn_ttfa(b, i))[0])
         return cont, fresh
 
     async def pair():  # a new connection: a turn, then one that continues it
         async with connect(rs.url) as ws:
-            await turn_ttfa(ws, 0, False)
-            await turn_ttfa(ws, 1, True)
+            await turn_ttfa(ws, 0)
+            await turn_ttfa(ws, 1, continue_previous=True)
 
     cont, fresh = asyncio.run(side_by_side(14))
     c_ms, f_ms = 1000 * float(np.median(cont[6:])), 1000 * float(np.median(fresh[6:]))  # (4 heard from turn 4 on)
@@ -274,29 +275,20 @@ def test_ttfa_with_the_callers_turn_as_context_vs_without(benchmark, running):
     rs, _ = running
     turn = [caller_turn()]
 
-    async def ttfa(ws, seed, context):
-        t0, first = time.perf_counter(), None
-        await ws.send(json.dumps({"text": TEXT, "seed": seed, "max_audio_ms": 400,
-                                  **({"context": context} if context else {})}))
-        while True:
-            m = await ws.recv()
-            if isinstance(m, bytes):
-                first = first or time.perf_counter() - t0
-            else:
-                assert json.loads(m).get("done"), m
-                return first
+    async def ttfa(ws, seed, **context):
+        return (await turn_ttfa(ws, seed, max_audio_ms=400, **context))[0]
 
     async def side_by_side(n):
         with_ctx, without = [], []
         async with connect(rs.url) as ws:
             for i in range(n):
-                with_ctx.append(await ttfa(ws, i, turn))
-                without.append(await ttfa(ws, i, None))
+                with_ctx.append(await ttfa(ws, i, context=turn))
+                without.append(await ttfa(ws, i))
         return with_ctx, without
 
     async def one():
         async with connect(rs.url) as ws:
-            await ttfa(ws, 0, turn)
+            await ttfa(ws, 0, context=turn)
 
     w, wo = asyncio.run(side_by_side(12))
     w_ms, wo_ms = 1000 * float(np.median(w[2:])), 1000 * float(np.median(wo[2:]))

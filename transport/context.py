@@ -23,11 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .protocol import FORMATS
+
 MAX_TURNS = 8
 MAX_SECONDS = 30.0
 MIN_SECONDS = 0.08  # one frame of the codec
-AUDIO_FORMATS = {"pcm_8000": 8000, "pcm_16000": 16000, "pcm_22050": 22050, "pcm_24000": 24000, "pcm_44100": 44100,
-                 "pcm_48000": 48000, "ulaw_8000": 8000, "alaw_8000": 8000}
+# the raw formats a request's audio may come in, but G.722 (no client records a turn in it): name -> rate,
+# the PCM ones by rate, then G.711
+AUDIO_FORMATS = {name: rate for name, (rate, enc) in sorted(FORMATS.items(), key=lambda f: (f[1][1] != "pcm", f[1][0]))
+                 if enc != "g722"}
 DEFAULT_AUDIO_FORMAT = "pcm_24000"
 
 
@@ -97,13 +101,11 @@ def _turn(t, i: int, fail, max_text_chars: int, text_problem, example: str) -> T
 
 
 def _decode(raw: bytes, fmt: str, where: str, fail) -> np.ndarray:
-    if fmt.startswith("pcm_"):
-        if len(raw) % 2:
-            raise fail(f"{where}.audio is {len(raw)} bytes: {fmt} is 16-bit little-endian PCM, 2 bytes a sample")
-        return np.frombuffer(raw, "<i2").astype(np.int16)
-    from ..kernels.g711 import alaw_decode, ulaw_decode  # (numba: only when a request needs it)
+    if fmt.startswith("pcm_") and len(raw) % 2:
+        raise fail(f"{where}.audio is {len(raw)} bytes: {fmt} is 16-bit little-endian PCM, 2 bytes a sample")
+    from .encoder import AudioDecoder  # (G.711's numba kernels: only when a request needs them)
 
-    return (ulaw_decode if fmt.startswith("ulaw") else alaw_decode)(raw)
+    return AudioDecoder(fmt).decode(raw)
 
 
 def turn(speaker_id: int, text: str, audio, audio_format: str = DEFAULT_AUDIO_FORMAT) -> dict:

@@ -16,7 +16,6 @@ import json
 import math
 from dataclasses import dataclass
 
-from . import context as ctx
 from .sentences import speaks
 
 # format name -> (sample rate, encoding)
@@ -273,7 +272,9 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
         raise bad("invalid_continue_previous", f"continue_previous must be true or false, got {cont!r:.40}")
     g.continue_previous = cont
     if msg.get("context") is not None:
-        g.context = ctx.parse_turns(msg["context"], bad, max_text_chars, text_problem)
+        from .context import parse_turns  # (context.py takes its formats from this module)
+
+        g.context = parse_turns(msg["context"], bad, max_text_chars, text_problem)
     return g
 
 
