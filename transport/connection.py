@@ -177,19 +177,8 @@ class Connection:
                               "wait for a done message before sending more", rid)
             return
         job = Job(msg, rid)
-        if msg.context:  # the client's turns, encoded off the loop, CONTEXT_ENCODERS at a time (this
-            # connection's next messages wait)
-            try:
-                async with srv.context_encoders:
-                    t0 = time.perf_counter()
-                    job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
-                                                                                   srv.engine)
-            except ValueError as e:
-                await self._error("invalid_context", str(e), rid)
-                return
-            srv.metrics.context_turns += len(job.context)
-            srv.metrics.context_seconds += time.perf_counter() - t0
-            msg.context = None  # (their decoded audio is not needed any more: up to ~1 MB a request)
+        if msg.context and not await self._encode_context(job):  # (this connection's next messages wait)
+            return
         job.call = call
         job.add_text(msg.text)
         if msg.final:
@@ -311,6 +300,25 @@ class Connection:
         self.server.metrics.error(code)
         log.info("request %s: error %s: %s", rid, code, message, extra={"request_id": rid, "code": code})
         await self.ws.send(protocol.error(code, message, rid))
+
+    async def _encode_context(self, job: Job) -> bool:
+        """The request's own context turns -> job.context: encoded with the model's codec off the
+        loop, CONTEXT_ENCODERS requests at a time. False (its invalid_context error sent) when the
+        codec refuses them."""
+        srv, msg = self.server, job.msg
+        try:
+            async with srv.context_encoders:
+                t0 = time.perf_counter()
+                job.context = await asyncio.get_running_loop().run_in_executor(None, encode_turns, msg.context,
+                                                                               srv.engine)
+        except ValueError as e:
+            await self._error("invalid_context", str(e), job.rid)
+            return False
+        finally:
+            msg.context = None  # (their decoded audio is not needed any more: up to ~1 MB a request)
+        srv.metrics.context_turns += len(job.context)
+        srv.metrics.context_seconds += time.perf_counter() - t0
+        return True
 
     # -- sender ----------------------------------------------------------------------------------
     async def _sender(self) -> None:

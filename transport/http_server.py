@@ -267,6 +267,15 @@ class SpeechStream(Connection):
 
     async def run(self) -> bool:
         job = Job(self.speech.gen, self.rid)
+        if job.msg.context:  # the client's own turns (OpenAI's route), encoded before the response starts
+            try:
+                if not await self._encode_context(job):  # refused: its 400 is out
+                    return self.complete
+            except self.CLIENT_GONE:
+                pass
+            if self.gone:  # hung up meanwhile: nothing to generate
+                self._account(job, True, None)
+                return False
         if self.speech.continues:  # what this client was answered before, in this voice, as context
             job.history = self.server.spoken.context_for(self.client, self._voice_key(), self.speech.previous_text)
         if self.speech.timestamps:

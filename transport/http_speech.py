@@ -20,10 +20,12 @@ the base URL; the audio streams back as it is generated instead of arriving all 
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
 - `speed` must be 1 and `instructions` empty: CSM has neither control.
 - csm-stream's own fields pass through: speaker_id, temperature, topk, seed, max_audio_ms,
-  chunk_ms, request_id (checked exactly as on /ws/generate); and `previous_text`, as ElevenLabs'
-  REST has it (below): a request that sends it ("" on a first one) is remembered, and the
-  sentences of it found among this client's remembered ones are its context (one voice across
-  requests: `say` of a long text to this port sends it).
+  chunk_ms, request_id and context (the client's own earlier turns with their audio, as on
+  /ws/generate: encoded before the response starts, a 400 `invalid_context` if refused), all
+  checked exactly as there; and `previous_text`, as ElevenLabs' REST has it (below): a request
+  that sends it ("" on a first one) is remembered, and the sentences of it found among this
+  client's remembered ones are its context (one voice across requests: `say` of a long text to
+  this port sends it).
 Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
@@ -53,7 +55,7 @@ MAX_HEADERS = 100
 DEFAULT_RESPONSE_FORMAT = "wav"
 RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48", "opus": "opus_48000_32",
                     "aac": "aac_24000_64", "flac": "flac_24000", **{f: f for f in protocol.ALL_FORMATS}}
-PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id")
+PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id", "context")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",

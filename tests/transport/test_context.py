@@ -1,13 +1,17 @@
 """A /ws/generate request's own context turns ("context": the caller's words and audio, earlier
 turns of the conversation): the reply is the Python API's for the same turns as `Segment`s with
 audio (the engine encodes them itself there), every sentence hears them, they sit between the
-sentences a continue_previous request continues and its own, and a bad turn is one clear error."""
+sentences a continue_previous request continues and its own, and a bad turn is one clear error.
+The OpenAI-compatible HTTP route takes the same field, with the same audio and the same errors
+(a 400)."""
 
 import asyncio
 import base64
 import json
+import time
 import urllib.request
 
+import httpx
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
@@ -34,7 +38,7 @@ def _pcm(chunks) -> bytes:
 def rs():
     import csmstream
 
-    server = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2)).start()
+    server = RunningServer(csmstream.load("tiny", device="cpu", max_streams=2), http_port=0).start()
     yield server
     server.stop()
 
@@ -75,12 +79,17 @@ def test_the_reply_is_the_python_apis_with_the_same_turns_as_segments(rs):
     turns = [Segment(1, "Hello, is this the front desk?", audio=caller), Segment(0, "It is.", audio=agent)]
     want = _pcm(eng.stream(TEXT, 0, context=turns, seed=SEED))
     assert want != _pcm(eng.stream(TEXT, 0, seed=SEED))
-    [events] = _requests(rs, [{"text": TEXT, "seed": SEED, "request_id": "ctx", "context": [
-        {"speaker_id": 1, "text": "Hello, is this the front desk?", "audio": _b64(caller)},
-        {"speaker_id": 0, "text": "It is.", "audio": _b64(agent), "audio_format": "pcm_24000"}]}])
+    context = [{"speaker_id": 1, "text": "Hello, is this the front desk?", "audio": _b64(caller)},
+               {"speaker_id": 0, "text": "It is.", "audio": _b64(agent), "audio_format": "pcm_24000"}]
+    [events] = _requests(rs, [{"text": TEXT, "seed": SEED, "request_id": "ctx", "context": context}])
     assert events[-1][0] == "done" and _audio(events) == want
     turns_after, seconds_after = scrape()  # /metrics counts the turns and the time their encoding took
     assert turns_after - turns_before == 2 and seconds_after > seconds_before
+    # the OpenAI-compatible route: the same turns, the same audio
+    r = httpx.post(rs.srv.speech_url, json={"input": TEXT, "voice": "0", "response_format": "pcm", "seed": SEED,
+                                            "context": context}, timeout=60)
+    assert r.status_code == 200 and r.content == want
+    assert scrape()[0] - turns_after == 2
 
 
 def test_every_format_is_decoded_and_resampled_to_the_codecs_rate(rs):
@@ -144,6 +153,13 @@ def test_a_bad_turn_is_one_clear_error_and_the_connection_serves_on(rs, context,
     assert kind == "error" and err["error"]["code"] == "invalid_context" and err["request_id"] == "bad"
     assert message in err["error"]["message"]
     assert good[-1][0] == "done" and good[-1][1]["request_id"] == "good"
+    # over HTTP: a 400 with the same words, and the kept connection takes the next request
+    with httpx.Client(timeout=60) as client:
+        r = client.post(rs.srv.speech_url, json={"input": TEXT, "context": context})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_context"
+        assert r.json()["error"]["message"] == err["error"]["message"]
+        assert client.get(rs.srv.speech_url.replace("/v1/audio/speech", "/healthz")).status_code == 200
+        assert r.headers["connection"] == "keep-alive"
 
 
 def test_at_most_two_requests_encode_their_turns_at_a_time(rs, monkeypatch):
@@ -198,3 +214,55 @@ def test_a_clients_turn_helper_round_trips_through_the_parser():
     for bad in ((pcm, "ulaw_8000"), (pcm.astype(np.float32), "pcm_16000"), (b"", "mp3_44100_128")):
         with pytest.raises(ValueError):
             ctx.turn(0, "x", *bad)
+
+
+def test_an_http_client_that_hangs_up_while_its_turns_are_encoded_gets_nothing_generated(rs, monkeypatch):
+    """The turns of an HTTP request are encoded before its response starts; a client gone by then
+    (its connection watched, not only written to) has no generation started, and the server serves on."""
+    import socket
+    import threading
+
+    from csmstream.transport import connection
+
+    real, entered, release = connection.encode_turns, threading.Event(), threading.Event()
+
+    def slow(turns, engine):
+        entered.set()
+        release.wait(10)
+        return real(turns, engine)
+
+    monkeypatch.setattr(connection, "encode_turns", slow)
+    cancelled = rs.srv.metrics.cancelled
+    body = json.dumps({"input": TEXT, "request_id": "gone", "response_format": "pcm", "context": [
+        {"speaker_id": 1, "text": "Hello.", "audio": _b64(_tone(200, 0.3))}]}).encode()
+    port = int(rs.srv.speech_url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert entered.wait(10)
+    time.sleep(0.3)  # (the server sees the close)
+    release.set()
+    time.sleep(0.5)
+    assert not _reqs(rs, "gone")  # nothing was handed to the engine
+    assert rs.srv.metrics.cancelled == cancelled + 1  # the request is counted as cancelled, as a hang-up is
+    monkeypatch.setattr(connection, "encode_turns", real)
+    r = httpx.post(rs.srv.speech_url, json={"input": "Still here.", "response_format": "pcm", "max_audio_ms": 200},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.content) == 200 * 48
+
+
+def test_turns_the_codec_refuses_are_a_400_over_http_before_any_audio(rs, monkeypatch):
+    from csmstream.transport import connection
+
+    def refuse(turns, engine):
+        raise ValueError("context[0].audio: the codec refuses it")
+
+    monkeypatch.setattr(connection, "encode_turns", refuse)
+    turn = {"speaker_id": 1, "text": "Hello.", "audio": _b64(_tone(200, 0.3))}
+    with httpx.Client(timeout=60) as client:
+        r = client.post(rs.srv.speech_url, json={"input": TEXT, "request_id": "refused", "context": [turn]})
+        assert r.status_code == 400
+        assert r.json()["error"] == {"message": "context[0].audio: the codec refuses it",
+                                     "type": "invalid_request_error", "param": None, "code": "invalid_context"}
+        assert client.get(rs.srv.speech_url.replace("/v1/audio/speech", "/healthz")).status_code == 200  # kept open
+    assert not _reqs(rs, "refused")
