@@ -264,6 +264,7 @@ class SpeechStream(Connection):
         self.gone = False
         self.aligner: Aligner | None = None  # ElevenLabs' with-timestamps
         self.b64 = hs.Base64Stream()  # with-timestamps as one JSON object: its audio_base64, as it comes
+        self.heard = 0  # how many sentences of job.history it heard as context (the rest are its own)
 
     async def run(self) -> bool:
         job = Job(self.speech.gen, self.rid)
@@ -276,8 +277,12 @@ class SpeechStream(Connection):
             if self.gone:  # hung up meanwhile: nothing to generate
                 self._account(job, True, None)
                 return False
-        if self.speech.continues:  # what this client was answered before, in this voice, as context
-            job.history = self.server.spoken.context_for(self.client, self._voice_key(), self.speech.previous_text)
+        if self.speech.continues:  # what this client was answered before, in this voice, as context: the
+            # requests it names (ElevenLabs: previous_text is then ignored), or the end of its previous_text
+            spoken, key, ids = self.server.spoken, self._voice_key(), self.speech.previous_request_ids
+            job.history = (spoken.context_of_requests(self.client, key, ids) if ids
+                           else spoken.context_for(self.client, key, self.speech.previous_text))
+            self.heard = len(job.history)
         if self.speech.timestamps:
             self.aligner = Aligner(job)
         job.add_text(self.speech.gen.text)
@@ -388,7 +393,8 @@ class SpeechStream(Connection):
         await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + self._end_of_body)
         self.complete = True
         if self.speech.continues:
-            self.server.spoken.remember(self.client, self._voice_key(), job.history)
+            self.server.spoken.remember(self.client, self._voice_key(), job.history, request_id=self.rid,
+                                        own=len(job.history) - self.heard)
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)

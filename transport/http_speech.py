@@ -30,7 +30,8 @@ Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"
 
 ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
 /v1/text-to-speech/{voice_id}[/stream]?output_format=... with {"text", "seed", ...}, streamed the
-same way as raw audio (mp3_44100_128, ElevenLabs' default, included); the `/with-timestamps`
+same way as raw audio (mp3_44100_128, ElevenLabs' default, included), its request named in a
+`request-id` header for ElevenLabs' request stitching (`previous_request_ids`, spoken.py); the `/with-timestamps`
 variants return JSON with the audio in base64 and the (estimated) character alignment: one object
 for the whole reply, or with `/stream/with-timestamps` one object per line per chunk.
 """
@@ -55,6 +56,7 @@ MAX_HEADERS = 100
 DEFAULT_RESPONSE_FORMAT = "wav"
 RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48", "opus": "opus_48000_32",
                     "aac": "aac_24000_64", "flac": "flac_24000", **{f: f for f in protocol.ALL_FORMATS}}
+MAX_PREVIOUS_REQUESTS = 3  # ElevenLabs' limit on previous_request_ids
 PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id", "context")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
@@ -147,6 +149,8 @@ class Speech:
     timestamps: str | None = None  # ElevenLabs' with-timestamps: "json" (one object) or "lines" (one a chunk)
     continues: bool = False  # the route continues earlier requests: remember its codes (ElevenLabs' REST)
     previous_text: str | None = None  # what came before, to find as context among them
+    previous_request_ids: list[str] | None = None  # ElevenLabs' request stitching: the requests before it
+    elevenlabs: bool = False  # ElevenLabs' route: its response names the request in a `request-id` header
 
 
 def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_MAX_TEXT_CHARS,
@@ -206,13 +210,13 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     if fmt not in protocol.ALL_FORMATS:
         raise HttpError(400, "unsupported_format", f"output_format {fmt!r:.40} is not available here; use one "
                         f"of {', '.join(protocol.ALL_FORMATS)}")
-    previous = _previous_text(msg)
+    previous, ids = _previous_text(msg), _previous_request_ids(msg)
     req = {"text": text, "format": fmt}
     if msg.get("seed") is not None:
         req["seed"] = msg["seed"]
     _voice(req, voice_id, voices, "ElevenLabs'")
     return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False, timestamps=timestamps,
-                  continues=True, previous_text=previous)
+                  continues=True, previous_text=previous, previous_request_ids=ids, elevenlabs=True)
 
 
 def _json_object(body: bytes, example: str) -> dict:
@@ -234,6 +238,20 @@ def _previous_text(msg: dict) -> str | None:
         raise HttpError(400, "invalid_previous_text", f'"previous_text" must be a string (the text spoken before '
                         f"this request), got {type(previous).__name__}")
     return previous
+
+
+def _previous_request_ids(msg: dict) -> list[str] | None:
+    """ElevenLabs' previous_request_ids: at most MAX_PREVIOUS_REQUESTS request ids (the `request-id`
+    headers of earlier responses), oldest first; None when absent; HttpError (400) when malformed."""
+    ids = msg.get("previous_request_ids")
+    if ids is None:
+        return None
+    if (not isinstance(ids, list) or len(ids) > MAX_PREVIOUS_REQUESTS
+            or not all(isinstance(i, str) and 0 < len(i) <= protocol.MAX_REQUEST_ID_CHARS for i in ids)):
+        raise HttpError(400, "invalid_previous_request_ids", f'"previous_request_ids" must be a list of at most '
+                        f"{MAX_PREVIOUS_REQUESTS} request ids (strings of 1-{protocol.MAX_REQUEST_ID_CHARS} "
+                        f"characters: the request-id headers of earlier responses), got {ids!r:.60}")
+    return ids
 
 
 def _voice(req: dict, voice, voices, whose: str) -> None:
@@ -303,8 +321,9 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: b
         ctype = {"ulaw": "audio/basic", "alaw": "audio/x-alaw-basic", "mp3": "audio/mpeg", "g722": "audio/G722",
                  "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}.get(enc, "audio/pcm")
     framing = {"Transfer-Encoding": "chunked"} if chunked else {}
+    stitching = {"request-id": request_id} if speech.elevenlabs else {}  # (what ElevenLabs' SDKs read)
     return response_head(200, {"Content-Type": ctype, **framing, "Cache-Control": "no-store",
-                               "Connection": "keep-alive" if keep_alive else "close",
+                               "Connection": "keep-alive" if keep_alive else "close", **stitching,
                                "X-Request-Id": request_id, "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
 
 

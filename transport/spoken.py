@@ -6,7 +6,10 @@ may sound like someone else. Clients that split a reply into requests say what c
 text (ElevenLabs' `previous_text`: pipecat's HTTP service sends the turn so far). The server keeps
 the codes of the sentences it recently generated for each client address and voice, and a request
 whose previous_text ends with sentences found there gets them as context, like the later
-sentences of one /ws/generate request get the earlier ones. Nothing is shared between addresses.
+sentences of one /ws/generate request get the earlier ones. ElevenLabs' request stitching names
+the earlier requests instead (`previous_request_ids`, the `request-id` header of each response):
+the server keeps each request's last sentences under its id too, and a request naming ids found
+there gets their sentences as context. Nothing is shared between addresses.
 """
 
 from __future__ import annotations
@@ -20,24 +23,50 @@ from .sentences import SentenceSplitter
 
 TAIL_CHARS = 4000  # only previous_text's end matters: its last few sentences
 MAX_SENTENCES = 1024  # remembered in all, least recently used out first (~10-30 kB of codes each)
+MAX_REQUESTS = 512  # requests remembered by id (their last CONTEXT_SENTENCES sentences), the same way
 
 
 class SpokenCache:
-    def __init__(self, max_sentences: int = MAX_SENTENCES) -> None:
-        self.max_sentences = max_sentences
+    def __init__(self, max_sentences: int = MAX_SENTENCES, max_requests: int = MAX_REQUESTS) -> None:
+        self.max_sentences, self.max_requests = max_sentences, max_requests
         self._codes: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (owner, voice, sentence) -> codes
+        self._requests: OrderedDict[tuple, list] = OrderedDict()  # (owner, voice, request id) -> its sentences
 
     def __len__(self) -> int:
         return len(self._codes)
 
-    def remember(self, owner, voice, pairs: list[tuple[str, np.ndarray]]) -> None:
-        """Sentences (text, codes) just generated for this owner (a client address) and voice."""
+    def remember(self, owner, voice, pairs: list[tuple[str, np.ndarray]], *, request_id: str | None = None,
+                 own: int | None = None) -> None:
+        """Sentences (text, codes) just generated for this owner (a client address) and voice;
+        with request_id, the last `own` of them (default all: those the request itself generated)
+        are remembered under it as well."""
         for text, codes in pairs:
             key = (owner, voice, text)
             self._codes[key] = codes
             self._codes.move_to_end(key)
         while len(self._codes) > self.max_sentences:
             self._codes.popitem(last=False)
+        mine = pairs if own is None else pairs[len(pairs) - own:]
+        if request_id is not None and mine:
+            key = (owner, voice, request_id)
+            self._requests[key] = mine[-CONTEXT_SENTENCES:]
+            self._requests.move_to_end(key)
+            while len(self._requests) > self.max_requests:
+                self._requests.popitem(last=False)
+
+    def context_of_requests(self, owner, voice, request_ids: list[str]) -> list[tuple[str, np.ndarray]]:
+        """The sentences of the named requests (oldest first, as ElevenLabs' previous_request_ids
+        lists them) generated for this owner and voice, as context: at most CONTEXT_SENTENCES, the
+        last ones; from the last id back, stopping at the first one not found (an unknown id, or one
+        forgotten, ends what came before it: the context stays what directly precedes the request)."""
+        found: list[tuple[str, np.ndarray]] = []
+        for rid in reversed(request_ids):
+            pairs = self._requests.get((owner, voice, rid))
+            if pairs is None:
+                break
+            self._requests.move_to_end((owner, voice, rid))  # used: the most recently used now
+            found[:0] = pairs
+        return found[-CONTEXT_SENTENCES:]
 
     def context_for(self, owner, voice, previous_text: str | None) -> list[tuple[str, np.ndarray]]:
         """The last sentences of previous_text that were generated for this owner and voice, as

@@ -213,3 +213,44 @@ def test_previous_text_continues_in_the_same_voice_with_the_earlier_codes_as_con
     assert http.srv.spoken.context_for("10.9.8.7", (None, 1), first) == []  # kept per client address
     r = httpx.post(base_of(http) + "/text-to-speech/1", json={"text": "Hi.", "previous_text": 5}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_previous_text"
+
+
+def test_previous_request_ids_stitch_requests_by_the_request_id_header(http):
+    """ElevenLabs' request stitching, driven by its SDK: each response names its request in a
+    `request-id` header; a request listing earlier ids in previous_request_ids is generated with
+    their sentences' codes as context (the engine's frames for that prompt, built by hand), and
+    then previous_text is ignored, as ElevenLabs documents. An id this client never got, or
+    malformed ids, give no context or a 400 saying what is allowed."""
+    from elevenlabs.core.api_error import ApiError
+
+    import csmstream
+
+    first, second, third = "The first sentence.", "And a second one.", "Then a third."
+    client = sdk(http)
+
+    def say(text, **kw):
+        before = len(http.srv.recent)
+        with client.text_to_speech.with_raw_response.stream(voice_id="1", text=text, output_format="pcm_16000",
+                                                            **kw) as r:
+            rid = r.headers["request-id"]
+            b"".join(r.data)
+        (req,) = list(http.srv.recent)[before:]
+        assert rid == r.headers["x-request-id"] == req.tag.rid
+        return rid, np.stack(req.codes)
+
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    r1, c1 = say(first, seed=3)
+    r2, c2 = say(second, seed=4, previous_request_ids=[r1], previous_text="Something else entirely.")
+    want = np.stack(list(eng.frames(second, 1, context=[csmstream.Segment(1, first, codes=c1)], seed=4)))
+    np.testing.assert_array_equal(c2, want[:len(c2)])
+    r3, c3 = say(third, seed=5, previous_request_ids=[r1, r2])  # both, oldest first; r2's own sentence only
+    ctx = [csmstream.Segment(1, first, codes=c1), csmstream.Segment(1, second, codes=c2)]
+    np.testing.assert_array_equal(c3, np.stack(list(eng.frames(third, 1, context=ctx, seed=5)))[:len(c3)])
+    assert len({r1, r2, r3}) == 3
+    _, alone = say(second, seed=4, previous_request_ids=["never-sent"])
+    np.testing.assert_array_equal(alone, np.stack(list(eng.frames(second, 1, seed=4)))[:len(alone)])
+    for bad in (["a", "b", "c", "d"], "r1", [5], [""]):
+        with pytest.raises(ApiError) as e:
+            say(third, previous_request_ids=bad)
+        assert e.value.status_code == 400 and e.value.body["error"]["code"] == "invalid_previous_request_ids"
+        assert "at most 3 request ids" in e.value.body["error"]["message"]

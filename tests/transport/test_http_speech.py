@@ -272,6 +272,19 @@ def test_elevenlabs_rest_maps_onto_a_generate_request():
         assert hs.ELEVENLABS_PATH.match(path) is None
 
 
+def test_elevenlabs_request_stitching_ids_pass_through_and_its_responses_name_the_request():
+    s = eleven(text="Hi.", previous_request_ids=["a", "b" * 128], next_request_ids=["c"], next_text="Later.")
+    assert s.previous_request_ids == ["a", "b" * 128] and s.continues and s.elevenlabs
+    assert eleven(text="Hi.").previous_request_ids is None
+    assert b"\r\nrequest-id: r7\r\n" in hs.stream_head(s, "r7", keep_alive=True)
+    assert b"request-id:" not in hs.stream_head(speech({"input": "Hi."}), "r7", keep_alive=True)  # OpenAI's: no
+    for bad in (["a"] * 4, "a", [1], [""], ["b" * 129], {"a": 1}):
+        with pytest.raises(hs.HttpError) as e:
+            eleven(text="Hi.", previous_request_ids=bad)
+        assert (e.value.status, e.value.code) == (400, "invalid_previous_request_ids")
+        assert "at most 3 request ids" in e.value.message
+
+
 def test_openai_mp3_and_elevenlabs_mp3_names_are_response_formats():
     assert hs.parse_speech(b'{"input": "Hi.", "response_format": "mp3"}', voices={}).gen.format == "mp3_24000_48"
     s = hs.parse_speech(b'{"input": "Hi.", "response_format": "mp3_44100_128"}', voices={})

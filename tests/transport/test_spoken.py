@@ -45,3 +45,35 @@ def test_at_most_the_context_a_reply_uses_and_the_least_recently_used_go_first()
     c.remember("a", (None, 0), [("New.", codes(9))])
     assert texts(c.context_for("a", (None, 0), "Sentence 2.")) == ["Sentence 2."]
     assert c.context_for("a", (None, 0), "Sentence 3.") == []  # the least recently used went
+
+
+def test_requests_are_remembered_by_id_with_only_their_own_sentences():
+    """ElevenLabs' request stitching: a request's own sentences (not the context it heard) under its
+    id; named requests give their sentences oldest first, back from the last id to the first one
+    not found; per client and voice; at most the context a reply uses."""
+    c = SpokenCache()
+    heard = [("Heard before.", codes(0))]
+    c.remember("a", (None, 0), heard + [("One.", codes(1)), ("Two.", codes(2))], request_id="r1", own=2)
+    c.remember("a", (None, 0), [("Three.", codes(3))], request_id="r2")
+    assert texts(c.context_of_requests("a", (None, 0), ["r1"])) == ["One.", "Two."]
+    got = c.context_of_requests("a", (None, 0), ["r1", "r2"])
+    assert texts(got) == ["One.", "Two.", "Three."] and all((a == codes(i)).all() for i, (_, a) in enumerate(got, 1))
+    assert texts(c.context_of_requests("a", (None, 0), ["r2", "r1"])) == ["Three.", "One.", "Two."]  # as listed
+    assert texts(c.context_of_requests("a", (None, 0), ["r1", "nope", "r2"])) == ["Three."]  # stops at "nope"
+    assert c.context_of_requests("a", (None, 0), ["r2", "nope"]) == []  # what directly precedes is unknown
+    assert c.context_of_requests("b", (None, 0), ["r1"]) == [] and c.context_of_requests("a", (None, 1), ["r1"]) == []
+    assert c.context_of_requests("a", (None, 0), []) == []
+    c.remember("a", (None, 0), [(f"S{i}.", codes(i)) for i in range(6)], request_id="long")
+    assert texts(c.context_of_requests("a", (None, 0), ["long"])) == [f"S{i}." for i in range(6)][-CONTEXT_SENTENCES:]
+    c.remember("a", (None, 0), heard, request_id="none", own=0)  # a request that generated nothing whole
+    assert c.context_of_requests("a", (None, 0), ["none"]) == []
+
+
+def test_the_least_recently_used_request_ids_go_first():
+    c = SpokenCache(max_requests=2)
+    for rid in ("r1", "r2"):
+        c.remember("a", (None, 0), [(f"{rid}.", codes(1))], request_id=rid)
+    c.context_of_requests("a", (None, 0), ["r1"])  # used: now the most recent
+    c.remember("a", (None, 0), [("r3.", codes(3))], request_id="r3")
+    assert c.context_of_requests("a", (None, 0), ["r2"]) == []
+    assert texts(c.context_of_requests("a", (None, 0), ["r1", "r3"])) == ["r1.", "r3."]
