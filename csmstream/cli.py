@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open WebSockets per client address (default: 64)")
     serve.add_argument("--max-requests-per-minute", type=int, default=600,
                        help="requests per connection per minute (default: 600)")
+    serve.add_argument("--trusted-proxies", default=None, metavar="ADDR,NET",
+                       help="load balancers in front (addresses or CIDR networks, e.g. 127.0.0.1,10.0.0.0/8) "
+                            "whose X-Forwarded-For names the client: per-client limits, ElevenLabs' previous_text "
+                            "memory and logs then go by that client, not by the proxy every connection comes "
+                            "from; nobody else's X-Forwarded-For is believed (default: $CSM_TRUSTED_PROXIES; "
+                            "unset = none)")
     serve.add_argument("--ws-compression", choices=["off", "deflate"], default="off",
                        help="accept permessage-deflate when a WebSocket client offers it: fewer bytes for "
                             "base64-in-JSON clients (ElevenLabs, Telnyx), at a zlib pass per message on the "

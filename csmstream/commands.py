@@ -76,6 +76,10 @@ def serve(args) -> int:
                         ("--max-requests-per-minute", args.max_requests_per_minute)):
         if value < 1:  # (0 would refuse every client)
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    proxies = args.trusted_proxies if args.trusted_proxies is not None else os.environ.get(PROXIES_ENV)
+    from .transport.proxies import TrustedProxies
+
+    TrustedProxies(proxies)  # (its ValueError names the entry that is not an address)
     if args.voices is not None and not os.path.isdir(args.voices):  # (before the model loads)
         raise ValueError(f"--voices {args.voices!r}: no such directory (it should hold NAME.wav + NAME.txt pairs)")
     aliases = _voice_flags(args)
@@ -114,7 +118,7 @@ def serve(args) -> int:
                            compression=None if args.ws_compression == "off" else args.ws_compression,
                            ssl_context=ssl_context,
                            elevenlabs_continue_previous=args.elevenlabs_continue_previous,
-                           voice_aliases=aliases, default_voice=args.default_voice)
+                           voice_aliases=aliases, default_voice=args.default_voice, trusted_proxies=proxies)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -168,6 +172,7 @@ def _voice_flags(args) -> dict[str, str]:
 
 
 TOKEN_ENV = "CSM_TELNYX_AUTH_TOKEN"
+PROXIES_ENV = "CSM_TRUSTED_PROXIES"
 log_tls = logging.getLogger("csmstream.tls")
 
 

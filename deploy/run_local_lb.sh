@@ -21,7 +21,9 @@ cleanup() {
 }
 trap cleanup EXIT
 for pair in "$p1:$h1" "$p2:$h2"; do
-  "$PY" -m csmstream serve --port "${pair%:*}" --http-port "${pair#*:}" --device cpu > "$OUT/server-${pair%:*}.log" 2>&1 &
+  # nginx connects from loopback: --trusted-proxies makes its X-Forwarded-For the client's address
+  "$PY" -m csmstream serve --port "${pair%:*}" --http-port "${pair#*:}" --device cpu --trusted-proxies 127.0.0.1 \
+    > "$OUT/server-${pair%:*}.log" 2>&1 &
   pids+=($!)
 done
 for p in "$p1" "$p2"; do

@@ -7,7 +7,7 @@ decided at the HTTP handshake (before any WebSocket work).
 - With allowed origins configured, a request carrying an Origin header (browsers always send one)
   must match one of them.
 - At most `max_connections_per_ip` open connections (WebSocket, or HTTP on the HTTP port) per
-  client address.
+  client address (behind a trusted proxy, the address its X-Forwarded-For names: proxies.py).
 """
 
 from __future__ import annotations

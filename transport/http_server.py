@@ -81,7 +81,10 @@ class HttpApi:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         srv, task = self.server, asyncio.current_task()
         peer = writer.get_extra_info("peername")
-        ip = peer[0] if peer else None
+        addr = peer[0] if peer else None
+        # a trusted proxy's connection carries many clients' requests: not limited as one client's; each
+        # request is counted by the client its X-Forwarded-For names (_answer)
+        ip = None if srv.proxies.trusts(addr) else addr
         if srv.gate.full(ip):
             await self._refuse(writer, 429, "too_many_connections", f"too many connections from {ip}: at most "
                                f"{srv.gate.max_per_ip} at once")
@@ -96,13 +99,13 @@ class HttpApi:
         buf = bytearray()
         try:
             try:
-                while await self._request(reader, writer, buf, ip):
+                while await self._request(reader, writer, buf, addr):
                     pass
                 await self._linger(reader, writer)
             except (_Gone, ConnectionError):
                 pass
             except Exception:  # a bug: this connection ends, the server goes on
-                log.exception("HTTP connection from %s failed", ip)
+                log.exception("HTTP connection from %s failed", addr)
         except asyncio.CancelledError:
             pass  # the server is closing
         finally:
@@ -138,7 +141,7 @@ class HttpApi:
         await writer.drain()
         return keep
 
-    async def _request(self, reader, writer, buf: bytearray, ip) -> bool:
+    async def _request(self, reader, writer, buf: bytearray, peer: str | None) -> bool:
         """Read and answer one request; True to keep the connection for the next one."""
         deadline = time.monotonic() + (HEAD_TIMEOUT if buf else IDLE_TIMEOUT)
         while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= hs.MAX_HEAD_BYTES:
@@ -170,11 +173,12 @@ class HttpApi:
                                           f"did not arrive in {HEAD_TIMEOUT:.0f} s")
         body = bytes(buf[:req.content_length])
         del buf[:req.content_length]
-        return await self._answer(req, body, reader, writer, buf, ip)
+        return await self._answer(req, body, reader, writer, buf, peer)
 
-    async def _answer(self, req: hs.HttpRequest, body: bytes, reader, writer, buf: bytearray, ip) -> bool:
+    async def _answer(self, req: hs.HttpRequest, body: bytes, reader, writer, buf: bytearray, peer) -> bool:
         srv = self.server
         keep = req.keep_alive and not srv.stopping
+        ip = srv.proxies.client(peer, req.headers)  # (from a trusted proxy: the client it names)
         denied = srv.gate.check(req.path, req.headers, ip, websocket=False)
         if denied is not None:
             return await self._refuse(writer, denied[0], "unauthorized" if denied[0] == 401 else "forbidden",

@@ -32,6 +32,7 @@ from .gate import Gate
 from .http_server import HttpApi
 from .loopwatch import LoopWatch
 from .metrics import Metrics, build_info
+from .proxies import TrustedProxies
 from .spoken import SpokenCache
 
 log = logging.getLogger("csmstream.server")
@@ -55,7 +56,8 @@ class StreamServer:
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
                  prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None,
                  ssl_context=None, elevenlabs_continue_previous: bool = False,
-                 voice_aliases: dict[str, str] | None = None, default_voice: str | None = None) -> None:
+                 voice_aliases: dict[str, str] | None = None, default_voice: str | None = None,
+                 trusted_proxies: str | list[str] | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
@@ -72,6 +74,9 @@ class StreamServer:
         self.calls = calls
         self.test_chunk_delay = test_chunk_delay  # test hook: sleep this long before each audio chunk
         self.gate = Gate(auth_token, allowed_origins, max_connections_per_ip, own_auth_paths=tuple(self.routes))
+        # proxies whose X-Forwarded-For names the client (transport/proxies.py): limits, memory and
+        # logs go by that client's address, not the proxy's
+        self.proxies = TrustedProxies(trusted_proxies)
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
@@ -122,6 +127,8 @@ class StreamServer:
         self.loop_watch.starting = True
         self.loop_watch.start()
         log.info("listening on %s (/healthz says 503 until the model is ready)", self.url)
+        if self.proxies:
+            log.info("clients are named by X-Forwarded-For from %s", ", ".join(map(str, self.proxies.networks)))
         try:
             if self.http_port is not None:
                 self.http = await HttpApi(self, self.host, self.http_port).start()
@@ -291,10 +298,15 @@ class StreamServer:
         if self.socket_send_buffer and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_send_buffer)
 
+    def client_address(self, remote_address, headers) -> str | None:
+        """The address a connection's client is known by: its peer's, or from a trusted proxy the
+        one its X-Forwarded-For names (the same every time for the same handshake)."""
+        return self.proxies.client(remote_address[0] if remote_address else None, headers)
+
     def _http(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
         self.tune_socket(connection.transport.get_extra_info("socket"))
-        ip = connection.remote_address[0] if connection.remote_address else None
+        ip = self.client_address(connection.remote_address, request.headers)
         denied = self.gate.check(path, request.headers, ip, websocket="Upgrade" in request.headers)
         if denied is not None:
             log.warning("refused %s from %s: %s", path, ip, denied[1].strip())
@@ -331,7 +343,7 @@ class StreamServer:
                 self.route_sockets.discard(ws)
             return
         m = self.metrics
-        ip = ws.remote_address[0] if ws.remote_address else None
+        ip = self.client_address(ws.remote_address, ws.request.headers if ws.request is not None else {})
         conn = (elevenlabs.match(path) or Connection)(self, ws)
         m.connections += 1
         m.open_connections += 1

@@ -101,6 +101,7 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds >= 0, got nan"),
     (["serve", "--max-connections-per-ip", "0"], "--max-connections-per-ip must be >= 1, got 0"),
     (["serve", "--max-requests-per-minute", "0"], "--max-requests-per-minute must be >= 1, got 0"),
+    (["serve", "--trusted-proxies", "127.0.0.1,nginx"], "trusted proxy 'nginx' is not an IP address or network"),
     (["serve", "--dtype", "int4"], "dtype 'int4' is not supported; allowed: 'auto', 'float32', 'bfloat16'"),
     (["serve", "--max-streams", "0"], "max_streams must be an integer in 1..1024, got 0"),
     (["serve", "--device", "tpu"], "device 'tpu' is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"),

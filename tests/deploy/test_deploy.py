@@ -52,8 +52,11 @@ def test_kubernetes_example_is_valid_and_consistent():
     assert {p["targetPort"] for p in kinds["Service"]["spec"]["ports"]} == set(ports)
     # every argument is one the CLI accepts
     from csmstream.cli import build_parser
+    from csmstream.transport.proxies import TrustedProxies
 
     build_parser().parse_args(args)
+    # the ingress's X-Forwarded-For is believed from the pod network (the client, not the ingress)
+    assert TrustedProxies(next(e["value"] for e in c["env"] if e["name"] == "CSM_TRUSTED_PROXIES")).trusts("10.1.2.3")
 
 
 def _dockerfile() -> list[tuple[str, str]]:
