@@ -287,6 +287,8 @@ class SpeechStream(Connection):
             job.history = (spoken.context_of_requests(self.client, key, ids) if ids
                            else spoken.context_for(self.client, key, self.speech.previous_text))
             self.heard = len(job.history)
+            if ids or (self.speech.previous_text or "").strip():  # (not a first request's "")
+                self.server.metrics.continuations["yes" if job.history else "no"] += 1
         if self.speech.timestamps:
             self.aligner = Aligner(job)
         job.add_text(self.speech.gen.text)

@@ -93,6 +93,10 @@ class Metrics:
         self.audio_seconds = 0.0
         self.context_turns = 0  # requests' own context turns encoded (transport/context.py)
         self.context_seconds = 0.0  # worker-thread seconds spent decoding and encoding them
+        # REST requests that asked to continue earlier ones (previous_text, previous_request_ids), by
+        # whether any of what they named was found (spoken.py): "no" piling up behind several servers
+        # means a client's requests are not kept on one
+        self.continuations: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.ttfa_ms = Histogram(TTFA_BUCKETS_MS)
         self.rtf = Histogram(RTF_BUCKETS)
@@ -155,6 +159,10 @@ class Metrics:
             lines += source()
         lines += ["# HELP csm_errors_total errors sent to clients, by code", "# TYPE csm_errors_total counter"]
         lines += [f'csm_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
+        lines += ["# HELP csm_continuations_total REST requests naming earlier ones (previous_text, "
+                  "previous_request_ids), by whether any of their sentences were found to hear",
+                  "# TYPE csm_continuations_total counter"]
+        lines += [f'csm_continuations_total{{found="{f}"}} {self.continuations[f]}' for f in ("yes", "no")]
         lines += ["# HELP csm_ttfa_milliseconds time from request to first audio chunk sent",
                   "# TYPE csm_ttfa_milliseconds histogram", *self.ttfa_ms.lines("csm_ttfa_milliseconds")]
         lines += [("# HELP csm_real_time_factor generation time / audio duration per request (< 1 is faster "

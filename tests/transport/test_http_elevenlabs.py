@@ -224,6 +224,7 @@ def test_previous_request_ids_stitch_requests_by_the_request_id_header(http):
     from elevenlabs.core.api_error import ApiError
 
     import csmstream
+    from csmstream.transport.metrics import parse
 
     first, second, third = "The first sentence.", "And a second one.", "Then a third."
     client = sdk(http)
@@ -238,7 +239,12 @@ def test_previous_request_ids_stitch_requests_by_the_request_id_header(http):
         assert rid == r.headers["x-request-id"] == req.tag.rid
         return rid, np.stack(req.codes)
 
+    def continuations():  # /metrics: requests naming earlier ones, by whether any was found
+        m = parse(httpx.get(base_of(http).rsplit("/v1", 1)[0] + "/metrics", timeout=30).text)
+        return m['csm_continuations_total{found="yes"}'], m['csm_continuations_total{found="no"}']
+
     eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    before = continuations()
     r1, c1 = say(first, seed=3)
     r2, c2 = say(second, seed=4, previous_request_ids=[r1], previous_text="Something else entirely.")
     want = np.stack(list(eng.frames(second, 1, context=[csmstream.Segment(1, first, codes=c1)], seed=4)))
@@ -249,6 +255,8 @@ def test_previous_request_ids_stitch_requests_by_the_request_id_header(http):
     assert len({r1, r2, r3}) == 3
     _, alone = say(second, seed=4, previous_request_ids=["never-sent"])
     np.testing.assert_array_equal(alone, np.stack(list(eng.frames(second, 1, seed=4)))[:len(alone)])
+    yes, no = continuations()
+    assert (yes - before[0], no - before[1]) == (2, 1)  # r2 and r3 found theirs; "never-sent" did not
     for bad in (["a", "b", "c", "d"], "r1", [5], [""]):
         with pytest.raises(ApiError) as e:
             say(third, previous_request_ids=bad)
