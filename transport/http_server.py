@@ -396,11 +396,12 @@ class SpeechStream(Connection):
             else:
                 self._cut()
             return
-        await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + self._end_of_body)
-        self.complete = True
-        if self.speech.continues:
+        if self.speech.continues:  # remembered before the body ends: a client that has the whole reply
+            # and sends its next request at once, on any connection, finds it
             self.server.spoken.remember(self.client, self._voice_key(), job.history, request_id=self.rid,
                                         own=len(job.history) - self.heard)
+        await self._write(self._body(job, b"") + self._closing(job, audio_ms, ttfa) + self._end_of_body)
+        self.complete = True
 
     async def _error(self, code: str, message: str, rid: str | None = None) -> None:
         self.server.metrics.error(code)

@@ -262,3 +262,26 @@ def test_previous_request_ids_stitch_requests_by_the_request_id_header(http):
             say(third, previous_request_ids=bad)
         assert e.value.status_code == 400 and e.value.body["error"]["code"] == "invalid_previous_request_ids"
         assert "at most 3 request ids" in e.value.body["error"]["message"]
+
+
+def test_a_reply_is_remembered_before_its_body_ends(http, monkeypatch):
+    """A client that has a whole reply may send its next request at once, on another connection: the
+    reply's sentences are remembered by then, however late the server's coroutine resumes after
+    writing the body's end (here half a second late)."""
+    import asyncio
+
+    from csmstream.transport import http_server
+
+    real = http_server.SpeechStream._write
+
+    async def late(self, data):
+        await real(self, data)
+        if data.endswith(http_server.hs.LAST_CHUNK):
+            await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(http_server.SpeechStream, "_write", late)
+    r = httpx.post(base_of(http) + "/text-to-speech/2/stream?output_format=pcm_16000",
+                   json={"text": "Remembered at once.", "previous_text": ""}, timeout=60)
+    assert r.status_code == 200
+    found = http.srv.spoken.context_of_requests("127.0.0.1", (None, 2), [r.headers["request-id"]])
+    assert [t for t, _ in found] == ["Remembered at once."]
