@@ -240,11 +240,15 @@ def test_an_http_client_that_hangs_up_while_its_turns_are_encoded_gets_nothing_g
         s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert entered.wait(10)
-    time.sleep(0.3)  # (the server sees the close)
-    release.set()
-    time.sleep(0.5)
-    assert not _reqs(rs, "gone")  # nothing was handed to the engine
+    deadline = time.monotonic() + 10  # the server sees the close (its stream is marked gone) ...
+    while not any(getattr(c, "gone", False) for c in list(rs.srv.connections)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()  # ... and only then do the turns come back encoded
+    deadline = time.monotonic() + 10
+    while rs.srv.metrics.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert rs.srv.metrics.cancelled == cancelled + 1  # the request is counted as cancelled, as a hang-up is
+    assert not _reqs(rs, "gone")  # nothing was handed to the engine
     monkeypatch.setattr(connection, "encode_turns", real)
     r = httpx.post(rs.srv.speech_url, json={"input": "Still here.", "response_format": "pcm", "max_audio_ms": 200},
                    timeout=60)
