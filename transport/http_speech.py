@@ -31,9 +31,10 @@ Errors are JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"
 ElevenLabs' REST speech is parsed here too (`parse_elevenlabs`): POST
 /v1/text-to-speech/{voice_id}[/stream]?output_format=... with {"text", "seed", ...}, streamed the
 same way as raw audio (mp3_44100_128, ElevenLabs' default, included), its request named in a
-`request-id` header for ElevenLabs' request stitching (`previous_request_ids`, spoken.py); the `/with-timestamps`
-variants return JSON with the audio in base64 and the (estimated) character alignment: one object
-for the whole reply, or with `/stream/with-timestamps` one object per line per chunk.
+`request-id` header for ElevenLabs' request stitching (`previous_request_ids`, spoken.py); the
+`/with-timestamps` variants return JSON with the audio in base64 and the (estimated) character
+alignment: one object for the whole reply, or with `/stream/with-timestamps` one object per line
+per chunk.
 """
 
 from __future__ import annotations
