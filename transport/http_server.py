@@ -216,6 +216,8 @@ class HttpApi:
             log.error("HTTP %s %s failed inside the server", req.method, req.path[:80], exc_info=e)
             return await self._refuse(writer, 500, "internal_error", bug_message(e, "this request"), keep)
         srv.metrics.requests += 1
+        if speech.gen.request_id is None:  # a proxy's id for it, if any (else the server makes one)
+            speech.gen.request_id = hs.header_request_id(req.headers)
         chunked = req.version != "HTTP/1.0"  # 1.0 has no chunked bodies: the stream ends with the connection
         keep = keep and chunked
         stream = SpeechStream(srv, writer, speech, keep, ip, chunked=chunked)

@@ -255,6 +255,17 @@ def _previous_request_ids(msg: dict) -> list[str] | None:
     return ids
 
 
+def header_request_id(headers) -> str | None:
+    """An `X-Request-Id` request header (a proxy's: nginx's $request_id, an ingress's), as the id of
+    a request whose body names none, so the server's log lines and the response carry the id the
+    proxy logged; None when absent or not a valid request id (the server then makes one)."""
+    rid = headers.get("X-Request-Id")
+    try:
+        return protocol.request_id_of({"request_id": rid or None})
+    except protocol.ProtocolError:
+        return None
+
+
 def _voice(req: dict, voice, voices, whose: str) -> None:
     """A named voice, or a speaker number ("0", 1), into the request; HttpError if neither."""
     if isinstance(voice, str) and voice in voices:

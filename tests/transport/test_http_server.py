@@ -350,6 +350,31 @@ def test_request_ids_cannot_break_the_response_head(http):
     assert done["type"] == "speech.audio.done" and done["request_id"] == "€uro-1"
 
 
+def test_a_proxys_x_request_id_names_a_request_whose_body_names_none(http):
+    """nginx ($request_id) and ingresses send X-Request-Id: a request without its own request_id
+    is known by it (the engine's record, the response, the log); the body's id wins; a header
+    that is not a valid id is ignored and the server names the request itself."""
+    url = base_of(http) + "/audio/speech"
+
+    def post(headers, **body):
+        before = len(http.srv.recent)
+        r = httpx.post(url, json={"input": "Hi.", "response_format": "pcm", "max_audio_ms": 80, **body},
+                       headers=headers, timeout=30)
+        assert r.status_code == 200
+        (req,) = list(http.srv.recent)[before:]
+        assert req.tag.rid == r.headers["x-request-id"]
+        return r.headers["x-request-id"]
+
+    assert post({"X-Request-Id": "9f2c1e7a4b"}) == "9f2c1e7a4b"
+    assert post({"X-Request-Id": "9f2c1e7a4b"}, request_id="mine") == "mine"
+    for bad in ("x" * 129, "a\tb", ""):
+        got = post({"X-Request-Id": bad})
+        assert got != bad and got.startswith(http.srv._prefix + "-")
+    r = httpx.post(base_of(http) + "/text-to-speech/0/stream?output_format=pcm_16000", json={"text": "Hi."},
+                   headers={"X-Request-Id": "from-the-proxy"}, timeout=30)
+    assert r.headers["request-id"] == r.headers["x-request-id"] == "from-the-proxy"  # ElevenLabs' route too
+
+
 def test_a_request_head_that_never_finishes_times_out(http, monkeypatch):
     monkeypatch.setattr(http_server, "HEAD_TIMEOUT", 0.3)
     t = time.monotonic()
