@@ -51,5 +51,6 @@ with httpx.Client(timeout=60) as c:
             n, first = len(next(it)), time.perf_counter() - t0
             n += sum(len(b) for b in it)
         print(f"http via nginx: status {r.status_code}, {r.headers.get('transfer-encoding')}, {n} bytes, "
+              f"request {r.headers.get('x-request-id')}, "
               f"first audio after {1000 * first:.0f} ms of {1000 * (time.perf_counter() - t0):.0f} ms")
 PYEOF

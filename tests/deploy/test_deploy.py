@@ -26,8 +26,10 @@ def test_two_servers_behind_nginx_serve_the_bench_tool(tmp_path):
     assert len(data["results"]) == 8 and all(r["error"] is None and r["chunks"] > 0 for r in data["results"])
     served = [int(float(n)) for n in re.findall(r"served (\S+) requests", out.stdout)]
     assert len(served) == 2 and all(n > 0 for n in served) and sum(served) == 8  # least_conn used both
-    http = re.findall(r"http via nginx: status (\d+), (\S+), (\d+) bytes", out.stdout)
-    assert http == [("200", "chunked", str(800 * 48))] * 2  # streamed through, every byte
+    http = re.findall(r"http via nginx: status (\d+), (\S+), (\d+) bytes, request (\S+),", out.stdout)
+    assert [h[:3] for h in http] == [("200", "chunked", str(800 * 48))] * 2  # streamed through, every byte
+    # each known by nginx's $request_id (32 hex digits), set by deploy/nginx.conf
+    assert all(re.fullmatch("[0-9a-f]{32}", h[3]) for h in http) and http[0][3] != http[1][3]
 
 
 def test_kubernetes_example_is_valid_and_consistent():
