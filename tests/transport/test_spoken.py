@@ -77,3 +77,28 @@ def test_the_least_recently_used_request_ids_go_first():
     c.remember("a", (None, 0), [("r3.", codes(3))], request_id="r3")
     assert c.context_of_requests("a", (None, 0), ["r2"]) == []
     assert texts(c.context_of_requests("a", (None, 0), ["r1", "r3"])) == ["r1.", "r3."]
+
+
+def test_codes_are_kept_as_int16_within_a_byte_budget_least_recently_used_out_first():
+    frames = np.arange(10 * 32).reshape(10, 32) % 2048  # a sentence of 10 frames: 640 bytes as int16
+    c = SpokenCache(max_bytes=3 * 640)
+    for i in range(3):
+        c.remember("a", (None, 0), [(f"S{i}.", frames + i)])
+    assert c.nbytes == 3 * 640 and len(c) == 3
+    (_, got), = c.context_for("a", (None, 0), "S1.")  # used: S0 is now the least recently used
+    assert got.dtype == np.int16 and np.array_equal(got, frames + 1)
+    c.remember("a", (None, 0), [("S3.", frames)])  # over the budget: S0 goes
+    assert len(c) == 3 and c.nbytes == 3 * 640
+    assert c.context_for("a", (None, 0), "S0.") == []
+    assert texts(c.context_for("a", (None, 0), "S1. S3.")) == ["S1.", "S3."]
+    c.remember("a", (None, 0), [("S3.", frames[:5])])  # said again, shorter: replaced, its bytes recounted
+    assert c.nbytes == 2 * 640 + 320 and len(c) == 3
+
+
+def test_a_request_whose_sentence_was_forgotten_ends_the_context_there():
+    c = SpokenCache(max_sentences=3)
+    c.remember("a", (None, 0), [("One.", codes(1)), ("Two.", codes(2))], request_id="r1")
+    c.remember("a", (None, 0), [("Three.", codes(3)), ("Four.", codes(4))], request_id="r2")  # "One." goes
+    assert texts(c.context_of_requests("a", (None, 0), ["r1", "r2"])) == ["Two.", "Three.", "Four."]
+    c.remember("a", (None, 0), [("Five.", codes(5))], request_id="r3")  # "Two." goes
+    assert texts(c.context_of_requests("a", (None, 0), ["r1", "r2", "r3"])) == ["Three.", "Four.", "Five."]
