@@ -291,8 +291,8 @@ async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token:
     """Stream a text's audio from the OpenAI-compatible HTTP endpoint (serve --http-port), e.g.
     url="http://127.0.0.1:8766/v1/audio/speech"; options as for stream_tts (format -> the
     response format, context as there; ssl_context as for SesameWebSocketService), and
-    previous_text (the text spoken before: the voice carries on from it, see README). Bytes as they arrive (any length);
-    the same errors as the WebSocket client."""
+    previous_text (the text spoken before: the voice carries on from it, see README). Bytes as
+    they arrive (any length); the same errors as the WebSocket client."""
     import httpx
 
     body = {"input": text, "speaker_id": speaker_id, "response_format": options.pop("format", "pcm_24000"), **options}

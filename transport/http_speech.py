@@ -247,11 +247,10 @@ def _previous_request_ids(msg: dict) -> list[str] | None:
     ids = msg.get("previous_request_ids")
     if ids is None:
         return None
-    if (not isinstance(ids, list) or len(ids) > MAX_PREVIOUS_REQUESTS
-            or not all(isinstance(i, str) and 0 < len(i) <= protocol.MAX_REQUEST_ID_CHARS for i in ids)):
+    if not isinstance(ids, list) or len(ids) > MAX_PREVIOUS_REQUESTS or not all(map(protocol.is_request_id, ids)):
         raise HttpError(400, "invalid_previous_request_ids", f'"previous_request_ids" must be a list of at most '
                         f"{MAX_PREVIOUS_REQUESTS} request ids (strings of 1-{protocol.MAX_REQUEST_ID_CHARS} "
-                        f"characters: the request-id headers of earlier responses), got {ids!r:.60}")
+                        f"printable characters: the request-id headers of earlier responses), got {ids!r:.60}")
     return ids
 
 
@@ -260,10 +259,7 @@ def header_request_id(headers) -> str | None:
     a request whose body names none, so the server's log lines and the response carry the id the
     proxy logged; None when absent or not a valid request id (the server then makes one)."""
     rid = headers.get("X-Request-Id")
-    try:
-        return protocol.request_id_of({"request_id": rid or None})
-    except protocol.ProtocolError:
-        return None
+    return rid if protocol.is_request_id(rid) else None
 
 
 def _voice(req: dict, voice, voices, whose: str) -> None:

@@ -160,11 +160,15 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
     return request_from(msg, rid, max_text_chars, topk_max)
 
 
+def is_request_id(rid) -> bool:
+    """A valid request id: a non-empty string of at most MAX_REQUEST_ID_CHARS printable characters."""
+    return isinstance(rid, str) and 0 < len(rid) <= MAX_REQUEST_ID_CHARS and rid.isprintable()
+
+
 def request_id_of(msg: dict) -> str | None:
     """The message's request_id (None if it has none), or ProtocolError if it is not a valid one."""
     rid = msg.get("request_id")
-    if rid is not None and (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_CHARS
-                            or not rid.isprintable()):
+    if rid is not None and not is_request_id(rid):
         raise ProtocolError("invalid_request_id", f"request_id must be a non-empty string of at most "
                             f"{MAX_REQUEST_ID_CHARS} printable characters (no line breaks or other control "
                             f"characters: it is logged and sent back in headers), got {rid!r:.60}")

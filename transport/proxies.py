@@ -48,7 +48,9 @@ class TrustedProxies:
         return f"TrustedProxies({','.join(map(str, self.networks))!r})"
 
     def trusts(self, address: str | None) -> bool:
-        ip = _parse(address) if address else None
+        return self._trusted(_parse(address) if address else None)
+
+    def _trusted(self, ip) -> bool:
         return ip is not None and any(ip.version == n.version and ip in n for n in self.networks)
 
     def client(self, peer: str | None, headers) -> str | None:
@@ -57,11 +59,11 @@ class TrustedProxies:
         if not self.trusts(peer):
             return peer
         hops = [h.strip() for value in _values(headers, "X-Forwarded-For") for h in value.split(",")]
-        hops = [h for h in hops if h]
-        for hop in reversed(hops):
-            if not self.trusts(_address(hop)):
-                return _address(hop)
-        return _address(hops[0]) if hops else peer
+        hops = [(h, _parse(h)) for h in hops if h]
+        for hop, ip in reversed(hops):
+            if not self._trusted(ip):
+                return _address(hop, ip)
+        return _address(*hops[0]) if hops else peer
 
 
 def _values(headers, name: str) -> list[str]:
@@ -72,10 +74,9 @@ def _values(headers, name: str) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def _address(hop: str) -> str:
-    """A hop as an address ("[::1]:80" and "1.2.3.4:80" lose the port); one that is not an address is
-    kept as it is (at most MAX_HOP_CHARS): what the trusted proxy said the client was."""
-    ip = _parse(hop)
+def _address(hop: str, ip) -> str:
+    """A hop (and its _parse) as an address ("[::1]:80" and "1.2.3.4:80" lose the port); one that is
+    not an address is kept as it is (at most MAX_HOP_CHARS): what the trusted proxy said the client was."""
     return str(ip) if ip is not None else hop[:MAX_HOP_CHARS]
 
 
