@@ -43,6 +43,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "default: none)")
 
 
+def _speed(text: str) -> float:
+    """--speed: a number in 0.25..4, or argparse's error saying so."""
+    from .kernels.stretch import SPEED_RANGE, check_speed
+
+    try:
+        return check_speed(float(text))
+    except ValueError:
+        lo, hi = SPEED_RANGE
+        raise argparse.ArgumentTypeError(f"must be a number in {lo:g}..{hi:g} (1 is CSM's own rate), got "
+                                         f"{text!r:.40}") from None
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speaker", type=int, default=0, help="speaker id (default: 0)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature > 0 (default: 0.9)")
@@ -182,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "WAV at their rate: what a phone hears. With --local, the same encoding is applied "
                           "in-process")
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
+    say.add_argument("--speed", type=_speed, default=1.0,
+                     help="speaking rate, 0.25..4 with the pitch kept: 1.2 is 20%% faster (default: 1, CSM's own)")
     say.add_argument("--local", action="store_true",
                      help="generate in-process with --model (no server), sentence by sentence as a server speaks "
                           "a text: the same audio for the same --seed")
@@ -296,10 +310,10 @@ def _speak(args) -> int:
     if args.model == "tiny":
         print(TINY_NOTE, file=sys.stderr)
     rate, enc = 24_000, None
-    if args.format != "pcm_24000":  # what a client of that format hears, without a server
+    if args.format != "pcm_24000" or args.speed != 1:  # what a client of that format (or speed) hears
         from .transport.encoder import AudioDecoder, encoder_for
 
-        enc, dec = encoder_for(args.format, 100), AudioDecoder(args.format)
+        enc, dec = encoder_for(args.format, 100, args.speed), AudioDecoder(args.format)
         rate = dec.rate
 
     def heard(pieces):  # the encoder's output decoded as such a client does

@@ -95,6 +95,8 @@ async def _say(args, write):
         opts["max_audio_ms"] = 80 * args.max_frames
     if getattr(args, "voice", None) is not None:  # (demo's arguments have none)
         opts["voice"] = args.voice
+    if getattr(args, "speed", 1) != 1:  # (demo's have no speed either)
+        opts["speed"] = args.speed
     token = args.token or os.environ.get(AUTH_ENV)
     conn = dict(token=token, ssl_context=getattr(args, "ssl_context", None))  # (--cafile's; demo has none)
     http = args.url.startswith(("http://", "https://"))  # the OpenAI-compatible HTTP port

@@ -111,9 +111,13 @@ class Streamer:
     # -- streams ---------------------------------------------------------------------------------
     def stream(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                seed: int | None = None, max_frames: int | None = None, format: str | None = None,
-               chunk_ms: int | None = None, sentences: bool = False, voice: str | None = None) -> Stream:
+               chunk_ms: int | None = None, sentences: bool = False, voice: str | None = None,
+               speed: float = 1.0) -> Stream:
         """Speech as int16 PCM, 24 kHz mono, 1920 samples an 80 ms frame, batched with the other
         streams; arguments and their errors are those of `Engine.stream()`.
+
+        speed: 0.25..4, the speaking rate with the pitch kept (kernels/stretch.py), as the
+        server's `speed`; PCM then comes in pieces of varying length as the stretcher makes them.
 
         format: instead, bytes in that format (any of /ws/generate's and the HTTP port's:
         "ulaw_8000" for a phone, "pcm_16000", "g722_16000", "mp3_44100_128", ...) in chunks of
@@ -128,7 +132,7 @@ class Streamer:
 
         voice: one of this Streamer's voices (voices=DIR): its turn goes first in the context, as
         the server puts it for a request's "voice"."""
-        return self._submit(self._pcm_stream(format, chunk_ms), text, speaker_id, context, voice, temperature,
+        return self._submit(self._pcm_stream(format, chunk_ms, speed), text, speaker_id, context, voice, temperature,
                             topk, seed, max_frames, sentences)
 
     def frames(self, text: str, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
@@ -141,7 +145,8 @@ class Streamer:
 
     def stream_text(self, pieces, speaker_id: int = 0, *, context=(), temperature: float = 0.9, topk: int = 50,
                     seed: int | None = None, max_frames: int | None = None, format: str | None = None,
-                    chunk_ms: int | None = None, codes: bool = False, voice: str | None = None) -> Stream:
+                    chunk_ms: int | None = None, codes: bool = False, voice: str | None = None,
+                    speed: float = 1.0) -> Stream:
         """Text as it is written (an LLM's tokens): `pieces` is an iterable of str (read by a
         thread of its own, so a blocking one never holds up the audio) or an async iterable (read
         on the event loop that iterates the stream: use `async for`). Each sentence is spoken as
@@ -156,9 +161,9 @@ class Streamer:
         is_async = hasattr(pieces, "__aiter__")
         if not is_async and not hasattr(pieces, "__iter__"):
             raise ValueError(f"pieces must be an iterable or an async iterable of str, got {type(pieces).__name__}")
-        stream = Stream(codes=True) if codes else self._pcm_stream(format, chunk_ms)
-        if codes and (format is not None or chunk_ms is not None):
-            raise ValueError("format and chunk_ms are for audio: with codes=True the frames' codes come")
+        if codes and (format is not None or chunk_ms is not None or speed != 1):
+            raise ValueError("format, chunk_ms and speed are for audio: with codes=True the frames' codes come")
+        stream = Stream(codes=True) if codes else self._pcm_stream(format, chunk_ms, speed)
         plan = self._plan(stream, speaker_id, context, voice, temperature, topk, seed, max_frames)
         plan.open = True
         plan.probe()
@@ -184,13 +189,18 @@ class Streamer:
 
         return [Segment(speaker_id, v.text, codes=v.codes), *(context or ())]
 
-    def _pcm_stream(self, format, chunk_ms) -> Stream:
+    def _pcm_stream(self, format, chunk_ms, speed) -> Stream:
         if self.engine.codec is None:
             raise ValueError("this engine has no codec to turn codes into audio (frames(), or stream_text with "
                              "codes=True, give the codes)")
         if format is None and chunk_ms is not None:
             raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
-        return Stream(codes=False, encoder=None if format is None else _encoder(format, chunk_ms))
+        from .kernels.stretch import check_speed
+
+        speed = check_speed(speed)
+        if format is not None:
+            return Stream(codes=False, encoder=_encoder(format, chunk_ms, speed))
+        return Stream(codes=False, encoder=None if speed == 1 else _Stretched(speed))
 
     def _running(self) -> None:
         if not self._started or self._closed:
@@ -244,7 +254,25 @@ class Streamer:
                 pass
 
 
-def _encoder(fmt, chunk_ms):
+class _Stretched:
+    """stream(speed=...) without a format: the PCM played at that speed, still int16 arrays (an
+    encoder's feed / finish, for Stream)."""
+
+    def __init__(self, speed: float) -> None:
+        from .kernels.stretch import TimeStretcher
+
+        self.stretcher = TimeStretcher(speed)
+
+    def feed(self, pcm) -> list:
+        out = self.stretcher.process(pcm)
+        return [out] if len(out) else []
+
+    def finish(self) -> list:
+        out = self.stretcher.flush()
+        return [out] if len(out) else []
+
+
+def _encoder(fmt, chunk_ms, speed: float = 1.0):
     """stream(format=...)'s encoder; chunk_ms None is the server's default."""
     from .transport.encoder import encoder_for
     from .transport.protocol import ALL_FORMATS, CHUNK_MS_RANGE, DEFAULT_CHUNK_MS
@@ -255,6 +283,6 @@ def _encoder(fmt, chunk_ms):
     lo, hi = CHUNK_MS_RANGE
     if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, int) or not lo <= chunk_ms <= hi:
         raise ValueError(f"chunk_ms must be an integer from {lo} to {hi}, got {chunk_ms!r}")
-    return encoder_for(fmt, chunk_ms)
+    return encoder_for(fmt, chunk_ms, speed)
 
 

@@ -17,8 +17,9 @@ handler gets it joined, once it has all come.
 utterances then go over one connection kept for the call (opened at its first, closed when the
 call ends or by aclose()), each asking the server for continue_previous, so every turn hears the
 agent's last sentences as context. `sesame_settings` also passes `voice` (a named voice of the
-server's) and `context` (the caller's last words with their audio, e.g. what /telnyx/listen gave,
-as transport/context.turn() makes them) through to the request, for the server to check.
+server's), `speed` (speaking rate, 0.25-4, pitch kept) and `context` (the caller's last words with
+their audio, e.g. what /telnyx/listen gave, as transport/context.turn() makes them) through to the
+request, for the server to check.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..transport.client import DEFAULT_URL, SesameWebSocketService
 from .telnyx_bridge import CallRegistry, UnknownCall
 from .telnyx_session import Utterance
 
-PASSED_SETTINGS = ("temperature", "topk", "seed", "voice", "context")  # sesame_settings a request carries as they are
+PASSED_SETTINGS = ("temperature", "topk", "seed", "voice", "context", "speed")  # what a request carries as it is
 
 log = logging.getLogger("csmstream.telnyx")
 Handler = Callable[[str, str, dict], Awaitable[object]]

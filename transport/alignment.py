@@ -2,7 +2,8 @@
 
 CSM has no aligner, so the timing is estimated: a sentence's characters (and a space after it)
 are spread evenly over its audio, which is known exactly once the sentence has been generated
-(its frames x 80 ms). Sentence starts are exact; positions inside a sentence are estimates. A
+(its frames x 80 ms, divided by the request's speed). Sentence starts are exact (at a speed other
+than 1, to within the stretcher's ~8 ms search); positions inside a sentence are estimates. A
 sentence's alignment is given with the chunk that completes its audio, never ahead of the audio.
 """
 
@@ -34,7 +35,7 @@ class Aligner:
         reqs = self.job.done_reqs
         while self.aligned < len(reqs):
             req = reqs[self.aligned]
-            end = self.end_ms + req.frames * FRAME_MS
+            end = self.end_ms + req.frames * FRAME_MS / self.job.msg.speed  # (its audio as played)
             if end > self.sent_ms + 1.0:  # its audio is not all out yet
                 break
             text = req.text + " "

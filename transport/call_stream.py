@@ -32,8 +32,7 @@ async def stream_to_call(conn, job) -> None:
         try:
             if first is not None:
                 job.first_audio(conn.server.metrics)
-                yield first
-            async for chunk in source:
+            async for chunk in _at_speed(_chain(first, source), job.msg.speed):
                 yield chunk
         finally:
             await source.aclose()
@@ -64,6 +63,29 @@ async def stream_to_call(conn, job) -> None:
     task = asyncio.create_task(_done_when_heard(conn, job, call, utt, sent_ms))
     _LISTENING.add(task)
     task.add_done_callback(_LISTENING.discard)
+
+
+async def _chain(first, rest):
+    if first is not None:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _at_speed(pcm, speed: float):
+    """The PCM played at `speed` (kernels/stretch.py), or as it is at 1."""
+    if speed == 1:
+        async for chunk in pcm:
+            yield chunk
+        return
+    from ..kernels.stretch import TimeStretcher
+
+    stretcher = TimeStretcher(speed)
+    async for chunk in pcm:
+        if len(out := stretcher.process(chunk)):
+            yield out
+    if len(out := stretcher.flush()):
+        yield out
 
 
 async def _end_unspoken(conn, job, sent_ms: float = 0.0) -> None:

@@ -28,8 +28,9 @@ left that long without a message is closed -- its buffered text is still spoken 
 nothing open is closed), seed (reproducible audio) and continue_previous (true | false; default:
 serve --elevenlabs-continue-previous, else false: on multi-stream-input a new context hears the
 sentences of the context that generated last, so a voice agent's turns keep one voice; its isFinal
-then says "continued": N; stream-input holds one utterance, so nothing comes before it); model_id
-and other ElevenLabs settings are accepted and ignored. The alignment (characters with start times
+then says "continued": N; stream-input holds one utterance, so nothing comes before it). The
+opening message's voice_settings.speed (0.25-4, default 1) sets the speaking rate, pitch kept; model_id
+and ElevenLabs' other settings are accepted and ignored. The alignment (characters with start times
 and durations, which clients such as pipecat turn into the words the caller heard) is estimated per
 sentence: see alignment.py.
 """
@@ -202,17 +203,24 @@ class ElevenLabsBase(Connection):
             return None
         return msg
 
-    def _new_job(self, text: str) -> Stream:
+    def _new_job(self, text: str, speed: float = 1.0) -> Stream:
         named = self.voice_id in self.server.voices
         gen = protocol.Generate(text=text or " ", speaker_id=0 if named else protocol.digits_value(self.voice_id),
                                 request_id=self.server.next_request_id(), format=self.output_format,
                                 chunk_ms=CHUNK_MS, voice=self.server.voice_name(self.voice_id) if named else None,
-                                final=False, seed=self.seed, continue_previous=self.continue_previous)
+                                final=False, seed=self.seed, continue_previous=self.continue_previous, speed=speed)
         job = Stream(gen, gen.request_id)
         job.take(text)
         self.jobs.append(job)
         self.server.metrics.requests += 1
         return job
+
+    @staticmethod
+    def opening_speed(msg: dict) -> float:
+        """The speed an opening message asks for in its voice_settings (1 when none), or
+        ProtocolError saying what is allowed."""
+        speed = protocol.voice_settings_speed(msg, protocol.ProtocolError)
+        return 1.0 if speed is None else speed
 
     def _audio(self, job: Stream, chunk: bytes) -> dict:
         align = job.alignment(job.encoder.duration_ms(chunk))
@@ -270,8 +278,13 @@ class ElevenLabsConnection(ElevenLabsBase):
         if (job.chars if job is not None else 0) + len(text) > self.server.max_text_chars:
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per stream")
             return
-        if job is None:  # the first message opens the stream (its text is usually " ")
-            job = self.job = self.open_job = self._new_job(text)
+        if job is None:  # the first message opens the stream (its text is usually " ", with its settings)
+            try:
+                speed = self.opening_speed(msg)
+            except protocol.ProtocolError as e:
+                await self._error(e.code, e.message)
+                return
+            job = self.job = self.open_job = self._new_job(text, speed)
             self._work.set()
         else:
             job.take(text)

@@ -97,7 +97,7 @@ class MultiContextConnection(ElevenLabsBase):
         if job is None and not text and not (msg.get("flush") is True or msg.get("close_context") is True):
             return  # {"text": ""} (with no context, or a closed one): a keep-alive; it opens nothing
         if job is None:
-            job = await self._open(cid, text)
+            job = await self._open(cid, text, msg)
             if job is None:
                 return
         elif text:
@@ -128,7 +128,7 @@ class MultiContextConnection(ElevenLabsBase):
         if not (msg.get("flush") is True or msg.get("close_context") is True):
             self.failed[cid] = now  # (re-inserted: the dict stays ordered by last message)
 
-    async def _open(self, cid: str, text: str | None) -> Stream | None:
+    async def _open(self, cid: str, text: str | None, msg: dict) -> Stream | None:
         if not text:  # a flush or close_context
             await self._error("context_not_found", f"no open context {cid!r}; a context opens with its first "
                               'text message ({"text": " ", "context_id": ...})', cid=cid)
@@ -147,7 +147,12 @@ class MultiContextConnection(ElevenLabsBase):
         if text and len(text) > self.server.max_text_chars:
             await self._error("text_too_long", f"at most {self.server.max_text_chars} characters per context", cid=cid)
             return None
-        job = self._new_job(text)
+        try:
+            speed = self.opening_speed(msg)  # (a context's first message may carry its voice_settings)
+        except protocol.ProtocolError as e:
+            await self._error(e.code, e.message, cid=cid)
+            return None
+        job = self._new_job(text, speed)
         job.context_id = cid
         self.contexts[cid] = job
         task = asyncio.create_task(self._play(cid, job))

@@ -18,15 +18,18 @@ import numpy as np
 from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ..kernels.g722 import G722Decoder, G722Encoder
 from ..kernels.resample import Resampler
+from ..kernels.stretch import TimeStretcher
 from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS, PACKET_FORMATS
 
 SOURCE_RATE = 24_000
 _POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
 
 
-def encoder_for(fmt: str, chunk_ms: int) -> AudioEncoder:
+def encoder_for(fmt: str, chunk_ms: int, speed: float = 1.0) -> AudioEncoder:
     """The encoder of a format name: raw PCM/G.711/G.722 here, MP3 in mp3.py, Ogg Opus in opus.py,
-    AAC and FLAC in packets.py."""
+    AAC and FLAC in packets.py; at a `speed` other than 1, wrapped in a SpeedEncoder."""
+    if speed != 1:
+        return SpeedEncoder(encoder_for(fmt, chunk_ms), speed)
     if fmt in MP3_FORMATS:
         from .mp3 import Mp3Encoder
 
@@ -137,6 +140,28 @@ class AudioEncoder:
     @property
     def audio_ms(self) -> float:
         return self.ms_of(self.bytes_out)
+
+
+class SpeedEncoder:
+    """An encoder fed through a TimeStretcher (kernels/stretch.py): the PCM is played at `speed`
+    (pitch kept) before it is resampled and encoded. Everything else is the wrapped encoder's: its
+    chunks, their durations (of the audio as sent, at the new speed), audio_ms."""
+
+    def __init__(self, inner: AudioEncoder, speed: float) -> None:
+        self.inner, self.speed = inner, speed
+        self.stretcher = TimeStretcher(speed)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def feed(self, pcm: np.ndarray) -> list[bytes]:
+        return self.inner.feed(self.stretcher.process(pcm))
+
+    async def feed_async(self, pcm: np.ndarray) -> list[bytes]:
+        return await self.inner.feed_async(self.stretcher.process(pcm))
+
+    def finish(self) -> list[bytes]:
+        return self.inner.feed(self.stretcher.flush()) + self.inner.finish()
 
 
 class AudioDecoder:

@@ -18,7 +18,9 @@ the base URL; the audio streams back as it is generated instead of arriving all 
   every format OpenAI names.
 - `stream_format`: `audio` (default: the bytes themselves) or `sse` (server-sent events
   `speech.audio.delta` with base64 audio, then `speech.audio.done`; an `error` event on failure).
-- `speed` must be 1 and `instructions` empty: CSM has neither control.
+- `speed`: 0.25 to 4 (default 1), as OpenAI's: the audio is played faster or slower with its pitch
+  kept (kernels/stretch.py; CSM itself speaks at one rate). `instructions` must be empty: CSM
+  takes no style prompt.
 - csm-stream's own fields pass through: speaker_id, temperature, topk, seed, max_audio_ms,
   chunk_ms, request_id and context (the client's own earlier turns with their audio, as on
   /ws/generate: encoded before the response starts, a 400 `invalid_context` if refused), all
@@ -58,7 +60,8 @@ DEFAULT_RESPONSE_FORMAT = "wav"
 RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48", "opus": "opus_48000_32",
                     "aac": "aac_24000_64", "flac": "flac_24000", **{f: f for f in protocol.ALL_FORMATS}}
 MAX_PREVIOUS_REQUESTS = 3  # ElevenLabs' limit on previous_request_ids
-PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id", "context")
+PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id", "context",
+                  "speed")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
@@ -176,10 +179,6 @@ def parse_speech(body: bytes, *, voices, max_text_chars: int = protocol.DEFAULT_
     stream = "audio" if stream is None else stream
     if stream not in ("audio", "sse"):
         raise bad("invalid_stream_format", f'stream_format must be "audio" or "sse", got {stream!r:.40}')
-    speed = msg.get("speed")
-    if speed is not None and (isinstance(speed, bool) or speed != 1):
-        raise bad("unsupported_speed", f"speed {speed!r:.20} is not available: CSM speaks at one speed; omit it "
-                  "or send 1")
     if msg.get("instructions") not in (None, ""):
         raise bad("unsupported_instructions", "instructions are not available: CSM takes no style prompt; use a "
                   "named voice, or earlier turns over /ws/generate, to steer it")
@@ -197,8 +196,8 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     """ElevenLabs' REST text-to-speech, `POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
     ?output_format=` with {"text", "seed", ...} -> Speech (streamed either way), or HttpError (400).
     previous_text gets the codes of its last sentences as context when this server generated them
-    for this client and voice (spoken.py); model_id, voice_settings and ElevenLabs' other settings
-    are accepted and ignored."""
+    for this client and voice (spoken.py); voice_settings.speed is the speaking rate (0.25-4); model_id,
+    the rest of voice_settings and ElevenLabs' other settings are accepted and ignored."""
     route = ELEVENLABS_PATH.match(path)
     voice_id = unquote(route.group(1))
     timestamps = None if route.group(3) is None else "lines" if route.group(2) else "json"
@@ -215,6 +214,8 @@ def parse_elevenlabs(path: str, query: str, body: bytes, *, voices,
     req = {"text": text, "format": fmt}
     if msg.get("seed") is not None:
         req["seed"] = msg["seed"]
+    if (speed := protocol.voice_settings_speed(msg, lambda code, why: HttpError(400, code, why))) is not None:
+        req["speed"] = speed
     _voice(req, voice_id, voices, "ElevenLabs'")
     return Speech(_generate(req, max_text_chars, topk_max), wav=False, sse=False, timestamps=timestamps,
                   continues=True, previous_text=previous, previous_request_ids=ids, elevenlabs=True)

@@ -26,7 +26,7 @@ SETTLE_S = 0.2  # a text stream quiet this long after a sentence's end: that end
 class Job:
     def __init__(self, msg: protocol.Generate, rid: str) -> None:
         self.msg, self.rid = msg, rid
-        self.encoder = encoder_for(msg.format, msg.chunk_ms)
+        self.encoder = encoder_for(msg.format, msg.chunk_ms, msg.speed)
         self.event = asyncio.Event()
         self.t_recv = time.perf_counter()  # reset to when its turn comes, if it queued
         self.t_first = 0.0
@@ -37,7 +37,7 @@ class Job:
         self.error: str | None = None
         self.error_code: str | None = None  # its error's code, when it was refused (e.g. busy)
         self.error_sent = False  # its error message has gone out (a refused first sentence's: at once)
-        self.src_limit = None if msg.max_audio_ms is None else msg.max_audio_ms * SOURCE_RATE // 1000
+        self.src_limit = None if msg.max_audio_ms is None else src_samples(msg.max_audio_ms, msg.speed)
         self.src_sent = 0
         self.call = None  # a phone call's media stream (serve --telnyx), when the request names one
         self.speaking: asyncio.Task | None = None  # the call.speak() feeding it
@@ -181,6 +181,11 @@ class Job:
         m = self.msg
         return sentence_request(text, context, m.seed, self.n_parts, max_frames, speaker_id=m.speaker_id,
                                 temperature=m.temperature, topk=m.topk, tag=self, chunk_s=m.chunk_ms / 1000)
+
+
+def src_samples(ms: int, speed: float) -> int:
+    """Generated (24 kHz) samples that play for `ms` at `speed`: max_audio_ms caps the audio sent."""
+    return ms * SOURCE_RATE // 1000 if speed == 1 else int(ms * speed * SOURCE_RATE / 1000)
 
 
 def sentence_request(text: str, context: list, seed: int | None, i: int, max_frames: int, **fields) -> GenRequest:

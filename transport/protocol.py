@@ -83,6 +83,7 @@ class Generate:
     inactivity_timeout: float = INACTIVITY_S  # a text stream (final=false) with no message this long is closed
     continue_previous: bool = False  # the connection's last sentences (an earlier request's) are its context
     context: list | None = None  # the client's own earlier turns (context.Turn), heard before the reply
+    speed: float = 1.0  # speaking rate, pitch kept (kernels/stretch.py): 1.25 is 25% faster
 
 
 @dataclass
@@ -275,11 +276,37 @@ def request_from(msg: dict, rid: str | None = None, max_text_chars: int = DEFAUL
     if not isinstance(cont, bool):
         raise bad("invalid_continue_previous", f"continue_previous must be true or false, got {cont!r:.40}")
     g.continue_previous = cont
+    g.speed = speed_of(msg.get("speed"), bad)
     if msg.get("context") is not None:
         from .context import parse_turns  # (context.py takes its formats from this module)
 
         g.context = parse_turns(msg["context"], bad, max_text_chars, text_problem)
     return g
+
+
+def speed_of(value, bad) -> float:
+    """A request's `speed` (None: 1), or bad("invalid_speed", why) raised."""
+    if value is None:
+        return 1.0
+    from ..kernels.stretch import check_speed  # (numpy only; loaded by the first request that asks)
+
+    try:
+        return check_speed(value)
+    except ValueError as e:
+        raise bad("invalid_speed", str(e)) from None
+
+
+def voice_settings_speed(msg: dict, bad) -> float | None:
+    """ElevenLabs' voice_settings.speed of a message (a REST body, a socket's opening message): None
+    when not given, else checked as `speed` is; a voice_settings that is not an object is refused
+    (its other settings are accepted and ignored)."""
+    settings = msg.get("voice_settings")
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise bad("invalid_voice_settings", f'voice_settings must be an object (e.g. {{"speed": 1.1}}), got '
+                  f"{type(settings).__name__}")
+    return None if settings.get("speed") is None else speed_of(settings["speed"], bad)
 
 
 def close_reason(text: str) -> str:

@@ -116,6 +116,8 @@ def test_a_missing_voices_directory_and_a_bad_chunk_are_refused_before_loading_o
     (["serve", "--tls-cert", "no/cert.pem"], "--tls-cert 'no/cert.pem': no such file"),
     (["serve", "--tls-key", "FILE"], "--tls-key needs --tls-cert (the certificate it belongs to)"),
     (["say", "hi", "--cafile", "no/ca.pem"], "--cafile 'no/ca.pem': no such file"),
+    (["say", "hi", "--speed", "5"], "argument --speed: must be a number in 0.25..4 (1 is CSM's own rate), got '5'"),
+    (["say", "hi", "--speed", "fast"], "argument --speed: must be a number in 0.25..4"),
     (["say", "hi", "--cafile", "FILE"], "no PEM certificate in it"),
     (["say", "hi", "--local", "--cafile", "FILE"], "--cafile is for a server's wss:// or https:// --url"),
     (["bench", "--cafile", "FILE"], "no PEM certificate in it"),

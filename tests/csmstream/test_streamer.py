@@ -200,3 +200,24 @@ def test_a_format_gives_the_servers_chunks_of_the_same_audio_and_keeps_what_was_
         with pytest.raises(ValueError, match="chunk_ms goes with format"):
             tts.stream(text, chunk_ms=20)
     _all_free(engine)
+
+
+def test_speed_plays_the_streams_audio_at_that_speed_as_pcm_or_in_a_format(engine):
+    """speed: the stream's PCM played by the stretcher (its whole-signal reference: kernels/stretch),
+    as int16 arrays without a format, in the format's chunks with one; codes and bad speeds refused."""
+    from csmstream.kernels.stretch import stretch_ref
+    from csmstream.transport.encoder import encoder_for
+
+    text = "Thanks for calling."
+    played = stretch_ref(np.concatenate(list(engine.stream(text, seed=2, max_frames=12))), 1.4)
+    with csmstream.Streamer(engine) as tts:
+        pieces = list(tts.stream(text, seed=2, max_frames=12, speed=1.4))
+        assert all(p.dtype == np.int16 for p in pieces) and np.array_equal(np.concatenate(pieces), played)
+        chunks = list(tts.stream(text, seed=2, max_frames=12, speed=1.4, format="pcm_16000", chunk_ms=40))
+        enc = encoder_for("pcm_16000", 40)
+        assert b"".join(chunks) == b"".join(enc.feed(played) + enc.finish())
+        for bad in (0.1, "2", None):
+            with pytest.raises(ValueError, match=r"speed must be a number in 0\.25\.\.4"):
+                tts.stream(text, speed=bad)
+        with pytest.raises(ValueError, match="speed are for audio"):
+            tts.stream_text(iter(["Hi."]), codes=True, speed=2)

@@ -129,6 +129,30 @@ def test_speak_text_streams_exact_ulaw_paced_with_a_mark(server):
     assert t[-1] - t[0] >= 0.5 * cum[-1] - 0.100 - secs[-1]
 
 
+def test_sesame_settings_speed_reaches_the_call(server):
+    """sesame_settings["speed"] passes through: the call hears the engine's audio played at that
+    speed (the stretcher's whole-signal reference), resampled and mu-law encoded."""
+    from csmstream.kernels.stretch import stretch_ref
+
+    text = "A brisker reply."
+    config = {**CONFIG, "sesame_settings": {**CONFIG["sesame_settings"], "speed": 1.5}}
+
+    async def go():
+        async with endpoint() as (url, registry, _):
+            service = TelnyxService(registry, sesame_url=server.url)
+            async with TelnyxSimulator(url) as sim:
+                utt = await service.speak_text("v2:call-1", text, config)
+                return sim, await registry.get("v2:call-1").heard(utt, timeout=30)
+
+    sim, heard = asyncio.run(go())
+    assert heard and not sim.problems
+    r = Resampler(24000, 8000)
+    pcm = stretch_ref(engine_audio(text, 1, 9), 1.5)
+    want = ulaw_encode(np.concatenate([r.process(pcm), r.flush()])).tobytes()
+    got = bytes(sim.audio)
+    assert got[: len(want)] == want and set(got[len(want):]) <= {0xFF} and len(got) - len(want) < 160
+
+
 def test_speak_text_takes_an_llms_pieces_and_plays_them_as_they_come(server):
     """speak_text with the text as an LLM writes it (an async iterable): one text stream, spoken
     as it comes; a one-sentence reply gives exactly the audio of that sentence sent whole."""

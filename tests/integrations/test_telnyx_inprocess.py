@@ -178,30 +178,49 @@ def test_telnyx_endpoint_requires_the_auth_token(phone_server):
     assert e.value.response.status_code == 401
 
 
-def test_stream_url_query_picks_l16_at_24khz_the_engines_own_samples(phone_server):
-    """`/telnyx?codec=L16&sampling_rate=24000` (the server's default is PCMU): the call gets the
-    engine's 24 kHz samples untouched, big-endian, in 960-byte frames."""
-    rs = phone_server
-    text = "Uncompressed into this call."
-
+def _l16_call_hears(rs, ccid: str, request: dict) -> np.ndarray:
+    """A call on L16 at 24 kHz; `request` names it over /ws/generate: what the call heard, once
+    its done says heard (checked against the call's own audio)."""
     async def go():
         url = rs.telnyx_url + "?codec=L16&sampling_rate=24000"
-        async with TelnyxSimulator(url, "v2:call-3", headers={AUTH_HEADER: "tok"}, codec="L16",
-                                   sampling_rate=24000) as s:
-            await wait_until(lambda: rs.calls.get("v2:call-3") is not None)
+        async with TelnyxSimulator(url, ccid, headers={AUTH_HEADER: "tok"}, codec="L16", sampling_rate=24000) as s:
+            await wait_until(lambda: rs.calls.get(ccid) is not None)
             async with connect(rs.url) as ws:
-                await ws.send(json.dumps({"text": text, "call_control_id": "v2:call-3", "seed": 4, "speaker_id": 1}))
+                await ws.send(json.dumps({**request, "call_control_id": ccid}))
                 done = await next_json(ws)
             return s, done
 
     s, done = asyncio.run(go())
     assert not s.problems and done["heard"] is True and done["audio_ms"] == pytest.approx(s.audio_ms)
+    return s.pcm()
+
+
+def _engine_pcm(text: str, speaker: int, seed: int) -> np.ndarray:
     import csmstream
 
-    pcm = np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream(text, 1, seed=4)))
-    got = s.pcm()
+    return np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream(text, speaker, seed=seed)))
+
+
+def test_stream_url_query_picks_l16_at_24khz_the_engines_own_samples(phone_server):
+    """`/telnyx?codec=L16&sampling_rate=24000` (the server's default is PCMU): the call gets the
+    engine's 24 kHz samples untouched, big-endian, in 960-byte frames."""
+    text = "Uncompressed into this call."
+    got = _l16_call_hears(phone_server, "v2:call-3", {"text": text, "seed": 4, "speaker_id": 1})
+    pcm = _engine_pcm(text, 1, 4)
     np.testing.assert_array_equal(got[: len(pcm)], pcm)
     assert not got[len(pcm):].any() and len(got) - len(pcm) < 480
+
+
+def test_a_call_request_with_a_speed_plays_the_engines_samples_at_that_speed(phone_server):
+    """`speed` on a request that names a call: the call hears the engine's samples played by the
+    stretcher (its whole-signal reference, kernels/stretch), and `done` counts that audio."""
+    from csmstream.kernels.stretch import stretch_ref
+
+    text = "Quicker into this call."
+    got = _l16_call_hears(phone_server, "v2:call-5", {"text": text, "seed": 4, "speed": 1.3})
+    want = stretch_ref(_engine_pcm(text, 0, 4), 1.3)
+    np.testing.assert_array_equal(got[: len(want)], want)
+    assert not got[len(want):].any() and len(got) - len(want) < 480
 
 
 @pytest.mark.parametrize("query,reason", [("?codec=G722&sampling_rate=8000", "G722 runs at 16000 Hz"),

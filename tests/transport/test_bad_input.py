@@ -45,6 +45,8 @@ CASES = [
     ('{"text": "hi", "topk": 5000}', "invalid_topk"),
     ('{"text": "hi", "seed": "abc"}', "invalid_seed"),
     ('{"text": "hi", "max_audio_ms": 0}', "invalid_max_audio_ms"),
+    ('{"text": "hi", "speed": 4.5}', "invalid_speed"),
+    ('{"text": "hi", "speed": "fast"}', "invalid_speed"),
     ('{"text": "hi", "request_id": 7}', "invalid_request_id"),
     ('{"text": "hi", "request_id": "a\\nb"}', "invalid_request_id"),  # logged and echoed: no line breaks
     ('{"text": "hi", "voice": "nobody"}', "unknown_voice"),
