@@ -11,6 +11,7 @@ from csmstream.kernels.audio import float_to_int16
 from csmstream.kernels.g711 import alaw_encode, ulaw_decode, ulaw_encode
 from csmstream.kernels.g722 import G722Decoder, G722Encoder
 from csmstream.kernels.resample import Resampler
+from csmstream.kernels.stretch import TimeStretcher
 from csmstream.transport import protocol
 from csmstream.transport.encoder import encoder_for
 
@@ -22,6 +23,16 @@ def test_resample_chunk(benchmark, fs_out):
     r = Resampler(24000, fs_out)
     benchmark.group = "audio-kernels"
     benchmark(r.process, PCM)
+
+
+@pytest.mark.parametrize("speed", [0.8, 1.25, 2.0])
+def test_stretch_chunk(benchmark, speed):
+    """A stream's speaking rate (kernels/stretch.py): one 100 ms chunk through a running stretcher
+    (a stream's steady state; compare with test_resample_chunk, which every 8 kHz call pays)."""
+    st = TimeStretcher(speed)
+    st.process(np.tile(PCM, 4))  # past the start
+    benchmark.group = "audio-kernels"
+    benchmark(st.process, PCM)
 
 
 def test_float_to_int16_frame(benchmark):

@@ -43,18 +43,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "default: none)")
 
 
-def _speed(text: str) -> float:
-    """--speed: a number in 0.25..4, or argparse's error saying so."""
-    from .kernels.stretch import SPEED_RANGE, check_speed
-
-    try:
-        return check_speed(float(text))
-    except ValueError:
-        lo, hi = SPEED_RANGE
-        raise argparse.ArgumentTypeError(f"must be a number in {lo:g}..{hi:g} (1 is CSM's own rate), got "
-                                         f"{text!r:.40}") from None
-
-
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speaker", type=int, default=0, help="speaker id (default: 0)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature > 0 (default: 0.9)")
@@ -194,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "WAV at their rate: what a phone hears. With --local, the same encoding is applied "
                           "in-process")
     say.add_argument("--chunk-ms", type=int, default=100, help="chunk length, 20..1000 ms (default: 100)")
-    say.add_argument("--speed", type=_speed, default=1.0,
+    say.add_argument("--speed", type=float, default=1.0,
                      help="speaking rate, 0.25..4 with the pitch kept: 1.2 is 20%% faster (default: 1, CSM's own)")
     say.add_argument("--local", action="store_true",
                      help="generate in-process with --model (no server), sentence by sentence as a server speaks "
@@ -276,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return commands.bench(args)
         commands.check_chunk_ms(args.chunk_ms)  # (before loading a model or connecting)
+        commands.check_speed(args.speed)
         if not args.local:
             commands.check_url(args.url)
             if args.max_request_chars < 1:

@@ -40,6 +40,15 @@ def check_chunk_ms(ms: int) -> None:
         raise ValueError(f"--chunk-ms must be in {lo}..{hi}, got {ms}")
 
 
+def check_speed(speed: float) -> None:
+    """--speed as the server accepts it (kernels/stretch.py's range), checked before any work."""
+    from .kernels.stretch import SPEED_RANGE
+
+    lo, hi = SPEED_RANGE
+    if not lo <= speed <= hi:  # (nan too)
+        raise ValueError(f"--speed must be a number in {lo:g}..{hi:g} (1 is CSM's own rate), got {speed}")
+
+
 def check_url(url: str) -> None:
     """--url as say and bench can use it: a WebSocket endpoint or the HTTP port's speech route,
     checked before any connection (else each request fails with the client library's words)."""

@@ -147,6 +147,8 @@ class SpeedEncoder:
     (pitch kept) before it is resampled and encoded. Everything else is the wrapped encoder's: its
     chunks, their durations (of the audio as sent, at the new speed), audio_ms."""
 
+    offload = True
+
     def __init__(self, inner: AudioEncoder, speed: float) -> None:
         self.inner, self.speed = inner, speed
         self.stretcher = TimeStretcher(speed)
@@ -158,7 +160,9 @@ class SpeedEncoder:
         return self.inner.feed(self.stretcher.process(pcm))
 
     async def feed_async(self, pcm: np.ndarray) -> list[bytes]:
-        return await self.inner.feed_async(self.stretcher.process(pcm))
+        """feed() on a codec thread, always: the stretcher's kernel holds no GIL, so hundreds of
+        streams at a speed cost the event loop a hand-off each, not their CPU."""
+        return await asyncio.get_running_loop().run_in_executor(_pool(), self.feed, pcm)
 
     def finish(self) -> list[bytes]:
         return self.inner.feed(self.stretcher.flush()) + self.inner.finish()
@@ -190,9 +194,10 @@ class AudioDecoder:
 
 def warm_codecs() -> list[str]:
     """Encode a short tone in every format (and decode the raw ones, as a phone call's caller audio
-    is), so that no first request compiles a kernel or imports a codec library on the event loop:
-    with numba's cache cold (a fresh install or container) that took seconds, during which every
-    other stream stalled. Returns the formats whose codec library is not installed."""
+    is; and stretch it, as a request's speed does), so that no first request compiles a kernel or
+    imports a codec library on the event loop: with numba's cache cold (a fresh install or
+    container) that took seconds, during which every other stream stalled. Returns the formats
+    whose codec library is not installed."""
     t = np.arange(4800) / SOURCE_RATE
     tone = (3000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
     missing = []
@@ -208,4 +213,7 @@ def warm_codecs() -> list[str]:
             data = b"".join(out)
             AudioDecoder(fmt).decode(data)
             AudioDecoder(fmt).decode(np.frombuffer(data, np.uint8))
+    stretcher = TimeStretcher(1.25)  # and the speaking rate's kernel (a request's `speed`)
+    stretcher.process(tone)
+    stretcher.flush()
     return missing
