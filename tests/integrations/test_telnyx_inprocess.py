@@ -196,9 +196,9 @@ def _l16_call_hears(rs, ccid: str, request: dict) -> np.ndarray:
 
 
 def _engine_pcm(text: str, speaker: int, seed: int) -> np.ndarray:
-    import csmstream
+    from tests.transport.test_server import reference_pcm  # (one engine a process for these)
 
-    return np.concatenate(list(csmstream.load("tiny", device="cpu", max_streams=1).stream(text, speaker, seed=seed)))
+    return np.frombuffer(reference_pcm(text, speaker, seed=seed), "<i2")
 
 
 def test_stream_url_query_picks_l16_at_24khz_the_engines_own_samples(phone_server):

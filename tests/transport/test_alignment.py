@@ -10,9 +10,9 @@ import pytest
 from csmstream.transport.alignment import Aligner, absolute_seconds, relative_ms
 
 
-def job(*sentences: tuple[str, int], delay_ms: float = 0.0):
+def job(*sentences: tuple[str, int], delay_ms: float = 0.0, speed: float = 1.0):
     reqs = [SimpleNamespace(text=t, frames=f) for t, f in sentences]
-    return SimpleNamespace(done_reqs=reqs, encoder=SimpleNamespace(delay_ms=delay_ms))
+    return SimpleNamespace(done_reqs=reqs, encoder=SimpleNamespace(delay_ms=delay_ms), msg=SimpleNamespace(speed=speed))
 
 
 def test_a_sentence_is_aligned_with_the_chunk_that_completes_its_audio():
@@ -21,6 +21,15 @@ def test_a_sentence_is_aligned_with_the_chunk_that_completes_its_audio():
     chars, edges, base = a.advance(100)
     assert (chars, edges, base) == (list("Hi. "), [0, 100, 200, 300, 400], 0.0)
     assert a.advance(100) is None  # given once
+
+
+def test_at_a_speed_a_sentence_lasts_its_frames_over_the_speed():
+    a = Aligner(job(("Hi.", 5), ("Yo.", 2), speed=2.0))  # 400 ms played in 200, then 160 in 80
+    assert a.advance(198) is None  # (1 ms of slack: sent sizes are rounded)
+    chars, edges, base = a.advance(2)
+    assert (chars, edges, base) == (list("Hi. "), [0, 50, 100, 150, 200], 0.0)
+    chars, edges, base = a.advance(80)
+    assert (chars, edges, base) == (list("Yo. "), [200, 220, 240, 260, 280], 200.0)
 
 
 def test_sentences_ending_in_one_chunk_come_together_and_the_next_counts_from_there():

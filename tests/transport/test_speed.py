@@ -38,8 +38,8 @@ def ws_events(url: str, *messages) -> list:
 
 
 @pytest.mark.parametrize("speed", [0.8, 1.5])
-def test_ws_generate_plays_the_engines_audio_at_the_speed_asked(server, speed):
-    (events,) = ws_events(server.url, {"text": TEXT, "seed": 3, "speed": speed})
+def test_ws_generate_plays_the_engines_audio_at_the_speed_asked(http, speed):
+    (events,) = ws_events(http.url, {"text": TEXT, "seed": 3, "speed": speed})
     chunks = [b for k, b in events if k == "audio"]
     want = played(reference_pcm(TEXT, 0, seed=3), speed)
     assert b"".join(chunks) == want
@@ -47,16 +47,16 @@ def test_ws_generate_plays_the_engines_audio_at_the_speed_asked(server, speed):
     assert events[-1][1]["audio_ms"] == pytest.approx(len(want) / 48, abs=0.1)
 
 
-def test_max_audio_ms_counts_the_audio_as_played(server):
+def test_max_audio_ms_counts_the_audio_as_played(http):
     """1,000 ms asked at speed 2: 2 s of the engine's audio, played in exactly 1 s."""
-    (events,) = ws_events(server.url, {"text": "A sentence long enough to run past one second of audio, surely.",
+    (events,) = ws_events(http.url, {"text": "A sentence long enough to run past one second of audio, surely.",
                                        "seed": 1, "speed": 2, "max_audio_ms": 1000})
     assert events[-1][0] == "done" and events[-1][1]["audio_ms"] == pytest.approx(1000, abs=0.2)
     assert len(audio_of(events)) == 48_000  # 1 s at 24 kHz, 16-bit
 
 
-def test_a_bad_speed_is_refused_and_the_connection_serves_on(server):
-    bad, good = ws_events(server.url, {"text": TEXT, "speed": 0.1}, {"text": TEXT, "seed": 3, "speed": 1.5})
+def test_a_bad_speed_is_refused_and_the_connection_serves_on(http):
+    bad, good = ws_events(http.url, {"text": TEXT, "speed": 0.1}, {"text": TEXT, "seed": 3, "speed": 1.5})
     err = bad[0][1]["error"]
     assert err["code"] == "invalid_speed" and "0.25..4" in err["message"] and "0.1" in err["message"]
     assert audio_of(good) == played(reference_pcm(TEXT, 0, seed=3), 1.5)
@@ -96,8 +96,8 @@ def test_elevenlabs_voice_settings_speed_over_rest_with_the_alignment_as_played(
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
 
 
-def test_elevenlabs_stream_input_takes_speed_from_the_opening_voice_settings(server):
-    url = server.url.replace("/ws/generate", "/v1/text-to-speech/0/stream-input?seed=7")
+def test_elevenlabs_stream_input_takes_speed_from_the_opening_voice_settings(http):
+    url = http.url.replace("/ws/generate", "/v1/text-to-speech/0/stream-input?seed=7")
 
     async def go(opening):
         async with connect(url) as ws:
@@ -119,10 +119,10 @@ def test_elevenlabs_stream_input_takes_speed_from_the_opening_voice_settings(ser
     assert errors[0]["error"] == "invalid_speed" and "0.25..4" in errors[0]["message"]
 
 
-def test_elevenlabs_multi_stream_input_takes_each_contexts_speed_from_its_first_message(server):
+def test_elevenlabs_multi_stream_input_takes_each_contexts_speed_from_its_first_message(http):
     from tests.transport.test_elevenlabs import read_contexts
 
-    url = server.url.replace("/ws/generate", "/v1/text-to-speech/0/multi-stream-input?seed=3")
+    url = http.url.replace("/ws/generate", "/v1/text-to-speech/0/multi-stream-input?seed=3")
 
     async def go():
         async with connect(url) as ws:
