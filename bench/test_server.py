@@ -298,6 +298,33 @@ def test_ttfa_with_the_callers_turn_as_context_vs_without(benchmark, running):
     benchmark.pedantic(lambda: asyncio.run(one()), rounds=3)
 
 
+def test_ttfa_at_a_speed_vs_speed_1(benchmark, running):
+    """Requests at speed 1.25 and 1.5 (kernels/stretch.py) against speed 1, alternating on one
+    connection: what the stretcher's look-ahead costs in time to first audio (at 1.25 a first 100 ms
+    chunk still needs two engine frames, at 1.5 three)."""
+    rs, _ = running
+
+    async def ttfa(ws, seed, speed):
+        return (await turn_ttfa(ws, seed, max_audio_ms=400, **({} if speed == 1 else {"speed": speed})))[0]
+
+    async def side_by_side(n):
+        got = {1: [], 1.25: [], 1.5: []}
+        async with connect(rs.url) as ws:
+            for i in range(n):
+                for speed in got:
+                    got[speed].append(await ttfa(ws, i, speed))
+        return got
+
+    async def one():
+        async with connect(rs.url) as ws:
+            await ttfa(ws, 0, 1.25)
+
+    ms = {k: 1000 * float(np.median(v[2:])) for k, v in asyncio.run(side_by_side(12)).items()}
+    benchmark.extra_info.update({f"ttfa_ms_speed_{k}": v for k, v in ms.items()})
+    print("\nTTFA by speed: " + ", ".join(f"{k}: {v:.1f} ms" for k, v in ms.items()))
+    benchmark.pedantic(lambda: asyncio.run(one()), rounds=3)
+
+
 @pytest.mark.parametrize("what", ["pcm_chunk", "telnyx_media"])
 @pytest.mark.parametrize("compression", ["off", "deflate"])
 def test_websocket_frame_on_the_loop(benchmark, running, what, compression):

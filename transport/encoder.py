@@ -152,6 +152,10 @@ class SpeedEncoder:
     def __init__(self, inner: AudioEncoder, speed: float) -> None:
         self.inner, self.speed = inner, speed
         self.stretcher = TimeStretcher(speed)
+        # the PCM is read in pieces of at most 40 ms, not a whole chunk's worth: a chunk of output
+        # takes speed x chunk_ms of input (plus the search's 28 ms), and reading it a chunk's input
+        # at a time would wait for a whole further chunk before the first went out
+        self.chunk_in = min(inner.chunk_in, SOURCE_RATE // 25)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
