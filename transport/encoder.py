@@ -147,8 +147,6 @@ class SpeedEncoder:
     (pitch kept) before it is resampled and encoded. Everything else is the wrapped encoder's: its
     chunks, their durations (of the audio as sent, at the new speed), audio_ms."""
 
-    offload = True
-
     def __init__(self, inner: AudioEncoder, speed: float) -> None:
         self.inner, self.speed = inner, speed
         self.stretcher = TimeStretcher(speed)
