@@ -12,6 +12,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from ..kernels.audio import float_to_int16
+from ..kernels.stretch import TimeStretcher, check_speed
 from .config import CsmModelConfig
 from .generator import FrameGenerator
 from .model import CSM
@@ -93,14 +94,21 @@ class Engine:
 
     def stream(self, text: str, speaker_id: int = 0, *, context: Iterable[Segment] = (),
                temperature: float = 0.9, topk: int = 50, seed: int | None = None,
-               max_frames: int | None = None) -> Iterator[np.ndarray]:
+               max_frames: int | None = None, speed: float = 1.0) -> Iterator[np.ndarray]:
         """Generate speech as int16 PCM, 24 kHz mono: 1920 samples per 80 ms frame, each yielded as
         soon as its frame exists (the first after the first frame). Arguments and errors are those
-        of `frames()`. Samples beyond [-1, 1] are clipped, never wrapped."""
+        of `frames()`. Samples beyond [-1, 1] are clipped, never wrapped.
+
+        `speed` (0.25..4, default 1) plays the speech faster or slower with its pitch kept
+        (kernels/stretch.py, the server's `speed`): the chunks then hold round(n / speed) samples
+        in all for the n the frames made, in pieces of about 1920 / speed (a little of each frame
+        waits for the next; the rest comes at the end). At 1 the frames' PCM is yielded as it is."""
         if self.codec is None:
             raise ValueError("this engine has no codec; stream() needs one to turn codes into audio")
         req = self._validate(text, speaker_id, context, temperature, topk, seed, max_frames)
-        return self._run(*req, audio=True)
+        speed = check_speed(speed)
+        pcm = self._run(*req, audio=True)
+        return pcm if speed == 1 else _stretched(pcm, speed)
 
     def pin_voice(self, text: str, codes) -> None:
         """Cache the backbone KV of the context turn (text, codes) whenever it opens a request's
@@ -262,3 +270,19 @@ class Engine:
                 yield float_to_int16(pcm) if audio else codes
         finally:
             self._release(row)
+
+
+def _stretched(pcm: Iterator[np.ndarray], speed: float) -> Iterator[np.ndarray]:
+    """stream(speed=...): the frames' PCM through a TimeStretcher; closing it closes the frames'
+    iterator (which frees the slot)."""
+    stretcher = TimeStretcher(speed)
+    try:
+        for chunk in pcm:
+            out = stretcher.process(chunk)
+            if len(out):
+                yield out
+        out = stretcher.flush()
+        if len(out):
+            yield out
+    finally:
+        pcm.close()

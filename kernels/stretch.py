@@ -25,6 +25,8 @@ and windows, its searches by np.correlate and np.dot.
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
 from numba import njit
 
@@ -40,7 +42,7 @@ _FIRST = np.concatenate([np.ones(HOP), _WINDOW[HOP:]])  # the first frame: no fa
 def check_speed(speed: float) -> float:
     """`speed` as a float, or ValueError saying what is allowed."""
     lo, hi = SPEED_RANGE
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not lo <= speed <= hi:
+    if isinstance(speed, bool) or not isinstance(speed, Real) or not lo <= speed <= hi:
         raise ValueError(f"speed must be a number in {lo:g}..{hi:g} (1 is CSM's own rate; 1.25 is 25% "
                          f"faster), got {speed!r:.40}")
     return float(speed)

@@ -82,3 +82,33 @@ def test_int16_context_accepted(tiny_engine):
     pcm = (np.random.default_rng(1).standard_normal(4800) * 3000).astype(np.int16)
     frames = list(tiny_engine.frames("Hi.", context=[csmstream.Segment(0, "x", audio=pcm)], seed=1, max_frames=3))
     assert len(frames) <= 3
+
+
+@pytest.mark.parametrize("speed", [0.8, 1.5])
+def test_stream_at_a_speed_is_the_stretched_audio_and_frees_its_slot(tiny_engine, speed):
+    """stream(speed=): the speed-1 stream's PCM for the same seed through the whole-signal WSOLA
+    reference (kernels/stretch.py's stretch_ref, not the streaming kernel), sample for sample,
+    yielded frame by frame (the first chunk before the last frame); closing it early frees the slot."""
+    from csmstream.kernels.stretch import stretch_ref
+
+    text = "A sentence at another speaking rate."
+    plain = np.concatenate(list(tiny_engine.stream(text, seed=4, max_frames=12)))
+    it = tiny_engine.stream(text, seed=4, max_frames=12, speed=speed)
+    first = next(it)
+    assert 0 < len(first) < len(plain) and max(tiny_engine.gen.host_pos) > 0  # live, not buffered
+    chunks = [first, *it]
+    assert len(chunks) >= len(plain) // 1920 and all(c.dtype == np.int16 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), stretch_ref(plain, speed))
+    assert len(np.concatenate(chunks)) == round(len(plain) / speed)
+    free = len(tiny_engine._free)
+    cut = tiny_engine.stream(text, seed=4, max_frames=12, speed=speed)
+    next(cut)
+    assert len(tiny_engine._free) == free - 1
+    cut.close()
+    assert len(tiny_engine._free) == free
+
+
+@pytest.mark.parametrize("speed", [0, 5, float("nan"), "fast", True, None])
+def test_a_bad_speed_is_refused_before_any_work(tiny_engine, speed):
+    with pytest.raises(ValueError, match=r"speed must be a number in 0.25..4"):
+        tiny_engine.stream("Hello.", speed=speed)
