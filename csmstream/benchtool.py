@@ -83,7 +83,7 @@ async def type_out(ws, pieces: list[str], t0: float, tokens_per_s: float) -> Non
 
 async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, chunk_ms: int,
                    token: str | None = None, voice: str | None = None,
-                   tokens_per_s: float | None = None, ssl_context=None) -> CallResult:
+                   tokens_per_s: float | None = None, ssl_context=None, speed: float = 1.0) -> CallResult:
     from websockets.asyncio.client import connect
 
     from .transport.client import SesameTTSError, stream_speech_http
@@ -98,7 +98,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
         durations.append(len(m) / per_s)
         r.chunk_bytes += len(m)
 
-    named = {} if voice is None else {"voice": voice}
+    named = ({} if voice is None else {"voice": voice}) | ({} if speed == 1 else {"speed": speed})
     try:
         if url.startswith(("http://", "https://")):  # the OpenAI-compatible port: pieces as they arrive
             t0 = time.perf_counter()
@@ -156,7 +156,7 @@ async def one_call(url: str, text: str, index: int, concurrency: int, fmt: str, 
 
 async def run_level(url: str, texts: list[str], concurrency: int, requests: int, fmt: str, chunk_ms: int,
                     progress: bool = True, token: str | None = None, voice: str | None = None,
-                    tokens_per_s: float | None = None, ssl_context=None) -> list[CallResult]:
+                    tokens_per_s: float | None = None, ssl_context=None, speed: float = 1.0) -> list[CallResult]:
     sem = asyncio.Semaphore(concurrency)
     done = 0
     results: list[CallResult] = []
@@ -165,7 +165,7 @@ async def run_level(url: str, texts: list[str], concurrency: int, requests: int,
         nonlocal done
         async with sem:
             res = await one_call(url, texts[i % len(texts)], i, concurrency, fmt, chunk_ms, token, voice,
-                                 tokens_per_s, ssl_context)
+                                 tokens_per_s, ssl_context, speed)
         results.append(res)
         done += 1
         if progress:
@@ -295,17 +295,19 @@ def best_level(summary_by_level: dict[int, dict], ttfa_threshold_ms: float) -> i
 def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[str] | None = None,
               fmt: str = "pcm_24000", chunk_ms: int = 100, out_dir: str | Path = "out/bench",
               ttfa_threshold_ms: float = 500.0, progress: bool = True, token: str | None = None,
-              voice: str | None = None, tokens_per_s: float | None = None, ssl_context=None) -> dict:
+              voice: str | None = None, tokens_per_s: float | None = None, ssl_context=None,
+              speed: float = 1.0) -> dict:
     """Run each concurrency level in turn; voice: a named voice of the server's for every request
     (its time to first audio then includes the voice prompt); tokens_per_s: type each text out
-    word by word at that rate on a text stream (times count from its first word)."""
+    word by word at that rate on a text stream (times count from its first word); speed: every
+    request's speaking rate (the audio timed and played is the stretched audio the server sends)."""
     texts = texts or DEFAULT_TEXTS
     results: list[CallResult] = []
     summaries: dict[int, dict] = {}
     for c in concurrency:
         before = server_metrics(url, token, ssl_context)
         level = asyncio.run(run_level(url, texts, c, max(requests, c), fmt, chunk_ms, progress, token, voice,
-                                      tokens_per_s, ssl_context))
+                                      tokens_per_s, ssl_context, speed))
         after = server_metrics(url, token, ssl_context)
         results += level
         summaries[c] = summarize(level)
@@ -313,6 +315,7 @@ def run_bench(url: str, *, concurrency: list[int], requests: int, texts: list[st
         summaries[c]["drift"] = drift(level, *(None if b is None else int(b) for b in rss))
         summaries[c]["server"] = server_load(before, after)
         summaries[c]["tokens_per_s"] = tokens_per_s
+        summaries[c]["speed"] = speed
     best = best_level(summaries, ttfa_threshold_ms)
     files = write_outputs(Path(out_dir), results, summaries, best)
     return {"summary": summaries, "best_concurrency": best, "files": [str(p) for p in files], "results": results}

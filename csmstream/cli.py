@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--voice", default=None, metavar="NAME",
                        help="a named voice of the server's (serve --voices) for every request: times first audio "
                             "with a voice prompt (default: none)")
+    bench.add_argument("--speed", type=float, default=1.0,
+                       help="speaking rate of every request, 0.25..4 with the pitch kept (the server stretches the "
+                            "audio: times first audio and capacity at the rate callers hear; default: 1)")
 
     demo = sub.add_parser("demo", help="start a server on the tiny model, stream a sentence, stop",
                           description="The end-to-end check: start 'csm-stream serve' in the background, "

@@ -332,6 +332,7 @@ def bench(args) -> int:
     if not levels or min(levels) < 1 or args.requests < 1:
         raise ValueError("concurrency levels and --requests must be >= 1")
     check_chunk_ms(args.chunk_ms)  # (else every request fails at the server)
+    check_speed(args.speed)
     check_url(args.url)
     if args.tokens_per_s is not None:
         if not 0 < args.tokens_per_s <= 10_000:
@@ -360,11 +361,13 @@ def bench(args) -> int:
         if not texts:
             raise ValueError(f"--text-file {str(path)!r} has no non-empty lines")
     typed = "" if args.tokens_per_s is None else f", typed at {args.tokens_per_s:g} words/s (timed from the first)"
-    print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}{typed}", file=sys.stderr)
+    rate = "" if args.speed == 1 else f", speed {args.speed:g}"
+    print(f"bench: {args.url}, levels {levels}, {args.requests} requests each, {args.format}{rate}{typed}",
+          file=sys.stderr)
     out = run_bench(args.url, concurrency=levels, requests=args.requests, texts=texts, fmt=args.format,
                     chunk_ms=args.chunk_ms, out_dir=args.out, ttfa_threshold_ms=args.ttfa_threshold_ms,
                     token=args.token or os.environ.get(AUTH_ENV), voice=args.voice, tokens_per_s=args.tokens_per_s,
-                    ssl_context=ssl_context)
+                    ssl_context=ssl_context, speed=args.speed)
     print(table(out["summary"]))
     for c, summ in out["summary"].items():
         d, parts = summ["drift"], []

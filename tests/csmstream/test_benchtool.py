@@ -140,9 +140,25 @@ def test_bench_types_texts_out_word_by_word_like_an_llm(tmp_path, server):
     assert sentences == ["Hello there, this is a test.", "Short one."]
 
 
+def test_bench_at_a_speed_times_the_audio_callers_hear(tmp_path, server):
+    """speed=: every request asks for it, so each one's audio is the speed-1 audio of the same seed
+    stretched to round(n / speed) samples, and that is what is timed and played."""
+    texts = ["Hello there, this is a test."]
+    plain = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "plain", progress=False,
+                      texts=texts)
+    fast = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "fast", progress=False,
+                     texts=texts, speed=1.5)
+    (p,), (f,) = plain["results"], fast["results"]
+    assert p.error is None and f.error is None and p.chunk_bytes > 4800
+    assert f.chunk_bytes // 2 == round(p.chunk_bytes // 2 / 1.5)
+    assert fast["summary"][1]["speed"] == 1.5 and plain["summary"][1]["speed"] == 1.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokens-per-s", "0"], "--tokens-per-s must be a rate in (0, 10000] words a second, got 0.0"),
     (["--tokens-per-s", "5", "--url", "http://127.0.0.1:9/v1/audio/speech"], "give a ws://.../ws/generate --url"),
+    (["--speed", "5"], "--speed must be a number in 0.25..4"),
+    (["--speed", "nan"], "--speed must be a number in 0.25..4"),
 ])
 def test_cli_bench_refuses_a_bad_typing_rate_before_any_request(tmp_path, args, message):
     out = subprocess.run([sys.executable, "-m", "csmstream", "bench", "--out", str(tmp_path), *args],
