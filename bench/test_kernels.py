@@ -79,16 +79,21 @@ def test_encoder_chunk(benchmark, fmt):
 
 
 @pytest.mark.benchmark(group="codec-event-loop-cpu", timer=time.thread_time)
-@pytest.mark.parametrize("offload", [False, True], ids=["inline", "codec-thread"])
+@pytest.mark.parametrize("offload", ["inline", "codec-thread", "executor-call-each"])
 @pytest.mark.parametrize("fmt", ["mp3_24000_48", "opus_48000_32"])
 def test_codec_event_loop_cpu_16_streams(benchmark, offload, fmt):
     """The event loop's own CPU time (thread_time) for one 100 ms chunk of 16 mp3 or opus streams:
-    encoded on the loop, or handed to the codec threads (what the server does). The loop is what
-    every connection shares, so this is the capacity figure."""
+    encoded on the loop, or handed to the codec threads in one batch (what the server does:
+    transport/codec_threads.py), or by a run_in_executor each (as it did before 2026-12-07). The
+    loop is what every connection shares, so this is the capacity figure."""
+    from csmstream.transport.codec_threads import pool
+
     loop = asyncio.new_event_loop()
     encs = [encoder_for(fmt, 100) for _ in range(16)]
     for e in encs:
-        e.offload = offload
+        e.offload = offload != "inline"
+        if offload == "executor-call-each":
+            e.feed_async = lambda pcm, e=e: asyncio.get_running_loop().run_in_executor(pool(), e.feed, pcm)
 
     async def tick():
         await asyncio.gather(*(e.feed_async(PCM) for e in encs))

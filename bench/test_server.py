@@ -7,6 +7,8 @@
 - a kept connection's turns with continue_previous (4 earlier sentences heard) vs without;
 - 8 concurrent streams: each stream's real-time factor (wall time / audio time);
 - the SPSC ring: one write + one read of a 2,400-sample chunk;
+- the event loop's CPU a second of audio of 4 streams at speed 1.25 against speed 1 (and against
+  how a stream at a speed reached its codec thread before);
 - one outgoing WebSocket frame (a 100 ms PCM chunk of /ws/generate, a Telnyx media message) with
   and without permessage-deflate, as websockets builds it on the event loop (the server's default
   is off since 2026-11-25; `serve --ws-compression deflate` turns it on).
@@ -323,6 +325,60 @@ def test_ttfa_at_a_speed_vs_speed_1(benchmark, running):
     benchmark.extra_info.update({f"ttfa_ms_speed_{k}": v for k, v in ms.items()})
     print("\nTTFA by speed: " + ", ".join(f"{k}: {v:.1f} ms" for k, v in ms.items()))
     benchmark.pedantic(lambda: asyncio.run(one()), rounds=3)
+
+
+def test_loop_cpu_of_streams_at_a_speed_vs_speed_1(benchmark, running, monkeypatch):
+    """The event loop's CPU (its thread's, from /metrics) a second of audio sent, 4 streams at once,
+    alternately: at speed 1; at 1.25; at 1.25 read in 40 ms pieces throughout; and at 1.25 in 40 ms
+    pieces each sent to a codec thread by its own run_in_executor (as before 2026-12-07's third
+    sitting: transport/codec_threads.py now batches a loop iteration's hand-offs)."""
+    import re
+    import urllib.request
+
+    from csmstream.transport.codec_threads import pool
+    from csmstream.transport.encoder import SpeedEncoder
+
+    rs, _ = running
+    metrics = rs.url.replace("ws://", "http://").replace("/ws/generate", "/metrics")
+    growing, batched = SpeedEncoder.chunk_in, SpeedEncoder.feed_async
+
+    async def own_executor_call(self, pcm):
+        return await asyncio.get_running_loop().run_in_executor(pool(), self.feed, pcm)
+
+    def loop_cpu() -> float:
+        text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+        return float(re.search(r"^csm_event_loop_cpu_seconds_total (\S+)", text, re.M).group(1))
+
+    async def four(speed):
+        async def one(seed):
+            n = 0
+            async with connect(rs.url) as ws:
+                await ws.send(json.dumps({"text": TEXT + " " + TEXT, "seed": seed, "max_audio_ms": 4000,
+                                          **({} if speed == 1 else {"speed": speed})}))
+                async for m in ws:
+                    if isinstance(m, str):
+                        return n
+                    n += len(m)
+        return sum(await asyncio.gather(*(one(i) for i in range(4))))
+
+    def ms_per_audio_s(speed, pieces_40ms=False, executor=False):
+        monkeypatch.setattr(SpeedEncoder, "chunk_in", property(lambda e: e._first_piece) if pieces_40ms else growing)
+        monkeypatch.setattr(SpeedEncoder, "feed_async", own_executor_call if executor else batched)
+        c0 = loop_cpu()
+        nbytes = asyncio.run(four(speed))
+        return 1000 * (loop_cpu() - c0) / (nbytes / 48000)
+
+    ways = {"speed 1": dict(speed=1), "speed 1.25": dict(speed=1.25),
+            "1.25, 40 ms pieces": dict(speed=1.25, pieces_40ms=True),
+            "1.25, 40 ms pieces, an executor call each": dict(speed=1.25, pieces_40ms=True, executor=True)}
+    got = {k: [] for k in ways}
+    for _ in range(6):
+        for k, kw in ways.items():
+            got[k].append(ms_per_audio_s(**kw))
+    med = {k: float(np.median(v)) for k, v in got.items()}
+    benchmark.extra_info.update({f"loop_cpu_ms_per_audio_s ({k})": v for k, v in med.items()})
+    print("\nloop CPU a second of audio: " + ", ".join(f"{k}: {v:.2f} ms" for k, v in med.items()))
+    benchmark.pedantic(lambda: ms_per_audio_s(1.25), rounds=1)
 
 
 @pytest.mark.parametrize("what", ["pcm_chunk", "telnyx_media"])

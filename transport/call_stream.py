@@ -79,12 +79,13 @@ async def _at_speed(pcm, speed: float):
             yield chunk
         return
     from ..kernels.stretch import TimeStretcher
+    from .codec_threads import handoff
 
-    stretcher = TimeStretcher(speed)
+    stretcher = TimeStretcher(speed)  # on a codec thread, as a SpeedEncoder does: not the loop's CPU
     async for chunk in pcm:
-        if len(out := stretcher.process(chunk)):
+        if len(out := await handoff(stretcher.process, chunk)):
             yield out
-    if len(out := stretcher.flush()):
+    if len(out := await handoff(lambda _: stretcher.flush(), None)):
         yield out
 
 

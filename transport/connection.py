@@ -439,15 +439,17 @@ class Connection:
         if nxt is not None and nxt.parts and not nxt.active and not nxt.cancelled and not nxt.error:
             await self._submit_part(nxt)
 
-    async def source(self, job: Job, unit: int):
+    async def source(self, job: Job, unit):
         """The job's 24 kHz PCM as it is generated, in pieces of `unit` samples (shorter at the end
         of a sentence), sentence after sentence; ends when all is generated and read, on cancel, on
-        error, or at max_audio_ms."""
+        error, or at max_audio_ms. `unit` is a number, or a callable asked before each piece."""
+        size = unit if callable(unit) else lambda: unit
         while not job.cancelled and (not job.error or job.active):  # (a refused sentence: the rest drains)
             await self._pump(job)
+            want = size()
             if job.active:
                 req, ring = job.active[0]
-                n = unit
+                n = want
                 if job.src_limit is not None:
                     n = min(n, job.src_limit - job.src_sent)
                     if n <= 0:  # reached max_audio_ms: stop generating, end normally
@@ -484,7 +486,7 @@ class Connection:
             elif not job.open and not job.parts:
                 return
             job.event.clear()
-            if job.cancelled or (job.active and (job.active[0][1].available() >= unit or job.active[0][0].finished)) \
+            if job.cancelled or (job.active and (job.active[0][1].available() >= want or job.active[0][0].finished)) \
                     or (not job.active and (job.parts or not job.open)):
                 continue
             await job.event.wait()
@@ -496,7 +498,7 @@ class Connection:
             await stream_to_call(self, job)
             return
         enc = job.encoder
-        async for pcm in self.source(job, enc.chunk_in):
+        async for pcm in self.source(job, lambda: enc.chunk_in):  # (a SpeedEncoder's grows after its first chunk)
             for chunk in await enc.feed_async(pcm):
                 await self._send_audio(job, chunk)
         if job.error:

@@ -9,20 +9,16 @@ Opus, AAC and FLAC get opus.py's and packets.py's (whole pages or frames, each c
 
 from __future__ import annotations
 
-import asyncio
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from ..kernels.g722 import G722Decoder, G722Encoder
 from ..kernels.resample import Resampler
 from ..kernels.stretch import TimeStretcher
+from .codec_threads import handoff
 from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS, PACKET_FORMATS
 
 SOURCE_RATE = 24_000
-_POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
 
 
 def encoder_for(fmt: str, chunk_ms: int, speed: float = 1.0) -> AudioEncoder:
@@ -49,12 +45,6 @@ class TimedChunk(bytes):
     """A chunk that says how much audio it holds (`ms`), for formats whose byte count does not."""
 
     ms: float = 0.0
-
-
-def _pool() -> ThreadPoolExecutor:
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="codec"))
-    return _POOL[0]
 
 
 class AudioEncoder:
@@ -98,7 +88,7 @@ class AudioEncoder:
         the next, so one encoder is never used by two threads at once)."""
         if not self.offload:
             return self.feed(pcm)
-        return await asyncio.get_running_loop().run_in_executor(_pool(), self.feed, pcm)
+        return await handoff(self.feed, pcm)
 
     def finish(self) -> list[bytes]:
         """Flush the resampler; the remaining whole chunks and then the short last one."""
@@ -150,10 +140,18 @@ class SpeedEncoder:
     def __init__(self, inner: AudioEncoder, speed: float) -> None:
         self.inner, self.speed = inner, speed
         self.stretcher = TimeStretcher(speed)
-        # the PCM is read in pieces of at most 40 ms, not a whole chunk's worth: a chunk of output
-        # takes speed x chunk_ms of input (plus the search's 28 ms), and reading it a chunk's input
-        # at a time would wait for a whole further chunk before the first went out
-        self.chunk_in = min(inner.chunk_in, SOURCE_RATE // 25)
+        # until the first chunk is out the PCM is read in pieces of at most 40 ms, not a whole
+        # chunk's worth: a chunk of output takes speed x chunk_ms of input (plus the search's 28 ms),
+        # and reading it a chunk's input at a time would wait for a whole further chunk before the
+        # first went out. After it, a chunk's worth at a time: every piece is a hand-off to a codec
+        # thread and a turn of the stream's task on the loop (40 ms pieces throughout cost the loop
+        # ~2 ms a second of audio more than the speed-1 stream; README, "Speaking rate")
+        self._first_piece = min(inner.chunk_in, SOURCE_RATE // 25)
+
+    @property
+    def chunk_in(self) -> int:
+        """Source samples to read next (what `Connection.source` asks before each piece)."""
+        return self.inner.chunk_in if self.inner.bytes_out else self._first_piece
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -163,8 +161,9 @@ class SpeedEncoder:
 
     async def feed_async(self, pcm: np.ndarray) -> list[bytes]:
         """feed() on a codec thread, always: the stretcher's kernel holds no GIL, so hundreds of
-        streams at a speed cost the event loop a hand-off each, not their CPU."""
-        return await asyncio.get_running_loop().run_in_executor(_pool(), self.feed, pcm)
+        streams at a speed cost the event loop a share of a batched hand-off each (codec_threads.py),
+        not their CPU."""
+        return await handoff(self.feed, pcm)
 
     def finish(self) -> list[bytes]:
         return self.inner.feed(self.stretcher.flush()) + self.inner.finish()
