@@ -102,6 +102,31 @@ def test_codec_event_loop_cpu_16_streams(benchmark, offload, fmt):
     loop.close()
 
 
+@pytest.mark.benchmark(group="codec-event-loop-cpu", timer=time.thread_time)
+@pytest.mark.parametrize("where", ["inline", "codec-thread"])
+def test_stretch_event_loop_cpu_16_calls(benchmark, where):
+    """The event loop's own CPU time for one engine frame (80 ms) of 16 phone calls at speed 1.25
+    (transport/call_stream._at_speed): stretched on the loop, as before 2026-12-07's third sitting,
+    or handed to the codec threads in one batch, as now."""
+    from csmstream.transport.codec_threads import handoff
+
+    loop = asyncio.new_event_loop()
+    calls = [TimeStretcher(1.25) for _ in range(16)]
+    frame = PCM[:1920]
+    for st in calls:
+        st.process(np.tile(PCM, 4))  # past the start
+
+    async def on_loop(st):
+        return st.process(frame)
+
+    async def tick():
+        await asyncio.gather(*((handoff(st.process, frame) if where == "codec-thread" else on_loop(st))
+                               for st in calls))
+
+    benchmark(lambda: loop.run_until_complete(tick()))
+    loop.close()
+
+
 def test_parse_request(benchmark):
     msg = json.dumps({"text": "Hello there, how can I help you today?", "speaker_id": 1, "format": "ulaw_8000",
                       "chunk_ms": 20, "seed": 3, "request_id": "abc-123"})
