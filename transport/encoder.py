@@ -143,9 +143,9 @@ class SpeedEncoder:
         # until the first chunk is out the PCM is read in pieces of at most 40 ms, not a whole
         # chunk's worth: a chunk of output takes speed x chunk_ms of input (plus the search's 28 ms),
         # and reading it a chunk's input at a time would wait for a whole further chunk before the
-        # first went out. After it, a chunk's worth at a time: every piece is a hand-off to a codec
-        # thread and a turn of the stream's task on the loop (40 ms pieces throughout cost the loop
-        # ~2 ms a second of audio more than the speed-1 stream; README, "Speaking rate")
+        # first went out. After it, a chunk's worth at a time, as at speed 1: every piece is a
+        # hand-off to a codec thread and a turn of the stream's task on the loop (the gain next to
+        # the batched hand-offs' is small: bench/test_server.py, README "Speaking rate")
         self._first_piece = min(inner.chunk_in, SOURCE_RATE // 25)
 
     @property
