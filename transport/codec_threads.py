@@ -14,18 +14,41 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from .metrics import Histogram
+
 BATCH = 8  # calls a job takes: a tick of many streams is spread over the threads, a few streams take one
+WAIT_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100)
 _POOL: list[ThreadPoolExecutor] = []  # made on first use: codec threads shared by all streams
 _QUEUED: dict[asyncio.AbstractEventLoop, list] = {}  # calls of this loop iteration, not yet flushed
 
 
+class _Stats:
+    """What the codec threads did, for /metrics (process-wide, like the threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls = self.jobs = 0
+        self.busy_s = 0.0  # the threads' time running jobs: its rate over the thread count is how busy they are
+        self.wait_ms = Histogram(WAIT_BUCKETS_MS)  # a job's wait for a free thread: grows when they are saturated
+
+
+STATS = _Stats()
+
+
+def thread_count() -> int:
+    """How many codec threads there are (or will be): at most 8, at most one a core."""
+    return min(8, os.cpu_count() or 1)
+
+
 def pool() -> ThreadPoolExecutor:
-    """The codec threads (at most 8, at most one a core)."""
+    """The codec threads."""
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="codec"))
+        _POOL.append(ThreadPoolExecutor(thread_count(), thread_name_prefix="codec"))
     return _POOL[0]
 
 
@@ -45,24 +68,46 @@ def handoff(fn: Callable, arg) -> asyncio.Future:
 
 def _flush(loop: asyncio.AbstractEventLoop) -> None:
     queued = _QUEUED.pop(loop, [])
+    now = time.perf_counter()
     for i in range(0, len(queued), BATCH):
-        pool().submit(_run, loop, queued[i:i + BATCH])
-
-
-def _run(loop: asyncio.AbstractEventLoop, calls: list) -> None:
-    """A job on a codec thread: every call in turn, then their results to the loop at once."""
-    done = []
-    for fn, arg, fut in calls:
+        calls = queued[i:i + BATCH]
         try:
-            done.append((fut, fn(arg), None))
-        except StopIteration as e:  # (a future cannot hold one)
-            done.append((fut, None, RuntimeError(f"StopIteration from {fn!r}: {e}")))
-        except BaseException as e:  # noqa: BLE001 - whatever it was, its awaiter gets it
-            done.append((fut, None, e))
+            pool().submit(_run, loop, calls, now)
+        except RuntimeError as e:  # a pool shut down (the interpreter exiting): the awaiters hear it
+            _settle([(fut, None, e) for _, _, fut in calls])
+
+
+def _run(loop: asyncio.AbstractEventLoop, calls: list, submitted: float = 0.0) -> None:
+    """A job on a codec thread: every call in turn, then their results to the loop at once --
+    whatever happens here, every awaiter hears back (a lost result would be a stream that hangs)."""
+    done = []
     try:
-        loop.call_soon_threadsafe(_settle, done)
-    except RuntimeError:  # the loop was closed meanwhile: nobody waits for these any more
-        pass
+        start = time.perf_counter()
+        for fn, arg, fut in calls:
+            try:
+                done.append((fut, fn(arg), None))
+            except StopIteration as e:  # (a future cannot hold one)
+                done.append((fut, None, RuntimeError(f"StopIteration from {fn!r}: {e}")))
+            except BaseException as e:  # noqa: BLE001 - whatever it was, its awaiter gets it
+                done.append((fut, None, e))
+        _count(len(calls), start, submitted)
+    finally:
+        if len(done) < len(calls):
+            lost = RuntimeError("the codec thread's job failed before this call ran")
+            done += [(fut, None, lost) for _, _, fut in calls[len(done):]]
+        try:
+            loop.call_soon_threadsafe(_settle, done)
+        except RuntimeError:  # the loop was closed meanwhile: nobody waits for these any more
+            pass
+
+
+def _count(calls: int, start: float, submitted: float) -> None:
+    end = time.perf_counter()
+    with STATS.lock:
+        STATS.calls += calls
+        STATS.jobs += 1
+        STATS.busy_s += end - start
+        STATS.wait_ms.observe(1000.0 * (start - submitted) if submitted else 0.0)
 
 
 def _settle(done: list) -> None:
@@ -73,3 +118,22 @@ def _settle(done: list) -> None:
             fut.set_result(result)
         else:
             fut.set_exception(exc)
+
+
+def metric_lines() -> list[str]:
+    """Prometheus text lines of the codec threads."""
+    with STATS.lock:
+        calls, jobs, busy = STATS.calls, STATS.jobs, STATS.busy_s
+        wait = STATS.wait_ms.lines("csm_codec_wait_milliseconds")
+    return ["# HELP csm_codec_threads threads that encode (MP3, Opus, AAC, FLAC) and stretch (speed) off the loop",
+            "# TYPE csm_codec_threads gauge", f"csm_codec_threads {thread_count()}",
+            "# HELP csm_codec_calls_total encoder and stretcher calls run on the codec threads",
+            "# TYPE csm_codec_calls_total counter", f"csm_codec_calls_total {calls}",
+            "# HELP csm_codec_jobs_total batches of them (one loop iteration's calls, up to 8 a job)",
+            "# TYPE csm_codec_jobs_total counter", f"csm_codec_jobs_total {jobs}",
+            "# HELP csm_codec_busy_seconds_total time the codec threads spent running jobs (rate / threads: "
+            "how busy they are)", "# TYPE csm_codec_busy_seconds_total counter",
+            f"csm_codec_busy_seconds_total {busy:.6f}",
+            "# HELP csm_codec_wait_milliseconds how long a job waited for a free codec thread (a growing tail: "
+            "they are saturated, and the streams' audio waits)", "# TYPE csm_codec_wait_milliseconds histogram",
+            *wait]

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..engine.voices import with_aliases
 from ..engine.worker import EngineWorker, GenRequest
-from . import elevenlabs, protocol, tls
+from . import codec_threads, elevenlabs, protocol, tls
 from .connection import Connection
 from .encoder import warm_codecs
 from .gate import Gate
@@ -102,6 +102,7 @@ class StreamServer:
         self.loop_watch = LoopWatch()  # the event loop's lag and CPU, on /metrics
         self.metrics.sources.append(self.loop_watch.lines)
         self.metrics.sources.append(self._tls_lines)
+        self.metrics.sources.append(codec_threads.metric_lines)
         if calls is not None and hasattr(calls, "metric_lines"):
             self.metrics.sources.append(calls.metric_lines)
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)

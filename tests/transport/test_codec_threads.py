@@ -19,9 +19,9 @@ def jobs(monkeypatch):
     """The codec-thread jobs run, as the lists of arguments each took."""
     seen, run = [], codec_threads._run
 
-    def counted(loop, calls):
+    def counted(loop, calls, *rest):
         seen.append([arg for _, arg, _ in calls])
-        run(loop, calls)
+        run(loop, calls, *rest)
 
     monkeypatch.setattr(codec_threads, "_run", counted)
     return seen
@@ -59,7 +59,7 @@ def test_one_iterations_handoffs_go_together_and_each_gets_its_own_result(jobs, 
 
     loop = new_loop()
     try:
-        loop.run_until_complete(main())
+        loop.run_until_complete(asyncio.wait_for(main(), 30))  # (a lost result fails, not hangs)
     finally:
         loop.close()
     assert threads and all(name.startswith("codec") for name in threads)  # never the loop's thread
@@ -133,3 +133,61 @@ def test_a_stream_at_a_speed_reads_40_ms_pieces_only_until_its_first_chunk():
     assert pieces == 3  # 100 ms at 1.25 is 125 ms of input, plus the search's 28 ms: four pieces
     assert enc.chunk_in == 2400  # then a chunk's worth a piece
     assert encoder_for("ulaw_8000", 20, 0.8).chunk_in == 480  # a chunk shorter than 40 ms is read whole
+
+
+def test_a_failing_job_or_a_shut_pool_still_answers_every_awaiter(monkeypatch):
+    """Whatever goes wrong around the calls, no awaiter is left waiting (a stream that hangs)."""
+    import time as real_time
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Clock:  # fails on a codec thread, before any call of the job has run
+        @staticmethod
+        def perf_counter():
+            if threading.current_thread().name.startswith("codec"):
+                raise MemoryError("no memory for a clock")
+            return real_time.perf_counter()
+
+    async def three():
+        return await asyncio.wait_for(asyncio.gather(*(handoff(str, i) for i in range(3)), return_exceptions=True), 10)
+
+    monkeypatch.setattr(codec_threads, "time", Clock)
+    got = asyncio.run(three())
+    assert all(isinstance(e, RuntimeError) and "failed before this call ran" in str(e) for e in got), got
+    monkeypatch.undo()
+
+    shut = ThreadPoolExecutor(1)
+    shut.shutdown()
+    monkeypatch.setattr(codec_threads, "pool", lambda: shut)
+    got = asyncio.run(three())
+    assert all(isinstance(e, RuntimeError) and "shutdown" in str(e) for e in got), got
+
+
+def test_the_metrics_count_calls_jobs_busy_time_and_waits(server):
+    """/metrics of a running server: a request at a speed hands its pieces off; the counters grow
+    by what was handed off (checked against the module's own count, process-wide)."""
+    import urllib.request
+
+    from csmstream.transport.client import SesameWebSocketService
+    from csmstream.transport.metrics import parse
+
+    url = server.url.replace("ws://", "http://").replace("/ws/generate", "/metrics")
+
+    def scrape():
+        return parse(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    async def speak():
+        svc = SesameWebSocketService(server.url)
+        return b"".join([c async for c in svc.stream_tts("A request at a speed.", seed=1, speed=1.5,
+                                                          max_audio_ms=600)])
+
+    before = scrape()
+    assert len(asyncio.run(speak())) == 600 * 48
+    after = scrape()
+    # 900 ms of input: 40 ms pieces, then 100 ms ones, then the flush's
+    assert after["csm_codec_calls_total"] - before["csm_codec_calls_total"] >= 3
+    assert after["csm_codec_calls_total"] == codec_threads.STATS.calls  # (the server is idle now)
+    jobs = after["csm_codec_jobs_total"] - before["csm_codec_jobs_total"]
+    assert 1 <= jobs <= after["csm_codec_calls_total"] - before["csm_codec_calls_total"]
+    assert after["csm_codec_wait_milliseconds_count"] == after["csm_codec_jobs_total"]  # a wait a job
+    assert after["csm_codec_busy_seconds_total"] > before["csm_codec_busy_seconds_total"]
+    assert after["csm_codec_threads"] == codec_threads.thread_count() >= 1
