@@ -41,12 +41,14 @@ def check_chunk_ms(ms: int) -> None:
 
 
 def check_speed(speed: float) -> None:
-    """--speed as the server accepts it (kernels/stretch.py's range), checked before any work."""
-    from .kernels.stretch import SPEED_RANGE
+    """--speed as the server accepts it (kernels/stretch.py's check), checked before any work."""
+    from .kernels.stretch import SPEED_RANGE, check_speed as accepted
 
-    lo, hi = SPEED_RANGE
-    if not lo <= speed <= hi:  # (nan too)
-        raise ValueError(f"--speed must be a number in {lo:g}..{hi:g} (1 is CSM's own rate), got {speed}")
+    try:
+        accepted(speed)
+    except ValueError:  # (nan too) said in the flag's words
+        lo, hi = SPEED_RANGE
+        raise ValueError(f"--speed must be a number in {lo:g}..{hi:g} (1 is CSM's own rate), got {speed}") from None
 
 
 def check_url(url: str) -> None:

@@ -123,15 +123,17 @@ def test_cli_bench_prints_tables_and_writes_files(tmp_path, server):
     assert (tmp_path / "results.json").exists() and (tmp_path / "ttfa.png").exists()
 
 
+def _one_request(server, out, texts, **options) -> dict:
+    return run_bench(server.url, concurrency=[1], requests=1, out_dir=out, progress=False, texts=texts, **options)
+
+
 def test_bench_types_texts_out_word_by_word_like_an_llm(tmp_path, server):
     """--tokens-per-s: each text goes out on one text stream, a word every 1/rate s; the server gets
     it in pieces yet splits and speaks it as the whole text (same seed, same audio length), and
     first audio cannot come before the first sentence's last word was typed."""
     texts = ["Hello there, this is a test. Short one."]
-    whole = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "whole", progress=False,
-                      texts=texts)
-    typed = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "typed", progress=False,
-                      texts=texts, tokens_per_s=20)
+    whole = _one_request(server, tmp_path / "whole", texts)
+    typed = _one_request(server, tmp_path / "typed", texts, tokens_per_s=20)
     (w,), (t,) = whole["results"], typed["results"]
     assert t.error is None and t.audio_ms == w.audio_ms > 0
     assert t.ttfa_ms >= 1000 * 5 / 20  # "test." is the 6th word: typed 5 intervals after the first
@@ -144,10 +146,8 @@ def test_bench_at_a_speed_times_the_audio_callers_hear(tmp_path, server):
     """speed=: every request asks for it, so each one's audio is the speed-1 audio of the same seed
     stretched to round(n / speed) samples, and that is what is timed and played."""
     texts = ["Hello there, this is a test."]
-    plain = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "plain", progress=False,
-                      texts=texts)
-    fast = run_bench(server.url, concurrency=[1], requests=1, out_dir=tmp_path / "fast", progress=False,
-                     texts=texts, speed=1.5)
+    plain = _one_request(server, tmp_path / "plain", texts)
+    fast = _one_request(server, tmp_path / "fast", texts, speed=1.5)
     (p,), (f,) = plain["results"], fast["results"]
     assert p.error is None and f.error is None and p.chunk_bytes > 4800
     assert f.chunk_bytes // 2 == round(p.chunk_bytes // 2 / 1.5)
