@@ -1,6 +1,7 @@
 """How many Telnyx calls one server process's event loop carries.
 
     python bench/telnyx_capacity.py --calls 50,100,200 --seconds 10 [--codec G722] [--listen-only]
+        [--encode loop,threads]
 
 A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
 routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
@@ -33,7 +34,7 @@ import numpy as np
 
 
 # -- the server (child process) ----------------------------------------------------------------------
-def serve(codec: str, speak: bool, compression: str | None = None) -> None:
+def serve(codec: str, speak: bool, compression: str | None = None, encode: str = "auto") -> None:
     import csmstream
     from csmstream.commands import _run_loop, telnyx_routes
     from csmstream.integrations.telnyx_bridge import UnknownCall
@@ -55,6 +56,8 @@ def serve(codec: str, speak: bool, compression: str | None = None) -> None:
                 due += 0.1
                 await asyncio.sleep(max(0.0, due - loop.time()))
 
+        if encode != "auto":  # where the call's resampling and encoding run (TelnyxCall.encode_off_loop)
+            call.encode_off_loop = encode == "threads"
         while not call.ended.is_set():
             try:
                 await call.speak(chunks())
@@ -86,6 +89,7 @@ def serve(codec: str, speak: bool, compression: str | None = None) -> None:
 
 
 # -- Telnyx's side (this process) ----------------------------------------------------------------------
+ENCODE = {"auto": "server's choice", "loop": "event loop", "threads": "codec threads"}
 PAYLOADS = {"PCMU": b"\xff" * 160, "PCMA": b"\xd5" * 160, "L16": bytes(640)}
 
 
@@ -188,6 +192,8 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
             "caller_frames_per_call_s": round((after["csm_telnyx_caller_frames_total"]
                                                - before["csm_telnyx_caller_frames_total"]) / n / wall, 1),
             "audio_out_ms_per_call_s": round((got1 - got0) / n / wall, 1),
+            "codec_thread_calls_per_s": round((after["csm_codec_calls_total"] - before["csm_codec_calls_total"]) / wall,
+                                              1),
             "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1)}
 
 
@@ -200,7 +206,7 @@ def wait_idle(port: int, timeout: float = 30.0) -> None:
 
 
 def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak: bool = True,
-            compression: str | None = None, progress=print) -> list[dict]:
+            compression: str | None = None, progress=print, encode: str = "auto") -> list[dict]:
     """Start the child server, run each N in turn, stop the server; the rows."""
     if codec not in ("PCMU", "PCMA", "G722", "L16"):
         raise ValueError(f"codec must be PCMU, PCMA, G722 or L16, got {codec!r}")
@@ -210,8 +216,11 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if compression not in (None, "deflate"):
         raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
+    if encode not in ENCODE:
+        raise ValueError(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
     argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
     argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])
+    argv += ["--encode", encode]
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rows = []
     try:
@@ -221,11 +230,11 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         port = int(line)
         directions = "speech in both directions" if speak else "caller audio only"
         progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
-                 f"permessage-deflate {compression or 'off'}")
+                 f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}")
         payload = caller_payload(codec)
         for n in calls:
             row = asyncio.run(run_calls(port, n, seconds, codec, payload))
-            rows.append(dict(row, compression=compression or "off"))
+            rows.append(dict(row, compression=compression or "off", encode=encode))
             wait_idle(port)
             progress(row_text(rows[-1]))
     finally:
@@ -256,11 +265,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ws-compression", default="off",
                     help="the server's permessage-deflate: off, deflate, or off,deflate to measure both in one run "
                          "(default off, the server's default)")
+    ap.add_argument("--encode", default="auto",
+                    help="where a call's resampling and encoding run: auto (the server's choice: the codec "
+                         "threads for all but L16 at 24 kHz), loop, threads, or several comma-separated to "
+                         "measure each in one run, e.g. loop,threads (default auto)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     args = ap.parse_args(argv)
     if args.serve:
-        serve(args.codec, not args.listen_only, None if args.ws_compression == "off" else args.ws_compression)
+        serve(args.codec, not args.listen_only, None if args.ws_compression == "off" else args.ws_compression,
+              args.encode)
         return 0
     try:
         calls = [int(x) for x in args.calls.split(",")]
@@ -269,10 +283,15 @@ def main(argv=None) -> int:
     modes = args.ws_compression.split(",")
     if not set(modes) <= {"off", "deflate"}:
         ap.error(f"--ws-compression takes off, deflate or both (comma-separated), got {args.ws_compression!r}")
+    encodes = args.encode.split(",")
+    if not set(encodes) <= set(ENCODE):
+        ap.error(f"--encode takes {', '.join(ENCODE)} (comma-separated), got {args.encode!r}")
     rows = []
     try:
         for mode in modes:
-            rows += measure(calls, args.seconds, args.codec, not args.listen_only, None if mode == "off" else mode)
+            for encode in encodes:
+                rows += measure(calls, args.seconds, args.codec, not args.listen_only,
+                                None if mode == "off" else mode, encode=encode)
     except ValueError as e:
         ap.error(str(e))
     if args.json:

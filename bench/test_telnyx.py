@@ -12,6 +12,7 @@
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,6 +39,30 @@ def test_encode_one_second(benchmark, codec, rate):
     benchmark.group = "telnyx-encode"
     benchmark.extra_info["audio_seconds"] = 1.0
     benchmark(encode)
+
+
+@pytest.mark.benchmark(group="telnyx-feed-event-loop-cpu", timer=time.thread_time)
+@pytest.mark.parametrize("where", ["loop", "codec-thread"])
+@pytest.mark.parametrize("codec,rate", [("PCMU", None), ("G722", None), ("L16", 16000)])
+def test_feed_event_loop_cpu_16_calls(benchmark, codec, rate, where):
+    """The event loop's own CPU time for one engine frame (80 ms) of 16 calls speaking at once
+    (TelnyxCall._media: resample, encode, frame): the codec's work on the loop, or on the codec
+    threads in one batch (encode_off_loop)."""
+    from csmstream.integrations.telnyx_bridge import TelnyxCall
+
+    loop = asyncio.new_event_loop()
+    calls = [TelnyxCall(SimpleNamespace(send=None), codec=codec, sampling_rate=rate) for _ in range(16)]
+    frame = (np.random.default_rng(0).normal(size=1920) * 4000).astype(np.int16)
+    for c in calls:
+        c.encode_off_loop = where == "codec-thread"
+        c.session.start_utterance()
+
+    async def tick():
+        return sum(m.ms for msgs in await asyncio.gather(*(c._media(frame) for c in calls)) for m in msgs)
+
+    assert loop.run_until_complete(tick()) == 16 * 80.0  # every call's 80 ms out as media
+    benchmark(lambda: loop.run_until_complete(tick()))
+    loop.close()
 
 
 @pytest.fixture(scope="module")

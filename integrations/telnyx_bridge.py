@@ -16,15 +16,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, Callable
+from functools import partial
 from typing import ClassVar
 from urllib.parse import parse_qsl
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from ..transport.codec_threads import handoff
 from .pacer import Pacer
 from .telnyx_codecs import check
 from .telnyx_session import (
+    SOURCE_RATE,
     BadMessage,
     CallerAudio,
     CallStarted,
@@ -213,6 +216,10 @@ class TelnyxCall:
         self.sock = _TextSocket(ws)
         self.registry = registry
         self.session = TelnyxMediaSession(codec, sampling_rate, l16_byteorder, media_ms)
+        # the codec's work goes to the codec threads where it costs the loop more than the hand-off:
+        # resampling and G.722 (bench/test_telnyx.py::test_feed_event_loop_cpu_16_calls), not L16 at
+        # 24 kHz, which is a byte swap
+        self.encode_off_loop = codec == "G722" or self.session.sample_rate != SOURCE_RATE
         self.pacer = Pacer(head_ms, speed)
         self.on_event = on_event
         self.call_control_id: str | None = None
@@ -364,7 +371,7 @@ class TelnyxCall:
         try:
             async for chunk in chunks:
                 pcm = np.frombuffer(chunk, "<i2") if isinstance(chunk, (bytes, bytearray)) else np.asarray(chunk)
-                for m in self.session.audio(pcm):
+                for m in await self._media(pcm):
                     self.pacer.push(m, m.ms)
                 self._wake.set()
                 if u.state != "speaking":
@@ -374,6 +381,17 @@ class TelnyxCall:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _media(self, pcm: np.ndarray) -> list:
+        """A chunk's media messages. With `encode_off_loop` its codec work (resampling, encoding)
+        runs on a codec thread and only the framing here (the session's epochs keep the bytes
+        those of encoding it here)."""
+        session = self.session
+        if not (self.encode_off_loop and session.speaking):
+            return session.audio(pcm)
+        epoch = session.epoch
+        payload = await handoff(partial(session.encode, epoch=epoch), pcm.astype(np.int16, copy=False))
+        return session.take(payload, epoch)
 
     async def heard(self, u: Utterance, timeout: float | None = None) -> bool:
         """True once the caller has heard the whole utterance (its mark came back); False when it

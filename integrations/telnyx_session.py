@@ -13,6 +13,14 @@ WebSocket frame and a send() system call, whatever its size.
 utterance's `mark`.
 `clear()` returns the `clear` message and marks everything not yet heard as cut off.
 
+`audio()` is `take(encode(pcm, epoch), epoch)`: `encode` is the codec's work (resampling, G.711 /
+G.722 / L16), safe to run on another thread, and `take` the message framing, on the loop. The
+bridge runs `encode` on the codec threads where it costs the loop more than the hand-off does.
+Every step that moves the codec on (`start_utterance`, `end_utterance`, `clear`, `end`) takes the
+codec's lock and starts a new epoch, so an `encode` handed off before it runs to completion first
+or does nothing, and a result of an older epoch is never taken: the bytes sent are exactly those
+of calling `audio()` in the same order on one thread.
+
 Utterances: each one ends with a mark named after it; when Telnyx echoes the mark, the caller has
 heard all of it (`heard`). After a clear, Telnyx returns the queued marks too: those count as
 cut off, not heard.
@@ -24,6 +32,7 @@ import base64
 import binascii
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -136,6 +145,8 @@ class TelnyxMediaSession:
         rate = self.sample_rate
         self._resampler = Resampler(SOURCE_RATE, rate) if rate != SOURCE_RATE else None
         self._pending = bytearray()  # encoded bytes not yet a whole frame
+        self._codec_lock = threading.Lock()  # the resampler and encoder: one thread at a time
+        self._epoch = 0  # + 1 at every step that moves the codec on (see the module's docstring)
         self._ids = count(1)
         self.current: Utterance | None = None
         self.utterances: dict[str, Utterance] = {}
@@ -223,6 +234,8 @@ class TelnyxMediaSession:
             if u.state in ("speaking", "sent"):
                 u.state = "cut_off"
         self._pending.clear()
+        with self._codec_lock:
+            self._epoch += 1  # an encode handed off before this does nothing
 
     def _on_error(self, msg) -> list:
         p = msg.get("payload") or {}
@@ -232,23 +245,51 @@ class TelnyxMediaSession:
         return [TelnyxError(code, title, str(p.get("detail", "")))]
 
     # -- outgoing ------------------------------------------------------------------------------------
+    @property
+    def speaking(self) -> bool:
+        """Whether `audio()` would take PCM now (an utterance is being spoken, the call is on)."""
+        return not self.stopped and self.current is not None and self.current.state == "speaking"
+
+    @property
+    def epoch(self) -> int:
+        """What `encode` and `take` are given: it changes at every step that moves the codec on."""
+        return self._epoch
+
     def start_utterance(self, name: str | None = None) -> Utterance:
         if self.current is not None and self.current.state == "speaking":
             raise RuntimeError(f"utterance {self.current.name!r} is still being spoken; end or clear it first")
         u = Utterance(name or f"utt-{next(self._ids)}")
         self.utterances[u.name] = u
         self.current = u
-        if self._resampler is not None:
-            self._resampler.reset()
+        with self._codec_lock:
+            self._epoch += 1
+            if self._resampler is not None:
+                self._resampler.reset()
         self._pending.clear()
         return u
 
     def audio(self, pcm24k: np.ndarray) -> list[str]:
         """24 kHz int16 PCM of the current utterance -> whole 20 ms media messages."""
-        if self.stopped or self.current is None or self.current.state != "speaking":
+        if not self.speaking:
             return []
-        pcm = np.asarray(pcm24k, np.int16)
-        self._pending += self._encoder.encode(self._resampler.process(pcm) if self._resampler is not None else pcm)
+        epoch = self._epoch
+        return self.take(self.encode(np.asarray(pcm24k, np.int16), epoch), epoch)
+
+    def encode(self, pcm24k: np.ndarray, epoch: int) -> bytes | None:
+        """The payload bytes of 24 kHz int16 PCM (resampled, encoded), or None when the session
+        has moved on since `epoch` (nothing done). Safe on any thread (the codec's lock)."""
+        with self._codec_lock:
+            if epoch != self._epoch:
+                return None
+            pcm = self._resampler.process(pcm24k) if self._resampler is not None else pcm24k
+            return self._encoder.encode(pcm)
+
+    def take(self, payload: bytes | None, epoch: int) -> list[str]:
+        """What `encode(pcm, epoch)` returned -> whole 20 ms media messages; nothing when the
+        utterance is no longer being spoken or the session has moved on since `epoch`."""
+        if payload is None or epoch != self._epoch or not self.speaking:
+            return []
+        self._pending += payload
         return self._frames()
 
     def end_utterance(self) -> list[str]:
@@ -257,9 +298,11 @@ class TelnyxMediaSession:
         u = self.current
         if self.stopped or u is None or u.state != "speaking":
             return []
-        if self._resampler is not None:
-            self._pending += self._encoder.encode(self._resampler.flush())
-        self._pending += self._encoder.pad(len(self._pending))
+        with self._codec_lock:
+            self._epoch += 1
+            if self._resampler is not None:
+                self._pending += self._encoder.encode(self._resampler.flush())
+            self._pending += self._encoder.pad(len(self._pending))
         out = self._frames()
         u.state = "sent"
         out.append(json.dumps({"event": "mark", "mark": {"name": u.name}}))
@@ -271,9 +314,11 @@ class TelnyxMediaSession:
             if u.state in ("speaking", "sent"):
                 u.state = "cut_off"
         self._pending.clear()
-        self._encoder.drop()
-        if self._resampler is not None:
-            self._resampler.reset()
+        with self._codec_lock:
+            self._epoch += 1
+            self._encoder.drop()
+            if self._resampler is not None:
+                self._resampler.reset()
         return json.dumps({"event": "clear"})
 
     def _frames(self) -> list[str]:

@@ -1,5 +1,6 @@
-"""The codec threads: where the CPU work of encoding (LAME, PyAV) and of a request's speaking rate
-(kernels/stretch.py) runs, off the event loop, and the batched hand-off that takes it there.
+"""The codec threads: where the CPU work of encoding (LAME, PyAV; a phone call's resampling and
+G.711 / G.722, integrations/telnyx_bridge.py) and of a request's speaking rate (kernels/stretch.py)
+runs, off the event loop, and the batched hand-off that takes it there.
 
 One engine tick wakes every stream at once (one `call_soon_threadsafe` for all), so the streams
 that need a codec thread ask for it in the same loop iteration. `handoff(fn, arg)` queues the call
@@ -125,7 +126,8 @@ def metric_lines() -> list[str]:
     with STATS.lock:
         calls, jobs, busy = STATS.calls, STATS.jobs, STATS.busy_s
         wait = STATS.wait_ms.lines("csm_codec_wait_milliseconds")
-    return ["# HELP csm_codec_threads threads that encode (MP3, Opus, AAC, FLAC) and stretch (speed) off the loop",
+    return ["# HELP csm_codec_threads threads that encode (MP3, Opus, AAC, FLAC, phone calls) and stretch (speed) "
+            "off the loop",
             "# TYPE csm_codec_threads gauge", f"csm_codec_threads {thread_count()}",
             "# HELP csm_codec_calls_total encoder and stretcher calls run on the codec threads",
             "# TYPE csm_codec_calls_total counter", f"csm_codec_calls_total {calls}",

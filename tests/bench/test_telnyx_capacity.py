@@ -8,13 +8,14 @@ from bench import telnyx_capacity as cap
 
 def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured():
     lines = []
-    (row,) = cap.measure([5], seconds=2.0, codec="G722", progress=lines.append)
-    assert row["calls"] == 5 and row["active_calls"] == 5 and row["compression"] == "off"
+    (row,) = cap.measure([5], seconds=2.0, codec="G722", progress=lines.append, encode="loop")
+    assert row["calls"] == 5 and row["active_calls"] == 5 and row["compression"] == "off" and row["encode"] == "loop"
     assert 0 < row["loop_cpu_share"] <= row["process_cpu_share"] + 0.05
     assert row["caller_frames_per_call_s"] > 25  # 50 a second are sent; all were counted by the server
     assert 500 < row["audio_out_ms_per_call_s"] <= 2100  # real time: 1000 (the pacer allows at most 2x)
     assert row["lag_p99"].startswith(("<= ", "> "))
-    assert "G722" in lines[0] and "5 calls" in lines[1]
+    assert row["codec_thread_calls_per_s"] == 0  # --encode loop reached the server (it hands off by default)
+    assert "G722" in lines[0] and "encoding on the event loop" in lines[0] and "5 calls" in lines[1]
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -22,6 +23,7 @@ def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured
     ({"calls": [1], "codec": "OPUS"}, "codec must be PCMU, PCMA, G722 or L16"),
     ({"calls": [1], "seconds": 0}, "seconds must be > 0"),
     ({"calls": [1], "compression": "gzip"}, "compression must be None or 'deflate'"),
+    ({"calls": [1], "encode": "gpu"}, "encode must be one of auto, loop, threads, got 'gpu'"),
 ])
 def test_bad_arguments_are_refused_before_a_server_starts(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -15,11 +15,13 @@ from websockets.exceptions import InvalidStatus
 from csmstream.integrations.telnyx_bridge import (
     AUTH_HEADER,
     CallRegistry,
+    TelnyxCall,
     handle_telnyx_media,
     stream_options,
     websockets_auth,
 )
 from csmstream.integrations.telnyx_service import TelnyxService
+from csmstream.integrations.telnyx_session import TelnyxMediaSession
 from csmstream.kernels.g711 import ulaw_decode, ulaw_encode
 from csmstream.kernels.resample import Resampler, resample_ref
 from tests import ffmpeg
@@ -441,3 +443,102 @@ def test_auth_token_is_checked_at_the_handshake():
     assert asyncio.run(attempt({})) == 401
     assert asyncio.run(attempt({AUTH_HEADER: "wrong"})) == 401
     assert asyncio.run(attempt({AUTH_HEADER: "s3cret"})) == 101  # handshake accepted, call registered
+
+
+class _Sent:
+    """A socket that keeps what is sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, text):
+        self.sent.append(text)
+
+
+async def _spoken(call, pcm, piece=1920):
+    async def chunks():
+        for i in range(0, len(pcm), piece):
+            yield pcm[i : i + piece]
+
+    await call.speak(chunks())
+    return [m for m, _ in call.pacer._q]
+
+
+@pytest.mark.parametrize("codec,rate,off_loop", [("PCMU", 8000, True), ("G722", 16000, True),
+                                                 ("L16", 16000, True), ("L16", 24000, False)])
+def test_encoding_on_the_codec_threads_sends_the_bytes_encoding_on_the_loop_does(codec, rate, off_loop):
+    """Where resampling or G.722 would cost the loop, a call's codec work runs on the codec threads
+    (TelnyxCall.encode_off_loop); the messages are the same, byte for byte, either way."""
+    pcm = (np.random.default_rng(1).normal(size=24000) * 3000).astype(np.int16)
+
+    async def go(off):
+        call = TelnyxCall(_Sent(), codec=codec, sampling_rate=rate)
+        assert call.encode_off_loop == off_loop
+        call.encode_off_loop = off
+        return await _spoken(call, pcm, 1000) + await _spoken(call, pcm[::-1].copy())  # two utterances
+
+    on_loop, on_threads = asyncio.run(go(False)), asyncio.run(go(True))
+    assert len(on_loop) > 2 and on_threads == on_loop
+
+
+@pytest.mark.parametrize("when", ["queued", "running"])
+def test_a_barge_in_while_a_chunk_is_on_a_codec_thread_drops_it_and_the_next_utterance_is_clean(when):
+    """interrupt() while a chunk is on a codec thread, its encode not started yet ("queued") or
+    running ("running": the clear waits for it): its bytes are never sent, and the next utterance
+    is exactly what one thread doing the same in order sends -- the chunk is either not encoded at
+    all, or encoded whole before the clear resets the codec."""
+    import threading
+
+    rng = np.random.default_rng(2)
+    first, stale, second = ((rng.normal(size=n) * 3000).astype(np.int16) for n in (3840, 1920, 4800))
+
+    async def go():
+        call = TelnyxCall(_Sent(), codec="G722")
+        entered, release, left = threading.Event(), threading.Event(), threading.Event()
+        encode, process = call.session.encode, call.session._resampler.process
+
+        def hold(x, then, *args):
+            if not (len(x) == len(stale) and np.array_equal(x, stale)):
+                return then(x, *args)
+            entered.set()
+            release.wait(10)
+            try:
+                return then(x, *args)
+            finally:
+                left.set()
+
+        if when == "queued":
+            call.session.encode = lambda pcm, epoch: hold(pcm, encode, epoch)
+        else:  # inside encode, with the codec's lock held
+            call.session._resampler.process = lambda x: hold(x, process)
+
+        async def chunks():
+            yield first
+            yield stale
+            await asyncio.sleep(30)  # (never reached: the barge-in comes first)
+
+        speaking = asyncio.create_task(call.speak(chunks()))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        threading.Timer(0.05, release.set).start()
+        await call.interrupt()
+        utt = await asyncio.wait_for(speaking, 10)
+        await asyncio.get_running_loop().run_in_executor(None, left.wait, 10)  # (the chunk's encode is over)
+        queued = [m for m, _ in call.pacer._q]  # (cleared: nothing of the first utterance is queued)
+        return utt, call, queued, await _spoken(call, second)
+
+    utt, call, queued, got = asyncio.run(go())
+    assert utt.state == "cut_off" and queued == []
+    assert json.loads(call.sock.ws.sent[-1]) == {"event": "clear"}
+    ref = TelnyxMediaSession("G722")  # one thread, in order
+    ref.start_utterance()
+    ref.audio(first)
+    if when == "running":
+        ref.audio(stale)  # (its messages are not sent)
+    ref.clear()
+    ref.start_utterance()
+    want = ref.audio(second) + ref.end_utterance()
+
+    def audio(msgs):
+        return b"".join(base64.b64decode(json.loads(m)["media"]["payload"]) for m in msgs if '"media"' in m)
+
+    assert len(audio(got)) >= 1600 and audio(got) == audio(want)

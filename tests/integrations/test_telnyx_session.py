@@ -330,3 +330,93 @@ def test_a_clear_drops_what_the_g722_encoder_and_the_frame_buffer_hold():
     pcm = noise(4800, seed=4)
     got = b"".join(payloads(speak(s, pcm)))
     assert 0 <= 2 * len(got) - len(resampled(pcm, 16000)) < 320  # only the new utterance, padded
+
+
+def after_a_clear(stale):
+    """The G.722 bytes of an utterance spoken after one that was cleared; `stale(s, pcm)` is what
+    becomes of a chunk whose encode was handed off before the clear."""
+    s = started("G722")
+    s.start_utterance("cut")
+    s.audio(noise(4800, seed=5))
+    epoch = s.epoch
+    s.clear()
+    stale(s, noise(1921, seed=6), epoch)
+    s.start_utterance("next")
+    return b"".join(payloads(speak(s, noise(4800, seed=7))))
+
+
+def test_an_encode_handed_off_before_a_clear_does_nothing_and_is_never_sent():
+    """The bridge encodes on a codec thread and frames on the loop: a chunk handed off before a
+    clear (barge-in) neither moves the codec on (resampler history, G.722 state, an odd sample held
+    back) nor reaches the next utterance. The bytes are those of a session that never saw it."""
+    def nothing(s, pcm, epoch):
+        pass
+
+    def handed_off(s, pcm, epoch):
+        assert s.encode(pcm, epoch) is None
+        assert s.take(b"\xff" * 480, epoch) == []  # a result that came back late is dropped too
+
+    def encoded_anyway(s, pcm, epoch):  # what the epochs prevent: the codec moved on by the stale chunk
+        s._encoder.encode(s._resampler.process(pcm))
+
+    want = after_a_clear(nothing)
+    assert after_a_clear(handed_off) == want
+    assert after_a_clear(encoded_anyway) != want  # (so the comparison can tell)
+
+
+def test_encode_then_take_is_audio_and_every_codec_step_starts_a_new_epoch():
+    pcm = noise(9600, seed=8)
+    a, b = started("G722"), started("G722")
+    a.start_utterance("u")
+    b.start_utterance("u")
+    want = a.audio(pcm[:5000]) + a.audio(pcm[5000:])
+    got = []
+    for piece in (pcm[:5000], pcm[5000:]):
+        epoch = b.epoch
+        got += b.take(b.encode(piece, epoch), epoch)
+    assert got == want and [m.ms for m in got] == [m.ms for m in want]
+    epochs = [b.epoch]
+    b.end_utterance()
+    epochs.append(b.epoch)
+    b.start_utterance("v")
+    epochs.append(b.epoch)
+    b.clear()
+    epochs.append(b.epoch)
+    b.end()
+    epochs.append(b.epoch)
+    assert len(set(epochs)) == 5
+    assert b.encode(pcm, epochs[0]) is None and b.encode(pcm, epochs[-1]) is not None  # (stopped: take drops it)
+    assert b.take(b"\x00" * 160, epochs[-1]) == []
+
+
+def test_a_clear_waits_for_an_encode_already_running_on_another_thread():
+    """The codec's lock: a clear (on the loop) never resets the resampler or the G.722 encoder
+    under an encode running on a codec thread; it waits for it, then the encode's result (of the
+    old epoch) is dropped."""
+    import threading
+
+    s = started("G722")
+    s.start_utterance("u")
+    entered, release = threading.Event(), threading.Event()
+    process = s._resampler.process
+
+    def slow(x):
+        entered.set()
+        release.wait(10)
+        return process(x)
+
+    s._resampler.process = slow
+    epoch = s.epoch
+    result = {}
+    enc = threading.Thread(target=lambda: result.setdefault("payload", s.encode(noise(1920), epoch)))
+    enc.start()
+    assert entered.wait(10)
+    clearing = threading.Thread(target=s.clear)
+    clearing.start()
+    clearing.join(0.2)
+    assert clearing.is_alive()  # held by the running encode
+    release.set()
+    enc.join(10)
+    clearing.join(10)
+    assert not clearing.is_alive() and len(result["payload"]) == 640  # 1280 samples at 16 kHz
+    assert s.epoch != epoch and s.take(result["payload"], epoch) == []
