@@ -220,6 +220,7 @@ class TelnyxCall:
         # resampling and G.722 (bench/test_telnyx.py::test_feed_event_loop_cpu_16_calls), not L16 at
         # 24 kHz, which is a byte swap
         self.encode_off_loop = codec == "G722" or self.session.sample_rate != SOURCE_RATE
+        self.session.deferred_decode = True  # and G.722 caller audio is decoded there too (run())
         self.pacer = Pacer(head_ms, speed)
         self.on_event = on_event
         self.call_control_id: str | None = None
@@ -237,6 +238,8 @@ class TelnyxCall:
         try:
             async for text in self.sock:
                 for ev in self.session.receive(text):
+                    if isinstance(ev, CallerAudio) and ev.pcm is None:
+                        ev.pcm = await handoff(self.session.decode, ev.payload)  # (in order: awaited here)
                     self._handle(ev)
                 if self.session.stopped:
                     break
@@ -278,7 +281,6 @@ class TelnyxCall:
         elif isinstance(ev, Stopped):
             log.info("telnyx call %s: stream stopped", self.call_control_id,
                      extra={"call_control_id": self.call_control_id})
-            self._end()
         for listen in list(self.listeners):
             listen(ev)
         if self.on_event is not None:
@@ -286,6 +288,8 @@ class TelnyxCall:
                 self.on_event(self, ev)
             except Exception:
                 log.exception("on_event callback failed")
+        if isinstance(ev, Stopped):
+            self._end()  # (after the listeners had the Stopped: the None that ends their events comes last)
 
     def _end(self) -> None:
         if self.ended.is_set():

@@ -542,3 +542,52 @@ def test_a_barge_in_while_a_chunk_is_on_a_codec_thread_drops_it_and_the_next_utt
         return b"".join(base64.b64decode(json.loads(m)["media"]["payload"]) for m in msgs if '"media"' in m)
 
     assert len(audio(got)) >= 1600 and audio(got) == audio(want)
+
+
+class _Scripted(_Sent):
+    """A socket that gives the call these Telnyx messages, then nothing more."""
+
+    def __init__(self, messages):
+        super().__init__()
+        self.messages = messages
+
+    async def __aiter__(self):
+        for m in self.messages:
+            yield m
+            await asyncio.sleep(0)
+
+
+def test_g722_caller_audio_is_decoded_on_a_codec_thread_exactly_and_in_order():
+    """A G.722 caller's audio is decoded off the loop (the costly decode; the session defers it),
+    yet the listeners get it exactly as decoding on the loop would, every event in order."""
+    from csmstream.kernels.g722 import g722_decode
+    from csmstream.transport import codec_threads
+
+    x = (np.random.default_rng(3).normal(size=3200) * 3000).astype(np.int16)
+    codes = ffmpeg.g722_encode(x).tobytes()
+    start = {"event": "start", "stream_id": "s", "start": {"call_control_id": "v2:g", "media_format": {
+        "encoding": "G722", "sample_rate": 16000, "channels": 1}}}
+
+    def media(i):
+        return json.dumps({"event": "media", "media": {"track": "inbound", "chunk": str(i + 1), "payload":
+                                                       base64.b64encode(codes[160 * i : 160 * i + 160]).decode()}})
+
+    script = [json.dumps(start), *map(media, range(5)), json.dumps({"event": "dtmf", "dtmf": {"digit": "7"}}),
+              *map(media, range(5, 10)), json.dumps({"event": "stop", "stop": {"call_control_id": "v2:g"}})]
+    events = []
+
+    async def go():
+        call = TelnyxCall(_Scripted(script), codec="G722")
+        call.listeners.append(events.append)
+        before = codec_threads.STATS.calls
+        await asyncio.wait_for(call.run(), 10)
+        return codec_threads.STATS.calls - before
+
+    on_threads = asyncio.run(go())
+    kinds = [type(e).__name__ for e in events]
+    audio = ["CallerAudio"] * 5
+    assert kinds == ["CallStarted", *audio, "Dtmf", *audio, "Stopped", "NoneType"]  # (None: the call is over)
+    heard = np.concatenate([e.pcm for e in events if type(e).__name__ == "CallerAudio"])
+    np.testing.assert_array_equal(heard, g722_decode(codes))
+    assert [e.chunk for e in events if type(e).__name__ == "CallerAudio"] == list(range(1, 11))
+    assert on_threads >= 10
