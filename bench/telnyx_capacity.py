@@ -1,7 +1,7 @@
 """How many Telnyx calls one server process's event loop carries.
 
     python bench/telnyx_capacity.py --calls 50,100,200 --seconds 10 [--codec G722] [--listen-only]
-        [--encode loop,threads]
+        [--encode loop,threads] [--agents pcm_16000]
 
 A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
 routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
@@ -89,6 +89,7 @@ def serve(codec: str, speak: bool, compression: str | None = None, encode: str =
 
 
 # -- Telnyx's side (this process) ----------------------------------------------------------------------
+AGENT_FORMATS = ("pcm_8000", "pcm_16000", "pcm_24000")  # what /telnyx/listen sends
 ENCODE = {"auto": "server's choice", "loop": "event loop", "threads": "codec threads"}
 PAYLOADS = {"PCMU": b"\xff" * 160, "PCMA": b"\xd5" * 160, "L16": bytes(640)}
 
@@ -126,7 +127,8 @@ def lag_quantile(before: dict, after: dict, q: float) -> str:
     return f"> {last} ms"
 
 
-async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str) -> dict:
+async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
+                    agents: str | None = None) -> dict:
     from websockets.asyncio.client import connect
 
     url = f"ws://127.0.0.1:{port}/telnyx?codec={codec}" + ("&sampling_rate=16000" if codec == "L16" else "")
@@ -150,6 +152,18 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
                 got[i] += ((b - a) * 3 // 4 - m.count("=", b - 2, b)) / per_ms
 
     readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(conns)]
+    heard = [0.0] * n  # ms of caller audio an agent listening to the call received
+    if agents:  # each call's agent listens on /telnyx/listen, as a voice agent's speech recognition does
+        agent_rate = int(agents.split("_")[1])
+
+        async def listen(i):
+            async with connect(f"ws://127.0.0.1:{port}/telnyx/listen?call_control_id=v2:load-{i}&format={agents}",
+                               max_size=None, ping_interval=None) as lw:
+                async for m in lw:
+                    if isinstance(m, bytes):
+                        heard[i] += len(m) / 2 / agent_rate * 1000
+
+        readers += [asyncio.create_task(listen(i)) for i in range(n)]
     loop = asyncio.get_running_loop()
     late = 0.0
     running = True
@@ -170,9 +184,11 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
     sender = asyncio.create_task(send_frames())
     await asyncio.sleep(2.0)  # every call started, speech flowing
     before, got0, t0, c0 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    heard0 = sum(heard)
     late = 0.0
     await asyncio.sleep(seconds)
     after, got1, t1, c1 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    heard1 = sum(heard)
     running = False
     await sender
     for ws in conns:
@@ -192,6 +208,7 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str)
             "caller_frames_per_call_s": round((after["csm_telnyx_caller_frames_total"]
                                                - before["csm_telnyx_caller_frames_total"]) / n / wall, 1),
             "audio_out_ms_per_call_s": round((got1 - got0) / n / wall, 1),
+            "agents": agents, "agent_heard_ms_per_call_s": round((heard1 - heard0) / n / wall, 1) if agents else None,
             "codec_thread_calls_per_s": round((after["csm_codec_calls_total"] - before["csm_codec_calls_total"]) / wall,
                                               1),
             "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1)}
@@ -206,7 +223,8 @@ def wait_idle(port: int, timeout: float = 30.0) -> None:
 
 
 def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak: bool = True,
-            compression: str | None = None, progress=print, encode: str = "auto") -> list[dict]:
+            compression: str | None = None, progress=print, encode: str = "auto",
+            agents: str | None = None) -> list[dict]:
     """Start the child server, run each N in turn, stop the server; the rows."""
     if codec not in ("PCMU", "PCMA", "G722", "L16"):
         raise ValueError(f"codec must be PCMU, PCMA, G722 or L16, got {codec!r}")
@@ -218,6 +236,8 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"compression must be None or 'deflate', got {compression!r}")
     if encode not in ENCODE:
         raise ValueError(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
+    if agents not in (None, *AGENT_FORMATS):
+        raise ValueError(f"agents must be None or one of {', '.join(AGENT_FORMATS)}, got {agents!r}")
     argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
     argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])
     argv += ["--encode", encode]
@@ -229,11 +249,12 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
             raise RuntimeError(f"the server did not start (exit {child.poll()})")
         port = int(line)
         directions = "speech in both directions" if speak else "caller audio only"
+        directions += f", an agent listening to each call ({agents})" if agents else ""
         progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
                  f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}")
         payload = caller_payload(codec)
         for n in calls:
-            row = asyncio.run(run_calls(port, n, seconds, codec, payload))
+            row = asyncio.run(run_calls(port, n, seconds, codec, payload, agents))
             rows.append(dict(row, compression=compression or "off", encode=encode))
             wait_idle(port)
             progress(row_text(rows[-1]))
@@ -248,8 +269,9 @@ def row_text(r: dict) -> str:
             f"({100 * r['per_call_share']:.3f}% a call -> ~{r['calls_per_core']} calls a core); "
             f"lag p99 {r['lag_p99']}, max {r['lag_max_ms']:.0f} ms; "
             f"audio out {r['audio_out_ms_per_call_s']:.0f} ms/s a call (1000 = real time), caller frames in "
-            f"{r['caller_frames_per_call_s']}/s; load process {100 * r['load_cpu_share']:.0f}% CPU, "
-            f"{r['load_late_ms']:.0f} ms late at worst")
+            f"{r['caller_frames_per_call_s']}/s; "
+            + (f"agents heard {r['agent_heard_ms_per_call_s']:.0f} ms/s a call; " if r.get("agents") else "")
+            + f"load process {100 * r['load_cpu_share']:.0f}% CPU, {r['load_late_ms']:.0f} ms late at worst")
 
 
 def main(argv=None) -> int:
@@ -270,6 +292,9 @@ def main(argv=None) -> int:
                          "(the server's choice: the codec threads, but for L16 at 24 kHz and the cheap decoders), "
                          "loop, threads, or several comma-separated to measure each in one run, e.g. "
                          "loop,threads (default auto)")
+    ap.add_argument("--agents", choices=AGENT_FORMATS,
+                    help="also connect an agent to each call's /telnyx/listen in this format, reading the "
+                         "caller's audio as a voice agent's speech recognition does (default: no agents)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     args = ap.parse_args(argv)
@@ -292,7 +317,7 @@ def main(argv=None) -> int:
         for mode in modes:
             for encode in encodes:
                 rows += measure(calls, args.seconds, args.codec, not args.listen_only,
-                                None if mode == "off" else mode, encode=encode)
+                                None if mode == "off" else mode, encode=encode, agents=args.agents)
     except ValueError as e:
         ap.error(str(e))
     if args.json:
