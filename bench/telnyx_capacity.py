@@ -1,7 +1,7 @@
 """How many Telnyx calls one server process's event loop carries.
 
     python bench/telnyx_capacity.py --calls 50,100,200 --seconds 10 [--codec G722] [--listen-only]
-        [--encode loop,threads] [--agents pcm_16000]
+        [--encode loop,threads] [--agents pcm_16000 [--agent-frame-ms 20,100]]
 
 A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
 routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
@@ -128,7 +128,7 @@ def lag_quantile(before: dict, after: dict, q: float) -> str:
 
 
 async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
-                    agents: str | None = None) -> dict:
+                    agents: str | None = None, agent_frame_ms: int = 20) -> dict:
     from websockets.asyncio.client import connect
 
     url = f"ws://127.0.0.1:{port}/telnyx?codec={codec}" + ("&sampling_rate=16000" if codec == "L16" else "")
@@ -157,8 +157,9 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
         agent_rate = int(agents.split("_")[1])
 
         async def listen(i):
-            async with connect(f"ws://127.0.0.1:{port}/telnyx/listen?call_control_id=v2:load-{i}&format={agents}",
-                               max_size=None, ping_interval=None) as lw:
+            query = f"call_control_id=v2:load-{i}&format={agents}&frame_ms={agent_frame_ms}"
+            async with connect(f"ws://127.0.0.1:{port}/telnyx/listen?{query}", max_size=None,
+                               ping_interval=None) as lw:
                 async for m in lw:
                     if isinstance(m, bytes):
                         heard[i] += len(m) / 2 / agent_rate * 1000
@@ -208,7 +209,8 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             "caller_frames_per_call_s": round((after["csm_telnyx_caller_frames_total"]
                                                - before["csm_telnyx_caller_frames_total"]) / n / wall, 1),
             "audio_out_ms_per_call_s": round((got1 - got0) / n / wall, 1),
-            "agents": agents, "agent_heard_ms_per_call_s": round((heard1 - heard0) / n / wall, 1) if agents else None,
+            "agents": agents, "agent_frame_ms": agent_frame_ms if agents else None,
+            "agent_heard_ms_per_call_s": round((heard1 - heard0) / n / wall, 1) if agents else None,
             "codec_thread_calls_per_s": round((after["csm_codec_calls_total"] - before["csm_codec_calls_total"]) / wall,
                                               1),
             "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1)}
@@ -224,7 +226,7 @@ def wait_idle(port: int, timeout: float = 30.0) -> None:
 
 def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak: bool = True,
             compression: str | None = None, progress=print, encode: str = "auto",
-            agents: str | None = None) -> list[dict]:
+            agents: str | None = None, agent_frame_ms: int = 20) -> list[dict]:
     """Start the child server, run each N in turn, stop the server; the rows."""
     if codec not in ("PCMU", "PCMA", "G722", "L16"):
         raise ValueError(f"codec must be PCMU, PCMA, G722 or L16, got {codec!r}")
@@ -238,6 +240,8 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
     if agents not in (None, *AGENT_FORMATS):
         raise ValueError(f"agents must be None or one of {', '.join(AGENT_FORMATS)}, got {agents!r}")
+    if not (isinstance(agent_frame_ms, int) and 20 <= agent_frame_ms <= 1000 and agent_frame_ms % 20 == 0):
+        raise ValueError(f"agent_frame_ms must be a multiple of 20 from 20 to 1000, got {agent_frame_ms!r}")
     argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
     argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])
     argv += ["--encode", encode]
@@ -249,12 +253,12 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
             raise RuntimeError(f"the server did not start (exit {child.poll()})")
         port = int(line)
         directions = "speech in both directions" if speak else "caller audio only"
-        directions += f", an agent listening to each call ({agents})" if agents else ""
+        directions += f", an agent listening to each call ({agents}, {agent_frame_ms} ms frames)" if agents else ""
         progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
                  f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}")
         payload = caller_payload(codec)
         for n in calls:
-            row = asyncio.run(run_calls(port, n, seconds, codec, payload, agents))
+            row = asyncio.run(run_calls(port, n, seconds, codec, payload, agents, agent_frame_ms))
             rows.append(dict(row, compression=compression or "off", encode=encode))
             wait_idle(port)
             progress(row_text(rows[-1]))
@@ -295,6 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--agents", choices=AGENT_FORMATS,
                     help="also connect an agent to each call's /telnyx/listen in this format, reading the "
                          "caller's audio as a voice agent's speech recognition does (default: no agents)")
+    ap.add_argument("--agent-frame-ms", default="20",
+                    help="the agents' frame_ms (/telnyx/listen): ms of caller audio a frame, or several "
+                         "comma-separated to measure each in one run, e.g. 20,100 (default 20)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     args = ap.parse_args(argv)
@@ -312,12 +319,18 @@ def main(argv=None) -> int:
     encodes = args.encode.split(",")
     if not set(encodes) <= set(ENCODE):
         ap.error(f"--encode takes {', '.join(ENCODE)} (comma-separated), got {args.encode!r}")
+    try:
+        agent_frames = [int(x) for x in args.agent_frame_ms.split(",")]
+    except ValueError:
+        ap.error(f"--agent-frame-ms takes comma-separated whole numbers, got {args.agent_frame_ms!r}")
     rows = []
     try:
         for mode in modes:
             for encode in encodes:
-                rows += measure(calls, args.seconds, args.codec, not args.listen_only,
-                                None if mode == "off" else mode, encode=encode, agents=args.agents)
+                for frame_ms in agent_frames:
+                    rows += measure(calls, args.seconds, args.codec, not args.listen_only,
+                                    None if mode == "off" else mode, encode=encode, agents=args.agents,
+                                    agent_frame_ms=frame_ms)
     except ValueError as e:
         ap.error(str(e))
     if args.json:

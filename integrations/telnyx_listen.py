@@ -8,10 +8,14 @@ with a `call_control_id` would not hear the caller. It connects here instead:
 and gets, as JSON text frames and binary frames:
 - `{"event": "start", "call_control_id", "from", "to", "custom_parameters", "client_state",
   "encoding", "sample_rate", "format"}` once the call's media stream is there (it may come up to
-  `wait` seconds, default 10, after the listener: answering a call and connecting its stream race);
+  `wait` seconds, default 10, after the listener: answering a call and connecting its stream race),
+  and `frame_ms`;
 - the caller's audio as binary frames of 16-bit little-endian mono PCM in `format` (`pcm_16000`
-  by default; `pcm_8000`, `pcm_24000`), decoded from the call's codec and resampled, 20 ms a frame
-  as Telnyx sends it: what speech recognition and barge-in detection run on;
+  by default; `pcm_8000`, `pcm_24000`), decoded from the call's codec and resampled, `frame_ms` a
+  frame (20 by default, as Telnyx sends it; up to 1000 in steps of 20): what speech recognition and
+  barge-in detection run on. Larger frames cost the server's event loop less (a frame is a send,
+  whatever its size) at the price of that much latency; before any other event the audio so far
+  goes out, in a shorter frame if need be, so everything stays in order;
 - `{"event": "dtmf", "digit"}` for each key pressed; `{"event": "mark", "name", "heard"}` as each
   utterance spoken into the call finishes playing (heard) or is cut off;
 - `{"event": "stop"}` when the call ends, then the socket closes (1000).
@@ -37,7 +41,7 @@ from .telnyx_session import CallerAudio, Dtmf, MarkPlayed, Stopped
 log = logging.getLogger("csmstream.telnyx")
 
 FORMATS = {"pcm_8000": 8000, "pcm_16000": 16000, "pcm_24000": 24000}
-OPTIONS = ("call_control_id", "format", "wait")
+OPTIONS = ("call_control_id", "format", "wait", "frame_ms")
 MAX_WAIT_S = 60.0
 MAX_BEHIND = 200  # queued events: 200 x 20 ms of caller audio
 SEND_TIMEOUT_S = 5.0  # a listener that takes nothing for this long is cut off
@@ -48,8 +52,8 @@ class SlowListener(Exception):
 
 
 def listen_options(query: str) -> dict:
-    """call_control_id (required), format, wait; ValueError saying what is wrong."""
-    opts: dict = {"format": "pcm_16000", "wait": 10.0}
+    """call_control_id (required), format, wait, frame_ms; ValueError saying what is wrong."""
+    opts: dict = {"format": "pcm_16000", "wait": 10.0, "frame_ms": "20"}
     opts.update(query_items(query, OPTIONS))
     if not opts.get("call_control_id"):
         raise ValueError("call_control_id is required: the call to listen to (?call_control_id=v2:...)")
@@ -62,6 +66,11 @@ def listen_options(query: str) -> dict:
     if not 0 <= wait <= MAX_WAIT_S:
         raise ValueError(f"wait must be seconds in 0..{MAX_WAIT_S:.0f}, got {opts['wait']!r:.40}")
     opts["wait"] = wait
+    frame_ms = opts["frame_ms"]
+    if not (frame_ms.isdigit() and 20 <= int(frame_ms) <= 1000 and int(frame_ms) % 20 == 0):
+        raise ValueError(f"frame_ms must be a multiple of 20 from 20 to 1000 (ms of caller audio a frame), "
+                         f"got {frame_ms!r:.40}")
+    opts["frame_ms"] = int(frame_ms)
     return opts
 
 
@@ -121,6 +130,8 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
     if call is None:
         return  # the listener left (or the server closed it) while waiting for the call
     resamplers: dict[int, Resampler] = {}
+    frame = rate * opts["frame_ms"] // 1000  # samples a binary frame
+    audio = bytearray()  # caller audio not sent yet (less than a frame)
 
     async def send(message) -> None:
         try:
@@ -130,6 +141,12 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
         if feed.overflow:
             raise SlowListener(f"slow_listener: more than {MAX_BEHIND} events behind")
 
+    async def send_event(message: str) -> None:  # the audio before it first
+        if audio:
+            await send(bytes(audio))
+            audio.clear()
+        await send(message)
+
     try:
         if call.ended.is_set():
             feed(None)
@@ -137,7 +154,8 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
         await send(json.dumps({
             "event": "start", "call_control_id": ccid, "from": started.from_, "to": started.to,
             "custom_parameters": started.custom_parameters, "client_state": started.client_state,
-            "encoding": started.encoding, "sample_rate": started.sample_rate, "format": opts["format"]}))
+            "encoding": started.encoding, "sample_rate": started.sample_rate, "format": opts["format"],
+            "frame_ms": opts["frame_ms"]}))
         while True:
             ev = await feed.queue.get()
             if isinstance(ev, CallerAudio):
@@ -146,14 +164,17 @@ async def handle_listener(ws, registry: CallRegistry, query: str) -> None:
                     r = resamplers.get(ev.sample_rate) or resamplers.setdefault(ev.sample_rate,
                                                                                 Resampler(ev.sample_rate, rate))
                     pcm = r.process(pcm)
-                if len(pcm):
-                    await send(np.asarray(pcm, "<i2").tobytes())
+                audio += np.asarray(pcm, "<i2").tobytes()
+                whole = len(audio) // (2 * frame) * 2 * frame
+                for i in range(0, whole, 2 * frame):
+                    await send(bytes(audio[i : i + 2 * frame]))
+                del audio[:whole]
             elif isinstance(ev, Dtmf):
-                await send(json.dumps({"event": "dtmf", "digit": ev.digit}))
+                await send_event(json.dumps({"event": "dtmf", "digit": ev.digit}))
             elif isinstance(ev, MarkPlayed):
-                await send(json.dumps({"event": "mark", "name": ev.name, "heard": ev.heard}))
+                await send_event(json.dumps({"event": "mark", "name": ev.name, "heard": ev.heard}))
             elif ev is None or isinstance(ev, Stopped):
-                await send(json.dumps({"event": "stop"}))
+                await send_event(json.dumps({"event": "stop"}))
                 await ws.close(1000)
                 return
     except SlowListener as e:

@@ -8,7 +8,8 @@ from bench import telnyx_capacity as cap
 
 def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured():
     lines = []
-    (row,) = cap.measure([5], seconds=2.0, codec="G722", progress=lines.append, encode="loop", agents="pcm_8000")
+    (row,) = cap.measure([5], seconds=2.0, codec="G722", progress=lines.append, encode="loop", agents="pcm_8000",
+                          agent_frame_ms=100)
     assert row["calls"] == 5 and row["active_calls"] == 5 and row["compression"] == "off" and row["encode"] == "loop"
     assert 0 < row["loop_cpu_share"] <= row["process_cpu_share"] + 0.05
     assert row["caller_frames_per_call_s"] > 25  # 50 a second are sent; all were counted by the server
@@ -16,7 +17,7 @@ def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured
     assert row["lag_p99"].startswith(("<= ", "> "))
     assert 500 < row["agent_heard_ms_per_call_s"] <= 1100  # each call's agent heard its caller in real time
     assert row["codec_thread_calls_per_s"] == 0  # --encode loop reached the server (it hands off by default)
-    assert "G722" in lines[0] and "encoding on the event loop" in lines[0] and "(pcm_8000)" in lines[0]
+    assert "G722" in lines[0] and "encoding on the event loop" in lines[0] and "(pcm_8000, 100 ms frames)" in lines[0]
     assert "5 calls" in lines[1] and "agents heard" in lines[1]
 
 
@@ -27,6 +28,7 @@ def test_five_calls_both_ways_every_call_gets_its_audio_and_the_loop_is_measured
     ({"calls": [1], "compression": "gzip"}, "compression must be None or 'deflate'"),
     ({"calls": [1], "encode": "gpu"}, "encode must be one of auto, loop, threads, got 'gpu'"),
     ({"calls": [1], "agents": "pcm_44100"}, "agents must be None or one of pcm_8000, pcm_16000, pcm_24000"),
+    ({"calls": [1], "agent_frame_ms": 30}, "agent_frame_ms must be a multiple of 20 from 20 to 1000, got 30"),
 ])
 def test_bad_arguments_are_refused_before_a_server_starts(kw, message):
     with pytest.raises(ValueError, match=message):

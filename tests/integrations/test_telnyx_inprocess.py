@@ -338,6 +338,8 @@ def test_a_bug_serving_a_listener_closes_it_with_1011_and_the_call_goes_on(phone
     ("?call_control_id=v2:nobody&wait=0.2", "no Telnyx media stream for call 'v2:nobody'"),
     ("?call_control_id=v2:x&format=pcm_44100", "format must be one of pcm_8000, pcm_16000, pcm_24000"),
     ("?call_control_id=v2:x&wait=forever", "wait must be seconds in 0..60"),
+    ("?call_control_id=v2:x&frame_ms=30", "frame_ms must be a multiple of 20 from 20 to 1000"),
+    ("?call_control_id=v2:x&frame_ms=2000", "frame_ms must be a multiple of 20 from 20 to 1000"),
     ("?call_control_id=v2:x&codec=G722", "unknown parameter 'codec'"),
 ])
 def test_a_listener_asking_for_what_cannot_be_served_is_closed_saying_why(phone_server, query, reason):

@@ -137,3 +137,39 @@ def test_a_listener_waiting_for_the_call_gets_every_frame_even_from_a_backlog():
 
     assert audio == b"".join(alaw_decode(f).astype("<i2").tobytes() for f in frames)
     assert json.loads(ws.sent[-1]) == {"event": "stop"} and ws.closed[0] == 1000
+
+
+def test_frame_ms_sends_the_callers_audio_in_larger_frames_and_keeps_every_event_in_order():
+    """frame_ms=100: the same audio as 20 ms frames give, in frames of exactly 100 ms, except the
+    audio before a key press and before the stop, which goes out first, in a shorter frame."""
+    from csmstream.kernels.g711 import alaw_decode
+    from csmstream.kernels.resample import Resampler
+
+    frames = [bytes([(7 * i) % 256]) * 160 for i in range(23)]  # 460 ms of A-law
+
+    def media(f):
+        return json.dumps({"event": "media", "media": {"track": "inbound", "payload": base64.b64encode(f).decode()}})
+
+    dtmf = json.dumps({"event": "dtmf", "dtmf": {"digit": "3"}})
+    script = [json.dumps(START), *map(media, frames[:12]), dtmf, *map(media, frames[12:]),
+              json.dumps({"event": "stop", "stop": {}})]
+
+    async def go():
+        registry = CallRegistry()
+        ws = Taker()
+        listener = asyncio.create_task(telnyx_listen.handle_listener(
+            ws, registry, "call_control_id=v2:abc&format=pcm_16000&frame_ms=100"))
+        await asyncio.sleep(0.05)
+        await TelnyxCall(Backlog(script), registry).run()
+        await asyncio.wait_for(listener, 5)
+        return ws
+
+    ws = asyncio.run(go())
+    start = json.loads(ws.sent[0])
+    assert start["frame_ms"] == 100 and start["format"] == "pcm_16000"
+    sizes = [len(m) if isinstance(m, bytes) else json.loads(m)["event"] for m in ws.sent[1:]]
+    # 12 frames (240 ms) before the key: two of 100 ms, then 40 ms; 11 after: 100 ms twice, then 20 ms
+    assert sizes == [3200, 3200, 1280, "dtmf", 3200, 3200, 640, "stop"]
+    r = Resampler(8000, 16000)
+    want = b"".join(r.process(alaw_decode(f)).astype("<i2").tobytes() for f in frames)
+    assert b"".join(m for m in ws.sent if isinstance(m, bytes)) == want
