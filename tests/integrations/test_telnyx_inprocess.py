@@ -340,6 +340,7 @@ def test_a_bug_serving_a_listener_closes_it_with_1011_and_the_call_goes_on(phone
     ("?call_control_id=v2:x&wait=forever", "wait must be seconds in 0..60"),
     ("?call_control_id=v2:x&frame_ms=30", "frame_ms must be a multiple of 20 from 20 to 1000"),
     ("?call_control_id=v2:x&frame_ms=2000", "frame_ms must be a multiple of 20 from 20 to 1000"),
+    ("?call_control_id=v2:x&frame_ms=%C2%B2%C2%B2", "frame_ms must be a multiple of 20 from 20 to 1000"),
     ("?call_control_id=v2:x&codec=G722", "unknown parameter 'codec'"),
 ])
 def test_a_listener_asking_for_what_cannot_be_served_is_closed_saying_why(phone_server, query, reason):
