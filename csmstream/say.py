@@ -22,7 +22,7 @@ LIMIT_TIMEOUT_S = 3.0
 
 def say(args) -> int:
     from .transport.client import SesameConnectionError, SesameTTSError
-    from .transport.encoder import AudioDecoder
+    from .transport.decoder import AudioDecoder
     from .wav import WavWriter
 
     dec = AudioDecoder(args.format)  # G.711/G.722 decoded: the WAV is what a client of the format hears

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernels.g711 import alaw_encode, ulaw_encode
 from ..kernels.g722 import G722Encoder
-from ..transport.encoder import AudioDecoder
+from ..transport.decoder import AudioDecoder
 
 RATES = {"PCMU": (8000,), "PCMA": (8000,), "G722": (16000,), "L16": (8000, 16000, 22050, 24000, 48000)}
 DEFAULT_RATE = {"PCMU": 8000, "PCMA": 8000, "G722": 16000, "L16": 16000}

@@ -103,7 +103,7 @@ def _turn(t, i: int, fail, max_text_chars: int, text_problem, example: str) -> T
 def _decode(raw: bytes, fmt: str, where: str, fail) -> np.ndarray:
     if fmt.startswith("pcm_") and len(raw) % 2:
         raise fail(f"{where}.audio is {len(raw)} bytes: {fmt} is 16-bit little-endian PCM, 2 bytes a sample")
-    from .encoder import AudioDecoder  # (G.711's numba kernels: only when a request needs them)
+    from .decoder import AudioDecoder  # (G.711's numba kernels: only when a request needs them)
 
     return AudioDecoder(fmt).decode(raw)
 

@@ -4,18 +4,19 @@ One AudioEncoder per request: it resamples (stateful, flushed at the end) and en
 the result into chunks of exactly `chunk_bytes`; `finish()` returns the rest (the one short chunk).
 `encoder_for(fmt)` picks the class: MP3 formats get mp3.Mp3Encoder (whole frames per chunk); Ogg
 Opus, AAC and FLAC get opus.py's and packets.py's (whole pages or frames, each chunk timed).
-`AudioDecoder` is the other end, for clients (`csm-stream say`): a raw format's bytes back to PCM.
+`AudioDecoder` (decoder.py) is the other end, for clients: a raw format's bytes back to PCM.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from ..kernels.g722 import G722Decoder, G722Encoder
+from ..kernels.g711 import alaw_encode, ulaw_encode
+from ..kernels.g722 import G722Encoder
 from ..kernels.resample import Resampler
 from ..kernels.stretch import TimeStretcher
 from .codec_threads import handoff
+from .decoder import AudioDecoder  # (here before 2026-12-07: still importable from this module)
 from .protocol import ALL_FORMATS, BYTES_PER_SAMPLE, FORMATS, MP3_FORMATS, OPUS_FORMATS, PACKET_FORMATS
 
 SOURCE_RATE = 24_000
@@ -167,30 +168,6 @@ class SpeedEncoder:
 
     def finish(self) -> list[bytes]:
         return self.inner.feed(self.stretcher.flush()) + self.inner.finish()
-
-
-class AudioDecoder:
-    """What a client of a raw format hears: its bytes, in order and cut anywhere, back to int16 PCM
-    at the format's rate (G.711 and G.722 decoded; G.722 statefully, like a phone would)."""
-
-    def __init__(self, fmt: str) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"a raw format is decoded here ({', '.join(FORMATS)}), got {fmt!r:.40}")
-        self.rate, self.encoding = FORMATS[fmt]
-        self._g722 = G722Decoder() if self.encoding == "g722" else None
-        self._odd = b""  # a 16-bit sample cut in two
-
-    def decode(self, data: bytes) -> np.ndarray:
-        if self.encoding == "ulaw":
-            return ulaw_decode(data)
-        if self.encoding == "alaw":
-            return alaw_decode(data)
-        if self._g722 is not None:
-            return self._g722.decode(data)
-        data = self._odd + bytes(data)
-        whole = len(data) // 2 * 2
-        self._odd = data[whole:]
-        return np.frombuffer(data[:whole], "<i2").astype(np.int16)
 
 
 def warm_codecs() -> list[str]:
