@@ -56,8 +56,8 @@ def serve(codec: str, speak: bool, compression: str | None = None, encode: str =
                 due += 0.1
                 await asyncio.sleep(max(0.0, due - loop.time()))
 
-        if encode != "auto":  # where the call's resampling, encoding and G.722 decoding run
-            call.encode_off_loop = call.session.deferred_decode = encode == "threads"
+        if encode != "auto":  # where the call's resampling and encoding run (TelnyxCall.encode_off_loop)
+            call.encode_off_loop = encode == "threads"
         while not call.ended.is_set():
             try:
                 await call.speak(chunks())
@@ -292,10 +292,9 @@ def main(argv=None) -> int:
                     help="the server's permessage-deflate: off, deflate, or off,deflate to measure both in one run "
                          "(default off, the server's default)")
     ap.add_argument("--encode", default="auto",
-                    help="where a call's resampling and encoding (and a G.722 caller's decoding) run: auto "
-                         "(the server's choice: the codec threads, but for L16 at 24 kHz and the cheap decoders), "
-                         "loop, threads, or several comma-separated to measure each in one run, e.g. "
-                         "loop,threads (default auto)")
+                    help="where a call's resampling and encoding run: auto (the server's choice: the event "
+                         "loop), loop, threads (TelnyxCall.encode_off_loop), or several comma-separated to "
+                         "measure each in one run, e.g. loop,threads (default auto)")
     ap.add_argument("--agents", choices=AGENT_FORMATS,
                     help="also connect an agent to each call's /telnyx/listen in this format, reading the "
                          "caller's audio as a voice agent's speech recognition does (default: no agents)")

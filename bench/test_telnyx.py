@@ -65,44 +65,6 @@ def test_feed_event_loop_cpu_16_calls(benchmark, codec, rate, where):
     loop.close()
 
 
-@pytest.mark.benchmark(group="telnyx-caller-event-loop-cpu", timer=time.thread_time)
-@pytest.mark.parametrize("where", ["loop", "codec-thread"])
-def test_g722_caller_frame_event_loop_cpu_16_calls(benchmark, where):
-    """The event loop's own CPU time for one 20 ms G.722 caller frame of each of 16 calls (as
-    TelnyxCall.run takes them: parse, then decode): decoded on the loop, or each handed to the
-    codec threads (deferred_decode) and awaited in order."""
-    import base64
-    import json
-
-    from csmstream.kernels.g722 import g722_encode
-    from csmstream.transport.codec_threads import handoff
-
-    loop = asyncio.new_event_loop()
-    x = (np.random.default_rng(0).normal(size=320) * 3000).astype(np.int16)
-    msg = json.dumps({"event": "media", "media": {"track": "inbound", "chunk": "2", "timestamp": "40",
-                                                  "payload": base64.b64encode(g722_encode(x).tobytes()).decode()}})
-    sessions = []
-    for i in range(16):
-        s = TelnyxMediaSession("G722")
-        s.receive(json.dumps({"event": "start", "start": {"call_control_id": f"c{i}", "media_format": {
-            "encoding": "G722", "sample_rate": 16000}}}))
-        s.deferred_decode = where == "codec-thread"
-        sessions.append(s)
-
-    async def frame(s):
-        (ev,) = s.receive(msg)
-        if ev.pcm is None:
-            ev.pcm = await handoff(s.decode, ev.payload)
-        return len(ev.pcm)
-
-    async def tick():
-        return sum(await asyncio.gather(*map(frame, sessions)))
-
-    assert loop.run_until_complete(tick()) == 16 * 320
-    benchmark(lambda: loop.run_until_complete(tick()))
-    loop.close()
-
-
 @pytest.fixture(scope="module")
 def running():
     import csmstream

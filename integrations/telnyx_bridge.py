@@ -27,7 +27,6 @@ from ..transport.codec_threads import handoff
 from .pacer import Pacer
 from .telnyx_codecs import check
 from .telnyx_session import (
-    SOURCE_RATE,
     BadMessage,
     CallerAudio,
     CallStarted,
@@ -216,11 +215,13 @@ class TelnyxCall:
         self.sock = _TextSocket(ws)
         self.registry = registry
         self.session = TelnyxMediaSession(codec, sampling_rate, l16_byteorder, media_ms)
-        # the codec's work goes to the codec threads where it costs the loop more than the hand-off:
-        # resampling and G.722 (bench/test_telnyx.py::test_feed_event_loop_cpu_16_calls), not L16 at
-        # 24 kHz, which is a byte swap
-        self.encode_off_loop = codec == "G722" or self.session.sample_rate != SOURCE_RATE
-        self.session.deferred_decode = True  # and G.722 caller audio is decoded there too (run())
+        # True: the codec's work (resampling, encoding) on the codec threads, the loop keeping the
+        # framing. It costs the loop 13-27 % less while the loop has time to spare, but each chunk then
+        # waits for a thread and the GIL back, and once the loop is busy that wait grows past the
+        # chunk's 80 ms: at 150-200 G722 calls on 2 cores the calls fell further behind real time
+        # than with the work here (README, "How many calls a process carries"). Off until a call's
+        # work can stay in order on one thread without a round trip a chunk.
+        self.encode_off_loop = False
         self.pacer = Pacer(head_ms, speed)
         self.on_event = on_event
         self.call_control_id: str | None = None
@@ -238,8 +239,6 @@ class TelnyxCall:
         try:
             async for text in self.sock:
                 for ev in self.session.receive(text):
-                    if isinstance(ev, CallerAudio) and ev.pcm is None:
-                        ev.pcm = await handoff(self.session.decode, ev.payload)  # (in order: awaited here)
                     self._handle(ev)
                 if self.session.stopped:
                     break

@@ -45,7 +45,6 @@ from .telnyx_codecs import MediaDecoder, MediaEncoder
 log = logging.getLogger("csmstream.telnyx")
 
 SOURCE_RATE = 24_000
-COSTLY_DECODE = ("G722",)  # ~15-25 us a 20 ms frame (G.711 and L16: ~2 us, less than a hand-off)
 MEDIA_PREFIX = '{"event": "media", "media": {"payload": "'  # base64 needs no JSON escaping
 TELNYX_ERRORS = {100002: "unknown_error", 100003: "malformed_frame", 100004: "invalid_media",
                  100005: "rate_limit_reached"}
@@ -73,12 +72,11 @@ class CallStarted:
 
 @dataclass
 class CallerAudio:
-    pcm: np.ndarray | None  # int16 at sample_rate (None until decoded, with `deferred_decode`)
+    pcm: np.ndarray  # int16 at sample_rate
     track: str
     chunk: int | None
     timestamp: int | None
     sample_rate: int = 8000
-    payload: bytes = b""  # the codec's bytes, kept when the decoding is deferred
 
 
 @dataclass
@@ -142,9 +140,6 @@ class TelnyxMediaSession:
         self.codec, self.sample_rate, self.l16_byteorder = codec, self._encoder.rate, l16_byteorder
         self.frame_bytes = self._encoder.frame_bytes
         self._decoder: MediaDecoder | None = None  # the caller's codec, from `start`
-        # True: caller audio in a codec that is costly to decode comes with pcm None and its payload,
-        # for the caller to `decode` elsewhere (the bridge: on a codec thread)
-        self.deferred_decode = False
         self.started: CallStarted | None = None
         self.stopped = False
         rate = self.sample_rate
@@ -213,15 +208,9 @@ class TelnyxMediaSession:
         if self._decoder is None:
             return []
         chunk, ts = media.get("chunk"), media.get("timestamp")
-        defer = self.deferred_decode and self._decoder.codec in COSTLY_DECODE
-        return [CallerAudio(None if defer else self._decoder.decode(raw), str(media.get("track", "inbound")),
+        return [CallerAudio(self._decoder.decode(raw), str(media.get("track", "inbound")),
                             int(chunk) if chunk is not None else None, int(ts) if ts is not None else None,
-                            self._decoder.rate, raw if defer else b"")]
-
-    def decode(self, payload: bytes) -> np.ndarray:
-        """A deferred CallerAudio's payload -> its PCM. The decoder is stateful (G.722): call it for
-        every such event, in the order they came, one call at a time (any thread)."""
-        return self._decoder.decode(payload)
+                            self._decoder.rate)]
 
     def _on_mark(self, msg) -> list:
         name = str(msg["mark"]["name"])

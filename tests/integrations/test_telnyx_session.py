@@ -421,25 +421,3 @@ def test_a_clear_waits_for_an_encode_already_running_on_another_thread():
     assert not clearing.is_alive() and len(result["payload"]) == 640  # 1280 samples at 16 kHz
     assert s.epoch != epoch and s.take(result["payload"], epoch) == []
 
-
-@pytest.mark.parametrize("caller,deferred", [(("G722", 16000), True), (("PCMU", 8000), False),
-                                             (("L16", 16000), False)])
-def test_deferred_decode_hands_g722_caller_audio_over_undecoded_in_order(caller, deferred):
-    """With `deferred_decode` (the bridge's setting) caller audio whose decoding costs real CPU
-    (G.722) comes undecoded, payload kept, for `decode()` elsewhere; decoding each in order gives
-    exactly what the session decodes itself. The cheap codecs are decoded as before."""
-    x = noise(1600, seed=11)
-    codes = {"G722": ffmpeg.g722_encode(x).tobytes(), "PCMU": ulaw_encode(x).tobytes(),
-             "L16": x.astype(">i2").tobytes()}[caller[0]]
-    frame = {"G722": 160, "PCMU": 160, "L16": 640}[caller[0]]
-    here, there = started(caller=caller), started(caller=caller)
-    there.deferred_decode = True
-    want, got = [], []
-    for i in range(0, len(codes), frame):
-        (a,) = here.receive(media(codes[i : i + frame], i // frame + 1))
-        (b,) = there.receive(media(codes[i : i + frame], i // frame + 1))
-        assert (b.pcm is None) == deferred and (b.payload == codes[i : i + frame] if deferred else b.payload == b"")
-        assert (b.chunk, b.timestamp, b.sample_rate) == (a.chunk, a.timestamp, a.sample_rate)
-        want.append(a.pcm)
-        got.append(there.decode(b.payload) if deferred else b.pcm)
-    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
