@@ -15,7 +15,8 @@ utterance's `mark`.
 
 `audio()` is `take(encode(pcm, epoch), epoch)`: `encode` is the codec's work (resampling, G.711 /
 G.722 / L16), safe to run on another thread, and `take` the message framing, on the loop. The
-bridge runs `encode` on the codec threads where it costs the loop more than the hand-off does.
+bridge can run `encode` on the codec threads (`TelnyxCall.encode_off_loop`; off by default, as
+measured in the README's "How many calls a process carries").
 Every step that moves the codec on (`start_utterance`, `end_utterance`, `clear`, `end`) takes the
 codec's lock and starts a new epoch, so an `encode` handed off before it runs to completion first
 or does nothing, and a result of an older epoch is never taken: the bytes sent are exactly those

@@ -1,6 +1,6 @@
 """The codec threads: where the CPU work of encoding (LAME, PyAV; a phone call's resampling and
-G.711 / G.722, integrations/telnyx_bridge.py) and of a request's speaking rate (kernels/stretch.py)
-runs, off the event loop, and the batched hand-off that takes it there.
+G.711 / G.722 when it opts in, integrations/telnyx_bridge.py) and of a request's speaking rate
+(kernels/stretch.py) runs, off the event loop, and the batched hand-off that takes it there.
 
 One engine tick wakes every stream at once (one `call_soon_threadsafe` for all), so the streams
 that need a codec thread ask for it in the same loop iteration. `handoff(fn, arg)` queues the call
@@ -9,6 +9,12 @@ the threads, up to BATCH calls a job, and each job's results come back with one 
 loop. The loop's cost of a hand-off is then a future and a list entry, not an executor round
 trip of its own (a `run_in_executor` per 40 ms piece of a stream at a speed doubled what the loop
 spent on that stream; see the README's "Speaking rate").
+
+The limit: a codec thread's Python (the calls around a kernel) needs the GIL, and a busy loop gives
+it up only every switch interval (5 ms). Once the loop is near a full core a hand-off's round trip
+grows to tens of milliseconds, so work handed off a chunk at a time then falls behind where the
+same work on the loop would not (measured for phone calls: README, "How many calls a process
+carries"). Hand off what is heavy per call (LAME, Opus, WSOLA), not what costs a few microseconds.
 """
 
 from __future__ import annotations
@@ -126,8 +132,7 @@ def metric_lines() -> list[str]:
     with STATS.lock:
         calls, jobs, busy = STATS.calls, STATS.jobs, STATS.busy_s
         wait = STATS.wait_ms.lines("csm_codec_wait_milliseconds")
-    return ["# HELP csm_codec_threads threads that encode (MP3, Opus, AAC, FLAC, phone calls) and stretch (speed) "
-            "off the loop",
+    return ["# HELP csm_codec_threads threads that encode (MP3, Opus, AAC, FLAC) and stretch (speed) off the loop",
             "# TYPE csm_codec_threads gauge", f"csm_codec_threads {thread_count()}",
             "# HELP csm_codec_calls_total encoder and stretcher calls run on the codec threads",
             "# TYPE csm_codec_calls_total counter", f"csm_codec_calls_total {calls}",
