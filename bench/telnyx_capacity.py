@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+from csmstream.integrations.telnyx_codecs import whole_frames
+from csmstream.integrations.telnyx_listen import FORMATS as LISTEN_FORMATS
+
 
 # -- the server (child process) ----------------------------------------------------------------------
 def serve(codec: str, speak: bool, compression: str | None = None, encode: str = "auto") -> None:
@@ -89,7 +92,7 @@ def serve(codec: str, speak: bool, compression: str | None = None, encode: str =
 
 
 # -- Telnyx's side (this process) ----------------------------------------------------------------------
-AGENT_FORMATS = ("pcm_8000", "pcm_16000", "pcm_24000")  # what /telnyx/listen sends
+AGENT_FORMATS = tuple(LISTEN_FORMATS)  # what /telnyx/listen sends
 ENCODE = {"auto": "server's choice", "loop": "event loop", "threads": "codec threads"}
 PAYLOADS = {"PCMU": b"\xff" * 160, "PCMA": b"\xd5" * 160, "L16": bytes(640)}
 
@@ -240,7 +243,7 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
     if agents not in (None, *AGENT_FORMATS):
         raise ValueError(f"agents must be None or one of {', '.join(AGENT_FORMATS)}, got {agents!r}")
-    if not (isinstance(agent_frame_ms, int) and 20 <= agent_frame_ms <= 1000 and agent_frame_ms % 20 == 0):
+    if not whole_frames(agent_frame_ms):  # (/telnyx/listen's rule for frame_ms)
         raise ValueError(f"agent_frame_ms must be a multiple of 20 from 20 to 1000, got {agent_frame_ms!r}")
     argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
     argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])

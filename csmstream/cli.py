@@ -303,7 +303,8 @@ def _speak(args) -> int:
         print(TINY_NOTE, file=sys.stderr)
     rate, enc = 24_000, None
     if args.format != "pcm_24000" or args.speed != 1:  # what a client of that format (or speed) hears
-        from .transport.encoder import AudioDecoder, encoder_for
+        from .transport.decoder import AudioDecoder
+        from .transport.encoder import encoder_for
 
         enc, dec = encoder_for(args.format, 100, args.speed), AudioDecoder(args.format)
         rate = dec.rate

@@ -41,6 +41,12 @@ def check(codec: str, rate: int | None = None, l16_byteorder: str = "big") -> in
     return rate
 
 
+def whole_frames(ms) -> bool:
+    """Whether `ms` is a whole number of 20 ms frames, from one to a second's worth: the rule of
+    how much audio a media message (media_ms) or a listener's frame (frame_ms) may hold."""
+    return isinstance(ms, int) and FRAME_MS <= ms <= 1000 and ms % FRAME_MS == 0
+
+
 def frame_bytes(codec: str, rate: int) -> int:
     """Payload bytes of one 20 ms media message."""
     return int(rate * FRAME_MS // 1000 * BYTES_PER_SAMPLE[codec])

@@ -36,6 +36,7 @@ import numpy as np
 from ..kernels.resample import Resampler
 from ..transport.protocol import close_reason
 from .telnyx_bridge import CallRegistry, UnknownCall, query_items, socket_gone
+from .telnyx_codecs import whole_frames
 from .telnyx_session import CallerAudio, Dtmf, MarkPlayed, Stopped
 
 log = logging.getLogger("csmstream.telnyx")
@@ -67,7 +68,7 @@ def listen_options(query: str) -> dict:
         raise ValueError(f"wait must be seconds in 0..{MAX_WAIT_S:.0f}, got {opts['wait']!r:.40}")
     opts["wait"] = wait
     frame_ms = opts["frame_ms"]
-    if not (frame_ms.isascii() and frame_ms.isdigit() and 20 <= int(frame_ms) <= 1000 and int(frame_ms) % 20 == 0):
+    if not (frame_ms.isascii() and frame_ms.isdigit() and whole_frames(int(frame_ms))):
         raise ValueError(f"frame_ms must be a multiple of 20 from 20 to 1000 (ms of caller audio a frame), "
                          f"got {frame_ms!r:.40}")
     opts["frame_ms"] = int(frame_ms)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..kernels.resample import Resampler
 from ..transport import protocol
-from .telnyx_codecs import MediaDecoder, MediaEncoder
+from .telnyx_codecs import MediaDecoder, MediaEncoder, whole_frames
 
 log = logging.getLogger("csmstream.telnyx")
 
@@ -133,7 +133,7 @@ class TelnyxMediaSession:
         sample_rate: its `stream_bidirectional_sampling_rate` (None: 8000 for G.711, 16000 for
         G722 and L16); media_ms: the most audio one outgoing media message carries, a multiple of
         20 from 20 to 1000; ValueError for what this side cannot do."""
-        if not (isinstance(media_ms, int) and 20 <= media_ms <= 1000 and media_ms % 20 == 0):
+        if not whole_frames(media_ms):
             raise ValueError(f"media_ms must be a multiple of 20 from 20 to 1000 (ms of audio a media message), "
                              f"got {media_ms!r:.40}")
         self.frames_per_message = media_ms // 20
