@@ -173,7 +173,7 @@ class CallRegistry:
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise UnknownCall(f"no Telnyx media stream for call {call_control_id!r} connected within {timeout:.0f} s; "
+            raise UnknownCall(f"no Telnyx media stream for call {call_control_id!r} connected within {timeout:g} s; "
                               "start streaming on the call (streaming_start) with this server's stream_url") from None
         finally:
             ws = self._waiters.get(call_control_id)

@@ -335,7 +335,7 @@ def test_a_bug_serving_a_listener_closes_it_with_1011_and_the_call_goes_on(phone
 
 @pytest.mark.parametrize("query,reason", [
     ("", "call_control_id is required"),
-    ("?call_control_id=v2:nobody&wait=0.2", "no Telnyx media stream for call 'v2:nobody'"),
+    ("?call_control_id=v2:nobody&wait=0.2", "no Telnyx media stream for call 'v2:nobody' connected within 0.2 s"),
     ("?call_control_id=v2:x&format=pcm_44100", "format must be one of pcm_8000, pcm_16000, pcm_24000"),
     ("?call_control_id=v2:x&wait=forever", "wait must be seconds in 0..60"),
     ("?call_control_id=v2:x&frame_ms=30", "frame_ms must be a multiple of 20 from 20 to 1000"),
