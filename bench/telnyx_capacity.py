@@ -2,6 +2,7 @@
 
     python bench/telnyx_capacity.py --calls 50,100,200 --seconds 10 [--codec G722] [--listen-only]
         [--encode loop,threads] [--agents pcm_16000 [--agent-frame-ms 20,100]]
+        [--model-streams 2] [--switch-ms 5,0.5]
 
 A child process runs the server as `csm-stream serve --telnyx` does (StreamServer, the same
 routes, uvloop; the tiny model, idle). This process plays Telnyx for N calls at once: each sends
@@ -14,8 +15,12 @@ window it reads the child's /metrics: the loop thread's CPU (csm_event_loop_cpu_
 lag histogram and largest lag (a gauge over the last 10 s: measure windows of 10 s or more, or it
 reaches back before the window), the calls and frames counted. Per N it prints the loop's share of a
 core, the share per call, the lag, and audio out per call per second (1000 ms when every call gets
-its audio in real time), and the calls a core would carry at that cost. `--json FILE` writes the
-rows.
+its audio in real time), and the calls a core would carry at that cost. With --model-streams M,
+M clients of the model (the tiny one on this CPU; the child then has M slots and warms it) ask
+/ws/generate for one sentence after another through the window, and the row adds the engine's
+frames a second and those requests' real-time factor, first audio and underruns: the engine's
+thread and the loop's work at once, as in a server that speaks into its calls. `--json FILE`
+writes the rows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import subprocess
@@ -37,7 +43,8 @@ from csmstream.integrations.telnyx_listen import FORMATS as LISTEN_FORMATS
 
 
 # -- the server (child process) ----------------------------------------------------------------------
-def serve(codec: str, speak: bool, compression: str | None = None, encode: str = "auto") -> None:
+def serve(codec: str, speak: bool, compression: str | None = None, encode: str = "auto",
+          switch_ms: float | None = None, model_streams: int = 0) -> None:
     import csmstream
     from csmstream.commands import _run_loop, telnyx_routes
     from csmstream.integrations.telnyx_bridge import UnknownCall
@@ -73,12 +80,14 @@ def serve(codec: str, speak: bool, compression: str | None = None, encode: str =
 
     async def main() -> None:
         threading.Thread(target=orphaned, daemon=True).start()
+        if switch_ms is not None:
+            sys.setswitchinterval(switch_ms / 1000)
         warm_codecs()  # as serve's start-up does (warmup=False below skips only that and the model's): a
         # cold numba cache would otherwise compile the codecs on the loop inside the measured window
-        srv = StreamServer(lambda: csmstream.load("tiny", device="cpu", max_streams=1), port=0, routes=routes,
-                           calls=calls, warmup=False, compression=compression)
+        srv = StreamServer(lambda: csmstream.load("tiny", device="cpu", max_streams=max(1, model_streams)), port=0,
+                           routes=routes, calls=calls, warmup=model_streams > 0, compression=compression)
         await srv.start()
-        print(srv.port, flush=True)
+        print(srv.port, sys.getswitchinterval(), flush=True)  # (the interval: what the rows say was measured)
         talking: dict = {}
         while True:  # give every new call its speech
             for call in list(calls):
@@ -131,7 +140,7 @@ def lag_quantile(before: dict, after: dict, q: float) -> str:
 
 
 async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
-                    agents: str | None = None, agent_frame_ms: int = 20) -> dict:
+                    agents: str | None = None, agent_frame_ms: int = 20, model_streams: int = 0) -> dict:
     from websockets.asyncio.client import connect
 
     url = f"ws://127.0.0.1:{port}/telnyx?codec={codec}" + ("&sampling_rate=16000" if codec == "L16" else "")
@@ -185,15 +194,36 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             late = max(late, loop.time() - due)
             await asyncio.sleep(max(0.0, due - loop.time()))
 
+    window: list[float] = []  # (time.monotonic) its start, then its end
+    spoken: list = []  # benchtool.CallResult of each model request that began and ended inside the window
+
+    async def generate(j: int) -> None:  # one client of the model: a sentence, and when it is done the next
+        from csmstream.benchtool import DEFAULT_TEXTS, one_call
+
+        k = 0
+        while running:
+            began = time.monotonic()
+            r = await one_call(f"ws://127.0.0.1:{port}/ws/generate", DEFAULT_TEXTS[(j + k) % len(DEFAULT_TEXTS)],
+                               j * 1000 + k, model_streams, "pcm_24000", 100)
+            if len(window) == 1 and began >= window[0]:
+                spoken.append(r)
+            k += 1
+
     sender = asyncio.create_task(send_frames())
+    speakers = [asyncio.create_task(generate(j)) for j in range(model_streams)]
     await asyncio.sleep(2.0)  # every call started, speech flowing
     before, got0, t0, c0 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    window.append(t0)
     heard0 = sum(heard)
     late = 0.0
     await asyncio.sleep(seconds)
     after, got1, t1, c1 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
+    window.append(t1)
     heard1 = sum(heard)
     running = False
+    for task in speakers:  # (a request still running is cut off: it did not end inside the window)
+        task.cancel()
+    await asyncio.gather(*speakers, return_exceptions=True)
     await sender
     for ws in conns:
         await ws.close()
@@ -216,7 +246,24 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             "agent_heard_ms_per_call_s": round((heard1 - heard0) / n / wall, 1) if agents else None,
             "codec_thread_calls_per_s": round((after["csm_codec_calls_total"] - before["csm_codec_calls_total"]) / wall,
                                               1),
-            "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1)}
+            "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1),
+            **model_row(model_streams, spoken, before, after, wall)}
+
+
+def model_row(streams: int, spoken: list, before: dict, after: dict, wall: float) -> dict:
+    """What `streams` clients of the model got in the window: the engine's frames a second (each
+    stream needs 12.5 while it speaks), and of the requests that began and ended in it the real-
+    time factor, time to first audio and underruns (benchtool's playback from the first chunk)."""
+    if not streams:
+        return {"model_streams": 0}
+    from csmstream.benchtool import summarize
+
+    s = summarize(spoken)
+    return {"model_streams": streams, "model_requests": s["requests"], "model_errors": s["errors"],
+            "model_frames_per_s": round((after["csm_frames_total"] - before["csm_frames_total"]) / wall, 1),
+            "model_rtf_p50": s["rtf"]["p50"], "model_rtf_max": s["rtf"]["max"],
+            "model_ttfa_ms_p50": s["ttfa_ms"]["p50"], "model_ttfa_ms_max": s["ttfa_ms"]["max"],
+            "model_underruns": s["underruns"], "model_underrun_ms": s["underrun_ms"]}
 
 
 def wait_idle(port: int, timeout: float = 30.0) -> None:
@@ -229,7 +276,8 @@ def wait_idle(port: int, timeout: float = 30.0) -> None:
 
 def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak: bool = True,
             compression: str | None = None, progress=print, encode: str = "auto",
-            agents: str | None = None, agent_frame_ms: int = 20) -> list[dict]:
+            agents: str | None = None, agent_frame_ms: int = 20, switch_ms: float | None = None,
+            model_streams: int = 0) -> list[dict]:
     """Start the child server, run each N in turn, stop the server; the rows."""
     if codec not in ("PCMU", "PCMA", "G722", "L16"):
         raise ValueError(f"codec must be PCMU, PCMA, G722 or L16, got {codec!r}")
@@ -245,24 +293,32 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         raise ValueError(f"agents must be None or one of {', '.join(AGENT_FORMATS)}, got {agents!r}")
     if not whole_frames(agent_frame_ms):  # (/telnyx/listen's rule for frame_ms)
         raise ValueError(f"agent_frame_ms must be a multiple of 20 from 20 to 1000, got {agent_frame_ms!r}")
+    if switch_ms is not None and not 0.01 <= switch_ms <= 100:  # (nan fails this too)
+        raise ValueError(f"switch_ms must be None (Python's default) or milliseconds in 0.01..100, got {switch_ms!r}")
+    if not isinstance(model_streams, int) or not 0 <= model_streams <= 64:
+        raise ValueError(f"model_streams must be a whole number in 0..64, got {model_streams!r}")
     argv = [sys.executable, os.path.abspath(__file__), "--serve", "--codec", codec]
     argv += ([] if speak else ["--listen-only"]) + (["--ws-compression", compression] if compression else [])
-    argv += ["--encode", encode]
+    argv += ["--encode", encode, "--model-streams", str(model_streams)]
+    argv += [] if switch_ms is None else ["--switch-ms", str(switch_ms)]
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rows = []
     try:
-        line = child.stdout.readline()
-        if not line.strip().isdigit():
+        line = child.stdout.readline().split()
+        if len(line) != 2 or not line[0].isdigit():
             raise RuntimeError(f"the server did not start (exit {child.poll()})")
-        port = int(line)
+        port, server_switch_ms = int(line[0]), 1000 * float(line[1])
         directions = "speech in both directions" if speak else "caller audio only"
         directions += f", an agent listening to each call ({agents}, {agent_frame_ms} ms frames)" if agents else ""
+        directions += f", {model_streams} clients of the model beside them" if model_streams else ""
+        interval = f"{server_switch_ms:g} ms" + (" (Python's default)" if switch_ms is None else "")
         progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
-                 f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}")
+                 f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}, "
+                 f"GIL switch interval {interval}")
         payload = caller_payload(codec)
         for n in calls:
-            row = asyncio.run(run_calls(port, n, seconds, codec, payload, agents, agent_frame_ms))
-            rows.append(dict(row, compression=compression or "off", encode=encode))
+            row = asyncio.run(run_calls(port, n, seconds, codec, payload, agents, agent_frame_ms, model_streams))
+            rows.append(dict(row, compression=compression or "off", encode=encode, switch_ms=server_switch_ms))
             wait_idle(port)
             progress(row_text(rows[-1]))
     finally:
@@ -278,6 +334,9 @@ def row_text(r: dict) -> str:
             f"audio out {r['audio_out_ms_per_call_s']:.0f} ms/s a call (1000 = real time), caller frames in "
             f"{r['caller_frames_per_call_s']}/s; "
             + (f"agents heard {r['agent_heard_ms_per_call_s']:.0f} ms/s a call; " if r.get("agents") else "")
+            + (f"model: {r['model_frames_per_s']:.0f} frames/s, {r['model_requests']} requests, RTF p50 "
+               f"{r['model_rtf_p50']} max {r['model_rtf_max']}, first audio p50 {r['model_ttfa_ms_p50']} ms, "
+               f"{r['model_underruns']} underruns; " if r.get("model_streams") else "")
             + f"load process {100 * r['load_cpu_share']:.0f}% CPU, {r['load_late_ms']:.0f} ms late at worst")
 
 
@@ -304,12 +363,20 @@ def main(argv=None) -> int:
     ap.add_argument("--agent-frame-ms", default="20",
                     help="the agents' frame_ms (/telnyx/listen): ms of caller audio a frame, or several "
                          "comma-separated to measure each in one run, e.g. 20,100 (default 20)")
+    ap.add_argument("--switch-ms", default=None,
+                    help="the server's GIL switch interval in ms (sys.setswitchinterval: how long a thread that "
+                         "wants the GIL waits before the holder must give it up), or several comma-separated to "
+                         "measure each in one run, e.g. 5,0.5 (default: Python's, 5)")
+    ap.add_argument("--model-streams", type=int, default=0,
+                    help="also run this many clients of the model (the tiny one, on this CPU) on /ws/generate "
+                         "through the window, each a sentence after another: does the engine keep up while the "
+                         "loop carries the calls? (default 0)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     args = ap.parse_args(argv)
     if args.serve:
         serve(args.codec, not args.listen_only, None if args.ws_compression == "off" else args.ws_compression,
-              args.encode)
+              args.encode, None if args.switch_ms is None else float(args.switch_ms), args.model_streams)
         return 0
     try:
         calls = [int(x) for x in args.calls.split(",")]
@@ -325,14 +392,16 @@ def main(argv=None) -> int:
         agent_frames = [int(x) for x in args.agent_frame_ms.split(",")]
     except ValueError:
         ap.error(f"--agent-frame-ms takes comma-separated whole numbers, got {args.agent_frame_ms!r}")
+    try:
+        switches = [None] if args.switch_ms is None else [float(x) for x in args.switch_ms.split(",")]
+    except ValueError:
+        ap.error(f"--switch-ms takes comma-separated milliseconds, got {args.switch_ms!r}")
     rows = []
     try:
-        for mode in modes:
-            for encode in encodes:
-                for frame_ms in agent_frames:
-                    rows += measure(calls, args.seconds, args.codec, not args.listen_only,
-                                    None if mode == "off" else mode, encode=encode, agents=args.agents,
-                                    agent_frame_ms=frame_ms)
+        for mode, encode, frame_ms, switch in itertools.product(modes, encodes, agent_frames, switches):
+            rows += measure(calls, args.seconds, args.codec, not args.listen_only, None if mode == "off" else mode,
+                            encode=encode, agents=args.agents, agent_frame_ms=frame_ms, switch_ms=switch,
+                            model_streams=args.model_streams)
     except ValueError as e:
         ap.error(str(e))
     if args.json:
