@@ -10,7 +10,10 @@
 - `add_rms_norm`: the residual add fused with the next RMSNorm: h += delta (in place), returns
   rms_norm(h) * weight (reference: `add_rms_norm_ref`); `add=False` starts the residual stream.
 - `rope_store_`: one decode step's q/k rotation AND the cache write: q rotated in place, rotated
-  k and v stored at each row's own position of its KV cache (reference: `rope_store_ref`).
+  k and v stored at each row's own position of its KV cache (reference: `rope_store_ref`). One
+  program a row does all its heads (48 x 32 pairs in csm-1b's backbone, 95 registers for sm_90,
+  no spill). It was a program a (row, head): 48 programs of 32 pairs, most lanes idle, and 8x the
+  programs for CI's interpreter to walk one at a time (an interpreted frame step took 20-25 % longer).
 - decode attention lives in kernels/triton_attn.py (split over the keys for long caches).
 - `silu_mul`: SiLU(gate) * up of a fused gate/up projection (reference: `silu_mul_ref`).
 
@@ -198,25 +201,25 @@ def cache_rows_div(rows: int, cache: torch.Tensor) -> int:
 # -- rotary embedding --------------------------------------------------------------------------
 @triton.jit
 def _rope_store_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, pos_ptr, pos_stride, c_ptr, c_row_stride,
-                       c_pos_stride, H, KV, HALF: tl.constexpr, ROW_DIV: tl.constexpr):
+                       c_pos_stride, H, KV, NH: tl.constexpr, HALF: tl.constexpr, ROW_DIV: tl.constexpr):
+    # one program a row, every head of it at once: [NH, HALF] pairs (NH the heads rounded up to a
+    # power of two; 0..H-1 queries, H..H+KV-1 keys, then values)
     row = tl.program_id(0)
-    head = tl.program_id(1)  # 0..H-1 queries, H..H+KV-1 keys, then values
+    head = tl.arange(0, NH)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    live = head < H + 2 * KV
     p = tl.load(pos_ptr + row * pos_stride)
-    i = tl.arange(0, HALF)
     src = qkv_ptr + row * qkv_stride + head * 2 * HALF
-    a = tl.load(src + 2 * i).to(tl.float32)
-    b = tl.load(src + 2 * i + 1).to(tl.float32)
+    a = tl.load(src + 2 * i, mask=live, other=0.0).to(tl.float32)
+    b = tl.load(src + 2 * i + 1, mask=live, other=0.0).to(tl.float32)
     rotate = head < H + KV
     c = tl.where(rotate, tl.load(cos_ptr + p * HALF + i), 1.0)
     s = tl.where(rotate, tl.load(sin_ptr + p * HALF + i), 0.0)
     ra = (a * c - b * s)
     rb = (a * s + b * c)
-    if head < H:
-        dst = src
-    else:
-        dst = c_ptr + (row // ROW_DIV) * c_row_stride + p * c_pos_stride + (head - H) * 2 * HALF
-    tl.store(dst + 2 * i, ra.to(dst.dtype.element_ty))
-    tl.store(dst + 2 * i + 1, rb.to(dst.dtype.element_ty))
+    dst = tl.where(head < H, src, c_ptr + (row // ROW_DIV) * c_row_stride + p * c_pos_stride + (head - H) * 2 * HALF)
+    tl.store(dst + 2 * i, ra.to(qkv_ptr.dtype.element_ty), mask=live)
+    tl.store(dst + 2 * i + 1, rb.to(qkv_ptr.dtype.element_ty), mask=live)
 
 
 def rope_store_(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
@@ -229,9 +232,10 @@ def rope_store_(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.T
     B, NH, hd = qkv.shape
     KV = (NH - n_heads) // 2
     assert qkv.stride(2) == 1 and qkv.stride(1) == hd and cache.stride(3) == 1 and cache.stride(2) == hd
-    _rope_store_kernel[(B, NH)](qkv, qkv.stride(0), cos, sin, pos, pos.stride(0), cache, cache.stride(0),
-                                cache.stride(1), n_heads, KV, HALF=hd // 2, ROW_DIV=cache_rows_div(B, cache),
-                                enable_fp_fusion=FMA)
+    assert qkv.dtype == cache.dtype
+    _rope_store_kernel[(B,)](qkv, qkv.stride(0), cos, sin, pos, pos.stride(0), cache, cache.stride(0),
+                             cache.stride(1), n_heads, KV, NH=triton.next_power_of_2(NH), HALF=hd // 2,
+                             ROW_DIV=cache_rows_div(B, cache), enable_fp_fusion=FMA)
 
 
 def rope_store_ref(qkv, n_heads, cos, sin, pos, cache) -> None:
