@@ -405,9 +405,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "machine": os.uname().machine, "cpus": os.cpu_count(),
-                       "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+        from csmstream.benchtool import write_rows
+
+        write_rows(args.json, rows)
     return 0
 
 

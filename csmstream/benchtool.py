@@ -241,6 +241,14 @@ def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: di
     return paths + draw_all(out_dir, results, summary_by_level)
 
 
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """A bench script's rows as JSON, with the machine, its CPU count and the date beside them."""
+    import os
+
+    Path(path).write_text(json.dumps({"rows": rows, "machine": os.uname().machine, "cpus": os.cpu_count(),
+                                      "date": time.strftime("%Y-%m-%d")}, indent=1))
+
+
 def server_metrics(url: str, token: str | None = None, ssl_context=None) -> dict[str, float] | None:
     """The server's /metrics, parsed (None when unavailable)."""
     import time

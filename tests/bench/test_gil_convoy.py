@@ -2,7 +2,9 @@
 process's interval put back after (the figures live in the README)."""
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -14,7 +16,9 @@ def test_rows_by_interval_and_duty_and_the_interval_is_put_back(tmp_path):
     out = tmp_path / "rows.json"
     lines = []
     assert gil_convoy.main(["--switch-ms", "0.5,2", "--duty", "0.5", "--frames", "3", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    assert saved["cpus"] == os.cpu_count() and saved["date"] == time.strftime("%Y-%m-%d") and saved["machine"]
+    rows = saved["rows"]
     assert [r["switch_ms"] for r in rows] == [0.5, 2.0] and all(r["frames"] == 3 for r in rows)
     assert all(r["alone"] > 0 and r["duty_0.5"] > 0 for r in rows)
     assert sys.getswitchinterval() == before
