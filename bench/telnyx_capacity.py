@@ -208,6 +208,8 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             if len(window) == 1 and began >= window[0]:
                 spoken.append(r)
             k += 1
+            if r.error is not None:  # (counted in the row; not retried at once, which would flood the server)
+                await asyncio.sleep(0.1)
 
     sender = asyncio.create_task(send_frames())
     speakers = [asyncio.create_task(generate(j)) for j in range(model_streams)]
