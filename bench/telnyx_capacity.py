@@ -312,7 +312,8 @@ def measure(calls: list[int], seconds: float = 10.0, codec: str = "PCMU", speak:
         port, server_switch_ms = int(line[0]), 1000 * float(line[1])
         directions = "speech in both directions" if speak else "caller audio only"
         directions += f", an agent listening to each call ({agents}, {agent_frame_ms} ms frames)" if agents else ""
-        directions += f", {model_streams} clients of the model beside them" if model_streams else ""
+        directions += (f", {model_streams} client{'s' * (model_streams > 1)} of the model beside them"
+                       if model_streams else "")
         interval = f"{server_switch_ms:g} ms" + (" (Python's default)" if switch_ms is None else "")
         progress(f"server on port {port} (pid {child.pid}); {directions}, {codec}, "
                  f"permessage-deflate {compression or 'off'}, encoding on the {ENCODE[encode]}, "

@@ -57,7 +57,7 @@ def test_clients_of_the_model_beside_the_calls_and_the_servers_switch_interval()
     (row,) = cap.measure([3], seconds=5.0, codec="PCMU", progress=lines.append, encode="loop", switch_ms=1.5,
                           model_streams=1)
     assert row["switch_ms"] == 1.5 and "GIL switch interval 1.5 ms" in lines[0]
-    assert "1 clients of the model" in lines[0] and "model: " in lines[1]
+    assert "1 client of the model beside them" in lines[0] and "model: " in lines[1]
     assert row["model_streams"] == 1 and row["model_errors"] == 0
     # the tiny model on CPU is faster than real time alone (RTF ~0.1-0.4), so a sentence (2-4 s of
     # audio) fits in the window and one stream's 12.5 frames a second are exceeded while it speaks
