@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from csmstream.benchtool import write_rows
+
 TEXT = "Hello there, this is a test of the engine beside a busy thread."
 PERIOD_S = 0.01
 
@@ -127,10 +129,7 @@ def main(argv=None) -> int:
         rows = measure(switches, duties, args.frames)
     except ValueError as e:
         ap.error(str(e))
-    if args.json:
-        from csmstream.benchtool import write_rows
-
-        write_rows(args.json, rows)
+    write_rows(args.json, rows)
     return 0
 
 

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from csmstream.benchtool import write_rows
 from csmstream.integrations.telnyx_codecs import whole_frames
 from csmstream.integrations.telnyx_listen import FORMATS as LISTEN_FORMATS
 
@@ -407,10 +408,7 @@ def main(argv=None) -> int:
                             model_streams=args.model_streams)
     except ValueError as e:
         ap.error(str(e))
-    if args.json:
-        from csmstream.benchtool import write_rows
-
-        write_rows(args.json, rows)
+    write_rows(args.json, rows)
     return 0
 
 

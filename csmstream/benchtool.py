@@ -241,10 +241,13 @@ def write_outputs(out_dir: Path, results: list[CallResult], summary_by_level: di
     return paths + draw_all(out_dir, results, summary_by_level)
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
-    """A bench script's rows as JSON, with the machine, its CPU count and the date beside them."""
+def write_rows(path: str | Path | None, rows: list[dict]) -> None:
+    """A bench script's rows as JSON, with the machine, its CPU count and the date beside them
+    (path None: its --json was not given, nothing to write)."""
     import os
 
+    if path is None:
+        return
     Path(path).write_text(json.dumps({"rows": rows, "machine": os.uname().machine, "cpus": os.cpu_count(),
                                       "date": time.strftime("%Y-%m-%d")}, indent=1))
 
