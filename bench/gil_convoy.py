@@ -16,6 +16,7 @@ part). `--json FILE` writes the rows. Figures hold for one machine: compare rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -28,15 +29,31 @@ TEXT = "Hello there, this is a test of the engine beside a busy thread."
 PERIOD_S = 0.01
 
 
-def busy(duty: float, stop: threading.Event) -> None:
-    """Python work for `duty` of every PERIOD_S, asleep (the GIL free) for the rest."""
-    d = {"a": list(range(50))}
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < duty * PERIOD_S:
-            json.dumps(d)
-        if duty < 1:
-            time.sleep(PERIOD_S * (1 - duty))
+@contextlib.contextmanager
+def beside(step):
+    """While the block runs, `step()` runs again and again on a thread of its own."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            step()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+
+
+def busy(duty: float) -> None:
+    """One PERIOD_S: Python work for `duty` of it, asleep (the GIL free) for the rest."""
+    d, t0 = {"a": list(range(50))}, time.perf_counter()
+    while time.perf_counter() - t0 < duty * PERIOD_S:
+        json.dumps(d)
+    if duty < 1:
+        time.sleep(PERIOD_S * (1 - duty))
 
 
 def rtf(eng, frames: int) -> float:
@@ -50,21 +67,15 @@ def oversleep(work) -> tuple[float, float]:
     """(p99, max) ms that a thread sleeping 1 ms at a time overslept while this thread did `work()`:
     with the engine streaming, how long its thread kept the GIL at a time plus the OS's own wake-up
     (which `work` = a sleep measures alone)."""
-    stop, late = threading.Event(), []
+    late = []
 
-    def sleeper() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            time.sleep(0.001)
-            late.append(time.perf_counter() - t - 0.001)
+    def nap() -> None:
+        t = time.perf_counter()
+        time.sleep(0.001)
+        late.append(time.perf_counter() - t - 0.001)
 
-    th = threading.Thread(target=sleeper, daemon=True)
-    th.start()
-    try:
+    with beside(nap):
         work()
-    finally:
-        stop.set()
-        th.join()
     late.sort()
     return 1000 * late[int(0.99 * (len(late) - 1))], 1000 * late[-1]
 
@@ -92,14 +103,8 @@ def measure(switches_ms: list[float], duties: list[float], frames: int = 40, pro
             row.update(oversleep_p99_ms=round(busy_late[0], 2), oversleep_max_ms=round(busy_late[1], 2),
                        idle_oversleep_p99_ms=round(idle_late[0], 2), idle_oversleep_max_ms=round(idle_late[1], 2))
             for duty in duties:
-                stop = threading.Event()
-                th = threading.Thread(target=busy, args=(duty, stop), daemon=True)
-                th.start()
-                try:
+                with beside(functools.partial(busy, duty)):
                     row[f"duty_{duty:g}"] = round(rtf(eng, frames), 4)
-                finally:
-                    stop.set()
-                    th.join()
             rows.append(row)
             progress(f"switch interval {s:g} ms: RTF alone {row['alone']:.3f} (a 1 ms sleep beside it overslept "
                      f"p99 {row['oversleep_p99_ms']:.2f}, max {row['oversleep_max_ms']:.2f} ms; with nothing running "

@@ -195,8 +195,7 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             late = max(late, loop.time() - due)
             await asyncio.sleep(max(0.0, due - loop.time()))
 
-    window: list[float] = []  # (time.monotonic) its start, then its end
-    spoken: list = []  # benchtool.CallResult of each model request that began and ended inside the window
+    answered: list = []  # (began, ended: time.monotonic, benchtool.CallResult) of each model request
 
     async def generate(j: int) -> None:  # one client of the model: a sentence, and when it is done the next
         from csmstream.benchtool import DEFAULT_TEXTS, one_call
@@ -206,8 +205,7 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             began = time.monotonic()
             r = await one_call(f"ws://127.0.0.1:{port}/ws/generate", DEFAULT_TEXTS[(j + k) % len(DEFAULT_TEXTS)],
                                j * 1000 + k, model_streams, "pcm_24000", 100)
-            if len(window) == 1 and began >= window[0]:
-                spoken.append(r)
+            answered.append((began, time.monotonic(), r))
             k += 1
             if r.error is not None:  # (counted in the row; not retried at once, which would flood the server)
                 await asyncio.sleep(0.1)
@@ -216,12 +214,10 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
     speakers = [asyncio.create_task(generate(j)) for j in range(model_streams)]
     await asyncio.sleep(2.0)  # every call started, speech flowing
     before, got0, t0, c0 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
-    window.append(t0)
     heard0 = sum(heard)
     late = 0.0
     await asyncio.sleep(seconds)
     after, got1, t1, c1 = await asyncio.to_thread(scrape, port), sum(got), time.monotonic(), time.process_time()
-    window.append(t1)
     heard1 = sum(heard)
     running = False
     for task in speakers:  # (a request still running is cut off: it did not end inside the window)
@@ -250,7 +246,7 @@ async def run_calls(port: int, n: int, seconds: float, codec: str, payload: str,
             "codec_thread_calls_per_s": round((after["csm_codec_calls_total"] - before["csm_codec_calls_total"]) / wall,
                                               1),
             "load_cpu_share": round((c1 - c0) / wall, 3), "load_late_ms": round(1000 * late, 1),
-            **model_row(model_streams, spoken, before, after, wall)}
+            **model_row(model_streams, [r for b, e, r in answered if t0 <= b and e <= t1], before, after, wall)}
 
 
 def model_row(streams: int, spoken: list, before: dict, after: dict, wall: float) -> dict:
