@@ -75,14 +75,15 @@ def build_engine(config: str, device: str, dtype: torch.dtype, max_streams: int,
     """An Engine on the fast step. `csm-1b`: transformers' CsmConfig defaults (csm-1b's shapes) and
     the real Mimi config, random weights (speed does not depend on them). `micro`: the CPU dry run's
     model (float32), its generator forced onto the fast step, which runs eagerly there."""
-    from csmstream.engine.codec import Codec, randomize_codebooks
+    from csmstream.engine.codec import Codec
     from csmstream.engine.engine import Engine
     from csmstream.engine.tokenizer import TextTokenizer
 
     if config == "csm-1b":
-        from transformers import CsmConfig, MimiConfig, MimiModel
+        from transformers import CsmConfig
 
         from csmstream.engine.config import CsmModelConfig
+        from csmstream.engine.mimi import Mimi, MimiSpec, init_random
         from csmstream.engine.model import CSM
 
         cfg = CsmModelConfig.from_hf(CsmConfig())
@@ -91,9 +92,8 @@ def build_engine(config: str, device: str, dtype: torch.dtype, max_streams: int,
             model = CSM(cfg).to(dtype)
             for name, p in model.named_parameters():
                 p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0.0, 0.02)
-            mimi = MimiModel(MimiConfig())
-        randomize_codebooks(mimi)
-        codec = Codec(mimi.eval(), cfg.num_codebooks)
+        mimi = init_random(Mimi(MimiSpec.from_config(CsmConfig().codec_config)), 0).to(device)
+        codec = Codec(mimi, cfg.num_codebooks)
     elif config == "micro":
         model = small_model("micro").to(device)
         codec = Codec.tiny(device, num_codebooks=model.cfg.num_codebooks)

@@ -6,19 +6,15 @@
 import pytest
 import torch
 
-from csmstream.engine.codec import randomize_codebooks
+from csmstream.engine.mimi import Mimi, MimiSpec, init_random
 from csmstream.engine.mimi_stream import StreamingMimiDecoder
 
 
 def mimi(kind):
-    from transformers import MimiConfig, MimiModel
-
     from tests.checkpoints import small_mimi_config
 
-    torch.manual_seed(0)
-    m = MimiModel(MimiConfig() if kind == "full" else small_mimi_config()).eval()
-    randomize_codebooks(m)
-    return m
+    spec = MimiSpec() if kind == "full" else MimiSpec.from_config(small_mimi_config())
+    return init_random(Mimi(spec), 0).eval()
 
 
 @pytest.fixture(scope="module", params=["tiny", "full"])

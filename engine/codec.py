@@ -1,4 +1,4 @@
-"""The Mimi codec around transformers' MimiModel: context encoding and whole-sequence decoding.
+"""The Mimi codec (engine/mimi.py): context encoding and whole-sequence decoding.
 
 The streaming decoder (one frame in, 1920 samples out, state carried) builds on this module's
 model; see engine/mimi_stream.py.
@@ -9,98 +9,64 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .mimi import Mimi, MimiSpec, init_random, load_state
+
 SAMPLE_RATE = 24_000
 MAX_CONTEXT_SECONDS = 120
 MAX_FLOAT_PEAK = 2.0  # float context audio up to this is taken as it is (resampling overshoots 1 a little)
 
 
 class Codec:
-    def __init__(self, mimi, num_codebooks: int) -> None:
+    """Context encoding and whole-sequence decoding on `mimi` (engine/mimi.Mimi); the streaming
+    decoder (engine/mimi_stream.py) runs on the same modules."""
+
+    def __init__(self, mimi: Mimi, num_codebooks: int) -> None:
         self.mimi = mimi.eval().requires_grad_(False)
         self.n = num_codebooks
         self.device = next(mimi.parameters()).device
-        if mimi.config.num_quantizers < num_codebooks:
-            raise ValueError(f"codec has {mimi.config.num_quantizers} quantizers; CSM needs {num_codebooks}")
-        self.samples_per_frame = int(np.prod(mimi.config.upsampling_ratios)) * _downsample(mimi.config)
+        if mimi.spec.num_quantizers < num_codebooks:
+            raise ValueError(f"codec has {mimi.spec.num_quantizers} quantizers; CSM needs {num_codebooks}")
+        self.samples_per_frame = mimi.spec.samples_per_frame
 
     @classmethod
     def tiny(cls, device, num_codebooks: int = 32, seed: int = 4321) -> Codec:
         """A small Mimi (same strides, 32 codebooks of 2048) with seeded random weights."""
-        from transformers import MimiConfig, MimiModel
-
-        cfg = MimiConfig(hidden_size=64, num_filters=8, codebook_dim=32, vector_quantization_hidden_dimension=32,
-                         upsample_groups=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=4, head_dim=16, num_quantizers=num_codebooks)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            mimi = MimiModel(cfg)
-            randomize_codebooks(mimi)
-        return cls(mimi.to(device), num_codebooks)
+        spec = MimiSpec(hidden_size=64, num_filters=8, codebook_dim=32, vector_quantization_hidden_dimension=32,
+                        upsample_groups=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=4, head_dim=16, num_quantizers=num_codebooks)
+        return cls(init_random(Mimi(spec), seed).to(device), num_codebooks)
 
     @classmethod
     def from_state(cls, codec_config, state: dict[str, torch.Tensor], device, num_codebooks: int, where: str) -> Codec:
-        from transformers import MimiModel
-
+        """From a checkpoint's codec_model.* tensors (flat names, or transformers' nested ones) and
+        its codec_config (a transformers MimiConfig, or config.json's dict)."""
         from .weights import CheckpointError
 
         if not state:
             raise CheckpointError(f"{where}: no codec_model.* tensors; CSM checkpoints carry the Mimi codec")
-        mimi = MimiModel(codec_config)  # real buffers (rotary tables) need a real device, not meta
         try:
-            mimi.load_state_dict({_module_key(k): v for k, v in state.items()}, strict=True)
-        except RuntimeError as e:
+            mimi = Mimi(MimiSpec.from_config(codec_config, f"{where}: codec_config"))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        try:
+            load_state(mimi, state)
+        except ValueError as e:
             raise CheckpointError(f"{where}: codec_model tensors do not fit codec_config: {e}") from None
-        mimi.to(device)
-        return cls(mimi, num_codebooks)
+        return cls(mimi.to(device), num_codebooks)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Whole-sequence decode: codes [F, N] -> float32 audio [F * 1920]."""
         c = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=self.device).T[None]  # [1, N, F]
-        return self.mimi.decode(c).audio_values[0, 0].float().cpu().numpy()
+        return self.mimi.decode(c)[0, 0].float().cpu().numpy()
 
     @torch.inference_mode()
     def encode_context(self, audio, *, what: str = "audio") -> np.ndarray:
         """24 kHz mono PCM (float in [-1, 1] or int16) -> codes [F, N] int64."""
         x = check_audio(audio, what)
         t = torch.from_numpy(x).to(self.device)[None, None]  # [1, 1, samples]
-        codes = self.mimi.encode(t, num_quantizers=self.n).audio_codes  # [1, N, F]
+        codes = self.mimi.encode(t, num_quantizers=self.n)  # [1, N, F]
         return codes[0].T.cpu().numpy().astype(np.int64)
-
-
-# Checkpoints (sesame/csm-1b's codec_model.*) keep Mimi's flat layout; MimiModel nests its halves.
-_FLAT_TO_MODULE = (
-    ("encoder.layers.", "encoder.encoder_seanet.layers."),
-    ("encoder_transformer.", "encoder.encoder_transformer."),
-    ("downsample.", "encoder.downsample."),
-    ("upsample.", "decoder.upsample."),
-    ("decoder_transformer.", "decoder.decoder_transformer."),
-    ("decoder.layers.", "decoder.decoder_seanet.layers."),
-)
-
-
-def _module_key(key: str) -> str:
-    for flat, nested in _FLAT_TO_MODULE:
-        if key.startswith(flat):
-            return nested + key[len(flat) :]
-    return key
-
-
-@torch.no_grad()
-def randomize_codebooks(mimi, std: float = 0.05) -> None:
-    """Fresh Mimi codebooks are all zero (every code decodes alike); give them random centroids
-    so that random-weight audio depends on the codes, as a trained codec's does."""
-    for module in mimi.modules():
-        if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
-            module.embed_sum.normal_(0.0, std)
-            module.cluster_usage.fill_(1.0)
-            module._embed = None
-
-
-def _downsample(cfg) -> int:
-    # encoder frame rate -> codec frame rate (Mimi: 25 Hz -> 12.5 Hz)
-    enc_rate = cfg.sampling_rate / int(np.prod(cfg.upsampling_ratios))
-    return max(1, round(enc_rate / cfg.frame_rate))
 
 
 def check_audio(audio, what: str = "audio") -> np.ndarray:

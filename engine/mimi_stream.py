@@ -1,6 +1,6 @@
 """Streaming Mimi decode: one frame of codes per slot in, exactly one frame of audio out.
 
-Built on transformers' Mimi modules and weights. Every piece that looks at the past keeps that
+Built on engine/mimi.py's modules and weights (the offline codec's). Every piece that looks at the past keeps that
 past as explicit per-slot state, so decoding frame by frame equals decoding the whole sequence:
 - causal convolutions keep their last (kernel - 1) * dilation input samples;
 - transposed convolutions keep the (kernel - stride) overlap tail, without bias (added once, when an
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_step import bucket_of
+from .mimi import CausalConv1d, CausalConvTranspose1d, Mimi, ResidualBlock, apply_rope, rope_cos_sin
 
 
 class _Conv:
@@ -88,17 +89,16 @@ class _Elu:
 def _build(layers, rows, dev, dt) -> list:
     ops = []
     for m in layers:
-        kind = type(m).__name__
-        if kind == "MimiConv1d":
+        if isinstance(m, CausalConv1d):
             ops.append(_Conv(m, rows, dev, dt))
-        elif kind == "MimiConvTranspose1d":
+        elif isinstance(m, CausalConvTranspose1d):
             ops.append(_ConvT(m, rows, dev, dt))
-        elif kind == "MimiResnetBlock":
+        elif isinstance(m, ResidualBlock):
             ops.append(_Residual(m, rows, dev, dt))
         elif isinstance(m, nn.ELU):
             ops.append(_Elu())
         else:
-            raise ValueError(f"unsupported Mimi decoder layer {kind}")
+            raise ValueError(f"unsupported Mimi decoder layer {type(m).__name__}")
     return ops
 
 
@@ -106,9 +106,9 @@ class _Transformer:
     """Mimi's decoder transformer with a per-slot ring KV cache (window + margin) and positions."""
 
     def __init__(self, tr, rows: int, dev, dt, steps_per_call: int) -> None:
-        cfg = tr.config
-        self.tr, self.window = tr, cfg.sliding_window
-        self.h, self.kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        spec = tr.spec
+        self.tr, self.window = tr, spec.sliding_window
+        self.h, self.kv, self.hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         self.size = self.window + steps_per_call  # room so a call never overwrites a key still in view
         L = len(tr.layers)
         self.k = torch.zeros(L, rows, self.kv, self.size, self.hd, device=dev, dtype=dt)
@@ -117,11 +117,9 @@ class _Transformer:
         self.next_pos = torch.zeros(rows, dtype=torch.int64, device=dev)
 
     def __call__(self, x, rows: slice):  # x [B, T, D]
-        from transformers.models.mimi.modeling_mimi import apply_rotary_pos_emb
-
         B, T, _ = x.shape
         pos = self.next_pos[rows, None] + torch.arange(T, device=x.device)  # [B, T]
-        cos, sin = self.tr.rotary_emb(x, pos)
+        cos, sin = rope_cos_sin(self.tr.spec, pos, x.dtype)
         ring = pos % self.size  # [B, T]
         bi = torch.arange(B, device=x.device)[:, None]
         sp = self.slot_pos[rows]
@@ -135,7 +133,7 @@ class _Transformer:
             q = a.q_proj(hs).view(B, T, self.h, self.hd).transpose(1, 2)
             k = a.k_proj(hs).view(B, T, self.kv, self.hd).transpose(1, 2)
             v = a.v_proj(hs).view(B, T, self.kv, self.hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             ck, cv = self.k[i, rows], self.v[i, rows]  # [B, kv, size, hd]
             ck[bi, :, ring] = k.transpose(1, 2)
             cv[bi, :, ring] = v.transpose(1, 2)
@@ -155,19 +153,15 @@ class _Transformer:
 class StreamingMimiDecoder:
     """Decode codes [B, N] for slots [lo, hi) into audio [B, samples_per_frame], state carried."""
 
-    def __init__(self, mimi, rows: int) -> None:
+    def __init__(self, mimi: Mimi, rows: int) -> None:
         p = next(mimi.parameters())
         dev, dt = p.device, p.dtype
-        # transformers >= 5.2x nests the decoder half in mimi.decoder; earlier releases keep
-        # upsample / decoder_transformer on the model and the SEANet decoder as mimi.decoder
-        dec = mimi.decoder if hasattr(mimi.decoder, "decoder_seanet") else mimi
         self.mimi, self.rows = mimi, rows
-        up = getattr(dec, "upsample", None)
+        up = mimi.upsample
         self.upsample = _ConvT(up, rows, dev, dt) if up is not None else None
         steps = up.conv.stride[0] if up is not None else 1
-        self.transformer = _Transformer(dec.decoder_transformer, rows, dev, dt, steps)
-        seanet = mimi.decoder.decoder_seanet if dec is not mimi else mimi.decoder
-        self.seanet = _build(seanet.layers, rows, dev, dt)
+        self.transformer = _Transformer(mimi.decoder_transformer, rows, dev, dt, steps)
+        self.seanet = _build(mimi.decoder.layers, rows, dev, dt)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

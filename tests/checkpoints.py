@@ -38,6 +38,27 @@ def small_mimi_config(**over):
     return MimiConfig(**kw)
 
 
+@torch.no_grad()
+def randomize_codebooks(mimi, std: float = 0.05) -> None:
+    """Fresh Mimi codebooks are all zero (every code decodes alike); give them random centroids
+    so that random-weight audio depends on the codes, as a trained codec's does (transformers'
+    MimiModel, the reference; engine/mimi.init_random does this for ours)."""
+    for module in mimi.modules():
+        if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
+            module.embed_sum.normal_(0.0, std)
+            module.cluster_usage.fill_(1.0)
+            module._embed = None
+
+
+def ours(hf_mimi):
+    """engine/mimi.Mimi with the weights of transformers' MimiModel `hf_mimi` (nested names mapped)."""
+    from csmstream.engine.mimi import Mimi, MimiSpec, load_state
+
+    m = Mimi(MimiSpec.from_config(hf_mimi.config)).eval()
+    load_state(m, hf_mimi.state_dict())
+    return m
+
+
 def csm_config(tok: Tokenizer, *, backbone=(64, 2, 4, 2, 128), depth=(48, 2, 4, 2, 96), rope="llama3",
                max_pos=256, codec=None):
     from transformers import CsmConfig
@@ -69,11 +90,7 @@ def write_checkpoint(path: Path, *, seed: int = 0, max_shard_size=None, **cfg_kw
     tok = make_tokenizer()
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(csm_config(tok, **cfg_kw)).eval()
-    with torch.no_grad():  # fresh Mimi codebooks are all zero: give them centroids
-        for module in model.codec_model.modules():
-            if hasattr(module, "embed_sum"):
-                module.embed_sum.normal_(0.0, 0.05)
-                module._embed = None
+    randomize_codebooks(model.codec_model)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
     tok.save(str(path / "tokenizer.json"))

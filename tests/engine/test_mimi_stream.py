@@ -1,27 +1,34 @@
-"""Streamed decode equals transformers' offline MimiModel.decode, sample for sample."""
+"""Streamed decode (engine/mimi_stream.py on engine/mimi.py's modules) equals transformers' offline
+MimiModel.decode on the same weights, sample for sample."""
 
 import numpy as np
 import pytest
 import torch
 
-from csmstream.engine.codec import randomize_codebooks
 from csmstream.engine.mimi_stream import StreamingMimiDecoder
-from tests.checkpoints import small_mimi_config
+from tests.checkpoints import ours, randomize_codebooks, small_mimi_config
+
+
+class Pair:
+    """transformers' MimiModel (the reference) and ours with its weights."""
+
+    def __init__(self, cfg, seed):
+        from transformers import MimiModel
+
+        torch.manual_seed(seed)
+        self.ref = MimiModel(cfg).eval()
+        randomize_codebooks(self.ref)
+        self.ours = ours(self.ref)
 
 
 @pytest.fixture(scope="module")
 def small_mimi():
-    from transformers import MimiModel
-
-    torch.manual_seed(0)
-    m = MimiModel(small_mimi_config()).eval()
-    randomize_codebooks(m)
-    return m
+    return Pair(small_mimi_config(), 0)
 
 
-def offline(mimi, codes):  # codes [T, 32]
+def offline(pair, codes):  # codes [T, 32], decoded by the reference
     with torch.inference_mode():
-        return mimi.decode(torch.as_tensor(codes).T[None]).audio_values[0, 0]
+        return pair.ref.decode(torch.as_tensor(codes).T[None]).audio_values[0, 0]
 
 
 def streamed(dec, codes, row=0):
@@ -33,7 +40,7 @@ def streamed(dec, codes, row=0):
 def test_streamed_equals_offline(small_mimi, frames):
     rng = np.random.default_rng(frames)
     codes = rng.integers(0, 2048, size=(frames, 32))
-    dec = StreamingMimiDecoder(small_mimi, rows=1)
+    dec = StreamingMimiDecoder(small_mimi.ours, rows=1)
     s, o = streamed(dec, codes), offline(small_mimi, codes)
     assert s.shape == o.shape == (frames * 1920,)
     assert (s - o).abs().max().item() < 1e-4
@@ -42,14 +49,14 @@ def test_streamed_equals_offline(small_mimi, frames):
 def test_across_the_sliding_window(small_mimi):
     """130 frames = 260 transformer steps, past the 250-step window."""
     codes = np.random.default_rng(9).integers(0, 2048, size=(130, 32))
-    dec = StreamingMimiDecoder(small_mimi, rows=1)
+    dec = StreamingMimiDecoder(small_mimi.ours, rows=1)
     assert (streamed(dec, codes) - offline(small_mimi, codes)).abs().max().item() < 1e-4
 
 
 def test_two_slots_batched_and_reset_is_per_slot(small_mimi):
     rng = np.random.default_rng(4)
     a, b = rng.integers(0, 2048, size=(12, 32)), rng.integers(0, 2048, size=(12, 32))
-    dec = StreamingMimiDecoder(small_mimi, rows=2)
+    dec = StreamingMimiDecoder(small_mimi.ours, rows=2)
     with torch.inference_mode():
         out = [dec.decode(torch.as_tensor(np.stack([a[t], b[t]])), 0, 2) for t in range(12)]
     sa, sb = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
@@ -68,19 +75,17 @@ def test_two_slots_batched_and_reset_is_per_slot(small_mimi):
 
 
 def test_full_mimi_config_few_frames():
-    from transformers import MimiConfig, MimiModel
+    from transformers import MimiConfig
 
-    torch.manual_seed(1)
-    m = MimiModel(MimiConfig()).eval()
-    randomize_codebooks(m)
+    m = Pair(MimiConfig(), 1)
     codes = np.random.default_rng(2).integers(0, 2048, size=(3, 32))
-    dec = StreamingMimiDecoder(m, rows=1)
+    dec = StreamingMimiDecoder(m.ours, rows=1)
     assert (streamed(dec, codes) - offline(m, codes)).abs().max().item() < 1e-4
 
 
 def test_cost_does_not_grow_with_stream_length(small_mimi):
     """No re-decoding: the state a frame touches is fixed-size (ring, tails, contexts)."""
-    dec = StreamingMimiDecoder(small_mimi, rows=1)
+    dec = StreamingMimiDecoder(small_mimi.ours, rows=1)
     before = [t.shape for t in (dec.transformer.k, dec.transformer.slot_pos)]
     streamed(dec, np.zeros((300, 32), dtype=np.int64) + 5)
     assert [t.shape for t in (dec.transformer.k, dec.transformer.slot_pos)] == before
