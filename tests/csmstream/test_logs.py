@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,16 @@ def test_a_bad_flag_in_json_mode_is_one_json_error_line_and_a_bad_log_format_is_
     assert bad.returncode == 2 and "log format must be one of text, json, got 'xml'" in bad.stderr
     helped = subprocess.run([sys.executable, "-m", "csmstream", "--help"], capture_output=True, text=True, timeout=60)
     assert "--log-format {text,json}" in helped.stdout
+
+
+def test_json_mode_routes_transformers_when_it_loads_not_before():
+    """A process on `tiny` never imports transformers: JSON mode does not import it either (~1.4 s),
+    and when something later does, its lines are JSON like every other."""
+    code = ("import sys; from csmstream import logs; logs.configure('json'); "
+            "print('loaded:', 'transformers' in sys.modules, flush=True); "
+            "from transformers.utils import logging as tf; tf.get_logger('transformers.x').warning('late line')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and r.stdout.strip() == "loaded: False", r.stderr
+    lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line parses
+    assert [(x["level"], x["logger"], x["message"]) for x in lines] == [("WARNING", "transformers.x", "late line")]

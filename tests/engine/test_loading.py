@@ -110,3 +110,39 @@ def test_offline_hub_id_says_so(monkeypatch, tmp_path):
 def test_not_a_dir_nor_hub_id():
     with pytest.raises(CheckpointError, match="no such directory, and not a hub id"):
         csmstream.load("./no/such/dir/here", device="cpu")
+
+
+def test_the_checkpoints_codec_is_its_codec_model(checkpoint, checkpoint_engine):
+    """engine/mimi.py loaded from the saved codec_model.* tensors decodes and encodes as the
+    reference model's own codec_model (transformers' MimiModel) does."""
+    _, ref, _ = checkpoint
+    codes = np.random.default_rng(3).integers(0, 2048, size=(5, 32))
+    want = ref.codec_model.decode(torch.as_tensor(codes).T[None]).audio_values[0, 0].detach().numpy()
+    got = checkpoint_engine.codec.decode(codes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    audio = (want / max(1.0, float(np.abs(want).max()))).astype(np.float32)
+    with torch.inference_mode():
+        ref_codes = ref.codec_model.encode(torch.from_numpy(audio)[None, None], num_quantizers=32).audio_codes
+    np.testing.assert_array_equal(checkpoint_engine.codec.encode_context(audio), ref_codes[0].T.numpy())
+
+
+def test_codec_config_and_tensors_that_do_not_fit_are_named(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, codec_config=dict(cfg["codec_config"], use_causal_conv=False))))
+    with pytest.raises(CheckpointError, match="codec_config: use_causal_conv=False is not supported"):
+        csmstream.load(str(d), device="cpu")
+    (d / "config.json").write_text(json.dumps(dict(cfg, codec_config=dict(cfg["codec_config"], num_filters=4))))
+    with pytest.raises(CheckpointError, match=r"codec_model tensors do not fit codec_config: wrong shape .*"
+                                              r"decoder\.layers\.0\.conv\.weight"):
+        csmstream.load(str(d), device="cpu")
+    (d / "config.json").write_text(json.dumps(cfg))
+    f = d / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["codec_model.quantizer.acoustic_residual_vector_quantizer.layers.3.codebook.embed_sum"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing \(1\): quantizer\.acoustic_residual_vector_quantizer\.layers"
+                                              r"\.3\.codebook\.embed_sum"):
+        csmstream.load(str(d), device="cpu")
