@@ -8,10 +8,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from tests.interp import patch_once, set_overflow_checks
+        from tests.interp import patch_once, set_overflow_checks, table_np_dtypes
 
         set_overflow_checks(False)  # checks the interpreter computes and never asserts (tests/interp.py)
         patch_once()  # and its language patching redone for every helper call inside a kernel
+        table_np_dtypes()  # and its dtype table built anew on every call
 
 
 @pytest.fixture(scope="session")

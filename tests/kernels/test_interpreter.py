@@ -100,3 +100,27 @@ def test_a_launch_patches_the_language_once_and_computes_what_it_did():
         patch_once()
     torch.testing.assert_close(once, want)
     assert torch.equal(once, every)
+
+
+def test_the_tabled_dtype_lookup_gives_the_originals_answer_for_every_type():
+    """tests/interp.table_np_dtypes: the same numpy dtype as Triton's own `_get_np_dtype` for every
+    scalar type, block of it and pointer (and the same error for what neither knows), asked of
+    both side by side."""
+    from triton.runtime import interpreter
+
+    from tests.interp import SCALARS
+
+    tabled = interpreter._get_np_dtype
+    assert getattr(tabled, "tabled", False)  # tests/conftest.py
+    original = tabled.original
+    types = [getattr(tl, n) for n in SCALARS]
+    types += [tl.block_type(t, [4, 8]) for t in types] + [tl.pointer_type(tl.float32),
+                                                          tl.block_type(tl.pointer_type(tl.bfloat16), [16])]
+    assert len(types) == 2 * len(SCALARS) + 2
+    for t in types:
+        assert tabled(t) == original(t), t
+    for t in (tl.void, tl.block_type(tl.void, [2])):
+        with pytest.raises(KeyError):
+            original(t)
+        with pytest.raises(KeyError):
+            tabled(t)
