@@ -102,9 +102,10 @@ class MimiSpec:
         if theta is not None:
             kw["rope_theta"] = float(theta)
         hidden, heads = kw.get("hidden_size", cls.hidden_size), kw.get("num_attention_heads", cls.num_attention_heads)
-        kw.setdefault("codebook_dim", hidden)
+        if get("codebook_dim", 0) is None:  # stated as null: the width, as transformers takes it
+            kw["codebook_dim"] = hidden
         kw["head_dim"] = get("head_dim") or hidden // heads
-        if isinstance(cfg, dict) or get("frame_rate") is None:  # transformers derives it; a dict may not say
+        if "frame_rate" not in kw:  # transformers derives it (a dict may not say): SEANet's hop, then 2
             ratios = kw.get("upsampling_ratios", cls.upsampling_ratios)
             kw["frame_rate"] = kw.get("sampling_rate", cls.sampling_rate) / (math.prod(ratios) * 2)
         try:

@@ -56,6 +56,13 @@ def test_config_reading_defaults_and_refusals():
     raw = json.loads(MimiConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1).to_json_string())
     spec = MimiSpec.from_config(raw)  # config.json's dict: frame rate derived, head_dim from the width
     assert (spec.hidden_size, spec.head_dim, spec.frame_rate, spec.samples_per_frame) == (32, 16, 12.5, 1920)
+    # what transformers makes of a dict that leaves things out or states null, we make too
+    sparse = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": None}
+    want = MimiConfig(**sparse)
+    got = MimiSpec.from_config(sparse)
+    assert (got.codebook_dim, got.head_dim, got.frame_rate) == (want.codebook_dim, want.head_dim, want.frame_rate)
+    assert got.codebook_dim == 256 and MimiSpec.from_config(dict(sparse, codebook_dim=None)).codebook_dim == 32
+    assert MimiSpec.from_config({"frame_rate": 25.0}).latent_stride == 1  # stated: kept (no down/upsampling)
     for bad, msg in (({"use_causal_conv": False}, "use_causal_conv=False is not supported"),
                      ({"hidden_act": "swish2"}, "hidden_act 'swish2' is not supported"),
                      ({"pad_mode": "reflect"}, "pad_mode 'reflect' is not supported"),
