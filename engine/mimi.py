@@ -205,11 +205,9 @@ def seanet_decoder(spec: MimiSpec) -> nn.ModuleList:
 
 
 # -- transformer -----------------------------------------------------------------------------------
-def rope_cos_sin(spec: MimiSpec, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [..., head_dim] at integer positions `pos` (the halves-rotated RoPE layout)."""
-    hd = spec.head_dim
-    inv = 1.0 / spec.rope_theta ** (torch.arange(0, hd, 2, device=pos.device, dtype=torch.float32) / hd)
-    ang = pos[..., None].float() * inv
+    ang = pos[..., None].float() * inv_freq
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
@@ -270,11 +268,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.layers = nn.ModuleList([Layer(spec) for _ in range(spec.num_hidden_layers)])
+        hd = spec.head_dim  # RoPE's frequencies, moved with the module and kept out of its state
+        inv = 1.0 / spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
-        cos, sin = rope_cos_sin(self.spec, pos[None].expand(B, T), x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, pos[None].expand(B, T), x.dtype)
         back = pos[:, None] - pos[None, :]  # query minus key position
         mask = (back >= 0) & (back < self.spec.sliding_window)
         for layer in self.layers:

@@ -1,7 +1,8 @@
 """Streaming Mimi decode: one frame of codes per slot in, exactly one frame of audio out.
 
-Built on engine/mimi.py's modules and weights (the offline codec's). Every piece that looks at the past keeps that
-past as explicit per-slot state, so decoding frame by frame equals decoding the whole sequence:
+Built on engine/mimi.py's modules and weights (the offline codec's). Every piece that looks at the
+past keeps that past as explicit per-slot state, so decoding frame by frame equals decoding the
+whole sequence:
 - causal convolutions keep their last (kernel - 1) * dilation input samples;
 - transposed convolutions keep the (kernel - stride) overlap tail, without bias (added once, when an
   output sample is final);
@@ -119,7 +120,7 @@ class _Transformer:
     def __call__(self, x, rows: slice):  # x [B, T, D]
         B, T, _ = x.shape
         pos = self.next_pos[rows, None] + torch.arange(T, device=x.device)  # [B, T]
-        cos, sin = rope_cos_sin(self.tr.spec, pos, x.dtype)
+        cos, sin = rope_cos_sin(self.tr.inv_freq, pos, x.dtype)
         ring = pos % self.size  # [B, T]
         bi = torch.arange(B, device=x.device)[:, None]
         sp = self.slot_pos[rows]
