@@ -62,16 +62,10 @@ _state = threading.local()  # .covered: a launch on this thread has patched the 
 def patch_once() -> bool:
     """Make a launch's `_patch_lang` cover the helpers it calls (above). Returns whether it is on
     (False: an interpreter without `_patch_lang`, left as it is). Idempotent."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    patch = getattr(interpreter, "_patch_lang", None)
-    if patch is None:
-        return False
-    if getattr(patch, "patches_once", False):
-        return True
+    found = _replaceable("_patch_lang", "patches_once")
+    if not isinstance(found, tuple):
+        return found
+    tl, interpreter, patch = found
     both = types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core})  # what a helper may see
 
     class Covered:  # a helper's call inside a launch: nothing to undo
@@ -111,16 +105,10 @@ SCALARS = ("int1", "float16", "bfloat16", "float32", "float64", "int8", "uint8",
 def table_np_dtypes() -> bool:
     """Swap the interpreter's `_get_np_dtype` for one over a table built once (above); returns
     whether it is on (False: an interpreter without the function, left as it is). Idempotent."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    original = getattr(interpreter, "_get_np_dtype", None)
-    if original is None:
-        return False
-    if getattr(original, "tabled", False):
-        return True
+    found = _replaceable("_get_np_dtype", "tabled")
+    if not isinstance(found, tuple):
+        return found
+    tl, interpreter, original = found
     table = {}
     for name in SCALARS:
         ty = getattr(tl, name, None)
@@ -140,4 +128,19 @@ def table_np_dtypes() -> bool:
     get_np_dtype.tabled, get_np_dtype.original = True, original
     interpreter._get_np_dtype = get_np_dtype
     return True
+
+
+def _replaceable(name: str, mark: str):
+    """(triton.language, the interpreter module, its function `name`) for a patch to replace it;
+    False: nothing to replace (no Triton, or an interpreter without it); True: `mark` says the
+    function there is a replacement already."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    fn = getattr(interpreter, name, None)
+    if fn is None:
+        return False
+    return True if getattr(fn, mark, False) else (tl, interpreter, fn)
 
