@@ -259,6 +259,20 @@ class Layer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
         self.self_attn_layer_scale, self.mlp_layer_scale = LayerScale(spec), LayerScale(spec)
 
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, D] -> q [B, H, T, hd], k and v [B, KV, T, hd], q and k rotated."""
+        a, (B, T, _) = self.self_attn, x.shape
+        h = self.input_layernorm(x)
+        q = apply_rope(a.q_proj(h).view(B, T, a.heads, a.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(a.k_proj(h).view(B, T, a.kv_heads, a.head_dim).transpose(1, 2), cos, sin)
+        return q, k, a.v_proj(h).view(B, T, a.kv_heads, a.head_dim).transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input x and the attention's o [B, H, T, hd]."""
+        B, T, _ = x.shape
+        x = x + self.self_attn_layer_scale(self.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
+        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+
 
 class Transformer(nn.Module):
     """Pre-norm layers over a whole sequence from position 0: causal attention to the last
@@ -280,14 +294,10 @@ class Transformer(nn.Module):
         mask = (back >= 0) & (back < self.spec.sliding_window)
         for layer in self.layers:
             a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = apply_rope(a.q_proj(h).view(B, T, a.heads, a.head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(h).view(B, T, a.kv_heads, a.head_dim).transpose(1, 2), cos, sin)
-            v = a.v_proj(h).view(B, T, a.kv_heads, a.head_dim).transpose(1, 2)
+            q, k, v = layer.qkv(x, cos, sin)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling,
                                                enable_gqa=a.heads != a.kv_heads)
-            x = x + layer.self_attn_layer_scale(a.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
-            x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+            x = layer.finish(x, o)
         return x
 
 

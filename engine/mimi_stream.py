@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cuda_step import bucket_of
-from .mimi import CausalConv1d, CausalConvTranspose1d, Mimi, ResidualBlock, apply_rope, rope_cos_sin
+from .mimi import CausalConv1d, CausalConvTranspose1d, Mimi, ResidualBlock, rope_cos_sin
 
 
 class _Conv:
@@ -127,20 +127,14 @@ class _Transformer:
         sp[bi, ring] = pos
         visible = (sp[:, None, :] <= pos[:, :, None]) & (sp[:, None, :] > pos[:, :, None] - self.window)
         mask = visible[:, None]  # [B, 1, T, size]
-        g = self.h // self.kv
         for i, layer in enumerate(self.tr.layers):
-            a = layer.self_attn
-            hs = layer.input_layernorm(x)
-            q = a.q_proj(hs).view(B, T, self.h, self.hd).transpose(1, 2)
-            k = a.k_proj(hs).view(B, T, self.kv, self.hd).transpose(1, 2)
-            v = a.v_proj(hs).view(B, T, self.kv, self.hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = layer.qkv(x, cos, sin)
             ck, cv = self.k[i, rows], self.v[i, rows]  # [B, kv, size, hd]
             ck[bi, :, ring] = k.transpose(1, 2)
             cv[bi, :, ring] = v.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=a.scaling, enable_gqa=g > 1)
-            x = x + layer.self_attn_layer_scale(a.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
-            x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+            o = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=layer.self_attn.scaling,
+                                               enable_gqa=self.h != self.kv)
+            x = layer.finish(x, o)
         self.next_pos[rows] += T
         return x
 
