@@ -273,10 +273,11 @@ def _run_cases(chunk) -> int:
 
 
 def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=print, jobs: int = 0,
-          save=None) -> dict:
+          save=None, reps: int = 5) -> dict:
     """Time every case (jobs > 1: compile its candidates in that many processes first), the
     projections read most often a frame first. save(cases): called after each case with those done
-    so far (a run cut short still leaves a tile table for them)."""
+    so far (a run cut short still leaves a tile table for them). reps: timed passes over the weight
+    copies a candidate (the tests' CPU sweeps, whose interpreted times mean nothing, take 1)."""
     if jobs > 1:
         precompile(shape_list, rows_list, dtype, device, jobs, grid, log)
     results = []
@@ -286,7 +287,7 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
         cols, mats, picked, cands = candidates(shape, rows, int8, grid)
         row = dict(name=shape["name"], rows=rows, int8=int8, K=shape["K"], cols=cols, mats=mats,
                    calls=shape["calls"], mbytes=case.nbytes / 1e6,
-                   cublas_us=None if int8 else case.time_us(case.cublas), tiles={})
+                   cublas_us=None if int8 else case.time_us(case.cublas, reps), tiles={})
         for t in cands:
             # a candidate that fails to compile or run, or gives a wrong result, is recorded and left
             # out (a GPU session's sweep goes on to the shapes after it); main() then exits 1
@@ -294,7 +295,7 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
                 err = case.check(t)
                 if not err < 2e-2:
                     raise AssertionError(f"off by {err:.3g} against the reference")
-                row["tiles"][str(t)] = case.time_us(lambda i, t=t, c=case: c.fused(t, i))
+                row["tiles"][str(t)] = case.time_us(lambda i, t=t, c=case: c.fused(t, i), reps)
             except Exception as e:  # noqa: BLE001 - said, recorded, and the sweep goes on
                 if case.x.is_cuda:
                     with contextlib.suppress(Exception):  # a launch error may surface here again

@@ -127,7 +127,8 @@ class Bench:
         return gm.prefill_ms(eng.gen, prompts, self.a.iters, lambda: gm.sync(eng.device), self.a.warmup)
 
     def sample(self):
-        return gm.sample_us(self.a.sample_batches, self.a.device, self.dtype, max(1, self.a.iters // 2))
+        return gm.sample_us(self.a.sample_batches, self.a.device, self.dtype, max(1, self.a.iters // 2),
+                            self.a.sample_draws)
 
     def buckets(self):
         eng = self.engine("many")
@@ -283,6 +284,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--positions", type=_ints, default=[64, 512, 1024, 2000],
                     help="positions of the 'context' stage (capped to leave the timed steps in the window)")
     ap.add_argument("--sample-batches", type=_ints, default=[1, 16, 256], help="batches of the 'sample' stage")
+    ap.add_argument("--sample-draws", type=int, default=32,
+                    help="draws (of a frame's 32) each timing of the 'sample' stage runs (the CPU dry run: 2)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: the dry run (with --config micro), nothing it times is a GPU figure")
     ap.add_argument("--config", default="csm-1b", choices=["csm-1b", "micro"])
@@ -302,6 +305,8 @@ def main(argv=None) -> int:
     for name in ("iters", "check_frames", "ttfa_requests"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 1 <= a.sample_draws <= 32:
+        ap.error(f"--sample-draws must be in 1..32, got {a.sample_draws}")
     if a.warmup < 0 or a.streams < 0 or a.continue_turns < 0 or not a.seconds > 0:
         ap.error("--warmup, --streams and --continue-turns must be >= 0 and --seconds > 0")
     if a.device == "cuda" and not torch.cuda.is_available():

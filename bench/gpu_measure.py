@@ -219,18 +219,22 @@ def check_graphs_vs_eager(eng, tok_mask, rows: int = 3, frames: int = 8) -> bool
 
 
 # -- timings ------------------------------------------------------------------------------------
-def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, n: int = 20) -> list[dict]:
+def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, n: int = 20,
+              draws: int = 32) -> list[dict]:
     """A frame's 32 draws (top-k 50 over 2,048 codes of 2,051 logits): the one-kernel draw against
     torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw; and the kernel with
     1 and 2 warps instead of its default 4 (one_kernel_w1_us / _w2_us), and its threshold searched
     4, 8 or 16 ways a step instead of by bisection (one_kernel_ways4_us ...; ways16 at 2 warps too:
     one_kernel_ways16_w2_us). On CUDA each variant
     is captured as one graph of 32 draws and replayed; elsewhere (the CPU test) plain wall time.
-    Every batch first checks that the kernel draws what engine/sampling.sample draws."""
-    return [_draws_timed(B, device, dtype, n) for B in batches]
+    Every batch first checks that the kernel draws what engine/sampling.sample draws. draws: how
+    many of the 32 each timing runs (the CPU test, whose interpreted times mean nothing, takes 2)."""
+    if not 1 <= draws <= 32:
+        raise ValueError(f"draws must be in 1..32, got {draws}")
+    return [_draws_timed(B, device, dtype, n, draws) for B in batches]
 
 
-def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
+def _draws_timed(B: int, device: str, dtype, n: int, draws: int = 32) -> dict:
     from csmstream.engine.cuda_step import replay_ms
     from csmstream.engine.sampling import gumbel, gumbel_table, sample
     from csmstream.kernels import triton_ops
@@ -253,12 +257,12 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
                                  "differs from engine/sampling.sample")
 
     def one_kernel(warps=None, ways=None):
-        for p in range(32):
+        for p in range(draws):
             triton_ops.sample(logits[p], temp, topk, seed, counter, p, table, 2048, out=codes[:, p], warps=warps,
                               ways=ways)
 
     def topk_path():
-        for p in range(32):
+        for p in range(draws):
             vals, idx = logits[p][:, :2048].float().topk(50, dim=-1)
             s = vals / temp[:, None] + gumbel(seed[:, None], counter[:, None], p, idx)
             codes[:, p] = idx.gather(-1, s.argmax(-1, keepdim=True))[:, 0]
@@ -272,11 +276,11 @@ def _draws_timed(B: int, device: str, dtype, n: int) -> dict:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
-            row[name] = replay_ms(graph, n) * 1e3 / 32
+            row[name] = replay_ms(graph, n) * 1e3 / draws
         else:
             t0 = time.perf_counter()
             fn()
-            row[name] = (time.perf_counter() - t0) * 1e6 / 32
+            row[name] = (time.perf_counter() - t0) * 1e6 / draws
     return row
 
 

@@ -75,7 +75,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   GPU=(--device cpu --config micro --iters 1 --warmup 0 --check-frames 1 --ttfa-requests 1 --continue-turns 0 --buckets 1,2
-       --streams 2 --seconds 0.16 --sample-batches 1)
+       --streams 2 --seconds 0.16 --sample-batches 1 --sample-draws 2)
 else
   GPU=()
 fi

@@ -129,6 +129,14 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def _table(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised, as depth_heads is: whoever builds a CSM fills every
+    weight (tiny's init_random, a checkpoint's tensors, kernel_report's zeros). nn.Embedding's own
+    normal_ init, built on the meta device as a checkpoint load builds it, imports torch._dynamo
+    (~4 s) to fill a table nobody reads."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class CSM(nn.Module):
     """Backbone (text + audio frames -> codebook 0) and depth decoder (-> codebooks 1..N-1)."""
 
@@ -137,15 +145,17 @@ class CSM(nn.Module):
         self.cfg = cfg
         n, V = cfg.num_codebooks, cfg.audio_vocab
         Db, Dd = cfg.backbone.dim, cfg.depth.dim
-        self.text_embed = nn.Embedding(cfg.text_vocab, Db)
-        self.audio_embed = nn.Embedding(n * V, Db)  # codebook i, code c -> row i * V + c
+        self.text_embed = _table(cfg.text_vocab, Db)
+        self.audio_embed = _table(n * V, Db)  # codebook i, code c -> row i * V + c
         self.backbone = Transformer(cfg.backbone)
         self.c0_head = nn.Linear(Db, V, bias=False)
-        self.depth_embed = self.audio_embed if cfg.tie_codebook_embeddings else nn.Embedding(n * V, Db)
+        self.depth_embed = self.audio_embed if cfg.tie_codebook_embeddings else _table(n * V, Db)
         self.depth_proj = nn.Linear(Db, Dd, bias=False)
         self.depth = Transformer(cfg.depth)
         self.depth_heads = nn.Parameter(torch.empty(n - 1, Dd, V))  # codebook j uses [j - 1]
-        self.register_buffer("audio_offsets", torch.arange(n) * V, persistent=False)
+        # arange's own step, not arange(n) * V: on the meta device the multiply goes through torch's
+        # Python decompositions, which import torch._dynamo (~3 s) for a value to_empty discards
+        self.register_buffer("audio_offsets", torch.arange(0, n * V, V), persistent=False)
 
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., N] -> summed audio embedding [..., Db]."""

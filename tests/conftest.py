@@ -23,6 +23,24 @@ def tiny_engine():
 
 
 @pytest.fixture(scope="session")
+def short_engine():
+    """tiny cut to 4 codebooks (engine.tiny.tiny_config), with a 4-codebook tiny codec: a depth loop
+    of 3 steps a frame, not 31. The engine of the tests that check the GPU frame step and its
+    variants interpreted, whose time is almost all depth steps (~5x less a frame);
+    test_fast_step's first test runs tiny's whole 32."""
+    from csmstream.engine.codec import Codec
+    from csmstream.engine.engine import Engine
+    from csmstream.engine.model import CSM
+    from csmstream.engine.tiny import init_random, tiny_config
+    from csmstream.engine.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.tiny()
+    model = CSM(tiny_config(tok.vocab_size, num_codebooks=4))
+    init_random(model)
+    return Engine(model.eval(), tok, name="tiny-4", max_streams=4, codec=Codec.tiny("cpu", num_codebooks=4))
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A random transformers CSM (llama3 rope, GQA) saved with save_pretrained."""
     from tests.checkpoints import write_checkpoint

@@ -30,7 +30,7 @@ def test_every_tile_is_checked_and_the_totals_add_up():
     grid = [(4, 16, 1), (8, 32, 2)]
     saved = []  # the cases done so far, after each one (main writes them to the JSON)
     res = sweep(small, [1, 3], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None,
-                save=lambda cases: saved.append([c["name"] for c in cases]))
+                reps=1, save=lambda cases: saved.append([c["name"] for c in cases]))
     assert len(res["cases"]) == 2 * 4 * 2  # rows x shapes x formats
     assert [len(s) for s in saved] == list(range(1, 17)) and saved[-1] == [c["name"] for c in res["cases"]]
     # the projections called most often a frame are timed first (a sweep cut short has them)
@@ -98,7 +98,7 @@ def test_a_failing_candidate_is_recorded_and_the_sweep_goes_on():
         dict(name="depth.wo", kind="add", N=24, K=40, calls=3),
     ]
     lines = []
-    res = sweep(small, [1], torch.float32, "cpu", grid=[(4, 16, 1), (4, 16)], copies=2, log=lines.append)
+    res = sweep(small, [1], torch.float32, "cpu", grid=[(4, 16, 1), (4, 16)], copies=2, log=lines.append, reps=1)
     assert len(res["cases"]) == 4
     for case in res["cases"]:
         assert list(case["failed"]) == ["(4, 16)"] and "tiles must be" in case["failed"]["(4, 16)"]
@@ -121,7 +121,7 @@ def test_split_k_candidates_only_where_they_divide_k():
     assert candidates(w2, 1, False, grid)[3][1:] == [(4, 16, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 4)]  # 4 of 8
     assert candidates(qkv, 1, False, grid)[3][1:] == [(4, 16, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 4)]
     res = sweep([w13, qkv], [1], torch.float32, "cpu", grid=[(8, 8, 2, 1, 5), (4, 8, 4, 1, 4)], copies=1,
-                log=lambda *a: None)
+                log=lambda *a: None, reps=1)
     timed = {c["name"]: set(c["tiles"]) for c in res["cases"]}
     assert "(8, 8, 2, 1, 5)" in timed["depth.w13"] and "(4, 8, 4, 1, 4)" in timed["backbone.wqkv"]
     assert not any(c.get("failed") for c in res["cases"])

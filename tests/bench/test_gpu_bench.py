@@ -1,17 +1,20 @@
 """bench/gpu.py's measurements that run without a GPU (interpreted kernels, wall-clock times)."""
 
+import pytest
 import torch
 
 from bench.gpu_measure import sample_us
 
 
 def test_sample_us_checks_the_kernel_and_times_both_paths():
-    rows = sample_us(batches=(1, 3), device="cpu", dtype=torch.float32)
+    rows = sample_us(batches=(1, 3), device="cpu", dtype=torch.float32, draws=2)
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["one_kernel_us"] > 0 and r["topk_path_us"] > 0 for r in rows)
     timed = {"one_kernel_w1_us", "one_kernel_w2_us", "one_kernel_ways4_us", "one_kernel_ways8_us",
              "one_kernel_ways16_us", "one_kernel_ways16_w2_us"}
     assert all(timed <= set(r) and all(r[k] > 0 for k in timed) for r in rows)  # each checked, then timed
+    with pytest.raises(ValueError, match="draws must be in 1..32, got 0"):
+        sample_us(batches=(1,), device="cpu", dtype=torch.float32, draws=0)
 
 
 def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_generator(tiny_engine):
@@ -90,14 +93,13 @@ def test_the_continue_previous_ttfa_times_turns_that_each_heard_the_one_before()
 
 
 def test_bad_arguments_say_what_is_allowed(tmp_path, capsys):
-    import pytest
-
     from bench.gpu import main
 
     for args, says in ((["--stages", "batch1,nope"], "the stages are batch1, context, check, profile"),
                        (["--iters", "0"], "--iters must be >= 1"),
                        (["--buckets", "1,x"], "expected integers separated by commas"),
-                       (["--continue-turns", "-1"], "--continue-turns must be >= 0")):
+                       (["--continue-turns", "-1"], "--continue-turns must be >= 0"),
+                       (["--sample-draws", "33"], "--sample-draws must be in 1..32, got 33")):
         with pytest.raises(SystemExit) as e:
             main(["--device", "cpu", *args, "--json", str(tmp_path / "x.json")])
         assert e.value.code == 2 and says in capsys.readouterr().err

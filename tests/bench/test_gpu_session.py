@@ -13,18 +13,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# every Python the dry run starts takes the interpreter's two free speed-ups, as tests/conftest.py
+# every Python the dry run starts takes the interpreter's three free speed-ups, as tests/conftest.py
 # does for this process (tests/interp.py: the kernels compute exactly what they did). The script puts
 # the copied package first on PYTHONPATH and keeps what it was given after it, this folder
 HOOK = '''import os
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
-        from tests.interp import patch_once, set_overflow_checks
+        from tests.interp import patch_once, set_overflow_checks, table_np_dtypes
     except ImportError:  # a Python started before the package was copied
         pass
     else:
         patch_once()
         set_overflow_checks(False)
+        table_np_dtypes()
 '''
 
 

@@ -38,13 +38,17 @@ def _prepared(engine, context=()):
 # of a CI run went to that case alone)
 @pytest.mark.parametrize("mode, chunk", [("eager", 7), ("eager", 64), ("compiled", 1), ("compiled", 7),
                                          ("fast", 43)])
-def test_chunks_with_steps_between_give_the_whole_prefills_frames(tiny_engine, mode, chunk):
-    prep = _prepared(tiny_engine, [Segment(1, "Earlier words.", codes=np.ones((6, 32), np.int64))])
-    whole, chunked = _gen(tiny_engine, mode), _gen(tiny_engine, mode)
+def test_chunks_with_steps_between_give_the_whole_prefills_frames(request, mode, chunk):
+    # the eager and the GPU (interpreted) steps on tiny cut to 4 codebooks (tests/conftest.py): the
+    # same prefill, its frames' depth loops 8x shorter
+    engine = request.getfixturevalue("tiny_engine" if mode == "compiled" else "short_engine")
+    n = engine.config.num_codebooks
+    prep = _prepared(engine, [Segment(1, "Earlier words.", codes=np.ones((6, n), np.int64))])
+    whole, chunked = _gen(engine, mode), _gen(engine, mode)
     for g in (whole, chunked):  # row 0 is another call, generating throughout
-        PrefillJob(_Eng(tiny_engine, g), 0, _prepared(tiny_engine), audio=False).run()
-    PrefillJob(_Eng(tiny_engine, whole), 1, prep, audio=False).run()
-    job, other = PrefillJob(_Eng(tiny_engine, chunked), 1, prep, audio=False), []
+        PrefillJob(_Eng(engine, g), 0, _prepared(engine), audio=False).run()
+    PrefillJob(_Eng(engine, whole), 1, prep, audio=False).run()
+    job, other = PrefillJob(_Eng(engine, chunked), 1, prep, audio=False), []
     ticks = 0
     while job.remaining:
         before = job.remaining

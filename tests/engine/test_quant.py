@@ -1,6 +1,9 @@
 """int8-depth (engine/quant.py): the depth decoder computes with rounded weights everywhere, and
 the fused int8 kernels give the eager step's frames with them."""
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -38,10 +41,14 @@ def test_only_the_depth_projections_are_rounded(tiny_engine, int8_engine):
     assert "quantize=int8-depth" in repr(int8_engine) and "quantize" not in repr(tiny_engine)
 
 
-def test_the_int8_kernels_give_the_eager_steps_frames(int8_engine, monkeypatch):
+def test_the_int8_kernels_give_the_eager_steps_frames(short_engine, monkeypatch):
+    # tiny cut to 4 codebooks (tests/conftest.py), quantized as load(quantize="int8-depth") does
+    model = copy.deepcopy(short_engine.model)
+    quantize_depth_(model)
+    int8 = SimpleNamespace(model=model, tokenizer=short_engine.tokenizer)
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
     # the reference: the eager PyTorch step over the dequantized weights
-    ref, fast = _prefilled(int8_engine, False, [0, 1], 50), _prefilled(int8_engine, True, [0, 1], 50)
+    ref, fast = _prefilled(int8, False, [0, 1], 50), _prefilled(int8, True, [0, 1], 50)
     assert fast.fast.int8 and fast.fast.fused_buckets == {1, 2, 4}
     assert fast.fast.dd_fused[0][1][0].dtype == torch.int8  # the kernels really read int8
     for _ in range(2):

@@ -24,17 +24,17 @@ def _prefilled(engine, fast):
     g = FrameGenerator(engine.model, rows=4, fast=fast)
     g.cpu = None  # the reference: the eager PyTorch step
     for r, text in enumerate(["Hello there.", "A longer line of text."]):
-        tok, mask = build_prompt(engine.tokenizer, text, 0, [], 32)
+        tok, mask = build_prompt(engine.tokenizer, text, 0, [], engine.model.cfg.num_codebooks)
         g.prefill(r, torch.from_numpy(tok), torch.from_numpy(mask), seed=5 + r, temperature=0.9, topk=50)
     return g
 
 
-def test_the_pdl_chain_gives_the_eager_steps_frames_and_every_program_waits(tiny_engine, monkeypatch):
+def test_the_pdl_chain_gives_the_eager_steps_frames_and_every_program_waits(short_engine, monkeypatch):
     calls = {"start": 0, "wait": 0}
     monkeypatch.setattr(tlc, "gdc_launch_dependents", lambda: calls.__setitem__("start", calls["start"] + 1))
     monkeypatch.setattr(tlc, "gdc_wait", lambda: calls.__setitem__("wait", calls["wait"] + 1))
     monkeypatch.setenv("CSM_FUSED_GEMV", "on")
-    ref, fast = _prefilled(tiny_engine, False), _prefilled(tiny_engine, True)
+    ref, fast = _prefilled(short_engine, False), _prefilled(short_engine, True)
     fast.fast.pdl_buckets = set(fast.fast.fused_buckets)  # on CPU pdl_ok is False: set it by hand
     assert fast.fast.kept(2) == "fused+pdl"
     for active in (None, [True, False]):
@@ -68,9 +68,9 @@ def test_the_grouped_attention_switch_is_on_or_off_and_names_a_bad_value(monkeyp
         grouped_setting()
 
 
-def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch):
+def test_pdl_setting_and_the_variants_a_bucket_may_run(short_engine, monkeypatch):
     _switch_reads(monkeypatch, "CSM_PDL", pdl_setting)
-    step = _prefilled(tiny_engine, True).fast
+    step = _prefilled(short_engine, True).fast
     assert not step.pdl_ok and step.pdl_buckets == set()  # CPU: no PDL, whatever the setting
     step.pdl_ok = True
     step.fold_mode = "off"
@@ -86,9 +86,9 @@ def test_pdl_setting_and_the_variants_a_bucket_may_run(tiny_engine, monkeypatch)
     assert [variant_name(*w) for w in step.variants(1)] == ["cublas", "fused"]
 
 
-def test_fold_setting_and_the_variants_it_adds_at_batch_1(tiny_engine, monkeypatch):
+def test_fold_setting_and_the_variants_it_adds_at_batch_1(short_engine, monkeypatch):
     _switch_reads(monkeypatch, "CSM_ATTN_FOLD", fold_setting)
-    step = _prefilled(tiny_engine, True).fast
+    step = _prefilled(short_engine, True).fast
     assert step.fold_mode == "auto" and step.fold_buckets == set()  # auto: only capture() may fold
     step.pdl_ok = True
     # auto: one more way at bucket 1, folded without PDL; on: every fused way folds; never past bucket 1
@@ -112,8 +112,8 @@ class FakeGraph:
 
 
 @pytest.fixture
-def step_with_fake_graphs(tiny_engine, monkeypatch):
-    step = _prefilled(tiny_engine, True).fast
+def step_with_fake_graphs(short_engine, monkeypatch):
+    step = _prefilled(short_engine, True).fast
     out = torch.zeros(1, 4, dtype=torch.int64)
     plan = {}  # way -> (codes, ms) or an exception to raise at capture
 

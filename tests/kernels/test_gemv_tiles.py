@@ -23,7 +23,7 @@ def table(tmp_path, monkeypatch):
     """A real (CPU, interpreted) sweep's JSON, named by the env var; the reader's cache emptied."""
     monkeypatch.setattr(gemv_tiles, "_loaded", {})
     grid = [(4, 16, 1), (8, 32, 2), (16, 64, 4)]
-    res = sweep(SHAPES, [1, 8], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None)
+    res = sweep(SHAPES, [1, 8], torch.float32, "cpu", grid=grid, copies=2, log=lambda *a: None, reps=1)
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(res))
     monkeypatch.setenv("CSM_GEMV_TILES", str(path))
