@@ -6,6 +6,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a network
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker's torch (and every server or CLI process a test starts, which
+    inherits the setting) takes cores / workers threads, not all the cores: N workers each running
+    N OpenMP threads on N cores spin against each other. On CI's 2 cores, 2 workers: the parity,
+    stream and Mimi tests took 120 s so, 40 s with a thread each (2026-12-07). A thread count set
+    by hand (OMP_NUM_THREADS) is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores()  # before torch is imported in this process
+
+
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") == "1":
         from tests.interp import patch_once, set_overflow_checks, table_np_dtypes
