@@ -41,8 +41,8 @@ def check_chunk_ms(ms: int) -> None:
 
 
 def check_speed(speed: float) -> None:
-    """--speed as the server accepts it (kernels/stretch.py's check), checked before any work."""
-    from .kernels.stretch import SPEED_RANGE, check_speed as accepted
+    """--speed as the server accepts it (kernels/speed.py's check), checked before any work."""
+    from .kernels.speed import SPEED_RANGE, check_speed as accepted
 
     try:
         accepted(speed)

@@ -195,7 +195,7 @@ class Streamer:
                              "codes=True, give the codes)")
         if format is None and chunk_ms is not None:
             raise ValueError("chunk_ms goes with format=...: without one, PCM comes a frame (80 ms) at a time")
-        from .kernels.stretch import check_speed
+        from .kernels.speed import check_speed
 
         speed = check_speed(speed)
         if format is not None:

@@ -25,27 +25,17 @@ and windows, its searches by np.correlate and np.dot.
 
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 from numba import njit
+
+from .speed import SPEED_RANGE, check_speed  # noqa: F401 - the setting this module applies, re-exported
 
 FRAME = 480  # samples a frame at 24 kHz: 20 ms
 HOP = FRAME // 2  # output samples between frames (Hann windows at half overlap sum to one)
 TOLERANCE = 192  # how far a frame may move from its nominal input position: 8 ms
 DECIMATE = 4  # the search's first pass runs on the signals summed in fours (6 kHz)
-SPEED_RANGE = (0.25, 4.0)  # OpenAI's range for `speed`
 _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(FRAME) / FRAME)  # periodic Hann: w[n] + w[n + HOP] = 1
 _FIRST = np.concatenate([np.ones(HOP), _WINDOW[HOP:]])  # the first frame: no fade-in
-
-
-def check_speed(speed: float) -> float:
-    """`speed` as a float, or ValueError saying what is allowed."""
-    lo, hi = SPEED_RANGE
-    if isinstance(speed, bool) or not isinstance(speed, Real) or not lo <= speed <= hi:
-        raise ValueError(f"speed must be a number in {lo:g}..{hi:g} (1 is CSM's own rate; 1.25 is 25% "
-                         f"faster), got {speed!r:.40}")
-    return float(speed)
 
 
 def out_length(n_in: int, speed: float) -> int:

@@ -288,7 +288,7 @@ def speed_of(value, bad) -> float:
     """A request's `speed` (None: 1), or bad("invalid_speed", why) raised."""
     if value is None:
         return 1.0
-    from ..kernels.stretch import check_speed  # (numpy and numba: imported when a request asks)
+    from ..kernels.speed import check_speed
 
     try:
         return check_speed(value)
