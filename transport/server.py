@@ -91,6 +91,8 @@ class StreamServer:
         self.ssl_context = ssl_context  # an ssl.SSLContext (transport/tls.py): both ports speak TLS (wss://, https://)
         self.scheme, self.web_scheme = ("wss", "https") if ssl_context is not None else ("ws", "http")
         self.tls_not_after: float | None = None  # when the certificate expires (Unix time), on /metrics
+        # how the TLS handshakes on both ports end, on /metrics (a failed one never reaches _handle)
+        self.tls_handshakes = tls.count_handshakes(ssl_context) if ssl_context is not None else None
         self.http: HttpApi | None = None
         self.connections: set = set()  # open /ws/generate and ElevenLabs connections, HTTP speech streams
         self.route_sockets: set = set()  # open connections of the extra routes (/telnyx, /telnyx/listen)
@@ -286,12 +288,13 @@ class StreamServer:
         return None
 
     def _tls_lines(self) -> list[str]:
+        out = [] if self.tls_handshakes is None else self.tls_handshakes.lines()
         if self.tls_not_after is None:
-            return []
-        return ["# HELP csm_tls_certificate_not_after_seconds when the served TLS certificate expires (Unix time; "
-                "alert on it minus time())",
-                "# TYPE csm_tls_certificate_not_after_seconds gauge",
-                f"csm_tls_certificate_not_after_seconds {self.tls_not_after:.0f}"]
+            return out
+        return out + ["# HELP csm_tls_certificate_not_after_seconds when the served TLS certificate expires (Unix "
+                      "time; alert on it minus time())",
+                      "# TYPE csm_tls_certificate_not_after_seconds gauge",
+                      f"csm_tls_certificate_not_after_seconds {self.tls_not_after:.0f}"]
 
     def tune_socket(self, sock) -> None:
         """Cap a connection's kernel send buffer (socket_send_buffer), so a client that stops

@@ -1,19 +1,114 @@
 """TLS for `serve --tls-cert/--tls-key` (wss:// and https:// on the server's own ports, e.g. for
 a Telnyx stream_url, a wss:// one, with no proxy in front) and for clients of a server whose certificate a private CA
 signed (`say --cafile`). Each file problem is a ValueError naming the file and what is wanted,
-raised before anything starts: never a prompt for a key's passphrase, never a traceback."""
+raised before anything starts: never a prompt for a key's passphrase, never a traceback.
+
+A handshake that fails never reaches the server's code (asyncio and uvloop drop it unless the loop
+is in debug mode), so `count_handshakes` counts them on the context itself: how each ended (ok,
+failed with OpenSSL's reason, or dropped: the client left or timed out first), on /metrics, and
+the first failure of each reason logged with what it usually means (a client that does not trust
+the certificate, plain HTTP to the TLS port, a TLS version too old)."""
 
 from __future__ import annotations
 
 import calendar
+import logging
 import os
 import re
 import ssl
 import time
+from collections import Counter
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a client that opens TCP and never finishes its TLS handshake is dropped then
 WARN_DAYS = 14  # serve warns when its certificate expires sooner than this
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----")
+MAX_REASONS = 16  # distinct failure reasons on /metrics; later new ones count as "other"
+log = logging.getLogger("csmstream.tls")
+
+_UNTRUSTED = ("the client does not trust this certificate: serve the whole chain (the server's certificate, "
+              "then its intermediates, in --tls-cert) from a CA the client trusts, for the name it connects to")
+HINTS = {  # OpenSSL's reason -> what it usually means here
+    "HTTP_REQUEST": "a client spoke plain HTTP to the TLS port: it should use https:// or wss://",
+    "WRONG_VERSION_NUMBER": "a client spoke something other than TLS to the TLS port (plain ws://?)",
+    "UNSUPPORTED_PROTOCOL": "a client offered only TLS older than 1.2, which this server refuses",
+    "NO_SHARED_CIPHER": "a client offered no cipher this server accepts",
+    "TLSV1_ALERT_UNKNOWN_CA": _UNTRUSTED,
+    "SSLV3_ALERT_BAD_CERTIFICATE": _UNTRUSTED,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": _UNTRUSTED,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client says the certificate has expired: renew it, then SIGHUP",
+}
+
+
+class Handshakes:
+    """How the TLS handshakes on one server context ended: ok, failed (by OpenSSL's reason, at most
+    MAX_REASONS of them, then "other") and dropped (the client closed, or the handshake timeout
+    struck, before either). Counted on the event loop's thread, as the handshakes run there."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.dropped = 0
+        self.failed: Counter[str] = Counter()
+
+    def fail(self, e: ssl.SSLError) -> None:
+        reason = str(getattr(e, "reason", None) or type(e).__name__)
+        first = reason not in self.failed
+        if first and len(self.failed) >= MAX_REASONS:
+            reason, first = "other", "other" not in self.failed
+        self.failed[reason] += 1
+        hint = HINTS.get(reason, "")
+        (log.warning if first else log.debug)(
+            "a TLS handshake failed: %s%s%s", reason, f" ({hint})" if hint else "",
+            "; later ones of this kind are counted on /metrics (csm_tls_handshakes_total), logged with -v" if first
+            else "")
+
+    def lines(self) -> list[str]:
+        """Prometheus text lines."""
+        out = ["# HELP csm_tls_handshakes_total TLS handshakes on the server's ports by how they ended: ok, failed "
+               "(reason: OpenSSL's) or dropped (the client left or timed out first)",
+               "# TYPE csm_tls_handshakes_total counter",
+               f'csm_tls_handshakes_total{{result="ok"}} {self.ok}',
+               f'csm_tls_handshakes_total{{result="dropped"}} {self.dropped}']
+        out += [f'csm_tls_handshakes_total{{result="failed",reason="{r}"}} {n}' for r, n in sorted(self.failed.items())]
+        return out
+
+
+class _Counted(ssl.SSLObject):
+    """The SSL object a counted context's connections get (SSLContext.sslobject_class): its first
+    handshake step counts it started, its end says how it went; one that is let go before either
+    (EOF, a reset, the handshake timeout) counts as dropped."""
+
+    handshakes: Handshakes  # set on the per-context subclass
+
+    def do_handshake(self) -> None:
+        self.__dict__.setdefault("_csm_state", "started")
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            if self._csm_state == "started":
+                self._csm_state = "failed"
+                self.handshakes.fail(e)
+            raise
+        if self._csm_state == "started":
+            self._csm_state = "ok"
+            self.handshakes.ok += 1
+
+    def __del__(self) -> None:
+        if self.__dict__.get("_csm_state") == "started":
+            self.handshakes.dropped += 1
+
+
+def count_handshakes(ctx: ssl.SSLContext) -> Handshakes:
+    """Count how `ctx`'s server-side handshakes end (sets ctx.sslobject_class; asyncio and uvloop
+    both create their connections' SSL objects through it). The same Handshakes again for a context
+    counted already."""
+    cls = ctx.sslobject_class
+    if isinstance(getattr(cls, "handshakes", None), Handshakes):
+        return cls.handshakes
+    counted = type("CountedSSLObject", (_Counted,), {"handshakes": Handshakes()})
+    ctx.sslobject_class = counted
+    return counted.handshakes
 
 
 def _file(flag: str, path: str) -> str:

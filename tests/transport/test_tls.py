@@ -24,8 +24,9 @@ def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    files = {name: str(d / f"{name}.pem") for name in ("ca", "cert", "key", "both", "other_key")}
+    files = {name: str(d / f"{name}.pem") for name in ("ca", "cert", "key", "both", "other_key", "other_ca")}
     ca.cert_pem.write_to_path(files["ca"])
+    trustme.CA().cert_pem.write_to_path(files["other_ca"])  # a CA that signed nothing here
     cert.cert_chain_pems[0].write_to_path(files["cert"])
     cert.private_key_pem.write_to_path(files["key"])
     cert.private_key_and_cert_chain_pem.write_to_path(files["both"])
@@ -189,3 +190,77 @@ def test_not_after_reads_the_certificates_expiry_as_an_x509_library_does(tmp_pat
     (tmp_path / "text.pem").write_text("hello\n")
     with pytest.raises(ValueError, match="no PEM certificate in it"):
         tls.not_after(str(tmp_path / "text.pem"))
+
+
+def _until(what, timeout=10.0):
+    """Poll `what()` (the server counts on its own thread) until it is true; collect garbage between
+    polls: a dropped handshake is counted when its connection's objects are freed."""
+    import gc
+
+    end = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < end, "the server's counts never got there"
+        gc.collect()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_every_handshake_is_counted_by_how_it_ended_and_a_failure_says_what_it_means(pki, loop, caplog):
+    """A failed TLS handshake never reaches the server's handlers: it is counted on the context
+    (tls.count_handshakes), with OpenSSL's reason, on both event loops serve may run."""
+    import csmstream
+    from tests.servers import RunningServer
+
+    ctx = tls.server_context(pki["cert"], pki["key"])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tls, "HANDSHAKE_TIMEOUT_S", 1.0)
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=1), loop=loop, ssl_context=ctx).start()
+    try:
+        hs = rs.srv.tls_handshakes
+        assert tls.count_handshakes(ctx) is hs  # counted once, whoever asks again
+        port = rs.srv.port
+        with caplog.at_level("DEBUG", logger="csmstream.tls"):
+            # a client that trusts the CA: ok
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=tls.client_context(pki["ca"]),
+                                        timeout=10) as r:
+                assert r.status == 200
+            _until(lambda: hs.ok == 1)
+            # plain HTTP to the TLS port, twice: failed, HTTP_REQUEST; the first is a warning with a hint
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert s.recv(100) == b""  # closed with no HTTP answer
+            _until(lambda: hs.failed["HTTP_REQUEST"] == 2)
+            # a client that does not trust the certificate says so in its alert
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    ssl.create_default_context(cafile=pki["other_ca"]).wrap_socket(raw, server_hostname="127.0.0.1")
+            _until(lambda: hs.failed["TLSV1_ALERT_UNKNOWN_CA"] == 1)
+            # one that opens TCP and never speaks: dropped at the handshake timeout
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert s.recv(1) == b""
+            _until(lambda: hs.dropped == 1)
+        assert hs.ok == 1 and dict(hs.failed) == {"HTTP_REQUEST": 2, "TLSV1_ALERT_UNKNOWN_CA": 1}
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "csmstream.tls"]
+        assert len(warned) == 2 and "plain HTTP to the TLS port" in warned[0] and "does not trust" in warned[1]
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=tls.client_context(pki["ca"]),
+                                    timeout=10) as r:
+            text = r.read().decode()
+        assert 'csm_tls_handshakes_total{result="ok"} 2' in text  # (this request's own handshake too)
+        assert 'csm_tls_handshakes_total{result="failed",reason="HTTP_REQUEST"} 2' in text
+        assert 'csm_tls_handshakes_total{result="failed",reason="TLSV1_ALERT_UNKNOWN_CA"} 1' in text
+        assert 'csm_tls_handshakes_total{result="dropped"} 1' in text
+    finally:
+        rs.stop()
+        mp.undo()
+
+
+def test_failure_reasons_past_the_cap_count_as_other():
+    hs = tls.Handshakes()
+    for i in range(tls.MAX_REASONS + 3):
+        e = ssl.SSLError(1, "handshake failure")
+        e.reason = f"REASON_{i}"
+        hs.fail(e)
+    hs.fail(ssl.SSLError(1, "no reason given"))  # (OpenSSL always names one; the class name stands in)
+    assert len(hs.failed) == tls.MAX_REASONS + 1 and hs.failed["other"] == 4
+    assert hs.failed["REASON_0"] == 1 and "REASON_16" not in hs.failed
