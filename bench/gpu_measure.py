@@ -225,8 +225,8 @@ def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, 
     torch.topk + Gumbel over the candidates + argmax, side by side, µs a draw; and the kernel with
     1 and 2 warps instead of its default 4 (one_kernel_w1_us / _w2_us), and its threshold searched
     4, 8 or 16 ways a step instead of by bisection (one_kernel_ways4_us ...; ways16 at 2 warps too:
-    one_kernel_ways16_w2_us). On CUDA each variant
-    is captured as one graph of 32 draws and replayed; elsewhere (the CPU test) plain wall time.
+    one_kernel_ways16_w2_us). On CUDA each variant is captured as one graph of the draws and
+    replayed; elsewhere (the CPU test) plain wall time.
     Every batch first checks that the kernel draws what engine/sampling.sample draws. draws: how
     many of the 32 each timing runs (the CPU test, whose interpreted times mean nothing, takes 2)."""
     if not 1 <= draws <= 32:

@@ -17,8 +17,8 @@ ROPE = RopeConfig(theta=500_000.0, kind="llama3", factor=32.0, low_freq_factor=1
 
 def tiny_config(text_vocab: int, num_codebooks: int = 32) -> CsmModelConfig:
     """tiny's shape; num_codebooks < 32 gives a model with a shorter depth loop (num_codebooks - 1
-    steps a frame) and no codec of its own: the tests that run the GPU step's kernels interpreted
-    use one, since their cost is almost all depth steps."""
+    steps a frame; Codec.tiny takes the same count): the tests that run the GPU step's kernels
+    interpreted use one, since their cost is almost all depth steps."""
     if not 2 <= num_codebooks <= 32:
         raise ValueError(f"num_codebooks must be in 2..32, got {num_codebooks}")
     backbone = TransformerConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
