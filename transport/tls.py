@@ -42,7 +42,9 @@ HINTS = {  # OpenSSL's reason -> what it usually means here
 class Handshakes:
     """How the TLS handshakes on one server context ended: ok, failed (by OpenSSL's reason, at most
     MAX_REASONS of them, then "other") and dropped (the client closed, or the handshake timeout
-    struck, before either). Counted on the event loop's thread, as the handshakes run there."""
+    struck, before either). ok and failed are counted on the event loop's thread, where handshakes
+    run; dropped when the connection's SSL object is freed (at once, or at the next GC pass when a
+    reference cycle holds it), on whichever thread frees it."""
 
     def __init__(self) -> None:
         self.ok = 0
