@@ -93,12 +93,9 @@ def test_slots_are_released_when_iterators_close(tiny_engine):
 
 
 def test_import_is_light():
-    import subprocess
-    import sys
+    from tests.fresh import last_line
 
-    code = "import sys, csmstream; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert last_line("import sys, csmstream; print('torch' in sys.modules)") == "False"
 
 
 def test_temperatures_float32_cannot_hold_are_clamped_not_a_crash(tiny_engine):

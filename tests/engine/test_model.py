@@ -1,16 +1,11 @@
 """engine/model.py's CSM and engine/tiny.py's shapes: what building a model costs and gives."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from csmstream.engine.model import CSM
 from csmstream.engine.tiny import tiny_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fresh import last_line
 
 
 def test_built_on_meta_it_imports_no_dynamo():
@@ -20,9 +15,7 @@ def test_built_on_meta_it_imports_no_dynamo():
     code = ("import sys, torch; from csmstream.engine.model import CSM; from csmstream.engine.tiny import tiny_config\n"
             "with torch.device('meta'):\n    m = CSM(tiny_config(100))\n"
             "print(m.audio_embed.weight.device, 'torch._dynamo' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1] == "meta False"
+    assert last_line(code) == "meta False"
 
 
 @pytest.mark.parametrize("n", [32, 4])

@@ -4,6 +4,8 @@ may), and nothing heavy happens at import time."""
 import subprocess
 import sys
 
+from tests.fresh import last_line
+
 MODULES = ["csmstream.transport.server", "csmstream.transport.client", "csmstream.transport.elevenlabs",
            "csmstream.transport.elevenlabs_multi", "csmstream.transport.http_server",
            "csmstream.integrations.telnyx_service", "csmstream.integrations.telnyx_bridge",
@@ -13,9 +15,7 @@ MODULES = ["csmstream.transport.server", "csmstream.transport.client", "csmstrea
 
 def test_transport_and_integrations_import_without_torch():
     code = f"import sys, importlib; [importlib.import_module(m) for m in {MODULES!r}]; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert last_line(code, timeout=120) == "False"
 
 
 def test_a_say_client_checks_its_flags_without_numba_or_torch():
