@@ -278,8 +278,8 @@ def sweep(shape_list, rows_list, dtype, device, grid=GRID, copies=None, log=prin
     projections read most often a frame first. save(cases): called after each case with those done
     so far (a run cut short still leaves a tile table for them). reps: timed passes over the weight
     copies a candidate (the tests' CPU sweeps, whose interpreted times mean nothing, take 1)."""
-    if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     if jobs > 1:
         precompile(shape_list, rows_list, dtype, device, jobs, grid, log)
     results = []

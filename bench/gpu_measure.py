@@ -229,8 +229,8 @@ def sample_us(batches=(1, 16, 256), device: str = "cuda", dtype=torch.bfloat16, 
     replayed; elsewhere (the CPU test) plain wall time.
     Every batch first checks that the kernel draws what engine/sampling.sample draws. draws: how
     many of the 32 each timing runs (the CPU test, whose interpreted times mean nothing, takes 2)."""
-    if not 1 <= draws <= 32:
-        raise ValueError(f"draws must be in 1..32, got {draws}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= 32:
+        raise ValueError(f"draws must be an int in 1..32, got {draws!r}")
     return [_draws_timed(B, device, dtype, n, draws) for B in batches]
 
 

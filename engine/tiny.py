@@ -19,8 +19,8 @@ def tiny_config(text_vocab: int, num_codebooks: int = 32) -> CsmModelConfig:
     """tiny's shape; num_codebooks < 32 gives a model with a shorter depth loop (num_codebooks - 1
     steps a frame; Codec.tiny takes the same count): the tests that run the GPU step's kernels
     interpreted use one, since their cost is almost all depth steps."""
-    if not 2 <= num_codebooks <= 32:
-        raise ValueError(f"num_codebooks must be in 2..32, got {num_codebooks}")
+    if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int) or not 2 <= num_codebooks <= 32:
+        raise ValueError(f"num_codebooks must be an int in 2..32, got {num_codebooks!r}")
     backbone = TransformerConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512,
                                  head_dim=64, max_seq_len=2048, rope=ROPE)
     depth = TransformerConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256,

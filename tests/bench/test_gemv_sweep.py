@@ -106,8 +106,9 @@ def test_a_failing_candidate_is_recorded_and_the_sweep_goes_on():
         assert "(4, 16)" not in case["tiles"] and case["best"] != "(4, 16)"
         assert case["best_us"] == min(case["tiles"].values())
     assert sum("FAILED" in line for line in lines) == 4
-    with pytest.raises(ValueError, match="reps must be >= 1, got 0"):
-        sweep(small, [1], torch.float32, "cpu", grid=[(4, 16, 1)], copies=1, reps=0)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=f"reps must be an int >= 1, got {bad!r}"):
+            sweep(small, [1], torch.float32, "cpu", grid=[(4, 16, 1)], copies=1, reps=bad)
 
 
 def test_split_k_candidates_only_where_they_divide_k():

@@ -13,8 +13,9 @@ def test_sample_us_checks_the_kernel_and_times_both_paths():
     timed = {"one_kernel_w1_us", "one_kernel_w2_us", "one_kernel_ways4_us", "one_kernel_ways8_us",
              "one_kernel_ways16_us", "one_kernel_ways16_w2_us"}
     assert all(timed <= set(r) and all(r[k] > 0 for k in timed) for r in rows)  # each checked, then timed
-    with pytest.raises(ValueError, match="draws must be in 1..32, got 0"):
-        sample_us(batches=(1,), device="cpu", dtype=torch.float32, draws=0)
+    for bad in (0, 33, 2.0):
+        with pytest.raises(ValueError, match=f"draws must be an int in 1..32, got {bad!r}"):
+            sample_us(batches=(1,), device="cpu", dtype=torch.float32, draws=bad)
 
 
 def test_prefill_ms_times_the_padded_and_the_plain_prefill_and_restores_the_generator(tiny_engine):
