@@ -22,11 +22,9 @@ _share_the_cores()  # before torch is imported in this process
 
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from tests.interp import patch_once, set_overflow_checks, table_np_dtypes
+        from tests.interp import speed_up
 
-        set_overflow_checks(False)  # checks the interpreter computes and never asserts (tests/interp.py)
-        patch_once()  # and its language patching redone for every helper call inside a kernel
-        table_np_dtypes()  # and its dtype table built anew on every call
+        speed_up()  # the interpreter's three costs that buy nothing (tests/interp.py)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Three costs of Triton's interpreter (TRITON_INTERPRET=1: how the CPU tests run the GPU kernels)
-that buy nothing, and the tests' way around each (tests/conftest.py turns both on; Triton 3.9):
+that buy nothing, and the tests' way around each (`speed_up()` turns all three on: tests/conftest.py
+for the test processes, tests/bench/test_gpu_session.py for the dry run's; Triton 3.9):
 
 - It redoes every integer add, subtract and multiply in int64 to check it for int32 overflow, then
   hands the check to a device assert that it drops unless its `debug` option is on, which nothing
@@ -57,6 +58,14 @@ def _builder():
 
 
 _state = threading.local()  # .covered: a launch on this thread has patched the language modules
+
+
+def speed_up() -> None:
+    """All three (below): the interpreter's overflow checks off, its language patched once a
+    launch, its dtype table built once. The kernels compute exactly what they did."""
+    set_overflow_checks(False)
+    patch_once()
+    table_np_dtypes()
 
 
 def patch_once() -> bool:

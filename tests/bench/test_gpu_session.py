@@ -19,13 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 HOOK = '''import os
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
-        from tests.interp import patch_once, set_overflow_checks, table_np_dtypes
+        from tests.interp import speed_up
     except ImportError:  # a Python started before the package was copied
         pass
     else:
-        patch_once()
-        set_overflow_checks(False)
-        table_np_dtypes()
+        speed_up()
 '''
 
 
