@@ -110,6 +110,8 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
         net, tok, name, codec = _load_tiny(dev, dt)
     else:
         net, tok, name, codec = _load_checkpoint(resolve(str(model)), dev, dt)
+        if check_source(str(model)) is None:  # a hub id: named so, not by its snapshot's folder (a commit hash)
+            name = str(model)
     if quantize == "int8-depth":
         quantize_depth_(net)
     engine = Engine(net, tok, name=name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)

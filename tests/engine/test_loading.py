@@ -107,6 +107,32 @@ def test_offline_hub_id_says_so(monkeypatch, tmp_path):
     assert "offline" in msg and "pass the directory" in msg
 
 
+def test_a_hub_id_loads_from_the_hubs_cache_and_is_named_by_its_id(checkpoint, checkpoint_engine, monkeypatch,
+                                                                     tmp_path):
+    """huggingface_hub's own offline lookup over a cache laid out as it lays one out (refs/main
+    naming a snapshot folder): the engine is the checkpoint's, and it is called sesame/csm-1b --
+    in its log line, /metrics' build info and GET /v1/models -- not by the snapshot's commit hash."""
+    path, _, _ = checkpoint
+    repo = tmp_path / "hf" / "hub" / "models--sesame--csm-1b"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    copy_ckpt(path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)  # (read at import: the environment alone comes too late)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    eng = csmstream.load("sesame/csm-1b", device="cpu", max_streams=1)
+    assert eng.name == "sesame/csm-1b"
+    a = np.stack(list(eng.frames("Hello there.", topk=1, max_frames=4)))
+    np.testing.assert_array_equal(a, np.stack(list(checkpoint_engine.frames("Hello there.", topk=1, max_frames=4))))
+    assert csmstream.load(str(path), device="cpu", max_streams=1).name == path.name  # (a folder: its name)
+
+
 def test_not_a_dir_nor_hub_id():
     with pytest.raises(CheckpointError, match="no such directory, and not a hub id"):
         csmstream.load("./no/such/dir/here", device="cpu")
