@@ -159,6 +159,9 @@ class Connection:
             await self._error("unknown_voice", f"unknown voice {msg.voice!r:.60}; available: {known}", rid)
             return
         msg.voice = srv.voice_name(msg.voice)  # an alias's voice; the server's default for none
+        if msg.ignored:
+            log.info("request %s: ignoring unknown field(s) %s", rid, ", ".join(
+                k + (f" (did you mean {v}?)" if v else "") for k, v in msg.ignored.items()), extra={"request_id": rid})
         call = None
         if msg.call_control_id is not None:
             call = srv.calls.get(msg.call_control_id) if srv.calls is not None else None
@@ -557,6 +560,8 @@ class Connection:
         if cancelled and job.cancel_reason is not None:
             extra["reason"] = job.cancel_reason
         extra.update(job.continued_field())
+        if job.msg.ignored:  # (a typo in a field name is not silently lost)
+            extra["ignored_fields"] = job.msg.ignored
         try:
             await self.ws.send(protocol.done(job.rid, audio_ms, ttfa, cancelled, **extra))
         except ConnectionClosed:

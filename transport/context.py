@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .protocol import FORMATS
+from .protocol import FORMATS, misnamed
 
 MAX_TURNS = 8
 MAX_SECONDS = 30.0
@@ -33,6 +33,7 @@ MIN_SECONDS = 0.08  # one frame of the codec
 AUDIO_FORMATS = {name: rate for name, (rate, enc) in sorted(FORMATS.items(), key=lambda f: (f[1][1] != "pcm", f[1][0]))
                  if enc != "g722"}
 DEFAULT_AUDIO_FORMAT = "pcm_24000"
+TURN_FIELDS = ("speaker_id", "text", "audio", "audio_format")  # a turn's other keys are ignored (and named in done)
 
 
 @dataclass
@@ -72,6 +73,8 @@ def _turn(t, i: int, fail, max_text_chars: int, text_problem, example: str) -> T
     where = f"context[{i}]"
     if not isinstance(t, dict):
         raise fail(f"{where} must be an object like {example[1:-1]}, got {_short(t)}")
+    misnamed(t, "audio_format", FORMATS, DEFAULT_AUDIO_FORMAT, TURN_FIELDS, lambda code, why: fail(why),
+             would="its audio would be read as", where=f"{where}.")
     sid = t.get("speaker_id", 0)
     if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0:
         raise fail(f"{where}.speaker_id must be an integer >= 0 (who spoke), got {_short(sid)}")

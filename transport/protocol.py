@@ -7,14 +7,19 @@ Server -> client:
   binary frames of audio; {"done": true, ...}; {"error": {"code", "message"}, "request_id"}.
 
 Every problem is a ProtocolError with a stable `code` and a message that says what was wrong and
-what is allowed. Unknown fields are ignored (forward compatibility), never fatal.
+what is allowed. Unknown fields are ignored (forward compatibility), never fatal: a request's `done`
+names them (`ignored_fields`, each with the field it most resembles), so a typo does not go unseen.
+One exception: an unknown field that names an audio format while `format` is missing (an
+ElevenLabs client's `output_format`, an OpenAI one's `response_format`) is an error, as the audio
+would otherwise come in another format than the client will play it as.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .sentences import speaks
 
@@ -84,6 +89,18 @@ class Generate:
     continue_previous: bool = False  # the connection's last sentences (an earlier request's) are its context
     context: list | None = None  # the client's own earlier turns (context.Turn), heard before the reply
     speed: float = 1.0  # speaking rate, pitch kept (kernels/stretch.py): 1.25 is 25% faster
+    ignored: dict = field(default_factory=dict)  # the message's unknown fields -> the known one each resembles
+
+
+# the fields of a /ws/generate request message; any other is ignored, and named in its done
+REQUEST_FIELDS = ("text", "speaker_id", "request_id", "format", "chunk_ms", "temperature", "topk", "seed",
+                  "max_audio_ms", "voice", "final", "call_control_id", "inactivity_timeout", "continue_previous",
+                  "context", "speed")
+MAX_IGNORED = 16  # unknown fields a done names at most
+# other APIs' names for these fields (OpenAI's, ElevenLabs', common ones), as ignored_fields' hints
+OTHER_NAMES = {"output_format": "format", "response_format": "format", "encoding": "format", "sample_rate": "format",
+               "input": "text", "voice_id": "voice", "speaker": "speaker_id", "top_k": "topk", "max_duration_ms":
+               "max_audio_ms", "voice_settings": "speed", "previous_text": "continue_previous"}
 
 
 @dataclass
@@ -158,7 +175,45 @@ def parse(data: str | bytes, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, to
     if "text" not in msg:
         raise ProtocolError("missing_text", 'a request needs "text" (a non-empty string); to stop audio send '
                             '{"cancel": true}', rid)
-    return request_from(msg, rid, max_text_chars, topk_max)
+    misnamed(msg, "format", ALL_FORMATS, DEFAULT_FORMAT, REQUEST_FIELDS,
+             lambda code, why: ProtocolError(code, why, rid))
+    g = request_from(msg, rid, max_text_chars, topk_max)
+    g.ignored = unknown_fields(msg, REQUEST_FIELDS)
+    if g.context:
+        from .context import TURN_FIELDS
+
+        for i, turn in enumerate(msg["context"]):
+            g.ignored.update({f"context[{i}].{k}": v and f"context[{i}].{v}"
+                              for k, v in unknown_fields(turn, TURN_FIELDS).items()})
+    g.ignored = dict(list(g.ignored.items())[:MAX_IGNORED])
+    return g
+
+
+def unknown_fields(msg: dict, known: tuple[str, ...]) -> dict[str, str | None]:
+    """The keys of `msg` not in `known` (at most MAX_IGNORED, each cut to 60 characters, anything
+    unprintable as "?": they are logged), each with the known field it most resembles -- a typo's
+    likely meaning -- or None."""
+    out = {}
+    for k in msg:
+        if k not in known and len(out) < MAX_IGNORED:
+            close = difflib.get_close_matches(k.lower(), known, n=1, cutoff=0.75)
+            hint = OTHER_NAMES.get(k) if OTHER_NAMES.get(k) in known else close[0] if close else None
+            out["".join(c if c.isprintable() else "?" for c in k[:60])] = hint
+    return out
+
+
+def misnamed(msg: dict, name: str, formats, default: str, known: tuple[str, ...], bad,
+             would: str = "the audio would come as", where: str = "") -> None:
+    """bad(f"invalid_{name}", why) raised when `name` is missing from `msg` but an unknown field of
+    it names one of `formats` other than `default`: the audio would be `default`, which is not what
+    the client meant (an ElevenLabs client's output_format, an OpenAI one's response_format)."""
+    if name in msg:
+        return
+    for k, v in msg.items():
+        if k not in known and isinstance(v, str) and v in formats and v != default:
+            fix = json.dumps({name: v})
+            raise bad(f"invalid_{name}", f"{where}{name} is not given, so {would} {default}, but {where}{k[:40]} "
+                      f"names {v}; here it is called {name}: send {fix}")
 
 
 def is_request_id(rid) -> bool:

@@ -37,6 +37,8 @@ CASES = [
     ('{"text": "hi", "format": 8000}', "invalid_format"),
     ('{"text": "hi", "format": []}', "invalid_format"),  # (unhashable: it cannot be looked up in a dict)
     ('{"text": "hi", "format": {"rate": 8000}}', "invalid_format"),
+    ('{"text": "hi", "output_format": "ulaw_8000"}', "invalid_format"),  # ElevenLabs' name: would come as pcm_24000
+    ('{"text": "hi", "response_format": "pcm_16000"}', "invalid_format"),  # OpenAI's
     ('{"text": "hi", "chunk_ms": 10}', "invalid_chunk_ms"),
     ('{"text": "hi", "chunk_ms": 1001}', "invalid_chunk_ms"),
     ('{"text": "hi", "chunk_ms": "100"}', "invalid_chunk_ms"),
@@ -105,15 +107,37 @@ def test_a_huge_name_is_quoted_short_in_its_error(server):
         assert "'vvvv" in err["message"] and len(err["message"]) < 300  # the name is quoted, cut to 60
 
 
-def test_unknown_fields_are_ignored(server):
+def test_unknown_fields_are_ignored_and_named_in_done(server):
+    """Ignored, never fatal; but the done names them, each with the field it most resembles, so a
+    typo (temprature) or another API's name (output_format) does not pass unseen. A request with no
+    unknown field ends with the done it always had."""
     async def go():
         async with connect(server.url) as ws:
-            await ws.send(json.dumps({"text": "Extra fields.", "speaker_id": 0, "max_audio_ms": 300,
-                                      "stability": 0.5, "model_id": "whatever", "nested": {"a": 1}}))
+            out = []
+            for extra in ({"stability": 0.5, "nested": {"a": 1}, "temprature": 0.5, "Speed": 1.2, "output_format":
+                           "pcm_24000", "voice_id": "x"}, {}):
+                await ws.send(json.dumps({"text": "Extra fields.", "speaker_id": 0, "max_audio_ms": 300, **extra}))
+                out.append(await collect(ws))
+            return out
+
+    extra, plain = asyncio.run(go())
+    for events in (extra, plain):
+        assert events[-1][0] == "done" and any(k == "audio" for k, _ in events)
+    assert extra[-1][1]["ignored_fields"] == {"stability": None, "nested": None, "temprature": "temperature",
+                                              "Speed": "speed", "output_format": "format", "voice_id": "voice"}
+    assert "ignored_fields" not in plain[-1][1]
+    assert extra[-1][1]["audio_ms"] == plain[-1][1]["audio_ms"] == 300  # (temprature changed nothing)
+
+
+def test_a_done_names_at_most_16_ignored_fields_printably(server):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Many.", "max_audio_ms": 100, "bad\nname" + "x" * 100: 1,
+                                      **{f"f{i}": i for i in range(40)}}))
             return await collect(ws)
 
-    events = asyncio.run(go())
-    assert events[-1][0] == "done" and any(k == "audio" for k, _ in events)
+    ignored = asyncio.run(go())[-1][1]["ignored_fields"]
+    assert len(ignored) == 16 and list(ignored)[0] == "bad?name" + "x" * 52 and list(ignored)[1:3] == ["f0", "f1"]
 
 
 def test_oversized_message_closes_with_1009(server):

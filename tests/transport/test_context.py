@@ -143,6 +143,9 @@ def test_every_sentence_hears_the_turns_between_the_continued_sentences_and_its_
     ([{"text": "Hi.", "audio": base64.b64encode(bytes(400)).decode(), "audio_format": "ulaw_8000"}],
      "context[0].audio is 50 ms of ulaw_8000; a turn needs at least 80 ms"),
     ([{"text": "Hi.", "audio": "AAAA", "audio_format": "mp3"}], "audio_format must be one of pcm_8000"),
+    ([{"text": "Hi.", "audio": "AAAA", "format": "pcm_16000"}],  # (not read as 24 kHz because of a field's name)
+     'context[0].audio_format is not given, so its audio would be read as pcm_24000, but context[0].format names '
+     'pcm_16000; here it is called audio_format: send {"audio_format": "pcm_16000"}'),
     ([{"text": "Hi.", "audio": base64.b64encode(bytes(8000 * 31)).decode(), "audio_format": "ulaw_8000"}],
      "context holds 31.0 s of audio; at most 30 s"),
 ])
@@ -214,6 +217,17 @@ def test_a_clients_turn_helper_round_trips_through_the_parser():
     for bad in ((pcm, "ulaw_8000"), (pcm.astype(np.float32), "pcm_16000"), (b"", "mp3_44100_128")):
         with pytest.raises(ValueError):
             ctx.turn(0, "x", *bad)
+
+
+def test_a_turns_unknown_keys_are_named_as_the_requests_ignored_fields():
+    from csmstream.transport import context as ctx, protocol
+
+    odd = {**ctx.turn(1, "Yes.", bytes(800), "ulaw_8000"), "sample_rate": 8000, "audio_fromat": "pcm_24000"}
+    g = protocol.parse(json.dumps({"text": "Hi.", "context": [ctx.turn(0, "Ok.", bytes(800), "ulaw_8000"), odd],
+                                   "contxt": 1}))
+    assert [t.rate for t in g.context] == [8000, 8000]  # (audio_fromat names the default: no harm, no error)
+    assert g.ignored == {"contxt": "context", "context[1].sample_rate": None,
+                         "context[1].audio_fromat": "context[1].audio_format"}
 
 
 def test_an_http_client_that_hangs_up_while_its_turns_are_encoded_gets_nothing_generated(rs, monkeypatch):
