@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve plain HTTP on PORT: the OpenAI-compatible POST /v1/audio/speech "
                             "(streams audio as it is generated: wav, pcm, mp3, opus, aac, flac, ulaw_8000, ...; or "
                             "SSE), ElevenLabs' POST /v1/text-to-speech/VOICE[/stream][/with-timestamps], /healthz, "
-                            "/metrics, /voices (default: off; 0 picks a free port)")
+                            "/metrics, /voices, and the model and voice lists of both APIs (GET /v1/models, "
+                            "/v1/voices) (default: off; 0 picks a free port)")
     serve.add_argument("--max-streams", type=int, default=None,
                        help="concurrent generations (batch slots; default: 4 on CPU, 64 on GPU)")
     serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",

@@ -29,8 +29,8 @@ HEAD_TIMEOUT = 10.0  # a request's head and body must arrive within this once it
 IDLE_TIMEOUT = 30.0  # a keep-alive connection with no request for this long is closed
 READ_SIZE = 65536
 LINGER_S = 2.0  # at most this long reading a closing client's leftover input
-PAGES = ("POST /v1/audio/speech (OpenAI), POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps] "
-         "(ElevenLabs), GET /healthz, /metrics, /voices")
+PAGES = ("POST /v1/audio/speech and GET /v1/models (OpenAI), POST /v1/text-to-speech/{voice_id}[/stream]"
+         "[/with-timestamps] and GET /v1/voices (ElevenLabs), GET /healthz, /metrics, /voices")
 
 
 def put(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -189,7 +189,7 @@ class HttpApi:
             put(writer, out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
             await writer.drain()
             return keep
-        if req.method not in ("GET", "HEAD") and req.path in srv.PAGE_PATHS:
+        if req.method not in ("GET", "HEAD") and srv.is_page(req.path):
             return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: this page "
                                       "answers GET (and HEAD)", keep, {"Allow": "GET, HEAD"})
         eleven = hs.ELEVENLABS_PATH.match(req.path) is not None

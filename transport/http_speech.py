@@ -307,10 +307,15 @@ def response(status: int, body: bytes, content_type: str, *, keep_alive: bool, e
     return response_head(status, headers) + body
 
 
+def error_object(status: int, code: str, message: str) -> dict:
+    """An error as OpenAI's API writes it (the shape every error of the HTTP port has)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def error_response(status: int, code: str, message: str, *, keep_alive: bool = False,
                    extra: dict | None = None) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}) + "\n"
+    body = json.dumps(error_object(status, code, message)) + "\n"
     return response(status, body.encode(), "application/json", keep_alive=keep_alive, extra=extra)
 
 

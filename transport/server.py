@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..engine.voices import with_aliases
 from ..engine.worker import EngineWorker, GenRequest
-from . import codec_threads, elevenlabs, protocol, tls
+from . import catalog, codec_threads, elevenlabs, http_speech, protocol, tls
 from .connection import Connection
 from .encoder import warm_codecs
 from .gate import Gate
@@ -60,6 +60,7 @@ class StreamServer:
                  trusted_proxies: str | list[str] | None = None) -> None:
         self._engine_src, self.host, self.requested_port = engine, host, port
         self.engine = None
+        self.created = int(time.time())  # (GET /v1/models' "created": when this server was made)
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
         self.voices = dict(voices or {})  # name -> engine.voices.Voice (text, codes); aliases too
         self.voices_dir = voices_dir  # NAME.wav + NAME.txt pairs, encoded at start-up
@@ -271,11 +272,22 @@ class StreamServer:
             entry["default"] = True
         return entry
 
-    PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers
+    PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers, with catalog.is_listing's
+
+    def is_page(self, path: str) -> bool:
+        return path in self.PAGE_PATHS or catalog.is_listing(path)
 
     def page(self, path: str) -> tuple[int, str, str] | None:
         """The plain GET pages (on the WebSocket port and the HTTP port): (status, content type,
-        body), or None for any other path."""
+        body), or None for any other path. Also OpenAI's and ElevenLabs' listings (catalog.py)."""
+        if catalog.is_listing(path):
+            if self.engine is None:  # (no model yet: nothing to list)
+                status, obj = 503, http_speech.error_object(503, "unavailable", "the model is still loading; retry "
+                                                            "when /healthz says 200")
+            else:
+                status, obj = catalog.listing(path, model=self.engine.name, created=self.created, voices=self.voices,
+                                              default_voice=self.default_voice)
+            return status, "application/json", json.dumps(obj) + "\n"
         if path == "/healthz":
             return 200 if self.healthy else 503, "application/json", json.dumps(self.health()) + "\n"
         if path == "/voices":

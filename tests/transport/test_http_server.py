@@ -312,6 +312,10 @@ def test_expect_100_continue_is_answered_before_the_body(http):
     (h11_request("GET", "/v1/audio/speech"), 405, "method_not_allowed"),
     (h11_request("POST", "/healthz", b"{}"), 405, "method_not_allowed"),  # (was "no route /healthz")
     (h11_request("DELETE", "/metrics"), 405, "method_not_allowed"),
+    (h11_request("POST", "/v1/models", b"{}"), 405, "method_not_allowed"),
+    (h11_request("DELETE", "/v1/voices/0"), 405, "method_not_allowed"),
+    (h11_request("GET", "/v1/voices/nobody"), 404, "voice_not_found"),
+    (h11_request("GET", "/v1/models/tts-1"), 404, "model_not_found"),
     (h11_request("POST", "/v1/chat/completions", b"{}"), 404, "not_found"),
     (h11_request("POST", "/v1/audio/speech", b"{oops"), 400, "invalid_json"),
     (h11_request("POST", "/v1/audio/speech", b'{"input": "hi", "seed": 1' + b"0" * 5000 + b"}"), 400, "invalid_json"),

@@ -488,6 +488,8 @@ def test_auth_token_required_everywhere_but_healthz(secured):
     assert http(base + "/metrics") == 401
     assert http(base + "/metrics", {"Authorization": "Bearer t0ken"}) == 200
     assert http(base + "/voices", {"Authorization": "Bearer nope"}) == 401
+    for listing in ("/v1/models", "/v1/voices", "/v1/voices/0"):  # (OpenAI's and ElevenLabs' lists ask for it too)
+        assert http(base + listing) == 401 and http(base + listing, {"Authorization": "Bearer t0ken"}) == 200
 
     async def attempt(headers):
         try:

@@ -329,13 +329,17 @@ def test_healthz_is_503_until_the_model_is_ready():
             break
         time.sleep(0.01)
     base = f"http://127.0.0.1:{rs.srv.port}"
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(base + "/healthz")
-    assert e.value.code == 503
+    for page in ("/healthz", "/v1/models"):  # (no model yet, so none to list)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + page)
+        assert e.value.code == 503
+    assert json.loads(e.value.read())["error"]["code"] == "unavailable"
     gate.set()
     assert rs._ready.wait(60)
     with urllib.request.urlopen(base + "/healthz") as r:
         assert r.status == 200
+    with urllib.request.urlopen(base + "/v1/models") as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == ["tiny"]
     rs.stop()
 
 

@@ -139,3 +139,29 @@ def test_a_bad_alias_or_default_stops_the_server_from_starting(kw, message):
     with pytest.raises(ValueError) as e:
         StreamServer(object(), voices={"ada": ada}, **kw)
     assert message in str(e.value)
+
+
+def test_the_sdks_list_the_model_and_the_voices_and_every_listed_voice_speaks(voiced):
+    """OpenAI's client lists the model and ElevenLabs' the voices, as their users would; the
+    invariant: each voice id listed is one the ElevenLabs route takes, speaking the voice the
+    listing says (a named voice, an alias as its voice, speaker 0 as no prompt)."""
+    import openai
+    from elevenlabs.client import ElevenLabs
+
+    rs, want = voiced
+    base = rs.srv.speech_url.rsplit("/v1/audio/speech", 1)[0]
+    oa = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    assert [(m.id, m.owned_by) for m in oa.models.list()] == [("tiny", "csm-stream")]
+    assert oa.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("tts-1")
+    el = ElevenLabs(api_key="unused", base_url=base)
+    voices = el.voices.get_all().voices
+    ids = [v.voice_id for v in voices]
+    assert sorted(ids) == sorted(["ada", "ben", *ALIASES, "0"]) and ids[-1] == "0"
+    assert el.voices.get(EL_ID).labels == {"source": "voice prompt", "alias_of": "ben"}
+    expect = {"ada": want["ada"], "ben": want["ben"], "alloy": want["ada"], EL_ID: want["ben"], "0": want[None]}
+    for v in voices:
+        r = httpx.post(f"{base}/v1/text-to-speech/{v.voice_id}/stream?output_format=pcm_24000",
+                       json={"text": TEXT, "seed": SEED}, timeout=60)
+        assert r.status_code == 200 and r.content == expect[v.voice_id], v.voice_id
