@@ -28,11 +28,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
+from ..transport import protocol
 from ..transport.client import DEFAULT_URL, SesameWebSocketService
 from .telnyx_bridge import CallRegistry, UnknownCall
 from .telnyx_session import Utterance
 
 PASSED_SETTINGS = ("temperature", "topk", "seed", "voice", "context", "speed")  # what a request carries as it is
+SETTINGS = ("speaker_id", *PASSED_SETTINGS, "continue_previous", "url")  # what sesame_settings may hold
 
 log = logging.getLogger("csmstream.telnyx")
 Handler = Callable[[str, str, dict], Awaitable[object]]
@@ -48,6 +50,7 @@ class TelnyxService:
         # one, and calls open theirs side by side
         self._kept: dict[tuple[str, str], asyncio.Task] = {}
         self._closers: set[asyncio.Task] = set()
+        self._warned: set[str] = set()  # sesame_settings keys already warned of as unused
 
     def register_provider(self, name: str, handler: Handler) -> None:
         self.providers[name] = handler
@@ -80,6 +83,7 @@ class TelnyxService:
         if not isinstance(settings, dict):
             raise ValueError(f"agent_config['sesame_settings'] must be a dict (speaker_id, "
                              f"{', '.join(PASSED_SETTINGS)}, continue_previous, url), got {type(settings).__name__}")
+        self._warn_unused(settings)
         speaker = settings.get("speaker_id", 0)
         keep = settings.get("continue_previous", False)
         if not isinstance(keep, bool):
@@ -99,6 +103,16 @@ class TelnyxService:
         log.info("call %s: utterance %s %s (%d frames)", call_control_id, utt.name, utt.state, utt.frames,
                  extra={"call_control_id": call_control_id})
         return utt
+
+    def _warn_unused(self, settings: dict) -> None:
+        """A WARNING, once per key, for sesame_settings keys this service does not use (a typo, or
+        another provider's name such as voice_id): ignored, so the call would not sound as configured."""
+        unused = {k: v for k, v in protocol.unknown_fields(settings, SETTINGS).items() if k not in self._warned}
+        if unused and len(self._warned) < 256:
+            self._warned.update(unused)
+            log.warning("agent_config['sesame_settings'] keys %s are not used and are ignored (it takes %s)",
+                        ", ".join(k + (f" (did you mean {v}?)" if v else "") for k, v in unused.items()),
+                        ", ".join(SETTINGS))
 
     async def _call_connection(self, call, url: str) -> SesameWebSocketService:
         """The connection kept for this call's utterances to `url`: opened at the first, closed when

@@ -42,6 +42,27 @@ def test_routing_by_provider_and_websocket_flag():
     assert calls == [("elevenlabs", "c1", "hi"), ("sesame_rest", "c2", "yo")]
 
 
+def test_unused_sesame_settings_are_warned_of_once_each_and_named(caplog):
+    """A typo or another provider's key in sesame_settings changes nothing the call hears, so it is
+    a WARNING (once per key and service) before the utterance goes on."""
+    svc = TelnyxService(CallRegistry(), stream_wait=0.01)
+
+    async def go(settings):
+        with pytest.raises(UnknownCall):  # (no such call: the settings were looked at first)
+            await svc.speak_text("v2:none", "Hi.", {"tts_provider": "sesame", "sesame_settings": settings})
+
+    with caplog.at_level("WARNING", logger="csmstream.telnyx"):
+        asyncio.run(go({"speaker_id": 1, "voice_id": "ada", "temprature": 0.5, "stability": 0.3}))
+        asyncio.run(go({"voice_id": "ada", "seed": 3, "topK": 5}))
+        asyncio.run(go({"speaker_id": 0, "voice": "ada", "speed": 1.1}))
+    warned = [r.getMessage() for r in caplog.records if "sesame_settings" in r.getMessage()]
+    assert len(warned) == 2
+    assert warned[0].startswith("agent_config['sesame_settings'] keys voice_id (did you mean voice?), temprature "
+                                "(did you mean temperature?), stability are not used and are ignored (it takes "
+                                "speaker_id, temperature, topk, seed, voice, context, speed, continue_previous, url)")
+    assert warned[1].startswith("agent_config['sesame_settings'] keys topK (did you mean topk?) are not used")
+
+
 def test_another_provider_gets_an_llms_pieces_joined_once_they_have_all_come():
     got = []
 
