@@ -281,7 +281,7 @@ class StreamServer:
         """The plain GET pages (on the WebSocket port and the HTTP port): (status, content type,
         body), or None for any other path. Also OpenAI's and ElevenLabs' listings (catalog.py)."""
         if catalog.is_listing(path):
-            if self.engine is None:  # (no model yet: nothing to list)
+            if self.worker is None:  # (no model, or its voices, yet: nothing to list)
                 status, obj = 503, http_speech.error_object(503, "unavailable", "the model is still loading; retry "
                                                             "when /healthz says 200")
             else:
