@@ -286,6 +286,10 @@ class ElevenLabsConnection(ElevenLabsBase):
                 return
             job = self.job = self.open_job = self._new_job(text, speed)
             self._work.set()
+            if text == "":  # the end of input before any text: nothing to say (isFinal now, not at the timeout)
+                job.close()
+                self.open_job = None
+                return
         else:
             job.take(text)
         if msg.get("flush") is True:

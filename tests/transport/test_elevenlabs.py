@@ -709,6 +709,19 @@ def test_a_keep_alive_without_a_context_opens_none(el):
     assert asyncio.run(go()) == ([], 1000)
 
 
+def test_stream_input_ended_before_any_text_is_final_at_once(el):
+    """{"text": ""} ends the input, as ElevenLabs reads it, also as the first message: isFinal with
+    no audio and a normal close now, not when the inactivity timeout (20 s) would have come."""
+    async def go():
+        async with connect(url_of(el, "0/stream-input")) as ws:
+            await ws.send(json.dumps({"text": ""}))
+            got = [json.loads(m) async for m in ws]
+            return got, ws.close_code
+
+    got, code = asyncio.run(asyncio.wait_for(go(), 10))  # (half the timeout: it did not wait for it)
+    assert got == [{"audio": None, "isFinal": True, "normalizedAlignment": None, "alignment": None}] and code == 1000
+
+
 def test_stream_input_first_message_is_bounded_and_may_carry_text_and_flush(el):
     async def go():
         async with connect(url_of(el, "0/stream-input?seed=6")) as ws:
