@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                        help="prompt positions prefilled at a time between two frame steps, so a long "
                             "prompt (voice, context) never holds up the calls already playing (default: 512)")
+    serve.add_argument("--engine-stall-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a frame step that runs this long means the engine is stuck (a GPU that stopped "
+                            "answering, a deadlock): its requests end with an error, /healthz and /livez answer "
+                            "503 and a restart is due (default: 30 on GPU, 300 on CPU; 0 turns the watch off)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM",
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, metavar="PEM",
                        help="the certificate's unencrypted PEM private key (default: inside the --tls-cert file)")
     serve.add_argument("--auth-token", default=None,
-                       help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz "
+                       help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz and /livez "
                             "(default: $CSM_AUTH_TOKEN; unset = open)")
     serve.add_argument("--allowed-origins", default=None, metavar="URL,URL",
                        help="browser Origins allowed to connect (default: any)")

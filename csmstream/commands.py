@@ -81,6 +81,9 @@ def serve(args) -> int:
         raise ValueError(f"--http-port must differ from --port (both {args.port})")
     if args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1 (prompt tokens), got {args.prefill_chunk}")
+    from .engine.worker import stall_seconds
+
+    stall_seconds(args.engine_stall_timeout, None, "--engine-stall-timeout")
     if not 0 <= args.shutdown_timeout < math.inf:  # (nan fails this too)
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     for flag, value in (("--max-connections-per-ip", args.max_connections_per_ip),
@@ -125,7 +128,8 @@ def serve(args) -> int:
                            if args.allowed_origins else None,
                            max_connections_per_ip=args.max_connections_per_ip,
                            max_requests_per_minute=args.max_requests_per_minute,
-                           prefill_chunk=args.prefill_chunk, http_port=args.http_port,
+                           prefill_chunk=args.prefill_chunk, engine_stall_s=args.engine_stall_timeout,
+                           http_port=args.http_port,
                            compression=None if args.ws_compression == "off" else args.ws_compression,
                            ssl_context=ssl_context,
                            elevenlabs_continue_previous=args.elevenlabs_continue_previous,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from .engine.worker import Busy, EngineWorker, GenRequest
+from .engine.worker import Busy, EngineWorker, GenRequest, stall_seconds
 from .plan import GenerationError, SentencePlan
 from .stream import Stream, StreamerClosed, _set_all
 
@@ -43,12 +43,15 @@ class Streamer:
     """The engine thread for one engine: `start()`/`close()`, or use it as a (async) context manager."""
 
     def __init__(self, engine, *, prefill_chunk: int = 512, max_waiting: int | None = None,
-                 voices=None) -> None:
+                 voices=None, stall_timeout: float | None = None) -> None:
         """engine: from `csmstream.load()`; its max_streams is how many streams run at once.
         prefill_chunk: prompt positions prefilled at a time between two ticks (>= 1).
         max_waiting: streams that may wait for a slot beyond those (default 4 x max_streams).
         voices: a directory of named voices, NAME.wav + NAME.txt pairs as for `serve --voices`:
-        encoded now, their prompts' KV cached (engine.pin_voice); a stream picks one with voice=NAME."""
+        encoded now, their prompts' KV cached (engine.pin_voice); a stream picks one with voice=NAME.
+        stall_timeout: seconds one tick may run before the engine counts as stuck (a GPU that stopped
+        answering): every stream then ends with GenerationError and new ones are refused, instead of
+        waiting forever (None: 30 on GPU, 300 on CPU; 0: never)."""
         from .engine.engine import Engine
 
         if not isinstance(engine, Engine):
@@ -66,7 +69,8 @@ class Streamer:
             self.voices = load_voices(voices, engine)  # (ValueError naming what is wrong with the directory)
             for v in self.voices.values():
                 engine.pin_voice(v.text, v.codes)
-        self._worker = EngineWorker(engine, self._notify, prefill_chunk=prefill_chunk, max_waiting=max_waiting)
+        self._worker = EngineWorker(engine, self._notify, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
+                                    stall_s=stall_seconds(stall_timeout, engine))
         self._started = self._closed = False
         self._plans: weakref.WeakSet[SentencePlan] = weakref.WeakSet()  # streams of sentences, to end on close
 

@@ -13,6 +13,11 @@ per tick; a server passes one that hops onto its event loop with `call_soon_thre
 
 Cancel is a flag (`request.cancel()`) read at the next tick boundary: generation stops within one
 frame and the slot is free for the next request.
+
+A watchdog (`stall_s`) ends what an engine thread stuck inside one tick would leave hanging -- a GPU
+that stopped answering, a deadlock: the thread cannot be interrupted, so once a tick has run
+`stall_s` seconds the worker gives up on it (`abandon`): it refuses new requests and ends every
+request it holds with an error, touching nothing the stuck thread holds; `stalled` says why.
 """
 
 from __future__ import annotations
@@ -113,6 +118,27 @@ class WorkerStats:
     prefill_chunks: int = 0
 
 
+STALL_S = {"cuda": 30.0, "cpu": 300.0}  # the default stall_s by device: a GPU tick takes ms, a CPU one up to seconds
+
+
+def default_stall_s(engine) -> float:
+    """How long a tick may run before the engine counts as stuck, on `engine`'s device: 30 s on a
+    GPU (a tick is milliseconds), 300 s on a CPU (a long prompt's chunk through a full-size model
+    there takes many seconds)."""
+    return STALL_S["cuda" if str(getattr(engine, "device", "cpu")).startswith("cuda") else "cpu"]
+
+
+def stall_seconds(value, engine, name: str = "stall_timeout") -> float | None:
+    """A stall timeout as a user gives it (seconds; 0: no watch; None: by `engine`'s device) -> the
+    worker's stall_s, or ValueError naming `name` and what is allowed."""
+    if value is None:
+        return default_stall_s(engine)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be seconds >= 0 (0: no watch; unset: 30 on a GPU, 300 on a CPU), "
+                         f"got {value!r}")
+    return float(value) or None
+
+
 RESERVE_S = 0.1  # a slot freed by a sentence whose reply goes on is kept this long for the next sentence
 GOOD_ENDS = ("eos", "max_frames", "guard")  # a sentence that ended so: its reply's next one follows
 
@@ -126,9 +152,13 @@ class EngineWorker:
 
     def __init__(self, engine, notify: Callable[[list[GenRequest]], None] | None = None, *,
                  idle_wait: float = 0.05, max_waiting: int | None = None, prefill_chunk: int = 512,
-                 max_prefill_s: float = FRAME_S) -> None:
+                 max_prefill_s: float = FRAME_S, stall_s: float | None = None) -> None:
         """prefill_chunk: prompt tokens per prefill chunk; max_prefill_s: at most this many seconds
-        of prefill a tick beyond its one chunk (engine/prefill.py)."""
+        of prefill a tick beyond its one chunk (engine/prefill.py); stall_s: a tick that runs this
+        long is a stuck engine, and its requests are failed (None: never)."""
+        if stall_s is not None and not (isinstance(stall_s, (int, float)) and not isinstance(stall_s, bool)
+                                        and 0 < stall_s < float("inf")):
+            raise ValueError(f"stall_s must be a number of seconds > 0, or None, got {stall_s!r}")
         self.engine = engine
         self.budget = PrefillBudget(prefill_chunk, max_tick_s=max_prefill_s)
         self.notify = notify or (lambda reqs: None)
@@ -137,6 +167,9 @@ class EngineWorker:
         self.max_waiting = max_waiting if max_waiting is not None else 4 * engine.max_streams
         self.fault_hook: Callable[[GenRequest], None] | None = None  # test hook, called per row per tick
         self.died: BaseException | None = None
+        self.stall_s = stall_s
+        self.stalled: str | None = None  # why the worker gave up on its stuck thread (abandon)
+        self._tick_t0 = 0.0  # when the tick in progress began; 0 between ticks
         self.stats = WorkerStats()
         self._inbox: queue.SimpleQueue[GenRequest] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -158,6 +191,8 @@ class EngineWorker:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
             self._thread.start()
+            if self.stall_s is not None:
+                threading.Thread(target=self._watch, args=(self._thread,), name="csm-engine-watch", daemon=True).start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -166,6 +201,46 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    @property
+    def tick_seconds(self) -> float:
+        """How long the tick in progress has run (0 between ticks; any thread)."""
+        t0 = self._tick_t0
+        return time.perf_counter() - t0 if t0 else 0.0
+
+    def _watch(self, thread: threading.Thread) -> None:
+        """The watchdog's thread: abandon the engine thread once a tick outlives stall_s."""
+        period = min(1.0, self.stall_s / 4)
+        while thread.is_alive() and not self._ended:
+            if self.tick_seconds > self.stall_s:
+                self.abandon(f"the engine stopped: one step has run over {self.stall_s:g} s (a GPU that stopped "
+                             "answering, or a deadlock); the server cannot generate until it is restarted")
+                return
+            self._stop.wait(period)
+
+    def abandon(self, why: str) -> int:
+        """Give up on a stuck engine thread (any thread; it cannot be interrupted): refuse new
+        requests and end every request it holds with the error `why`, without touching the engine
+        or the thread's own structures. Returns how many were ended. Should the thread come back,
+        it stops at the end of its tick and tells no one anything more."""
+        with self._gate:
+            if self._ended:
+                return 0
+            self.stalled, self._ended = why, True
+        log.critical("%s: /healthz and /livez now answer 503", why)
+        pending = list(self._active.values()) + [req for req, _ in list(self._prefilling)] + list(self._waiting)
+        while True:
+            try:
+                pending.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        ended = [req for req in pending if not req.finished]
+        for req in ended:
+            req.reason, req.error, req.t_end = "error", why, time.perf_counter()
+            req.finished = True
+        if ended:
+            self.notify(ended)
+        return len(ended)
 
     @property
     def alive(self) -> bool:
@@ -226,12 +301,18 @@ class EngineWorker:
         torch.set_grad_enabled(False)
         try:
             while not self._stop.is_set():
+                self._tick_t0 = time.perf_counter()
                 try:
                     busy = self._tick()
                 except Exception:  # never let one bad tick kill the server: fail the active requests
                     log.exception("engine tick failed; failing the active requests")
                     self._fail_all("internal error in the engine thread (see the server log)")
                     busy = False
+                finally:
+                    self._tick_t0 = 0.0
+                if self.stalled is not None:  # given up on while it was stuck: its requests are ended
+                    log.warning("the engine thread came back after it was given up on; it stops here")
+                    return
                 if not busy:
                     self._wake.clear()  # clear, then look: a submit in between is never missed
                     if self._inbox.empty():
@@ -279,7 +360,7 @@ class EngineWorker:
         st.active, st.waiting, st.prefilling = len(self._active), len(self._waiting), len(self._prefilling)
         if self._active:
             self._step(changed)
-        if changed:
+        if changed and self.stalled is None:  # (given up on meanwhile: its requests were told already)
             self.notify(changed)
         return bool(self._active or self._prefilling or (self._waiting and not self._held_back))
 

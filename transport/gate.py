@@ -1,7 +1,7 @@
 """Who may connect: bearer-token auth, browser Origin checks and per-address connection limits,
 decided at the HTTP handshake (before any WebSocket work).
 
-- With a token configured, every endpoint but /healthz needs `Authorization: Bearer TOKEN`
+- With a token configured, every endpoint but /healthz and /livez needs `Authorization: Bearer TOKEN`
   (the ElevenLabs-compatible path also takes ElevenLabs' `xi-api-key: TOKEN` header); Telnyx
   endpoints keep their own x-telnyx-streaming-auth-token check. Compared in constant time.
 - With allowed origins configured, a request carrying an Origin header (browsers always send one)
@@ -16,7 +16,7 @@ import hmac
 import time
 from collections import Counter, deque
 
-OPEN_PATHS = ("/healthz",)
+OPEN_PATHS = ("/healthz", "/livez")
 
 
 class PerMinute:

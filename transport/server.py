@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from ..engine.voices import with_aliases
-from ..engine.worker import EngineWorker, GenRequest
+from ..engine.worker import EngineWorker, GenRequest, stall_seconds
 from . import catalog, codec_threads, elevenlabs, http_speech, protocol, tls
 from .connection import Connection
 from .encoder import warm_codecs
@@ -54,7 +54,8 @@ class StreamServer:
                  allowed_origins: list[str] | None = None, max_connections_per_ip: int = 64,
                  max_requests_per_minute: int = 600, max_engine_waiting: int | None = None,
                  send_timeout: float = 10.0, socket_send_buffer: int | None = None,
-                 prefill_chunk: int = 512, http_port: int | None = None, compression: str | None = None,
+                 prefill_chunk: int = 512, engine_stall_s: float | None = None,
+                 http_port: int | None = None, compression: str | None = None,
                  ssl_context=None, elevenlabs_continue_previous: bool = False,
                  voice_aliases: dict[str, str] | None = None, default_voice: str | None = None,
                  trusted_proxies: str | list[str] | None = None) -> None:
@@ -81,6 +82,10 @@ class StreamServer:
         self.max_requests_per_minute = max_requests_per_minute
         self.max_engine_waiting = max_engine_waiting
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill chunk (engine/prefill.py)
+        # a frame step running this long is a stuck engine: its requests fail, health goes red (None:
+        # by device, engine/worker.default_stall_s; 0: never)
+        stall_seconds(engine_stall_s, None, "engine_stall_s")  # (ValueError now, not once the model is loaded)
+        self.engine_stall_s = engine_stall_s
         # an ElevenLabs socket's default for its ?continue_previous= (their protocol has no such field)
         self.elevenlabs_continue_previous = elevenlabs_continue_previous
         # permessage-deflate: off unless asked for ("deflate"); audio does not compress, and zlib on
@@ -160,7 +165,8 @@ class StreamServer:
             await self.loop_watch.stop()
             raise
         self.worker = EngineWorker(self.engine, notify=self._notify_threadsafe,
-                                   max_waiting=self.max_engine_waiting, prefill_chunk=self.prefill_chunk).start()
+                                   max_waiting=self.max_engine_waiting, prefill_chunk=self.prefill_chunk,
+                                   stall_s=stall_seconds(self.engine_stall_s, self.engine)).start()
         if self.do_warmup:
             t0 = time.perf_counter()
             await self._loop.run_in_executor(None, self.worker.warmup)
@@ -251,7 +257,8 @@ class StreamServer:
         slots = e.max_streams if e is not None else 0
         active = w.stats.active + w.stats.prefilling if w is not None else 0  # requests holding a slot
         status = "ok" if self.healthy else ("stopping" if self.stopping else
-                                            "engine thread died" if w is not None and w.died else "warming up")
+                                            "engine thread died" if w is not None and w.died else
+                                            "engine stalled" if w is not None and w.stalled else "warming up")
         return {"status": status, "max_streams": slots, "active": active, "free_slots": max(0, slots - active),
                 "waiting": w.queued() if w is not None else 0,
                 "max_text_chars": self.max_text_chars}  # (what one request may hold: say cuts longer texts so)
@@ -272,7 +279,7 @@ class StreamServer:
             entry["default"] = True
         return entry
 
-    PAGE_PATHS = ("/healthz", "/voices", "/metrics")  # what page() answers, with catalog.is_listing's
+    PAGE_PATHS = ("/healthz", "/livez", "/voices", "/metrics")  # what page() answers, with catalog.is_listing's
 
     def is_page(self, path: str) -> bool:
         return path in self.PAGE_PATHS or catalog.is_listing(path)
@@ -290,6 +297,10 @@ class StreamServer:
             return status, "application/json", json.dumps(obj) + "\n"
         if path == "/healthz":
             return 200 if self.healthy else 503, "application/json", json.dumps(self.health()) + "\n"
+        if path == "/livez":  # (a liveness probe: red only for what a restart mends, not while loading or stopping)
+            w = self.worker
+            dead = w is not None and (w.died is not None or w.stalled is not None)
+            return 503 if dead else 200, "application/json", json.dumps({"status": self.health()["status"]}) + "\n"
         if path == "/voices":
             body = json.dumps({"voices": [self._voice_entry(name, v) for name, v in self.voices.items()],
                                "default": self.default_voice})
@@ -344,7 +355,8 @@ class StreamServer:
             extra = "".join(f", {p}" for p in self.routes)
             return connection.respond(404, f"no route {path}; WebSocket endpoints are /ws/generate{extra}, "
                                            "/v1/text-to-speech/{voice_id}/stream-input and .../multi-stream-input, "
-                                           "HTTP endpoints /healthz, /metrics and /voices\n")
+                                           "HTTP endpoints /healthz, /livez, /metrics, /voices, /v1/models and "
+                                           "/v1/voices\n")
         if not self.healthy:
             return connection.respond(503, f"{self.health()['status']}; retry when /healthz says 200\n")
         return None  # go on with the WebSocket handshake

@@ -39,7 +39,11 @@ def test_kubernetes_example_is_valid_and_consistent():
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # (not /healthz: 503 while stopping and loading)
+    from csmstream.transport.gate import OPEN_PATHS
+
+    assert {"/healthz", "/livez"} <= set(OPEN_PATHS)  # the kubelet sends no token
     # Triton's kernel cache sits on a mounted volume (a restart loads the kernels, not compiles them)
     cache = next(e["value"] for e in c["env"] if e["name"] == "TRITON_CACHE_DIR")
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}

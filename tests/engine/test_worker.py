@@ -189,6 +189,49 @@ def test_the_engine_thread_is_reported_dead_before_any_request_hears_it_died(eng
     assert seen[0] == (False, True)  # reported dead while the thread was still running
 
 
+def test_a_stuck_engine_thread_is_given_up_on_and_no_request_hangs(engine):
+    """A tick that never ends (here: a fault hook that blocks, as a GPU that stopped answering
+    would) is given up on after stall_s: every request the worker holds -- playing, prefilling,
+    waiting, just submitted -- ends with the stall's error, new ones are refused, and `alive` is
+    false. When the thread comes back it stops, and the requests' ends are not told twice."""
+    import threading
+
+    release, told = threading.Event(), []
+    w = EngineWorker(engine, notify=told.extend, stall_s=0.3)
+    w.fault_hook = lambda req: release.wait(30)
+    w.start()
+    first = [w.submit(GenRequest(f"Request {i}.", seed=i, max_frames=50)) for i in range(6)]  # 4 slots, 2 wait
+    t0 = time.monotonic()
+    while w.stalled is None and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    assert w.stalled is not None and "over 0.3 s" in w.stalled and not w.alive
+    assert all(r.finished and r.reason == "error" and r.error == w.stalled for r in first)
+    assert sorted(map(id, told)) == sorted(map(id, first))  # each told once that it ended
+    with pytest.raises(RuntimeError, match="the engine thread is not running"):
+        w.submit(GenRequest("Anyone there?", seed=9, max_frames=5))
+    assert w.abandon("again") == 0  # (once)
+    release.set()
+    w._thread.join(timeout=30)
+    assert not w._thread.is_alive()
+    assert sorted(map(id, told)) == sorted(map(id, first))  # the thread's own tick told no one anything
+
+
+def test_stall_timeouts_by_device_and_bad_ones_refused(engine):
+    from csmstream.engine.worker import default_stall_s, stall_seconds
+
+    assert default_stall_s(engine) == 300.0 and stall_seconds(None, engine) == 300.0
+    assert stall_seconds(0, engine) is None and stall_seconds(2, engine) == 2.0
+    for bad in (-1, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="stall_timeout must be seconds >= 0"):
+            stall_seconds(bad, engine)
+        with pytest.raises(ValueError, match="stall_s must be"):
+            EngineWorker(engine, stall_s=bad)
+    with pytest.raises(ValueError, match="stall_s must be"):
+        EngineWorker(engine, stall_s=0)  # (the worker's own: no watch is None)
+    with pytest.raises(ValueError, match="stall_timeout must be seconds >= 0"):
+        csmstream.Streamer(engine, stall_timeout=-5)
+
+
 def test_a_temperature_float32_cannot_hold_costs_the_batch_nothing(engine):
     """One caller's temperature of 1e-50 (0 in the step's float32) crashed the whole batched CPU
     step: every caller sharing the tick got generation_failed. Now it is clamped (the greedy limit)

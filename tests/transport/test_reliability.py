@@ -259,9 +259,45 @@ def test_engine_thread_death_turns_health_red_and_requests_get_a_clear_error():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + "/healthz")
         assert e.value.code == 503 and json.loads(e.value.read())["status"] == "engine thread died"
+        assert http(base + "/livez") == 503  # (a restart is due: liveness says so too)
         with pytest.raises(InvalidStatus):
             asyncio.run(connect(rs.url).__aenter__())
     finally:
+        rs.stop()
+
+
+def test_a_stuck_engine_ends_its_requests_with_an_error_and_turns_health_and_liveness_red():
+    """An engine step that never returns (a GPU that stopped answering; here a fault hook that
+    blocks) must not leave clients waiting forever: after engine_stall_s the request gets an error
+    saying why, the next one `unavailable`, /healthz and /livez 503 (a restart is due); /livez was
+    200 before, and needs no token."""
+    import threading
+
+    release = threading.Event()
+    rs = RunningServer(tiny(1), engine_stall_s=0.5, auth_token="t0ken").start()
+    base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")
+    auth = {"Authorization": "Bearer t0ken"}
+    try:
+        assert http(base + "/livez") == 200 and http(base + "/healthz") == 200
+
+        async def go():
+            async with connect(rs.url, additional_headers=auth) as ws:
+                rs.srv.worker.fault_hook = lambda req: release.wait(60)
+                await ws.send(json.dumps({"text": "The engine hangs here.", "seed": 1}))
+                first = await asyncio.wait_for(collect(ws), 30)
+                await ws.send(json.dumps({"text": "Anyone there?"}))
+                return first, await asyncio.wait_for(collect(ws), 30)
+
+        first, second = asyncio.run(go())
+        err = first[-1][1]["error"]
+        assert first[-1][0] == "error" and "the engine stopped: one step has run over 0.5 s" in err["message"]
+        assert second[-1][0] == "error" and second[-1][1]["error"]["code"] == "unavailable"
+        for page in ("/healthz", "/livez"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + page)
+            assert e.value.code == 503 and json.loads(e.value.read())["status"] == "engine stalled"
+    finally:
+        release.set()
         rs.stop()
 
 

@@ -334,6 +334,8 @@ def test_healthz_is_503_until_the_model_is_ready():
             urllib.request.urlopen(base + page)
         assert e.value.code == 503
     assert json.loads(e.value.read())["error"]["code"] == "unavailable"
+    with urllib.request.urlopen(base + "/livez") as r:  # alive while it loads: no restart is due
+        assert r.status == 200 and json.loads(r.read())["status"] == "warming up"
     gate.set()
     assert rs._ready.wait(60)
     with urllib.request.urlopen(base + "/healthz") as r:
