@@ -214,7 +214,7 @@ class EngineWorker:
         while thread.is_alive() and not self._ended:
             if self.tick_seconds > self.stall_s:
                 self.abandon(f"the engine stopped: one step has run over {self.stall_s:g} s (a GPU that stopped "
-                             "answering, or a deadlock); the server cannot generate until it is restarted")
+                             "answering, or a deadlock); nothing can be generated until the process is restarted")
                 return
             self._stop.wait(period)
 
@@ -311,7 +311,8 @@ class EngineWorker:
                 finally:
                     self._tick_t0 = 0.0
                 if self.stalled is not None:  # given up on while it was stuck: its requests are ended
-                    log.warning("the engine thread came back after it was given up on; it stops here")
+                    log.warning("the engine thread came back after it was given up on; it frees its slots and stops")
+                    self._release_rows()
                     return
                 if not busy:
                     self._wake.clear()  # clear, then look: a submit in between is never missed
@@ -501,6 +502,16 @@ class EngineWorker:
         req.t_end = time.perf_counter()
         req.finished = True
         changed.append(req)
+
+    def _release_rows(self) -> None:
+        """Hand every slot this worker holds back to the engine, telling no one (its requests were
+        ended by abandon): the engine may serve a new worker."""
+        for req in [*self._active.values(), *(r for r, _ in self._prefilling)]:
+            if req._row >= 0:
+                self.engine._release(req._row)
+                req._row = -1
+        self._active.clear()
+        self._prefilling.clear()
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         changed: list[GenRequest] = []

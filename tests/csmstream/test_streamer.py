@@ -157,6 +157,29 @@ def test_a_failed_generation_yields_what_was_made_then_says_why(engine):
     _all_free(engine)
 
 
+def test_a_stuck_engine_ends_the_streams_with_a_generation_error_not_a_wait():
+    """stall_timeout: a tick that never returns (a blocking fault hook, as a GPU that stopped
+    answering) ends the stream with GenerationError saying why, after what it had made; the next
+    stream is refused at once."""
+    import threading
+
+    release = threading.Event()
+    tts = csmstream.Streamer(csmstream.load("tiny", device="cpu", max_streams=1), stall_timeout=3).start()
+    try:
+        assert len(list(tts.frames("Warm up.", max_frames=2))) == 2  # (a cold first tick is slow, not stuck)
+        tts._worker.fault_hook = lambda req: req.frames >= 4 and release.wait(60)  # stuck at the fifth frame
+        got = []
+        with pytest.raises(csmstream.GenerationError, match=r"the engine stopped: one step has run over 3 s"):
+            for codes in tts.frames("A long answer that goes on and on.", seed=1, max_frames=100):
+                got.append(codes)
+        assert len(got) == 4
+        with pytest.raises(RuntimeError, match="the engine thread is not running"):
+            next(iter(tts.frames("Anyone there?", max_frames=3)))
+    finally:
+        release.set()
+        tts.close()
+
+
 def test_closing_the_streamer_ends_running_streams_after_what_they_made(engine):
     tts = csmstream.Streamer(engine).start()
     s = tts.frames("A long answer that goes on and on.", max_frames=400)

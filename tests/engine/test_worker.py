@@ -196,15 +196,17 @@ def test_a_stuck_engine_thread_is_given_up_on_and_no_request_hangs(engine):
     false. When the thread comes back it stops, and the requests' ends are not told twice."""
     import threading
 
-    release, told = threading.Event(), []
-    w = EngineWorker(engine, notify=told.extend, stall_s=0.3)
-    w.fault_hook = lambda req: release.wait(30)
+    release, told, hooked = threading.Event(), [], []
+    list(engine.frames("Warm up.", seed=0, max_frames=2))  # (a cold first tick is slow, not stuck)
+    w = EngineWorker(engine, notify=told.extend, stall_s=3.0)
+    w.fault_hook = lambda req: hooked.append(req) or release.wait(60)
     w.start()
     first = [w.submit(GenRequest(f"Request {i}.", seed=i, max_frames=50)) for i in range(6)]  # 4 slots, 2 wait
     t0 = time.monotonic()
-    while w.stalled is None and time.monotonic() - t0 < 30:
+    while w.stalled is None and time.monotonic() - t0 < 60:
         time.sleep(0.02)
-    assert w.stalled is not None and "over 0.3 s" in w.stalled and not w.alive
+    assert w.stalled is not None and "over 3 s" in w.stalled and not w.alive
+    assert len(hooked) == 1  # (it was the blocked step that stalled)
     assert all(r.finished and r.reason == "error" and r.error == w.stalled for r in first)
     assert sorted(map(id, told)) == sorted(map(id, first))  # each told once that it ended
     with pytest.raises(RuntimeError, match="the engine thread is not running"):
@@ -214,6 +216,13 @@ def test_a_stuck_engine_thread_is_given_up_on_and_no_request_hangs(engine):
     w._thread.join(timeout=30)
     assert not w._thread.is_alive()
     assert sorted(map(id, told)) == sorted(map(id, first))  # the thread's own tick told no one anything
+    w2 = EngineWorker(engine).start()  # it gave its slots back: a new worker gets all four
+    again = [w2.submit(GenRequest(f"Again {i}.", seed=i, max_frames=3)) for i in range(4)]
+    t0 = time.monotonic()
+    while not all(r.finished for r in again) and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+    w2.stop()
+    assert [r.reason for r in again] == ["max_frames"] * 4 and all(r.t_start for r in again)
 
 
 def test_stall_timeouts_by_device_and_bad_ones_refused(engine):
