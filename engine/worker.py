@@ -216,7 +216,8 @@ class EngineWorker:
                 self.abandon(f"the engine stopped: one step has run over {self.stall_s:g} s (a GPU that stopped "
                              "answering, or a deadlock); nothing can be generated until the process is restarted")
                 return
-            self._stop.wait(period)
+            if self._stop.wait(period):  # stopping: the watch ends with the worker (no spinning on a set flag)
+                return
 
     def abandon(self, why: str) -> int:
         """Give up on a stuck engine thread (any thread; it cannot be interrupted): refuse new
