@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-stall-timeout", type=float, default=None, metavar="SECONDS",
                        help="a frame step that runs this long means the engine is stuck (a GPU that stopped "
                             "answering, a deadlock): its requests end with an error, /healthz and /livez answer "
-                            "503 and a restart is due (default: 30 on GPU, 300 on CPU; 0 turns the watch off)")
+                            "503 and a restart is due (default: 120 on GPU, 300 on CPU; 0 turns the watch off)")
     serve.add_argument("--max-text-chars", type=int, default=5000,
                        help="longest text accepted per request (default: 5000)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM",

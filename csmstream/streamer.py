@@ -51,7 +51,7 @@ class Streamer:
         encoded now, their prompts' KV cached (engine.pin_voice); a stream picks one with voice=NAME.
         stall_timeout: seconds one tick may run before the engine counts as stuck (a GPU that stopped
         answering): every stream then ends with GenerationError and new ones are refused, instead of
-        waiting forever (None: 30 on GPU, 300 on CPU; 0: never)."""
+        waiting forever (None: 120 on GPU, 300 on CPU; 0: never)."""
         from .engine.engine import Engine
 
         if not isinstance(engine, Engine):

@@ -118,13 +118,14 @@ class WorkerStats:
     prefill_chunks: int = 0
 
 
-STALL_S = {"cuda": 30.0, "cpu": 300.0}  # the default stall_s by device: a GPU tick takes ms, a CPU one up to seconds
+STALL_S = {"cuda": 120.0, "cpu": 300.0}  # the default stall_s by device (see default_stall_s)
 
 
 def default_stall_s(engine) -> float:
-    """How long a tick may run before the engine counts as stuck, on `engine`'s device: 30 s on a
-    GPU (a tick is milliseconds), 300 s on a CPU (a long prompt's chunk through a full-size model
-    there takes many seconds)."""
+    """How long a tick may run before the engine counts as stuck, on `engine`'s device: 120 s on a
+    GPU (a tick is milliseconds, but one that meets a shape no kernel was compiled for yet -- graphs
+    off, a cold Triton cache -- compiles for seconds, and a false alarm ends every call), 300 s on a
+    CPU (a long prompt's chunk through a full-size model there takes many seconds)."""
     return STALL_S["cuda" if str(getattr(engine, "device", "cpu")).startswith("cuda") else "cpu"]
 
 
@@ -134,7 +135,7 @@ def stall_seconds(value, engine, name: str = "stall_timeout") -> float | None:
     if value is None:
         return default_stall_s(engine)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name} must be seconds >= 0 (0: no watch; unset: 30 on a GPU, 300 on a CPU), "
+        raise ValueError(f"{name} must be seconds >= 0 (0: no watch; unset: 120 on a GPU, 300 on a CPU), "
                          f"got {value!r}")
     return float(value) or None
 

@@ -228,7 +228,10 @@ def test_a_stuck_engine_thread_is_given_up_on_and_no_request_hangs(engine):
 def test_stall_timeouts_by_device_and_bad_ones_refused(engine):
     from csmstream.engine.worker import default_stall_s, stall_seconds
 
+    from types import SimpleNamespace
+
     assert default_stall_s(engine) == 300.0 and stall_seconds(None, engine) == 300.0
+    assert default_stall_s(SimpleNamespace(device="cuda:0")) == 120.0  # (a GPU step is ms; but a cold compile)
     assert stall_seconds(0, engine) is None and stall_seconds(2, engine) == 2.0
     for bad in (-1, float("nan"), float("inf"), True, "10"):
         with pytest.raises(ValueError, match="stall_timeout must be seconds >= 0"):
