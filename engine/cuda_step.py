@@ -53,6 +53,11 @@ from .sampling import gumbel_table
 log = logging.getLogger("csmstream.engine")
 
 
+def _progress(what: str, B: int, i: int, n: int, t0: float) -> None:
+    """A start-up progress line (a step's graphs take up to a minute at 256 slots)."""
+    log.info("  bucket %d: %s (%d of %d, %.1fs)", B, what, i, n, time.perf_counter() - t0)
+
+
 def graphs_enabled(flag: bool | None) -> bool:
     """The constructor flag wins; else env CSM_CUDA_GRAPHS (default on; 0/false/off turn it off)."""
     if flag is not None:
@@ -363,7 +368,7 @@ class FastFrameStep:
         with torch.cuda.stream(side), torch.inference_mode():
             # compile the kernels and create library handles off-graph; a variant that cannot run
             # here is dropped while the bucket has another (a bucket's only way fails the step)
-            for B in self.buckets:
+            for i, B in enumerate(self.buckets, 1):
                 for way in ways[B]:
                     if way in broken:
                         continue
@@ -376,10 +381,12 @@ class FastFrameStep:
                         broken[way] = f"{type(e).__name__}: {e}"
                         log.warning("the %s step is unavailable here (%s); going without it",
                                     variant_name(*way), broken[way])
+                _progress("kernels run", B, i, len(self.buckets), t0)  # (a cold Triton cache compiles them here)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        for B in reversed(self.buckets):
+        for i, B in enumerate(reversed(self.buckets), 1):
             self.graphs[B] = self._capture_best(B, [w for w in ways[B] if w not in broken], pool)
+            _progress("graph captured", B, i, len(self.buckets), t0)
         torch.cuda.synchronize()
         log.info("captured %d CUDA graphs (buckets %s) in %.1fs", len(self.graphs), self.buckets,
                  time.perf_counter() - t0)

@@ -226,9 +226,9 @@ def test_a_stuck_engine_thread_is_given_up_on_and_no_request_hangs(engine):
 
 
 def test_stall_timeouts_by_device_and_bad_ones_refused(engine):
-    from csmstream.engine.worker import default_stall_s, stall_seconds
-
     from types import SimpleNamespace
+
+    from csmstream.engine.worker import default_stall_s, stall_seconds
 
     assert default_stall_s(engine) == 300.0 and stall_seconds(None, engine) == 300.0
     assert default_stall_s(SimpleNamespace(device="cuda:0")) == 120.0  # (a GPU step is ms; but a cold compile)
