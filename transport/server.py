@@ -111,6 +111,7 @@ class StreamServer:
         self.metrics.sources.append(self.loop_watch.lines)
         self.metrics.sources.append(self._tls_lines)
         self.metrics.sources.append(codec_threads.metric_lines)
+        self.metrics.sources.append(self._engine_lines)
         if calls is not None and hasattr(calls, "metric_lines"):
             self.metrics.sources.append(calls.metric_lines)
         self.recent: deque[GenRequest] = deque(maxlen=64)  # latest requests handed to the engine (inspection)
@@ -309,6 +310,14 @@ class StreamServer:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render(
                 self.worker.stats if self.worker else None, self.healthy, self.health())
         return None
+
+    def _engine_lines(self) -> list[str]:
+        w = self.worker
+        if w is None:
+            return []
+        return ["# HELP csm_engine_step_seconds how long the engine's step in progress has run (0 between steps; "
+                "past the engine stall timeout the engine counts as stuck)", "# TYPE csm_engine_step_seconds gauge",
+                f"csm_engine_step_seconds {w.tick_seconds:.3f}"]
 
     def _tls_lines(self) -> list[str]:
         out = [] if self.tls_handshakes is None else self.tls_handshakes.lines()

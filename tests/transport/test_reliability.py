@@ -279,6 +279,10 @@ def test_a_stuck_engine_ends_its_requests_with_an_error_and_turns_health_and_liv
     auth = {"Authorization": "Bearer t0ken"}
     try:
         assert http(base + "/livez") == 200 and http(base + "/healthz") == 200
+        from csmstream.transport.metrics import parse
+
+        with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=auth)) as r:
+            assert parse(r.read().decode())["csm_engine_step_seconds"] < 1  # (idle: 0 between steps)
 
         async def go():
             async with connect(rs.url, additional_headers=auth) as ws:
@@ -296,6 +300,9 @@ def test_a_stuck_engine_ends_its_requests_with_an_error_and_turns_health_and_liv
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(base + page)
             assert e.value.code == 503 and json.loads(e.value.read())["status"] == "engine stalled"
+        with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=auth)) as r:
+            got = parse(r.read().decode())
+        assert got["csm_engine_step_seconds"] > 3 and got["csm_ready"] == 0  # (the step still runs: stuck)
     finally:
         release.set()
         rs.stop()
