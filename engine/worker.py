@@ -229,7 +229,7 @@ class EngineWorker:
             if self._ended:
                 return 0
             self.stalled, self._ended = why, True
-        log.critical("%s: /healthz and /livez now answer 503", why)
+        log.critical("%s (a server's /healthz and /livez now answer 503)", why)
         pending = list(self._active.values()) + [req for req, _ in list(self._prefilling)] + list(self._waiting)
         while True:
             try:
