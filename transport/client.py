@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
+from .protocol import REQUEST_FIELDS, unknown_fields
 from .tls import connect_options
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws/generate"
@@ -99,6 +100,7 @@ class SesameWebSocketService:
         On a kept connection (`async with svc:`) requests run one at a time, in the order they are
         made (several tasks may call this at once), and a caller that stops iterating early has its
         request cancelled and the rest of its audio read off, so the next one starts clean."""
+        _check_options(options, "stream_tts")
         if options.get("final") is False:
             raise ValueError("stream_tts sends one whole text (final=false would leave it waiting for more); "
                              "for text as it is written, such as an LLM's tokens, use stream_text()")
@@ -115,6 +117,7 @@ class SesameWebSocketService:
         The stream closes when `pieces` ends. If `pieces` raises, the request is cancelled and
         the exception comes out here; a server error raises SesameTTSError as stream_tts does (and
         what was still being written is not sent)."""
+        _check_options(options, "stream_text")
         if isinstance(pieces, (str, bytes)):
             raise TypeError("stream_text takes pieces of text (an iterable of str, e.g. an LLM's tokens); for one "
                             "whole text use stream_tts")
@@ -311,3 +314,16 @@ async def stream_speech_http(url: str, text: str, speaker_id: int = 0, *, token:
                 yield chunk
     except httpx.TransportError as e:  # refused, reset, or a body cut off unfinished
         raise SesameConnectionError(f"{url}: {str(e) or type(e).__name__}") from e
+
+
+OPTIONS = tuple(f for f in REQUEST_FIELDS if f not in ("text", "speaker_id"))  # what **options may name
+
+
+def _check_options(options: dict, who: str) -> None:
+    """TypeError, as for a keyword Python does not know, for an option that is no request field: sent,
+    the server would ignore it (a typo such as temprature, or another API's output_format)."""
+    unknown = unknown_fields(options, OPTIONS)
+    if unknown:
+        name, hint = next(iter(unknown.items()))
+        maybe = f" (did you mean {hint!r}?)" if hint else ""
+        raise TypeError(f"{who}() got an unknown option {name!r}{maybe}; the options are {', '.join(OPTIONS)}")

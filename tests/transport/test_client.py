@@ -25,6 +25,34 @@ def test_stream_tts_yields_the_audio_bytes(server):
     assert pcm.std() > 0
 
 
+def test_an_option_the_protocol_does_not_have_is_a_type_error_before_anything_is_sent(server):
+    """Sent, the server would ignore it (and only its done would say so): a typo, or another API's
+    name, is refused the way Python refuses an unknown keyword -- naming the likely one. The done
+    of a request with only known options names no ignored field."""
+    async def go():
+        out = []
+        svc = SesameWebSocketService(server.url)
+        for call in (lambda: svc.stream_tts("Hi.", temprature=0.5),
+                     lambda: svc.stream_text(["Hi."], output_format="ulaw_8000"),
+                     lambda: svc.stream_tts("Hi.", stability=0.3)):
+            with pytest.raises(TypeError) as e:
+                async for _ in call():
+                    pass
+            out.append(str(e.value))
+        connections = server.srv.metrics.connections  # (none of them connected)
+        sent = [c async for c in svc.stream_tts("Known options.", seed=1, max_audio_ms=200, temperature=0.8)]
+        return out, sent, svc.last_done, connections
+
+    before = server.srv.metrics.connections
+    (typo, other, unknown), sent, done, connections = asyncio.run(go())
+    assert connections == before and server.srv.metrics.connections == before + 1
+    assert typo.startswith("stream_tts() got an unknown option 'temprature' (did you mean 'temperature'?); the "
+                           "options are request_id, format, chunk_ms, temperature")
+    assert other.startswith("stream_text() got an unknown option 'output_format' (did you mean 'format'?)")
+    assert unknown.startswith("stream_tts() got an unknown option 'stability'; the options are")
+    assert sent and "ignored_fields" not in done
+
+
 def test_stream_sesame_tts_helper_and_formats(server):
     async def go():
         return [c async for c in stream_sesame_tts("Helper.", 0, url=server.url, format="ulaw_8000",
