@@ -389,3 +389,11 @@ def test_build_info_labels_escape_what_the_prometheus_text_format_requires():
     assert sample.endswith('} 1') and '\n' not in sample
     assert 'model="C:\\\\models\\\\\\"csm\\"\\nv2",device="cuda:0",dtype="bfloat16",quantize="int8-depth",' \
            'max_streams="64"}' in sample
+
+
+@pytest.mark.parametrize("bad", [True, -1, "30", float("nan"), float("inf")])
+def test_a_bad_engine_stall_timeout_is_refused_when_the_server_is_made(bad):
+    from csmstream.transport.server import StreamServer
+
+    with pytest.raises(ValueError, match=r"engine_stall_s must be seconds >= 0 \(0: no watch; unset: 120 on a GPU"):
+        StreamServer(object(), engine_stall_s=bad)
