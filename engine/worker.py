@@ -104,9 +104,14 @@ class GenRequest:
         return (self.text, np.stack(self.codes)) if self.whole and self.codes else None
 
 
+# upper bounds (ms) of the frame step's duration histogram: a step past 80 ms (a frame of audio)
+# means the batch no longer keeps up with real time
+STEP_MS_BOUNDS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+
+
 @dataclass
 class WorkerStats:
-    ticks: int = 0
+    ticks: int = 0  # frame steps run
     frames: int = 0
     requests: int = 0
     active: int = 0
@@ -116,6 +121,14 @@ class WorkerStats:
     prefill_seconds: float = 0.0
     prefill_tokens: int = 0
     prefill_chunks: int = 0
+    step_ms: list = field(default_factory=lambda: [0] * (len(STEP_MS_BOUNDS) + 1))  # steps by STEP_MS_BOUNDS, +Inf
+
+    def observe_step(self, seconds: float) -> None:
+        """One frame step took `seconds`: counted, summed, and in its histogram bucket."""
+        self.ticks += 1
+        self.step_seconds += seconds
+        ms = 1000 * seconds
+        self.step_ms[next((i for i, b in enumerate(STEP_MS_BOUNDS) if ms <= b), len(STEP_MS_BOUNDS))] += 1
 
 
 STALL_S = {"cuda": 120.0, "cpu": 300.0}  # the default stall_s by device (see default_stall_s)
@@ -441,9 +454,8 @@ class EngineWorker:
             pcm = self._decode(dev_codes, lo, audio_rows) if e.codec is not None and audio_rows else {}
         dt = time.perf_counter() - t0
         self.budget.record_step(dt, len(rows))
-        self.stats.ticks += 1
+        self.stats.observe_step(dt)
         self.stats.frames += len(rows)
-        self.stats.step_seconds += dt
         now = time.perf_counter()
         for r in rows:
             req = self._active[r]

@@ -70,6 +70,13 @@ class Histogram:
                 return
         self.counts[-1] += 1
 
+    @classmethod
+    def of(cls, buckets, counts, total: float) -> Histogram:
+        """A histogram kept elsewhere (counts per bucket, the last +Inf), for its lines."""
+        h = cls(buckets)
+        h.counts, h.total, h.n = list(counts), total, sum(counts)
+        return h
+
     def lines(self, name: str) -> list[str]:
         out, acc = [], 0
         for b, c in zip(self.buckets, self.counts[:-1], strict=True):  # (the last count: +Inf)
@@ -155,6 +162,12 @@ class Metrics:
             metric("csm_frames_per_second", "gauge", "frames generated per second (since the last scrape)",
                    f"{self._fps:.2f}")
             metric("csm_engine_ticks_total", "counter", "batched frame steps run", worker_stats.ticks)
+            from ..engine.worker import STEP_MS_BOUNDS
+
+            step = Histogram.of(STEP_MS_BOUNDS, worker_stats.step_ms, 1000 * worker_stats.step_seconds)
+            lines += ["# HELP csm_engine_step_milliseconds how long each batched frame step took (step + decode; "
+                      "past 80 ms, a frame of audio, the batch falls behind real time)",
+                      "# TYPE csm_engine_step_milliseconds histogram", *step.lines("csm_engine_step_milliseconds")]
         for source in self.sources:
             lines += source()
         lines += ["# HELP csm_errors_total errors sent to clients, by code", "# TYPE csm_errors_total counter"]

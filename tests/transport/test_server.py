@@ -284,6 +284,34 @@ def test_queue_full_after_eight_waiting(server):
     assert [d["request_id"] for d in dones] == [f"q{i}" for i in range(9)]
 
 
+def test_the_step_histogram_counts_every_frame_step_in_its_bucket(server):
+    """csm_engine_step_milliseconds: one observation a frame step (its count is the ticks), each in
+    the bucket its duration falls in (checked by hand on WorkerStats), cumulative, summing the
+    steps' time."""
+    from csmstream.engine.worker import STEP_MS_BOUNDS, WorkerStats
+    from csmstream.transport.metrics import parse
+
+    st = WorkerStats()
+    for s in (0.003, 0.005, 0.0051, 0.09, 2.0):
+        st.observe_step(s)
+    assert st.step_ms == [2, 1, 0, 0, 0, 1, 0, 0, 0, 1] and st.ticks == 5  # 3 and 5 ms <= 5; 5.1 <= 10; 90 <= 160
+    assert len(st.step_ms) == len(STEP_MS_BOUNDS) + 1
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps({"text": "Count my steps.", "max_audio_ms": 400}))
+            return await collect(ws)
+
+    assert run(go())[-1][0] == "done"
+    base = server.url.replace("ws://", "http://").replace("/ws/generate", "")
+    with urllib.request.urlopen(base + "/metrics") as r:
+        m = parse(r.read().decode())
+    stats = server.srv.worker.stats
+    buckets = [m[f'csm_engine_step_milliseconds_bucket{{le="{b}"}}'] for b in (*STEP_MS_BOUNDS, "+Inf")]
+    assert buckets == sorted(buckets) and buckets[-1] == m["csm_engine_step_milliseconds_count"]
+    assert m["csm_engine_step_milliseconds_count"] == m["csm_engine_ticks_total"] >= 5  # (a 400 ms request: 5 steps)
+    assert m["csm_engine_step_milliseconds_sum"] == pytest.approx(1000 * stats.step_seconds, rel=0.01, abs=1)
+
+
 def test_health_metrics_and_unknown_path(server):
     base = server.url.replace("ws://", "http://").replace("/ws/generate", "")
     with urllib.request.urlopen(base + "/healthz") as r:
