@@ -315,9 +315,9 @@ class StreamServer:
         w = self.worker
         if w is None:
             return []
-        return ["# HELP csm_engine_step_seconds how long the engine's step in progress has run (0 between steps; "
-                "past the engine stall timeout the engine counts as stuck)", "# TYPE csm_engine_step_seconds gauge",
-                f"csm_engine_step_seconds {w.tick_seconds:.3f}"]
+        name = "csm_engine_current_step_seconds"
+        return [f"# HELP {name} how long the engine's step in progress has run (0 between steps; past the engine "
+                "stall timeout the engine counts as stuck)", f"# TYPE {name} gauge", f"{name} {w.tick_seconds:.3f}"]
 
     def _tls_lines(self) -> list[str]:
         out = [] if self.tls_handshakes is None else self.tls_handshakes.lines()

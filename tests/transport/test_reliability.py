@@ -282,7 +282,7 @@ def test_a_stuck_engine_ends_its_requests_with_an_error_and_turns_health_and_liv
         from csmstream.transport.metrics import parse
 
         with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=auth)) as r:
-            assert parse(r.read().decode())["csm_engine_step_seconds"] < 1  # (idle: 0 between steps)
+            assert parse(r.read().decode())["csm_engine_current_step_seconds"] < 1  # (idle: 0 between steps)
 
         async def go():
             async with connect(rs.url, additional_headers=auth) as ws:
@@ -302,7 +302,7 @@ def test_a_stuck_engine_ends_its_requests_with_an_error_and_turns_health_and_liv
             assert e.value.code == 503 and json.loads(e.value.read())["status"] == "engine stalled"
         with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=auth)) as r:
             got = parse(r.read().decode())
-        assert got["csm_engine_step_seconds"] > 3 and got["csm_ready"] == 0  # (the step still runs: stuck)
+        assert got["csm_engine_current_step_seconds"] > 3 and got["csm_ready"] == 0  # (the step still runs: stuck)
     finally:
         release.set()
         rs.stop()
