@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM/SIGINT, seconds to let running requests finish (default: 10)")
     serve.add_argument("--voices", default=None, metavar="DIR",
-                       help="named voices: NAME.wav + NAME.txt pairs, encoded at start-up; requests pick one "
-                            "with \"voice\": \"NAME\"; GET /voices lists them")
+                       help="named voices: NAME.wav + NAME.txt pairs, encoded at start-up and again on SIGHUP "
+                            "(voices added, changed or removed there, no restart); requests pick one with "
+                            "\"voice\": \"NAME\"; GET /voices lists them")
     serve.add_argument("--default-voice", default=None, metavar="NAME",
                        help="the voice (one of --voices) of every /ws/generate and OpenAI request that names "
                             "none, so every caller hears one voice (default: none, such a request has no voice "

@@ -138,8 +138,9 @@ def serve(args) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if ssl_context is not None or args.voices is not None:  # SIGHUP: read the certificate, the voices again
+            loop.add_signal_handler(signal.SIGHUP, _on_sighup, srv, args)
         if ssl_context is not None:
-            loop.add_signal_handler(signal.SIGHUP, _reload_tls, srv, args.tls_cert, args.tls_key)
             _note_expiry(srv, args.tls_cert)
         await srv.start()
         notice(f"csm-stream: serving {srv.url} (health: {srv.web_scheme}://{args.host}:{srv.port}/healthz)")
@@ -231,6 +232,20 @@ def client_tls(cafile: str | None):
     from .transport.tls import client_context
 
     return client_context(cafile)
+
+
+def _on_sighup(srv, args) -> None:
+    """SIGHUP: the TLS certificate (--tls-cert) and the voices (--voices) read again, each kept as
+    it was when what is there will not do."""
+    if args.tls_cert is not None:
+        _reload_tls(srv, args.tls_cert, args.tls_key)
+    if args.voices is not None:
+        task = asyncio.get_running_loop().create_task(srv.reload_voices())
+        _background.add(task)  # (a task nobody holds may be collected before it ends)
+        task.add_done_callback(_background.discard)
+
+
+_background: set = set()
 
 
 def _reload_tls(srv, cert: str, key: str | None) -> None:

@@ -119,6 +119,11 @@ class Engine:
             raise ValueError(f"codes must be [frames, {self.config.num_codebooks}], got {list(codes.shape)}")
         self.prefixes.pin(text, codes.astype(np.int64))
 
+    def unpin_voice(self, text: str, codes) -> None:
+        """Undo pin_voice: that turn's KV is freed and no longer cached (a voice removed or changed
+        by a reload)."""
+        self.prefixes.unpin(text, np.asarray(codes).astype(np.int64))
+
     # -- internals ----------------------------------------------------------------------------
     def _prefill(self, row: int, prepared, audio: bool) -> None:
         """Prefill `row` with a prepared prompt in one go (call with the lock held); uses or fills

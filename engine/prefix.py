@@ -51,6 +51,14 @@ class PrefixCache:
         with self._lock:
             self._pinned.add(digest(text, codes))
 
+    def unpin(self, text: str, codes: np.ndarray) -> None:
+        """No longer cache that turn, and free the KV kept for it (a voice removed or changed)."""
+        d = digest(text, codes)
+        with self._lock:
+            self._pinned.discard(d)
+            for key in [k for k in self._kv if k[1] == d]:
+                del self._kv[key]
+
     def lookup(self, speaker_id: int, text: str, codes: np.ndarray | None, length: int) -> PrefixUse | None:
         if codes is None or not self._pinned:
             return None

@@ -378,7 +378,9 @@ class Connection:
         # the per-sentence cap scales with the sentence; max_audio_ms bounds the whole request
         left = None if job.src_limit is None else max(1, math.ceil((job.src_limit - job.src_sent) / SAMPLES_PER_FRAME))
         cap, capped = sentence_cap(srv.engine.config, text, left)
-        v = srv.voices.get(job.msg.voice)
+        if job.voice is None and job.msg.voice is not None:
+            job.voice = srv.voices.get(job.msg.voice)  # (once: a reply keeps its voice through a voices reload)
+        v = job.voice
         voice = [Segment(job.msg.speaker_id, v.text, codes=v.codes)] if v is not None else []
 
         def make(history):

@@ -50,6 +50,8 @@ class Job:
         self.before: list | None = None  # continue_previous: the earlier request's sentences (Segments), once taken
         self.continued = 0  # how many of them its first sentence had as context
         self.context: list[Segment] = []  # the client's own turns ("context"), encoded: heard before its sentences
+        self.voice = None  # its named voice (engine.voices.Voice), taken at its first sentence: a reload
+        # of the server's voices (SIGHUP) meanwhile does not change the voice of a reply under way
         self.done_reqs: list[GenRequest] = []
         self.n_parts = 0
         self._settle: asyncio.TimerHandle | None = None  # takes the sentence the text paused after

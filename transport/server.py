@@ -64,6 +64,7 @@ class StreamServer:
         self.created = int(time.time())  # (GET /v1/models' "created": when this server was made)
         self.max_waiting, self.max_text_chars, self.do_warmup = max_waiting, max_text_chars, warmup
         self.voices = dict(voices or {})  # name -> engine.voices.Voice (text, codes); aliases too
+        self._given_voices = dict(self.voices)  # (the constructor's: kept through a reload of voices_dir)
         self.voices_dir = voices_dir  # NAME.wav + NAME.txt pairs, encoded at start-up
         # a client's voice names for the server's voices (OpenAI's "alloy" -> "ada"), and the voice of
         # a /ws/generate or OpenAI request that names none (None: no voice prompt)
@@ -149,10 +150,7 @@ class StreamServer:
             else:
                 self.engine = self._engine_src
             if self.voices_dir is not None:
-                from ..engine.voices import load_voices
-
-                self.voices.update(await self._loop.run_in_executor(None, load_voices, self.voices_dir, self.engine))
-                self.voices = with_aliases(self.voices, self.voice_aliases, self.default_voice)
+                self.voices = await self._voice_set()
                 own = ", ".join(sorted(n for n, v in self.voices.items() if n == v.name)) or "none"
                 aliases = ", ".join(f"{a}={t}" for a, t in self.voice_aliases.items())
                 log.info("voices: %s%s%s", own, f"; aliases: {aliases}" if aliases else "",
@@ -182,6 +180,45 @@ class StreamServer:
         self.loop_watch.starting = False  # from now on a blocked loop delays streams: warned of
         log.info("ready: %r", self.engine)
         return self
+
+    async def _voice_set(self) -> dict:
+        """The constructor's voices, those of voices_dir (encoded off the loop) and the aliases;
+        ValueError saying what is wrong."""
+        from ..engine.voices import load_voices
+
+        own = dict(self._given_voices)
+        own.update(await self._loop.run_in_executor(None, load_voices, self.voices_dir, self.engine))
+        return with_aliases(own, self.voice_aliases, self.default_voice)
+
+    async def reload_voices(self) -> bool:
+        """Read voices_dir again (SIGHUP): voices added, changed or removed there are in use from
+        the next request on, without a restart (a reply under way keeps the voice it began with).
+        A directory that will not do is logged as an ERROR and the voices in use are kept. Returns
+        whether the new set is in use."""
+        if self.voices_dir is None or not self.ready:
+            log.warning("voices not reloaded: %s", "no voices directory (serve --voices DIR)"
+                        if self.voices_dir is None else "the server is not ready yet")
+            return False
+        t0 = time.perf_counter()
+        try:
+            voices = await self._voice_set()
+        except ValueError as e:
+            log.error("voices not reloaded; the ones in use are kept: %s", e)
+            return False
+        old, new = _own_voices(self.voices), _own_voices(voices)
+        changed = [n for n in new if n in old and not _same_voice(old[n], new[n])]
+        for name, v in new.items():
+            if name not in old or name in changed:
+                self.engine.pin_voice(v.text, v.codes)
+        for name, v in old.items():
+            if name not in new or name in changed:
+                self.engine.unpin_voice(v.text, v.codes)
+        self.voices = voices
+        log.info("voices reloaded from %s in %.1fs: %s; added: %s; changed: %s; removed: %s", self.voices_dir,
+                 time.perf_counter() - t0, ", ".join(sorted(new)) or "none",
+                 ", ".join(sorted(set(new) - set(old))) or "none", ", ".join(sorted(changed)) or "none",
+                 ", ".join(sorted(set(old) - set(new))) or "none")
+        return True
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Graceful: stop accepting, let running requests finish for up to `timeout` seconds, then
@@ -395,3 +432,12 @@ class StreamServer:
             self.gate.closed(ip)
             m.open_connections -= 1
             conn.abort()
+
+
+def _own_voices(voices: dict) -> dict:
+    """The voices by their own names (aliases left out)."""
+    return {name: v for name, v in voices.items() if name == v.name}
+
+
+def _same_voice(a, b) -> bool:
+    return a.text == b.text and a.codes.shape == b.codes.shape and bool((a.codes == b.codes).all())

@@ -688,6 +688,51 @@ def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in log.read_text()
 
 
+def test_serve_reads_its_voices_again_on_sighup(tmp_path):
+    """serve --voices DIR: a voice added to the directory is served after SIGHUP, no restart; a
+    directory that will not do is logged as an ERROR and the voices in use kept."""
+    import json
+    import time
+    import urllib.request
+
+    from tests.transport.test_text_stream import _write_voice
+
+    d, log = tmp_path / "voices", tmp_path / "serve.log"
+    d.mkdir()
+    _write_voice(d, "ada", "Hello, my name is Ada.", rate=16000, channels=1)
+    port = free_port()
+
+    def until(check, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
+            time.sleep(0.2)
+
+    def voices() -> list:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/voices", timeout=5) as r:
+            return sorted(v["voice_id"] for v in json.loads(r.read())["voices"])
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "csmstream", "serve", "--port", str(port), "--device", "cpu",
+                                 "--voices", str(d)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        until(lambda: "csm-stream: serving ws://" in log.read_text(), "never served")
+        assert voices() == ["0", "ada"]
+        _write_voice(d, "ben", "I am Ben.", rate=16000, channels=1)
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: "voices reloaded from" in log.read_text(), "no reload")
+        assert voices() == ["0", "ada", "ben"] and "added: ben; changed: none; removed: none" in log.read_text()
+        (d / "ben.txt").unlink()
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: "voices not reloaded" in log.read_text(), "no refusal")
+        assert "ERROR csmstream.server: voices not reloaded; the ones in use are kept:" in log.read_text()
+        assert "missing transcript ben.txt" in log.read_text() and voices() == ["0", "ada", "ben"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text()
+
+
 @pytest.mark.parametrize("body, want", [
     (b'{"status": "ok", "max_text_chars": 321}', 321),
     (b'{"status": "ok"}', None),  # an older server

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import RunningServer, collect
+from tests.servers import RunningServer, collect, wait_until
 from tests.transport.test_reliability import same_audio
 from tests.transport.test_text_stream import _write_voice
 
@@ -165,3 +165,93 @@ def test_the_sdks_list_the_model_and_the_voices_and_every_listed_voice_speaks(vo
         r = httpx.post(f"{base}/v1/text-to-speech/{v.voice_id}/stream?output_format=pcm_24000",
                        json={"text": TEXT, "seed": SEED}, timeout=60)
         assert r.status_code == 200 and r.content == expect[v.voice_id], v.voice_id
+
+
+def test_reload_voices_adds_changes_and_removes_without_a_restart_and_keeps_them_when_the_dir_is_bad(tmp_path):
+    """reload_voices (SIGHUP): the directory read again. A voice added there speaks as the Python API
+    with its turn, a changed one with its new turn, a removed one is unknown; their prompts' KV
+    pins follow. A directory that will not do (a transcript missing, an alias's target gone) is
+    refused and the voices in use are kept."""
+    import csmstream
+    from csmstream import Segment
+    from csmstream.engine.voices import load_voices
+
+    d = tmp_path / "voices"
+    d.mkdir()
+    _write_voice(d, "ada", "Hello, my name is Ada.", rate=16000, channels=1)
+    ref = csmstream.load("tiny", device="cpu", max_streams=1)  # (the expectations' engine: the server has its own)
+    eng = csmstream.load("tiny", device="cpu", max_streams=1)
+    rs = RunningServer(eng, voices_dir=str(d), voice_aliases={"alloy": "ada"}).start()
+
+    def reload() -> bool:
+        return asyncio.run_coroutine_threadsafe(rs.srv.reload_voices(), rs.loop).result(120)
+
+    def listed() -> list:
+        base = rs.url.replace("ws://", "http://").replace("/ws/generate", "")
+        return sorted(v["voice_id"] for v in json.loads(urllib.request.urlopen(base + "/v1/voices").read())["voices"])
+
+    def want(name: str) -> bytes:
+        v = load_voices(d, ref)[name]
+        return _pcm(ref.stream(TEXT, 0, context=[Segment(0, v.text, codes=v.codes)], seed=SEED))
+
+    try:
+        assert listed() == ["0", "ada", "alloy"] and len(eng.prefixes._pinned) == 1
+        _write_voice(d, "ben", "I am Ben, and I speak slowly.", rate=22050, channels=1, seconds=1.6)
+        (d / "ada.txt").write_text("Hello, I am Ada, still.")  # changed: a new transcript
+        assert reload() is True
+        assert listed() == ["0", "ada", "alloy", "ben"] and len(eng.prefixes._pinned) == 2  # (old ada unpinned)
+        ben, ada, alloy = _ws_generate(rs, [{"voice": "ben"}, {"voice": "ada"}, {"voice": "alloy"}])
+        assert ben == want("ben") and ada == alloy == want("ada")
+        (d / "ben.txt").unlink()  # a WAV without its transcript: the directory will not do
+        assert reload() is False and listed() == ["0", "ada", "alloy", "ben"]
+        (d / "ben.wav").unlink()
+        (d / "ada.wav").rename(d / "eve.wav")  # alloy's target gone: refused too
+        (d / "ada.txt").rename(d / "eve.txt")
+        assert reload() is False and listed() == ["0", "ada", "alloy", "ben"]
+        (d / "eve.wav").rename(d / "ada.wav")
+        (d / "eve.txt").rename(d / "ada.txt")
+        assert reload() is True and listed() == ["0", "ada", "alloy"] and len(eng.prefixes._pinned) == 1
+        (gone,) = _ws_generate(rs, [{"voice": "ben"}])
+        assert gone["error"]["code"] == "unknown_voice"
+    finally:
+        rs.stop()
+
+
+def test_a_reply_under_way_keeps_its_voice_through_a_reload(tmp_path):
+    """A text stream with voice ada: its first sentence is out, then ada's transcript changes and the
+    voices are reloaded, then its second sentence comes. The whole reply is what it is with no reload
+    (the voice is taken at the first sentence); the next request has the new ada."""
+    import csmstream
+
+    d = tmp_path / "voices"
+    d.mkdir()
+    _write_voice(d, "ada", "Hello, my name is Ada.", rate=16000, channels=1)
+    rs = RunningServer(csmstream.load("tiny", device="cpu", max_streams=1), voices_dir=str(d)).start()
+
+    async def reply(between=None) -> bytes:
+        async with connect(rs.url) as ws:
+            await ws.send(json.dumps({"text": "First sentence here.", "voice": "ada", "seed": SEED, "final": False}))
+            audio = b""
+            while not audio:  # (its first sentence is generating: the request has taken its voice)
+                m = await asyncio.wait_for(ws.recv(), 60)
+                audio += m if isinstance(m, bytes) else b""
+            await wait_until(lambda: len([r for r in list(rs.srv.recent)
+                                          if r.text == "First sentence here." and r.finished]) > n_first, 60)
+            if between is not None:
+                assert await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(between(), rs.loop)) is True
+            await ws.send(json.dumps({"text": " Second sentence here.", "final": True}))
+            events = await collect(ws)
+            assert events[-1][0] == "done"
+            return audio + b"".join(b for k, b in events if k == "audio")
+
+    try:
+        n_first = 0
+        plain = asyncio.run(reply())
+        (d / "ada.txt").write_text("Hello, I am Ada, with other words.")
+        n_first = 1
+        kept = asyncio.run(reply(rs.srv.reload_voices))
+        n_first = 2
+        after = asyncio.run(reply())
+        assert kept == plain and after != plain
+    finally:
+        rs.stop()
