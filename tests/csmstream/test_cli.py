@@ -610,13 +610,22 @@ def test_say_a_long_text_to_the_http_port_goes_as_several_requests(tmp_path):
         rs.stop()
 
 
+def _until(proc, log, check, what: str, timeout: float = 60) -> None:
+    """Wait for check() while the serve process `proc` runs; its log in the failure."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
+        time.sleep(0.2)
+
+
 def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
     """A certificate is renewed every few weeks: SIGHUP loads it again from the same paths without a
     restart; a file that will not do is logged and the certificate in use kept. When each one
     expires is logged (a WARNING when soon) and on /metrics."""
     import datetime
     import ssl
-    import time
     import urllib.request
 
     import trustme
@@ -643,11 +652,8 @@ def test_serve_over_tls_takes_a_renewed_certificate_on_sighup(tmp_path):
                 return False
             raise
 
-    def until(check, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
-            time.sleep(0.2)
+    def until(check, what: str) -> None:
+        _until(proc, log, check, what)
 
     def metric() -> float:
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=client_context(current),
@@ -692,7 +698,6 @@ def test_serve_reads_its_voices_again_on_sighup(tmp_path):
     """serve --voices DIR: a voice added to the directory is served after SIGHUP, no restart; a
     directory that will not do is logged as an ERROR and the voices in use kept."""
     import json
-    import time
     import urllib.request
 
     from tests.transport.test_text_stream import _write_voice
@@ -702,11 +707,8 @@ def test_serve_reads_its_voices_again_on_sighup(tmp_path):
     _write_voice(d, "ada", "Hello, my name is Ada.", rate=16000, channels=1)
     port = free_port()
 
-    def until(check, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()}"
-            time.sleep(0.2)
+    def until(check, what: str) -> None:
+        _until(proc, log, check, what)
 
     def voices() -> list:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/voices", timeout=5) as r:
