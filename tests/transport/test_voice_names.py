@@ -255,3 +255,17 @@ def test_a_reply_under_way_keeps_its_voice_through_a_reload(tmp_path):
         assert kept == plain and after != plain
     finally:
         rs.stop()
+
+
+def test_reload_voices_without_a_directory_or_before_ready_says_so_and_changes_nothing(caplog):
+    from csmstream.engine.voices import Voice
+    from csmstream.transport.server import StreamServer
+
+    ada = Voice("ada", "Hello.", np.zeros((3, 32), np.int64))
+    with caplog.at_level("WARNING", logger="csmstream.server"):
+        srv = StreamServer(object(), voices={"ada": ada})
+        assert asyncio.run(srv.reload_voices()) is False and srv.voices == {"ada": ada}
+        assert asyncio.run(StreamServer(object(), voices_dir="/nonexistent").reload_voices()) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "voices not reloaded: no voices directory (serve --voices DIR)",
+        "voices not reloaded: the server is not ready yet"]
