@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,8 +128,7 @@ class WorkerStats:
         """One frame step took `seconds`: counted, summed, and in its histogram bucket."""
         self.ticks += 1
         self.step_seconds += seconds
-        ms = 1000 * seconds
-        self.step_ms[next((i for i, b in enumerate(STEP_MS_BOUNDS) if ms <= b), len(STEP_MS_BOUNDS))] += 1
+        self.step_ms[bisect_left(STEP_MS_BOUNDS, 1000 * seconds)] += 1  # (the first bound >= it; past all: +Inf)
 
 
 STALL_S = {"cuda": 120.0, "cpu": 300.0}  # the default stall_s by device (see default_stall_s)
@@ -142,12 +142,17 @@ def default_stall_s(engine) -> float:
     return STALL_S["cuda" if str(getattr(engine, "device", "cpu")).startswith("cuda") else "cpu"]
 
 
+def _seconds(value) -> bool:
+    """Whether `value` is a finite number of seconds >= 0 (not a bool, not nan)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < float("inf")
+
+
 def stall_seconds(value, engine, name: str = "stall_timeout") -> float | None:
     """A stall timeout as a user gives it (seconds; 0: no watch; None: by `engine`'s device) -> the
     worker's stall_s, or ValueError naming `name` and what is allowed."""
     if value is None:
         return default_stall_s(engine)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+    if not _seconds(value):
         raise ValueError(f"{name} must be seconds >= 0 (0: no watch; unset: 120 on a GPU, 300 on a CPU), "
                          f"got {value!r}")
     return float(value) or None
@@ -170,8 +175,7 @@ class EngineWorker:
         """prefill_chunk: prompt tokens per prefill chunk; max_prefill_s: at most this many seconds
         of prefill a tick beyond its one chunk (engine/prefill.py); stall_s: a tick that runs this
         long is a stuck engine, and its requests are failed (None: never)."""
-        if stall_s is not None and not (isinstance(stall_s, (int, float)) and not isinstance(stall_s, bool)
-                                        and 0 < stall_s < float("inf")):
+        if stall_s is not None and not (_seconds(stall_s) and stall_s > 0):
             raise ValueError(f"stall_s must be a number of seconds > 0, or None, got {stall_s!r}")
         self.engine = engine
         self.budget = PrefillBudget(prefill_chunk, max_tick_s=max_prefill_s)
@@ -243,13 +247,7 @@ class EngineWorker:
                 return 0
             self.stalled, self._ended = why, True
         log.critical("%s (a server's /healthz and /livez now answer 503)", why)
-        pending = list(self._active.values()) + [req for req, _ in list(self._prefilling)] + list(self._waiting)
-        while True:
-            try:
-                pending.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        ended = [req for req in pending if not req.finished]
+        ended = [req for req in self._held() if not req.finished]
         for req in ended:
             req.reason, req.error, req.t_end = "error", why, time.perf_counter()
             req.finished = True
@@ -527,17 +525,22 @@ class EngineWorker:
         self._active.clear()
         self._prefilling.clear()
 
+    def _held(self) -> list[GenRequest]:
+        """Every request this worker holds: playing, prefilling, waiting, and those in the inbox
+        (taken out of it). Copies, so another thread may read them while the engine thread runs."""
+        held = [*list(self._active.values()), *(req for req, _ in list(self._prefilling)), *list(self._waiting)]
+        while True:
+            try:
+                held.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return held
+
     def _fail_all(self, message: str, reason: str = "error") -> None:
         changed: list[GenRequest] = []
         error = message if reason == "error" else None
-        pending = list(self._active.values()) + [req for req, _ in self._prefilling] + list(self._waiting)
+        pending = self._held()
         self._waiting.clear()
         self._prefilling.clear()
-        while True:
-            try:
-                pending.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
         for req in pending:
             self._finish(req, reason, changed, error=error)
         if changed:

@@ -111,7 +111,7 @@ class TelnyxService:
         if unused and len(self._warned) < 256:
             self._warned.update(unused)
             log.warning("agent_config['sesame_settings'] keys %s are not used and are ignored (it takes %s)",
-                        ", ".join(k + (f" (did you mean {v}?)" if v else "") for k, v in unused.items()),
+                        protocol.hinted(unused),
                         ", ".join(SETTINGS))
 
     async def _call_connection(self, call, url: str) -> SesameWebSocketService:

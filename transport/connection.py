@@ -160,8 +160,8 @@ class Connection:
             return
         msg.voice = srv.voice_name(msg.voice)  # an alias's voice; the server's default for none
         if msg.ignored:
-            log.info("request %s: ignoring unknown field(s) %s", rid, ", ".join(
-                k + (f" (did you mean {v}?)" if v else "") for k, v in msg.ignored.items()), extra={"request_id": rid})
+            log.info("request %s: ignoring unknown field(s) %s", rid, protocol.hinted(msg.ignored),
+                     extra={"request_id": rid})
         call = None
         if msg.call_control_id is not None:
             call = srv.calls.get(msg.call_control_id) if srv.calls is not None else None

@@ -202,6 +202,11 @@ def unknown_fields(msg: dict, known: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
+def hinted(ignored: dict[str, str | None]) -> str:
+    """unknown_fields' result as a log line reads it: "temprature (did you mean temperature?), foo"."""
+    return ", ".join(k + (f" (did you mean {v}?)" if v else "") for k, v in ignored.items())
+
+
 def misnamed(msg: dict, name: str, formats, default: str, known: tuple[str, ...], bad,
              would: str = "the audio would come as", where: str = "") -> None:
     """bad(f"invalid_{name}", why) raised when `name` is missing from `msg` but an unknown field of

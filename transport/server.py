@@ -151,7 +151,7 @@ class StreamServer:
                 self.engine = self._engine_src
             if self.voices_dir is not None:
                 self.voices = await self._voice_set()
-                own = ", ".join(sorted(n for n, v in self.voices.items() if n == v.name)) or "none"
+                own = ", ".join(sorted(_own_voices(self.voices))) or "none"
                 aliases = ", ".join(f"{a}={t}" for a, t in self.voice_aliases.items())
                 log.info("voices: %s%s%s", own, f"; aliases: {aliases}" if aliases else "",
                          f"; default: {self.default_voice}" if self.default_voice else "")
