@@ -197,6 +197,7 @@ class EngineWorker:
         self._gate = threading.Lock()
         self._ended = False
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None  # the stall watch (stall_s)
         self._waiting: deque[GenRequest] = deque()
         self._active: dict[int, GenRequest] = {}  # row -> request
         self._prefilling: deque[tuple[GenRequest, PrefillJob]] = deque()  # admitted, prompt going in
@@ -210,7 +211,9 @@ class EngineWorker:
             self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
             self._thread.start()
             if self.stall_s is not None:
-                threading.Thread(target=self._watch, args=(self._thread,), name="csm-engine-watch", daemon=True).start()
+                self._watcher = threading.Thread(target=self._watch, args=(self._thread,), name="csm-engine-watch",
+                                                 daemon=True)
+                self._watcher.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -219,6 +222,9 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._watcher is not None:  # (ended by the stop flag: gone before the process may exit)
+            self._watcher.join(timeout)
+            self._watcher = None
 
     @property
     def tick_seconds(self) -> float:
