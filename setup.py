@@ -41,7 +41,6 @@ setup(
     install_requires=[
         # CPU machines: install torch==2.13.0 first (the Makefile does); GPU: a CUDA build of torch.
         "torch>=2.5",
-        "transformers>=5.0",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "huggingface_hub>=0.30",
@@ -56,7 +55,10 @@ setup(
     ],
     extras_require={
         # openai, elevenlabs: their SDKs are independent clients in the tests of the compatible endpoints
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6",
+        # transformers: the reference the tests hold the engine, the codec and config.json's reading to
+        # (and bench/test_frame_step.py's baseline); serving never imports it (engine/hf_config.py)
+        "dev": ["transformers>=5.0",
+                "pytest>=8", "pytest-xdist>=3.5", "pytest-benchmark>=4", "pytest-asyncio>=0.23", "hypothesis>=6",
                 "matplotlib>=3.7", "openai>=1.40", "elevenlabs>=2.70,<3",
                 "soundfile>=0.12",  # independent MP3 and Ogg Opus decoders (libsndfile: mpg123, libogg + libopus)
                 "trustme>=1.1",  # a throwaway CA and server certificate for the TLS tests

@@ -398,8 +398,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gemv_sweep.py needs a CUDA GPU; none is available here", file=sys.stderr)
         return 2
-    from transformers import CsmConfig
-
     from csmstream.engine.config import CsmModelConfig
 
     dev = torch.cuda.get_device_name()
@@ -411,7 +409,7 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps(doc, indent=1))
         return doc
 
-    res = sweep(shapes(CsmModelConfig.from_hf(CsmConfig())), rows, getattr(torch, a.dtype), "cuda",
+    res = sweep(shapes(CsmModelConfig.csm_1b()), rows, getattr(torch, a.dtype), "cuda",
                 log=lambda *x: print(*x, flush=True), jobs=a.jobs, save=save)
     res = save(res["cases"], done=True)
     failed = {c["name"] + (" int8" if c["int8"] else ""): c["failed"] for c in res["cases"] if c.get("failed")}

@@ -72,7 +72,7 @@ def small_model(config: str, int8: bool = False):
 
 def build_engine(config: str, device: str, dtype: torch.dtype, max_streams: int, graphs: bool = True,
                  int8_depth: bool = False):
-    """An Engine on the fast step. `csm-1b`: transformers' CsmConfig defaults (csm-1b's shapes) and
+    """An Engine on the fast step. `csm-1b`: csm-1b's shapes (transformers' CsmConfig defaults) and
     the real Mimi config, random weights (speed does not depend on them). `micro`: the CPU dry run's
     model (float32), its generator forced onto the fast step, which runs eagerly there."""
     from csmstream.engine.codec import Codec
@@ -80,19 +80,17 @@ def build_engine(config: str, device: str, dtype: torch.dtype, max_streams: int,
     from csmstream.engine.tokenizer import TextTokenizer
 
     if config == "csm-1b":
-        from transformers import CsmConfig
-
         from csmstream.engine.config import CsmModelConfig
         from csmstream.engine.mimi import Mimi, MimiSpec, init_random
         from csmstream.engine.model import CSM
 
-        cfg = CsmModelConfig.from_hf(CsmConfig())
+        cfg = CsmModelConfig.csm_1b()
         torch.manual_seed(0)
         with torch.device(device):
             model = CSM(cfg).to(dtype)
             for name, p in model.named_parameters():
                 p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0.0, 0.02)
-        mimi = init_random(Mimi(MimiSpec.from_config(CsmConfig().codec_config)), 0).to(device)
+        mimi = init_random(Mimi(MimiSpec()), 0).to(device)  # (its defaults are Mimi's)
         codec = Codec(mimi, cfg.num_codebooks)
     elif config == "micro":
         model = small_model("micro").to(device)

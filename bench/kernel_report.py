@@ -225,11 +225,10 @@ def _label(name: str, ints: dict, const: dict, dims: dict) -> str:
 
 def report(arch: int, buckets: list[int], plain: list[int], int8: bool, pdl: bool = False) -> dict:
     import torch
-    from transformers import CsmConfig
 
     from csmstream.engine.config import CsmModelConfig
 
-    cfg = CsmModelConfig.from_hf(CsmConfig())
+    cfg = CsmModelConfig.csm_1b()
     dims = {"backbone": cfg.backbone.dim, "depth": cfg.depth.dim}
     t0 = time.perf_counter()
     fast = frame_step(cfg, int8, max(buckets + plain))

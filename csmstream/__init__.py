@@ -10,7 +10,7 @@
         async for pcm in tts.stream_text(llm_pieces()):  # text as it is written, sentence by sentence
             ...
 
-Heavy modules (torch, transformers) load on first use, not at import.
+Heavy modules (torch) load on first use, not at import; transformers is not needed at run time.
 """
 
 from __future__ import annotations

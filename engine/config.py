@@ -1,4 +1,5 @@
-"""Model configuration: the shapes our modules are built from, read from a transformers CsmConfig."""
+"""Model configuration: the shapes our modules are built from, read from a transformers CsmConfig
+(or engine/hf_config.py's reading of its config.json, which has the same attribute names)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,21 @@ class RopeConfig:
             raise ValueError(
                 f"rope_type {kind!r} is not supported; supported: 'default', 'llama3' (CSM-1B uses 'llama3')"
             )
-        return cls(
-            theta=float(params.get("rope_theta", 500_000.0)),
-            kind=kind,
-            factor=float(params.get("factor", 1.0)),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position=int(params.get("original_max_position_embeddings", max_position)),
-        )
+
+        def number(key: str, default: float) -> float:
+            value = params.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"rope_parameters.{key} must be a positive number, got {value!r:.60}")
+            return value
+
+        original = number("original_max_position_embeddings", max_position)
+        if original != int(original):
+            raise ValueError(f"rope_parameters.original_max_position_embeddings must be an integer, got {original!r}")
+        low, high = float(number("low_freq_factor", 1.0)), float(number("high_freq_factor", 4.0))
+        if kind == "llama3" and not low < high:
+            raise ValueError(f"rope_parameters: llama3 needs low_freq_factor < high_freq_factor, got {low} and {high}")
+        return cls(theta=float(number("rope_theta", 500_000.0)), kind=kind, factor=float(number("factor", 1.0)),
+                   low_freq_factor=low, high_freq_factor=high, original_max_position=int(original))
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,10 @@ class TransformerConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r:.60}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
@@ -72,9 +84,14 @@ class CsmModelConfig:
     def from_hf(cls, hf: Any) -> CsmModelConfig:
         """Build from a transformers ``CsmConfig`` (its attribute names are the contract)."""
         dd = hf.depth_decoder_config
-        codebook_size = getattr(getattr(hf, "codec_config", None), "codebook_size", None) or 2048
+        codec = getattr(hf, "codec_config", None)  # a MimiConfig, or config.json's dict (engine/hf_config.py)
+        codebook_size = (codec.get("codebook_size") if isinstance(codec, dict) else
+                         getattr(codec, "codebook_size", None)) or 2048
         backbone = _stack_from_hf(hf)
-        depth = _stack_from_hf(dd)
+        try:
+            depth = _stack_from_hf(dd)
+        except ValueError as e:
+            raise ValueError(f"depth_decoder_config: {e}") from None
         if dd.backbone_hidden_size != hf.hidden_size:
             raise ValueError(
                 f"depth_decoder_config.backbone_hidden_size ({dd.backbone_hidden_size}) must equal "
@@ -92,6 +109,13 @@ class CsmModelConfig:
             bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else 128_000,
             tie_codebook_embeddings=bool(hf.tie_codebooks_embeddings),
         )
+
+    @classmethod
+    def csm_1b(cls) -> CsmModelConfig:
+        """csm-1b's shapes (transformers' CsmConfig defaults, as engine/hf_config.py states them)."""
+        from .hf_config import read
+
+        return cls.from_hf(read({}))
 
     @property
     def frame_rate(self) -> float:

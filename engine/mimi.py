@@ -90,6 +90,8 @@ class MimiSpec:
             if get(key, want) != want:
                 raise ValueError(f"{where}: {key}={get(key)!r} is not supported (Mimi's is {want!r})")
         rope = get("rope_parameters") or get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{where}: rope_parameters must be an object, got {rope!r:.60}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; "
                              "Mimi uses the default rotary embedding")
@@ -97,10 +99,10 @@ class MimiSpec:
         for f in dataclasses.fields(cls):
             value = get(f.name)
             if value is not None:
-                kw[f.name] = tuple(value) if f.name == "upsampling_ratios" else value
+                kw[f.name] = _typed(f.name, value, f.default, where)
         theta = rope.get("rope_theta", get("rope_theta"))
         if theta is not None:
-            kw["rope_theta"] = float(theta)
+            kw["rope_theta"] = _typed("rope_theta", theta, cls.rope_theta, where)
         hidden, heads = kw.get("hidden_size", cls.hidden_size), kw.get("num_attention_heads", cls.num_attention_heads)
         if get("codebook_dim", 0) is None:  # stated as null: the width, as transformers takes it
             kw["codebook_dim"] = hidden
@@ -126,6 +128,28 @@ class MimiSpec:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
+
+
+def _typed(name: str, value: Any, default: Any, where: str) -> Any:
+    """A codec_config value checked against the kind of MimiSpec's default for it (config.json
+    may say anything): true/false, a string, a finite number, a positive integer, or a list of them."""
+    if isinstance(default, bool):
+        ok, allowed = isinstance(value, bool), "true or false"
+    elif isinstance(default, str):
+        ok, allowed = isinstance(value, str), "a string"
+    elif isinstance(default, float):
+        ok, allowed = (not isinstance(value, bool) and isinstance(value, (int, float))
+                       and math.isfinite(value)), "a finite number"
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok, allowed = not isinstance(value, bool) and isinstance(value, int) and value > 0, "a positive integer"
+    else:  # upsampling_ratios
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        allowed, value = "a non-empty list of positive integers", tuple(value) if ok else value
+    if not ok:
+        raise ValueError(f"{where}: {name} must be {allowed}, got {value!r:.60}")
+    return value
 
 
 # -- convolutions ----------------------------------------------------------------------------------

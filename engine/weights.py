@@ -62,8 +62,9 @@ def map_key(key: str) -> tuple[str, int] | None:
 
 
 def read_config(path: Path):
-    """transformers' CsmConfig from a checkpoint directory, with a clear error when it is not one."""
-    from transformers import CsmConfig
+    """A checkpoint directory's config.json as CsmConfig's attributes (engine/hf_config.py: no
+    transformers import), with a clear error when it is not one."""
+    from .hf_config import read
 
     file = Path(path) / "config.json"
     if not file.is_file():
@@ -72,12 +73,14 @@ def read_config(path: Path):
         raw = json.loads(file.read_text())
     except (ValueError, RecursionError) as e:  # (RecursionError: nesting past json's limit)
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "csm":
         raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'csm'")
     try:
-        return CsmConfig.from_dict(raw)
-    except Exception as e:
-        raise CheckpointError(f"{file}: not a valid CsmConfig ({e})") from None
+        return read(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def shard_files(path: Path) -> list[Path]:

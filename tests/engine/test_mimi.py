@@ -62,7 +62,18 @@ def test_config_reading_defaults_and_refusals():
     for bad, msg in (({"use_causal_conv": False}, "use_causal_conv=False is not supported"),
                      ({"hidden_act": "swish2"}, "hidden_act 'swish2' is not supported"),
                      ({"pad_mode": "reflect"}, "pad_mode 'reflect' is not supported"),
-                     ({"num_semantic_quantizers": 0}, "num_semantic_quantizers must be in"),
+                     ({"num_semantic_quantizers": 32}, "num_semantic_quantizers must be in"),
+                     # every value's kind is checked, naming the field and what it allows
+                     ({"num_semantic_quantizers": 0}, "num_semantic_quantizers must be a positive integer, got 0"),
+                     ({"hidden_size": "32"}, "hidden_size must be a positive integer, got '32'"),
+                     ({"num_filters": True}, "num_filters must be a positive integer, got True"),
+                     ({"norm_eps": "tiny"}, "norm_eps must be a finite number, got 'tiny'"),
+                     ({"upsampling_ratios": [8, 0]}, "upsampling_ratios must be a non-empty list of positive"),
+                     ({"upsampling_ratios": 8}, "upsampling_ratios must be a non-empty list of positive"),
+                     ({"pad_mode": 3}, "pad_mode must be a string, got 3"),
+                     ({"use_causal_conv": "yes"}, "use_causal_conv='yes' is not supported"),
+                     ({"rope_parameters": [1]}, r"rope_parameters must be an object, got \[1\]"),
+                     ({"rope_parameters": {"rope_theta": "big"}}, "rope_theta must be a finite number"),
                      ({"num_key_value_heads": 3}, "num_attention_heads 2 is not a multiple of num_key_value_heads 3"),
                      ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope type 'yarn'")):
         with pytest.raises(ValueError, match=msg):
