@@ -79,9 +79,8 @@ def notice(text: str, level: int = logging.INFO) -> None:
 
 def _route_transformers() -> None:
     """transformers writes '[transformers] ...' through a handler of its own: hand its records to
-    ours, now if it is loaded, else as it loads. (Serving never imports transformers, a test or an
-    embedding program may;
-    importing it here just to route its lines would cost ~1.4 s of start-up.)"""
+    ours, now if it is loaded, else as it loads. (Serving never imports transformers, though a test
+    or an embedding program may; importing it here just to route its lines would cost ~1.4 s.)"""
     loaded = sys.modules.get(_TF_LOGGING)
     if loaded is not None:
         _hand_over(loaded)
