@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "Segment", "CheckpointError", "Streamer", "Busy", "GenerationError", "StreamerClosed",
-           "__version__"]
+__all__ = ["load", "Engine", "Segment", "CheckpointError", "DeviceMemoryError", "Streamer", "Busy", "GenerationError",
+           "StreamerClosed", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine.engine import Engine
     from .engine.loader import load
+    from .engine.memory import DeviceMemoryError
     from .engine.prompt import Segment
     from .engine.weights import CheckpointError
     from .streamer import Busy, GenerationError, Streamer, StreamerClosed
@@ -33,6 +34,7 @@ _LAZY = {
     "Engine": ("csmstream.engine.engine", "Engine"),
     "Segment": ("csmstream.engine.prompt", "Segment"),
     "CheckpointError": ("csmstream.engine.weights", "CheckpointError"),
+    "DeviceMemoryError": ("csmstream.engine.memory", "DeviceMemoryError"),  # max_streams too many for the device
     "Streamer": ("csmstream.streamer", "Streamer"),  # many streams of one engine, batched (embedded use)
     "Busy": ("csmstream.streamer", "Busy"),
     "GenerationError": ("csmstream.streamer", "GenerationError"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import memory
 from .config import CsmModelConfig
 from .engine import Engine
 from .model import CSM
@@ -102,7 +103,9 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
             small-batch GPU kernels; no speed-up on CPU.
 
     Raises:
-        ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint.
+        ValueError: bad argument; CheckpointError (a ValueError) for a bad or unreachable checkpoint;
+            DeviceMemoryError (a ValueError) when max_streams' KV caches do not fit in the device's
+            free memory (it says how many do).
     """
     dev, dt, max_streams, quantize = check_load_args(model, device, dtype, max_streams, cuda_graphs, quantize)
     t0 = time.perf_counter()
@@ -114,7 +117,12 @@ def load(model: str = "tiny", device: str = "auto", dtype: str = "auto", *,
             name = str(model)
     if quantize == "int8-depth":
         quantize_depth_(net)
-    engine = Engine(net, tok, name=name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
+    per_stream = memory.stream_bytes(net.cfg, dt)
+    memory.check_fits(max_streams, per_stream, memory.free_bytes(dev), dev)  # before the caches are allocated
+    try:
+        engine = Engine(net, tok, name=name, max_streams=max_streams, codec=codec, cuda_graphs=cuda_graphs)
+    except torch.OutOfMemoryError as e:  # past the caches: graphs' pool, the codec's states
+        raise memory.out_of_memory(max_streams, per_stream, dev, e) from None
     log.info("loaded %s on %s/%s%s in %.2fs", engine.name, dev, str(dt).removeprefix("torch."),
              f" ({quantize})" if quantize else "", time.perf_counter() - t0)
     return engine
