@@ -202,8 +202,9 @@ def resolve(model: str) -> Path:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     local_hint = (
-        f"Download it on a machine that can (e.g. `hf download {model} --local-dir csm-1b`) and pass "
-        "the directory instead: csmstream.load('/path/to/csm-1b') or `--model /path/to/csm-1b`"
+        f"Download it on a machine that can (e.g. `hf download {model} --include '*.json' '*.safetensors' "
+        "--local-dir csm-1b`) and pass the directory instead: csmstream.load('/path/to/csm-1b') or "
+        "`--model /path/to/csm-1b`"
     )
     try:
         got = snapshot_download(
