@@ -90,6 +90,13 @@ def shard_files(path: Path) -> list[Path]:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path / INDEX}: weight_map must be a non-empty object of tensor name -> "
+                                  f"shard file name, got {str(weight_map)[:60]!r}")
+        for name in set(weight_map.values()):  # shards sit beside the index: a name, not a path
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{path / INDEX}: weight_map names shard {name!r:.60}; expected a file "
+                                      "name in the checkpoint directory")
         files = [path / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():

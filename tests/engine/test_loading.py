@@ -172,3 +172,19 @@ def test_codec_config_and_tensors_that_do_not_fit_are_named(checkpoint, tmp_path
     with pytest.raises(CheckpointError, match=r"missing \(1\): quantizer\.acoustic_residual_vector_quantizer\.layers"
                                               r"\.3\.codebook\.embed_sum"):
         csmstream.load(str(d), device="cpu")
+
+
+@pytest.mark.parametrize("weight_map,msg", [
+    ([1, 2], "weight_map must be a non-empty object of tensor name -> shard file name, got '\\[1, 2\\]'"),
+    ({}, "weight_map must be a non-empty object"),
+    ({"lm_head.weight": 5}, "weight_map names shard 5; expected a file name in the checkpoint directory"),
+    ({"lm_head.weight": "../model.safetensors"}, "weight_map names shard '../model.safetensors'; expected a file"),
+    ({"lm_head.weight": "/etc/hostname"}, "weight_map names shard '/etc/hostname'"),
+])
+def test_a_bad_shard_index_is_refused_by_name(checkpoint, tmp_path, weight_map, msg):
+    """An index's shard names are file names beside it; anything else (another type, a path that
+    leaves the directory) is refused, not followed or crashed on."""
+    d = copy_ckpt(checkpoint[0], tmp_path / "c")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: {msg}"):
+        csmstream.load(str(d), device="cpu")
