@@ -18,6 +18,7 @@ from ..kernels.resample import Resampler
 
 log = logging.getLogger("csmstream.engine")
 SAMPLE_RATE = 24_000
+MIN_ROOM = 64  # positions a voice must leave free: a short text and a few seconds of speech
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,28 @@ def load_voices(directory: str | Path, engine) -> dict[str, Voice]:
         codes = engine.codec.encode_context(read_wav_24k_mono(wav), what=str(wav))
         voices[wav.stem] = Voice(wav.stem, text, codes)
         log.info("voice %r: %.1f s, %d frames", wav.stem, len(codes) * 0.08, len(codes))
+        check_room(voices[wav.stem], engine, wav)
     return voices
+
+
+def check_room(voice: Voice, engine, wav: Path) -> None:
+    """A voice's turn opens every request that uses it, in the same context window as the text and
+    the speech made (a frame a position): refuse one that leaves no room, warn of one that leaves
+    less than half, since it caps how long its replies can be (they stop there, not with an error)."""
+    from .prompt import text_rows
+
+    window = engine.gen.max_seq_len
+    used = len(text_rows(engine.tokenizer, 0, voice.text, engine.config.num_codebooks)[0]) + len(voice.codes) + 1
+    room = window - used
+    fit = (window // 2 - used + len(voice.codes)) * 0.08  # seconds of audio that leave half the window
+    if room < MIN_ROOM:
+        raise ValueError(f"{wav}: {voice.seconds:.1f} s of audio with its transcript take {used} of the model's "
+                         f"{window} positions, leaving {max(room, 0)} for a request's text and speech (at least "
+                         f"{MIN_ROOM} needed); trim it to under {max(fit, 0):.0f} s")
+    if room < window // 2:
+        log.warning("voice %r: %.1f s of audio with its transcript take %d of the model's %d positions; its replies "
+                    "stop after at most %.0f s of speech (less with a long text); under %.0f s leaves half the "
+                    "window", voice.name, voice.seconds, used, window, room * 0.08, max(fit, 0))
 
 
 def _transcript(wav: Path) -> Path | None:

@@ -103,3 +103,41 @@ def test_aliases_are_pairs_joined_by_commas_and_each_names_one_voice():
     assert list(both) == ["ada", "alloy", "echo"] and all(v is ada for v in both.values())
     with pytest.raises(ValueError, match="no such voice"):
         with_aliases({}, None, "ada")
+
+
+def _window(eng, positions):
+    """The engine as load_voices reads it, with a context window of `positions`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(codec=eng.codec, tokenizer=eng.tokenizer, config=eng.config,
+                           gen=SimpleNamespace(max_seq_len=positions))
+
+
+def test_a_voice_that_leaves_no_room_is_refused_and_a_long_one_warned(tmp_path, eng, caplog):
+    """A voice's turn opens each of its requests in the same window as the text and the speech (a
+    frame a position); replies stop where the window ends, so one that fills it is refused and one
+    that takes over half is warned of, with the figures."""
+    from csmstream.engine.prompt import build_prompt, text_rows
+    from csmstream.engine.voices import MIN_ROOM, load_voices
+
+    _write_voice(tmp_path, "ada", "Ada speaks.", seconds=4.5)  # 57 frames (the last one partly)
+    voice = load_voices(tmp_path, eng)["ada"]
+    n = eng.config.num_codebooks
+    request = "Hi."  # what a request adds after the voice's turn, counted by the prompt builder itself
+    tokens, _ = build_prompt(eng.tokenizer, request, 0, [(0, voice.text, voice.codes)], n)
+    used = len(tokens) - len(text_rows(eng.tokenizer, 0, request, n)[0])
+    assert len(voice.codes) == 57 and used > MIN_ROOM  # (so that MIN_ROOM is under half the windows below)
+
+    with caplog.at_level("WARNING", logger="csmstream.engine"):
+        load_voices(tmp_path, _window(eng, 2 * used))  # exactly half: quiet
+    assert "positions" not in caplog.text
+
+    load_voices(tmp_path, _window(eng, used + MIN_ROOM))  # room for a short reply, but under half the window
+    room = MIN_ROOM
+    assert (f"voice 'ada': 4.6 s of audio with its transcript take {used} of the model's {used + MIN_ROOM} "
+            f"positions; its replies stop after at most {room * 0.08:.0f} s of speech") in caplog.text
+
+    with pytest.raises(ValueError, match=rf"ada\.wav: 4\.6 s of audio with its transcript take {used} of the "
+                                         rf"model's {used + MIN_ROOM - 1} positions, leaving {MIN_ROOM - 1} for a "
+                                         rf"request's text and speech \(at least {MIN_ROOM} needed\); trim it"):
+        load_voices(tmp_path, _window(eng, used + MIN_ROOM - 1))
