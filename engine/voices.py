@@ -120,15 +120,16 @@ def check_room(voice: Voice, engine, wav: Path) -> None:
     used = len(text_rows(engine.tokenizer, 0, voice.text, engine.config.num_codebooks)[0]) + len(voice.codes) + 1
     room = window - used
     fit = (window // 2 - used + len(voice.codes)) * 0.08  # seconds of audio that leave half the window
+    shorter = (f"under {fit:.0f} s of audio leaves half the window" if fit >= 1 else
+               f"its transcript alone takes {used - len(voice.codes)} positions: shorten it")
     if room < MIN_ROOM:
         raise ValueError(f"{wav}: {voice.seconds:.1f} s of audio with its transcript take {used} of the model's "
                          f"{window} positions, leaving {max(room, 0)} for a request's text and speech (at least "
-                         f"{MIN_ROOM} needed); trim it to under {max(fit, 0):.0f} s")
+                         f"{MIN_ROOM} needed); {shorter}")
     if room < window // 2:
         log.warning("voice %r: %.1f s of audio with its transcript take %d of the model's %d positions; its replies "
-                    "stop after at most %.0f s of speech (less with a long text); under %.0f s leaves half the "
-                    "window", voice.name, voice.seconds, used, window, room * 0.08, max(fit, 0))
-
+                    "stop after at most %.0f s of speech (less with a long text); %s", voice.name, voice.seconds,
+                    used, window, room * 0.08, shorter)
 
 def _transcript(wav: Path) -> Path | None:
     """NAME.txt beside NAME.wav (the extension in any case), or None."""

@@ -137,7 +137,12 @@ def test_a_voice_that_leaves_no_room_is_refused_and_a_long_one_warned(tmp_path, 
     assert (f"voice 'ada': 4.6 s of audio with its transcript take {used} of the model's {used + MIN_ROOM} "
             f"positions; its replies stop after at most {room * 0.08:.0f} s of speech") in caplog.text
 
+    half = ((used + MIN_ROOM - 1) // 2 - (used - 57)) * 0.08  # the frames half the window holds after the transcript
     with pytest.raises(ValueError, match=rf"ada\.wav: 4\.6 s of audio with its transcript take {used} of the "
                                          rf"model's {used + MIN_ROOM - 1} positions, leaving {MIN_ROOM - 1} for a "
-                                         rf"request's text and speech \(at least {MIN_ROOM} needed\); trim it"):
+                                         rf"request's text and speech \(at least {MIN_ROOM} needed\); under {half:.0f} "
+                                         rf"s of audio leaves half the window$"):
         load_voices(tmp_path, _window(eng, used + MIN_ROOM - 1))
+    (tmp_path / "ada.txt").write_text("Ada speaks. " * 12)  # the transcript alone is more than half of it
+    with pytest.raises(ValueError, match=r"needed\); its transcript alone takes \d+ positions: shorten it$"):
+        load_voices(tmp_path, _window(eng, 2 * used))
