@@ -33,19 +33,34 @@ def stream_bytes(cfg: CsmModelConfig, dtype: torch.dtype) -> int:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on `device`: the GPU's free memory, or the host's MemAvailable
-    for the CPU; None where it cannot be told."""
+    """Memory free for new tensors on `device`: the GPU's free memory, or for the CPU the host's
+    MemAvailable, or what the process's cgroup (a container's limit) leaves, whichever is less;
+    None where it cannot be told."""
     if device.type == "cuda":  # (plus what torch's allocator holds in reserve, free to it)
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
             torch.cuda.memory_allocated(device)
+    return host_free()
+
+
+def host_free(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    figures = []
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(meminfo) as f:
+            figures += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    # cgroup v2 (memory.max: bytes or "max"), then v1 (an unlimited limit is a huge number)
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                            "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"{cgroup}/{limit}") as a, open(f"{cgroup}/{usage}") as b:
+                cap, used = a.read().strip(), int(b.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 2**60:
+            figures.append(max(int(cap) - used, 0))
+        break
+    return min(figures) if figures else None
 
 
 def check_fits(max_streams: int, per_stream: int, free: int | None, device) -> None:

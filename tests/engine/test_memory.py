@@ -82,8 +82,30 @@ def test_an_out_of_memory_while_building_says_what_to_lower(monkeypatch):
                                  "2.00 GiB)")
 
 
-def test_free_bytes_on_the_cpu_is_the_hosts_available_memory():
+def test_free_bytes_on_the_cpu_is_at_most_the_hosts_available_memory():
     with open("/proc/meminfo") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     got = memory.free_bytes(torch.device("cpu"))
-    assert abs(got - kb * 1024) < 2**30  # (read a moment apart)
+    assert 0 < got < kb * 1024 + 2**30  # (read a moment apart; a container's limit may make it less)
+
+
+def test_a_containers_memory_limit_counts_on_the_cpu(tmp_path):
+    """In a container MemAvailable is the host's; the cgroup's limit less its usage is what the
+    process may still take (v2's memory.max, or v1's limit_in_bytes; unlimited: the host's)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("4000000000\n")
+    (v2 / "memory.current").write_text("1500000000\n")
+    assert memory.host_free(str(meminfo), str(v2)) == 2_500_000_000
+    (v2 / "memory.max").write_text("max\n")
+    assert memory.host_free(str(meminfo), str(v2)) == 20_000_000 * 1024
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("100\n")
+    assert memory.host_free(str(meminfo), str(v1)) == 20_000_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("1000\n")
+    assert memory.host_free(str(meminfo), str(v1)) == 900
+    assert memory.host_free(str(tmp_path / "none"), str(tmp_path / "none")) is None
