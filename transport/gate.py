@@ -4,8 +4,14 @@ decided at the HTTP handshake (before any WebSocket work).
 - With a token configured, every endpoint but /healthz and /livez needs `Authorization: Bearer TOKEN`
   (the ElevenLabs-compatible path also takes ElevenLabs' `xi-api-key: TOKEN` header); Telnyx
   endpoints keep their own x-telnyx-streaming-auth-token check. Compared in constant time.
+  A browser's WebSocket cannot set headers, so a WebSocket handshake may carry the token as the
+  subprotocol after "bearer" instead: `new WebSocket(url, ["bearer", TOKEN])` (Sec-WebSocket-Protocol;
+  the server answers "bearer" and never echoes the token). The token must then be made of the
+  characters a subprotocol allows (letters, digits, `-._~` and a few more, as `openssl rand -hex` gives).
 - With allowed origins configured, a request carrying an Origin header (browsers always send one)
-  must match one of them.
+  must match one of them; the HTTP port's answers to those origins carry CORS headers (and it
+  answers their preflight OPTIONS, which browsers send without credentials), so a page there can
+  read them. With none configured, no other origin's page can.
 - At most `max_connections_per_ip` open connections (WebSocket, or HTTP on the HTTP port) per
   client address (behind a trusted proxy, the address its X-Forwarded-For names: proxies.py).
 """
@@ -17,6 +23,8 @@ import time
 from collections import Counter, deque
 
 OPEN_PATHS = ("/healthz", "/livez")
+# the response headers a page may read besides the simple ones (http_speech.stream_head's, Retry-After)
+EXPOSED = "X-Request-Id, X-Audio-Format, X-Sample-Rate, request-id, Retry-After"
 
 
 class PerMinute:
@@ -37,16 +45,37 @@ class PerMinute:
         return True
 
 
+BEARER_SUBPROTOCOL = "bearer"
+
+
 def token_ok(headers, token: str) -> bool:
-    """The request carries `token` as `Authorization: Bearer` (or ElevenLabs' `xi-api-key`);
-    compared in constant time."""
+    """The request carries `token` as `Authorization: Bearer` (or ElevenLabs' `xi-api-key`, or a
+    browser's subprotocols "bearer", TOKEN); compared in constant time."""
     got = None
     auth = headers.get("Authorization")
     if isinstance(auth, str) and auth.startswith("Bearer "):
         got = auth[7:].strip()
     elif headers.get("xi-api-key"):
         got = headers.get("xi-api-key")
+    else:
+        got = subprotocol_token(headers)
     return got is not None and hmac.compare_digest(got.encode(), token.encode())
+
+
+def subprotocol_token(headers) -> str | None:
+    """The entry after "bearer" in a handshake's Sec-WebSocket-Protocol list(s), if any."""
+    values = headers.get_all("Sec-WebSocket-Protocol") if hasattr(headers, "get_all") else \
+        [headers.get("Sec-WebSocket-Protocol") or ""]
+    offered = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    if BEARER_SUBPROTOCOL in offered[:-1]:
+        return offered[offered.index(BEARER_SUBPROTOCOL) + 1]
+    return None
+
+
+def select_subprotocol(connection, offered) -> str | None:
+    """websockets' hook: answer "bearer" to a browser that sent its token that way (a browser
+    fails a handshake whose answer names none of the subprotocols it offered); else none."""
+    return BEARER_SUBPROTOCOL if BEARER_SUBPROTOCOL in offered else None
 
 
 class Gate:
@@ -73,6 +102,13 @@ class Gate:
         if websocket and self.full(ip):
             return 429, f"too many connections from {ip}: at most {self.max_per_ip} at once\n"
         return None
+
+    def cors(self, origin: str | None) -> dict[str, str]:
+        """The CORS headers of an HTTP response to a browser page at `origin`: only for the origins
+        --allowed-origins lists (with none listed, no page elsewhere may read the answers)."""
+        if origin is None or self.allowed_origins is None or origin.rstrip("/") not in self.allowed_origins:
+            return {}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Expose-Headers": EXPOSED}
 
     def full(self, ip: str | None) -> bool:
         """This address already holds its most connections."""

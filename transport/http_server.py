@@ -134,10 +134,11 @@ class HttpApi:
         buf += data
         return bool(data)
 
-    async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None) -> bool:
+    async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None,
+                      cors=None) -> bool:
         self.server.metrics.error(code)
         log.info("http %d %s: %s", status, code, message, extra={"status": status, "code": code})
-        put(writer, hs.error_response(status, code, message, keep_alive=keep, extra=extra))
+        put(writer, hs.error_response(status, code, message, keep_alive=keep, extra={**(extra or {}), **(cors or {})}))
         await writer.drain()
         return keep
 
@@ -179,48 +180,52 @@ class HttpApi:
         srv = self.server
         keep = req.keep_alive and not srv.stopping
         ip = srv.proxies.client(peer, req.headers)  # (from a trusted proxy: the client it names)
+        cors = srv.gate.cors(req.headers.get("Origin"))  # (a browser page's: only for --allowed-origins)
+        if req.method == "OPTIONS":
+            return await self._preflight(req, writer, keep, cors)
         denied = srv.gate.check(req.path, req.headers, ip, websocket=False)
         if denied is not None:
             return await self._refuse(writer, denied[0], "unauthorized" if denied[0] == 401 else "forbidden",
-                                      denied[1].strip(), keep)
+                                      denied[1].strip(), keep, cors=cors)
         page = srv.page(req.path) if req.method in ("GET", "HEAD") else None
         if page is not None:
-            out = hs.response(page[0], page[2].encode(), page[1], keep_alive=keep)
+            out = hs.response(page[0], page[2].encode(), page[1], keep_alive=keep, extra=cors)
             put(writer, out[:out.index(b"\r\n\r\n") + 4] if req.method == "HEAD" else out)
             await writer.drain()
             return keep
         if req.method not in ("GET", "HEAD") and srv.is_page(req.path):
             return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: this page "
-                                      "answers GET (and HEAD)", keep, {"Allow": "GET, HEAD"})
+                                      "answers GET (and HEAD)", keep, {"Allow": "GET, HEAD"}, cors)
         eleven = hs.ELEVENLABS_PATH.match(req.path) is not None
         if req.path != hs.SPEECH_PATH and not eleven:
             return await self._refuse(writer, 404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "
-                                      "(WebSocket endpoints are on the main port)", keep)
+                                      "(WebSocket endpoints are on the main port)", keep, cors=cors)
         if req.method != "POST":
             return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: use POST "
-                                      "with a JSON body", keep, {"Allow": "POST"})
+                                      "with a JSON body", keep, {"Allow": "POST"}, cors)
         if not srv.healthy:
             return await self._refuse(writer, 503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
-                                      "says 200", keep, {"Retry-After": "1"})
+                                      "says 200", keep, {"Retry-After": "1"}, cors)
         if ip is not None and not self._allow(ip):
             return await self._refuse(writer, 429, "rate_limited", f"at most {srv.max_requests_per_minute} "
-                                      "requests per minute per address; wait and retry", keep)
+                                      "requests per minute per address; wait and retry", keep, cors=cors)
         try:
             limits = {"voices": srv.voices, "max_text_chars": srv.max_text_chars,
                       "topk_max": srv.engine.config.codebook_size}
             speech = (hs.parse_elevenlabs(req.path, req.query, body, **limits) if eleven
                       else hs.parse_speech(body, **limits, default_voice=srv.default_voice))
         except hs.HttpError as e:
-            return await self._refuse(writer, e.status, e.code, e.message, keep)
+            return await self._refuse(writer, e.status, e.code, e.message, keep, cors=cors)
         except Exception as e:  # a bug on this body: its 500 (not a connection closed without a word)
             log.error("HTTP %s %s failed inside the server", req.method, req.path[:80], exc_info=e)
-            return await self._refuse(writer, 500, "internal_error", bug_message(e, "this request"), keep)
+            return await self._refuse(writer, 500, "internal_error", bug_message(e, "this request"), keep,
+                                      cors=cors)
         srv.metrics.requests += 1
         if speech.gen.request_id is None:  # a proxy's id for it, if any (else the server makes one)
             speech.gen.request_id = hs.header_request_id(req.headers)
         chunked = req.version != "HTTP/1.0"  # 1.0 has no chunked bodies: the stream ends with the connection
         keep = keep and chunked
-        stream = SpeechStream(srv, writer, speech, keep, ip, chunked=chunked)
+        stream = SpeechStream(srv, writer, speech, keep, ip, chunked=chunked, cors=cors)
         srv.connections.add(stream)  # shutdown waits for it like for a WebSocket
         watcher = asyncio.create_task(self._watch(reader, buf, stream))
         try:
@@ -229,6 +234,24 @@ class HttpApi:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             srv.connections.discard(stream)
+
+    async def _preflight(self, req: hs.HttpRequest, writer, keep: bool, cors: dict[str, str]) -> bool:
+        """OPTIONS: a browser asks whether its page may send the request it is about to (without
+        credentials, so before the token's check). Yes for an allowed origin, with what it may send."""
+        origin = req.headers.get("Origin")
+        if origin is None:  # not a browser's preflight: what this port answers
+            put(writer, hs.no_content(keep_alive=keep, extra={"Allow": "GET, HEAD, POST, OPTIONS"}))
+            await writer.drain()
+            return keep
+        if not cors:
+            return await self._refuse(writer, 403, "forbidden", f"origin {origin[:80]!r} may not call this server "
+                                      "from a browser; serve --allowed-origins lists the origins that may", keep)
+        asked = (req.headers.get("Access-Control-Request-Headers") or "")[:1000]
+        put(writer, hs.no_content(keep_alive=keep, extra={
+            **cors, "Access-Control-Allow-Methods": "GET, HEAD, POST, OPTIONS",
+            **({"Access-Control-Allow-Headers": asked} if asked else {}), "Access-Control-Max-Age": "600"}))
+        await writer.drain()
+        return keep
 
     def _allow(self, ip: str) -> bool:
         if len(self._rate) > 4096:  # forget addresses quiet for a minute (bounded memory)
@@ -260,8 +283,9 @@ class SpeechStream(Connection):
     CLIENT_GONE = (_Gone, ConnectionError)
 
     def __init__(self, server, writer: asyncio.StreamWriter, speech: hs.Speech, keep_alive: bool,
-                 client=None, *, chunked: bool = True) -> None:
+                 client=None, *, chunked: bool = True, cors: dict[str, str] | None = None) -> None:
         super().__init__(server, None)
+        self.cors = cors or {}  # a browser page's CORS headers (gate.cors), on whatever head goes out
         self.writer, self.speech, self.keep_alive, self.client = writer, speech, keep_alive, client
         self.chunked = chunked  # False for an HTTP/1.0 client: raw body bytes, ended by closing
         self.rid = speech.gen.request_id or server.next_request_id()
@@ -341,7 +365,8 @@ class SpeechStream(Connection):
         if self.started:
             return b""
         self.started = True
-        return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive, chunked=self.chunked)
+        return hs.stream_head(self.speech, self.rid, keep_alive=self.keep_alive, chunked=self.chunked,
+                              extra=self.cors)
 
     def _piece_of_body(self, data: bytes) -> bytes:
         return hs.chunk(data) if self.chunked else data
@@ -413,8 +438,9 @@ class SpeechStream(Connection):
         if not self.started:
             self.started = True
             status = hs.STATUS_OF.get(code, 400)
+            retry = {"Retry-After": "1"} if status == 503 else {}
             await self._write(hs.error_response(status, code, message, keep_alive=self.keep_alive,
-                                                extra={"Retry-After": "1"} if status == 503 else None))
+                                                extra={**retry, **self.cors}))
             self.complete = True
         elif self.speech.sse:
             event = hs.sse({"type": "error", "error": {"code": code, "message": message}})

@@ -62,7 +62,7 @@ RESPONSE_FORMATS = {"wav": "pcm_24000", "pcm": "pcm_24000", "mp3": "mp3_24000_48
 MAX_PREVIOUS_REQUESTS = 3  # ElevenLabs' limit on previous_request_ids
 PASSED_THROUGH = ("speaker_id", "temperature", "topk", "seed", "max_audio_ms", "chunk_ms", "request_id", "context",
                   "speed")
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
@@ -307,6 +307,11 @@ def response(status: int, body: bytes, content_type: str, *, keep_alive: bool, e
     return response_head(status, headers) + body
 
 
+def no_content(*, keep_alive: bool, extra: dict | None = None) -> bytes:
+    """A 204: a head alone (no Content-Length, which a 204 must not carry)."""
+    return response_head(204, {"Connection": "keep-alive" if keep_alive else "close", **(extra or {})})
+
+
 def error_object(status: int, code: str, message: str) -> dict:
     """An error as OpenAI's API writes it (the shape every error of the HTTP port has)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -319,7 +324,8 @@ def error_response(status: int, code: str, message: str, *, keep_alive: bool = F
     return response(status, body.encode(), "application/json", keep_alive=keep_alive, extra=extra)
 
 
-def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: bool = True) -> bytes:
+def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: bool = True,
+                extra: dict | None = None) -> bytes:
     """The 200 head of a streamed speech response: chunked, as its length is not known up front;
     for an HTTP/1.0 client, which knows no chunked bodies, plain bytes ended by closing the
     connection (the caller passes keep_alive=False with chunked=False)."""
@@ -338,7 +344,8 @@ def stream_head(speech: Speech, request_id: str, *, keep_alive: bool, chunked: b
     stitching = {"request-id": request_id} if speech.elevenlabs else {}  # (what ElevenLabs' SDKs read)
     return response_head(200, {"Content-Type": ctype, **framing, "Cache-Control": "no-store",
                                "Connection": "keep-alive" if keep_alive else "close", **stitching,
-                               "X-Request-Id": request_id, "X-Audio-Format": fmt, "X-Sample-Rate": str(rate)})
+                               "X-Request-Id": request_id, "X-Audio-Format": fmt, "X-Sample-Rate": str(rate),
+                               **(extra or {})})
 
 
 def chunk(data: bytes) -> bytes:

@@ -28,7 +28,7 @@ from ..engine.worker import EngineWorker, GenRequest, stall_seconds
 from . import catalog, codec_threads, elevenlabs, http_speech, protocol, tls
 from .connection import Connection
 from .encoder import warm_codecs
-from .gate import Gate
+from .gate import Gate, select_subprotocol
 from .http_server import HttpApi
 from .loopwatch import LoopWatch
 from .metrics import Metrics, build_info
@@ -133,7 +133,8 @@ class StreamServer:
         self._loop = asyncio.get_running_loop()
         self._ws = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
                                max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20,
-                               compression=self.compression, **tls.server_options(self.ssl_context),
+                               compression=self.compression, select_subprotocol=select_subprotocol,
+                               **tls.server_options(self.ssl_context),
                                logger=logging.getLogger("csmstream.websockets"))
         self.loop_watch.starting = True
         self.loop_watch.start()

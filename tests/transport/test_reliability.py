@@ -572,6 +572,23 @@ def test_auth_token_required_everywhere_but_healthz(secured):
     assert asyncio.run(eleven_multi({})) == 401
     assert asyncio.run(eleven_multi({"xi-api-key": "t0ken"})) is True
 
+    async def browser(subprotocols, url=secured.url):
+        """A browser's WebSocket sets no headers: the token comes as the subprotocol after "bearer"."""
+        try:
+            async with connect(url, subprotocols=subprotocols) as ws:
+                chosen = ws.subprotocol
+                await ws.send(json.dumps({"text": "Authorised.", "max_audio_ms": 300}))
+                return chosen, (await collect(ws))[-1][0]
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    assert asyncio.run(browser(["bearer", "t0ken"])) == ("bearer", "done")  # the token is never echoed
+    assert asyncio.run(browser(["json", "bearer", "t0ken"])) == ("bearer", "done")
+    assert asyncio.run(browser(["bearer", "wrong"])) == 401
+    assert asyncio.run(browser(["t0ken"])) == 401  # the token alone is not a credential
+    assert asyncio.run(browser(["bearer"])) == 401
+    assert asyncio.run(browser(["t0ken", "bearer"])) == 401  # (nothing after "bearer")
+
     from csmstream.transport.client import SesameWebSocketService
 
     async def client():
