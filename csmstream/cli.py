@@ -117,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, metavar="PEM",
                        help="the certificate's unencrypted PEM private key (default: inside the --tls-cert file)")
     serve.add_argument("--auth-token", default=None,
-                       help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz and /livez "
+                       help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz and /livez; "
+                            "a browser's WebSocket sends it as subprotocols 'bearer', TOKEN "
                             "(default: $CSM_AUTH_TOKEN; unset = open)")
     serve.add_argument("--allowed-origins", default=None, metavar="URL,URL",
-                       help="browser Origins allowed to connect (default: any)")
+                       help="browser Origins allowed to connect; the HTTP port answers them with CORS "
+                            "headers, so their pages can call it (default: any may open a WebSocket, none may "
+                            "read the HTTP port)")
     serve.add_argument("--max-connections-per-ip", type=int, default=64,
                        help="open WebSockets per client address (default: 64)")
     serve.add_argument("--max-requests-per-minute", type=int, default=600,
