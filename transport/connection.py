@@ -96,14 +96,17 @@ class Connection:
     async def _receive(self) -> None:
         """Each client message to _on_message, until the client closes."""
         async for message in self.ws:
-            try:
-                await self._on_message(message)
-            except ConnectionClosed:
-                raise
-            except Exception as e:  # a bug: this message fails, the connection and its requests go on
-                await report_bug(self, e, "this message")
-            finally:
-                self._watch_input()
+            await self._take(message)
+
+    async def _take(self, message) -> None:
+        try:
+            await self._on_message(message)
+        except ConnectionClosed:
+            raise
+        except Exception as e:  # a bug: this message fails, the connection and its requests go on
+            await report_bug(self, e, "this message")
+        finally:
+            self._watch_input()
 
     @property
     def busy(self) -> bool:

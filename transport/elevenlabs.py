@@ -30,7 +30,9 @@ serve --elevenlabs-continue-previous, else false: on multi-stream-input a new co
 sentences of the context that generated last, so a voice agent's turns keep one voice; its isFinal
 then says "continued": N; stream-input holds one utterance, so nothing comes before it). The
 opening message's voice_settings.speed (0.25-4, default 1) sets the speaking rate, pitch kept; model_id
-and ElevenLabs' other settings are accepted and ignored. The alignment (characters with start times
+and ElevenLabs' other settings are accepted and ignored. With serve --auth-token, a handshake that
+offers no credential may carry it in its first message instead (xi_api_key, or authorization:
+"Bearer TOKEN"), as ElevenLabs allows: see gate.py. The alignment (characters with start times
 and durations, which clients such as pipecat turn into the words the caller heard) is estimated per
 sentence: see alignment.py.
 """
@@ -47,7 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
-from . import protocol
+from . import gate, protocol
 from .alignment import Aligner, relative_ms
 from .connection import Connection, PlaybackClock
 from .job import Job
@@ -118,6 +120,9 @@ class ElevenLabsBase(Connection):
         self.seed: int | None = None
         self.continue_previous = server.elevenlabs_continue_previous  # ?continue_previous= overrides it
         self.last_message = time.monotonic()
+        # a token is required and the handshake offered none: the first message must carry it
+        self.auth_pending = bool(server.gate.token) and not gate.offers_credential(ws.request.headers)
+        self._first = None  # that first message, once let in: handled as any other
 
     def _check_url(self) -> str | None:
         """What is wrong with the URL, or None."""
@@ -149,6 +154,8 @@ class ElevenLabsBase(Connection):
         return None
 
     async def run(self) -> None:
+        if self.auth_pending and not await self._authorize():  # (first: the URL's answer names the voices)
+            return
         why = self._check_url()
         if why is not None:
             self.server.metrics.error("elevenlabs_refused")
@@ -161,8 +168,38 @@ class ElevenLabsBase(Connection):
         finally:
             watch.cancel()
 
+    async def _authorize(self) -> bool:
+        """ElevenLabs' way for a client that cannot set headers: the token in the first message.
+        That message, if it carries the token, goes on to be handled as usual."""
+        why = None
+        try:
+            message = await asyncio.wait_for(self.ws.recv(), gate.AUTH_WAIT_S)
+        except TimeoutError:
+            why = f"no credentials: the first message did not come within {gate.AUTH_WAIT_S:.0f} s"
+        else:
+            try:
+                msg = protocol.decode_json(message)
+            except (TypeError, ValueError):
+                msg = None
+            if isinstance(msg, dict) and gate.message_token_ok(msg, self.server.gate.token):
+                self._first = message
+                return True
+            why = "missing or wrong credentials"
+        log.warning("refused an ElevenLabs connection: %s", why)
+        self.server.metrics.error("unauthorized")
+        await self.ws.send(json.dumps({"error": "unauthorized", "message": f"{why}: send the 'xi-api-key' header, "
+                                       "or xi_api_key (or authorization: 'Bearer TOKEN') in the first message"}))
+        await self.ws.close(1008, protocol.close_reason(why))
+        return False
+
     async def _serve(self) -> None:
         await super().run()
+
+    async def _receive(self) -> None:
+        if self._first is not None:  # (the message that carried the token)
+            first, self._first = self._first, None
+            await self._take(first)
+        await super()._receive()
 
     def _watch_input(self) -> None:
         pass  # (this socket's own _watch applies inactivity_timeout, from its URL)

@@ -8,6 +8,9 @@ decided at the HTTP handshake (before any WebSocket work).
   subprotocol after "bearer" instead: `new WebSocket(url, ["bearer", TOKEN])` (Sec-WebSocket-Protocol;
   the server answers "bearer" and never echoes the token). The token must then be made of the
   characters a subprotocol allows (letters, digits, `-._~` and a few more, as `openssl rand -hex` gives).
+  ElevenLabs' WebSocket paths also take it, as ElevenLabs does, in the first message's `xi_api_key`
+  (or `authorization: "Bearer TOKEN"`) when the handshake offers none: the connection waits at
+  most AUTH_WAIT_S for that message, and closes it (1008) if it does not carry the token.
 - With allowed origins configured, a request carrying an Origin header (browsers always send one)
   must match one of them; the HTTP port's answers to those origins carry CORS headers (and it
   answers their preflight OPTIONS, which browsers send without credentials), so a page there can
@@ -23,6 +26,7 @@ import time
 from collections import Counter, deque
 
 OPEN_PATHS = ("/healthz", "/livez")
+AUTH_WAIT_S = 10.0  # an ElevenLabs socket that offered no credential must send its first message within this
 # the response headers a page may read besides the simple ones (http_speech.stream_head's, Retry-After)
 EXPOSED = "X-Request-Id, X-Audio-Format, X-Sample-Rate, request-id, Retry-After"
 
@@ -62,6 +66,23 @@ def token_ok(headers, token: str) -> bool:
     return got is not None and hmac.compare_digest(got.encode(), token.encode())
 
 
+def offers_credential(headers) -> bool:
+    """The handshake offers a token in any of the ways token_ok reads (right or wrong)."""
+    auth = headers.get("Authorization")
+    return ((isinstance(auth, str) and auth.startswith("Bearer ")) or bool(headers.get("xi-api-key"))
+            or subprotocol_token(headers) is not None)
+
+
+def message_token_ok(msg: dict, token: str) -> bool:
+    """A first message's ElevenLabs credential (`xi_api_key`, or `authorization`: "Bearer TOKEN")
+    is `token`; compared in constant time."""
+    got = msg.get("xi_api_key")
+    if not isinstance(got, str) or not got:
+        got = msg.get("authorization")
+        got = got[7:].strip() if isinstance(got, str) and got.startswith("Bearer ") else None
+    return got is not None and hmac.compare_digest(got.encode(), token.encode())
+
+
 def subprotocol_token(headers) -> str | None:
     """The entry after "bearer" in a handshake's Sec-WebSocket-Protocol list(s), if any."""
     values = headers.get_all("Sec-WebSocket-Protocol") if hasattr(headers, "get_all") else \
@@ -90,11 +111,15 @@ class Gate:
     def _token_ok(self, headers) -> bool:
         return token_ok(headers, self.token)
 
-    def check(self, path: str, headers, ip: str | None, websocket: bool) -> tuple[int, str] | None:
-        """None to let the request through, else (HTTP status, message)."""
+    def check(self, path: str, headers, ip: str | None, websocket: bool,
+              first_message_auth: bool = False) -> tuple[int, str] | None:
+        """None to let the request through, else (HTTP status, message). first_message_auth: a
+        handshake that offers no credential at all goes through, its first message to carry one
+        (ElevenLabs' xi_api_key / authorization fields: the connection checks them, auth_pending)."""
         if path in OPEN_PATHS:
             return None
-        if self.token and path not in self.own_auth_paths and not self._token_ok(headers):
+        deferred = first_message_auth and not offers_credential(headers)
+        if self.token and path not in self.own_auth_paths and not deferred and not self._token_ok(headers):
             return 401, "missing or wrong credentials: send 'Authorization: Bearer <token>'\n"
         origin = headers.get("Origin")
         if self.allowed_origins is not None and origin is not None and origin.rstrip("/") not in self.allowed_origins:

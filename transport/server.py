@@ -381,7 +381,9 @@ class StreamServer:
         path = request.path.split("?", 1)[0]
         self.tune_socket(connection.transport.get_extra_info("socket"))
         ip = self.client_address(connection.remote_address, request.headers)
-        denied = self.gate.check(path, request.headers, ip, websocket="Upgrade" in request.headers)
+        websocket = "Upgrade" in request.headers
+        denied = self.gate.check(path, request.headers, ip, websocket,  # (ElevenLabs' may send it in a message)
+                                 first_message_auth=websocket and elevenlabs.match(path) is not None)
         if denied is not None:
             log.warning("refused %s from %s: %s", path, ip, denied[1].strip())
             return connection.respond(*denied)

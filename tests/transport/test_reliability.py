@@ -568,8 +568,13 @@ def test_auth_token_required_everywhere_but_healthz(secured):
                         return True
         except InvalidStatus as e:
             return e.response.status_code
+        except ConnectionClosed as e:
+            return e.rcvd.code
 
-    assert asyncio.run(eleven_multi({})) == 401
+    # with no credential at all, ElevenLabs' paths wait for one in the first message (the next test);
+    # this one carries none: refused there
+    assert asyncio.run(eleven_multi({})) == 1008
+    assert asyncio.run(eleven_multi({"xi-api-key": "wrong"})) == 401
     assert asyncio.run(eleven_multi({"xi-api-key": "t0ken"})) is True
 
     async def browser(subprotocols, url=secured.url):
@@ -676,3 +681,63 @@ def test_a_client_that_stops_reading_is_cut_off_and_others_are_unaffected(monkey
         assert rs.srv.metrics.errors["slow_reader"] >= 1
     finally:
         rs.stop()
+
+
+def test_elevenlabs_sockets_take_the_token_in_their_first_message(secured, monkeypatch):
+    """As ElevenLabs documents for clients that cannot set headers: xi_api_key (or authorization:
+    "Bearer ...") in the first message, when the handshake offers no credential."""
+    from csmstream.transport import gate
+
+    el = secured.url.replace("/ws/generate", "/v1/text-to-speech/0/stream-input")
+
+    async def first_message(url, opening, then=()):
+        async with connect(url) as ws:  # no header at all
+            got = []
+            try:
+                await ws.send(json.dumps(opening))
+                for m in then:  # (a refused socket may be closed by now)
+                    await ws.send(json.dumps(m))
+                async for m in ws:
+                    got.append(json.loads(m))
+                    if got[-1].get("isFinal"):
+                        return "final", got
+            except ConnectionClosed:
+                pass
+            return ws.close_code, got
+
+    said = [{"text": "Hi there. "}, {"text": ""}]
+    kind, got = asyncio.run(first_message(el, {"text": " ", "xi_api_key": "t0ken"}, said))
+    assert kind == "final" and any(m.get("audio") for m in got)
+    multi = el.replace("/stream-input", "/multi-stream-input")
+    kind, _ = asyncio.run(first_message(multi, {"text": "Hi there. ", "context_id": "c", "flush": True,
+                                               "authorization": "Bearer t0ken"}, [{"close_socket": True}]))
+    assert kind == "final"
+    for wrong in ({"text": " ", "xi_api_key": "nope"}, {"text": " ", "authorization": "t0ken"}, {"text": " "}):
+        code, got = asyncio.run(first_message(el, wrong, said))
+        assert code == 1008 and got[0]["error"] == "unauthorized"
+        assert "missing or wrong credentials: send the 'xi-api-key' header, or xi_api_key" in got[0]["message"]
+    monkeypatch.setattr(gate, "AUTH_WAIT_S", 0.3)
+
+    async def silent():
+        async with connect(el) as ws:
+            m = json.loads(await ws.recv())
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            return ws.close_code, m["message"]
+
+    code, message = asyncio.run(silent())
+    assert code == 1008 and message.startswith("no credentials: the first message did not come within 0 s")
+    # the other ways are unchanged: a wrong header is still a 401 at the handshake, and /ws/generate has
+    # no message-borne token
+
+    async def handshake(url, headers):
+        try:
+            async with connect(url, additional_headers=headers):
+                return 101
+        except InvalidStatus as e:
+            return e.response.status_code
+
+    assert asyncio.run(handshake(el, {"xi-api-key": "nope"})) == 401
+    # a socket not yet let in learns nothing of the server, not even which voices it has
+    code, got = asyncio.run(first_message(el.replace("/0/", "/nobody/"), {"text": " "}))
+    assert code == 1008 and got == [got[0]] and "voice" not in got[0]["message"]
+    assert asyncio.run(handshake(secured.url, {})) == 401
