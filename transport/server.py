@@ -384,13 +384,17 @@ class StreamServer:
         websocket = "Upgrade" in request.headers
         denied = self.gate.check(path, request.headers, ip, websocket,  # (ElevenLabs' may send it in a message)
                                  first_message_auth=websocket and elevenlabs.match(path) is not None)
+        cors = {} if websocket else self.gate.cors(request.headers.get("Origin"))  # (a listed origin's page)
         if denied is not None:
             log.warning("refused %s from %s: %s", path, ip, denied[1].strip())
-            return connection.respond(*denied)
+            resp = connection.respond(*denied)
+            resp.headers.update(cors)
+            return resp
         page = self.page(path)
         if page is not None:
             resp = connection.respond(page[0], page[2])
             resp.headers["Content-Type"] = page[1]
+            resp.headers.update(cors)
             return resp
         if elevenlabs.match(path):
             return None if self.healthy else connection.respond(503, f"{self.health()['status']}\n")

@@ -741,3 +741,22 @@ def test_elevenlabs_sockets_take_the_token_in_their_first_message(secured, monke
     code, got = asyncio.run(first_message(el.replace("/0/", "/nobody/"), {"text": " "}))
     assert code == 1008 and got == [got[0]] and "voice" not in got[0]["message"]
     assert asyncio.run(handshake(secured.url, {})) == 401
+
+
+def test_the_main_ports_pages_name_a_listed_origin_so_its_page_can_read_them(secured):
+    """The GET pages on the WebSocket port (a page needs no preflight for a GET without a token)."""
+    base = secured.url.replace("ws://", "http://").replace("/ws/generate", "")
+
+    def get(path, headers):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers)) as r:
+                return r.status, r.headers.get("Access-Control-Allow-Origin")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Access-Control-Allow-Origin")
+
+    app = "https://app.example"
+    assert get("/healthz", {"Origin": app}) == (200, app)
+    assert get("/voices", {"Origin": app, "Authorization": "Bearer t0ken"}) == (200, app)
+    assert get("/metrics", {"Origin": app}) == (401, app)  # the page can read why
+    assert get("/healthz", {}) == (200, None)
+    assert get("/metrics", {"Origin": "https://evil.example", "Authorization": "Bearer t0ken"}) == (403, None)
