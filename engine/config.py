@@ -4,8 +4,46 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# the kinds of value a config file may state: kind -> (what is allowed, in words; the test)
+KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "size": ("a positive integer", lambda v: _int(v) and v > 0),
+    "size?": ("a positive integer or null", lambda v: v is None or (_int(v) and v > 0)),
+    "sizes": ("a non-empty list of positive integers",
+              lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(x) and x > 0 for x in v)),
+    "id?": ("a non-negative integer or null", lambda v: v is None or (_int(v) and v >= 0)),
+    "positive": ("a positive number", lambda v: _number(v) and v > 0),
+    "number": ("a number", _number),
+    "finite": ("a finite number", _number),  # (the same test, as codec_config's errors word it)
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+    "flag?": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
+    "text": ("a string", lambda v: isinstance(v, str)),
+    "object?": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def checked(name: str, value: Any, kind: str, where: str = "") -> Any:
+    """`value` if it is of `kind` (numbers as floats, lists as tuples), else ValueError:
+    "{where}{name} must be {what is allowed}, got {value}"."""
+    allowed, ok = KINDS[kind]
+    if not ok(value):
+        text = repr(value)
+        raise ValueError(f"{where}{name} must be {allowed}, got {text if len(text) <= 60 else text[:57] + '...'}")
+    if kind in ("positive", "number", "finite"):
+        return float(value)
+    return tuple(value) if kind == "sizes" else value
 
 
 @dataclass(frozen=True)
@@ -29,18 +67,15 @@ class RopeConfig:
             )
 
         def number(key: str, default: float) -> float:
-            value = params.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"rope_parameters.{key} must be a positive number, got {value!r:.60}")
-            return value
+            return checked(key, params.get(key, default), "positive", "rope_parameters.")
 
         original = number("original_max_position_embeddings", max_position)
         if original != int(original):
             raise ValueError(f"rope_parameters.original_max_position_embeddings must be an integer, got {original!r}")
-        low, high = float(number("low_freq_factor", 1.0)), float(number("high_freq_factor", 4.0))
+        low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
         if kind == "llama3" and not low < high:
             raise ValueError(f"rope_parameters: llama3 needs low_freq_factor < high_freq_factor, got {low} and {high}")
-        return cls(theta=float(number("rope_theta", 500_000.0)), kind=kind, factor=float(number("factor", 1.0)),
+        return cls(theta=number("rope_theta", 500_000.0), kind=kind, factor=number("factor", 1.0),
                    low_freq_factor=low, high_freq_factor=high, original_max_position=int(original))
 
 
@@ -60,9 +95,7 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r:.60}")
+            checked(name, getattr(self, name), "size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 

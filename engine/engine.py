@@ -18,7 +18,7 @@ from .generator import FrameGenerator
 from .model import CSM
 from .prefill import PrefillJob
 from .prefix import PrefixCache
-from .prompt import Segment, build_prompt, text_rows
+from .prompt import Segment, build_prompt, turn_positions
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .tokenizer import TextTokenizer
 
@@ -163,7 +163,7 @@ class Engine:
         if ctx and ctx[0][2] is not None:  # a pinned voice turn first: its KV may be cached
             spk, first_text, first_codes = ctx[0]
             prefix = self.prefixes.lookup(spk, first_text, first_codes,
-                                          len(text_rows(self.tokenizer, spk, first_text, n)[0]) + len(first_codes) + 1)
+                                          turn_positions(self.tokenizer, spk, first_text, len(first_codes)))
         room = self.gen.max_seq_len - len(tokens)
         if room < 1:
             raise ValueError(

@@ -12,42 +12,22 @@ The codec's part (`codec_config`) stays a dict: MimiSpec.from_config reads and c
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from .config import checked
+
 DEFAULT_THETA = 500_000.0  # transformers' CsmConfig.default_theta (both stacks)
 
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "size": ("a positive integer", lambda v: _int(v) and v > 0),
-    "size?": ("a positive integer or null", lambda v: v is None or (_int(v) and v > 0)),
-    "id?": ("a non-negative integer or null", lambda v: v is None or (_int(v) and v >= 0)),
-    "eps": ("a positive number", lambda v: _number(v) and v > 0),
-    "flag": ("true or false", lambda v: isinstance(v, bool)),
-    "flag?": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
-    "text": ("a string", lambda v: isinstance(v, str)),
-}
 
 # name -> (kind, transformers' default). Only what the engine reads; other keys are left alone.
 _STACK = {
     "num_codebooks": ("size", 32),
     "vocab_size": ("size", 2051),
     "intermediate_size": ("size", 8192),
-    "num_attention_heads": ("size", None),
-    "num_key_value_heads": ("size?", None),
     "head_dim": ("size?", None),
     "hidden_act": ("text", "silu"),
-    "rms_norm_eps": ("eps", 1e-5),
+    "rms_norm_eps": ("positive", 1e-5),
     "attention_bias": ("flag", False),
     "mlp_bias": ("flag", False),
 }
@@ -83,10 +63,7 @@ def read(raw: dict) -> SimpleNamespace:
 
 
 def _object(raw: dict, name: str, where: str) -> dict:
-    value = raw.get(name)
-    if value is not None and not isinstance(value, dict):
-        raise ValueError(f"{where}{name} must be an object or null, got {_show(value)}")
-    return dict(value or {})
+    return dict(checked(name, raw.get(name), "object?", where) or {})
 
 
 def _stack(raw: dict, fields: dict, where: str) -> SimpleNamespace:
@@ -94,21 +71,10 @@ def _stack(raw: dict, fields: dict, where: str) -> SimpleNamespace:
         raw = {**raw, "vocab_size": raw["codebook_size"]}
     out: dict[str, Any] = {}
     for name, (kind, default) in fields.items():
-        value = raw.get(name, default)
-        allowed, ok = KINDS[kind]
-        if not ok(value):
-            raise ValueError(f"{where}{name} must be {allowed}, got {_show(value)}")
-        out[name] = float(value) if kind == "eps" else value
+        out[name] = checked(name, raw.get(name, default), kind, where)
     # transformers' order: rope_scaling (the old name) over rope_parameters; rope_theta beside them as the default
     rope = _object(raw, "rope_scaling", where) or _object(raw, "rope_parameters", where)
-    theta = raw.get("rope_theta", DEFAULT_THETA)
-    if not _number(theta):
-        raise ValueError(f"{where}rope_theta must be a number, got {_show(theta)}")
-    rope.setdefault("rope_theta", theta)
+    rope.setdefault("rope_theta", checked("rope_theta", raw.get("rope_theta", DEFAULT_THETA), "number", where))
     out["rope_parameters"] = rope
     return SimpleNamespace(**out)
 
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import checked
+
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 PAD_MODES = ("constant", "replicate")
@@ -132,24 +134,10 @@ class MimiSpec:
 
 def _typed(name: str, value: Any, default: Any, where: str) -> Any:
     """A codec_config value checked against the kind of MimiSpec's default for it (config.json
-    may say anything): true/false, a string, a finite number, a positive integer, or a list of them."""
-    if isinstance(default, bool):
-        ok, allowed = isinstance(value, bool), "true or false"
-    elif isinstance(default, str):
-        ok, allowed = isinstance(value, str), "a string"
-    elif isinstance(default, float):
-        ok, allowed = (not isinstance(value, bool) and isinstance(value, (int, float))
-                       and math.isfinite(value)), "a finite number"
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok, allowed = not isinstance(value, bool) and isinstance(value, int) and value > 0, "a positive integer"
-    else:  # upsampling_ratios
-        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-        allowed, value = "a non-empty list of positive integers", tuple(value) if ok else value
-    if not ok:
-        raise ValueError(f"{where}: {name} must be {allowed}, got {value!r:.60}")
-    return value
+    may say anything)."""
+    kind = ("flag" if isinstance(default, bool) else "text" if isinstance(default, str) else
+            "finite" if isinstance(default, float) else "size" if isinstance(default, int) else "sizes")
+    return checked(name, value, kind, f"{where}: ")
 
 
 # -- convolutions ----------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def audio_rows(codes: np.ndarray, n_codebooks: int):
     return tokens, mask
 
 
+def turn_positions(tok: TextTokenizer, speaker_id: int, text: str, n_frames: int) -> int:
+    """Positions a context turn with audio takes: its text rows, its frames, the end-of-audio frame."""
+    return len(tok.encode_turn(speaker_id, text)) + n_frames + 1
+
+
 def context_rows(tok: TextTokenizer, context, n_codebooks: int):
     """Rows of the context turns alone. context: iterable of (speaker_id, text, codes [F, N] or None)."""
     parts = []

@@ -114,10 +114,10 @@ def check_room(voice: Voice, engine, wav: Path) -> None:
     """A voice's turn opens every request that uses it, in the same context window as the text and
     the speech made (a frame a position): refuse one that leaves no room, warn of one that leaves
     less than half, since it caps how long its replies can be (they stop there, not with an error)."""
-    from .prompt import text_rows
+    from .prompt import turn_positions
 
     window = engine.gen.max_seq_len
-    used = len(text_rows(engine.tokenizer, 0, voice.text, engine.config.num_codebooks)[0]) + len(voice.codes) + 1
+    used = turn_positions(engine.tokenizer, 0, voice.text, len(voice.codes))
     room = window - used
     fit = (window // 2 - used + len(voice.codes)) * 0.08  # seconds of audio that leave half the window
     shorter = (f"under {fit:.0f} s of audio leaves half the window" if fit >= 1 else

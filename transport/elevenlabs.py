@@ -106,6 +106,15 @@ def match(path: str) -> type[Connection] | None:
     return ElevenLabsConnection
 
 
+def _json_object(message) -> dict | None:
+    """A client message as the JSON object it should be, or None."""
+    try:
+        msg = protocol.decode_json(message)
+    except (TypeError, ValueError):
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
 class ElevenLabsBase(Connection):
     """What both endpoints share: the URL's voice and settings, refusing a bad URL, making a
     stream's Job, audio messages, the inactivity watch."""
@@ -177,11 +186,8 @@ class ElevenLabsBase(Connection):
         except TimeoutError:
             why = f"no credentials: the first message did not come within {gate.AUTH_WAIT_S:.0f} s"
         else:
-            try:
-                msg = protocol.decode_json(message)
-            except (TypeError, ValueError):
-                msg = None
-            if isinstance(msg, dict) and gate.message_token_ok(msg, self.server.gate.token):
+            msg = _json_object(message)
+            if msg is not None and gate.message_token_ok(msg, self.server.gate.token):
                 self._first = message
                 return True
             why = "missing or wrong credentials"
@@ -231,11 +237,8 @@ class ElevenLabsBase(Connection):
     async def _decode(self, message, example: str) -> dict | None:
         """The client's message as a JSON object, or None once it has been told (invalid_message)
         what a message looks like; `example` is one."""
-        try:
-            msg = protocol.decode_json(message)
-        except (TypeError, ValueError):
-            msg = None
-        if not isinstance(msg, dict):
+        msg = _json_object(message)
+        if msg is None:
             await self._error("invalid_message", f"messages are JSON objects like {example}")
             return None
         return msg

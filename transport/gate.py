@@ -55,31 +55,34 @@ BEARER_SUBPROTOCOL = "bearer"
 def token_ok(headers, token: str) -> bool:
     """The request carries `token` as `Authorization: Bearer` (or ElevenLabs' `xi-api-key`, or a
     browser's subprotocols "bearer", TOKEN); compared in constant time."""
-    got = None
-    auth = headers.get("Authorization")
-    if isinstance(auth, str) and auth.startswith("Bearer "):
-        got = auth[7:].strip()
-    elif headers.get("xi-api-key"):
-        got = headers.get("xi-api-key")
-    else:
-        got = subprotocol_token(headers)
-    return got is not None and hmac.compare_digest(got.encode(), token.encode())
+    return _same(offered_token(headers), token)
 
 
 def offers_credential(headers) -> bool:
     """The handshake offers a token in any of the ways token_ok reads (right or wrong)."""
-    auth = headers.get("Authorization")
-    return ((isinstance(auth, str) and auth.startswith("Bearer ")) or bool(headers.get("xi-api-key"))
-            or subprotocol_token(headers) is not None)
+    return offered_token(headers) is not None
+
+
+def offered_token(headers) -> str | None:
+    """The token a request offers: `Authorization: Bearer`, else `xi-api-key`, else a subprotocol."""
+    bearer = _bearer(headers.get("Authorization"))
+    if bearer is not None:
+        return bearer
+    return headers.get("xi-api-key") or subprotocol_token(headers)
 
 
 def message_token_ok(msg: dict, token: str) -> bool:
     """A first message's ElevenLabs credential (`xi_api_key`, or `authorization`: "Bearer TOKEN")
     is `token`; compared in constant time."""
     got = msg.get("xi_api_key")
-    if not isinstance(got, str) or not got:
-        got = msg.get("authorization")
-        got = got[7:].strip() if isinstance(got, str) and got.startswith("Bearer ") else None
+    return _same(got if isinstance(got, str) and got else _bearer(msg.get("authorization")), token)
+
+
+def _bearer(value) -> str | None:
+    return value[7:].strip() if isinstance(value, str) and value.startswith("Bearer ") else None
+
+
+def _same(got: str | None, token: str) -> bool:
     return got is not None and hmac.compare_digest(got.encode(), token.encode())
 
 
@@ -108,9 +111,6 @@ class Gate:
         self.own_auth_paths = tuple(own_auth_paths)
         self.open: Counter[str] = Counter()
 
-    def _token_ok(self, headers) -> bool:
-        return token_ok(headers, self.token)
-
     def check(self, path: str, headers, ip: str | None, websocket: bool,
               first_message_auth: bool = False) -> tuple[int, str] | None:
         """None to let the request through, else (HTTP status, message). first_message_auth: a
@@ -119,7 +119,7 @@ class Gate:
         if path in OPEN_PATHS:
             return None
         deferred = first_message_auth and not offers_credential(headers)
-        if self.token and path not in self.own_auth_paths and not deferred and not self._token_ok(headers):
+        if self.token and path not in self.own_auth_paths and not deferred and not token_ok(headers, self.token):
             return 401, "missing or wrong credentials: send 'Authorization: Bearer <token>'\n"
         origin = headers.get("Origin")
         if self.allowed_origins is not None and origin is not None and origin.rstrip("/") not in self.allowed_origins:

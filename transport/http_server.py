@@ -134,11 +134,10 @@ class HttpApi:
         buf += data
         return bool(data)
 
-    async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None,
-                      cors=None) -> bool:
+    async def _refuse(self, writer, status: int, code: str, message: str, keep: bool = False, extra=None) -> bool:
         self.server.metrics.error(code)
         log.info("http %d %s: %s", status, code, message, extra={"status": status, "code": code})
-        put(writer, hs.error_response(status, code, message, keep_alive=keep, extra={**(extra or {}), **(cors or {})}))
+        put(writer, hs.error_response(status, code, message, keep_alive=keep, extra=extra))
         await writer.drain()
         return keep
 
@@ -183,10 +182,14 @@ class HttpApi:
         cors = srv.gate.cors(req.headers.get("Origin"))  # (a browser page's: only for --allowed-origins)
         if req.method == "OPTIONS":
             return await self._preflight(req, writer, keep, cors)
+
+        def refuse(status: int, code: str, message: str, extra: dict | None = None):  # (a page there reads it too)
+            return self._refuse(writer, status, code, message, keep, {**(extra or {}), **cors})
+
         denied = srv.gate.check(req.path, req.headers, ip, websocket=False)
         if denied is not None:
-            return await self._refuse(writer, denied[0], "unauthorized" if denied[0] == 401 else "forbidden",
-                                      denied[1].strip(), keep, cors=cors)
+            return await refuse(denied[0], "unauthorized" if denied[0] == 401 else "forbidden",
+                                denied[1].strip())
         page = srv.page(req.path) if req.method in ("GET", "HEAD") else None
         if page is not None:
             out = hs.response(page[0], page[2].encode(), page[1], keep_alive=keep, extra=cors)
@@ -194,32 +197,31 @@ class HttpApi:
             await writer.drain()
             return keep
         if req.method not in ("GET", "HEAD") and srv.is_page(req.path):
-            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: this page "
-                                      "answers GET (and HEAD)", keep, {"Allow": "GET, HEAD"}, cors)
+            return await refuse(405, "method_not_allowed", f"{req.method} {req.path[:80]}: this page "
+                                "answers GET (and HEAD)", {"Allow": "GET, HEAD"})
         eleven = hs.ELEVENLABS_PATH.match(req.path) is not None
         if req.path != hs.SPEECH_PATH and not eleven:
-            return await self._refuse(writer, 404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "
-                                      "(WebSocket endpoints are on the main port)", keep, cors=cors)
+            return await refuse(404, "not_found", f"no route {req.path[:80]}; this port serves {PAGES} "
+                                "(WebSocket endpoints are on the main port)")
         if req.method != "POST":
-            return await self._refuse(writer, 405, "method_not_allowed", f"{req.method} {req.path[:80]}: use POST "
-                                      "with a JSON body", keep, {"Allow": "POST"}, cors)
+            return await refuse(405, "method_not_allowed", f"{req.method} {req.path[:80]}: use POST "
+                                "with a JSON body", {"Allow": "POST"})
         if not srv.healthy:
-            return await self._refuse(writer, 503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
-                                      "says 200", keep, {"Retry-After": "1"}, cors)
+            return await refuse(503, "unavailable", f"{srv.health()['status']}; retry when /healthz "
+                                "says 200", {"Retry-After": "1"})
         if ip is not None and not self._allow(ip):
-            return await self._refuse(writer, 429, "rate_limited", f"at most {srv.max_requests_per_minute} "
-                                      "requests per minute per address; wait and retry", keep, cors=cors)
+            return await refuse(429, "rate_limited", f"at most {srv.max_requests_per_minute} "
+                                "requests per minute per address; wait and retry")
         try:
             limits = {"voices": srv.voices, "max_text_chars": srv.max_text_chars,
                       "topk_max": srv.engine.config.codebook_size}
             speech = (hs.parse_elevenlabs(req.path, req.query, body, **limits) if eleven
                       else hs.parse_speech(body, **limits, default_voice=srv.default_voice))
         except hs.HttpError as e:
-            return await self._refuse(writer, e.status, e.code, e.message, keep, cors=cors)
+            return await refuse(e.status, e.code, e.message)
         except Exception as e:  # a bug on this body: its 500 (not a connection closed without a word)
             log.error("HTTP %s %s failed inside the server", req.method, req.path[:80], exc_info=e)
-            return await self._refuse(writer, 500, "internal_error", bug_message(e, "this request"), keep,
-                                      cors=cors)
+            return await refuse(500, "internal_error", bug_message(e, "this request"))
         srv.metrics.requests += 1
         if speech.gen.request_id is None:  # a proxy's id for it, if any (else the server makes one)
             speech.gen.request_id = hs.header_request_id(req.headers)
